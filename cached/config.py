@@ -1,0 +1,180 @@
+"""Configuration: one YAML file, validated once into a frozen dataclass.
+
+Option names follow Glance where Glance has one (``image_cache_dir``,
+``image_cache_max_size``, ``image_cache_stall_time``, ``cache_prefetcher_interval``), so an
+operator can carry values over from ``glance-api.conf``.  Unknown keys and bad values raise
+:class:`ConfigError` naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cached.errors import ConfigError
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def parse_size(value: object) -> int:
+    """Parse ``10G``, ``500M``, ``1.5T`` or a plain byte count (binary units, like Glance)."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size must not be negative: {value}")
+        return value
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise ValueError(f"not a size: {value!r} (use bytes or a suffix: 500M, 10G, 1T)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` or ``[v6]:PORT``."""
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"listen must be HOST:PORT, got {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the daemon reads from its configuration file and flags."""
+
+    listen: str = "127.0.0.1:9292"
+    # http(s)://glance-api:9292 for Glance, file:///dir for a filesystem (NFS) store.
+    upstream: str = "file://./var/images"
+    image_cache_dir: Path = Path("./var/cache")
+    image_cache_max_size: int = 10 << 30
+    image_cache_stall_time: int = 86400
+    cache_prefetcher_interval: int = 300
+    cache_prune_interval: int = 600
+    # Seconds a positive download authorisation is reused per (credential, image); 0 = never.
+    auth_cache_ttl: float = 30.0
+    # Tokens accepted by the file backend; empty = no check, loopback only.
+    access_tokens: tuple[str, ...] = ()
+    upstream_connect_timeout: float = 10.0
+    # Seconds without a byte from the upstream before a transfer counts as broken.
+    upstream_read_timeout: float = 60.0
+    # Flush written image data and publish it in the presence bitmap this often.
+    fsync_interval_bytes: int = 64 << 20
+    fsync_interval_seconds: float = 1.0
+    # Largest request line/header field accepted from clients (longer: 400/431).
+    max_header_size: int = 16384
+    log_level: str = "INFO"
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+    @property
+    def upstream_kind(self) -> str:
+        """``glance`` for an HTTP upstream, ``file`` for a directory store."""
+        scheme = urllib.parse.urlsplit(self.upstream).scheme
+        return "file" if scheme == "file" else "glance"
+
+    @property
+    def upstream_dir(self) -> Path:
+        """The directory of a ``file://`` upstream (``file://./x`` is relative to the cwd)."""
+        parts = urllib.parse.urlsplit(self.upstream)
+        return Path(urllib.parse.unquote(parts.netloc + parts.path))
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+
+
+def _convert(name: str, value: Any) -> Any:
+    """Turn one raw value into the type of the field ``name``; raise ValueError if it is bad."""
+    if name in ("image_cache_max_size", "fsync_interval_bytes", "max_header_size"):
+        return parse_size(value)
+    if name in ("image_cache_stall_time", "cache_prefetcher_interval", "cache_prune_interval"):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"must be a positive whole number of seconds, got {value!r}")
+        return value
+    if name in (
+        "auth_cache_ttl",
+        "upstream_connect_timeout",
+        "upstream_read_timeout",
+        "fsync_interval_seconds",
+    ):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ValueError(f"must be a number of seconds >= 0, got {value!r}")
+        return float(value)
+    if name == "image_cache_dir":
+        if not isinstance(value, str | Path) or not str(value):
+            raise ValueError(f"must be a directory path, got {value!r}")
+        return Path(value)
+    if name == "access_tokens":
+        if not isinstance(value, list | tuple) or not all(isinstance(t, str) and t for t in value):
+            raise ValueError("must be a list of non-empty strings")
+        return tuple(value)
+    if name == "listen":
+        parse_listen(value)
+        return str(value)
+    if name == "upstream":
+        parts = urllib.parse.urlsplit(str(value))
+        if parts.scheme not in ("http", "https", "file") or not (parts.netloc or parts.path):
+            raise ValueError(f"must be http(s)://host:port or file:///dir, got {value!r}")
+        return str(value).rstrip("/")
+    if name == "log_level":
+        if str(value).upper() not in _LOG_LEVELS:
+            raise ValueError(f"must be one of {sorted(_LOG_LEVELS)}, got {value!r}")
+        return str(value).upper()
+    return value
+
+
+def build(values: Mapping[str, Any], source: str = "<flags>") -> Config:
+    """Validate ``values`` (already parsed YAML or flags) into a :class:`Config`."""
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in _FIELDS:
+            raise ConfigError(f"{source}: unknown option {key!r}")
+        try:
+            kwargs[key] = _convert(key, value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: option {key!r}: {exc}") from None
+    return Config(**kwargs)
+
+
+def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read the YAML file at ``path`` (None: built-in defaults) and apply ``overrides``.
+
+    Overrides are the command-line flags; they win over the file.
+    """
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: must be a mapping of option: value")
+        raw.update(loaded)
+    config = build(raw, source)
+    if overrides:
+        flags = build(overrides, "command line")
+        changed = {k: getattr(flags, k) for k in overrides}
+        config = dataclasses.replace(config, **changed)
+    return config
+
+
+__all__ = ["Config", "build", "load", "parse_size", "parse_listen", "field"]

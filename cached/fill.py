@@ -1,0 +1,476 @@
+"""Single flight: one fill per image, shared by every request and by prefetch.
+
+A fill owns the image's sparse file while chunks arrive. Its transfers stream from the
+upstream into the file; readers stream out of the same file as it grows, woken by progress
+events (never by polling). A full fill (the *driver*) walks the image from the first missing
+chunk to the end; a range request only fetches the chunks it needs, and may take them ahead
+of the driver, which then skips them. The fill belongs to the daemon, not to a client: when
+a client goes away, the transfer it started carries on.
+
+Durability: written chunks are flushed (fdatasync) in batches and only then recorded in the
+entry's presence bitmap, so a crash loses at most unflushed chunks and never invents data.
+A complete entry becomes servable only after its digest matched (``Store.commit``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from cached.digest import Digest, StreamConsumer
+from cached.errors import CachedError, FillAborted, UpstreamUnavailable
+from cached.store import Bitmap, Entry, Store
+from cached.store import entry as entries
+from cached.upstream import Backend, Credentials, ImageRecord
+
+log = logging.getLogger(__name__)
+
+PIECE = 1 << 20  # bytes per upstream read and per write: large buffers keep Python cheap
+MAX_PENDING = 8  # pieces in flight to the writer/hasher threads (bounds memory per fill)
+
+
+class FillState(enum.Enum):
+    RUNNING = "running"
+    VERIFIED = "verified"  # complete, digest matched, committed
+    INVALID = "invalid"  # complete but the digest did not match: never served
+    FAILED = "failed"  # a transfer broke off; what was flushed stays for a resume
+    CANCELLED = "cancelled"  # the entry was deleted, or the daemon stops
+    IDLE = "idle"  # no transfer left, image incomplete: the next reader opens a new fill
+
+
+@dataclass
+class _Transfer:
+    """One upstream request writing bytes ``[start, end)``; ``pos`` is written up to."""
+
+    start: int
+    pos: int
+    end: int
+    chunks: set[int] = field(default_factory=set)
+    inflight: int = 0  # writes submitted and not yet done
+    error: BaseException | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def settle(self, most: int) -> None:
+        """Wait until at most ``most`` writes are in flight; raise the first write error."""
+        while self.inflight > most and self.error is None:
+            self.wake.clear()
+            await self.wake.wait()
+        if self.error is not None:
+            raise self.error
+
+
+@dataclass(frozen=True)
+class FillSettings:
+    sync_bytes: int = 64 << 20
+    sync_seconds: float = 1.0
+
+
+class Fill:
+    """The in-flight state of one image's entry."""
+
+    def __init__(
+        self,
+        entry: Entry,
+        store: Store,
+        backend: Backend,
+        creds: Credentials,
+        settings: FillSettings,
+        on_close: callable,  # type: ignore[valid-type]
+    ):
+        self.entry = entry
+        self._store = store
+        self._backend = backend
+        self.creds = creds
+        self._settings = settings
+        self._on_close = on_close
+        self.state = FillState.RUNNING
+        self.error: BaseException | None = None
+        self.written: Bitmap = entry.present.copy()
+        self._claimed: set[int] = set()
+        self._transfers: list[_Transfer] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._driver: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._progress: asyncio.Future[None] = self._loop.create_future()
+        self._fd = os.open(entry.path, os.O_RDWR)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"fill-w-{entry.image_id[:8]}")
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix=f"fill-h-{entry.image_id[:8]}")
+        self.digest = Digest.for_record(entry.checksum, entry.os_hash_algo, entry.os_hash_value)
+        self.consumers: list[StreamConsumer] = [self.digest] if self.digest else []
+        self._unsynced_bytes = 0
+        self._last_sync = time.monotonic()
+        self._sync_future: asyncio.Future[None] | None = None
+        self._finishing = False
+        self._closing: asyncio.Task[None] | None = None
+        self.upstream_bytes = 0
+        self.upstream_requests = 0
+
+    # ----------------------------------------------------------------- readers
+    def available(self, pos: int) -> int:
+        """End of the bytes readable from ``pos`` on (``pos`` itself if none are yet)."""
+        entry = self.entry
+        c = pos // entry.chunk_size
+        if c in self.written:
+            last = c
+            while last + 1 < entry.chunk_count and last + 1 in self.written and last - c < 64:
+                last += 1
+            return entry.chunk_bounds(last)[1]
+        for t in self._transfers:
+            if t.start <= pos < t.pos:
+                return t.pos
+        return pos
+
+    def will_produce(self, pos: int) -> bool:
+        """Whether a running transfer (or the driver) will write byte ``pos``."""
+        c = pos // self.entry.chunk_size
+        return (
+            c in self.written
+            or c in self._claimed
+            or (self._driver is not None and not self._driver.done())
+        )
+
+    @property
+    def done(self) -> bool:
+        return self.state is not FillState.RUNNING
+
+    async def wait(self) -> None:
+        """Wait for the next progress event; raise FillAborted if the fill ended badly."""
+        self._raise_if_failed()
+        if self.state is FillState.RUNNING:
+            await asyncio.shield(self._progress)
+            self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.state in (FillState.FAILED, FillState.INVALID, FillState.CANCELLED):
+            raise FillAborted(f"fill of {self.entry.image_id} {self.state.value}: {self.error}")
+
+    def _notify(self) -> None:
+        fired, self._progress = self._progress, self._loop.create_future()
+        fired.set_result(None)
+
+    # ----------------------------------------------------------------- transfers
+    def ensure_full(self) -> None:
+        """Make sure the whole image is being fetched (start the driver if it is not)."""
+        if self.state is FillState.RUNNING and (self._driver is None or self._driver.done()):
+            self._driver = self._spawn(self._drive())
+
+    def ensure_range(self, start: int, end: int) -> None:
+        """Fetch the chunks covering ``[start, end)`` that nobody has or is fetching."""
+        if self.state is not FillState.RUNNING:
+            return
+        run: list[int] = []
+        for c in self.entry.chunks_of(start, end):
+            if c in self.written or c in self._claimed:
+                if run:
+                    self._spawn_run(run)
+                    run = []
+            else:
+                run.append(c)
+        if run:
+            self._spawn_run(run)
+
+    def _spawn_run(self, chunks: list[int]) -> None:
+        self._claimed.update(chunks)
+        first, last = chunks[0], chunks[-1]
+        start = self.entry.chunk_bounds(first)[0]
+        end = self.entry.chunk_bounds(last)[1]
+        self._spawn(self._transfer(start, end, claimed=set(chunks)))
+
+    def _spawn(self, coro: object) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = self._loop.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and self.state is FillState.RUNNING:
+            self._fail(exc)
+        elif not self._tasks and self.state is FillState.RUNNING:
+            if self.written.full():
+                self._spawn(self._finish())
+            else:
+                # Nothing left to do for now (a range fill): flush and let go of the file.
+                self._spawn(self._park())
+
+    async def _drive(self) -> None:
+        """Fetch every chunk nobody has or is fetching, then wait for the others."""
+        entry = self.entry
+        while self.state is FillState.RUNNING:
+            first = next(
+                (
+                    c
+                    for c in range(entry.chunk_count)
+                    if c not in self.written and c not in self._claimed
+                ),
+                None,
+            )
+            if first is None:
+                return
+            # Claim lazily: a range request may take chunks ahead of us; we stop there.
+            start = entry.chunk_bounds(first)[0]
+            end = entry.size
+            await self._transfer(start, end, claimed=None)
+
+    async def _transfer(self, start: int, end: int, claimed: set[int] | None) -> None:
+        """Stream ``[start, end)`` from the upstream into the file.
+
+        With ``claimed=None`` chunks are claimed one by one as the stream reaches them, and
+        the transfer stops at the first chunk someone else has.
+        """
+        entry = self.entry
+        t = _Transfer(start, start, end, set(claimed or ()))
+        self._transfers.append(t)
+        whole = start == 0 and end == entry.size
+        try:
+            self.upstream_requests += 1
+            log.debug("transfer %s [%d, %d)", entry.image_id, start, end)
+            async with self._backend.open_data(
+                entry.image_id, self.creds, start, None if whole else end
+            ) as stream:
+                pos = start
+                while pos < end and self.state is FillState.RUNNING:
+                    c = pos // entry.chunk_size
+                    chunk_start, chunk_end = entry.chunk_bounds(c)
+                    if pos == chunk_start and claimed is None:
+                        if c in self.written or c in self._claimed:
+                            break  # taken by a range transfer: let the driver skip it
+                        self._claimed.add(c)
+                        t.chunks.add(c)
+                    n = min(PIECE, chunk_end - pos)
+                    data = await stream.read(n)
+                    if len(data) != n:
+                        raise UpstreamUnavailable(
+                            f"upstream sent {pos - start + len(data)} of {end - start} bytes"
+                        )
+                    self.upstream_bytes += n
+                    self._submit(t, pos, data, c if pos + n == chunk_end else -1)
+                    pos += n
+                    await t.settle(MAX_PENDING - 1)
+            await t.settle(0)
+        finally:
+            self._transfers.remove(t)
+            self._claimed.difference_update(t.chunks - set(self.written))
+            self._notify()
+
+    def _submit(self, t: _Transfer, pos: int, data: bytes, finished_chunk: int) -> None:
+        """Write ``data`` at ``pos`` (writer thread) and feed the consumers (hasher thread)."""
+        for consumer in self.consumers:
+            self._hasher.submit(consumer.feed, pos, data)
+        fut = self._loop.run_in_executor(self._writer, _pwrite_all, self._fd, data, pos)
+        t.inflight += 1
+        fut.add_done_callback(functools.partial(self._written, t, pos + len(data), finished_chunk))
+
+    def _written(
+        self, t: _Transfer, upto: int, finished_chunk: int, fut: asyncio.Future[int]
+    ) -> None:
+        t.inflight -= 1
+        t.wake.set()
+        if fut.cancelled() or fut.exception() is not None:
+            t.error = t.error or fut.exception() or FillAborted("write cancelled")
+            return
+        t.pos = upto
+        self._unsynced_bytes += fut.result()
+        if finished_chunk >= 0:
+            self.written.add(finished_chunk)
+            self._claimed.discard(finished_chunk)
+            t.chunks.discard(finished_chunk)
+            self._maybe_sync()
+        self._notify()
+
+    # ----------------------------------------------------------------- durability
+    def _maybe_sync(self) -> None:
+        due = (
+            self._unsynced_bytes >= self._settings.sync_bytes
+            or time.monotonic() - self._last_sync >= self._settings.sync_seconds
+        )
+        if due and (self._sync_future is None or self._sync_future.done()):
+            self._sync_future = asyncio.ensure_future(self._sync())
+
+    async def _sync(self, force: bool = False) -> None:
+        """Flush, then record as present what was written before the flush began."""
+        if self._fd < 0:
+            return
+        chunks = set(self.written) - set(self.entry.present)
+        self._unsynced_bytes = 0
+        self._last_sync = time.monotonic()
+        if not chunks:
+            return
+        if self.entry.removed:
+            return
+        try:
+            await self._loop.run_in_executor(self._writer, self._sync_publish, self._fd, chunks)
+        except (OSError, RuntimeError) as exc:
+            log.error("cannot flush %s: %s", self.entry.path, exc)
+            if self.state is FillState.RUNNING and not force:
+                self._fail(exc)
+
+    def _sync_publish(self, fd: int, chunks: set[int]) -> None:
+        os.fdatasync(fd)
+        if not self.entry.removed:
+            entries.publish(self.entry, fd, chunks)
+
+    # ----------------------------------------------------------------- endings
+    async def _finish(self) -> None:
+        """All chunks are written: flush, verify, commit (or invalidate)."""
+        if self._finishing:
+            return
+        self._finishing = True
+        if self._sync_future is not None:
+            await asyncio.shield(self._sync_future)
+        await self._sync()
+        entry = self.entry
+        ok = True
+        if self.digest is not None:
+            ok = await self._loop.run_in_executor(
+                self._hasher, self.digest.finish, self._fd, entry.size
+            )
+        if entry.removed:
+            self._end(FillState.CANCELLED, FillAborted("entry deleted"))
+        elif ok:
+            committed = await asyncio.to_thread(self._store.commit, entry)
+            if committed:
+                log.info(
+                    "cached %s: %d bytes, %s verified, %d upstream requests",
+                    entry.image_id,
+                    entry.size,
+                    self.digest.algo if self.digest else "nothing",
+                    self.upstream_requests,
+                )
+                self._end(FillState.VERIFIED, None)
+            else:
+                self._end(FillState.CANCELLED, FillAborted("entry deleted"))
+        else:
+            assert self.digest is not None
+            reason = (
+                f"{self.digest.algo} mismatch: got {self.digest.hexdigest()}, "
+                f"expected {self.digest.expected}"
+            )
+            log.error("image %s failed verification: %s", entry.image_id, reason)
+            await asyncio.to_thread(self._store.invalidate, entry, reason)
+            self._end(FillState.INVALID, CachedError(reason))
+        self._close_files()
+
+    async def _park(self) -> None:
+        """No transfer is left and the image is not complete (a range fill): let go."""
+        await self._sync()
+        if self.state is FillState.RUNNING and self._tasks <= {asyncio.current_task()}:
+            self._end(FillState.IDLE, None)
+            self._close_files()
+
+    def _fail(self, exc: BaseException) -> None:
+        log.warning("fill of %s stopped: %s", self.entry.image_id, exc)
+        self._end(FillState.FAILED, exc)
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        # Keep what was written and flushed: the next request resumes from there.
+        self._closing = self._loop.create_task(self._flush_and_close())
+
+    async def _flush_and_close(self) -> None:
+        try:
+            await self._sync(force=True)
+        finally:
+            self._close_files()
+
+    def _end(self, state: FillState, error: BaseException | None) -> None:
+        self.state = state
+        self.error = error
+        self._on_close(self)
+        self._notify()
+
+    def _close_files(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            self._writer.submit(os.close, fd)
+            self._writer.shutdown(wait=False)
+            self._hasher.shutdown(wait=False)
+
+    def cancel(self) -> None:
+        """Stop every transfer (the entry was deleted, or the daemon stops)."""
+        if self.state is FillState.RUNNING:
+            self._end(FillState.CANCELLED, FillAborted("fill cancelled"))
+            for task in list(self._tasks):
+                task.cancel()
+            self._closing = self._loop.create_task(self._flush_and_close())
+
+
+def _pwrite_all(fd: int, data: bytes, pos: int) -> int:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view = view[n:]
+        pos += n
+    return len(data)
+
+
+class Filler:
+    """The registry of fills: at most one per image."""
+
+    def __init__(self, store: Store, backend: Backend, settings: FillSettings):
+        self._store = store
+        self._backend = backend
+        self._settings = settings
+        self.fills: dict[str, Fill] = {}
+        self._opening: dict[str, asyncio.Future[Fill]] = {}
+
+    def get(self, image_id: str) -> Fill | None:
+        return self.fills.get(image_id)
+
+    async def open(self, record: ImageRecord, creds: Credentials) -> Fill:
+        """The fill of ``record``'s image, creating its entry and fill if there are none."""
+        image_id = record.id
+        fill = self.fills.get(image_id)
+        if fill is not None:
+            return fill
+        opening = self._opening.get(image_id)
+        if opening is not None:
+            return await asyncio.shield(opening)
+        future: asyncio.Future[Fill] = asyncio.get_running_loop().create_future()
+        self._opening[image_id] = future
+        try:
+            entry = self._store.get(image_id)
+            if entry is None or entry.size != record.size:
+                if entry is not None:
+                    await asyncio.to_thread(self._store.remove, image_id)
+                assert record.size is not None
+                entry = await asyncio.to_thread(
+                    self._store.create,
+                    image_id,
+                    record.size,
+                    checksum=record.checksum,
+                    os_hash_algo=record.os_hash_algo,
+                    os_hash_value=record.os_hash_value,
+                )
+            fill = Fill(entry, self._store, self._backend, creds, self._settings, self._closed)
+            self.fills[image_id] = fill
+            future.set_result(fill)
+            return fill
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters get it from their own await
+            raise
+        finally:
+            del self._opening[image_id]
+
+    def _closed(self, fill: Fill) -> None:
+        if self.fills.get(fill.entry.image_id) is fill:
+            del self.fills[fill.entry.image_id]
+
+    def cancel(self, image_id: str) -> None:
+        fill = self.fills.get(image_id)
+        if fill is not None:
+            fill.cancel()
+
+    async def close(self) -> None:
+        for fill in list(self.fills.values()):
+            fill.cancel()

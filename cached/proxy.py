@@ -1,0 +1,233 @@
+"""The image API as compute nodes see it: authorised hits, misses through a fill, the rest
+passed through to the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from cached import ranges
+from cached.auth import Authorizer
+from cached.errors import FillAborted, StoreUnavailable, UpstreamError, UpstreamUnavailable
+from cached.fill import Fill, Filler
+from cached.reader import send_entry
+from cached.store import Entry, Store
+from cached.store.store import is_image_id
+from cached.upstream import Backend, Credentials, Decision, ImageRecord
+
+log = logging.getLogger(__name__)
+
+# A change to an image through the proxy (PATCH, DELETE, actions, members, upload).
+_IMAGE_PATH = re.compile(r"^/v2/images/([^/]+)(/.*)?$")
+
+
+class Outcome(enum.Enum):
+    """How a download was answered; also its RFC 9211 Cache-Status value."""
+
+    HIT = "cached; hit"
+    MISS = "cached; fwd=uri-miss; stored"
+    COLLAPSED = "cached; fwd=uri-miss; collapsed"
+    PARTIAL = "cached; fwd=partial; stored"
+    BYPASS = "cached; fwd=bypass"
+
+
+@dataclass
+class Proxy:
+    store: Store
+    filler: Filler
+    backend: Backend
+    authorizer: Authorizer
+
+    async def image_data(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v2/images/{id}/file``: authorise, then serve from the cache or fill it."""
+        image_id = request.match_info["image_id"]
+        if not is_image_id(image_id):
+            return _error(400, f"Image ID must be a UUID, got {image_id[:64]!r}.")
+        creds = Credentials.from_headers(request.headers)
+        entry = self.store.get(image_id)
+        fetch_record = entry is None or (not entry.complete and image_id not in self.filler.fills)
+        try:
+            auth, record = await asyncio.gather(
+                self.authorizer.check(image_id, creds),
+                self._record(image_id, creds) if fetch_record else _none(),
+            )
+        except UpstreamUnavailable as exc:
+            return _error(502, f"The image service is unreachable: {exc}")
+        if auth.decision is Decision.DENY:
+            return web.Response(status=auth.status, body=auth.body, headers=dict(auth.headers))
+        request_id = auth.request_id or f"req-{uuid.uuid4()}"
+        if auth.decision is Decision.NO_DATA:
+            return web.Response(status=204, headers={"x-openstack-request-id": request_id})
+        entry = self.store.get(image_id)
+        if entry is None or not entry.complete:
+            if isinstance(record, ImageRecord) and (
+                record.status != "active" or record.size is None
+            ):
+                return await self._bypass(request)
+            if entry is None and not isinstance(record, ImageRecord):
+                return await self._bypass(request)
+        size = entry.size if entry is not None else record.size  # type: ignore[union-attr]
+        assert size is not None
+        try:
+            wanted = ranges.parse(request.headers.get("Range"), size)
+            if wanted is not None and "If-Range" in request.headers:
+                # RFC 9110 §13.1.5: we send no validators, so no If-Range can match.
+                wanted = None
+        except ranges.MultipleRanges:
+            return await self._bypass(request)
+        except ranges.MalformedRange as exc:
+            return _error(400, str(exc))
+        except ranges.RangeNotSatisfiable:
+            return web.Response(
+                status=416,
+                headers={"Content-Range": f"bytes */{size}", "x-openstack-request-id": request_id},
+            )
+        try:
+            fill, outcome = await self._attach(image_id, entry, record, creds)
+        except (StoreUnavailable, OSError) as exc:
+            log.warning("cache unavailable for %s, passing through: %s", image_id, exc)
+            return await self._bypass(request)
+        entry = fill.entry if fill is not None else entry
+        assert entry is not None
+        return await self._send(request, entry, fill, wanted, outcome, request_id, creds, record)
+
+    async def _record(self, image_id: str, creds: Credentials) -> ImageRecord | None:
+        try:
+            return await self.backend.record(image_id, creds)
+        except UpstreamError:
+            return None  # the authorisation probe carries the answer the caller gets
+
+    async def _attach(
+        self, image_id: str, entry: Entry | None, record: ImageRecord | None, creds: Credentials
+    ) -> tuple[Fill | None, Outcome]:
+        if entry is not None and entry.complete:
+            return None, Outcome.HIT
+        fill = self.filler.get(image_id)
+        if fill is not None:
+            return fill, Outcome.COLLAPSED
+        if record is None:
+            assert entry is not None
+            record = _record_of(entry)
+        fill = await self.filler.open(record, creds)
+        outcome = Outcome.PARTIAL if len(fill.entry.present) else Outcome.MISS
+        return fill, outcome
+
+    async def _send(
+        self,
+        request: web.Request,
+        entry: Entry,
+        fill: Fill | None,
+        wanted: ranges.ByteRange | None,
+        outcome: Outcome,
+        request_id: str,
+        creds: Credentials,
+        record: ImageRecord | None,
+    ) -> web.StreamResponse:
+        whole = wanted is None
+        start, end = (0, entry.size) if wanted is None else (wanted.start, wanted.end)
+        if fill is not None:
+            if whole:
+                fill.ensure_full()
+            else:
+                fill.ensure_range(start, end)
+        response = web.StreamResponse(status=200 if whole else 206)
+        response.content_type = "application/octet-stream"
+        response.content_length = end - start
+        if entry.checksum:
+            response.headers["Content-MD5"] = entry.checksum  # hex, as Glance sends it
+        if wanted is not None:
+            response.headers["Content-Range"] = wanted.content_range()
+        response.headers["x-openstack-request-id"] = request_id
+        response.headers["Cache-Status"] = outcome.value
+        await response.prepare(request)
+        if outcome is Outcome.HIT:
+            await asyncio.to_thread(self.store.touch, entry, hit=True)
+
+        async def ensure_fill(pos: int, stop: int) -> Fill | None:
+            if entry.complete:
+                return None
+            if entry.removed:
+                raise FillAborted("entry deleted")
+            current = self.filler.get(entry.image_id) or await self.filler.open(
+                record or _record_of(entry), creds
+            )
+            if whole:
+                current.ensure_full()
+            elif not current.will_produce(pos):
+                current.ensure_range(pos, stop)
+            return current
+
+        try:
+            await send_entry(
+                request,
+                response,
+                entry,
+                start,
+                end,
+                lambda: self.filler.get(entry.image_id),
+                ensure_fill,
+            )
+        except (FillAborted, ConnectionError, OSError) as exc:
+            # Content-Length is out: cutting the connection tells the client it is short.
+            log.info("download of %s cut short: %s", entry.image_id, exc)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+
+    async def _bypass(self, request: web.Request) -> web.StreamResponse:
+        return await self.forward(request)
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        """Everything else: pass through, then forget what a successful change invalidates."""
+        try:
+            response = await self.backend.forward(request)
+        except UpstreamUnavailable as exc:
+            if request.transport is None or request.transport.is_closing():
+                raise
+            return _error(502, f"The image service is unreachable: {exc}")
+        if request.method not in ("GET", "HEAD", "OPTIONS") and 200 <= response.status < 300:
+            match = _IMAGE_PATH.match(request.path)
+            if match and is_image_id(match.group(1)):
+                await self.image_changed(
+                    match.group(1), deleted=request.method == "DELETE" and not match.group(2)
+                )
+        return response
+
+    async def image_changed(self, image_id: str, *, deleted: bool) -> None:
+        self.authorizer.forget(image_id)
+        if deleted:
+            self.filler.cancel(image_id)
+            await asyncio.to_thread(self.store.remove, image_id)
+            log.info("image %s deleted upstream: dropped its cache entry", image_id)
+
+
+def _record_of(entry: Entry) -> ImageRecord:
+    return ImageRecord(
+        entry.image_id,
+        "active",
+        entry.size,
+        entry.checksum,
+        entry.os_hash_algo,
+        entry.os_hash_value,
+    )
+
+
+async def _none() -> None:
+    return None
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response(
+        {"error": {"code": status, "message": message}},
+        status=status,
+        headers={"x-openstack-request-id": f"req-{uuid.uuid4()}"},
+    )

@@ -1,0 +1,103 @@
+"""Send bytes of a cache entry to a client: sendfile from the sparse file, waiting on its fill.
+
+The same loop serves a hit (everything present: one sendfile) and a reader that follows a
+fill (send what is there, wait for the next progress event, repeat). The last byte of a
+whole-image response is held back until the entry is verified, so a client never sees a
+complete response for an image whose digest does not match.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from typing import BinaryIO
+
+from aiohttp import web
+
+from cached.errors import FillAborted
+from cached.fill import Fill
+from cached.store import Entry
+
+_FALLBACK_PIECE = 1 << 20
+
+# Returns the image's current fill, started and asked to cover [pos, end), or None when the
+# entry needs no fill (it is complete).
+EnsureFill = Callable[[int, int], Awaitable[Fill | None]]
+
+
+def _present_end(entry: Entry, pos: int) -> int:
+    """End of the durable bytes from ``pos`` (for an entry no fill is working on)."""
+    if entry.complete:
+        return entry.size
+    c = pos // entry.chunk_size
+    if c not in entry.present:
+        return pos
+    while c + 1 < entry.chunk_count and c + 1 in entry.present:
+        c += 1
+    return entry.chunk_bounds(c)[1]
+
+
+async def send_entry(
+    request: web.Request,
+    response: web.StreamResponse,
+    entry: Entry,
+    start: int,
+    end: int,
+    current_fill: Callable[[], Fill | None],
+    ensure_fill: EnsureFill,
+) -> None:
+    """Send bytes ``[start, end)`` of ``entry`` on the prepared response of ``request``.
+
+    Raises FillAborted (the fill failed or the entry went invalid/was deleted) or
+    ConnectionError (the client went away); the caller then cuts the connection.
+    """
+    file = await asyncio.to_thread(open, entry.path, "rb", buffering=0)
+    entry.readers += 1
+    try:
+        pos = start
+        while pos < end:
+            if entry.removed or entry.state.value == "invalid":
+                raise FillAborted(f"entry {entry.image_id} went away")
+            fill = None if entry.complete else current_fill()
+            ready = fill.available(pos) if fill is not None else _present_end(entry, pos)
+            limit = end
+            if end == entry.size and not entry.complete:
+                limit = end - 1  # hold back the last byte until the digest matched
+            ready = min(ready, limit)
+            if ready > pos:
+                await _send(request, response, file, pos, ready - pos)
+                pos = ready
+                continue
+            if entry.complete:
+                continue
+            fill = await ensure_fill(pos, end)
+            if fill is None:
+                continue
+            if fill.available(pos) <= pos or pos >= limit:
+                await fill.wait()
+    finally:
+        entry.readers -= 1
+        await asyncio.to_thread(file.close)
+
+
+async def _send(
+    request: web.Request, response: web.StreamResponse, file: BinaryIO, offset: int, count: int
+) -> None:
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("client went away")
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sendfile(transport, file, offset, count, fallback=False)
+        return
+    except (NotImplementedError, asyncio.SendfileNotAvailableError):
+        pass
+    # TLS or a platform without sendfile: read in a thread, write through the response.
+    while count > 0:
+        data = await asyncio.to_thread(os.pread, file.fileno(), min(count, _FALLBACK_PIECE), offset)
+        if not data:
+            raise FillAborted("file shorter than its entry")
+        await response.write(data)
+        offset += len(data)
+        count -= len(data)

@@ -1,0 +1,202 @@
+"""The ``file`` backend: a directory laid out like Glance's filesystem store (``<dir>/<id>``).
+
+There is no identity service behind it: it accepts everyone (the daemon then listens on
+loopback only) or the tokens listed in ``access_tokens``. It answers the few API calls the
+real clients make around a download: versions, image list, image record, schemas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from cached import versions
+from cached.errors import UpstreamError
+from cached.store.store import is_image_id
+from cached.upstream import Authorization, Credentials, Decision, ImageRecord
+
+
+def _glance_error(status: int, title: str, detail: str) -> UpstreamError:
+    body = f"{status} {title}\n\n{detail}\n\n   ".encode()
+    return UpstreamError(status, body, {"Content-Type": "text/plain; charset=UTF-8"})
+
+
+class FileStream:
+    def __init__(self, fd: int, start: int, end: int):
+        self._fd = fd
+        self._pos = start
+        self._end = end
+        self.start = start
+
+    async def read(self, n: int) -> bytes:
+        n = min(n, self._end - self._pos)
+        if n <= 0:
+            return b""
+        data = await asyncio.to_thread(os.pread, self._fd, n, self._pos)
+        self._pos += len(data)
+        return data
+
+
+class FileBackend:
+    """Images are the files of one directory, named by image id."""
+
+    def __init__(self, directory: Path, access_tokens: tuple[str, ...] = ()):
+        self.directory = Path(directory)
+        self._tokens = frozenset(access_tokens)
+
+    async def close(self) -> None:
+        return None
+
+    def _check_token(self, creds: Credentials) -> None:
+        if self._tokens and creds.get("x-auth-token") not in self._tokens:
+            raise _glance_error(
+                401, "Unauthorized", "This server could not verify that you are authorized."
+            )
+
+    def _path(self, image_id: str) -> Path:
+        if not is_image_id(image_id):
+            raise _glance_error(404, "Not Found", f"No image found with ID {image_id}")
+        return self.directory / image_id
+
+    def _stat(self, image_id: str) -> os.stat_result:
+        try:
+            st = os.stat(self._path(image_id))
+        except FileNotFoundError:
+            raise _glance_error(404, "Not Found", f"No image found with ID {image_id}") from None
+        if not os.path.isfile(self._path(image_id)):
+            raise _glance_error(404, "Not Found", f"No image found with ID {image_id}")
+        return st
+
+    async def authorize(self, image_id: str, creds: Credentials) -> Authorization:
+        try:
+            self._check_token(creds)
+            await asyncio.to_thread(self._stat, image_id)
+        except UpstreamError as err:
+            return Authorization(Decision.DENY, err.status, err.body, err.headers)
+        return Authorization(Decision.ALLOW)
+
+    async def record(self, image_id: str, creds: Credentials) -> ImageRecord:
+        self._check_token(creds)
+        return ImageRecord.from_json(await asyncio.to_thread(self._record_json, image_id))
+
+    def _record_json(self, image_id: str) -> dict[str, Any]:
+        st = self._stat(image_id)
+        stamp = datetime.datetime.fromtimestamp(st.st_mtime, datetime.UTC)
+        when = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return {
+            "id": image_id,
+            "name": image_id,
+            "status": "active",
+            "visibility": "public",
+            "protected": False,
+            "os_hidden": False,
+            "owner": None,
+            "size": st.st_size,
+            "virtual_size": None,
+            "checksum": None,
+            "os_hash_algo": None,
+            "os_hash_value": None,
+            "disk_format": "raw",
+            "container_format": "bare",
+            "min_disk": 0,
+            "min_ram": 0,
+            "tags": [],
+            "created_at": when,
+            "updated_at": when,
+            "self": f"/v2/images/{image_id}",
+            "file": f"/v2/images/{image_id}/file",
+            "schema": "/v2/schemas/image",
+        }
+
+    @asynccontextmanager
+    async def open_data(
+        self, image_id: str, creds: Credentials, start: int, end: int | None
+    ) -> AsyncIterator[FileStream]:
+        self._check_token(creds)
+        path = self._path(image_id)
+        try:
+            fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise _glance_error(404, "Not Found", f"No image found with ID {image_id}") from None
+        try:
+            size = os.fstat(fd).st_size
+            yield FileStream(fd, start, size if end is None else min(end, size))
+        finally:
+            os.close(fd)
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        """Emulate the parts of the image API the clients call around a download."""
+        creds = Credentials.from_headers(request.headers)
+        path = request.path.rstrip("/") or "/"
+        base = f"{request.scheme}://{request.host}"
+        try:
+            if path in ("/", "/versions") and request.method == "GET":
+                return web.json_response(
+                    versions.document(base), status=200 if path == "/versions" else 300
+                )
+            self._check_token(creds)
+            if request.method != "GET":
+                raise _glance_error(
+                    405, "Method Not Allowed", "The file store behind cached is read-only."
+                )
+            if path == "/v2/images":
+                return web.json_response(await asyncio.to_thread(self._list))
+            if path.startswith("/v2/images/") and path.count("/") == 3:
+                image_id = path.rsplit("/", 1)[1]
+                return web.json_response(await asyncio.to_thread(self._record_json, image_id))
+            if path in ("/v2/schemas/image", "/v2/schemas/images"):
+                return web.json_response(_schema(path.endswith("images")))
+            raise _glance_error(404, "Not Found", "The resource could not be found.")
+        except UpstreamError as err:
+            return web.Response(status=err.status, body=err.body, headers=err.headers)
+
+    def _list(self) -> dict[str, Any]:
+        images = []
+        for name in sorted(os.listdir(self.directory)):
+            if is_image_id(name):
+                try:
+                    images.append(self._record_json(name))
+                except UpstreamError:
+                    continue
+        return {"images": images, "first": "/v2/images", "schema": "/v2/schemas/images"}
+
+
+def _schema(plural: bool) -> dict[str, Any]:
+    image = {
+        "name": "image",
+        "additionalProperties": {"type": "string"},
+        "properties": {
+            "id": {"type": "string"},
+            "name": {"type": ["null", "string"]},
+            "status": {"type": "string"},
+            "visibility": {"type": "string"},
+            "size": {"type": ["null", "integer"]},
+            "checksum": {"type": ["null", "string"]},
+            "os_hash_algo": {"type": ["null", "string"]},
+            "os_hash_value": {"type": ["null", "string"]},
+            "tags": {"type": "array", "items": {"type": "string"}},
+        },
+        "links": [
+            {"rel": "self", "href": "{self}"},
+            {"rel": "enclosure", "href": "{file}"},
+            {"rel": "describedby", "href": "{schema}"},
+        ],
+    }
+    if not plural:
+        return image
+    return {
+        "name": "images",
+        "properties": {"images": {"type": "array", "items": image}},
+        "links": [{"rel": "first", "href": "{first}"}],
+    }
+
+
+__all__ = ["FileBackend", "json"]

@@ -1,0 +1,232 @@
+"""The ``glance`` backend: an HTTP upstream speaking the Glance v2 API.
+
+Everything not answered by the cache passes through here unchanged, streamed both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from cached.errors import UpstreamError, UpstreamUnavailable
+from cached.upstream import Authorization, Credentials, Decision, ImageRecord
+
+log = logging.getLogger(__name__)
+
+# RFC 9110 §7.6.1: connection-specific fields are never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_RELAY_ERROR_HEADERS = ("content-type", "www-authenticate", "x-openstack-request-id")
+_MAX_ERROR_BODY = 64 << 10
+_PIECE = 1 << 20
+
+
+def end_to_end(headers: Any) -> CIMultiDict[str]:
+    """Copy ``headers`` without hop-by-hop fields (and those named in ``Connection``)."""
+    listed = {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        low = name.lower()
+        if low not in HOP_BY_HOP and low not in listed:
+            out.add(name, value)
+    return out
+
+
+class GlanceStream:
+    """Image bytes from an upstream response, positioned at ``start``."""
+
+    def __init__(self, response: aiohttp.ClientResponse, start: int):
+        self._response = response
+        self.start = start
+
+    async def read(self, n: int) -> bytes:
+        try:
+            return await self._response.content.readexactly(n)
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise UpstreamUnavailable(f"image transfer broke off: {exc!r}") from exc
+
+
+class GlanceBackend:
+    """Talks to a Glance API at ``base_url`` with one shared ``ClientSession``."""
+
+    def __init__(self, base_url: str, *, connect_timeout: float, read_timeout: float):
+        self.base_url = base_url.rstrip("/")
+        self._session = aiohttp.ClientSession(
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=connect_timeout, sock_read=read_timeout or None
+            ),
+            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    def _url(self, path: str) -> str:
+        return self.base_url + path
+
+    async def _error(self, response: aiohttp.ClientResponse) -> UpstreamError:
+        body = await response.content.read(_MAX_ERROR_BODY)
+        headers = {h: response.headers[h] for h in _RELAY_ERROR_HEADERS if h in response.headers}
+        return UpstreamError(response.status, body, headers)
+
+    async def authorize(self, image_id: str, creds: Credentials) -> Authorization:
+        """Probe the download itself: Glance runs every check it runs for a real download
+        (token, visibility, deactivation, the ``download_image`` policy) before the first byte.
+        """
+        url = self._url(f"/v2/images/{image_id}/file")
+        headers = dict(creds.headers)
+        headers["Range"] = "bytes=0-0"
+        try:
+            async with self._session.get(url, headers=headers) as resp:
+                if resp.status == 400:
+                    # Stores without random access refuse ranges: ask for the whole body and
+                    # hang up after the headers.
+                    del headers["Range"]
+                    async with self._session.get(url, headers=headers) as full:
+                        return await self._decision(full)
+                return await self._decision(resp)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise UpstreamUnavailable(f"authorisation probe failed: {exc!r}") from exc
+
+    async def _decision(self, resp: aiohttp.ClientResponse) -> Authorization:
+        request_id = resp.headers.get("x-openstack-request-id")
+        if resp.status in (200, 206):
+            resp.close()  # don't drain the image
+            return Authorization(Decision.ALLOW, resp.status, request_id=request_id)
+        if resp.status == 204:
+            return Authorization(Decision.NO_DATA, 204, request_id=request_id)
+        err = await self._error(resp)
+        return Authorization(Decision.DENY, err.status, err.body, err.headers, request_id)
+
+    async def record(self, image_id: str, creds: Credentials) -> ImageRecord:
+        try:
+            async with self._session.get(
+                self._url(f"/v2/images/{image_id}"), headers=dict(creds.headers)
+            ) as resp:
+                if resp.status != 200:
+                    raise await self._error(resp)
+                return ImageRecord.from_json(await resp.json(content_type=None))
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            raise UpstreamUnavailable(f"image record: {exc!r}") from exc
+
+    @asynccontextmanager
+    async def open_data(
+        self, image_id: str, creds: Credentials, start: int, end: int
+    ) -> AsyncIterator[GlanceStream]:
+        url = self._url(f"/v2/images/{image_id}/file")
+        headers = dict(creds.headers)
+        ranged = start > 0 or end is not None
+        if ranged:
+            headers["Range"] = f"bytes={start}-{end - 1}"
+        try:
+            resp = await self._session.get(url, headers=headers)
+            if resp.status == 400 and ranged:
+                resp.release()
+                del headers["Range"]
+                resp = await self._session.get(url, headers=headers)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise UpstreamUnavailable(f"image download failed: {exc!r}") from exc
+        try:
+            stream = GlanceStream(resp, start)
+            if resp.status == 206:
+                first = _content_range_start(resp.headers.get("Content-Range", ""))
+                if first != start:
+                    raise UpstreamUnavailable(f"asked for byte {start}, got {first}")
+            elif resp.status == 200:
+                await _skip(stream, start)  # the upstream ignored the range
+            else:
+                raise await self._error(resp)
+            yield stream
+        finally:
+            resp.close()
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        """Relay ``request`` to the upstream and stream the answer back, both ways bounded."""
+        headers = end_to_end(request.headers)
+        # Keep the client's Host: Glance builds Location and version links from it, so they
+        # keep pointing at the proxy.
+        peer = request.remote or ""
+        prior = request.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        headers.setdefault("X-Forwarded-Proto", request.scheme)
+        headers.add("Via", f"{request.version.major}.{request.version.minor} cached")
+        data = _body(request) if request.body_exists else None
+        try:
+            upstream = await self._session.request(
+                request.method,
+                self._url(request.path_qs),
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+            )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            log.warning("upstream unreachable for %s %s: %r", request.method, request.path, exc)
+            raise UpstreamUnavailable(str(exc)) from exc
+        try:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for name, value in end_to_end(upstream.headers).items():
+                if name.lower() != "content-length":
+                    response.headers.add(name, value)
+            if upstream.content_length is not None and request.method != "HEAD":
+                response.content_length = upstream.content_length
+            elif "Content-Length" in upstream.headers:
+                response.headers["Content-Length"] = upstream.headers["Content-Length"]
+            await response.prepare(request)
+            if request.method != "HEAD" and upstream.status not in (204, 304):
+                while piece := await upstream.content.readany():
+                    await response.write(piece)
+            await response.write_eof()
+            return response
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            # Mid-stream: the headers are gone; cut the client off so it sees a short body.
+            log.warning("upstream broke off %s %s: %r", request.method, request.path, exc)
+            if request.transport is not None:
+                request.transport.abort()
+            raise UpstreamUnavailable(str(exc)) from exc
+        finally:
+            upstream.release()
+
+
+async def _body(request: web.Request) -> AsyncIterator[bytes]:
+    while piece := await request.content.readany():
+        yield piece
+
+
+async def _skip(stream: GlanceStream, count: int) -> None:
+    while count > 0:
+        got = await stream.read(min(count, _PIECE))
+        if not got:
+            raise UpstreamUnavailable("image ended before the requested offset")
+        count -= len(got)
+
+
+def _content_range_start(value: str) -> int:
+    # "bytes a-b/size" (RFC 9110 §14.4)
+    try:
+        return int(value.split()[1].split("-")[0])
+    except (IndexError, ValueError):
+        return -1
