@@ -108,6 +108,7 @@ class Fill:
         self._sync_future: asyncio.Future[None] | None = None
         self._finishing = False
         self._closing: asyncio.Task[None] | None = None
+        self.closed = asyncio.Event()
         self.upstream_bytes = 0
         self.upstream_requests = 0
 
@@ -141,12 +142,12 @@ class Fill:
 
     async def wait(self) -> None:
         """Wait for the next progress event; raise FillAborted if the fill ended badly."""
-        self._raise_if_failed()
+        self.raise_if_failed()
         if self.state is FillState.RUNNING:
             await asyncio.shield(self._progress)
-            self._raise_if_failed()
+            self.raise_if_failed()
 
-    def _raise_if_failed(self) -> None:
+    def raise_if_failed(self) -> None:
         if self.state in (FillState.FAILED, FillState.INVALID, FillState.CANCELLED):
             raise FillAborted(f"fill of {self.entry.image_id} {self.state.value}: {self.error}")
 
@@ -216,9 +217,18 @@ class Fill:
             )
             if first is None:
                 return
-            # Claim lazily: a range request may take chunks ahead of us; we stop there.
+            # Ask for the run of missing chunks; claim them lazily, as the stream reaches
+            # them, so a range request can still take chunks ahead of us (we stop there).
+            stop = next(
+                (
+                    c
+                    for c in range(first, entry.chunk_count)
+                    if c in self.written or c in self._claimed
+                ),
+                entry.chunk_count,
+            )
             start = entry.chunk_bounds(first)[0]
-            end = entry.size
+            end = entry.chunk_bounds(stop - 1)[1]
             await self._transfer(start, end, claimed=None)
 
     async def _transfer(self, start: int, end: int, claimed: set[int] | None) -> None:
@@ -378,6 +388,9 @@ class Fill:
 
     async def _flush_and_close(self) -> None:
         try:
+            # Let the writes already handed to the writer thread land and be counted.
+            await self._loop.run_in_executor(self._writer, _nothing)
+            await asyncio.sleep(0)
             await self._sync(force=True)
         finally:
             self._close_files()
@@ -385,15 +398,17 @@ class Fill:
     def _end(self, state: FillState, error: BaseException | None) -> None:
         self.state = state
         self.error = error
-        self._on_close(self)
         self._notify()
 
     def _close_files(self) -> None:
+        """Let go of the file and leave the registry: the next reader opens a new fill."""
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             self._writer.submit(os.close, fd)
             self._writer.shutdown(wait=False)
             self._hasher.shutdown(wait=False)
+        self._on_close(self)
+        self.closed.set()
 
     def cancel(self) -> None:
         """Stop every transfer (the entry was deleted, or the daemon stops)."""
@@ -402,6 +417,10 @@ class Fill:
             for task in list(self._tasks):
                 task.cancel()
             self._closing = self._loop.create_task(self._flush_and_close())
+
+
+def _nothing() -> None:
+    return None
 
 
 def _pwrite_all(fd: int, data: bytes, pos: int) -> int:
@@ -424,17 +443,26 @@ class Filler:
         self._opening: dict[str, asyncio.Future[Fill]] = {}
 
     def get(self, image_id: str) -> Fill | None:
-        return self.fills.get(image_id)
-
-    async def open(self, record: ImageRecord, creds: Credentials) -> Fill:
-        """The fill of ``record``'s image, creating its entry and fill if there are none."""
-        image_id = record.id
+        """The running fill of ``image_id``, if any."""
         fill = self.fills.get(image_id)
-        if fill is not None:
-            return fill
+        return fill if fill is not None and fill.state is FillState.RUNNING else None
+
+    async def open(self, record: ImageRecord, creds: Credentials) -> tuple[Fill, bool]:
+        """The fill of ``record``'s image, creating its entry and fill if there are none.
+
+        Returns the fill and whether this call created it.
+        """
+        image_id = record.id
+        while True:
+            fill = self.fills.get(image_id)
+            if fill is None:
+                break
+            if fill.state is FillState.RUNNING:
+                return fill, False
+            await fill.closed.wait()  # a fill that just ended is still flushing
         opening = self._opening.get(image_id)
         if opening is not None:
-            return await asyncio.shield(opening)
+            return await asyncio.shield(opening), False
         future: asyncio.Future[Fill] = asyncio.get_running_loop().create_future()
         self._opening[image_id] = future
         try:
@@ -454,7 +482,7 @@ class Filler:
             fill = Fill(entry, self._store, self._backend, creds, self._settings, self._closed)
             self.fills[image_id] = fill
             future.set_result(fill)
-            return fill
+            return fill, True
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved: waiters get it from their own await

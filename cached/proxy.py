@@ -115,9 +115,10 @@ class Proxy:
         if record is None:
             assert entry is not None
             record = _record_of(entry)
-        fill = await self.filler.open(record, creds)
-        outcome = Outcome.PARTIAL if len(fill.entry.present) else Outcome.MISS
-        return fill, outcome
+        fill, created = await self.filler.open(record, creds)
+        if not created:
+            return fill, Outcome.COLLAPSED
+        return fill, Outcome.PARTIAL if len(fill.entry.present) else Outcome.MISS
 
     async def _send(
         self,
@@ -155,9 +156,9 @@ class Proxy:
                 return None
             if entry.removed:
                 raise FillAborted("entry deleted")
-            current = self.filler.get(entry.image_id) or await self.filler.open(
-                record or _record_of(entry), creds
-            )
+            current = self.filler.get(entry.image_id)
+            if current is None:
+                current, _ = await self.filler.open(record or _record_of(entry), creds)
             if whole:
                 current.ensure_full()
             elif not current.will_produce(pos):

@@ -56,10 +56,14 @@ async def send_entry(
     entry.readers += 1
     try:
         pos = start
+        followed: Fill | None = None
         while pos < end:
             if entry.removed or entry.state.value == "invalid":
                 raise FillAborted(f"entry {entry.image_id} went away")
+            if followed is not None:
+                followed.raise_if_failed()  # an upstream failure ends this response too
             fill = None if entry.complete else current_fill()
+            followed = fill or followed
             ready = fill.available(pos) if fill is not None else _present_end(entry, pos)
             limit = end
             if end == entry.size and not entry.complete:
@@ -74,6 +78,7 @@ async def send_entry(
             fill = await ensure_fill(pos, end)
             if fill is None:
                 continue
+            followed = fill
             if fill.available(pos) <= pos or pos >= limit:
                 await fill.wait()
     finally:

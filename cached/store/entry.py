@@ -173,6 +173,11 @@ def set_state(entry: Entry, target: int | Path, state: State, error: str | None 
     xattrs.write_many(target, values)
 
 
+def write_state(target: Path, state: State) -> None:
+    """Record ``state`` on the file only (the caller updates the Entry when it is visible)."""
+    xattrs.write(target, xattrs.STATE, state.value.encode())
+
+
 def touch(entry: Entry, *, hit: bool) -> None:
     """Count a hit and the access time (our own xattr: atime lies on noatime mounts)."""
     entry.last_accessed = time.time()

@@ -112,10 +112,11 @@ class Store:
         """
         if entry.removed:
             return False
-        entries.set_state(entry, entry.path, State.COMPLETE)
+        entries.write_state(entry.path, State.COMPLETE)
         final = self.root / entry.image_id
         os.rename(entry.path, final)
         entry.path = final
+        entry.state = State.COMPLETE
         _fsync_dir(self.root)
         _fsync_dir(self.incomplete_dir)
         if entry.removed:  # deleted while we renamed: finish the delete

@@ -1,0 +1,114 @@
+"""Shared fixtures: a programmable fake Glance and an in-process daemon in front of it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from fakeglance import FakeGlance
+
+from cached import config as configuration
+from cached.app import FILLER, PROXY, STORE, make_app
+from cached.fill import Filler
+from cached.proxy import Proxy
+from cached.store import Store
+
+TOKENS = {
+    "token-p1": ("p1", ("member", "reader")),
+    "token-p2": ("p2", ("member", "reader")),
+    "token-reader": ("p1", ("reader",)),
+    "token-admin": ("admin", ("admin", "member", "reader")),
+}
+
+
+def auth(token: str = "token-p1") -> dict[str, str]:
+    return {"X-Auth-Token": token}
+
+
+@pytest.fixture
+async def glance() -> AsyncIterator[FakeGlance]:
+    fake = FakeGlance()
+    for token, (project, roles) in TOKENS.items():
+        fake.add_token(token, project, roles)
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+@dataclass
+class Daemon:
+    """A running daemon (real TCP server on loopback) and its parts."""
+
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+    cache_dir: Path
+    session: aiohttp.ClientSession
+
+    @property
+    def store(self) -> Store:
+        return self.app[STORE]
+
+    @property
+    def filler(self) -> Filler:
+        return self.app[FILLER]
+
+    @property
+    def proxy(self) -> Proxy:
+        return self.app[PROXY]
+
+    def file_url(self, image_id: str) -> str:
+        return f"{self.url}/v2/images/{image_id}/file"
+
+    async def get(
+        self, image_id: str, token: str = "token-p1", **headers: str
+    ) -> tuple[int, dict[str, str], bytes]:
+        async with self.session.get(
+            self.file_url(image_id), headers={**auth(token), **headers}
+        ) as resp:
+            body = await resp.read()
+            return resp.status, dict(resp.headers), body
+
+
+async def start_daemon(cache_dir: Path, upstream: str, **options: object) -> Daemon:
+    values = {"upstream": upstream, "image_cache_dir": str(cache_dir), **options}
+    cfg = configuration.build(values)
+    app = make_app(cfg)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    session = aiohttp.ClientSession(auto_decompress=False)
+    return Daemon(f"http://{host}:{port}", app, runner, cache_dir, session)
+
+
+async def stop_daemon(daemon: Daemon) -> None:
+    await daemon.session.close()
+    await daemon.runner.cleanup()
+
+
+@pytest.fixture
+async def daemon(glance: FakeGlance, tmp_path: Path) -> AsyncIterator[Daemon]:
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    d = await start_daemon(cache_dir, glance.url)
+    yield d
+    await stop_daemon(d)
+
+
+def tree(root: Path) -> list[str]:
+    """Every file under ``root`` relative to it, sorted (directories end with '/')."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        for d in dirnames:
+            out.append(os.path.normpath(os.path.join(rel, d)) + "/")
+        for f in filenames:
+            out.append(os.path.normpath(os.path.join(rel, f)))
+    return sorted(out)

@@ -1,0 +1,337 @@
+"""The download path end to end: fake Glance <- real daemon on loopback <- aiohttp client."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+import aiohttp
+import pytest
+from conftest import Daemon, auth, start_daemon, stop_daemon, tree
+from fakeglance import FakeGlance
+
+from cached.store import xattrs
+
+MiB = 1 << 20
+
+
+def data_gets(glance: FakeGlance, image_id: str) -> list[str | None]:
+    """Ranges of the data requests the upstream saw, without the 1-byte authorisation probes."""
+    return [r.range for r in glance.data_requests(image_id) if r.range != "bytes=0-0"]
+
+
+async def wait_complete(daemon: Daemon, image_id: str) -> None:
+    for _ in range(200):
+        entry = daemon.store.get(image_id)
+        if entry is not None and entry.complete:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{image_id} never completed")
+
+
+async def test_miss_then_hit(glance: FakeGlance, daemon: Daemon) -> None:
+    data = os.urandom(10 * MiB + 123)
+    image = glance.add_image(data)
+
+    status, headers, body = await daemon.get(image.id)
+    assert status == 200 and body == data
+    assert headers["Content-Length"] == str(len(data))
+    assert headers["Content-Type"] == "application/octet-stream"
+    assert headers["Content-MD5"] == hashlib.md5(data).hexdigest()
+    assert headers["Cache-Status"] == "cached; fwd=uri-miss; stored"
+    assert headers["x-openstack-request-id"].startswith("req-")
+    await wait_complete(daemon, image.id)
+
+    status, headers, body = await daemon.get(image.id)
+    assert status == 200 and body == data
+    assert headers["Cache-Status"] == "cached; hit"
+    assert headers["Content-MD5"] == hashlib.md5(data).hexdigest()
+    assert data_gets(glance, image.id) == [None]  # one upstream transfer in all
+
+    assert tree(daemon.cache_dir) == sorted(["incomplete/", "invalid/", "queue/", image.id])
+    attrs = xattrs.read_all(daemon.cache_dir / image.id)
+    assert attrs[xattrs.STATE] == b"complete"
+    assert attrs[xattrs.HITS] == b"1"
+    assert attrs[xattrs.BITMAP] == b"\x07"  # 3 chunks of 4 MiB
+    assert b'"os_hash_algo":"sha512"' in attrs[xattrs.META]
+    assert float(attrs[xattrs.LAST_ACCESSED]) > 0
+
+
+async def test_concurrent_cold_downloads_share_one_upstream_fetch(
+    glance: FakeGlance, daemon: Daemon
+) -> None:
+    data = os.urandom(24 * MiB)
+    image = glance.add_image(data, rate=48 * MiB)  # ~0.5 s transfer
+
+    results = await asyncio.gather(*(daemon.get(image.id) for _ in range(8)))
+    assert all(status == 200 and body == data for status, _, body in results)
+    assert data_gets(glance, image.id) == [None]
+    assert glance.bytes_sent[image.id] == len(data) + 8  # + the eight 1-byte probes
+    statuses = sorted(h["Cache-Status"] for _, h, _ in results)
+    assert statuses.count("cached; fwd=uri-miss; stored") == 1
+
+
+async def test_followers_get_first_byte_before_the_fill_ends(
+    glance: FakeGlance, daemon: Daemon
+) -> None:
+    data = os.urandom(16 * MiB)
+    image = glance.add_image(data, rate=16 * MiB)  # ~1 s transfer
+
+    async def first_byte_at() -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with daemon.session.get(daemon.file_url(image.id), headers=auth()) as resp:
+            await resp.content.readexactly(1)
+            took = loop.time() - started
+            assert await resp.content.read() == data[1:]
+            return took
+
+    leader = asyncio.ensure_future(first_byte_at())
+    await asyncio.sleep(0.3)
+    follower = await first_byte_at()
+    await leader
+    assert follower < 0.3  # streams from the growing file, not after the whole image
+    assert data_gets(glance, image.id) == [None]
+
+
+async def test_first_client_leaving_does_not_stop_the_fill(
+    glance: FakeGlance, daemon: Daemon
+) -> None:
+    data = os.urandom(12 * MiB)
+    image = glance.add_image(data, rate=24 * MiB)
+    async with daemon.session.get(daemon.file_url(image.id), headers=auth()) as resp:
+        await resp.content.readexactly(1000)
+    # the client is gone; a second client still gets everything from the same fill
+    status, _, body = await daemon.get(image.id)
+    assert status == 200 and body == data
+    await wait_complete(daemon, image.id)
+    assert data_gets(glance, image.id) == [None]
+
+
+@pytest.mark.parametrize(
+    ("token", "expected"),
+    [("token-p2", 404), ("token-reader", 403), ("no-such-token", 401)],
+)
+async def test_hit_is_authorised_by_the_upstream(
+    glance: FakeGlance, daemon: Daemon, token: str, expected: int
+) -> None:
+    data = os.urandom(MiB)
+    image = glance.add_image(data, owner="p1", visibility="private")
+    assert (await daemon.get(image.id))[0] == 200
+    await wait_complete(daemon, image.id)
+
+    status, headers, body = await daemon.get(image.id, token=token)
+    assert status == expected
+    assert data not in body and len(body) < 1000
+    assert "Cache-Status" not in headers
+
+
+async def test_missing_token_gets_401_and_no_bytes(glance: FakeGlance, daemon: Daemon) -> None:
+    image = glance.add_image(os.urandom(MiB), visibility="public")
+    await daemon.get(image.id)
+    async with daemon.session.get(daemon.file_url(image.id)) as resp:
+        assert resp.status == 401
+
+
+async def test_deactivated_image_is_not_served_from_cache(
+    glance: FakeGlance, daemon: Daemon
+) -> None:
+    image = glance.add_image(os.urandom(MiB))
+    await daemon.get(image.id)
+    await wait_complete(daemon, image.id)
+    async with daemon.session.post(
+        f"{daemon.url}/v2/images/{image.id}/actions/deactivate", headers=auth("token-admin")
+    ) as resp:
+        assert resp.status == 204
+    assert (await daemon.get(image.id))[0] == 403
+
+
+async def test_authorisation_is_reused_until_a_change_passes_through(
+    glance: FakeGlance, daemon: Daemon
+) -> None:
+    image = glance.add_image(os.urandom(MiB), visibility="shared", members={"p2"})
+    assert (await daemon.get(image.id, token="token-p2"))[0] == 200
+    await wait_complete(daemon, image.id)
+    probes = len(glance.data_requests(image.id))
+    assert (await daemon.get(image.id, token="token-p2"))[0] == 200
+    assert len(glance.data_requests(image.id)) == probes  # reused answer
+
+    async with daemon.session.delete(
+        f"{daemon.url}/v2/images/{image.id}/members/p2", headers=auth("token-p1")
+    ) as resp:
+        assert resp.status == 204
+    assert (await daemon.get(image.id, token="token-p2"))[0] == 404
+
+
+async def test_delete_through_the_proxy_drops_the_copy(glance: FakeGlance, daemon: Daemon) -> None:
+    image = glance.add_image(os.urandom(MiB))
+    await daemon.get(image.id)
+    await wait_complete(daemon, image.id)
+    async with daemon.session.delete(f"{daemon.url}/v2/images/{image.id}", headers=auth()) as r:
+        assert r.status == 204
+    assert daemon.store.get(image.id) is None
+    assert not (daemon.cache_dir / image.id).exists()
+    assert (await daemon.get(image.id))[0] == 404
+
+
+async def test_range_on_a_cold_image_fetches_only_its_chunk(
+    glance: FakeGlance, daemon: Daemon
+) -> None:
+    data = os.urandom(40 * MiB)
+    image = glance.add_image(data)
+    start = 20 * MiB + 5
+    status, headers, body = await daemon.get(image.id, Range=f"bytes={start}-{start + MiB - 1}")
+    assert status == 206
+    assert body == data[start : start + MiB]
+    assert headers["Content-Range"] == f"bytes {start}-{start + MiB - 1}/{len(data)}"
+    assert headers["Content-MD5"] == hashlib.md5(data).hexdigest()
+    assert data_gets(glance, image.id) == [f"bytes={20 * MiB}-{24 * MiB - 1}"]
+
+    # a later full download reuses the chunk and fetches the rest
+    status, _, body = await daemon.get(image.id)
+    assert status == 200 and body == data
+    await wait_complete(daemon, image.id)
+    fetched = sum(
+        int(r.split("-")[1]) - int(r.split("=")[1].split("-")[0]) + 1
+        for r in data_gets(glance, image.id)
+        if r
+    )
+    assert fetched == len(data)
+    assert glance.bytes_sent[image.id] == len(data) + 1  # + one 1-byte probe (then reused)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("bytes=0-9", (0, 10)),
+        ("bytes=-10", (990, 1000)),
+        ("bytes=995-", (995, 1000)),
+        ("bytes=990-5000", (990, 1000)),
+    ],
+)
+async def test_range_on_a_hit(
+    glance: FakeGlance, daemon: Daemon, header: str, expected: tuple[int, int]
+) -> None:
+    data = os.urandom(1000)
+    image = glance.add_image(data)
+    await daemon.get(image.id)
+    await wait_complete(daemon, image.id)
+    status, headers, body = await daemon.get(image.id, Range=header)
+    assert status == 206
+    assert body == data[expected[0] : expected[1]]
+    assert headers["Content-Range"] == f"bytes {expected[0]}-{expected[1] - 1}/1000"
+    assert headers["Cache-Status"] == "cached; hit"
+
+
+async def test_unsatisfiable_and_malformed_ranges(glance: FakeGlance, daemon: Daemon) -> None:
+    image = glance.add_image(os.urandom(1000))
+    status, headers, _ = await daemon.get(image.id, Range="bytes=1000-")
+    assert status == 416 and headers["Content-Range"] == "bytes */1000"
+    status, _, body = await daemon.get(image.id, Range="bytes=abc")
+    assert status == 400 and b"Range" in body
+    # If-Range can never match (we send no validators): the whole image, RFC 9110 §13.1.5
+    status, _, body = await daemon.get(image.id, Range="bytes=0-9", **{"If-Range": '"x"'})
+    assert status == 200 and len(body) == 1000
+    assert daemon.store.get(image.id) is not None
+
+
+async def test_malformed_image_id_touches_nothing(glance: FakeGlance, daemon: Daemon) -> None:
+    before = tree(daemon.cache_dir)
+    for bad in ("not-a-uuid", "..%2F..%2Fetc%2Fpasswd", "../" * 3 + "x"):
+        async with daemon.session.get(f"{daemon.url}/v2/images/{bad}/file", headers=auth()) as resp:
+            assert resp.status in (400, 404)
+    assert tree(daemon.cache_dir) == before
+    assert all(not r.path.startswith("/v2/images") for r in glance.requests)
+
+
+async def test_oversized_header_is_rejected(glance: FakeGlance, daemon: Daemon) -> None:
+    image = glance.add_image(b"x")
+    async with daemon.session.get(
+        daemon.file_url(image.id), headers={**auth(), "X-Big": "a" * 100_000}
+    ) as resp:
+        assert resp.status in (400, 431)
+
+
+async def test_upstream_cut_mid_stream_is_short_then_resumes(
+    glance: FakeGlance, daemon: Daemon
+) -> None:
+    data = os.urandom(20 * MiB)
+    image = glance.add_image(data, cut_after=13 * MiB)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await daemon.get(image.id)
+    entry = daemon.store.get(image.id)
+    assert entry is not None and not entry.complete
+    for _ in range(100):
+        if image.id not in daemon.filler.fills:
+            break
+        await asyncio.sleep(0.02)
+    assert sorted(entry.present) == [0, 1, 2]  # the 3 whole chunks that arrived and were flushed
+
+    image.cut_after = None
+    status, headers, body = await daemon.get(image.id)
+    assert status == 200 and body == data
+    assert headers["Cache-Status"] == "cached; fwd=partial; stored"
+    await wait_complete(daemon, image.id)
+    assert data_gets(glance, image.id) == [None, f"bytes={12 * MiB}-{len(data) - 1}"]
+
+
+async def test_corrupt_upstream_data_is_never_a_complete_response(
+    glance: FakeGlance, daemon: Daemon
+) -> None:
+    data = os.urandom(6 * MiB)
+    image = glance.add_image(data, corrupt_at=5 * MiB)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await daemon.get(image.id)
+    for _ in range(100):
+        if image.id in daemon.store.invalid:
+            break
+        await asyncio.sleep(0.02)
+    assert tree(daemon.cache_dir) == ["incomplete/", "invalid/", f"invalid/{image.id}", "queue/"]
+    attrs = xattrs.read_all(daemon.cache_dir / "invalid" / image.id)
+    assert attrs[xattrs.STATE] == b"invalid"
+    assert attrs[xattrs.ERROR].startswith(b"sha512 mismatch")
+
+    image.corrupt_at = None  # the upstream is fixed: the next download fills afresh
+    status, _, body = await daemon.get(image.id)
+    assert status == 200 and body == data
+
+
+async def test_upstream_without_content_length(glance: FakeGlance, daemon: Daemon) -> None:
+    data = os.urandom(5 * MiB)
+    image = glance.add_image(data, no_content_length=True)
+    status, headers, body = await daemon.get(image.id)
+    assert status == 200 and body == data
+    assert headers["Content-Length"] == str(len(data))  # from the image record
+
+
+async def test_image_without_data_answers_204_and_caches_nothing(
+    glance: FakeGlance, daemon: Daemon
+) -> None:
+    image = glance.add_image(None)
+    status, _, body = await daemon.get(image.id)
+    assert status == 204 and body == b""
+    assert daemon.store.get(image.id) is None
+
+
+async def test_store_without_ranges_still_serves(glance: FakeGlance, daemon: Daemon) -> None:
+    data = os.urandom(9 * MiB)
+    image = glance.add_image(data, ranges_supported=False)
+    status, _, body = await daemon.get(image.id, Range=f"bytes={5 * MiB}-{5 * MiB + 9}")
+    assert status == 206 and body == data[5 * MiB : 5 * MiB + 10]
+    status, _, body = await daemon.get(image.id)
+    assert status == 200 and body == data
+
+
+async def test_index_is_rebuilt_on_restart(glance: FakeGlance, daemon: Daemon) -> None:
+    data = os.urandom(3 * MiB)
+    image = glance.add_image(data)
+    await daemon.get(image.id)
+    await wait_complete(daemon, image.id)
+    again = await start_daemon(daemon.cache_dir, glance.url)
+    try:
+        status, headers, body = await again.get(image.id)
+        assert status == 200 and body == data
+        assert headers["Cache-Status"] == "cached; hit"
+    finally:
+        await stop_daemon(again)
