@@ -188,20 +188,24 @@ class Proxy:
         return await self.forward(request)
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
-        """Everything else: pass through, then forget what a successful change invalidates."""
+        """Everything else: pass through; a successful change forgets what it invalidates."""
+        hook = None
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            match = _IMAGE_PATH.match(request.path)
+            if match and is_image_id(match.group(1)):
+                image_id = match.group(1)
+                deleted = request.method == "DELETE" and not match.group(2)
+
+                async def hook(status: int) -> None:
+                    if 200 <= status < 300:
+                        await self.image_changed(image_id, deleted=deleted)
+
         try:
-            response = await self.backend.forward(request)
+            return await self.backend.forward(request, hook)
         except UpstreamUnavailable as exc:
             if request.transport is None or request.transport.is_closing():
                 raise
             return _error(502, f"The image service is unreachable: {exc}")
-        if request.method not in ("GET", "HEAD", "OPTIONS") and 200 <= response.status < 300:
-            match = _IMAGE_PATH.match(request.path)
-            if match and is_image_id(match.group(1)):
-                await self.image_changed(
-                    match.group(1), deleted=request.method == "DELETE" and not match.group(2)
-                )
-        return response
 
     async def image_changed(self, image_id: str, *, deleted: bool) -> None:
         self.authorizer.forget(image_id)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -82,6 +82,10 @@ class ImageRecord:
         )
 
 
+# Called with the upstream's status before a forwarded answer reaches the client.
+ReplyHook = Callable[[int], Awaitable[None]]
+
+
 class Decision(enum.Enum):
     ALLOW = "allow"  # the caller may download the image
     DENY = "deny"  # the upstream refused: relay its answer
@@ -122,7 +126,9 @@ class Backend(Protocol):
     ) -> AbstractAsyncContextManager[DataStream]:
         """Stream bytes ``[start, end)`` of the image; raises UpstreamError/Unavailable."""
 
-    async def forward(self, request: web.Request) -> web.StreamResponse:
+    async def forward(
+        self, request: web.Request, before_reply: ReplyHook | None = None
+    ) -> web.StreamResponse:
         """Answer any other request (pass-through to the upstream, or emulate it)."""
 
     async def close(self) -> None:

@@ -21,7 +21,7 @@ from aiohttp import web
 from cached import versions
 from cached.errors import UpstreamError
 from cached.store.store import is_image_id
-from cached.upstream import Authorization, Credentials, Decision, ImageRecord
+from cached.upstream import Authorization, Credentials, Decision, ImageRecord, ReplyHook
 
 
 def _glance_error(status: int, title: str, detail: str) -> UpstreamError:
@@ -132,7 +132,9 @@ class FileBackend:
         finally:
             os.close(fd)
 
-    async def forward(self, request: web.Request) -> web.StreamResponse:
+    async def forward(
+        self, request: web.Request, before_reply: ReplyHook | None = None
+    ) -> web.StreamResponse:
         """Emulate the parts of the image API the clients call around a download."""
         creds = Credentials.from_headers(request.headers)
         path = request.path.rstrip("/") or "/"

@@ -16,7 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from cached.errors import UpstreamError, UpstreamUnavailable
-from cached.upstream import Authorization, Credentials, Decision, ImageRecord
+from cached.upstream import Authorization, Credentials, Decision, ImageRecord, ReplyHook
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,14 @@ class GlanceBackend:
         finally:
             resp.close()
 
-    async def forward(self, request: web.Request) -> web.StreamResponse:
-        """Relay ``request`` to the upstream and stream the answer back, both ways bounded."""
+    async def forward(
+        self, request: web.Request, before_reply: ReplyHook | None = None
+    ) -> web.StreamResponse:
+        """Relay ``request`` to the upstream and stream the answer back, both ways bounded.
+
+        ``before_reply(status)`` runs once the upstream's status is known and before the
+        client sees it (so a client never observes a change before the cache forgot it).
+        """
         headers = end_to_end(request.headers)
         # Keep the client's Host: Glance builds Location and version links from it, so they
         # keep pointing at the proxy.
@@ -187,6 +193,8 @@ class GlanceBackend:
             log.warning("upstream unreachable for %s %s: %r", request.method, request.path, exc)
             raise UpstreamUnavailable(str(exc)) from exc
         try:
+            if before_reply is not None:
+                await before_reply(upstream.status)
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for name, value in end_to_end(upstream.headers).items():
                 if name.lower() != "content-length":
