@@ -37,7 +37,7 @@ MAX_PENDING = 8  # pieces in flight to the writer/hasher threads (bounds memory 
 
 class FillState(enum.Enum):
     RUNNING = "running"
-    VERIFIED = "verified"  # complete, digest matched, committed
+    VERIFIED = "verified"  # complete, digest matched, committed (unless deleted meanwhile)
     INVALID = "invalid"  # complete but the digest did not match: never served
     FAILED = "failed"  # a transfer broke off; what was flushed stays for a resume
     CANCELLED = "cancelled"  # the entry was deleted, or the daemon stops
@@ -344,21 +344,20 @@ class Fill:
             ok = await self._loop.run_in_executor(
                 self._hasher, self.digest.finish, self._fd, entry.size
             )
-        if entry.removed:
-            self._end(FillState.CANCELLED, FillAborted("entry deleted"))
-        elif ok:
-            committed = await asyncio.to_thread(self._store.commit, entry)
-            if committed:
-                log.info(
-                    "cached %s: %d bytes, %s verified, %d upstream requests",
-                    entry.image_id,
-                    entry.size,
-                    self.digest.algo if self.digest else "nothing",
-                    self.upstream_requests,
-                )
-                self._end(FillState.VERIFIED, None)
-            else:
-                self._end(FillState.CANCELLED, FillAborted("entry deleted"))
+        if ok:
+            # Deleted meanwhile: still verified for the readers that follow us, never kept.
+            committed = not entry.removed and await asyncio.to_thread(self._store.commit, entry)
+            log.info(
+                "%s %s: %d bytes, %s verified, %d upstream requests",
+                "cached" if committed else "verified (deleted, not kept)",
+                entry.image_id,
+                entry.size,
+                self.digest.algo if self.digest else "nothing",
+                self.upstream_requests,
+            )
+            self._end(FillState.VERIFIED, None)
+        elif entry.removed:
+            self._end(FillState.INVALID, CachedError("digest mismatch"))
         else:
             assert self.digest is not None
             reason = (
@@ -490,14 +489,22 @@ class Filler:
         finally:
             del self._opening[image_id]
 
-    def _closed(self, fill: Fill) -> None:
+    def _closed(self, fill: Fill) -> None:  # called by the fill when it lets go
         if self.fills.get(fill.entry.image_id) is fill:
             del self.fills[fill.entry.image_id]
 
-    def cancel(self, image_id: str) -> None:
-        fill = self.fills.get(image_id)
-        if fill is not None:
-            fill.cancel()
+    async def remove(self, image_id: str) -> bool:
+        """Delete an image's entry, safely while it is being read or filled.
+
+        Readers that have the file open finish from it; a running fill goes on for them but
+        never commits; the space is freed when the last of them closes the file.
+        """
+        entry = self._store.get(image_id)
+        if entry is not None:
+            entry.removed = True  # before any thread runs: a fill finishing now won't commit
+        fill = self.fills.pop(image_id, None)
+        removed = await asyncio.to_thread(self._store.remove, image_id)
+        return removed is not None or fill is not None
 
     async def close(self) -> None:
         for fill in list(self.fills.values()):

@@ -151,13 +151,15 @@ class Proxy:
         if outcome is Outcome.HIT:
             await asyncio.to_thread(self.store.touch, entry, hit=True)
 
-        async def ensure_fill(pos: int, stop: int) -> Fill | None:
+        async def ensure_fill(pos: int, stop: int, following: Fill | None) -> Fill | None:
             if entry.complete:
                 return None
-            if entry.removed:
-                raise FillAborted("entry deleted")
-            current = self.filler.get(entry.image_id)
+            current = following or self.filler.get(entry.image_id)
+            if current is not None and current.entry is not entry:
+                raise FillAborted("entry deleted")  # and re-created since: not ours to wait on
             if current is None:
+                if entry.removed:
+                    raise FillAborted("entry deleted")
                 current, _ = await self.filler.open(record or _record_of(entry), creds)
             if whole:
                 current.ensure_full()
@@ -210,8 +212,7 @@ class Proxy:
     async def image_changed(self, image_id: str, *, deleted: bool) -> None:
         self.authorizer.forget(image_id)
         if deleted:
-            self.filler.cancel(image_id)
-            await asyncio.to_thread(self.store.remove, image_id)
+            await self.filler.remove(image_id)
             log.info("image %s deleted upstream: dropped its cache entry", image_id)
 
 

@@ -16,14 +16,14 @@ from typing import BinaryIO
 from aiohttp import web
 
 from cached.errors import FillAborted
-from cached.fill import Fill
+from cached.fill import Fill, FillState
 from cached.store import Entry
 
 _FALLBACK_PIECE = 1 << 20
 
 # Returns the image's current fill, started and asked to cover [pos, end), or None when the
 # entry needs no fill (it is complete).
-EnsureFill = Callable[[int, int], Awaitable[Fill | None]]
+EnsureFill = Callable[[int, int, Fill | None], Awaitable[Fill | None]]
 
 
 def _present_end(entry: Entry, pos: int) -> int:
@@ -58,15 +58,24 @@ async def send_entry(
         pos = start
         followed: Fill | None = None
         while pos < end:
-            if entry.removed or entry.state.value == "invalid":
-                raise FillAborted(f"entry {entry.image_id} went away")
+            if entry.state.value == "invalid":
+                raise FillAborted(f"entry {entry.image_id} failed verification")
             if followed is not None:
                 followed.raise_if_failed()  # an upstream failure ends this response too
-            fill = None if entry.complete else current_fill()
+            fill = None
+            if not entry.complete:
+                # Keep following our fill while it runs, even if the entry was deleted and the
+                # fill left the registry; otherwise pick up whichever fill runs now.
+                running = followed is not None and followed.state is FillState.RUNNING
+                fill = followed if running else current_fill()
             followed = fill or followed
-            ready = fill.available(pos) if fill is not None else _present_end(entry, pos)
+            # A fill knows what it wrote, also after it ended (a deleted entry publishes nothing).
+            ready = followed.available(pos) if followed is not None else _present_end(entry, pos)
             limit = end
-            if end == entry.size and not entry.complete:
+            verified = entry.complete or (
+                followed is not None and followed.state is FillState.VERIFIED
+            )
+            if end == entry.size and not verified:
                 limit = end - 1  # hold back the last byte until the digest matched
             ready = min(ready, limit)
             if ready > pos:
@@ -75,7 +84,7 @@ async def send_entry(
                 continue
             if entry.complete:
                 continue
-            fill = await ensure_fill(pos, end)
+            fill = await ensure_fill(pos, end, fill)
             if fill is None:
                 continue
             followed = fill

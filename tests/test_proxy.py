@@ -335,3 +335,17 @@ async def test_index_is_rebuilt_on_restart(glance: FakeGlance, daemon: Daemon) -
         assert headers["Cache-Status"] == "cached; hit"
     finally:
         await stop_daemon(again)
+
+
+async def test_delete_during_a_fill_lets_readers_finish(glance: FakeGlance, daemon: Daemon) -> None:
+    data = os.urandom(16 * MiB)
+    image = glance.add_image(data, rate=32 * MiB)  # ~0.5 s
+    reader = asyncio.ensure_future(daemon.get(image.id))
+    await asyncio.sleep(0.15)
+    async with daemon.session.delete(f"{daemon.url}/v2/images/{image.id}", headers=auth()) as r:
+        assert r.status == 204
+    status, _, body = await reader
+    assert status == 200 and body == data  # the reader that had it open finished correctly
+    await asyncio.sleep(0.1)
+    assert daemon.store.get(image.id) is None
+    assert tree(daemon.cache_dir) == ["incomplete/", "invalid/", "queue/"]  # not re-created
