@@ -93,8 +93,7 @@ async def _serve(config: Config) -> None:
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
-    for sock in site._server.sockets if site._server else ():  # noqa: SLF001
-        addr = sock.getsockname()
+    for addr in runner.addresses:
         shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
         log.info(
             "listening on http://%s:%d (upstream %s, cache %s)",

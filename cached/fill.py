@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -81,7 +82,7 @@ class Fill:
         backend: Backend,
         creds: Credentials,
         settings: FillSettings,
-        on_close: callable,  # type: ignore[valid-type]
+        on_close: Callable[[Fill], None],
     ):
         self.entry = entry
         self._store = store

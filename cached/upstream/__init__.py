@@ -122,9 +122,10 @@ class Backend(Protocol):
         """The image record; raises UpstreamError with the upstream's answer otherwise."""
 
     def open_data(
-        self, image_id: str, creds: Credentials, start: int, end: int
+        self, image_id: str, creds: Credentials, start: int, end: int | None
     ) -> AbstractAsyncContextManager[DataStream]:
-        """Stream bytes ``[start, end)`` of the image; raises UpstreamError/Unavailable."""
+        """Stream bytes ``[start, end)`` of the image (``end=None``: to its end, and the
+        request asks for the whole image); raises UpstreamError/UpstreamUnavailable."""
 
     async def forward(
         self, request: web.Request, before_reply: ReplyHook | None = None

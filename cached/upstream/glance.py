@@ -134,13 +134,13 @@ class GlanceBackend:
 
     @asynccontextmanager
     async def open_data(
-        self, image_id: str, creds: Credentials, start: int, end: int
+        self, image_id: str, creds: Credentials, start: int, end: int | None
     ) -> AsyncIterator[GlanceStream]:
         url = self._url(f"/v2/images/{image_id}/file")
         headers = dict(creds.headers)
         ranged = start > 0 or end is not None
         if ranged:
-            headers["Range"] = f"bytes={start}-{end - 1}"
+            headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         try:
             resp = await self._session.get(url, headers=headers)
             if resp.status == 400 and ranged:
