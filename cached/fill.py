@@ -102,6 +102,8 @@ class Fill:
         self._fd = os.open(entry.path, os.O_RDWR)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"fill-w-{entry.image_id[:8]}")
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix=f"fill-h-{entry.image_id[:8]}")
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix=f"fill-s-{entry.image_id[:8]}")
+        self._sync_lock = asyncio.Lock()
         self.digest = Digest.for_record(entry.checksum, entry.os_hash_algo, entry.os_hash_value)
         self.consumers: list[StreamConsumer] = [self.digest] if self.digest else []
         self._unsynced_bytes = 0
@@ -304,26 +306,28 @@ class Fill:
             self._unsynced_bytes >= self._settings.sync_bytes
             or time.monotonic() - self._last_sync >= self._settings.sync_seconds
         )
-        if due and (self._sync_future is None or self._sync_future.done()):
+        if due and not self._sync_lock.locked():
             self._sync_future = asyncio.ensure_future(self._sync())
 
     async def _sync(self, force: bool = False) -> None:
-        """Flush, then record as present what was written before the flush began."""
-        if self._fd < 0:
-            return
-        chunks = set(self.written) - set(self.entry.present)
-        self._unsynced_bytes = 0
-        self._last_sync = time.monotonic()
-        if not chunks:
-            return
-        if self.entry.removed:
-            return
-        try:
-            await self._loop.run_in_executor(self._writer, self._sync_publish, self._fd, chunks)
-        except (OSError, RuntimeError) as exc:
-            log.error("cannot flush %s: %s", self.entry.path, exc)
-            if self.state is FillState.RUNNING and not force:
-                self._fail(exc)
+        """Flush, then record as present what was written before the flush began.
+
+        Runs on its own thread so writes go on while the disk catches up; one at a time.
+        """
+        async with self._sync_lock:
+            if self._fd < 0 or self.entry.removed:
+                return
+            chunks = set(self.written) - set(self.entry.present)
+            self._unsynced_bytes = 0
+            self._last_sync = time.monotonic()
+            if not chunks:
+                return
+            try:
+                await self._loop.run_in_executor(self._syncer, self._sync_publish, self._fd, chunks)
+            except (OSError, RuntimeError) as exc:
+                log.error("cannot flush %s: %s", self.entry.path, exc)
+                if self.state is FillState.RUNNING and not force:
+                    self._fail(exc)
 
     def _sync_publish(self, fd: int, chunks: set[int]) -> None:
         os.fdatasync(fd)
@@ -336,9 +340,7 @@ class Fill:
         if self._finishing:
             return
         self._finishing = True
-        if self._sync_future is not None:
-            await asyncio.shield(self._sync_future)
-        await self._sync()
+        await self._sync()  # waits for one in flight, then flushes the rest
         entry = self.entry
         ok = True
         if self.digest is not None:
@@ -404,9 +406,11 @@ class Fill:
         """Let go of the file and leave the registry: the next reader opens a new fill."""
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
+            # Every caller awaited _sync() first; the writer closes after its queued writes.
             self._writer.submit(os.close, fd)
             self._writer.shutdown(wait=False)
             self._hasher.shutdown(wait=False)
+            self._syncer.shutdown(wait=False)
         self._on_close(self)
         self.closed.set()
 
@@ -508,5 +512,8 @@ class Filler:
         return removed is not None or fill is not None
 
     async def close(self) -> None:
-        for fill in list(self.fills.values()):
+        """Stop every fill, keeping what was written and flushed for a resume."""
+        fills = list(self.fills.values())
+        for fill in fills:
             fill.cancel()
+        await asyncio.gather(*(f.closed.wait() for f in fills))
