@@ -349,3 +349,43 @@ async def test_delete_during_a_fill_lets_readers_finish(glance: FakeGlance, daem
     await asyncio.sleep(0.1)
     assert daemon.store.get(image.id) is None
     assert tree(daemon.cache_dir) == ["incomplete/", "invalid/", "queue/"]  # not re-created
+
+
+async def test_api_passes_through_with_links_pointing_at_the_proxy(
+    glance: FakeGlance, daemon: Daemon
+) -> None:
+    async with daemon.session.post(
+        f"{daemon.url}/v2/images", json={"name": "up", "visibility": "private"}, headers=auth()
+    ) as resp:
+        assert resp.status == 201
+        image_id = (await resp.json())["id"]
+        assert resp.headers["Location"] == f"{daemon.url}/v2/images/{image_id}"
+
+    data = os.urandom(3 * MiB)
+
+    async def body():  # chunked upload, streamed through
+        for i in range(0, len(data), 256 << 10):
+            yield data[i : i + (256 << 10)]
+
+    async with daemon.session.put(
+        f"{daemon.url}/v2/images/{image_id}/file",
+        data=body(),
+        headers={**auth(), "Content-Type": "application/octet-stream"},
+    ) as resp:
+        assert resp.status == 204
+    assert glance.images[image_id].data == data
+    upload = [r for r in glance.requests if r.method == "PUT"][-1]
+    assert upload.headers["via"] == "1.1 cached"
+    assert upload.headers["x-forwarded-for"] == "127.0.0.1"
+    assert upload.headers["host"] == daemon.url.removeprefix("http://")
+
+    status, _, body_bytes = await daemon.get(image_id)
+    assert status == 200 and body_bytes == data
+
+    # errors come back unchanged
+    async with daemon.session.get(
+        f"{daemon.url}/v2/images/{image_id}", headers=auth("token-p2")
+    ) as r:
+        assert r.status == 404
+    async with daemon.session.head(daemon.file_url(image_id), headers=auth()) as r:
+        assert r.status == 405 and r.headers["Allow"] == "GET, PUT"
