@@ -6,6 +6,8 @@ import asyncio
 import hashlib
 import os
 
+from pathlib import Path
+
 import aiohttp
 import pytest
 from conftest import Daemon, auth, start_daemon, stop_daemon, tree
@@ -148,8 +150,26 @@ async def test_deactivated_image_is_not_served_from_cache(
 
 
 async def test_authorisation_is_reused_until_a_change_passes_through(
-    glance: FakeGlance, daemon: Daemon
+    glance: FakeGlance, tmp_path: Path
 ) -> None:
+    daemon = await start_daemon(tmp_path, glance.url, auth_cache_ttl=30)
+    try:
+        await _reused_until_change(glance, daemon)
+    finally:
+        await stop_daemon(daemon)
+
+
+async def test_every_download_is_authorised_by_default(glance: FakeGlance, daemon: Daemon) -> None:
+    image = glance.add_image(os.urandom(MiB))
+    for _ in range(3):
+        assert (await daemon.get(image.id))[0] == 200
+    probes = [r for r in glance.data_requests(image.id) if r.range == "bytes=0-0"]
+    assert len(probes) == 3
+    image.status = "deactivated"  # changed on Glance directly, not through us
+    assert (await daemon.get(image.id))[0] == 403
+
+
+async def _reused_until_change(glance: FakeGlance, daemon: Daemon) -> None:
     image = glance.add_image(os.urandom(MiB), visibility="shared", members={"p2"})
     assert (await daemon.get(image.id, token="token-p2"))[0] == 200
     await wait_complete(daemon, image.id)
@@ -198,7 +218,7 @@ async def test_range_on_a_cold_image_fetches_only_its_chunk(
         if r
     )
     assert fetched == len(data)
-    assert glance.bytes_sent[image.id] == len(data) + 1  # + one 1-byte probe (then reused)
+    assert glance.bytes_sent[image.id] == len(data) + 2  # + two 1-byte probes
 
 
 @pytest.mark.parametrize(
@@ -266,14 +286,17 @@ async def test_upstream_cut_mid_stream_is_short_then_resumes(
         if image.id not in daemon.filler.fills:
             break
         await asyncio.sleep(0.02)
-    assert sorted(entry.present) == [0, 1, 2]  # the 3 whole chunks that arrived and were flushed
+    # Whole chunks that arrived and were flushed stay (aiohttp may drop what it had buffered
+    # when the connection broke, so not necessarily all three before the cut).
+    kept = sorted(entry.present)
+    assert 1 <= len(kept) <= 3 and kept == list(range(len(kept)))
 
     image.cut_after = None
     status, headers, body = await daemon.get(image.id)
     assert status == 200 and body == data
     assert headers["Cache-Status"] == "cached; fwd=partial; stored"
     await wait_complete(daemon, image.id)
-    assert data_gets(glance, image.id) == [None, f"bytes={12 * MiB}-{len(data) - 1}"]
+    assert data_gets(glance, image.id) == [None, f"bytes={len(kept) * 4 * MiB}-{len(data) - 1}"]
 
 
 async def test_corrupt_upstream_data_is_never_a_complete_response(

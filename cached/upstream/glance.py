@@ -101,15 +101,17 @@ class GlanceBackend:
         """
         url = self._url(f"/v2/images/{image_id}/file")
         headers = dict(creds.headers)
-        headers["Range"] = "bytes=0-0"
         try:
+            try:
+                ranged = {**headers, "Range": "bytes=0-0"}
+                async with self._session.get(url, headers=ranged) as resp:
+                    if resp.status != 400 and resp.status < 500:
+                        return await self._decision(resp)
+            except aiohttp.ServerDisconnectedError:
+                pass  # Glance 33 crashes on a Range GET of an image without data
+            # Stores without random access refuse ranges (400): ask for the whole body and
+            # hang up after the headers.
             async with self._session.get(url, headers=headers) as resp:
-                if resp.status == 400:
-                    # Stores without random access refuse ranges: ask for the whole body and
-                    # hang up after the headers.
-                    del headers["Range"]
-                    async with self._session.get(url, headers=headers) as full:
-                        return await self._decision(full)
                 return await self._decision(resp)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamUnavailable(f"authorisation probe failed: {exc!r}") from exc
