@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import functools
 import logging
 import os
@@ -25,13 +26,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cached.digest import Digest, StreamConsumer
-from cached.errors import CachedError, FillAborted, UpstreamUnavailable
+from cached.errors import CachedError, FillAborted, StoreUnavailable, UpstreamUnavailable
 from cached.store import Bitmap, Entry, Store
 from cached.store import entry as entries
 from cached.upstream import Backend, Credentials, ImageRecord
 
 log = logging.getLogger(__name__)
 
+STORE_RETRY_AFTER = 30  # seconds of pass-through after the disk refused a write
+_STORE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.ENOENT}
 PIECE = 1 << 20  # bytes per upstream read and per write: large buffers keep Python cheap
 MAX_PENDING = 8  # pieces in flight to the writer/hasher threads (bounds memory per fill)
 
@@ -178,6 +181,9 @@ class Fill:
                 run.append(c)
         if run:
             self._spawn_run(run)
+        if not self._tasks:
+            # Everything asked for is here already: nothing will finish a task, so let go now.
+            self._spawn(self._finish() if self.written.full() else self._park())
 
     def _spawn_run(self, chunks: list[int]) -> None:
         self._claimed.update(chunks)
@@ -291,6 +297,8 @@ class Fill:
         if fut.cancelled() or fut.exception() is not None:
             t.error = t.error or fut.exception() or FillAborted("write cancelled")
             return
+        if t.error is not None:
+            return  # an earlier piece of this transfer failed: its chunk has a hole
         t.pos = upto
         self._unsynced_bytes += fut.result()
         if finished_chunk >= 0:
@@ -444,6 +452,9 @@ class Filler:
         self._backend = backend
         self._settings = settings
         self.fills: dict[str, Fill] = {}
+        # When the disk last refused a write (full, read-only, I/O error): new fills are
+        # refused for a while and downloads pass through instead of failing over and over.
+        self._store_failed_at = -float(STORE_RETRY_AFTER)
         self._opening: dict[str, asyncio.Future[Fill]] = {}
 
     def get(self, image_id: str) -> Fill | None:
@@ -467,6 +478,8 @@ class Filler:
         opening = self._opening.get(image_id)
         if opening is not None:
             return await asyncio.shield(opening), False
+        if time.monotonic() - self._store_failed_at < STORE_RETRY_AFTER:
+            raise StoreUnavailable("the cache could not be written a moment ago")
         future: asyncio.Future[Fill] = asyncio.get_running_loop().create_future()
         self._opening[image_id] = future
         try:
@@ -487,6 +500,12 @@ class Filler:
             self.fills[image_id] = fill
             future.set_result(fill)
             return fill, True
+        except OSError as exc:
+            self._store_failed(exc)
+            error = StoreUnavailable(f"cannot create a cache entry: {exc}")
+            future.set_exception(error)
+            future.exception()
+            raise error from exc
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved: waiters get it from their own await
@@ -497,6 +516,17 @@ class Filler:
     def _closed(self, fill: Fill) -> None:  # called by the fill when it lets go
         if self.fills.get(fill.entry.image_id) is fill:
             del self.fills[fill.entry.image_id]
+        if isinstance(fill.error, OSError):
+            self._store_failed(fill.error)
+
+    def _store_failed(self, exc: OSError) -> None:
+        if exc.errno in _STORE_ERRNOS:
+            log.error(
+                "cache directory refused a write (%s): passing through for %ds",
+                exc,
+                STORE_RETRY_AFTER,
+            )
+            self._store_failed_at = time.monotonic()
 
     async def remove(self, image_id: str) -> bool:
         """Delete an image's entry, safely while it is being read or filled.

@@ -75,7 +75,7 @@ async def send_entry(
             verified = entry.complete or (
                 followed is not None and followed.state is FillState.VERIFIED
             )
-            if end == entry.size and not verified:
+            if start == 0 and end == entry.size and not verified:
                 limit = end - 1  # hold back the last byte until the digest matched
             ready = min(ready, limit)
             if ready > pos:

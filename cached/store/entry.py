@@ -161,7 +161,13 @@ def publish(entry: Entry, fd: int, chunks: set[int]) -> None:
     """Record ``chunks`` as present. The caller has already fdatasync'ed their bytes."""
     entry.present.update(chunks)
     entry.last_modified = time.time()
-    xattrs.write(fd, xattrs.BITMAP, entry.present.to_bytes())
+    xattrs.write_many(
+        fd,
+        {
+            xattrs.BITMAP: entry.present.to_bytes(),
+            xattrs.LAST_MODIFIED: repr(entry.last_modified).encode(),
+        },
+    )
 
 
 def set_state(entry: Entry, target: int | Path, state: State, error: str | None = None) -> None:

@@ -73,7 +73,13 @@ class Store:
             else:
                 log.warning("ignoring %s: %s", path, exc)
             return
-        if entry.state is not expected:
+        if entry.state is State.COMPLETE and expected is State.FILLING:
+            # Verified, then the daemon stopped between the state write and the rename.
+            final = self.root / entry.image_id
+            os.rename(path, final)
+            entry.path = final
+            log.info("finished committing %s", entry.image_id)
+        elif entry.state is not expected:
             log.warning("ignoring %s: state %s in the %s area", path, entry.state.value, expected)
             return
         self.entries[entry.image_id] = entry
@@ -156,8 +162,8 @@ class Store:
         if not entry.removed:
             try:
                 entries.touch(entry, hit=hit)
-            except FileNotFoundError:
-                pass
+            except OSError as exc:  # read-only or full: a hit is still a hit
+                log.debug("cannot record access to %s: %s", entry.path, exc)
 
     def complete_entries(self) -> list[Entry]:
         return [e for e in self.entries.values() if e.complete]

@@ -5,6 +5,7 @@ Call from an executor: every function here is a blocking system call.
 
 from __future__ import annotations
 
+import errno
 import os
 
 import xattr
@@ -39,17 +40,19 @@ def write_many(target: int | str | os.PathLike[str], values: dict[str, bytes]) -
 
 
 def supported(directory: str | os.PathLike[str]) -> bool:
-    """Whether files in ``directory`` accept ``user.*`` attributes."""
+    """Whether files in ``directory`` accept ``user.*`` attributes.
+
+    Raises OSError when the probe file cannot even be written (read-only, full, no access).
+    """
     probe = os.path.join(directory, f".xattr-probe-{os.getpid()}")
+    fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
     try:
-        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-        try:
-            xattr.setxattr(fd, PREFIX + "probe", b"1")
-            return True
-        except OSError:
+        xattr.setxattr(fd, PREFIX + "probe", b"1")
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
             return False
-        finally:
-            os.close(fd)
-            os.unlink(probe)
-    except OSError:
-        return False
+        raise
+    finally:
+        os.close(fd)
+        os.unlink(probe)

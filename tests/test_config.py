@@ -1,0 +1,337 @@
+"""Configuration: the YAML file, flags, validation messages that name the key and the file."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from daemonproc import run_cached
+
+from cached import cli
+from cached import config as configuration
+from cached.config import Config, parse_listen, parse_size
+from cached.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "conf" / "cached.yaml"
+MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cached.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults() -> None:
+    c = configuration.load(None)
+    assert c == Config()
+    assert c.listen_address == ("127.0.0.1", 9292)
+    assert c.upstream_kind == "file" and c.upstream_dir == Path("var/images")
+    assert c.image_cache_dir == Path("var/cache")
+    assert c.image_cache_max_size == 10 * GiB
+    assert (c.image_cache_stall_time, c.cache_prefetcher_interval) == (86400, 300)
+    assert c.cache_prune_interval == 600
+    assert c.auth_cache_ttl == 0.0 and c.access_tokens == ()
+    assert (c.upstream_connect_timeout, c.upstream_read_timeout) == (10.0, 60.0)
+    assert (c.fsync_interval_bytes, c.fsync_interval_seconds) == (64 * MiB, 1.0)
+    assert c.max_header_size == 16384 and c.log_level == "INFO"
+
+
+def test_shipped_file_lists_every_option_with_its_default() -> None:
+    listed = yaml.safe_load(SHIPPED.read_text())
+    assert sorted(listed) == sorted(f.name for f in dataclasses.fields(Config))
+    assert configuration.load(SHIPPED) == Config()
+
+
+def test_check_config_accepts_the_shipped_file() -> None:
+    res = run_cached("check-config", "-c", str(SHIPPED), cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    shown = dict(line.split(": ", 1) for line in res.stdout.splitlines())
+    assert sorted(shown) == sorted(f.name for f in dataclasses.fields(Config))
+    assert shown["image_cache_max_size"] == str(10 * GiB)
+    assert shown["listen"] == "127.0.0.1:9292"
+
+
+def test_every_option_loads_from_a_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+listen: "[::1]:9393"
+upstream: https://glance.example:9292/
+image_cache_dir: /var/lib/cached
+image_cache_max_size: 1.5T
+image_cache_stall_time: 3600
+cache_prefetcher_interval: 60
+cache_prune_interval: 120
+auth_cache_ttl: 0
+access_tokens: [a, b]
+upstream_connect_timeout: 2.5
+upstream_read_timeout: 0
+fsync_interval_bytes: 500M
+fsync_interval_seconds: 0.25
+max_header_size: 8K
+log_level: debug
+""",
+    )
+    assert configuration.load(path) == Config(
+        listen="[::1]:9393",
+        upstream="https://glance.example:9292",  # trailing slash dropped
+        image_cache_dir=Path("/var/lib/cached"),
+        image_cache_max_size=int(1.5 * TiB),
+        image_cache_stall_time=3600,
+        cache_prefetcher_interval=60,
+        cache_prune_interval=120,
+        auth_cache_ttl=0.0,
+        access_tokens=("a", "b"),
+        upstream_connect_timeout=2.5,
+        upstream_read_timeout=0.0,
+        fsync_interval_bytes=500 * MiB,
+        fsync_interval_seconds=0.25,
+        max_header_size=8192,
+        log_level="DEBUG",
+    )
+
+
+def test_empty_file_means_defaults(tmp_path: Path) -> None:
+    assert configuration.load(write(tmp_path, "# nothing\n")) == Config()
+
+
+def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "listen: 127.0.0.1:1\nimage_cache_size: 10G\n")
+    with pytest.raises(ConfigError) as err:
+        configuration.load(path)
+    assert str(err.value) == f"{path}: unknown option 'image_cache_size'"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("listen: [unclosed\n", "not valid YAML"),
+        ("- a\n- b\n", "must be a mapping of option: value"),
+        ("just a string\n", "must be a mapping of option: value"),
+    ],
+)
+def test_malformed_file_names_the_file(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as err:
+        configuration.load(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_missing_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as err:
+        configuration.load(path)
+    assert str(err.value) == f"{path}: cannot read: No such file or directory"
+
+
+BAD_VALUES: dict[str, list[object]] = {
+    "listen": ["nope", "host:", "host:99999", "host:-1", None, 9292],
+    "upstream": ["ftp://glance", "glance:9292", "http://", ""],
+    "image_cache_dir": ["", 5, None, ["a"]],
+    "image_cache_max_size": ["lots", "-1G", "10X", True, -5, None, "1.5.5G"],
+    "image_cache_stall_time": [0, -1, "1h", 1.5, True, None],
+    "cache_prefetcher_interval": [0, "5m", False],
+    "cache_prune_interval": [-600, 60.5, "10"],
+    "auth_cache_ttl": [-1, "30s", True, None],
+    "access_tokens": ["token", [""], [1], {"a": 1}],
+    "upstream_connect_timeout": [-0.1, "fast", None],
+    "upstream_read_timeout": [True, "x"],
+    "fsync_interval_bytes": ["1 Z", "lots", -1],
+    "fsync_interval_seconds": [-0.5, "1s"],
+    "max_header_size": ["big", -1],
+    "log_level": ["LOUD", 3, "trace"],
+    "cache_clean_interval": [0, "1h"],
+    "prefetch_concurrency": [0, -1, 1.5, True],
+    "prefetch_retry_initial": [-1, "5m"],
+    "prefetch_retry_max": [-1, "x"],
+    "legacy_queue_immediate": ["yes", 1, None],
+    "admin_tokens": ["sha256:" + "0" * 64, ["plain-token"], ["sha256:abc"]],
+    "admin_cache_ttl": [-1, "1m"],
+    "keystone_url": ["keystone:5000", "ftp://keystone", 5],
+    "keystone_username": [5],
+    "keystone_password": [["x"]],
+    "keystone_project_name": [1.5],
+    "keystone_user_domain_id": [True],
+    "keystone_project_domain_id": [None],
+    "service_token": [123],
+    "worker_self_reference_url": ["node1:9292"],
+    "peers": ["http://node2:9292", ["node2:9292"]],
+}
+
+
+def test_bad_values_cover_every_option() -> None:
+    assert sorted(BAD_VALUES) == sorted(f.name for f in dataclasses.fields(Config))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [(k, v) for k, values in BAD_VALUES.items() for v in values]
+)
+def test_bad_value_names_the_key_and_the_file(tmp_path: Path, key: str, value: object) -> None:
+    path = write(tmp_path, yaml.safe_dump({key: value}))
+    with pytest.raises(ConfigError) as err:
+        configuration.load(path)
+    assert str(err.value).startswith(f"{path}: option {key!r}: ")
+    with pytest.raises(ConfigError) as err:  # the same value as a flag
+        configuration.load(None, {key: value})
+    assert str(err.value).startswith(f"command line: option {key!r}: ")
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "listen: 127.0.0.1:1111\nimage_cache_max_size: 1G\nlog_level: ERROR\nauth_cache_ttl: 5\n",
+    )
+    c = configuration.load(path, {"listen": "127.0.0.1:2222", "image_cache_max_size": "2G"})
+    assert c.listen == "127.0.0.1:2222"
+    assert c.image_cache_max_size == 2 * GiB
+    assert c.log_level == "ERROR" and c.auth_cache_ttl == 5.0  # untouched by flags
+
+
+def test_cli_flags_override_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "listen: 127.0.0.1:1111\nimage_cache_dir: /from/file\n")
+    res = run_cached(
+        "check-config",
+        "-c",
+        str(path),
+        "--listen",
+        "127.0.0.1:2222",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--max-size",
+        "500M",
+        "--log-level",
+        "warning",
+        "--upstream",
+        "http://glance:9292",
+    )
+    assert res.returncode == 0, res.stderr
+    shown = dict(line.split(": ", 1) for line in res.stdout.splitlines())
+    assert shown["listen"] == "127.0.0.1:2222"
+    assert shown["image_cache_dir"] == str(tmp_path / "c")
+    assert shown["image_cache_max_size"] == str(500 * MiB)
+    assert shown["log_level"] == "WARNING"
+    assert shown["upstream"] == "http://glance:9292"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("10G", 10 * GiB),
+        ("500M", 500 * MiB),
+        ("1.5T", int(1.5 * TiB)),
+        ("16K", 16384),
+        ("2P", 2 << 50),
+        ("10g", 10 * GiB),
+        ("10GB", 10 * GiB),
+        ("10GiB", 10 * GiB),
+        (" 3 M ", 3 * MiB),
+        ("1024", 1024),
+        (1024, 1024),
+        (0, 0),
+    ],
+)
+def test_parse_size(value: object, expected: int) -> None:
+    assert parse_size(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("127.0.0.1:9292", ("127.0.0.1", 9292)),
+        ("0.0.0.0:0", ("0.0.0.0", 0)),
+        (":9292", ("0.0.0.0", 9292)),
+        ("localhost:80", ("localhost", 80)),
+        ("[::1]:9292", ("::1", 9292)),
+        ("[::]:9292", ("::", 9292)),
+        ("[fe80::1]:65535", ("fe80::1", 65535)),
+    ],
+)
+def test_parse_listen(value: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "9292",
+        "[::1]",
+        "host:port",
+        "host:65536",
+        "",
+        "[::1]:",
+        "::1",  # an IPv6 address without brackets or port (was read as host ':' port 1)
+        "[::1]x:80",  # garbage after the bracket (was read as host '::1]x')
+    ],
+)
+def test_parse_listen_rejects(value: str) -> None:
+    with pytest.raises(ValueError, match="listen must be HOST:PORT"):
+        parse_listen(value)
+
+
+def _load_cli(*argv: str) -> Config:
+    return cli.load_config(cli._parser().parse_args(["check-config", *argv]))  # noqa: SLF001
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:9292", "127.9.9.9:1", "[::1]:9292", "localhost:1"])
+def test_file_upstream_on_loopback_needs_no_tokens(tmp_path: Path, listen: str) -> None:
+    c = _load_cli("--upstream", f"file://{tmp_path}", "--listen", listen)
+    assert c.upstream_kind == "file" and c.upstream_dir == tmp_path
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9292", "192.0.2.7:9292", "[::]:9292", ":9292"])
+def test_file_upstream_off_loopback_needs_tokens(tmp_path: Path, listen: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        _load_cli("--upstream", f"file://{tmp_path}", "--listen", listen)
+    assert str(err.value).startswith("command line: option 'listen': a file upstream")
+    assert "access_tokens" in str(err.value)
+
+    path = write(tmp_path, f"upstream: file://{tmp_path}\nlisten: '{listen}'\n")
+    with pytest.raises(ConfigError) as err:
+        _load_cli("-c", str(path))
+    assert str(err.value).startswith(f"{path}: option 'listen': ")
+
+    path.write_text(f"upstream: file://{tmp_path}\nlisten: '{listen}'\naccess_tokens: [s3cret]\n")
+    assert _load_cli("-c", str(path)).access_tokens == ("s3cret",)
+
+
+def test_glance_upstream_may_listen_anywhere(tmp_path: Path) -> None:
+    c = _load_cli("--upstream", "http://glance:9292", "--listen", "0.0.0.0:9292")
+    assert c.upstream_kind == "glance" and c.listen_address == ("0.0.0.0", 9292)
+
+
+def test_check_config_rejects_file_upstream_off_loopback(tmp_path: Path) -> None:
+    res = run_cached("check-config", "--upstream", f"file://{tmp_path}", "--listen", "0.0.0.0:9292")
+    assert res.returncode == 2
+    assert res.stderr.startswith("cached: configuration error: command line: option 'listen'")
+    assert res.stdout == ""
+
+
+def test_relative_file_upstream_is_relative_to_the_cwd() -> None:
+    c = configuration.load(None, {"upstream": "file://./images"})
+    assert c.upstream_dir == Path("images")
+    c = configuration.load(None, {"upstream": "file:///srv/glance%20images"})
+    assert c.upstream_dir == Path("/srv/glance images")
+
+
+def test_check_config_never_prints_secrets(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "keystone_url: http://keystone:5000/v3\n"
+        "keystone_username: cached\n"
+        "keystone_password: hunter2-password\n"
+        "keystone_project_name: service\n"
+        "service_token: tok-3f9a\n",
+    )
+    res = run_cached("check-config", "-c", str(path))
+    assert res.returncode == 0, res.stderr
+    assert "hunter2-password" not in res.stdout + res.stderr
+    assert "tok-3f9a" not in res.stdout + res.stderr
+    shown = dict(line.split(": ", 1) for line in res.stdout.splitlines())
+    assert shown["keystone_password"] == "(set)" and shown["service_token"] == "(set)"
+    assert shown["keystone_username"] == "cached"
