@@ -6,11 +6,15 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+import aiohttp
 from aiohttp import web
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from cached import admin, jobs, manage
 from cached.auth import Authorizer
 from cached.config import Config
 from cached.fill import Filler, FillSettings
+from cached.prefetch import Prefetcher
 from cached.proxy import Proxy
 from cached.store import Store
 from cached.upstream import Backend
@@ -23,6 +27,8 @@ CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
 FILLER = web.AppKey("filler", Filler)
 PROXY = web.AppKey("proxy", Proxy)
+MANAGER = manage.MANAGER
+SCHEDULER = web.AppKey("scheduler", AsyncIOScheduler)
 
 
 def make_backend(config: Config) -> Backend:
@@ -46,10 +52,39 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         await asyncio.to_thread(store.open)
         settings = FillSettings(config.fsync_interval_bytes, config.fsync_interval_seconds)
         filler = Filler(store, upstream, settings)
-        proxy = Proxy(store, filler, upstream, Authorizer(upstream, config.auth_cache_ttl))
+        # Keystone, peers and the upstream's version document (not image data).
+        session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=30, sock_connect=config.upstream_connect_timeout)
+        )
+        glance = config.upstream_kind == "glance" and isinstance(upstream, GlanceBackend)
+        proxy = Proxy(
+            store,
+            filler,
+            upstream,
+            Authorizer(upstream, config.auth_cache_ttl),
+            versions_session=session if glance else None,
+            upstream_url=config.upstream if glance else "",
+        )
+        guard, service = admin.build(config, session)
+        admin.warn_if_exposed(config, guard)
+        if config.upstream_kind == "glance" and not service.configured:
+            log.warning(
+                "no service credentials (service_token or keystone_username): queued images "
+                "cannot be prefetched on schedule; PUT /v2/cache/{id} uses the caller's token"
+            )
+        prefetcher = Prefetcher(store, filler, upstream, service, config)
+        maintenance = jobs.Maintenance(store, filler, config)
         app[STORE], app[FILLER], app[PROXY] = store, filler, proxy
+        app[MANAGER] = manage.Manager(
+            config, store, filler, upstream, guard, prefetcher, maintenance, session
+        )
+        app[SCHEDULER] = jobs.start_scheduler(config, prefetcher, maintenance)
         yield
+        app[SCHEDULER].shutdown(wait=False)
+        await asyncio.sleep(0)  # the scheduler shuts down (and cancels its runs) on the loop
+        await prefetcher.close()
         await filler.close()
+        await session.close()
         await upstream.close()
 
     app.cleanup_ctx.append(resources)
@@ -60,6 +95,12 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
     async def forward(request: web.Request) -> web.StreamResponse:
         return await request.app[PROXY].forward(request)
 
+    async def version_document(request: web.Request) -> web.StreamResponse:
+        return await request.app[PROXY].versions(request)
+
     app.router.add_get("/v2/images/{image_id}/file", image_data, allow_head=False)
+    app.router.add_get("/versions", version_document, allow_head=False)
+    app.router.add_get("/", version_document, allow_head=False)
+    manage.add_routes(app)  # before the catch-all: management is never proxied
     app.router.add_route("*", "/{tail:.*}", forward)
     return app

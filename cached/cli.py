@@ -15,7 +15,7 @@ from aiohttp import web
 
 from cached import __version__
 from cached import config as configuration
-from cached.app import make_app
+from cached.app import FILLER, make_app
 from cached.config import Config
 from cached.errors import ConfigError
 from cached.store import xattrs
@@ -73,7 +73,13 @@ def _prepare_dirs(config: Config, embedded: bool) -> None:
         if not cache_dir.parent.is_dir():
             raise ConfigError(f"option 'image_cache_dir': {cache_dir.parent} does not exist")
         cache_dir.mkdir()
-    if not xattrs.supported(cache_dir):
+    try:
+        has_xattrs = xattrs.supported(cache_dir)
+    except OSError as exc:
+        raise ConfigError(
+            f"option 'image_cache_dir': {cache_dir}: cannot write there: {exc.strerror or exc}"
+        ) from None
+    if not has_xattrs:
         raise ConfigError(
             f"option 'image_cache_dir': {cache_dir} does not support user.* xattrs "
             "(use ext4/xfs/tmpfs, or mount with user_xattr)"
@@ -82,6 +88,11 @@ def _prepare_dirs(config: Config, embedded: bool) -> None:
 
 async def _serve(config: Config) -> None:
     app = make_app(config)
+
+    async def stop_fills(app: web.Application) -> None:
+        await app[FILLER].close()
+
+    app.on_shutdown.append(stop_fills)
     host, port = config.listen_address
     runner = web.AppRunner(
         app,
@@ -89,6 +100,8 @@ async def _serve(config: Config) -> None:
         max_line_size=config.max_header_size,
         max_field_size=config.max_header_size,
         handle_signals=False,
+        # Readers following a fill end when the fills stop (on_shutdown); don't wait long.
+        shutdown_timeout=5,
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -125,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "check-config":
         for key, value in vars(config).items():
-            print(f"{key}: {value}")
+            shown = "(set)" if key in configuration.SECRETS and value else value
+            print(f"{key}: {shown}")
         return 0
     try:
         _prepare_dirs(config, embedded=args.config is None and args.upstream is None)

@@ -42,9 +42,14 @@ def parse_listen(value: str) -> tuple[str, int]:
     """Parse ``HOST:PORT`` or ``[v6]:PORT``."""
     host, sep, port = str(value).rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"listen must be HOST:PORT, got {value!r}")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
+        raise ValueError(f"listen must be HOST:PORT or [v6]:PORT, got {value!r}")
+    if host.startswith("["):
+        if not host.endswith("]") or "]" in host[1:-1] or ":" not in host:
+            raise ValueError(f"listen must be HOST:PORT or [v6]:PORT, got {value!r}")
+        host = host[1:-1]
+    elif ":" in host or "]" in host:
+        raise ValueError(f"listen must be HOST:PORT, IPv6 in brackets ([::1]:9292): {value!r}")
+    return host or "0.0.0.0", int(port)
 
 
 @dataclass(frozen=True)
@@ -59,8 +64,9 @@ class Config:
     image_cache_stall_time: int = 86400
     cache_prefetcher_interval: int = 300
     cache_prune_interval: int = 600
-    # Seconds a positive download authorisation is reused per (credential, image); 0 = never.
-    auth_cache_ttl: float = 30.0
+    # Seconds a positive download authorisation is reused per (credential, image); 0 = ask
+    # the upstream before every download (a change made elsewhere is seen at once).
+    auth_cache_ttl: float = 0.0
     # Tokens accepted by the file backend; empty = no check, loopback only.
     access_tokens: tuple[str, ...] = ()
     upstream_connect_timeout: float = 10.0
@@ -72,6 +78,34 @@ class Config:
     # Largest request line/header field accepted from clients (longer: 400/431).
     max_header_size: int = 16384
     log_level: str = "INFO"
+    # --- cache management API and periodic jobs (cached/manage.py, cached/jobs.py) ---
+    # Seconds between clean runs (stalled partial entries and invalid/ entries).
+    cache_clean_interval: int = 3600
+    # Images fetched at once by the prefetcher.
+    prefetch_concurrency: int = 2
+    # A failed prefetch is retried after this many seconds, doubling per failure up to the max.
+    prefetch_retry_initial: float = 300.0
+    prefetch_retry_max: float = 3600.0
+    # Legacy ``PUT /v2/queued_images/{id}`` starts the fetch at once instead of at the next run.
+    legacy_queue_immediate: bool = False
+    # Management callers presenting one of these tokens are admin: "sha256:<hex digest>".
+    admin_tokens: tuple[str, ...] = ()
+    # Seconds a positive admin answer from Keystone is reused for the same token.
+    admin_cache_ttl: float = 60.0
+    # Keystone (identity v3) used to check management callers' roles, and the daemon's own
+    # service credentials there (also used by the prefetcher).
+    keystone_url: str = ""
+    keystone_username: str = ""
+    keystone_password: str = ""
+    keystone_project_name: str = ""
+    keystone_user_domain_id: str = "default"
+    keystone_project_domain_id: str = "default"
+    # A static token the daemon uses instead of Keystone password credentials.
+    service_token: str = ""
+    # This node's URL in GET /v2/cache/nodes/{id} (Glance's name); empty: from the request.
+    worker_self_reference_url: str = ""
+    # Other cached nodes asked by GET /v2/cache/nodes/{id} whether they hold the image.
+    peers: tuple[str, ...] = ()
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -91,14 +125,29 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_ADMIN_TOKEN_RE = re.compile(r"^sha256:[0-9a-fA-F]{64}$")
+# Values never shown (``cached check-config``) or logged.
+SECRETS = frozenset({"keystone_password", "service_token"})
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+
+
+def _url(value: Any) -> str:
+    parts = urllib.parse.urlsplit(str(value))
+    if not isinstance(value, str) or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"must be an http(s)://host:port URL, got {value!r}")
+    return value.rstrip("/")
 
 
 def _convert(name: str, value: Any) -> Any:
     """Turn one raw value into the type of the field ``name``; raise ValueError if it is bad."""
     if name in ("image_cache_max_size", "fsync_interval_bytes", "max_header_size"):
         return parse_size(value)
-    if name in ("image_cache_stall_time", "cache_prefetcher_interval", "cache_prune_interval"):
+    if name in (
+        "image_cache_stall_time",
+        "cache_prefetcher_interval",
+        "cache_prune_interval",
+        "cache_clean_interval",
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"must be a positive whole number of seconds, got {value!r}")
         return value
@@ -107,6 +156,9 @@ def _convert(name: str, value: Any) -> Any:
         "upstream_connect_timeout",
         "upstream_read_timeout",
         "fsync_interval_seconds",
+        "prefetch_retry_initial",
+        "prefetch_retry_max",
+        "admin_cache_ttl",
     ):
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ValueError(f"must be a number of seconds >= 0, got {value!r}")
@@ -115,6 +167,37 @@ def _convert(name: str, value: Any) -> Any:
         if not isinstance(value, str | Path) or not str(value):
             raise ValueError(f"must be a directory path, got {value!r}")
         return Path(value)
+    if name == "prefetch_concurrency":
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"must be a positive whole number, got {value!r}")
+        return value
+    if name == "legacy_queue_immediate":
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, got {value!r}")
+        return value
+    if name == "admin_tokens":
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(t, str) and _ADMIN_TOKEN_RE.match(t) for t in value
+        ):
+            raise ValueError('must be a list of "sha256:<64 hex digits>" (sha256 of the token)')
+        return tuple(t.lower() for t in value)
+    if name in ("keystone_url", "worker_self_reference_url"):
+        return _url(value) if value else ""
+    if name == "peers":
+        if not isinstance(value, list | tuple):
+            raise ValueError("must be a list of http(s)://host:port URLs")
+        return tuple(_url(v) for v in value)
+    if name in (
+        "keystone_username",
+        "keystone_password",
+        "keystone_project_name",
+        "keystone_user_domain_id",
+        "keystone_project_domain_id",
+        "service_token",
+    ):
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string, got {type(value).__name__}")
+        return value
     if name == "access_tokens":
         if not isinstance(value, list | tuple) or not all(isinstance(t, str) and t for t in value):
             raise ValueError("must be a list of non-empty strings")
@@ -144,7 +227,35 @@ def build(values: Mapping[str, Any], source: str = "<flags>") -> Config:
             kwargs[key] = _convert(key, value)
         except ValueError as exc:
             raise ConfigError(f"{source}: option {key!r}: {exc}") from None
-    return Config(**kwargs)
+    return _check(Config(**kwargs), source)
+
+
+def _check(config: Config, source: str) -> Config:
+    """Rules between options; the message names the option to set."""
+    password = (config.keystone_username, config.keystone_password, config.keystone_project_name)
+    if any(password) and not all(password):
+        missing = [
+            k
+            for k, v in zip(
+                ("keystone_username", "keystone_password", "keystone_project_name"),
+                password,
+                strict=True,
+            )
+            if not v
+        ]
+        raise ConfigError(f"{source}: option {missing[0]!r}: needed with Keystone credentials")
+    if config.keystone_username and not config.keystone_url:
+        raise ConfigError(f"{source}: option 'keystone_url': needed with Keystone credentials")
+    if config.keystone_url and not (config.keystone_username or config.service_token):
+        raise ConfigError(
+            f"{source}: option 'keystone_url': needs keystone_username/keystone_password/"
+            "keystone_project_name or service_token to check tokens with"
+        )
+    if config.prefetch_retry_max < config.prefetch_retry_initial:
+        raise ConfigError(
+            f"{source}: option 'prefetch_retry_max': must be >= prefetch_retry_initial"
+        )
+    return config
 
 
 def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -173,7 +284,7 @@ def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) ->
     if overrides:
         flags = build(overrides, "command line")
         changed = {k: getattr(flags, k) for k in overrides}
-        config = dataclasses.replace(config, **changed)
+        config = _check(dataclasses.replace(config, **changed), "command line")
     return config
 
 

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import re
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
+import aiohttp
 from aiohttp import web
 
-from cached import ranges
+from cached import ranges, versions
 from cached.auth import Authorizer
 from cached.errors import FillAborted, StoreUnavailable, UpstreamError, UpstreamUnavailable
 from cached.fill import Fill, Filler
@@ -21,6 +24,7 @@ from cached.reader import send_entry
 from cached.store import Entry, Store
 from cached.store.store import is_image_id
 from cached.upstream import Backend, Credentials, Decision, ImageRecord
+from cached.upstream.glance import end_to_end
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,10 @@ class Proxy:
     filler: Filler
     backend: Backend
     authorizer: Authorizer
+    # A glance upstream's version document is fetched with this session and made to
+    # advertise the cache API cached answers; None: the backend answers it (file upstream).
+    versions_session: aiohttp.ClientSession | None = None
+    upstream_url: str = ""
 
     async def image_data(self, request: web.Request) -> web.StreamResponse:
         """``GET /v2/images/{id}/file``: authorise, then serve from the cache or fill it."""
@@ -187,7 +195,17 @@ class Proxy:
         return response
 
     async def _bypass(self, request: web.Request) -> web.StreamResponse:
-        return await self.forward(request)
+        """A download the cache does not take part in (store unavailable, several ranges)."""
+
+        async def mark(response: web.StreamResponse) -> None:
+            response.headers["Cache-Status"] = Outcome.BYPASS.value
+
+        try:
+            return await self.backend.forward(request, mark)
+        except UpstreamUnavailable as exc:
+            if request.transport is None or request.transport.is_closing():
+                raise
+            return _error(502, f"The image service is unreachable: {exc}")
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         """Everything else: pass through; a successful change forgets what it invalidates."""
@@ -198,8 +216,8 @@ class Proxy:
                 image_id = match.group(1)
                 deleted = request.method == "DELETE" and not match.group(2)
 
-                async def hook(status: int) -> None:
-                    if 200 <= status < 300:
+                async def hook(response: web.StreamResponse) -> None:
+                    if 200 <= response.status < 300:
                         await self.image_changed(image_id, deleted=deleted)
 
         try:
@@ -208,6 +226,41 @@ class Proxy:
             if request.transport is None or request.transport.is_closing():
                 raise
             return _error(502, f"The image service is unreachable: {exc}")
+
+    async def versions(self, request: web.Request) -> web.StreamResponse:
+        """``GET /`` and ``GET /versions``: the upstream's version document, advertising the
+        cache API (v2.14-v2.18, which cached answers itself) with links to the proxy.
+
+        python-glanceclient looks for v2.14 (v2.18 for clean/prune) before every cache call.
+        """
+        if self.versions_session is None:
+            return await self.forward(request)
+        headers = end_to_end(request.headers)  # the client's Host: Glance links to it
+        headers.popall("Accept-Encoding", None)
+        headers["X-Forwarded-Proto"] = headers.get("X-Forwarded-Proto", request.scheme)
+        try:
+            async with self.versions_session.get(
+                self.upstream_url + request.path_qs, headers=headers, allow_redirects=False
+            ) as upstream:
+                body = await upstream.read()
+                status = upstream.status
+                relay = {
+                    h: upstream.headers[h]
+                    for h in ("Content-Type", "x-openstack-request-id")
+                    if h in upstream.headers
+                }
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return _error(502, f"The image service is unreachable: {exc!r}")
+        try:
+            doc = json.loads(body) if status in (200, 300) else None
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            return web.Response(status=status, body=body, headers=relay)
+        base = f"{request.scheme}://{request.host}"
+        doc = versions.with_cache_api(_relink(doc, self.upstream_url, base), base)
+        relay.pop("Content-Type", None)
+        return web.json_response(doc, status=status, headers=relay)
 
     async def image_changed(self, image_id: str, *, deleted: bool) -> None:
         self.authorizer.forget(image_id)
@@ -225,6 +278,17 @@ def _record_of(entry: Entry) -> ImageRecord:
         entry.os_hash_algo,
         entry.os_hash_value,
     )
+
+
+def _relink(doc: dict[str, Any], upstream: str, base: str) -> dict[str, Any]:
+    """Point version links that name the upstream itself at the proxy instead."""
+    for version in doc.get("versions") or []:
+        links = version.get("links") if isinstance(version, dict) else None
+        for link in links if isinstance(links, list) else []:
+            href = link.get("href") if isinstance(link, dict) else None
+            if isinstance(href, str) and href.startswith(upstream + "/"):
+                link["href"] = base + href[len(upstream) :]
+    return doc
 
 
 async def _none() -> None:

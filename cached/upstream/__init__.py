@@ -82,8 +82,9 @@ class ImageRecord:
         )
 
 
-# Called with the upstream's status before a forwarded answer reaches the client.
-ReplyHook = Callable[[int], Awaitable[None]]
+# Called with the response (status and headers set, not yet sent) before a forwarded answer
+# reaches the client: it may add headers, and act on the status first.
+ReplyHook = Callable[[web.StreamResponse], Awaitable[None]]
 
 
 class Decision(enum.Enum):

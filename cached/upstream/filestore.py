@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -136,6 +135,12 @@ class FileBackend:
         self, request: web.Request, before_reply: ReplyHook | None = None
     ) -> web.StreamResponse:
         """Emulate the parts of the image API the clients call around a download."""
+        response = await self._answer(request)
+        if before_reply is not None:
+            await before_reply(response)
+        return response
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         creds = Credentials.from_headers(request.headers)
         path = request.path.rstrip("/") or "/"
         base = f"{request.scheme}://{request.host}"
@@ -151,6 +156,11 @@ class FileBackend:
                 )
             if path == "/v2/images":
                 return web.json_response(await asyncio.to_thread(self._list))
+            if path.startswith("/v2/images/") and path.endswith("/file") and path.count("/") == 4:
+                # Pass-through of a download (the cache is unavailable, or several ranges).
+                image_id = path.split("/")[3]
+                await asyncio.to_thread(self._stat, image_id)
+                return web.FileResponse(self._path(image_id), chunk_size=1 << 20)
             if path.startswith("/v2/images/") and path.count("/") == 3:
                 image_id = path.rsplit("/", 1)[1]
                 return web.json_response(await asyncio.to_thread(self._record_json, image_id))
@@ -172,18 +182,28 @@ class FileBackend:
 
 
 def _schema(plural: bool) -> dict[str, Any]:
+    # Like Glance's, server-maintained properties are readOnly: glanceclient builds CLI
+    # options from the writable ones, and its own --size etc. would clash otherwise.
+    ro = {"readOnly": True}
     image = {
         "name": "image",
         "additionalProperties": {"type": "string"},
         "properties": {
-            "id": {"type": "string"},
+            "id": {"type": "string", **ro},
             "name": {"type": ["null", "string"]},
-            "status": {"type": "string"},
+            "status": {"type": "string", **ro},
             "visibility": {"type": "string"},
-            "size": {"type": ["null", "integer"]},
-            "checksum": {"type": ["null", "string"]},
-            "os_hash_algo": {"type": ["null", "string"]},
-            "os_hash_value": {"type": ["null", "string"]},
+            "size": {"type": ["null", "integer"], **ro},
+            "virtual_size": {"type": ["null", "integer"], **ro},
+            "checksum": {"type": ["null", "string"], **ro},
+            "os_hash_algo": {"type": ["null", "string"], **ro},
+            "os_hash_value": {"type": ["null", "string"], **ro},
+            "owner": {"type": ["null", "string"], **ro},
+            "created_at": {"type": "string", **ro},
+            "updated_at": {"type": "string", **ro},
+            "self": {"type": "string", **ro},
+            "file": {"type": "string", **ro},
+            "schema": {"type": "string", **ro},
             "tags": {"type": "array", "items": {"type": "string"}},
         },
         "links": [
@@ -201,4 +221,4 @@ def _schema(plural: bool) -> dict[str, Any]:
     }
 
 
-__all__ = ["FileBackend", "json"]
+__all__ = ["FileBackend"]

@@ -176,8 +176,9 @@ class GlanceBackend:
     ) -> web.StreamResponse:
         """Relay ``request`` to the upstream and stream the answer back, both ways bounded.
 
-        ``before_reply(status)`` runs once the upstream's status is known and before the
-        client sees it (so a client never observes a change before the cache forgot it).
+        ``before_reply(response)`` runs once the upstream's status and headers are known and
+        before the client sees them (so a client never observes a change before the cache
+        forgot it).
         """
         headers = end_to_end(request.headers)
         # Keep the client's Host: Glance builds Location and version links from it, so they
@@ -201,8 +202,6 @@ class GlanceBackend:
             log.warning("upstream unreachable for %s %s: %r", request.method, request.path, exc)
             raise UpstreamUnavailable(str(exc)) from exc
         try:
-            if before_reply is not None:
-                await before_reply(upstream.status)
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for name, value in end_to_end(upstream.headers).items():
                 if name.lower() != "content-length":
@@ -211,6 +210,8 @@ class GlanceBackend:
                 response.content_length = upstream.content_length
             elif "Content-Length" in upstream.headers:
                 response.headers["Content-Length"] = upstream.headers["Content-Length"]
+            if before_reply is not None:
+                await before_reply(response)
             await response.prepare(request)
             if request.method != "HEAD" and upstream.status not in (204, 304):
                 while piece := await upstream.content.readany():

@@ -1,0 +1,270 @@
+"""Who may manage the cache, and the daemon's own credentials.
+
+Glance allows its cache APIs to ``context_is_admin`` callers only. cached decides the same
+with, in this order:
+
+1. ``admin_tokens``: the caller's ``X-Auth-Token`` hashes (sha256) to one of the configured
+   digests (compared with :func:`hmac.compare_digest`; the tokens are never stored).
+2. Keystone: the daemon validates the caller's token with its own service token
+   (``GET /v3/auth/tokens``, ``X-Subject-Token``); the caller is admin when the token carries
+   the role ``admin``. Positive answers are reused for ``admin_cache_ttl`` seconds (never past
+   the token's expiry), for a bounded number of tokens.
+3. Nothing configured: callers on loopback are admin, everyone else is refused.
+
+The service token (static ``service_token``, or Keystone password authentication) is also what
+the prefetcher downloads with. Tokens are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import enum
+import hashlib
+import hmac
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from cached.config import Config
+from cached.errors import CachedError
+from cached.upstream import Credentials
+
+log = logging.getLogger(__name__)
+
+_MAX_REMEMBERED = 1024
+_RENEW_BEFORE = 60.0  # seconds before its expiry a service token is replaced
+
+
+class Access(enum.Enum):
+    """The answer to "may this caller manage the cache?", with its HTTP status."""
+
+    ADMIN = 200
+    UNAUTHENTICATED = 401  # no token, or a token the identity service does not know
+    FORBIDDEN = 403  # a valid caller without the admin role, or not on loopback
+    UNAVAILABLE = 503  # the identity service could not be asked
+
+
+class IdentityUnavailable(CachedError):
+    """Keystone could not be reached or refused the daemon's own credentials."""
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """What Keystone says about a valid token."""
+
+    roles: frozenset[str]
+    expires_at: float  # epoch seconds
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` (an address, or ``localhost``) is a loopback address."""
+    if not host:
+        return False
+    try:
+        address = ipaddress.ip_address(host.strip("[]").split("%")[0])
+    except ValueError:
+        return host == "localhost"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def _epoch(value: Any) -> float:
+    try:
+        return dt.datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return time.time() + _RENEW_BEFORE * 2
+
+
+class Keystone:
+    """A client of the Identity v3 API holding the daemon's own (service) token."""
+
+    def __init__(self, session: aiohttp.ClientSession, config: Config):
+        self._session = session
+        url = config.keystone_url.rstrip("/")
+        self._base = url[: -len("/v3")] if url.endswith("/v3") else url
+        self._config = config
+        self._token: str | None = config.service_token or None
+        self._expires = float("inf")
+        self._lock = asyncio.Lock()
+
+    async def service_token(self, *, renew: bool = False) -> str:
+        """The daemon's token: the static ``service_token``, or one from password auth."""
+        if self._config.service_token:
+            return self._config.service_token
+        async with self._lock:
+            if renew or self._token is None or self._expires - time.time() < _RENEW_BEFORE:
+                self._token, self._expires = await self._authenticate()
+            return self._token
+
+    async def _authenticate(self) -> tuple[str, float]:
+        c = self._config
+        body = {
+            "auth": {
+                "identity": {
+                    "methods": ["password"],
+                    "password": {
+                        "user": {
+                            "name": c.keystone_username,
+                            "domain": {"id": c.keystone_user_domain_id},
+                            "password": c.keystone_password,
+                        }
+                    },
+                },
+                "scope": {
+                    "project": {
+                        "name": c.keystone_project_name,
+                        "domain": {"id": c.keystone_project_domain_id},
+                    }
+                },
+            }
+        }
+        try:
+            async with self._session.post(
+                f"{self._base}/v3/auth/tokens?nocatalog", json=body
+            ) as resp:
+                if resp.status != 201 or "X-Subject-Token" not in resp.headers:
+                    raise IdentityUnavailable(
+                        f"Keystone refused the service credentials of {c.keystone_username!r}: "
+                        f"{resp.status}"
+                    )
+                doc = await resp.json(content_type=None)
+                token = resp.headers["X-Subject-Token"]
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            raise IdentityUnavailable(f"Keystone unreachable: {exc!r}") from exc
+        expires = _epoch(doc.get("token", {}).get("expires_at"))
+        log.info("got a service token from Keystone for %s", c.keystone_username)
+        return token, expires
+
+    async def validate(self, token: str) -> TokenInfo | None:
+        """What Keystone says about ``token``; None if it does not know it (or it expired)."""
+        for attempt in (1, 2):
+            service = await self.service_token(renew=attempt == 2)
+            headers = {"X-Auth-Token": service, "X-Subject-Token": token}
+            try:
+                async with self._session.get(
+                    f"{self._base}/v3/auth/tokens?nocatalog", headers=headers
+                ) as resp:
+                    if resp.status == 200:
+                        doc = (await resp.json(content_type=None)).get("token", {})
+                        roles = frozenset(
+                            str(r.get("name"))
+                            for r in doc.get("roles") or []
+                            if isinstance(r, dict)
+                        )
+                        return TokenInfo(roles, _epoch(doc.get("expires_at")))
+                    if resp.status == 404:
+                        return None
+                    if resp.status == 401 and attempt == 1 and not self._config.service_token:
+                        continue  # our own token expired or was revoked: get a new one
+                    raise IdentityUnavailable(f"Keystone answered {resp.status} to a token check")
+            except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError) as exc:
+                raise IdentityUnavailable(f"Keystone unreachable: {exc!r}") from exc
+        raise IdentityUnavailable("Keystone refused the daemon's service token")
+
+
+class AdminGuard:
+    """Decides whether a management request comes from an admin."""
+
+    def __init__(
+        self, admin_tokens: tuple[str, ...], keystone: Keystone | None, ttl: float
+    ) -> None:
+        self._digests = tuple(t.split(":", 1)[1].lower() for t in admin_tokens)
+        self._keystone = keystone
+        self._ttl = ttl
+        self._admins: dict[str, float] = {}  # sha256(token) -> monotonic expiry
+        self.keystone_checks = 0
+
+    @property
+    def configured(self) -> bool:
+        """Whether any management authentication is configured (else: loopback only)."""
+        return bool(self._digests) or self._keystone is not None
+
+    async def check(self, request: web.Request) -> Access:
+        """The caller's access to the management API."""
+        if not self.configured:
+            return Access.ADMIN if is_loopback(request.remote) else Access.FORBIDDEN
+        token = request.headers.get("X-Auth-Token", "").strip()
+        if not token:
+            return Access.UNAUTHENTICATED
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+        matched = False
+        for known in self._digests:  # no early exit: the time taken says nothing
+            matched |= hmac.compare_digest(digest, known)
+        if matched:
+            return Access.ADMIN
+        if self._keystone is None:
+            return Access.FORBIDDEN
+        now = time.monotonic()
+        until = self._admins.get(digest)
+        if until is not None and until > now:
+            return Access.ADMIN
+        self.keystone_checks += 1
+        try:
+            info = await self._keystone.validate(token)
+        except IdentityUnavailable as exc:
+            log.warning("cannot check a management caller's token: %s", exc)
+            return Access.UNAVAILABLE
+        if info is None:
+            self._admins.pop(digest, None)
+            return Access.UNAUTHENTICATED
+        if "admin" not in info.roles:
+            self._admins.pop(digest, None)
+            return Access.FORBIDDEN
+        if self._ttl > 0:
+            self._remember(digest, now, min(self._ttl, info.expires_at - time.time()))
+        return Access.ADMIN
+
+    def _remember(self, digest: str, now: float, ttl: float) -> None:
+        if ttl <= 0:
+            return
+        if len(self._admins) >= _MAX_REMEMBERED:
+            for key in [k for k, until in self._admins.items() if until <= now]:
+                del self._admins[key]
+            while len(self._admins) >= _MAX_REMEMBERED:
+                del self._admins[next(iter(self._admins))]  # the oldest
+        self._admins[digest] = now + ttl
+
+
+class ServiceAuth:
+    """The daemon's own credentials for the upstream (prefetch), if any are configured."""
+
+    def __init__(self, keystone: Keystone | None, static_token: str):
+        self._keystone = keystone
+        self._static = static_token
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._static) or self._keystone is not None
+
+    async def credentials(self) -> Credentials | None:
+        """Credentials to send upstream; None when none are configured."""
+        if self._static:
+            return Credentials.token(self._static)
+        if self._keystone is not None:
+            return Credentials.token(await self._keystone.service_token())
+        return None
+
+
+def build(config: Config, session: aiohttp.ClientSession) -> tuple[AdminGuard, ServiceAuth]:
+    """The guard of the management API and the service credentials, from the config."""
+    keystone = Keystone(session, config) if config.keystone_url else None
+    guard = AdminGuard(config.admin_tokens, keystone, config.admin_cache_ttl)
+    return guard, ServiceAuth(keystone, config.service_token)
+
+
+def warn_if_exposed(config: Config, guard: AdminGuard) -> None:
+    """Log a warning when management is unauthenticated and the daemon is reachable."""
+    host = config.listen_address[0]
+    if not guard.configured and not is_loopback(host):
+        log.warning(
+            "listening on %s without management authentication: the cache management API "
+            "answers loopback callers only; set admin_tokens or keystone_url",
+            host,
+        )

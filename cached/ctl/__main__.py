@@ -1,0 +1,5 @@
+import sys
+
+from cached.ctl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,186 @@
+"""The periodic jobs Glance ran as separate processes: prune, clean (and prefetch, whose
+state lives in :mod:`cached.prefetch`).
+
+``prune`` and ``clean`` are plain async functions with explicit arguments; the apscheduler
+wiring (:func:`start_scheduler`) is a few lines at the end. Filesystem work runs in threads;
+index changes happen on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from cached.config import Config
+from cached.fill import Filler
+from cached.prefetch import Prefetcher
+from cached.store import Entry, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    files: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class CleanResult:
+    stalled: int = 0
+    invalid: int = 0
+
+
+def _unlink(path: Path) -> bool:
+    """Remove ``path`` (already gone counts as removed). Call from an executor."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc)
+        return False
+    return True
+
+
+def _evictable(entry: Entry, store: Store, filler: Filler) -> bool:
+    """Neither read nor filled, and still the indexed entry of its image."""
+    return (
+        entry.readers == 0
+        and entry.image_id not in filler.fills
+        and store.get(entry.image_id) is entry
+        and not entry.removed
+    )
+
+
+async def _evict(store: Store, entry: Entry) -> bool:
+    """Drop ``entry``: out of the index (new requests miss), unlink, or put it back.
+
+    The unlink is atomic and the index is rebuilt from the files at start, so a crash at any
+    point leaves either the whole entry or none of it.
+    """
+    del store.entries[entry.image_id]
+    entry.removed = True
+    if await asyncio.to_thread(_unlink, entry.path):
+        return True
+    entry.removed = False
+    store.entries.setdefault(entry.image_id, entry)
+    return False
+
+
+async def prune(store: Store, filler: Filler, max_size: int) -> PruneResult:
+    """Evict least recently used complete entries until the cache holds at most ``max_size``.
+
+    Entries being read or filled are never evicted (Glance's pruner, without its bugs).
+    """
+    total = store.total_size()
+    if total <= max_size:
+        log.debug("prune: %d bytes cached, limit %d: nothing to do", total, max_size)
+        return PruneResult()
+    files = pruned = skipped = 0
+    for entry in sorted(store.complete_entries(), key=lambda e: (e.last_accessed, e.image_id)):
+        if total <= max_size:
+            break
+        if not _evictable(entry, store, filler):
+            skipped += 1
+            continue
+        if await _evict(store, entry):
+            files += 1
+            pruned += entry.size
+            total -= entry.size
+            log.info(
+                "pruned %s (%d bytes, last accessed %.0f)",
+                entry.image_id,
+                entry.size,
+                entry.last_accessed,
+            )
+    log.info(
+        "prune: removed %d entries, %d bytes; %d bytes cached (limit %d), %d in use skipped",
+        files,
+        pruned,
+        total,
+        max_size,
+        skipped,
+    )
+    return PruneResult(files, pruned)
+
+
+def _reap_invalid(directory: Path) -> list[str]:
+    """Remove every file of ``invalid/``; returns the names removed. Call from an executor."""
+    removed = []
+    for name in os.listdir(directory):
+        if os.path.isfile(directory / name) and _unlink(directory / name):
+            removed.append(name)
+    return removed
+
+
+async def clean(store: Store, filler: Filler, stall_time: float) -> CleanResult:
+    """Remove partial entries untouched for ``stall_time`` seconds and not being filled or
+    read, and every invalid entry (Glance's cleaner)."""
+    cutoff = time.time() - stall_time
+    stalled = 0
+    for entry in store.partial_entries():
+        if entry.last_modified < cutoff and _evictable(entry, store, filler):
+            if await _evict(store, entry):
+                stalled += 1
+                log.info("removed stalled partial entry %s", entry.image_id)
+    invalid = await asyncio.to_thread(_reap_invalid, store.invalid_dir)
+    store.invalid.difference_update(invalid)
+    log.info("clean: removed %d stalled and %d invalid entries", stalled, len(invalid))
+    return CleanResult(stalled, len(invalid))
+
+
+class Maintenance:
+    """``prune`` and ``clean`` with this daemon's settings; one run of each at a time, whether
+    the schedule or the API (``POST /v2/cache/prune``, ``/clean``) starts it."""
+
+    def __init__(self, store: Store, filler: Filler, config: Config):
+        self._store = store
+        self._filler = filler
+        self._max_size = config.image_cache_max_size
+        self._stall_time = config.image_cache_stall_time
+        self._prune_lock = asyncio.Lock()
+        self._clean_lock = asyncio.Lock()
+
+    async def prune(self) -> PruneResult:
+        """Run :func:`prune` (after any run in progress)."""
+        async with self._prune_lock:
+            return await prune(self._store, self._filler, self._max_size)
+
+    async def clean(self) -> CleanResult:
+        """Run :func:`clean` (after any run in progress)."""
+        async with self._clean_lock:
+            return await clean(self._store, self._filler, self._stall_time)
+
+
+# ------------------------------------------------------------------------------- schedule
+def start_scheduler(
+    config: Config, prefetcher: Prefetcher, maintenance: Maintenance
+) -> AsyncIOScheduler:
+    """Run prefetch, prune and clean on their intervals (never overlapping themselves)."""
+    scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
+    jobs = [
+        ("prefetch", config.cache_prefetcher_interval, prefetcher.run),
+        ("prune", config.cache_prune_interval, maintenance.prune),
+        ("clean", config.cache_clean_interval, maintenance.clean),
+    ]
+    for name, interval, func in jobs:
+        scheduler.add_job(
+            func,
+            IntervalTrigger(seconds=interval),
+            id=name,
+            name=name,
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
+        log.info("%s runs every %d s", name, interval)
+    scheduler.start()
+    return scheduler
