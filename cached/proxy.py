@@ -11,7 +11,7 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiohttp
 from aiohttp import web
@@ -146,6 +146,36 @@ class Proxy:
                 fill.ensure_full()
             else:
                 fill.ensure_range(start, end)
+        # Count the reader before anything awaits: prune and delete skip entries in use.
+        entry.readers += 1
+        try:
+            try:
+                file = await asyncio.to_thread(open, entry.path, "rb", buffering=0)
+            except FileNotFoundError:  # evicted between lookup and now
+                return await self._bypass(request)
+            try:
+                return await self._stream(
+                    request, entry, file, fill, wanted, outcome, request_id, creds, record
+                )
+            finally:
+                await asyncio.to_thread(file.close)
+        finally:
+            entry.readers -= 1
+
+    async def _stream(
+        self,
+        request: web.Request,
+        entry: Entry,
+        file: BinaryIO,
+        fill: Fill | None,
+        wanted: ranges.ByteRange | None,
+        outcome: Outcome,
+        request_id: str,
+        creds: Credentials,
+        record: ImageRecord | None,
+    ) -> web.StreamResponse:
+        whole = wanted is None
+        start, end = (0, entry.size) if wanted is None else (wanted.start, wanted.end)
         response = web.StreamResponse(status=200 if whole else 206)
         response.content_type = "application/octet-stream"
         response.content_length = end - start
@@ -156,8 +186,6 @@ class Proxy:
         response.headers["x-openstack-request-id"] = request_id
         response.headers["Cache-Status"] = outcome.value
         await response.prepare(request)
-        if outcome is Outcome.HIT:
-            await asyncio.to_thread(self.store.touch, entry, hit=True)
 
         async def ensure_fill(pos: int, stop: int, following: Fill | None) -> Fill | None:
             if entry.complete:
@@ -180,6 +208,7 @@ class Proxy:
                 request,
                 response,
                 entry,
+                file,
                 start,
                 end,
                 lambda: self.filler.get(entry.image_id),
@@ -192,6 +221,8 @@ class Proxy:
                 request.transport.abort()
             return response
         await response.write_eof()
+        if outcome is Outcome.HIT:
+            await asyncio.to_thread(self.store.touch, entry, hit=True)
         return response
 
     async def _bypass(self, request: web.Request) -> web.StreamResponse:

@@ -42,6 +42,7 @@ async def send_entry(
     request: web.Request,
     response: web.StreamResponse,
     entry: Entry,
+    file: BinaryIO,
     start: int,
     end: int,
     current_fill: Callable[[], Fill | None],
@@ -52,47 +53,39 @@ async def send_entry(
     Raises FillAborted (the fill failed or the entry went invalid/was deleted) or
     ConnectionError (the client went away); the caller then cuts the connection.
     """
-    file = await asyncio.to_thread(open, entry.path, "rb", buffering=0)
-    entry.readers += 1
-    try:
-        pos = start
-        followed: Fill | None = None
-        while pos < end:
-            if entry.state.value == "invalid":
-                raise FillAborted(f"entry {entry.image_id} failed verification")
-            if followed is not None:
-                followed.raise_if_failed()  # an upstream failure ends this response too
-            fill = None
-            if not entry.complete:
-                # Keep following our fill while it runs, even if the entry was deleted and the
-                # fill left the registry; otherwise pick up whichever fill runs now.
-                running = followed is not None and followed.state is FillState.RUNNING
-                fill = followed if running else current_fill()
-            followed = fill or followed
-            # A fill knows what it wrote, also after it ended (a deleted entry publishes nothing).
-            ready = followed.available(pos) if followed is not None else _present_end(entry, pos)
-            limit = end
-            verified = entry.complete or (
-                followed is not None and followed.state is FillState.VERIFIED
-            )
-            if start == 0 and end == entry.size and not verified:
-                limit = end - 1  # hold back the last byte until the digest matched
-            ready = min(ready, limit)
-            if ready > pos:
-                await _send(request, response, file, pos, ready - pos)
-                pos = ready
-                continue
-            if entry.complete:
-                continue
-            fill = await ensure_fill(pos, end, fill)
-            if fill is None:
-                continue
-            followed = fill
-            if fill.available(pos) <= pos or pos >= limit:
-                await fill.wait()
-    finally:
-        entry.readers -= 1
-        await asyncio.to_thread(file.close)
+    pos = start
+    followed: Fill | None = None
+    while pos < end:
+        if entry.state.value == "invalid":
+            raise FillAborted(f"entry {entry.image_id} failed verification")
+        if followed is not None:
+            followed.raise_if_failed()  # an upstream failure ends this response too
+        fill = None
+        if not entry.complete:
+            # Keep following our fill while it runs, even if the entry was deleted and the
+            # fill left the registry; otherwise pick up whichever fill runs now.
+            running = followed is not None and followed.state is FillState.RUNNING
+            fill = followed if running else current_fill()
+        followed = fill or followed
+        # A fill knows what it wrote, also after it ended (a deleted entry publishes nothing).
+        ready = followed.available(pos) if followed is not None else _present_end(entry, pos)
+        limit = end
+        verified = entry.complete or (followed is not None and followed.state is FillState.VERIFIED)
+        if start == 0 and end == entry.size and not verified:
+            limit = end - 1  # hold back the last byte until the digest matched
+        ready = min(ready, limit)
+        if ready > pos:
+            await _send(request, response, file, pos, ready - pos)
+            pos = ready
+            continue
+        if entry.complete:
+            continue
+        fill = await ensure_fill(pos, end, fill)
+        if fill is None:
+            continue
+        followed = fill
+        if fill.available(pos) <= pos or pos >= limit:
+            await fill.wait()
 
 
 async def _send(
