@@ -76,7 +76,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         maintenance = jobs.Maintenance(store, filler, config)
         app[STORE], app[FILLER], app[PROXY] = store, filler, proxy
         app[MANAGER] = manage.Manager(
-            config, store, filler, upstream, guard, prefetcher, maintenance, session
+            config, store, filler, upstream, guard, prefetcher, maintenance, session, service
         )
         app[SCHEDULER] = jobs.start_scheduler(config, prefetcher, maintenance)
         yield

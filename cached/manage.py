@@ -42,7 +42,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from cached.admin import Access, AdminGuard
+from cached.admin import Access, AdminGuard, ServiceAuth
 from cached.config import Config
 from cached.errors import CachedError, UpstreamError, UpstreamUnavailable
 from cached.fill import Filler
@@ -81,11 +81,22 @@ class Manager:
     prefetcher: Prefetcher
     maintenance: Maintenance
     session: aiohttp.ClientSession
+    service: ServiceAuth
 
     async def record(self, image_id: str, creds: Credentials) -> ImageRecord:
-        """The image record, asked with the caller's credentials (404 if unknown to them)."""
+        """The image record, asked with the caller's credentials (404 if unknown to them).
+
+        A caller admitted by a static admin token may hold no upstream identity at all: its
+        401 is retried with the daemon's own service credentials, when there are any.
+        """
         try:
-            return await self.backend.record(image_id, creds)
+            try:
+                return await self.backend.record(image_id, creds)
+            except UpstreamError as exc:
+                service = await self.service.credentials() if exc.status == 401 else None
+                if service is None:
+                    raise
+                return await self.backend.record(image_id, service)
         except UpstreamError as exc:
             if exc.status in (403, 404):
                 raise ImageNotFound(f"Image {image_id} not found.") from None

@@ -548,3 +548,28 @@ async def test_progress_of_a_queued_fetch(glance: FakeGlance, admin_daemon: Daem
     await eventually(lambda: not (d.cache_dir / "queue" / image.id).exists())
     assert await get_json(d, "/v2/cache/progress") == {"progress": {}}
     assert d.app[MANAGER].prefetcher is not None
+
+
+async def test_static_admin_token_queues_with_the_service_credentials(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    """An admin token from the config means nothing to Glance: look the image up as us."""
+    image = glance.add_image(os.urandom(1 << 20), owner="p1")
+    static = "static-admin-secret"  # unknown to Glance
+    digest = "sha256:" + hashlib.sha256(static.encode()).hexdigest()
+    d = await start_daemon(tmp_path, glance.url, admin_tokens=[digest], service_token="token-admin")
+    try:
+        headers = {"X-Auth-Token": static}
+        async with d.session.put(f"{d.url}/v2/cache/{image.id}", headers=headers) as resp:
+            assert resp.status == 202
+        for _ in range(200):
+            entry = d.store.get(image.id)
+            if entry is not None and entry.complete:
+                break
+            await asyncio.sleep(0.02)
+        assert d.store.get(image.id) is not None and d.store.get(image.id).complete
+        unknown = "00000000-0000-4000-8000-000000000000"
+        async with d.session.put(f"{d.url}/v2/cache/{unknown}", headers=headers) as resp:
+            assert resp.status == 404
+    finally:
+        await stop_daemon(d)
