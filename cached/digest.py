@@ -10,11 +10,13 @@ import hashlib
 import os
 from typing import Protocol
 
+Buffer = bytes | memoryview
+
 _READ = 4 << 20
 
 
 class StreamConsumer(Protocol):
-    def feed(self, offset: int, data: bytes) -> None:
+    def feed(self, offset: int, data: Buffer) -> None:
         """Take ``data`` found at ``offset``; called in order from one worker thread."""
 
 
@@ -43,10 +45,10 @@ class Digest:
             return cls("md5", checksum)
         return None
 
-    def feed(self, offset: int, data: bytes) -> None:
+    def feed(self, offset: int, data: Buffer) -> None:
         if offset == self.position:
             self._hash.update(data)
-            self.position += len(data)
+            self.position += len(memoryview(data))
 
     def finish(self, fd: int, size: int) -> bool:
         """Hash the bytes not seen in the stream from ``fd`` and compare. Call from a thread."""
@@ -55,7 +57,7 @@ class Digest:
             if not data:
                 return False
             self._hash.update(data)
-            self.position += len(data)
+            self.position += len(memoryview(data))
         return self._hash.hexdigest() == self.expected
 
     def hexdigest(self) -> str:

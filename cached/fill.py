@@ -29,7 +29,7 @@ from cached.digest import Digest, StreamConsumer
 from cached.errors import CachedError, FillAborted, StoreUnavailable, UpstreamUnavailable
 from cached.store import Bitmap, Entry, Store
 from cached.store import entry as entries
-from cached.upstream import Backend, Credentials, ImageRecord
+from cached.upstream import Backend, Buffer, Credentials, ImageRecord
 
 log = logging.getLogger(__name__)
 
@@ -266,13 +266,14 @@ class Fill:
                         self._claimed.add(c)
                         t.chunks.add(c)
                     n = min(PIECE, chunk_end - pos)
-                    data = await stream.read(n)
-                    if len(data) != n:
+                    blocks = await stream.read_blocks(n)
+                    got = sum(len(memoryview(b)) for b in blocks)
+                    if got != n:
                         raise UpstreamUnavailable(
-                            f"upstream sent {pos - start + len(data)} of {end - start} bytes"
+                            f"upstream sent {pos - start + got} of {end - start} bytes"
                         )
                     self.upstream_bytes += n
-                    self._submit(t, pos, data, c if pos + n == chunk_end else -1)
+                    self._submit(t, pos, blocks, c if pos + n == chunk_end else -1)
                     pos += n
                     await t.settle(MAX_PENDING - 1)
             await t.settle(0)
@@ -281,13 +282,14 @@ class Fill:
             self._claimed.difference_update(t.chunks - set(self.written))
             self._notify()
 
-    def _submit(self, t: _Transfer, pos: int, data: bytes, finished_chunk: int) -> None:
-        """Write ``data`` at ``pos`` (writer thread) and feed the consumers (hasher thread)."""
+    def _submit(self, t: _Transfer, pos: int, blocks: list[Buffer], finished_chunk: int) -> None:
+        """Write ``blocks`` at ``pos`` (writer thread) and feed the consumers (hasher thread)."""
         for consumer in self.consumers:
-            self._hasher.submit(consumer.feed, pos, data)
-        fut = self._loop.run_in_executor(self._writer, _pwrite_all, self._fd, data, pos)
+            self._hasher.submit(_feed, consumer, pos, blocks)
+        fut = self._loop.run_in_executor(self._writer, _pwrite_all, self._fd, blocks, pos)
         t.inflight += 1
-        fut.add_done_callback(functools.partial(self._written, t, pos + len(data), finished_chunk))
+        size = sum(len(memoryview(b)) for b in blocks)
+        fut.add_done_callback(functools.partial(self._written, t, pos + size, finished_chunk))
 
     def _written(
         self, t: _Transfer, upto: int, finished_chunk: int, fut: asyncio.Future[int]
@@ -435,13 +437,25 @@ def _nothing() -> None:
     return None
 
 
-def _pwrite_all(fd: int, data: bytes, pos: int) -> int:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, pos)
-        view = view[n:]
+def _pwrite_all(fd: int, blocks: list[Buffer], pos: int) -> int:
+    """Write every block at ``pos`` on (one pwritev; loops on short writes)."""
+    views = [memoryview(b) for b in blocks]
+    total = sum(len(v) for v in views)
+    while views:
+        n = os.pwritev(fd, views, pos)
         pos += n
-    return len(data)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+    return total
+
+
+def _feed(consumer: StreamConsumer, pos: int, blocks: list[Buffer]) -> None:
+    for block in blocks:
+        consumer.feed(pos, block)
+        pos += len(memoryview(block))
 
 
 class Filler:

@@ -123,8 +123,11 @@ class Store:
         os.rename(entry.path, final)
         entry.path = final
         entry.state = State.COMPLETE
-        _fsync_dir(self.root)
-        _fsync_dir(self.incomplete_dir)
+        try:
+            _fsync_dir(self.root)
+            _fsync_dir(self.incomplete_dir)
+        except OSError as exc:  # the data is flushed; only the rename may not survive a crash
+            log.warning("cannot flush the directory of %s: %s", final, exc)
         if entry.removed:  # deleted while we renamed: finish the delete
             final.unlink(missing_ok=True)
             return False

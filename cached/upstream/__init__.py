@@ -15,6 +15,9 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+# Image bytes as they arrive: aiohttp's buffers, or views into them (never joined).
+Buffer = bytes | memoryview
+
 # Request headers that carry the caller's identity; a download authorisation is reused only
 # for the exact same set of values.
 _IDENTITY_EXACT = {"authorization", "cookie"}
@@ -111,6 +114,10 @@ class DataStream(Protocol):
 
     async def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; fewer only at the end of the stream, ``b""`` after it."""
+
+    async def read_blocks(self, n: int) -> list[Buffer]:
+        """Up to ``n`` bytes as the buffers they arrived in (no copy to join them); fewer
+        only at the end of the stream."""
 
 
 class Backend(Protocol):

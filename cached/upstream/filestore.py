@@ -20,7 +20,14 @@ from aiohttp import web
 from cached import versions
 from cached.errors import UpstreamError
 from cached.store.store import is_image_id
-from cached.upstream import Authorization, Credentials, Decision, ImageRecord, ReplyHook
+from cached.upstream import (
+    Authorization,
+    Buffer,
+    Credentials,
+    Decision,
+    ImageRecord,
+    ReplyHook,
+)
 
 
 def _glance_error(status: int, title: str, detail: str) -> UpstreamError:
@@ -42,6 +49,10 @@ class FileStream:
         data = await asyncio.to_thread(os.pread, self._fd, n, self._pos)
         self._pos += len(data)
         return data
+
+    async def read_blocks(self, n: int) -> list[Buffer]:
+        data = await self.read(n)
+        return [data] if data else []
 
 
 class FileBackend:

@@ -5,7 +5,6 @@ Everything not answered by the cache passes through here unchanged, streamed bot
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,7 +15,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from cached.errors import UpstreamError, UpstreamUnavailable
-from cached.upstream import Authorization, Credentials, Decision, ImageRecord, ReplyHook
+from cached.upstream import (
+    Authorization,
+    Buffer,
+    Credentials,
+    Decision,
+    ImageRecord,
+    ReplyHook,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +62,31 @@ class GlanceStream:
 
     def __init__(self, response: aiohttp.ClientResponse, start: int):
         self._response = response
+        self._left = memoryview(b"")  # received but not yet handed out
         self.start = start
 
     async def read(self, n: int) -> bytes:
+        return b"".join(await self.read_blocks(n))
+
+    async def read_blocks(self, n: int) -> list[Buffer]:
+        # Hand out aiohttp's own buffers (readchunk does not join them): 1 GiB of joins
+        # cost ~0.4 CPU s in profiles.
+        blocks: list[Buffer] = []
         try:
-            return await self._response.content.readexactly(n)
-        except asyncio.IncompleteReadError as exc:
-            return exc.partial
+            while n > 0:
+                if not self._left:
+                    data, _ = await self._response.content.readchunk()
+                    if not data:
+                        if self._response.content.at_eof():
+                            break
+                        continue  # an HTTP chunk boundary
+                    self._left = memoryview(data)
+                block, self._left = self._left[:n], self._left[n:]
+                blocks.append(block)
+                n -= len(block)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamUnavailable(f"image transfer broke off: {exc!r}") from exc
+        return blocks
 
 
 class GlanceBackend:
