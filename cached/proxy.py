@@ -42,6 +42,31 @@ class Outcome(enum.Enum):
     BYPASS = "cached; fwd=bypass"
 
 
+@dataclass(frozen=True)
+class _Download:
+    """One download being answered from the cache."""
+
+    request: web.Request
+    entry: Entry
+    wanted: ranges.ByteRange | None  # None: the whole image
+    outcome: Outcome
+    request_id: str
+    creds: Credentials
+    record: ImageRecord | None
+
+    @property
+    def whole(self) -> bool:
+        return self.wanted is None
+
+    @property
+    def start(self) -> int:
+        return 0 if self.wanted is None else self.wanted.start
+
+    @property
+    def end(self) -> int:
+        return self.entry.size if self.wanted is None else self.wanted.end
+
+
 @dataclass
 class Proxy:
     store: Store
@@ -104,7 +129,9 @@ class Proxy:
             return await self._bypass(request)
         entry = fill.entry if fill is not None else entry
         assert entry is not None
-        return await self._send(request, entry, fill, wanted, outcome, request_id, creds, record)
+        return await self._send(
+            _Download(request, entry, wanted, outcome, request_id, creds, record), fill
+        )
 
     async def _record(self, image_id: str, creds: Credentials) -> ImageRecord | None:
         try:
@@ -128,63 +155,38 @@ class Proxy:
             return fill, Outcome.COLLAPSED
         return fill, Outcome.PARTIAL if len(fill.entry.present) else Outcome.MISS
 
-    async def _send(
-        self,
-        request: web.Request,
-        entry: Entry,
-        fill: Fill | None,
-        wanted: ranges.ByteRange | None,
-        outcome: Outcome,
-        request_id: str,
-        creds: Credentials,
-        record: ImageRecord | None,
-    ) -> web.StreamResponse:
-        whole = wanted is None
-        start, end = (0, entry.size) if wanted is None else (wanted.start, wanted.end)
+    async def _send(self, dl: _Download, fill: Fill | None) -> web.StreamResponse:
         if fill is not None:
-            if whole:
+            if dl.whole:
                 fill.ensure_full()
             else:
-                fill.ensure_range(start, end)
+                fill.ensure_range(dl.start, dl.end)
+        entry = dl.entry
         # Count the reader before anything awaits: prune and delete skip entries in use.
         entry.readers += 1
         try:
             try:
                 file = await asyncio.to_thread(open, entry.path, "rb", buffering=0)
             except FileNotFoundError:  # evicted between lookup and now
-                return await self._bypass(request)
+                return await self._bypass(dl.request)
             try:
-                return await self._stream(
-                    request, entry, file, fill, wanted, outcome, request_id, creds, record
-                )
+                return await self._stream(dl, file)
             finally:
                 await asyncio.to_thread(file.close)
         finally:
             entry.readers -= 1
 
-    async def _stream(
-        self,
-        request: web.Request,
-        entry: Entry,
-        file: BinaryIO,
-        fill: Fill | None,
-        wanted: ranges.ByteRange | None,
-        outcome: Outcome,
-        request_id: str,
-        creds: Credentials,
-        record: ImageRecord | None,
-    ) -> web.StreamResponse:
-        whole = wanted is None
-        start, end = (0, entry.size) if wanted is None else (wanted.start, wanted.end)
-        response = web.StreamResponse(status=200 if whole else 206)
+    async def _stream(self, dl: _Download, file: BinaryIO) -> web.StreamResponse:
+        entry, request = dl.entry, dl.request
+        response = web.StreamResponse(status=200 if dl.whole else 206)
         response.content_type = "application/octet-stream"
-        response.content_length = end - start
+        response.content_length = dl.end - dl.start
         if entry.checksum:
             response.headers["Content-MD5"] = entry.checksum  # hex, as Glance sends it
-        if wanted is not None:
-            response.headers["Content-Range"] = wanted.content_range()
-        response.headers["x-openstack-request-id"] = request_id
-        response.headers["Cache-Status"] = outcome.value
+        if dl.wanted is not None:
+            response.headers["Content-Range"] = dl.wanted.content_range()
+        response.headers["x-openstack-request-id"] = dl.request_id
+        response.headers["Cache-Status"] = dl.outcome.value
         await response.prepare(request)
 
         async def ensure_fill(pos: int, stop: int, following: Fill | None) -> Fill | None:
@@ -196,8 +198,8 @@ class Proxy:
             if current is None:
                 if entry.removed:
                     raise FillAborted("entry deleted")
-                current, _ = await self.filler.open(record or _record_of(entry), creds)
-            if whole:
+                current, _ = await self.filler.open(dl.record or _record_of(entry), dl.creds)
+            if dl.whole:
                 current.ensure_full()
             elif not current.will_produce(pos):
                 current.ensure_range(pos, stop)
@@ -209,8 +211,8 @@ class Proxy:
                 response,
                 entry,
                 file,
-                start,
-                end,
+                dl.start,
+                dl.end,
                 lambda: self.filler.get(entry.image_id),
                 ensure_fill,
             )
@@ -221,7 +223,7 @@ class Proxy:
                 request.transport.abort()
             return response
         await response.write_eof()
-        if outcome is Outcome.HIT:
+        if dl.outcome is Outcome.HIT:
             await asyncio.to_thread(self.store.touch, entry, hit=True)
         return response
 
