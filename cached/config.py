@@ -12,7 +12,7 @@ import dataclasses
 import re
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -288,4 +288,4 @@ def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) ->
     return config
 
 
-__all__ = ["Config", "build", "load", "parse_size", "parse_listen", "field"]
+__all__ = ["Config", "build", "load", "parse_size", "parse_listen"]
