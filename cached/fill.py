@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from cached.digest import Digest, StreamConsumer
 from cached.errors import CachedError, FillAborted, StoreUnavailable, UpstreamUnavailable
@@ -61,7 +62,7 @@ class _Transfer:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def settle(self, most: int) -> None:
-        """Wait until at most ``most`` writes are in flight; raise the first write error."""
+        """Wait until at most ``most`` pieces are in flight; raise the first write error."""
         while self.inflight > most and self.error is None:
             self.wake.clear()
             await self.wake.wait()
@@ -283,19 +284,31 @@ class Fill:
             self._notify()
 
     def _submit(self, t: _Transfer, pos: int, blocks: list[Buffer], finished_chunk: int) -> None:
-        """Write ``blocks`` at ``pos`` (writer thread) and feed the consumers (hasher thread)."""
-        for consumer in self.consumers:
-            self._hasher.submit(_feed, consumer, pos, blocks)
-        fut = self._loop.run_in_executor(self._writer, _pwrite_all, self._fd, blocks, pos)
+        """Write ``blocks`` at ``pos`` (writer thread) and feed the consumers (hasher thread).
+
+        The piece stays in flight (and in memory) until both threads are done with it, so a
+        digest that falls behind slows the transfer instead of queueing up the image.
+        """
+        parts = [1 + len(self.consumers)]
+
+        def part_done(_: asyncio.Future[Any]) -> None:
+            parts[0] -= 1
+            if parts[0] == 0:
+                t.inflight -= 1
+                t.wake.set()
+
         t.inflight += 1
+        for consumer in self.consumers:
+            fed = self._loop.run_in_executor(self._hasher, _feed, consumer, pos, blocks)
+            fed.add_done_callback(part_done)
+        fut = self._loop.run_in_executor(self._writer, _pwrite_all, self._fd, blocks, pos)
         size = sum(len(memoryview(b)) for b in blocks)
         fut.add_done_callback(functools.partial(self._written, t, pos + size, finished_chunk))
+        fut.add_done_callback(part_done)
 
     def _written(
         self, t: _Transfer, upto: int, finished_chunk: int, fut: asyncio.Future[int]
     ) -> None:
-        t.inflight -= 1
-        t.wake.set()
         if fut.cancelled() or fut.exception() is not None:
             t.error = t.error or fut.exception() or FillAborted("write cancelled")
             return

@@ -187,7 +187,10 @@ class Proxy:
             response.headers["Content-Range"] = dl.wanted.content_range()
         response.headers["x-openstack-request-id"] = dl.request_id
         response.headers["Cache-Status"] = dl.outcome.value
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except ConnectionError:  # the client left before the headers went out
+            return response
 
         async def ensure_fill(pos: int, stop: int, following: Fill | None) -> Fill | None:
             if entry.complete:
