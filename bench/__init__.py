@@ -1,0 +1,1 @@
+"""Benchmark suite for cached: ``python -m bench [--quick]`` (see bench/README.md)."""
