@@ -123,6 +123,7 @@ class Store:
         os.rename(entry.path, final)
         entry.path = final
         entry.state = State.COMPLETE
+        self.touch(entry, hit=False)  # the download that filled it was an access too
         try:
             _fsync_dir(self.root)
             _fsync_dir(self.incomplete_dir)
