@@ -97,6 +97,8 @@ class Fill:
         self.state = FillState.RUNNING
         self.error: BaseException | None = None
         self.written: Bitmap = entry.present.copy()
+        if entry.size == 0:
+            self.written.add(0)  # an empty image has nothing to fetch, only to verify
         self._claimed: set[int] = set()
         self._transfers: list[_Transfer] = []
         self._tasks: set[asyncio.Task[None]] = set()

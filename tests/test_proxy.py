@@ -411,3 +411,13 @@ async def test_api_passes_through_with_links_pointing_at_the_proxy(
         assert r.status == 404
     async with daemon.session.head(daemon.file_url(image_id), headers=auth()) as r:
         assert r.status == 405 and r.headers["Allow"] == "GET, PUT"
+
+
+async def test_empty_image(glance: FakeGlance, daemon: Daemon) -> None:
+    image = glance.add_image(b"")
+    for _ in range(2):
+        status, headers, body = await daemon.get(image.id)
+        assert status == 200 and body == b""
+        await wait_complete(daemon, image.id)
+    assert headers["Cache-Status"] == "cached; hit"
+    assert data_gets(glance, image.id) == []  # nothing to fetch but the probes

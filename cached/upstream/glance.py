@@ -143,6 +143,10 @@ class GlanceBackend:
         if resp.status == 206 and (resp.content_length or 0) <= 1:
             await resp.read()  # the one byte: the connection stays reusable
             return Authorization(Decision.ALLOW, resp.status, request_id=request_id)
+        if resp.status == 416:
+            # An empty image: Glance checks access before it looks at the range.
+            await resp.read()
+            return Authorization(Decision.ALLOW, resp.status, request_id=request_id)
         if resp.status in (200, 206):
             resp.close()  # the whole image is coming: hang up rather than drain it
             return Authorization(Decision.ALLOW, resp.status, request_id=request_id)
