@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -100,6 +101,30 @@ async def daemon(glance: FakeGlance, tmp_path: Path) -> AsyncIterator[Daemon]:
     d = await start_daemon(cache_dir, glance.url)
     yield d
     await stop_daemon(d)
+
+
+async def wait_complete(daemon: Daemon, image_id: str) -> None:
+    """Until the image's entry is complete (verified and committed)."""
+    for _ in range(500):
+        entry = daemon.store.get(image_id)
+        if entry is not None and entry.complete:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{image_id} never completed")
+
+
+async def wait_idle(daemon: Daemon, image_id: str) -> None:
+    """Until no fill holds the image's file open."""
+    for _ in range(500):
+        if image_id not in daemon.filler.fills:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the fill of {image_id} never ended")
+
+
+def data_gets(glance: FakeGlance, image_id: str) -> list[str | None]:
+    """Ranges of the data requests the upstream saw, without the 1-byte authorisation probes."""
+    return [r.range for r in glance.data_requests(image_id) if r.range != "bytes=0-0"]
 
 
 def tree(root: Path) -> list[str]:

@@ -14,7 +14,16 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import TOKENS, Daemon, auth, start_daemon, stop_daemon, tree
+from conftest import (
+    TOKENS,
+    Daemon,
+    auth,
+    start_daemon,
+    stop_daemon,
+    tree,
+    wait_complete,
+    wait_idle,
+)
 from daemonproc import CachedProcess, run_cached
 from fakeglance import FakeGlance
 
@@ -30,24 +39,6 @@ def add_file_image(directory: Path, data: bytes) -> str:
     image_id = str(uuid.uuid4())
     (directory / image_id).write_bytes(data)
     return image_id
-
-
-async def wait_complete(daemon: Daemon, image_id: str) -> None:
-    for _ in range(500):
-        entry = daemon.store.get(image_id)
-        if entry is not None and entry.complete:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{image_id} never completed")
-
-
-async def wait_idle(daemon: Daemon, image_id: str) -> None:
-    """Until no fill holds the image's file open."""
-    for _ in range(500):
-        if image_id not in daemon.filler.fills:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"the fill of {image_id} never ended")
 
 
 @pytest.fixture

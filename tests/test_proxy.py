@@ -9,26 +9,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import Daemon, auth, start_daemon, stop_daemon, tree
+from conftest import Daemon, auth, data_gets, start_daemon, stop_daemon, tree, wait_complete
 from fakeglance import FakeGlance
 
 from cached.store import xattrs
 
 MiB = 1 << 20
-
-
-def data_gets(glance: FakeGlance, image_id: str) -> list[str | None]:
-    """Ranges of the data requests the upstream saw, without the 1-byte authorisation probes."""
-    return [r.range for r in glance.data_requests(image_id) if r.range != "bytes=0-0"]
-
-
-async def wait_complete(daemon: Daemon, image_id: str) -> None:
-    for _ in range(200):
-        entry = daemon.store.get(image_id)
-        if entry is not None and entry.complete:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{image_id} never completed")
 
 
 async def test_miss_then_hit(glance: FakeGlance, daemon: Daemon) -> None:
