@@ -87,6 +87,7 @@ class Fill:
         creds: Credentials,
         settings: FillSettings,
         on_close: Callable[[Fill], None],
+        fd: int,
     ):
         self.entry = entry
         self._store = store
@@ -105,7 +106,7 @@ class Fill:
         self._driver: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._progress: asyncio.Future[None] = self._loop.create_future()
-        self._fd = os.open(entry.path, os.O_RDWR)
+        self._fd = fd  # the entry's file, opened read-write (by the caller, off the loop)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"fill-w-{entry.image_id[:8]}")
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix=f"fill-h-{entry.image_id[:8]}")
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix=f"fill-s-{entry.image_id[:8]}")
@@ -525,7 +526,8 @@ class Filler:
                     os_hash_algo=record.os_hash_algo,
                     os_hash_value=record.os_hash_value,
                 )
-            fill = Fill(entry, self._store, self._backend, creds, self._settings, self._closed)
+            fd = await asyncio.to_thread(os.open, entry.path, os.O_RDWR)
+            fill = Fill(entry, self._store, self._backend, creds, self._settings, self._closed, fd)
             self.fills[image_id] = fill
             future.set_result(fill)
             return fill, True
