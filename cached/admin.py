@@ -169,14 +169,49 @@ class Keystone:
         raise IdentityUnavailable("Keystone refused the daemon's service token")
 
 
+class UpstreamPolicy:
+    """Asks a Glance upstream whether the caller may manage its cache (``GET /v2/cache``).
+
+    Used when cached has no management authentication of its own: Glance's 401/403 stand,
+    and where Glance has no cache API (404, or no answer) the loopback rule alone decides.
+    """
+
+    def __init__(self, session: aiohttp.ClientSession, upstream: str):
+        self._session = session
+        self._url = upstream.rstrip("/") + "/v2/cache"
+
+    async def check(self, request: web.Request) -> Access:
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower().startswith("x-") and not k.lower().startswith("x-forwarded")
+        }
+        try:
+            async with self._session.get(self._url, headers=headers) as resp:
+                status = resp.status
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            log.warning("cannot ask the upstream about a management caller: %r", exc)
+            return Access.ADMIN
+        if status == 401:
+            return Access.UNAUTHENTICATED
+        if status == 403:
+            return Access.FORBIDDEN
+        return Access.ADMIN
+
+
 class AdminGuard:
     """Decides whether a management request comes from an admin."""
 
     def __init__(
-        self, admin_tokens: tuple[str, ...], keystone: Keystone | None, ttl: float
+        self,
+        admin_tokens: tuple[str, ...],
+        keystone: Keystone | None,
+        ttl: float,
+        upstream_policy: UpstreamPolicy | None = None,
     ) -> None:
         self._digests = tuple(t.split(":", 1)[1].lower() for t in admin_tokens)
         self._keystone = keystone
+        self._upstream_policy = upstream_policy
         self._ttl = ttl
         self._admins: dict[str, float] = {}  # sha256(token) -> monotonic expiry
         self.keystone_checks = 0
@@ -189,7 +224,14 @@ class AdminGuard:
     async def check(self, request: web.Request) -> Access:
         """The caller's access to the management API."""
         if not self.configured:
-            return Access.ADMIN if is_loopback(request.remote) else Access.FORBIDDEN
+            if not is_loopback(request.remote):
+                return Access.FORBIDDEN
+            if self._upstream_policy is not None and request.headers.get("X-Auth-Token"):
+                # Nothing of our own configured, but the caller shows an identity: let
+                # Glance's own cache policy (context_is_admin) judge it, as Glance would for
+                # its /v2/cache. A local operator without a token is trusted (loopback).
+                return await self._upstream_policy.check(request)
+            return Access.ADMIN
         token = request.headers.get("X-Auth-Token", "").strip()
         if not token:
             return Access.UNAUTHENTICATED
@@ -255,7 +297,8 @@ class ServiceAuth:
 def build(config: Config, session: aiohttp.ClientSession) -> tuple[AdminGuard, ServiceAuth]:
     """The guard of the management API and the service credentials, from the config."""
     keystone = Keystone(session, config) if config.keystone_url else None
-    guard = AdminGuard(config.admin_tokens, keystone, config.admin_cache_ttl)
+    policy = UpstreamPolicy(session, config.upstream) if config.upstream_kind == "glance" else None
+    guard = AdminGuard(config.admin_tokens, keystone, config.admin_cache_ttl, policy)
     return guard, ServiceAuth(keystone, config.service_token)
 
 

@@ -538,3 +538,14 @@ def test_upload_with_content_length_and_head(
     direct = http("HEAD", real_glance.url + path, "token-p1")
     proxied = http("HEAD", cached.url + path, "token-p1")
     assert proxied[0] == direct[0] == 405, (direct[0], proxied[0])
+
+
+def test_cache_api_follows_glances_admin_policy(
+    real_glance: GlanceServer, cached: CachedDaemon
+) -> None:
+    """No management auth configured in cached: Glance's own policy judges a token."""
+    assert http("GET", real_glance.url + "/v2/cache", "token-p1")[0] == 403
+    assert http("GET", cached.url + "/v2/cache", "token-p1")[0] == 403
+    assert http("GET", cached.url + "/v2/cache", "no-such-token")[0] == 401
+    status, _, body = http("GET", cached.url + "/v2/cache", "admin-token")
+    assert status == 200 and b"cached_images" in body
