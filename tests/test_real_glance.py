@@ -549,3 +549,25 @@ def test_cache_api_follows_glances_admin_policy(
     assert http("GET", cached.url + "/v2/cache", "no-such-token")[0] == 401
     status, _, body = http("GET", cached.url + "/v2/cache", "admin-token")
     assert status == 200 and b"cached_images" in body
+
+
+def test_glance_cache_commands_through_cached(
+    real_glance: GlanceServer, cached: CachedDaemon, cli: GlanceCLI, tmp_path: Path
+) -> None:
+    """The real `glance cache-*` against cached in front of the real Glance: the version
+    document is rewritten to advertise the cache API, the image is looked up with the
+    caller's Keystone token, and cache-queue fetches it at once."""
+    data = random_file(tmp_path / "queued.img", 3 * MiB + 7)
+    image_id = cli.create_image(cached.url, "token-p1", tmp_path / "queued.img", "queued")
+    cli.ok(cached.url, "admin-token", "cache-queue", image_id)
+    entry = cached.cache_dir / image_id
+    assert wait_for(entry.exists), "cache-queue did not fetch the image"
+    listing = cli.ok(cached.url, "admin-token", "cache-list")
+    assert image_id in listing and "cached" in listing
+    refused = cli.run(cached.url, "token-p1", "cache-list")
+    assert refused.returncode != 0  # a member is no admin, for Glance's policy either
+    path = f"/v2/images/{image_id}/file"
+    status, headers, body = http("GET", cached.url + path, "token-p1")
+    assert status == 200 and body == data and headers.get("cache-status") == "cached; hit"
+    cli.ok(cached.url, "admin-token", "cache-delete", image_id)
+    assert not entry.exists()
