@@ -146,10 +146,6 @@ class Fill:
             or (self._driver is not None and not self._driver.done())
         )
 
-    @property
-    def done(self) -> bool:
-        return self.state is not FillState.RUNNING
-
     async def wait(self) -> None:
         """Wait for the next progress event; raise FillAborted if the fill ended badly."""
         self.raise_if_failed()
