@@ -397,6 +397,7 @@ async def test_api_passes_through_with_links_pointing_at_the_proxy(
         assert r.status == 404
     async with daemon.session.head(daemon.file_url(image_id), headers=auth()) as r:
         assert r.status == 405 and r.headers["Allow"] == "GET, PUT"
+        assert r.headers["Via"] == "1.1 cached"  # RFC 9110 §7.6.3, on answers too
 
 
 async def test_empty_image(glance: FakeGlance, daemon: Daemon) -> None:
