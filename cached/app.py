@@ -74,6 +74,8 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             )
         prefetcher = Prefetcher(store, filler, upstream, service, config)
         maintenance = jobs.Maintenance(store, filler, config)
+        if config.prune_on_fill:
+            filler.on_new_entry = maintenance.make_room
         app[STORE], app[FILLER], app[PROXY] = store, filler, proxy
         app[MANAGER] = manage.Manager(
             config, store, filler, upstream, guard, prefetcher, maintenance, session, service

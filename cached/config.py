@@ -88,6 +88,9 @@ class Config:
     prefetch_retry_max: float = 3600.0
     # Legacy ``PUT /v2/queued_images/{id}`` starts the fetch at once instead of at the next run.
     legacy_queue_immediate: bool = False
+    # Prune at once when a new entry would take the cache past image_cache_max_size, instead
+    # of waiting for the next scheduled run.
+    prune_on_fill: bool = True
     # Management callers presenting one of these tokens are admin: "sha256:<hex digest>".
     admin_tokens: tuple[str, ...] = ()
     # Seconds a positive admin answer from Keystone is reused for the same token.
@@ -171,7 +174,7 @@ def _convert(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"must be a positive whole number, got {value!r}")
         return value
-    if name == "legacy_queue_immediate":
+    if name in ("legacy_queue_immediate", "prune_on_fill"):
         if not isinstance(value, bool):
             raise ValueError(f"must be true or false, got {value!r}")
         return value

@@ -481,6 +481,8 @@ class Filler:
         # When the disk last refused a write (full, read-only, I/O error): new fills are
         # refused for a while and downloads pass through instead of failing over and over.
         self._store_failed_at = -float(STORE_RETRY_AFTER)
+        # Told the size of every new entry before it fills (the prune makes room for it).
+        self.on_new_entry: Callable[[int], None] | None = None
         self._opening: dict[str, asyncio.Future[Fill]] = {}
 
     def get(self, image_id: str) -> Fill | None:
@@ -514,6 +516,8 @@ class Filler:
                 if entry is not None:
                     await asyncio.to_thread(self._store.remove, image_id)
                 assert record.size is not None
+                if self.on_new_entry is not None:
+                    self.on_new_entry(record.size)
                 entry = await asyncio.to_thread(
                     self._store.create,
                     image_id,

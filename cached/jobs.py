@@ -148,16 +148,34 @@ class Maintenance:
         self._stall_time = config.image_cache_stall_time
         self._prune_lock = asyncio.Lock()
         self._clean_lock = asyncio.Lock()
+        self._making_room: asyncio.Task[PruneResult] | None = None
 
-    async def prune(self) -> PruneResult:
-        """Run :func:`prune` (after any run in progress)."""
+    async def prune(self, target: int | None = None) -> PruneResult:
+        """Run :func:`prune` down to ``target`` (default: the max size), after any run."""
         async with self._prune_lock:
-            return await prune(self._store, self._filler, self._max_size)
+            limit = self._max_size if target is None else target
+            return await prune(self._store, self._filler, limit)
+
+    def make_room(self, incoming: int) -> None:
+        """A new entry of ``incoming`` bytes starts filling: prune now if it will not fit,
+        rather than let the disk fill up until the next scheduled run (a Glance complaint)."""
+        if self._store.total_size() + incoming <= self._max_size:
+            return
+        if self._making_room is not None and not self._making_room.done():
+            return
+        task = asyncio.get_running_loop().create_task(self.prune(max(0, self._max_size - incoming)))
+        task.add_done_callback(_log_failure)
+        self._making_room = task
 
     async def clean(self) -> CleanResult:
         """Run :func:`clean` (after any run in progress)."""
         async with self._clean_lock:
             return await clean(self._store, self._filler, self._stall_time)
+
+
+def _log_failure(task: asyncio.Task[PruneResult]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("prune to make room failed", exc_info=task.exception())
 
 
 # ------------------------------------------------------------------------------- schedule

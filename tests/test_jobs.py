@@ -79,7 +79,7 @@ def cache_dir(tmp_path: Path) -> Path:
 async def test_prune_evicts_least_recently_used_and_never_what_is_in_use(
     glance: FakeGlance, cache_dir: Path
 ) -> None:
-    d = await start_daemon(cache_dir, glance.url, image_cache_max_size=2 * MiB)
+    d = await start_daemon(cache_dir, glance.url, image_cache_max_size=2 * MiB, prune_on_fill=False)
     try:
         ids = [await cache(d, glance) for _ in range(4)]
         for age, image_id in zip((400, 300, 200, 100), ids, strict=True):
@@ -101,7 +101,7 @@ async def test_prune_evicts_least_recently_used_and_never_what_is_in_use(
 
 
 async def test_prune_stops_at_the_limit(glance: FakeGlance, cache_dir: Path) -> None:
-    d = await start_daemon(cache_dir, glance.url, image_cache_max_size=2 * MiB)
+    d = await start_daemon(cache_dir, glance.url, image_cache_max_size=2 * MiB, prune_on_fill=False)
     try:
         ids = [await cache(d, glance) for _ in range(4)]
         for age, image_id in zip((100, 400, 300, 200), ids, strict=True):
@@ -121,6 +121,21 @@ async def test_prune_runs_on_its_schedule(glance: FakeGlance, cache_dir: Path) -
         new = await cache(d, glance)
         await eventually(lambda: d.store.get(old) is None, within=3)
         assert tree(cache_dir) == sorted([*EMPTY, new])
+    finally:
+        await stop_daemon(d)
+
+
+async def test_a_new_entry_that_would_not_fit_prunes_at_once(
+    glance: FakeGlance, cache_dir: Path
+) -> None:
+    d = await start_daemon(cache_dir, glance.url, image_cache_max_size=5 * MiB // 2)
+    try:  # the schedule (600 s) never runs here: the fill itself makes room
+        first = await cache(d, glance)
+        second = await cache(d, glance)
+        assert d.store.get(first) is not None  # 2 MiB fit
+        third = await cache(d, glance)
+        await eventually(lambda: d.store.get(first) is None, within=3)
+        assert tree(cache_dir) == sorted([*EMPTY, second, third])
     finally:
         await stop_daemon(d)
 

@@ -287,7 +287,9 @@ async def test_a_body_on_a_get_is_400(admin_daemon: Daemon) -> None:
 
 async def test_clean_and_prune_answers(glance: FakeGlance, tmp_path: Path) -> None:
     (tmp_path / "cache").mkdir()
-    d = await start_daemon(tmp_path / "cache", glance.url, image_cache_max_size=MiB)
+    d = await start_daemon(
+        tmp_path / "cache", glance.url, image_cache_max_size=MiB, prune_on_fill=False
+    )
     try:
         images = [glance.add_image(os.urandom(MiB)) for _ in range(2)]
         for image in images:

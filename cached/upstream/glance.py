@@ -232,7 +232,8 @@ class GlanceBackend:
             for name, value in end_to_end(upstream.headers).items():
                 if name.lower() != "content-length":
                     response.headers.add(name, value)
-            response.headers.add("Via", f"{upstream.version.major}.{upstream.version.minor} cached")
+            version = upstream.version or request.version
+            response.headers.add("Via", f"{version.major}.{version.minor} cached")
             if upstream.content_length is not None and request.method != "HEAD":
                 response.content_length = upstream.content_length
             elif "Content-Length" in upstream.headers:
