@@ -22,7 +22,6 @@ import datetime as dt
 import enum
 import hashlib
 import hmac
-import ipaddress
 import logging
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from aiohttp import web
 
 from cached.config import Config
 from cached.errors import CachedError
+from cached.loopback import is_loopback
 from cached.upstream import Credentials
 
 log = logging.getLogger(__name__)
@@ -60,19 +60,6 @@ class TokenInfo:
 
     roles: frozenset[str]
     expires_at: float  # epoch seconds
-
-
-def is_loopback(host: str | None) -> bool:
-    """Whether ``host`` (an address, or ``localhost``) is a loopback address."""
-    if not host:
-        return False
-    try:
-        address = ipaddress.ip_address(host.strip("[]").split("%")[0])
-    except ValueError:
-        return host == "localhost"
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
 
 
 def _epoch(value: Any) -> float:

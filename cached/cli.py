@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import signal
 import sys
@@ -18,6 +17,7 @@ from cached import config as configuration
 from cached.app import FILLER, make_app
 from cached.config import Config
 from cached.errors import ConfigError
+from cached.loopback import is_loopback
 from cached.store import xattrs
 
 log = logging.getLogger("cached")
@@ -50,11 +50,7 @@ def load_config(args: argparse.Namespace) -> Config:
     config = configuration.load(args.config, overrides)
     if config.upstream_kind == "file" and not config.access_tokens:
         host = config.listen_address[0]
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = host == "localhost"
-        if not loopback:
+        if not is_loopback(host):
             raise ConfigError(
                 f"{args.config or 'command line'}: option 'listen': a file upstream has no "
                 f"identity service; listen on loopback or set 'access_tokens' (got {host})"
