@@ -9,6 +9,7 @@ index changes happen on the event loop.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 import time
@@ -183,7 +184,8 @@ def start_scheduler(
     config: Config, prefetcher: Prefetcher, maintenance: Maintenance
 ) -> AsyncIOScheduler:
     """Run prefetch, prune and clean on their intervals (never overlapping themselves)."""
-    scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
+    # UTC: interval jobs need no local zone, and looking it up reads files on the loop.
+    scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop(), timezone=dt.timezone.utc)
     jobs = [
         ("prefetch", config.cache_prefetcher_interval, prefetcher.run),
         ("prune", config.cache_prune_interval, maintenance.prune),
@@ -192,7 +194,7 @@ def start_scheduler(
     for name, interval, func in jobs:
         scheduler.add_job(
             func,
-            IntervalTrigger(seconds=interval),
+            IntervalTrigger(seconds=interval, timezone=dt.timezone.utc),
             id=name,
             name=name,
             max_instances=1,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
+from blockbuster import blockbuster_ctx
 from aiohttp import web
 from fakeglance import FakeGlance
 
@@ -29,6 +30,17 @@ TOKENS = {
 
 def auth(token: str = "token-p1") -> dict[str, str]:
     return {"X-Auth-Token": token}
+
+
+@pytest.fixture(autouse=True)
+def no_blocking_calls_on_the_loop() -> Iterator[None]:
+    """Fail any test whose event loop makes a blocking file or socket call (STYLE habit 2).
+
+    The daemon's own modules must do such work in threads; the fixtures around it (the fake
+    Glance, test helpers reading small files) are let through by name.
+    """
+    with blockbuster_ctx(scanned_modules=["cached"]):
+        yield
 
 
 @pytest.fixture
