@@ -185,7 +185,7 @@ def start_scheduler(
 ) -> AsyncIOScheduler:
     """Run prefetch, prune and clean on their intervals (never overlapping themselves)."""
     # UTC: interval jobs need no local zone, and looking it up reads files on the loop.
-    scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop(), timezone=dt.timezone.utc)
+    scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop(), timezone=dt.UTC)
     jobs = [
         ("prefetch", config.cache_prefetcher_interval, prefetcher.run),
         ("prune", config.cache_prune_interval, maintenance.prune),
@@ -194,7 +194,7 @@ def start_scheduler(
     for name, interval, func in jobs:
         scheduler.add_job(
             func,
-            IntervalTrigger(seconds=interval, timezone=dt.timezone.utc),
+            IntervalTrigger(seconds=interval, timezone=dt.UTC),
             id=name,
             name=name,
             max_instances=1,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from blockbuster import blockbuster_ctx
 from aiohttp import web
+from blockbuster import blockbuster_ctx
 from fakeglance import FakeGlance
 
 from cached import config as configuration
