@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,7 +19,10 @@ LISTEN_RE = re.compile(r"listening on (http://\S+)")
 
 
 def cached_command() -> list[str]:
-    """The ``cached`` console script of this interpreter, else ``python -m cached.cli``."""
+    """How to run ``cached``: ``$CACHED_COMMAND`` (split like a shell would) if set, else the
+    console script of this interpreter, else ``python -m cached.cli``."""
+    if os.environ.get("CACHED_COMMAND"):
+        return shlex.split(os.environ["CACHED_COMMAND"])
     script = Path(sys.executable).with_name("cached")
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script)]

@@ -276,6 +276,8 @@ class FakeGlance:
         app.router.add_post(image + "/actions/{action:deactivate|reactivate}", self._action)
         app.router.add_post(image + "/members", self._add_member)
         app.router.add_delete(image + "/members/{member}", self._remove_member)
+        # glanceclient caches these before any command (without them it falls back to v1).
+        app.router.add_get("/v2/schemas/{name:.+}", self._schema)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -372,6 +374,10 @@ class FakeGlance:
         return body
 
     # -- handlers ---------------------------------------------------------------------------
+
+    async def _schema(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"].rpartition("/")[2]
+        return web.json_response({"name": name, "properties": {}, "links": []})
 
     async def _versions(self, request: web.Request) -> web.Response:
         href = f"http://{request.host}/v2/"

@@ -26,12 +26,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -42,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemonproc import CachedProcess
 from fakekeystone import FakeKeystone
 
 REPO = Path(__file__).resolve().parent.parent
@@ -472,83 +471,20 @@ def parse_table(out: str) -> dict[str, str]:
     return rows
 
 
-def cached_command() -> list[str]:
-    """How to run ``cached``: ``$CACHED_COMMAND`` (split like a shell would) if set,
-    else the console script of the interpreter running the tests."""
-    if os.environ.get("CACHED_COMMAND"):
-        return shlex.split(os.environ["CACHED_COMMAND"])
-    script = Path(sys.executable).with_name("cached")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("cached")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "import sys; from cached.cli import main; sys.exit(main())"]
-
-
-_LISTEN_RE = re.compile(r"listening on (http://[\w.\-\[\]:]+)")
-
-
-class CachedDaemon:
-    """``cached serve`` as a subprocess in front of ``upstream``.
-
-    Args:
-        workdir: directory for its log.
-        upstream: the Glance URL.
-        cache_dir: the cache directory.
-        extra_args: more ``cached serve`` arguments.
-    """
+class CachedDaemon(CachedProcess):
+    """``cached serve`` as a subprocess in front of a real Glance, logging to
+    ``workdir/cached.log`` (the tier's failure reports show its tail)."""
 
     def __init__(
         self, workdir: Path, upstream: str, cache_dir: Path, extra_args: Sequence[str] = ()
     ) -> None:
+        super().__init__(upstream, cache_dir, workdir / "cached.log", *extra_args)
         self.dir = workdir
-        self.upstream = upstream
-        self.cache_dir = cache_dir
-        self.extra_args = list(extra_args)
-        self.log = workdir / "cached.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = ""
 
     def start(self, timeout: float = 30.0) -> str:
-        """Start it and return its URL once it says ``listening on``."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            *cached_command(),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            self.upstream,
-            "--cache-dir",
-            str(self.cache_dir),
-            *self.extra_args,
-        ]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=self.dir,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = _LISTEN_RE.search(self.log.read_text(errors="replace"))
-            if m:
-                self.url = m[1]
-                return self.url
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{' '.join(cmd)} did not report 'listening on':\n{tail(self.log)}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop(self.proc)
+        return super().start(timeout)
 
 
 class FailureLogs:

@@ -28,8 +28,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from conftest import TOKENS
 from fakeglance import FakeGlance
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,31 +48,6 @@ def venv() -> Path:
             ["bash", str(REPO / ".ci" / "glance-venv.sh"), str(path)], check=True, timeout=1800
         )
     return path
-
-
-class SchemaGlance(FakeGlance):
-    """A FakeGlance that also serves the schemas ``glance`` caches in ``~/.glanceclient``
-    before any command (without them it falls back to the v1 API and knows no cache-*)."""
-
-    def make_app(self) -> web.Application:
-        app = super().make_app()
-
-        async def schema(request: web.Request) -> web.Response:
-            name = request.match_info["name"].rpartition("/")[2]
-            return web.json_response({"name": name, "properties": {}, "links": []})
-
-        app.router.add_get("/v2/schemas/{name:.+}", schema)
-        return app
-
-
-@pytest.fixture
-async def glance() -> AsyncIterator[FakeGlance]:
-    fake = SchemaGlance()
-    for token, (project, roles) in TOKENS.items():
-        fake.add_token(token, project, roles)
-    await fake.start()
-    yield fake
-    await fake.close()
 
 
 @dataclass
