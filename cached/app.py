@@ -13,7 +13,8 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from cached import admin, jobs, manage
 from cached.auth import Authorizer
 from cached.config import Config
-from cached.fill import Filler, FillSettings
+from cached.fill import FillSettings
+from cached.filler import Filler
 from cached.prefetch import Prefetcher
 from cached.proxy import Proxy
 from cached.store import Store
@@ -48,13 +49,18 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         upstream = backend or make_backend(config)
-        store = Store(config.image_cache_dir)
-        await asyncio.to_thread(store.open)
-        settings = FillSettings(config.fsync_interval_bytes, config.fsync_interval_seconds)
-        filler = Filler(store, upstream, settings)
         # Keystone, peers and the upstream's version document (not image data).
         session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=30, sock_connect=config.upstream_connect_timeout)
+        )
+        store = Store(config.image_cache_dir)
+        await store.open()
+        settings = FillSettings(config.fsync_interval_bytes, config.fsync_interval_seconds)
+        guard, service = admin.build(config, session)
+        # Data transfers use the daemon's own credentials when it has some: a caller's token
+        # that expires mid-fill then cuts nobody (callers are still authorised one by one).
+        filler = Filler(
+            store, upstream, settings, service.credentials if service.configured else None
         )
         glance = config.upstream_kind == "glance" and isinstance(upstream, GlanceBackend)
         proxy = Proxy(
@@ -64,8 +70,8 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             Authorizer(upstream, config.auth_cache_ttl),
             versions_session=session if glance else None,
             upstream_url=config.upstream if glance else "",
+            max_entry_size=config.max_entry_size,
         )
-        guard, service = admin.build(config, session)
         admin.warn_if_exposed(config, guard)
         if config.upstream_kind == "glance" and not service.configured:
             log.warning(
@@ -75,7 +81,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         prefetcher = Prefetcher(store, filler, upstream, service, config)
         maintenance = jobs.Maintenance(store, filler, config)
         if config.prune_on_fill:
-            filler.on_new_entry = maintenance.make_room
+            filler.on_reserve = maintenance.make_room
         app[STORE], app[FILLER], app[PROXY] = store, filler, proxy
         app[MANAGER] = manage.Manager(
             config, store, filler, upstream, guard, prefetcher, maintenance, session, service
@@ -88,6 +94,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         await filler.close()
         await session.close()
         await upstream.close()
+        store.close()
 
     app.cleanup_ctx.append(resources)
 

@@ -91,6 +91,9 @@ class Config:
     # Prune at once when a new entry would take the cache past image_cache_max_size, instead
     # of waiting for the next scheduled run.
     prune_on_fill: bool = True
+    # Admission: an image larger than this fraction of image_cache_max_size is never cached
+    # (streamed through with Cache-Status "fwd=bypass; detail=too-large").
+    max_image_fraction: float = 0.5
     # Management callers presenting one of these tokens are admin: "sha256:<hex digest>".
     admin_tokens: tuple[str, ...] = ()
     # Seconds a positive admin answer from Keystone is reused for the same token.
@@ -109,6 +112,11 @@ class Config:
     worker_self_reference_url: str = ""
     # Other cached nodes asked by GET /v2/cache/nodes/{id} whether they hold the image.
     peers: tuple[str, ...] = ()
+
+    @property
+    def max_entry_size(self) -> int:
+        """The largest image the cache admits."""
+        return int(self.image_cache_max_size * self.max_image_fraction)
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -170,6 +178,10 @@ def _convert(name: str, value: Any) -> Any:
         if not isinstance(value, str | Path) or not str(value):
             raise ValueError(f"must be a directory path, got {value!r}")
         return Path(value)
+    if name == "max_image_fraction":
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            raise ValueError(f"must be a number > 0 and <= 1, got {value!r}")
+        return float(value)
     if name == "prefetch_concurrency":
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"must be a positive whole number, got {value!r}")

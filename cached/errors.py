@@ -36,7 +36,24 @@ class ChecksumMismatch(CachedError):
 
 
 class StoreUnavailable(CachedError):
-    """The cache directory cannot be written (read-only, vanished, full)."""
+    """The cache directory failed an operation (read-only, vanished, full, I/O error).
+
+    Raised only for I/O on the cache directory; ``errno`` is the system error, if any.
+    """
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+
+
+class NotAdmitted(CachedError):
+    """The cache does not take this image now; ``detail`` is the Cache-Status detail
+    (``too-large``: never, by the admission rule; ``no-space``: not while entries in use
+    hold the space)."""
+
+    def __init__(self, detail: str, message: str):
+        super().__init__(message)
+        self.detail = detail
 
 
 class FillAborted(CachedError):

@@ -1,52 +1,92 @@
-"""Single flight: one fill per image, shared by every request and by prefetch.
+"""Single flight: one fill per image entry, shared by every request and by prefetch.
 
-A fill owns the image's sparse file while chunks arrive. Its transfers stream from the
-upstream into the file; readers stream out of the same file as it grows, woken by progress
-events (never by polling). A full fill (the *driver*) walks the image from the first missing
-chunk to the end; a range request only fetches the chunks it needs, and may take them ahead
-of the driver, which then skips them. The fill belongs to the daemon, not to a client: when
-a client goes away, the transfer it started carries on.
+A fill owns its entry's sparse file while chunks arrive. Its transfers stream from the
+upstream into the file (through :class:`cached.pipeline.Pipeline`); readers stream out of
+the same file as it grows, woken by progress events (never by polling). A full fill (the
+*driver*) walks the image from the first missing chunk to the end; a range request only
+fetches the chunks it needs, and may take them ahead of the driver, which then skips them.
+The fill belongs to the daemon, not to a client: when a client goes away, the transfer it
+started carries on.
 
-Durability: written chunks are flushed (fdatasync) in batches and only then recorded in the
-entry's presence bitmap, so a crash loses at most unflushed chunks and never invents data.
-A complete entry becomes servable only after its digest matched (``Store.commit``).
+States, and who moves the fill between them (all on the event loop)::
+
+    RUNNING ──all chunks written──▶ VERIFYING ──digest ok──▶ VERIFIED   (committed unless deleted)
+       │                                  └────mismatch────▶ INVALID    (moved to invalid/)
+       ├──driver transfer or disk failed────────────────────▶ FAILED     (flushed chunks kept)
+       ├──cancel(): deleted and unread, or the daemon stops──▶ CANCELLED  (flushed chunks kept)
+       └──no transfer left, image incomplete────────────────▶ IDLE       (a range fill at rest)
+
+Transfers and their task callbacks move RUNNING → VERIFYING/FAILED/IDLE; ``_finish`` moves
+VERIFYING on; ``cancel`` (the registry, on delete or shutdown) moves RUNNING → CANCELLED.
+Every other state is final: the fill flushes, closes its file and leaves the registry
+(``closed`` is set); the next reader that needs bytes opens a new fill on the same entry.
+
+A range transfer that fails does not fail the fill: its chunks are released and marked lost,
+and only readers that were waiting on them are cut (``check``); a later request fetches them
+anew. Transfers use the daemon's service credentials when configured (a token that expires
+mid-fill does not cut the followers); otherwise the credentials of the request that opened
+the fill. The caller's own credentials still authorise every download (the proxy's probe).
+
+Fields: everything here is owned by the event loop; the pipeline's threads only write,
+hash and flush what they are handed and report back through loop callbacks.
+Durability: written chunks are flushed in batches and only then recorded in the entry's
+presence bitmap, so a crash loses at most unflushed chunks and never invents data.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import errno
-import functools
 import logging
 import os
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from cached.digest import Digest, StreamConsumer
-from cached.errors import CachedError, FillAborted, StoreUnavailable, UpstreamUnavailable
+from cached.errors import (
+    CachedError,
+    FillAborted,
+    StoreUnavailable,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from cached.pipeline import Flush, Pipeline
 from cached.store import Bitmap, Entry, Store
-from cached.store import entry as entries
-from cached.upstream import Backend, Buffer, Credentials, ImageRecord
+from cached.upstream import Backend, Buffer, Credentials
 
 log = logging.getLogger(__name__)
 
-STORE_RETRY_AFTER = 30  # seconds of pass-through after the disk refused a write
-_STORE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.ENOENT}
 PIECE = 1 << 20  # bytes per upstream read and per write: large buffers keep Python cheap
-MAX_PENDING = 8  # pieces in flight to the writer/hasher threads (bounds memory per fill)
+MAX_PENDING = 8  # pieces in flight to the writer/feeder threads (bounds memory per fill)
+
+# The daemon's own credentials for data transfers, when it has some (None otherwise).
+DataCredentials = Callable[[], Awaitable[Credentials | None]]
 
 
 class FillState(enum.Enum):
     RUNNING = "running"
+    VERIFYING = "verifying"  # every chunk written: flushing and comparing the digest
     VERIFIED = "verified"  # complete, digest matched, committed (unless deleted meanwhile)
     INVALID = "invalid"  # complete but the digest did not match: never served
-    FAILED = "failed"  # a transfer broke off; what was flushed stays for a resume
-    CANCELLED = "cancelled"  # the entry was deleted, or the daemon stops
+    FAILED = "failed"  # the driver broke off or the disk failed; flushed chunks stay
+    CANCELLED = "cancelled"  # the entry was deleted with nobody reading, or the daemon stops
     IDLE = "idle"  # no transfer left, image incomplete: the next reader opens a new fill
+
+    @property
+    def active(self) -> bool:
+        return self in (FillState.RUNNING, FillState.VERIFYING)
+
+
+_MOVES = {
+    FillState.RUNNING: {
+        FillState.VERIFYING,
+        FillState.FAILED,
+        FillState.CANCELLED,
+        FillState.IDLE,
+    },
+    FillState.VERIFYING: {FillState.VERIFIED, FillState.INVALID, FillState.FAILED},
+}
 
 
 @dataclass
@@ -56,8 +96,9 @@ class _Transfer:
     start: int
     pos: int
     end: int
+    driver: bool
     chunks: set[int] = field(default_factory=set)
-    inflight: int = 0  # writes submitted and not yet done
+    inflight: int = 0  # pieces submitted and not yet written and fed
     error: BaseException | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -74,10 +115,11 @@ class _Transfer:
 class FillSettings:
     sync_bytes: int = 64 << 20
     sync_seconds: float = 1.0
+    flush: Flush = os.fdatasync
 
 
 class Fill:
-    """The in-flight state of one image's entry."""
+    """The in-flight state of one entry (see the module docstring for its states)."""
 
     def __init__(
         self,
@@ -88,11 +130,13 @@ class Fill:
         settings: FillSettings,
         on_close: Callable[[Fill], None],
         fd: int,
+        data_credentials: DataCredentials | None = None,
     ):
         self.entry = entry
         self._store = store
         self._backend = backend
         self.creds = creds
+        self._data_credentials = data_credentials
         self._settings = settings
         self._on_close = on_close
         self.state = FillState.RUNNING
@@ -100,24 +144,25 @@ class Fill:
         self.written: Bitmap = entry.present.copy()
         if entry.size == 0:
             self.written.add(0)  # an empty image has nothing to fetch, only to verify
+        self.orphaned = False  # deleted while it ran: goes on only for its readers
+        self.on_reserve: Callable[[], None] | None = None  # told when space is reserved
         self._claimed: set[int] = set()
         self._transfers: list[_Transfer] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._driver: asyncio.Task[None] | None = None
+        self._losses = 0  # failed range transfers so far
+        self._lost: dict[int, tuple[int, BaseException]] = {}  # chunk -> (loss number, why)
         self._loop = asyncio.get_running_loop()
         self._progress: asyncio.Future[None] = self._loop.create_future()
-        self._fd = fd  # the entry's file, opened read-write (by the caller, off the loop)
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"fill-w-{entry.image_id[:8]}")
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix=f"fill-h-{entry.image_id[:8]}")
-        self._syncer = ThreadPoolExecutor(1, thread_name_prefix=f"fill-s-{entry.image_id[:8]}")
-        self._sync_lock = asyncio.Lock()
         self.digest = Digest.for_record(entry.checksum, entry.os_hash_algo, entry.os_hash_value)
         self.consumers: list[StreamConsumer] = [self.digest] if self.digest else []
+        self._pipe: Pipeline | None = Pipeline(
+            fd, entry.image_id[:8], self.consumers, settings.flush
+        )
+        self._sync_lock = asyncio.Lock()
         self._unsynced_bytes = 0
         self._last_sync = time.monotonic()
-        self._sync_future: asyncio.Future[None] | None = None
-        self._finishing = False
-        self._closing: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
         self.upstream_bytes = 0
         self.upstream_requests = 0
@@ -146,10 +191,30 @@ class Fill:
             or (self._driver is not None and not self._driver.done())
         )
 
+    def demand(self, start: int, end: int, *, whole: bool) -> int:
+        """Make sure bytes ``[start, end)`` (the whole image if ``whole``) are being fetched.
+
+        Returns a mark for :meth:`check`: losses after it concern this reader.
+        """
+        mark = self._losses
+        if whole:
+            self.ensure_full()
+        else:
+            self.ensure_range(start, end)
+        return mark
+
+    def check(self, pos: int, mark: int) -> None:
+        """Raise FillAborted if the fill ended badly, or if the chunk at ``pos`` was lost by
+        a failed range transfer after ``mark`` (see :meth:`demand`)."""
+        self.raise_if_failed()
+        lost = self._lost.get(pos // self.entry.chunk_size)
+        if lost is not None and lost[0] > mark:
+            raise FillAborted(f"range of {self.entry.image_id} failed: {lost[1]}")
+
     async def wait(self) -> None:
         """Wait for the next progress event; raise FillAborted if the fill ended badly."""
         self.raise_if_failed()
-        if self.state is FillState.RUNNING:
+        if self.state.active:
             await asyncio.shield(self._progress)
             self.raise_if_failed()
 
@@ -165,7 +230,9 @@ class Fill:
     def ensure_full(self) -> None:
         """Make sure the whole image is being fetched (start the driver if it is not)."""
         if self.state is FillState.RUNNING and (self._driver is None or self._driver.done()):
+            self.entry.reserved = self.entry.size - self.entry.present_bytes()
             self._driver = self._spawn(self._drive())
+            self._reserve_changed()
 
     def ensure_range(self, start: int, end: int) -> None:
         """Fetch the chunks covering ``[start, end)`` that nobody has or is fetching."""
@@ -187,10 +254,18 @@ class Fill:
 
     def _spawn_run(self, chunks: list[int]) -> None:
         self._claimed.update(chunks)
-        first, last = chunks[0], chunks[-1]
-        start = self.entry.chunk_bounds(first)[0]
-        end = self.entry.chunk_bounds(last)[1]
+        for c in chunks:
+            self._lost.pop(c, None)
+        start = self.entry.chunk_bounds(chunks[0])[0]
+        end = self.entry.chunk_bounds(chunks[-1])[1]
+        if self._driver is None or self._driver.done():  # a driver reserved everything
+            self.entry.reserved += end - start
+            self._reserve_changed()
         self._spawn(self._transfer(start, end, claimed=set(chunks)))
+
+    def _reserve_changed(self) -> None:
+        if self.on_reserve is not None:
+            self.on_reserve()
 
     def _spawn(self, coro: object) -> asyncio.Task[None]:
         task: asyncio.Task[None] = self._loop.create_task(coro)  # type: ignore[arg-type]
@@ -204,8 +279,10 @@ class Fill:
             return
         exc = task.exception()
         if exc is not None and self.state is FillState.RUNNING:
-            self._fail(exc)
-        elif not self._tasks and self.state is FillState.RUNNING:
+            if task is self._driver or not isinstance(exc, UpstreamError | UpstreamUnavailable):
+                self._fail(exc)  # whole-image readers need the driver; a disk error is for all
+                return
+        if not self._tasks and self.state is FillState.RUNNING:
             if self.written.full():
                 self._spawn(self._finish())
             else:
@@ -240,21 +317,33 @@ class Fill:
             end = entry.chunk_bounds(stop - 1)[1]
             await self._transfer(start, end, claimed=None)
 
+    async def _credentials(self) -> Credentials:
+        if self._data_credentials is not None:
+            try:
+                service = await self._data_credentials()
+            except CachedError as exc:  # Keystone down: the opener's credentials still work
+                log.warning("no service credentials for %s: %s", self.entry.image_id, exc)
+                service = None
+            if service is not None:
+                return service
+        return self.creds
+
     async def _transfer(self, start: int, end: int, claimed: set[int] | None) -> None:
         """Stream ``[start, end)`` from the upstream into the file.
 
-        With ``claimed=None`` chunks are claimed one by one as the stream reaches them, and
-        the transfer stops at the first chunk someone else has.
+        With ``claimed=None`` (the driver) chunks are claimed one by one as the stream
+        reaches them, and the transfer stops at the first chunk someone else has.
         """
         entry = self.entry
-        t = _Transfer(start, start, end, set(claimed or ()))
+        t = _Transfer(start, start, end, claimed is None, set(claimed or ()))
         self._transfers.append(t)
         whole = start == 0 and end == entry.size
         try:
             self.upstream_requests += 1
             log.debug("transfer %s [%d, %d)", entry.image_id, start, end)
+            creds = await self._credentials()
             async with self._backend.open_data(
-                entry.image_id, self.creds, start, None if whole else end
+                entry.image_id, creds, start, None if whole else end
             ) as stream:
                 pos = start
                 while pos < end and self.state is FillState.RUNNING:
@@ -264,9 +353,13 @@ class Fill:
                         if c in self.written or c in self._claimed:
                             break  # taken by a range transfer: let the driver skip it
                         self._claimed.add(c)
+                        self._lost.pop(c, None)
                         t.chunks.add(c)
                     n = min(PIECE, chunk_end - pos)
-                    blocks = await stream.read_blocks(n)
+                    try:
+                        blocks = await stream.read_blocks(n)
+                    except OSError as exc:  # the upstream's read (a file store), not ours
+                        raise UpstreamUnavailable(f"cannot read the image: {exc}") from exc
                     got = sum(len(memoryview(b)) for b in blocks)
                     if got != n:
                         raise UpstreamUnavailable(
@@ -277,33 +370,35 @@ class Fill:
                     pos += n
                     await t.settle(MAX_PENDING - 1)
             await t.settle(0)
+        except BaseException as exc:
+            if not t.driver and isinstance(exc, UpstreamError | UpstreamUnavailable):
+                self._losses += 1
+                for c in t.chunks - set(self.written):
+                    self._lost[c] = (self._losses, exc)
+                log.warning(
+                    "range transfer of %s [%d, %d) failed: %s", entry.image_id, start, end, exc
+                )
+            raise
         finally:
             self._transfers.remove(t)
             self._claimed.difference_update(t.chunks - set(self.written))
             self._notify()
 
     def _submit(self, t: _Transfer, pos: int, blocks: list[Buffer], finished_chunk: int) -> None:
-        """Write ``blocks`` at ``pos`` (writer thread) and feed the consumers (hasher thread).
-
-        The piece stays in flight (and in memory) until both threads are done with it, so a
-        digest that falls behind slows the transfer instead of queueing up the image.
-        """
-        parts = [1 + len(self.consumers)]
-
-        def part_done(_: asyncio.Future[Any]) -> None:
-            parts[0] -= 1
-            if parts[0] == 0:
-                t.inflight -= 1
-                t.wake.set()
-
-        t.inflight += 1
-        for consumer in self.consumers:
-            fed = self._loop.run_in_executor(self._hasher, _feed, consumer, pos, blocks)
-            fed.add_done_callback(part_done)
-        fut = self._loop.run_in_executor(self._writer, _pwrite_all, self._fd, blocks, pos)
+        """Hand a piece to the pipeline. It stays in flight (and in memory) until written and
+        hashed, so a digest that falls behind slows the transfer instead of queueing up."""
+        assert self._pipe is not None
         size = sum(len(memoryview(b)) for b in blocks)
-        fut.add_done_callback(functools.partial(self._written, t, pos + size, finished_chunk))
-        fut.add_done_callback(part_done)
+        t.inflight += 1
+
+        def written(fut: asyncio.Future[int]) -> None:
+            self._written(t, pos + size, finished_chunk, fut)
+
+        def settled() -> None:
+            t.inflight -= 1
+            t.wake.set()
+
+        self._pipe.submit(pos, blocks, written, settled)
 
     def _written(
         self, t: _Transfer, upto: int, finished_chunk: int, fut: asyncio.Future[int]
@@ -329,60 +424,82 @@ class Fill:
             or time.monotonic() - self._last_sync >= self._settings.sync_seconds
         )
         if due and not self._sync_lock.locked():
-            self._sync_future = asyncio.ensure_future(self._sync())
+            self._keep(self._sync())
 
-    async def _sync(self, force: bool = False) -> None:
+    def _keep(self, coro: object) -> None:
+        task: asyncio.Task[None] = self._loop.create_task(coro)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _sync(self, force: bool = False) -> bool:
         """Flush, then record as present what was written before the flush began.
 
-        Runs on its own thread so writes go on while the disk catches up; one at a time.
+        The flush runs on the pipeline's syncer thread so writes go on meanwhile; one at a
+        time. The entry's bitmap (index) is updated here, on the loop, after the thread.
         """
         async with self._sync_lock:
-            if self._fd < 0 or self.entry.removed:
-                return
-            chunks = set(self.written) - set(self.entry.present)
+            entry = self.entry
+            if self._pipe is None or entry.removed:
+                return True
+            chunks = set(self.written) - set(entry.present)
             self._unsynced_bytes = 0
             self._last_sync = time.monotonic()
             if not chunks:
-                return
+                return True
+            durable = entry.present.copy()
+            durable.update(chunks)
+            stamp = time.time()
             try:
-                await self._loop.run_in_executor(self._syncer, self._sync_publish, self._fd, chunks)
-            except (OSError, RuntimeError) as exc:
-                log.error("cannot flush %s: %s", self.entry.path, exc)
+                await self._pipe.make_durable(durable.to_bytes(), stamp)
+            except (StoreUnavailable, RuntimeError) as exc:
+                log.error("cannot flush %s: %s", entry.path, exc)
                 if self.state is FillState.RUNNING and not force:
                     self._fail(exc)
-
-    def _sync_publish(self, fd: int, chunks: set[int]) -> None:
-        os.fdatasync(fd)
-        if not self.entry.removed:
-            entries.publish(self.entry, fd, chunks)
+                return False
+            if not entry.removed:
+                entry.present.update(chunks)
+                entry.last_modified = stamp
+                entry.reserved = max(
+                    0,
+                    entry.reserved
+                    - sum(entry.chunk_bounds(c)[1] - entry.chunk_bounds(c)[0] for c in chunks),
+                )
+            return True
 
     # ----------------------------------------------------------------- endings
     async def _finish(self) -> None:
         """All chunks are written: flush, verify, commit (or invalidate)."""
-        if self._finishing:
+        if self.state is not FillState.RUNNING:
             return
-        self._finishing = True
-        await self._sync()  # waits for one in flight, then flushes the rest
+        self._move(FillState.VERIFYING, None)
+        try:
+            if not await self._sync():  # waits for one in flight, then flushes the rest
+                raise StoreUnavailable("cannot flush the cache file")
+            ok = True
+            if self.digest is not None:
+                assert self._pipe is not None
+                ok = await self._pipe.digest_finish(self.digest.finish, self.entry.size)
+        except StoreUnavailable as exc:
+            self._move(FillState.FAILED, exc)
+            self._close_files()
+            return
         entry = self.entry
-        ok = True
-        if self.digest is not None:
-            ok = await self._loop.run_in_executor(
-                self._hasher, self.digest.finish, self._fd, entry.size
-            )
         if ok:
             # Deleted meanwhile: still verified for the readers that follow us, never kept.
-            committed = not entry.removed and await asyncio.to_thread(self._store.commit, entry)
+            committed = False
+            try:
+                committed = await self._store.commit(entry)
+            except OSError as exc:
+                log.error("cannot commit %s: %s", entry.image_id, exc)
             log.info(
                 "%s %s: %d bytes, %s verified, %d upstream requests",
-                "cached" if committed else "verified (deleted, not kept)",
+                "cached" if committed else "verified (not kept)",
                 entry.image_id,
                 entry.size,
                 self.digest.algo if self.digest else "nothing",
                 self.upstream_requests,
             )
-            self._end(FillState.VERIFIED, None)
-        elif entry.removed:
-            self._end(FillState.INVALID, CachedError("digest mismatch"))
+            self._move(FillState.VERIFIED, None)
         else:
             assert self.digest is not None
             reason = (
@@ -390,191 +507,71 @@ class Fill:
                 f"expected {self.digest.expected}"
             )
             log.error("image %s failed verification: %s", entry.image_id, reason)
-            await asyncio.to_thread(self._store.invalidate, entry, reason)
-            self._end(FillState.INVALID, CachedError(reason))
+            try:
+                await self._store.invalidate(entry, reason)
+            except OSError as exc:
+                log.error("cannot move %s to invalid/: %s", entry.image_id, exc)
+            self._move(FillState.INVALID, CachedError(reason))
         self._close_files()
 
     async def _park(self) -> None:
         """No transfer is left and the image is not complete (a range fill): let go."""
         await self._sync()
         if self.state is FillState.RUNNING and self._tasks <= {asyncio.current_task()}:
-            self._end(FillState.IDLE, None)
+            self._move(FillState.IDLE, None)
+            self.entry.reserved = 0
             self._close_files()
 
     def _fail(self, exc: BaseException) -> None:
         log.warning("fill of %s stopped: %s", self.entry.image_id, exc)
-        self._end(FillState.FAILED, exc)
+        self._move(FillState.FAILED, exc)
+        self._stop_transfers()
+
+    def cancel(self) -> None:
+        """Stop every transfer (the entry was deleted and nobody reads it, or the daemon
+        stops). What was written and flushed stays for a resume."""
+        if self.state is FillState.RUNNING:
+            self._move(FillState.CANCELLED, FillAborted("fill cancelled"))
+            self._stop_transfers()
+
+    def orphan(self) -> None:
+        """The entry was deleted: go on only while someone reads it (see ``reader_left``)."""
+        self.orphaned = True
+        if self.entry.readers == 0:
+            self.cancel()
+
+    def reader_left(self) -> None:
+        if self.orphaned and self.entry.readers == 0:
+            self.cancel()
+
+    def _stop_transfers(self) -> None:
         for task in list(self._tasks):
             if task is not asyncio.current_task():
                 task.cancel()
-        # Keep what was written and flushed: the next request resumes from there.
-        self._closing = self._loop.create_task(self._flush_and_close())
+        self.entry.reserved = 0
+        self._keep(self._flush_and_close())
 
     async def _flush_and_close(self) -> None:
         try:
-            # Let the writes already handed to the writer thread land and be counted.
-            await self._loop.run_in_executor(self._writer, _nothing)
-            await asyncio.sleep(0)
-            await self._sync(force=True)
+            if self._pipe is not None:
+                # Let the writes already handed to the writer thread land and be counted.
+                await self._pipe.writes_done()
+                await asyncio.sleep(0)
+                await self._sync(force=True)
         finally:
             self._close_files()
 
-    def _end(self, state: FillState, error: BaseException | None) -> None:
+    def _move(self, state: FillState, error: BaseException | None) -> None:
+        if state not in _MOVES.get(self.state, set()):
+            raise AssertionError(f"fill of {self.entry.image_id}: {self.state} -> {state}")
         self.state = state
         self.error = error
         self._notify()
 
     def _close_files(self) -> None:
         """Let go of the file and leave the registry: the next reader opens a new fill."""
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            # Every caller awaited _sync() first; the writer closes after its queued writes.
-            self._writer.submit(os.close, fd)
-            self._writer.shutdown(wait=False)
-            self._hasher.shutdown(wait=False)
-            self._syncer.shutdown(wait=False)
+        if self._pipe is not None:
+            pipe, self._pipe = self._pipe, None
+            pipe.close()  # every caller awaited _sync() first; closes after queued writes
         self._on_close(self)
         self.closed.set()
-
-    def cancel(self) -> None:
-        """Stop every transfer (the entry was deleted, or the daemon stops)."""
-        if self.state is FillState.RUNNING:
-            self._end(FillState.CANCELLED, FillAborted("fill cancelled"))
-            for task in list(self._tasks):
-                task.cancel()
-            self._closing = self._loop.create_task(self._flush_and_close())
-
-
-def _nothing() -> None:
-    return None
-
-
-def _pwrite_all(fd: int, blocks: list[Buffer], pos: int) -> int:
-    """Write every block at ``pos`` on (one pwritev; loops on short writes)."""
-    views = [memoryview(b) for b in blocks]
-    total = sum(len(v) for v in views)
-    while views:
-        n = os.pwritev(fd, views, pos)
-        pos += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
-    return total
-
-
-def _feed(consumer: StreamConsumer, pos: int, blocks: list[Buffer]) -> None:
-    for block in blocks:
-        consumer.feed(pos, block)
-        pos += len(memoryview(block))
-
-
-class Filler:
-    """The registry of fills: at most one per image."""
-
-    def __init__(self, store: Store, backend: Backend, settings: FillSettings):
-        self._store = store
-        self._backend = backend
-        self._settings = settings
-        self.fills: dict[str, Fill] = {}
-        # When the disk last refused a write (full, read-only, I/O error): new fills are
-        # refused for a while and downloads pass through instead of failing over and over.
-        self._store_failed_at = -float(STORE_RETRY_AFTER)
-        # Told the size of every new entry before it fills (the prune makes room for it).
-        self.on_new_entry: Callable[[int], None] | None = None
-        self._opening: dict[str, asyncio.Future[Fill]] = {}
-
-    def get(self, image_id: str) -> Fill | None:
-        """The running fill of ``image_id``, if any."""
-        fill = self.fills.get(image_id)
-        return fill if fill is not None and fill.state is FillState.RUNNING else None
-
-    async def open(self, record: ImageRecord, creds: Credentials) -> tuple[Fill, bool]:
-        """The fill of ``record``'s image, creating its entry and fill if there are none.
-
-        Returns the fill and whether this call created it.
-        """
-        image_id = record.id
-        while True:
-            fill = self.fills.get(image_id)
-            if fill is None:
-                break
-            if fill.state is FillState.RUNNING:
-                return fill, False
-            await fill.closed.wait()  # a fill that just ended is still flushing
-        opening = self._opening.get(image_id)
-        if opening is not None:
-            return await asyncio.shield(opening), False
-        if time.monotonic() - self._store_failed_at < STORE_RETRY_AFTER:
-            raise StoreUnavailable("the cache could not be written a moment ago")
-        future: asyncio.Future[Fill] = asyncio.get_running_loop().create_future()
-        self._opening[image_id] = future
-        try:
-            entry = self._store.get(image_id)
-            if entry is None or entry.size != record.size:
-                if entry is not None:
-                    await asyncio.to_thread(self._store.remove, image_id)
-                assert record.size is not None
-                if self.on_new_entry is not None:
-                    self.on_new_entry(record.size)
-                entry = await asyncio.to_thread(
-                    self._store.create,
-                    image_id,
-                    record.size,
-                    checksum=record.checksum,
-                    os_hash_algo=record.os_hash_algo,
-                    os_hash_value=record.os_hash_value,
-                )
-            fd = await asyncio.to_thread(os.open, entry.path, os.O_RDWR)
-            fill = Fill(entry, self._store, self._backend, creds, self._settings, self._closed, fd)
-            self.fills[image_id] = fill
-            future.set_result(fill)
-            return fill, True
-        except OSError as exc:
-            self._store_failed(exc)
-            error = StoreUnavailable(f"cannot create a cache entry: {exc}")
-            future.set_exception(error)
-            future.exception()
-            raise error from exc
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters get it from their own await
-            raise
-        finally:
-            del self._opening[image_id]
-
-    def _closed(self, fill: Fill) -> None:  # called by the fill when it lets go
-        if self.fills.get(fill.entry.image_id) is fill:
-            del self.fills[fill.entry.image_id]
-        if isinstance(fill.error, OSError):
-            self._store_failed(fill.error)
-
-    def _store_failed(self, exc: OSError) -> None:
-        if exc.errno in _STORE_ERRNOS:
-            log.error(
-                "cache directory refused a write (%s): passing through for %ds",
-                exc,
-                STORE_RETRY_AFTER,
-            )
-            self._store_failed_at = time.monotonic()
-
-    async def remove(self, image_id: str) -> bool:
-        """Delete an image's entry, safely while it is being read or filled.
-
-        Readers that have the file open finish from it; a running fill goes on for them but
-        never commits; the space is freed when the last of them closes the file.
-        """
-        entry = self._store.get(image_id)
-        if entry is not None:
-            entry.removed = True  # before any thread runs: a fill finishing now won't commit
-        fill = self.fills.pop(image_id, None)
-        removed = await asyncio.to_thread(self._store.remove, image_id)
-        return removed is not None or fill is not None
-
-    async def close(self) -> None:
-        """Stop every fill, keeping what was written and flushed for a resume."""
-        fills = list(self.fills.values())
-        for fill in fills:
-            fill.cancel()
-        await asyncio.gather(*(f.closed.wait() for f in fills))

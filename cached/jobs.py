@@ -2,8 +2,9 @@
 state lives in :mod:`cached.prefetch`).
 
 ``prune`` and ``clean`` are plain async functions with explicit arguments; the apscheduler
-wiring (:func:`start_scheduler`) is a few lines at the end. Filesystem work runs in threads;
-index changes happen on the event loop.
+wiring (:func:`start_scheduler`) is a few lines at the end. They change the index only
+through the store's loop-side methods (``Store.evict``), whose filesystem work runs on the
+store's executor.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from cached.config import Config
-from cached.fill import Filler
+from cached.filler import Filler
 from cached.prefetch import Prefetcher
 from cached.store import Entry, Store
 
@@ -39,67 +40,49 @@ class CleanResult:
     invalid: int = 0
 
 
-def _unlink(path: Path) -> bool:
-    """Remove ``path`` (already gone counts as removed). Call from an executor."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return True
-    except OSError as exc:
-        log.warning("cannot remove %s: %s", path, exc)
-        return False
-    return True
-
-
 def _evictable(entry: Entry, store: Store, filler: Filler) -> bool:
     """Neither read nor filled, and still the indexed entry of its image."""
     return (
         entry.readers == 0
-        and entry.image_id not in filler.fills
+        and filler.fill_of(entry) is None
         and store.get(entry.image_id) is entry
         and not entry.removed
     )
 
 
-async def _evict(store: Store, entry: Entry) -> bool:
-    """Drop ``entry``: out of the index (new requests miss), unlink, or put it back.
-
-    The unlink is atomic and the index is rebuilt from the files at start, so a crash at any
-    point leaves either the whole entry or none of it.
-    """
-    del store.entries[entry.image_id]
-    entry.removed = True
-    if await asyncio.to_thread(_unlink, entry.path):
-        return True
-    entry.removed = False
-    store.entries.setdefault(entry.image_id, entry)
-    return False
-
-
 async def prune(store: Store, filler: Filler, max_size: int) -> PruneResult:
-    """Evict least recently used complete entries until the cache holds at most ``max_size``.
+    """Evict least recently used entries until the cache holds at most ``max_size``.
 
-    Entries being read or filled are never evicted (Glance's pruner, without its bugs).
+    Complete and partial entries alike (a partial one by when it was last written or read);
+    space reserved by running fills counts as used. Entries being read or filled are never
+    evicted (Glance's pruner, without its bugs).
     """
     total = store.total_size()
     if total <= max_size:
         log.debug("prune: %d bytes cached, limit %d: nothing to do", total, max_size)
         return PruneResult()
     files = pruned = skipped = 0
-    for entry in sorted(store.complete_entries(), key=lambda e: (e.last_accessed, e.image_id)):
+
+    def last_used(e: Entry) -> tuple[float, str]:
+        # A partial entry is in use while it is written to, a complete one when read.
+        used = e.last_accessed if e.complete else max(e.last_accessed, e.last_modified)
+        return used, e.image_id
+
+    for entry in sorted(store.entries.values(), key=last_used):
         if total <= max_size:
             break
         if not _evictable(entry, store, filler):
             skipped += 1
             continue
-        if await _evict(store, entry):
+        held = entry.footprint()
+        if await store.evict(entry):
             files += 1
-            pruned += entry.size
-            total -= entry.size
+            pruned += held
+            total -= held
             log.info(
                 "pruned %s (%d bytes, last accessed %.0f)",
                 entry.image_id,
-                entry.size,
+                held,
                 entry.last_accessed,
             )
     log.info(
@@ -117,8 +100,15 @@ def _reap_invalid(directory: Path) -> list[str]:
     """Remove every file of ``invalid/``; returns the names removed. Call from an executor."""
     removed = []
     for name in os.listdir(directory):
-        if os.path.isfile(directory / name) and _unlink(directory / name):
+        path = directory / name
+        try:
+            if os.path.isfile(path):
+                os.unlink(path)
+                removed.append(name)
+        except FileNotFoundError:
             removed.append(name)
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", path, exc)
     return removed
 
 
@@ -129,10 +119,10 @@ async def clean(store: Store, filler: Filler, stall_time: float) -> CleanResult:
     stalled = 0
     for entry in store.partial_entries():
         if entry.last_modified < cutoff and _evictable(entry, store, filler):
-            if await _evict(store, entry):
+            if await store.evict(entry):
                 stalled += 1
                 log.info("removed stalled partial entry %s", entry.image_id)
-    invalid = await asyncio.to_thread(_reap_invalid, store.invalid_dir)
+    invalid = await store.run(_reap_invalid, store.invalid_dir)
     store.invalid.difference_update(invalid)
     log.info("clean: removed %d stalled and %d invalid entries", stalled, len(invalid))
     return CleanResult(stalled, len(invalid))
@@ -150,6 +140,7 @@ class Maintenance:
         self._prune_lock = asyncio.Lock()
         self._clean_lock = asyncio.Lock()
         self._making_room: asyncio.Task[PruneResult] | None = None
+        self._again = False  # more space was reserved while a prune ran
 
     async def prune(self, target: int | None = None) -> PruneResult:
         """Run :func:`prune` down to ``target`` (default: the max size), after any run."""
@@ -157,16 +148,26 @@ class Maintenance:
             limit = self._max_size if target is None else target
             return await prune(self._store, self._filler, limit)
 
-    def make_room(self, incoming: int) -> None:
-        """A new entry of ``incoming`` bytes starts filling: prune now if it will not fit,
-        rather than let the disk fill up until the next scheduled run (a Glance complaint)."""
-        if self._store.total_size() + incoming <= self._max_size:
+    def make_room(self) -> None:
+        """Fills reserved space: prune now if the cache would go past its max size, rather
+        than let the disk fill up until the next scheduled run (a Glance complaint).
+
+        Reservations count as used, so the prune stops at the max size and never evicts
+        what an admitted image needs below it (admission keeps any one image smaller)."""
+        if self._store.total_size() <= self._max_size:
             return
         if self._making_room is not None and not self._making_room.done():
+            self._again = True
             return
-        task = asyncio.get_running_loop().create_task(self.prune(max(0, self._max_size - incoming)))
-        task.add_done_callback(_log_failure)
+        self._again = False
+        task = asyncio.get_running_loop().create_task(self.prune())
+        task.add_done_callback(self._room_made)
         self._making_room = task
+
+    def _room_made(self, task: asyncio.Task[PruneResult]) -> None:
+        _log_failure(task)
+        if self._again:
+            self.make_room()
 
     async def clean(self) -> CleanResult:
         """Run :func:`clean` (after any run in progress)."""

@@ -45,11 +45,11 @@ from aiohttp import web
 from cached.admin import Access, AdminGuard, ServiceAuth
 from cached.config import Config
 from cached.errors import CachedError, UpstreamError, UpstreamUnavailable
-from cached.fill import Filler
+from cached.filler import Filler
+from cached.ids import is_image_id
 from cached.jobs import Maintenance
 from cached.prefetch import Prefetcher
 from cached.store import Store
-from cached.store.store import is_image_id
 from cached.upstream import Backend, Credentials, ImageRecord
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class Manager:
         """Delete the image's entry (safely while it is read or filled) and invalid copy."""
         removed = await self.filler.remove(image_id)
         if image_id in self.store.invalid:
-            removed |= await asyncio.to_thread(self.store.remove_invalid, image_id)
+            removed |= await self.store.remove_invalid(image_id)
         return removed
 
     async def drop_all(self) -> int:
@@ -278,8 +278,9 @@ async def delete_image(m: Manager, request: web.Request) -> web.StreamResponse:
     image_id = _image_id(request)
     if not await m.held(image_id):
         await m.record(image_id, Credentials.from_headers(request.headers))
-    await m.drop(image_id)
+    # Dequeue first: a prefetch whose fill the drop cancels then sees it was dequeued.
     await asyncio.to_thread(m.store.dequeue, image_id)
+    await m.drop(image_id)
     log.info("deleted %s from the cache and the queue", image_id)
     return _empty(204)
 

@@ -23,7 +23,8 @@ from typing import Any
 from cached.admin import ServiceAuth
 from cached.config import Config
 from cached.errors import CachedError
-from cached.fill import Fill, Filler, FillState
+from cached.fill import Fill, FillState
+from cached.filler import Filler
 from cached.store import Store, xattrs
 from cached.upstream import Backend, Credentials, ImageRecord
 
@@ -228,7 +229,7 @@ class Prefetcher:
         self._tracked[image_id].baseline = _Baseline.of(fill)
         log.info("prefetch: fetching %s (%d bytes)", image_id, record.size)
         fill.ensure_full()
-        while fill.state is FillState.RUNNING:
+        while fill.state.active:
             await fill.wait()
         entry = self._store.get(image_id)
         if fill.state is not FillState.VERIFIED or entry is None or not entry.complete:

@@ -10,7 +10,8 @@ import json
 import logging
 import re
 import uuid
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import aiohttp
@@ -18,11 +19,19 @@ from aiohttp import web
 
 from cached import ranges, versions
 from cached.auth import Authorizer
-from cached.errors import FillAborted, StoreUnavailable, UpstreamError, UpstreamUnavailable
-from cached.fill import Fill, Filler
+from cached.errors import (
+    CachedError,
+    FillAborted,
+    NotAdmitted,
+    StoreUnavailable,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from cached.fill import Fill
+from cached.filler import Filler
+from cached.ids import is_image_id
 from cached.reader import send_entry
 from cached.store import Entry, Store
-from cached.store.store import is_image_id
 from cached.upstream import Backend, Credentials, Decision, ImageRecord
 from cached.upstream.glance import end_to_end
 
@@ -77,6 +86,10 @@ class Proxy:
     # advertise the cache API cached answers; None: the backend answers it (file upstream).
     versions_session: aiohttp.ClientSession | None = None
     upstream_url: str = ""
+    # Admission: images larger than this are never cached (streamed with detail=too-large).
+    max_entry_size: int | None = None
+    # Told of every image deleted through the proxy (e.g. the prefetch queue forgets it).
+    on_deleted: list[Callable[[str], Awaitable[None]]] = field(default_factory=list)
 
     async def image_data(self, request: web.Request) -> web.StreamResponse:
         """``GET /v2/images/{id}/file``: authorise, then serve from the cache or fill it."""
@@ -108,6 +121,8 @@ class Proxy:
                 return await self._bypass(request)
         size = entry.size if entry is not None else record.size  # type: ignore[union-attr]
         assert size is not None
+        if (entry is None or not entry.complete) and self._too_large(size):
+            return await self._bypass(request, "too-large")
         try:
             wanted = ranges.parse(request.headers.get("Range"), size)
             if wanted is not None and "If-Range" in request.headers:
@@ -124,14 +139,19 @@ class Proxy:
             )
         try:
             fill, outcome = await self._attach(image_id, entry, record, creds)
-        except (StoreUnavailable, OSError) as exc:
+        except (StoreUnavailable, FillAborted) as exc:
             log.warning("cache unavailable for %s, passing through: %s", image_id, exc)
             return await self._bypass(request)
+        except NotAdmitted as exc:
+            return await self._bypass(request, exc.detail)
         entry = fill.entry if fill is not None else entry
         assert entry is not None
         return await self._send(
             _Download(request, entry, wanted, outcome, request_id, creds, record), fill
         )
+
+    def _too_large(self, size: int) -> bool:
+        return self.max_entry_size is not None and size > self.max_entry_size
 
     async def _record(self, image_id: str, creds: Credentials) -> ImageRecord | None:
         try:
@@ -157,10 +177,7 @@ class Proxy:
 
     async def _send(self, dl: _Download, fill: Fill | None) -> web.StreamResponse:
         if fill is not None:
-            if dl.whole:
-                fill.ensure_full()
-            else:
-                fill.ensure_range(dl.start, dl.end)
+            fill.demand(dl.start, dl.end, whole=dl.whole)
         entry = dl.entry
         # Count the reader before anything awaits: prune and delete skip entries in use.
         entry.readers += 1
@@ -175,6 +192,7 @@ class Proxy:
                 await asyncio.to_thread(file.close)
         finally:
             entry.readers -= 1
+            self.filler.reader_left(entry)
 
     async def _stream(self, dl: _Download, file: BinaryIO) -> web.StreamResponse:
         entry, request = dl.entry, dl.request
@@ -192,21 +210,17 @@ class Proxy:
         except ConnectionError:  # the client left before the headers went out
             return response
 
-        async def ensure_fill(pos: int, stop: int, following: Fill | None) -> Fill | None:
+        async def ensure_fill(pos: int, stop: int) -> tuple[Fill | None, int]:
             if entry.complete:
-                return None
-            current = following or self.filler.get(entry.image_id)
-            if current is not None and current.entry is not entry:
-                raise FillAborted("entry deleted")  # and re-created since: not ours to wait on
+                return None, 0
+            current = self.filler.fill_of(entry)
             if current is None:
                 if entry.removed:
                     raise FillAborted("entry deleted")
                 current, _ = await self.filler.open(dl.record or _record_of(entry), dl.creds)
-            if dl.whole:
-                current.ensure_full()
-            elif not current.will_produce(pos):
-                current.ensure_range(pos, stop)
-            return current
+                if current.entry is not entry:
+                    raise FillAborted("entry deleted")  # and re-created since: not ours
+            return current, current.demand(pos, stop, whole=dl.whole)
 
         try:
             await send_entry(
@@ -216,10 +230,10 @@ class Proxy:
                 file,
                 dl.start,
                 dl.end,
-                lambda: self.filler.get(entry.image_id),
+                lambda: self.filler.fill_of(entry),
                 ensure_fill,
             )
-        except (FillAborted, ConnectionError, OSError) as exc:
+        except (CachedError, ConnectionError, OSError) as exc:
             # Content-Length is out: cutting the connection tells the client it is short.
             log.info("download of %s cut short: %s", entry.image_id, exc)
             if request.transport is not None:
@@ -227,14 +241,16 @@ class Proxy:
             return response
         await response.write_eof()
         if dl.outcome is Outcome.HIT:
-            await asyncio.to_thread(self.store.touch, entry, hit=True)
+            await self.store.touch(entry, hit=True)
         return response
 
-    async def _bypass(self, request: web.Request) -> web.StreamResponse:
-        """A download the cache does not take part in (store unavailable, several ranges)."""
+    async def _bypass(self, request: web.Request, detail: str | None = None) -> web.StreamResponse:
+        """A download the cache does not take part in (store unavailable, several ranges,
+        an image the admission rule keeps out)."""
+        status = Outcome.BYPASS.value + (f"; detail={detail}" if detail else "")
 
         async def mark(response: web.StreamResponse) -> None:
-            response.headers["Cache-Status"] = Outcome.BYPASS.value
+            response.headers["Cache-Status"] = status
 
         try:
             return await self.backend.forward(request, mark)
@@ -302,6 +318,8 @@ class Proxy:
         self.authorizer.forget(image_id)
         if deleted:
             await self.filler.remove(image_id)
+            for hook in self.on_deleted:
+                await hook(image_id)
             log.info("image %s deleted upstream: dropped its cache entry", image_id)
 
 

@@ -1,9 +1,11 @@
 """Send bytes of a cache entry to a client: sendfile from the sparse file, waiting on its fill.
 
 The same loop serves a hit (everything present: one sendfile) and a reader that follows a
-fill (send what is there, wait for the next progress event, repeat). The last byte of a
-whole-image response is held back until the entry is verified, so a client never sees a
-complete response for an image whose digest does not match.
+fill (send what is there, wait for the next progress event, repeat). A reader only ever
+follows a fill of *its own* entry: if the entry is deleted and the image cached anew, the
+new entry's fill is not this reader's business. The last byte of a whole-image response is
+held back until the entry is verified, so a client never sees a complete response for an
+image whose digest does not match.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from aiohttp import web
 
 from cached.errors import FillAborted
 from cached.fill import Fill, FillState
-from cached.store import Entry
+from cached.store import Entry, State
 
 _FALLBACK_PIECE = 1 << 20
 
-# Returns the image's current fill, started and asked to cover [pos, end), or None when the
-# entry needs no fill (it is complete).
-EnsureFill = Callable[[int, int, Fill | None], Awaitable[Fill | None]]
+# Returns the active fill of the reader's entry, asked to cover [pos, end), and a mark for
+# Fill.check; (None, 0) when the entry needs no fill (it is complete).
+EnsureFill = Callable[[int, int], Awaitable[tuple[Fill | None, int]]]
 
 
 def _present_end(entry: Entry, pos: int) -> int:
@@ -45,28 +47,25 @@ async def send_entry(
     file: BinaryIO,
     start: int,
     end: int,
-    current_fill: Callable[[], Fill | None],
+    fill_of_entry: Callable[[], Fill | None],
     ensure_fill: EnsureFill,
 ) -> None:
     """Send bytes ``[start, end)`` of ``entry`` on the prepared response of ``request``.
 
-    Raises FillAborted (the fill failed or the entry went invalid/was deleted) or
-    ConnectionError (the client went away); the caller then cuts the connection.
+    Raises FillAborted (the fill failed, the range it needed was lost, the entry went
+    invalid or was deleted) or ConnectionError (the client went away); the caller then
+    cuts the connection.
     """
     pos = start
     followed: Fill | None = None
+    mark = 0
     while pos < end:
-        if entry.state.value == "invalid":
+        if entry.state is State.INVALID:
             raise FillAborted(f"entry {entry.image_id} failed verification")
         if followed is not None:
-            followed.raise_if_failed()  # an upstream failure ends this response too
-        fill = None
-        if not entry.complete:
-            # Keep following our fill while it runs, even if the entry was deleted and the
-            # fill left the registry; otherwise pick up whichever fill runs now.
-            running = followed is not None and followed.state is FillState.RUNNING
-            fill = followed if running else current_fill()
-        followed = fill or followed
+            followed.check(pos, mark)  # an upstream failure ends this response too
+        if not entry.complete and (followed is None or not followed.state.active):
+            followed = fill_of_entry() or followed
         # A fill knows what it wrote, also after it ended (a deleted entry publishes nothing).
         ready = followed.available(pos) if followed is not None else _present_end(entry, pos)
         limit = end
@@ -80,7 +79,7 @@ async def send_entry(
             continue
         if entry.complete:
             continue
-        fill = await ensure_fill(pos, end, fill)
+        fill, mark = await ensure_fill(pos, end)
         if fill is None:
             continue
         followed = fill

@@ -133,7 +133,7 @@ async def test_range_of_present_chunks_leaves_no_fill_running(filed: Daemon, ima
     assert status == 206 and body == data[100:200]
     await asyncio.sleep(0.2)
     fill = filed.filler.fills.get(image_id)
-    assert fill is None or fill.done, "a fill with nothing to fetch is still running"
+    assert fill is None or not fill.state.active, "a fill with nothing to fetch is still running"
 
 
 async def test_unknown_image_is_404_and_caches_nothing(filed: Daemon, images: Path) -> None:

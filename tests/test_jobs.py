@@ -79,23 +79,32 @@ def cache_dir(tmp_path: Path) -> Path:
 async def test_prune_evicts_least_recently_used_and_never_what_is_in_use(
     glance: FakeGlance, cache_dir: Path
 ) -> None:
-    d = await start_daemon(cache_dir, glance.url, image_cache_max_size=2 * MiB, prune_on_fill=False)
+    d = await start_daemon(
+        cache_dir,
+        glance.url,
+        image_cache_max_size=6 * MiB,
+        max_image_fraction=1.0,
+        prune_on_fill=False,
+    )
     try:
-        ids = [await cache(d, glance) for _ in range(4)]
+        ids = [await cache(d, glance, 2 * MiB) for _ in range(4)]
         for age, image_id in zip((400, 300, 200, 100), ids, strict=True):
             d.store.get(image_id).last_accessed = time.time() - age  # type: ignore[union-attr]
         d.store.get(ids[0]).readers = 1  # type: ignore[union-attr]  # the oldest is being read
-        # A partial entry counts towards the size but is never evicted.
-        partial = glance.add_image(os.urandom(9 * MiB))
+        # A partial entry not in use is evicted too, by when it was last written or read.
+        partial = glance.add_image(os.urandom(6 * MiB))
         assert (await d.get(partial.id, Range="bytes=0-0"))[0] == 206
         await eventually(lambda: partial.id not in d.filler.fills)
+        entry = d.store.get(partial.id)
+        assert entry is not None and entry.present_bytes() == 4 * MiB
+        entry.last_accessed = entry.last_modified = time.time() - 150
 
         result = await d.app[MANAGER].maintenance.prune()
-        # 4 MiB + the 4 MiB chunk of the partial entry > 2 MiB: everything evictable goes,
-        # from the least recently used on, except what is being read.
-        assert (result.files, result.bytes) == (3, 3 * MiB)
-        assert tree(cache_dir) == sorted([*EMPTY, ids[0], f"incomplete/{partial.id}"])
-        assert sorted(d.store.entries) == sorted([ids[0], partial.id])
+        # 8 MiB + the 4 MiB chunk of the partial entry > 6 MiB: evictable entries go from the
+        # least recently used on (skipping the one being read) until 6 MiB are left.
+        assert (result.files, result.bytes) == (3, 2 * MiB + 2 * MiB + 4 * MiB)
+        assert tree(cache_dir) == sorted([*EMPTY, ids[0], ids[3]])
+        assert sorted(d.store.entries) == sorted([ids[0], ids[3]])
     finally:
         await stop_daemon(d)
 

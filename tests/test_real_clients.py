@@ -236,7 +236,9 @@ async def cached_ids(node: Node, *image_ids: str) -> None:
 # ---- glance cache-* (python-glanceclient, the v2 Cache API) ------------------------------------
 
 
-@pytest.mark.parametrize("node", [{"image_cache_max_size": "1536K"}], indirect=True)
+@pytest.mark.parametrize(
+    "node", [{"image_cache_max_size": "1536K", "max_image_fraction": 1.0}], indirect=True
+)
 async def test_glance_cache_commands(glance: FakeGlance, node: Node, clients: Clients) -> None:
     x = glance.add_image(os.urandom(MiB), owner="p1")
     y = glance.add_image(os.urandom(MiB), owner="p1")

@@ -4,22 +4,34 @@ the index rebuilt from the directory tree, the prefetch queue. Real files, real 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 import uuid
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from conftest import tree
 
-from cached.store import Bitmap, State, Store, chunk_size_for, xattrs
+from cached.store import Bitmap, Entry, State, Store, chunk_size_for, xattrs
 from cached.store import entry as entries
 from cached.store.chunks import MAX_CHUNKS, MIN_CHUNK
-from cached.store.store import is_image_id
+from cached.ids import is_image_id
 
 MiB = 1 << 20
 GiB = 1 << 30
 TiB = 1 << 40
+
+
+T = TypeVar("T")
+
+
+def run(step: Coroutine[Any, Any, T]) -> T:
+    """Run one of the store's loop-side operations from a plain test."""
+    return asyncio.run(step)
 
 
 def new_id() -> str:
@@ -30,8 +42,19 @@ def new_id() -> str:
 def store(tmp_path: Path) -> Store:
     s = Store(tmp_path / "cache")
     s.root.mkdir()
-    s.open()
+    run(s.open())
     return s
+
+
+def publish(entry: Entry, chunks: set[int]) -> None:
+    """Record ``chunks`` as present, as a fill does after flushing them."""
+    entry.present.update(chunks)
+    entry.last_modified = time.time()
+    fd = os.open(entry.path, os.O_RDWR)
+    try:
+        entries.record_present(fd, entry.present.to_bytes(), entry.last_modified)
+    finally:
+        os.close(fd)
 
 
 def fill_file(path: Path, data: bytes) -> None:
@@ -124,8 +147,10 @@ def test_single_chunk_bitmap() -> None:
 
 def test_create_writes_a_sparse_file_and_literal_xattrs(store: Store) -> None:
     image_id = new_id()
-    entry = store.create(
-        image_id, 10 * MiB + 5, checksum="c0ffee", os_hash_algo="sha512", os_hash_value="beef"
+    entry = run(
+        store.create(
+            image_id, 10 * MiB + 5, checksum="c0ffee", os_hash_algo="sha512", os_hash_value="beef"
+        )
     )
     path = store.root / "incomplete" / image_id
     assert entry.path == path
@@ -156,16 +181,14 @@ def test_create_writes_a_sparse_file_and_literal_xattrs(store: Store) -> None:
 
 def test_create_then_load_round_trip(store: Store) -> None:
     image_id = new_id()
-    made = store.create(image_id, 9 * MiB, checksum=None, os_hash_algo=None, os_hash_value=None)
-    fd = os.open(made.path, os.O_RDWR)
-    try:
-        entries.publish(made, fd, {0, 2})
-    finally:
-        os.close(fd)
+    made = run(
+        store.create(image_id, 9 * MiB, checksum=None, os_hash_algo=None, os_hash_value=None)
+    )
+    publish(made, {0, 2})
     assert xattrs.read_all(made.path)["user.cached.bitmap"] == b"\x05"
-    store.touch(made, hit=True)
-    store.touch(made, hit=True)
-    store.touch(made, hit=False)
+    run(store.touch(made, hit=True))
+    run(store.touch(made, hit=True))
+    run(store.touch(made, hit=False))
     assert xattrs.read_all(made.path)["user.hits"] == b"2"
 
     loaded = entries.load(made.path)
@@ -184,19 +207,19 @@ def test_create_then_load_round_trip(store: Store) -> None:
 
 def test_publish_persists_last_modified(store: Store) -> None:
     """The clean job judges partial entries by last_modified: a restart must not reset it."""
-    made = store.create(new_id(), 9 * MiB, checksum=None, os_hash_algo=None, os_hash_value=None)
+    made = run(
+        store.create(new_id(), 9 * MiB, checksum=None, os_hash_algo=None, os_hash_value=None)
+    )
     created = made.last_modified
-    fd = os.open(made.path, os.O_RDWR)
-    try:
-        entries.publish(made, fd, {1})
-    finally:
-        os.close(fd)
+    publish(made, {1})
     assert made.last_modified > created
     assert entries.load(made.path).last_modified == made.last_modified
 
 
 def test_load_rejects_a_file_whose_size_disagrees(store: Store) -> None:
-    entry = store.create(new_id(), 5 * MiB, checksum=None, os_hash_algo=None, os_hash_value=None)
+    entry = run(
+        store.create(new_id(), 5 * MiB, checksum=None, os_hash_algo=None, os_hash_value=None)
+    )
     os.truncate(entry.path, 4 * MiB)
     with pytest.raises(ValueError, match="metadata says 5242880"):
         entries.load(entry.path)
@@ -204,10 +227,10 @@ def test_load_rejects_a_file_whose_size_disagrees(store: Store) -> None:
 
 def test_commit_invalidate_and_their_xattrs(store: Store) -> None:
     good, bad = new_id(), new_id()
-    a = store.create(good, 100, checksum=None, os_hash_algo=None, os_hash_value=None)
-    b = store.create(bad, 100, checksum=None, os_hash_algo=None, os_hash_value=None)
-    assert store.commit(a) is True
-    store.invalidate(b, "sha512 mismatch: got x, expected y")
+    a = run(store.create(good, 100, checksum=None, os_hash_algo=None, os_hash_value=None))
+    b = run(store.create(bad, 100, checksum=None, os_hash_algo=None, os_hash_value=None))
+    assert run(store.commit(a)) is True
+    run(store.invalidate(b, "sha512 mismatch: got x, expected y"))
     assert tree(store.root) == sorted(["incomplete/", "invalid/", f"invalid/{bad}", "queue/", good])
     assert xattrs.read_all(store.root / good)["user.cached.state"] == b"complete"
     attrs = xattrs.read_all(store.root / "invalid" / bad)
@@ -215,7 +238,7 @@ def test_commit_invalidate_and_their_xattrs(store: Store) -> None:
     assert attrs["user.error"] == b"sha512 mismatch: got x, expected y"
     assert store.get(good) is a and a.complete and a.path == store.root / good
     assert store.get(bad) is None and store.invalid == {bad}
-    assert store.remove_invalid(bad) is True and store.remove_invalid(bad) is False
+    assert run(store.remove_invalid(bad)) is True and run(store.remove_invalid(bad)) is False
     assert store.invalid == set()
 
 
@@ -224,19 +247,19 @@ def test_commit_invalidate_and_their_xattrs(store: Store) -> None:
 
 def test_open_rebuilds_the_index_from_the_tree(store: Store) -> None:
     done, partial, broken = new_id(), new_id(), new_id()
-    a = store.create(done, 6 * MiB, checksum="aa", os_hash_algo=None, os_hash_value=None)
-    store.commit(a)
-    store.touch(a, hit=True)
-    b = store.create(partial, 20 * MiB, checksum=None, os_hash_algo="sha256", os_hash_value="bb")
-    fd = os.open(b.path, os.O_RDWR)
-    entries.publish(b, fd, {1, 3})
-    os.close(fd)
-    c = store.create(broken, 10, checksum=None, os_hash_algo=None, os_hash_value=None)
-    store.invalidate(c, "md5 mismatch")
+    a = run(store.create(done, 6 * MiB, checksum="aa", os_hash_algo=None, os_hash_value=None))
+    run(store.commit(a))
+    run(store.touch(a, hit=True))
+    b = run(
+        store.create(partial, 20 * MiB, checksum=None, os_hash_algo="sha256", os_hash_value="bb")
+    )
+    publish(b, {1, 3})
+    c = run(store.create(broken, 10, checksum=None, os_hash_algo=None, os_hash_value=None))
+    run(store.invalidate(c, "md5 mismatch"))
     store.enqueue(done)
 
     again = Store(store.root)
-    again.open()
+    run(again.open())
     assert sorted(again.entries) == sorted([done, partial])
     assert again.invalid == {broken}
     e = again.get(done)
@@ -262,21 +285,27 @@ def test_open_drops_partial_files_without_usable_metadata(store: Store) -> None:
     xattrs.write(incomplete / garbage, "user.cached.meta", b"{not json")
     xattrs.write(incomplete / garbage, "user.cached.state", b"filling")
     (incomplete / bare).write_bytes(b"y" * 1000)  # no xattrs at all
-    e = store.create(short, 8 * MiB, checksum=None, os_hash_algo=None, os_hash_value=None)
+    e = run(store.create(short, 8 * MiB, checksum=None, os_hash_algo=None, os_hash_value=None))
     os.truncate(e.path, MiB)  # the file lost its tail
-    store.create(good, MiB, checksum=None, os_hash_algo=None, os_hash_value=None)
-    wrong_bitmap = store.create(new_id(), MiB, checksum=None, os_hash_algo=None, os_hash_value=None)
+    run(store.create(good, MiB, checksum=None, os_hash_algo=None, os_hash_value=None))
+    wrong_bitmap = run(
+        store.create(new_id(), MiB, checksum=None, os_hash_algo=None, os_hash_value=None)
+    )
     xattrs.write(wrong_bitmap.path, "user.cached.bitmap", b"\x01\x02\x03")  # wrong length
 
     again = Store(store.root)
-    again.open()
+    run(again.open())
     assert list(again.entries) == [good]
     assert tree(again.root) == ["incomplete/", f"incomplete/{good}", "invalid/", "queue/"]
 
 
 def test_open_ignores_foreign_files_and_leaves_them_alone(store: Store) -> None:
     image_id = new_id()
-    store.commit(store.create(image_id, 10, checksum=None, os_hash_algo=None, os_hash_value=None))
+    run(
+        store.commit(
+            run(store.create(image_id, 10, checksum=None, os_hash_algo=None, os_hash_value=None))
+        )
+    )
     root = store.root
     (root / "README").write_text("not an image")
     (root / "lost+found").mkdir()
@@ -286,12 +315,12 @@ def test_open_ignores_foreign_files_and_leaves_them_alone(store: Store) -> None:
     bad_complete = new_id()  # an image id in the root without usable metadata: kept, not served
     (root / bad_complete).write_bytes(b"z" * 10)
     filling_in_root = new_id()
-    store.create(filling_in_root, 10, checksum=None, os_hash_algo=None, os_hash_value=None)
+    run(store.create(filling_in_root, 10, checksum=None, os_hash_algo=None, os_hash_value=None))
     os.rename(root / "incomplete" / filling_in_root, root / filling_in_root)
     before = tree(root)
 
     again = Store(root)
-    again.open()
+    run(again.open())
     assert list(again.entries) == [image_id]
     assert again.queued() == []
     assert tree(root) == before
@@ -299,7 +328,7 @@ def test_open_ignores_foreign_files_and_leaves_them_alone(store: Store) -> None:
 
 def test_open_on_an_empty_directory_makes_the_layout(tmp_path: Path) -> None:
     s = Store(tmp_path)
-    s.open()
+    run(s.open())
     assert tree(tmp_path) == ["incomplete/", "invalid/", "queue/"]
     assert s.entries == {} and s.invalid == set() and s.total_size() == 0
 
@@ -308,10 +337,10 @@ def test_create_replaces_a_stale_partial(store: Store) -> None:
     image_id = new_id()
     stale = store.root / "incomplete" / image_id
     stale.write_bytes(b"old" * 100)
-    entry = store.create(image_id, MiB, checksum=None, os_hash_algo=None, os_hash_value=None)
+    entry = run(store.create(image_id, MiB, checksum=None, os_hash_algo=None, os_hash_value=None))
     assert os.stat(entry.path).st_size == MiB and os.stat(entry.path).st_blocks * 512 <= 8192
     with pytest.raises(ValueError, match="not an image id"):
-        store.create("../etc", 1, checksum=None, os_hash_algo=None, os_hash_value=None)
+        run(store.create("../etc", 1, checksum=None, os_hash_algo=None, os_hash_value=None))
 
 
 # ------------------------------------------------------------------ the queue
@@ -341,31 +370,33 @@ def test_queue_is_ordered_by_mtime(store: Store) -> None:
 def test_remove_while_a_reader_has_the_file_open(store: Store) -> None:
     image_id = new_id()
     data = os.urandom(3 * MiB)
-    entry = store.create(image_id, len(data), checksum=None, os_hash_algo=None, os_hash_value=None)
+    entry = run(
+        store.create(image_id, len(data), checksum=None, os_hash_algo=None, os_hash_value=None)
+    )
     fill_file(entry.path, data)
-    assert store.commit(entry)
+    assert run(store.commit(entry))
     with open(store.root / image_id, "rb") as reader:
         first = reader.read(MiB)
-        removed = store.remove(image_id)
+        removed = run(store.remove(image_id))
         assert removed is entry and entry.removed
         assert store.get(image_id) is None
         assert not (store.root / image_id).exists()
         assert first + reader.read() == data  # the open file outlives its name
     assert tree(store.root) == ["incomplete/", "invalid/", "queue/"]
-    assert store.remove(image_id) is None
-    store.touch(entry, hit=True)  # a late touch of a removed entry recreates nothing
+    assert run(store.remove(image_id)) is None
+    run(store.touch(entry, hit=True))  # a late touch of a removed entry recreates nothing
     assert tree(store.root) == ["incomplete/", "invalid/", "queue/"]
 
 
 def test_removed_partial_is_never_committed(store: Store) -> None:
     image_id = new_id()
-    entry = store.create(image_id, 10, checksum=None, os_hash_algo=None, os_hash_value=None)
+    entry = run(store.create(image_id, 10, checksum=None, os_hash_algo=None, os_hash_value=None))
     with open(entry.path, "rb") as reader:
-        store.remove(image_id)
-        assert store.commit(entry) is False
+        run(store.remove(image_id))
+        assert run(store.commit(entry)) is False
         assert reader.read() == b"\0" * 10
     assert tree(store.root) == ["incomplete/", "invalid/", "queue/"]
-    store.invalidate(entry, "late")  # nor moved to invalid/
+    run(store.invalidate(entry, "late"))  # nor moved to invalid/
     assert tree(store.root) == ["incomplete/", "invalid/", "queue/"]
 
 
@@ -386,7 +417,7 @@ def test_is_image_id(value: str, expected: bool) -> None:
 
 
 def test_meta_is_compact_json(store: Store) -> None:
-    entry = store.create(new_id(), 1, checksum="x", os_hash_algo=None, os_hash_value=None)
+    entry = run(store.create(new_id(), 1, checksum="x", os_hash_algo=None, os_hash_value=None))
     meta = xattrs.read_all(entry.path)["user.cached.meta"]
     assert json.loads(meta) == {
         "size": 1,

@@ -1,10 +1,13 @@
 """One image on disk: a sparse file whose metadata lives in its own ``user.*`` xattrs.
 
-All functions here block; call them from an executor.
+The functions here block (call them from an executor) and change no :class:`Entry` that is
+in the index: they take values and return results, and the event loop applies them (see
+:mod:`cached.store.store` for who owns which field).
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import os
@@ -47,6 +50,10 @@ class Entry:
     removed: bool = field(default=False, compare=False)
     # Readers currently serving from the file; pruning skips entries in use.
     readers: int = field(default=0, compare=False)
+    # Bytes a running fill may still write beyond ``present`` (space accounting).
+    reserved: int = field(default=0, compare=False)
+    # Serialises commit, invalidate and delete of this entry (see Store).
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, compare=False, repr=False)
 
     @property
     def chunk_count(self) -> int:
@@ -69,6 +76,12 @@ class Entry:
 
     def present_bytes(self) -> int:
         return sum(self.chunk_bounds(i)[1] - self.chunk_bounds(i)[0] for i in self.present)
+
+    def footprint(self) -> int:
+        """Bytes this entry holds on disk, or may hold once its running fill is done."""
+        if self.complete:
+            return self.size
+        return min(self.size, self.present_bytes() + self.reserved)
 
 
 def create(
@@ -157,24 +170,15 @@ def load(path: Path) -> Entry:
     )
 
 
-def publish(entry: Entry, fd: int, chunks: set[int]) -> None:
-    """Record ``chunks`` as present. The caller has already fdatasync'ed their bytes."""
-    entry.present.update(chunks)
-    entry.last_modified = time.time()
-    xattrs.write_many(
-        fd,
-        {
-            xattrs.BITMAP: entry.present.to_bytes(),
-            xattrs.LAST_MODIFIED: repr(entry.last_modified).encode(),
-        },
-    )
+def record_present(fd: int, bitmap: bytes, stamp: float) -> None:
+    """Persist a presence bitmap. The caller has already fdatasync'ed the bytes it adds."""
+    xattrs.write_many(fd, {xattrs.BITMAP: bitmap, xattrs.LAST_MODIFIED: repr(stamp).encode()})
 
 
-def set_state(entry: Entry, target: int | Path, state: State, error: str | None = None) -> None:
-    entry.state = state
+def write_states(target: int | Path, state: State, error: str | None = None) -> None:
+    """Record ``state`` (and an error message, Glance's ``user.error``) on the file."""
     values = {xattrs.STATE: state.value.encode()}
     if error is not None:
-        entry.error = error
         values[xattrs.ERROR] = error.encode()
     xattrs.write_many(target, values)
 
@@ -184,14 +188,22 @@ def write_state(target: Path, state: State) -> None:
     xattrs.write(target, xattrs.STATE, state.value.encode())
 
 
-def touch(entry: Entry, *, hit: bool) -> None:
-    """Count a hit and the access time (our own xattr: atime lies on noatime mounts)."""
-    entry.last_accessed = time.time()
-    values = {xattrs.LAST_ACCESSED: repr(entry.last_accessed).encode()}
+def write_values(target: Path, values: dict[str, bytes]) -> None:
+    xattrs.write_many(target, values)
+
+
+def access_values(entry: Entry, *, hit: bool, now: float) -> dict[str, bytes]:
+    """Count an access (and a hit) on ``entry`` and return the xattrs that record it.
+
+    Runs on the event loop (it changes the entry); write the result with ``write_values``.
+    Our own access stamp: atime lies on noatime mounts.
+    """
+    entry.last_accessed = now
+    values = {xattrs.LAST_ACCESSED: repr(now).encode()}
     if hit:
         entry.hits += 1
         values[xattrs.HITS] = str(entry.hits).encode()
-    xattrs.write_many(entry.path, values)
+    return values
 
 
 def _int(raw: bytes | None) -> int:

@@ -1,93 +1,184 @@
-"""The cache directory: the set of entries, the download queue, and space accounting.
+"""The cache directory and its index: which entries exist, what state they are in, and how
+much space they hold or may still take.
 
 Layout (Glance's words): ``<root>/<id>`` complete and verified; ``<root>/incomplete/<id>``
 being filled (sparse, with a presence bitmap); ``<root>/invalid/<id>`` failed verification;
 ``<root>/queue/<id>`` empty markers of images queued for prefetch, in mtime order.
 
-Every method blocks on the filesystem: call it from an executor.
+Ownership: the event loop owns the index. ``Store.entries``, ``Store.invalid`` and these
+fields of an indexed :class:`Entry` are changed only by coroutines running on the loop:
+``path``, ``state``, ``removed``, ``readers``, ``present``, ``reserved``, ``hits``,
+``last_accessed``, ``last_modified``. Filesystem work runs on the store's executor
+(``Store.io``) in the blocking functions of this module and of :mod:`cached.store.entry`,
+which take values, return results and never touch the index; the loop applies the results.
+
+A commit, an invalidation and a delete of the same entry are serialised by the entry's
+``lock``: a delete that races a commit removes whichever file exists when it runs, and a
+commit never resurrects a deleted entry. The queue methods (``enqueue``, ``dequeue``,
+``queued``) touch only ``queue/`` and block: call them from an executor.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
-import uuid
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+from cached.ids import is_image_id
 from cached.store import entry as entries
 from cached.store.entry import Entry, State
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 
-def is_image_id(value: str) -> bool:
-    """Whether ``value`` is a canonical UUID (what Glance accepts as an image id)."""
+IO_THREADS = 8  # cache-directory work at once; a hung disk holds these, not the loop's pool
+
+
+@dataclass
+class Scan:
+    """What a scan of the cache directory found (built on a worker thread)."""
+
+    entries: list[Entry] = field(default_factory=list)
+    invalid: set[str] = field(default_factory=set)
+    seconds: float = 0.0
+
+
+def scan(root: Path) -> Scan:
+    """Create the sub-directories and read every entry back from its file and xattrs.
+
+    Blocking: call from an executor. Finishes commits interrupted between the state write
+    and the rename; drops partial files without usable metadata.
+    """
+    started = time.monotonic()
+    found = Scan()
+    for d in ("incomplete", "invalid", "queue"):
+        (root / d).mkdir(exist_ok=True)
+    for name in os.listdir(root):
+        if is_image_id(name):
+            entry = _load(root, root / name, State.COMPLETE)
+            if entry is not None:
+                found.entries.append(entry)
+    for name in os.listdir(root / "incomplete"):
+        if is_image_id(name):
+            entry = _load(root, root / "incomplete" / name, State.FILLING)
+            if entry is not None:
+                found.entries.append(entry)
+    found.invalid = {n for n in os.listdir(root / "invalid") if is_image_id(n)}
+    found.seconds = time.monotonic() - started
+    return found
+
+
+def _load(root: Path, path: Path, expected: State) -> Entry | None:
     try:
-        return str(uuid.UUID(value)) == value.lower() and len(value) == 36
-    except (ValueError, AttributeError, TypeError):
+        entry = entries.load(path)
+    except (OSError, ValueError) as exc:
+        if expected is State.FILLING:
+            # A partial file without usable metadata holds nothing we can trust.
+            log.warning("dropping unusable partial entry %s: %s", path, exc)
+            path.unlink(missing_ok=True)
+        else:
+            log.warning("ignoring %s: %s", path, exc)
+        return None
+    if entry.state is State.COMPLETE and expected is State.FILLING:
+        # Verified, then the daemon stopped between the state write and the rename.
+        final = root / entry.image_id
+        os.rename(path, final)
+        entry.path = final
+        log.info("finished committing %s", entry.image_id)
+    elif entry.state is not expected:
+        log.warning("ignoring %s: state %s in the %s area", path, entry.state.value, expected)
+        return None
+    return entry
+
+
+def _create(path: Path, image_id: str, size: int, digests: dict[str, str | None]) -> Entry:
+    path.unlink(missing_ok=True)
+    return entries.create(path, image_id, size, **digests)
+
+
+def _commit(entry_path: Path, root: Path, image_id: str) -> Path:
+    """Mark the file complete and move it to ``root``; returns its new path."""
+    entries.write_state(entry_path, State.COMPLETE)
+    final = root / image_id
+    os.rename(entry_path, final)
+    try:
+        _fsync_dir(root)
+        _fsync_dir(entry_path.parent)
+    except OSError as exc:  # the data is flushed; only the rename may not survive a crash
+        log.warning("cannot flush the directory of %s: %s", final, exc)
+    return final
+
+
+def _invalidate(entry_path: Path, target: Path, reason: str) -> None:
+    entries.write_states(entry_path, State.INVALID, error=reason)
+    os.rename(entry_path, target)
+
+
+def _unlink(path: Path) -> bool:
+    """Remove ``path`` (already gone counts as removed)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc)
         return False
+    return True
+
+
+def _touch(path: Path, values: dict[str, bytes]) -> None:
+    try:
+        entries.write_values(path, values)
+    except OSError as exc:  # read-only, full, or deleted meanwhile: a hit is still a hit
+        log.debug("cannot record access to %s: %s", path, exc)
 
 
 class Store:
     """All entries under one cache directory, indexed in memory by image id."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, io: Executor | None = None):
         self.root = Path(root)
         self.incomplete_dir = self.root / "incomplete"
         self.invalid_dir = self.root / "invalid"
         self.queue_dir = self.root / "queue"
         self.entries: dict[str, Entry] = {}
         self.invalid: set[str] = set()
+        self._own_io = io is None
+        self.io: Executor = io or ThreadPoolExecutor(IO_THREADS, thread_name_prefix="cache-io")
 
-    def open(self) -> None:
-        """Create the sub-directories and rebuild the index from the files and their xattrs."""
-        for d in (self.incomplete_dir, self.invalid_dir, self.queue_dir):
-            d.mkdir(exist_ok=True)
-        started = time.monotonic()
-        self.entries.clear()
-        for name in os.listdir(self.root):
-            if is_image_id(name):
-                self._load(self.root / name, State.COMPLETE)
-        for name in os.listdir(self.incomplete_dir):
-            if is_image_id(name):
-                self._load(self.incomplete_dir / name, State.FILLING)
-        self.invalid = {n for n in os.listdir(self.invalid_dir) if is_image_id(n)}
+    async def run(self, func: Callable[..., T], *args: object) -> T:
+        """Run blocking cache-directory work on the store's executor."""
+        return await asyncio.get_running_loop().run_in_executor(self.io, func, *args)
+
+    async def open(self) -> None:
+        """Rebuild the index from the files and their xattrs (replacing what it held)."""
+        found = await self.run(scan, self.root)
+        self.entries = {e.image_id: e for e in found.entries}
+        self.invalid = found.invalid
         log.info(
             "cache index: %d complete, %d partial, %d invalid in %.3fs (%s)",
-            sum(e.complete for e in self.entries.values()),
-            sum(not e.complete for e in self.entries.values()),
-            len(self.invalid),
-            time.monotonic() - started,
+            sum(e.complete for e in found.entries),
+            sum(not e.complete for e in found.entries),
+            len(found.invalid),
+            found.seconds,
             self.root,
         )
 
-    def _load(self, path: Path, expected: State) -> None:
-        try:
-            entry = entries.load(path)
-        except (OSError, ValueError) as exc:
-            if expected is State.FILLING:
-                # A partial file without usable metadata holds nothing we can trust.
-                log.warning("dropping unusable partial entry %s: %s", path, exc)
-                path.unlink(missing_ok=True)
-            else:
-                log.warning("ignoring %s: %s", path, exc)
-            return
-        if entry.state is State.COMPLETE and expected is State.FILLING:
-            # Verified, then the daemon stopped between the state write and the rename.
-            final = self.root / entry.image_id
-            os.rename(path, final)
-            entry.path = final
-            log.info("finished committing %s", entry.image_id)
-        elif entry.state is not expected:
-            log.warning("ignoring %s: state %s in the %s area", path, entry.state.value, expected)
-            return
-        self.entries[entry.image_id] = entry
+    def close(self) -> None:
+        if self._own_io:
+            self.io.shutdown(wait=False)
 
     def get(self, image_id: str) -> Entry | None:
         return self.entries.get(image_id)
 
-    def create(
+    async def create(
         self,
         image_id: str,
         size: int,
@@ -96,78 +187,96 @@ class Store:
         os_hash_algo: str | None,
         os_hash_value: str | None,
     ) -> Entry:
-        """Create a new partial entry in ``incomplete/`` (a sparse file of ``size`` bytes)."""
+        """Create a new partial entry in ``incomplete/`` (a sparse file of ``size`` bytes)
+        and index it, replacing any entry the image had."""
         self._check_id(image_id)
-        path = self.incomplete_dir / image_id
-        path.unlink(missing_ok=True)
-        entry = entries.create(
-            path,
-            image_id,
-            size,
-            checksum=checksum,
-            os_hash_algo=os_hash_algo,
-            os_hash_value=os_hash_value,
-        )
+        digests = {
+            "checksum": checksum,
+            "os_hash_algo": os_hash_algo,
+            "os_hash_value": os_hash_value,
+        }
+        old = self.entries.get(image_id)
+        if old is not None:
+            await self.remove(image_id)
+        entry = await self.run(_create, self.incomplete_dir / image_id, image_id, size, digests)
+        replaced = self.entries.get(image_id)
+        if replaced is not None:  # created by someone else meanwhile: theirs is indexed
+            replaced.removed = True
         self.entries[image_id] = entry
         return entry
 
-    def commit(self, entry: Entry) -> bool:
+    async def commit(self, entry: Entry) -> bool:
         """Make a verified entry servable: mark it complete and move it out of incomplete/.
 
-        Returns False when the entry was removed meanwhile (it is then not re-created).
+        Returns False when the entry was deleted before or while this ran (it is then gone,
+        not re-created).
         """
+        async with entry.lock:
+            if entry.removed:
+                return False
+            entry.path = await self.run(_commit, entry.path, self.root, entry.image_id)
+            entry.state = State.COMPLETE
+            entry.reserved = 0
         if entry.removed:
             return False
-        entries.write_state(entry.path, State.COMPLETE)
-        final = self.root / entry.image_id
-        os.rename(entry.path, final)
-        entry.path = final
-        entry.state = State.COMPLETE
-        self.touch(entry, hit=False)  # the download that filled it was an access too
-        try:
-            _fsync_dir(self.root)
-            _fsync_dir(self.incomplete_dir)
-        except OSError as exc:  # the data is flushed; only the rename may not survive a crash
-            log.warning("cannot flush the directory of %s: %s", final, exc)
-        if entry.removed:  # deleted while we renamed: finish the delete
-            final.unlink(missing_ok=True)
-            return False
+        await self.touch(entry, hit=False)  # the download that filled it was an access too
         return True
 
-    def invalidate(self, entry: Entry, reason: str) -> None:
+    async def invalidate(self, entry: Entry, reason: str) -> None:
         """Move an entry that failed verification to invalid/; it is never served."""
-        self.entries.pop(entry.image_id, None)
-        if entry.removed:
-            return
-        entries.set_state(entry, entry.path, State.INVALID, error=reason)
-        target = self.invalid_dir / entry.image_id
-        os.rename(entry.path, target)
-        entry.path = target
-        self.invalid.add(entry.image_id)
+        if self.entries.get(entry.image_id) is entry:
+            del self.entries[entry.image_id]
+        async with entry.lock:
+            entry.state = State.INVALID
+            entry.error = reason
+            entry.reserved = 0
+            if entry.removed:
+                return
+            entry.removed = True
+            target = self.invalid_dir / entry.image_id
+            await self.run(_invalidate, entry.path, target, reason)
+            entry.path = target
+            self.invalid.add(entry.image_id)
 
-    def remove(self, image_id: str) -> Entry | None:
+    async def remove(self, image_id: str) -> Entry | None:
         """Delete an entry (complete or partial). Open readers keep their file until they close."""
         entry = self.entries.pop(image_id, None)
         if entry is None:
             return None
         entry.removed = True
-        entry.path.unlink(missing_ok=True)
+        entry.reserved = 0
+        async with entry.lock:  # after a commit in progress: remove the file where it is now
+            await self.run(_unlink, entry.path)
         return entry
 
-    def remove_invalid(self, image_id: str) -> bool:
-        self.invalid.discard(image_id)
-        try:
-            (self.invalid_dir / image_id).unlink()
-            return True
-        except FileNotFoundError:
-            return False
+    async def evict(self, entry: Entry) -> bool:
+        """Drop ``entry`` if it is indexed and unused (prune, clean): out of the index at once
+        (new requests miss), then unlink; put back if the unlink failed.
 
-    def touch(self, entry: Entry, *, hit: bool) -> None:
-        if not entry.removed:
-            try:
-                entries.touch(entry, hit=hit)
-            except OSError as exc:  # read-only or full: a hit is still a hit
-                log.debug("cannot record access to %s: %s", entry.path, exc)
+        The unlink is atomic and the index is rebuilt from the files at start, so a crash at
+        any point leaves either the whole entry or none of it.
+        """
+        if self.entries.get(entry.image_id) is not entry or entry.readers or entry.removed:
+            return False
+        del self.entries[entry.image_id]
+        entry.removed = True
+        async with entry.lock:
+            if await self.run(_unlink, entry.path):
+                return True
+        entry.removed = False
+        self.entries.setdefault(entry.image_id, entry)
+        return False
+
+    async def remove_invalid(self, image_id: str) -> bool:
+        self.invalid.discard(image_id)
+        return await self.run(_unlink_existing, self.invalid_dir / image_id)
+
+    async def touch(self, entry: Entry, *, hit: bool) -> None:
+        """Record an access (and a hit): in the index now, on the file's xattrs after."""
+        if entry.removed:
+            return
+        values = entries.access_values(entry, hit=hit, now=time.time())
+        await self.run(_touch, entry.path, values)
 
     def complete_entries(self) -> list[Entry]:
         return [e for e in self.entries.values() if e.complete]
@@ -176,8 +285,9 @@ class Store:
         return [e for e in self.entries.values() if not e.complete]
 
     def total_size(self) -> int:
-        """Bytes the cache holds: complete entries plus the filled part of partial ones."""
-        return sum(e.size if e.complete else e.present_bytes() for e in self.entries.values())
+        """Bytes the cache holds or has promised: complete entries, the filled part of
+        partial ones, and what running fills reserved beyond that."""
+        return sum(e.footprint() for e in self.entries.values())
 
     # The prefetch queue: zero-byte marker files, ordered by mtime (Glance's queue/).
     def enqueue(self, image_id: str) -> bool:
@@ -210,6 +320,14 @@ class Store:
     def _check_id(image_id: str) -> None:
         if not is_image_id(image_id):
             raise ValueError(f"not an image id: {image_id!r}")
+
+
+def _unlink_existing(path: Path) -> bool:
+    try:
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def _fsync_dir(path: Path) -> None:
