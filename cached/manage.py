@@ -42,14 +42,15 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from cached.admin import Access, AdminGuard, ServiceAuth
+from cached.admin import Access, AdminGuard
 from cached.config import Config
 from cached.errors import CachedError, UpstreamError, UpstreamUnavailable
 from cached.fill import Filler
+from cached.identity import ServiceAuth
+from cached.ids import is_image_id
 from cached.jobs import Maintenance
 from cached.prefetch import Prefetcher
 from cached.store import Store
-from cached.store.store import is_image_id
 from cached.upstream import Backend, Credentials, ImageRecord
 
 log = logging.getLogger(__name__)

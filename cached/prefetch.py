@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cached.admin import ServiceAuth
 from cached.config import Config
 from cached.errors import CachedError
 from cached.fill import Fill, Filler, FillState
+from cached.identity import ServiceAuth
 from cached.store import Store, xattrs
 from cached.upstream import Backend, Credentials, ImageRecord
 

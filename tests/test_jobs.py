@@ -17,8 +17,8 @@ from conftest import Daemon, start_daemon, stop_daemon, tree
 from fakeglance import FakeGlance
 from fakekeystone import FakeKeystone
 
-from cached import admin
 from cached import config as configuration
+from cached import identity
 from cached.app import MANAGER, SCHEDULER
 from cached.prefetch import STATUS_XATTR, Outcome, Prefetcher, QueueStatus, write_status
 from cached.store import xattrs
@@ -347,7 +347,7 @@ async def test_service_credentials_from_keystone_password_auth() -> None:
         }
     )
     async with aiohttp.ClientSession() as session:
-        _, service = admin.build(cfg, session)
+        _, service = identity.build(cfg, session)
         creds = await service.credentials()
         assert creds is not None and (await service.credentials()) == creds
         token = creds.get("x-auth-token")

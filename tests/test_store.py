@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from conftest import tree
 
+from cached.ids import is_image_id
 from cached.store import Bitmap, State, Store, chunk_size_for, xattrs
 from cached.store import entry as entries
 from cached.store.chunks import MAX_CHUNKS, MIN_CHUNK
-from cached.store.store import is_image_id
 
 MiB = 1 << 20
 GiB = 1 << 30

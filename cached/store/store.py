@@ -12,21 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-import uuid
 from pathlib import Path
 
+from cached.ids import is_image_id as is_image_id  # re-export: proxy.py still imports it here
 from cached.store import entry as entries
 from cached.store.entry import Entry, State
 
 log = logging.getLogger(__name__)
-
-
-def is_image_id(value: str) -> bool:
-    """Whether ``value`` is a canonical UUID (what Glance accepts as an image id)."""
-    try:
-        return str(uuid.UUID(value)) == value.lower() and len(value) == 36
-    except (ValueError, AttributeError, TypeError):
-        return False
 
 
 class Store:

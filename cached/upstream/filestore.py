@@ -19,7 +19,7 @@ from aiohttp import web
 
 from cached import versions
 from cached.errors import UpstreamError
-from cached.store.store import is_image_id
+from cached.ids import is_image_id
 from cached.upstream import (
     Authorization,
     Buffer,
