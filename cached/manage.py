@@ -279,8 +279,8 @@ async def delete_image(m: Manager, request: web.Request) -> web.StreamResponse:
     image_id = _image_id(request)
     if not await m.held(image_id):
         await m.record(image_id, Credentials.from_headers(request.headers))
+    await m.prefetcher.forget(image_id)  # first: a running prefetch must not refill it
     await m.drop(image_id)
-    await asyncio.to_thread(m.store.dequeue, image_id)
     log.info("deleted %s from the cache and the queue", image_id)
     return _empty(204)
 

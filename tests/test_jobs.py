@@ -220,6 +220,7 @@ async def test_queue_survives_a_restart(glance: FakeGlance, cache_dir: Path) -> 
             Outcome.CACHED: 1,
             Outcome.FAILED: 0,
             Outcome.DROPPED: 0,
+            Outcome.REFUSED: 0,
         }
         assert tree(cache_dir) == sorted([*EMPTY, image.id])
     finally:
