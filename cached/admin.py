@@ -1,4 +1,4 @@
-"""Who may manage the cache, and the daemon's own credentials.
+"""Who may manage the cache: the guard of the management API.
 
 Glance allows its cache APIs to ``context_is_admin`` callers only. cached decides the same
 with, in this order:
@@ -11,34 +11,31 @@ with, in this order:
    the token's expiry), for a bounded number of tokens.
 3. Nothing configured: callers on loopback are admin, everyone else is refused.
 
-The service token (static ``service_token``, or Keystone password authentication) is also what
-the prefetcher downloads with. Tokens are never logged.
+The Keystone client and the daemon's service credentials live in ``identity.py``. Tokens are
+never logged.
+
+Shared state: :class:`AdminGuard` remembers admin answers per token digest; only coroutines on
+the event loop read and change that memory.
 """
 
 from __future__ import annotations
 
-import asyncio
-import datetime as dt
 import enum
 import hashlib
 import hmac
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from cached.config import Config
-from cached.errors import CachedError
+from cached.identity import IdentityUnavailable, Keystone
 from cached.loopback import is_loopback
-from cached.upstream import Credentials
 
 log = logging.getLogger(__name__)
 
 _MAX_REMEMBERED = 1024
-_RENEW_BEFORE = 60.0  # seconds before its expiry a service token is replaced
 
 
 class Access(enum.Enum):
@@ -48,112 +45,6 @@ class Access(enum.Enum):
     UNAUTHENTICATED = 401  # no token, or a token the identity service does not know
     FORBIDDEN = 403  # a valid caller without the admin role, or not on loopback
     UNAVAILABLE = 503  # the identity service could not be asked
-
-
-class IdentityUnavailable(CachedError):
-    """Keystone could not be reached or refused the daemon's own credentials."""
-
-
-@dataclass(frozen=True)
-class TokenInfo:
-    """What Keystone says about a valid token."""
-
-    roles: frozenset[str]
-    expires_at: float  # epoch seconds
-
-
-def _epoch(value: Any) -> float:
-    try:
-        return dt.datetime.fromisoformat(str(value)).timestamp()
-    except ValueError:
-        return time.time() + _RENEW_BEFORE * 2
-
-
-class Keystone:
-    """A client of the Identity v3 API holding the daemon's own (service) token."""
-
-    def __init__(self, session: aiohttp.ClientSession, config: Config):
-        self._session = session
-        url = config.keystone_url.rstrip("/")
-        self._base = url[: -len("/v3")] if url.endswith("/v3") else url
-        self._config = config
-        self._token: str | None = config.service_token or None
-        self._expires = float("inf")
-        self._lock = asyncio.Lock()
-
-    async def service_token(self, *, renew: bool = False) -> str:
-        """The daemon's token: the static ``service_token``, or one from password auth."""
-        if self._config.service_token:
-            return self._config.service_token
-        async with self._lock:
-            if renew or self._token is None or self._expires - time.time() < _RENEW_BEFORE:
-                self._token, self._expires = await self._authenticate()
-            return self._token
-
-    async def _authenticate(self) -> tuple[str, float]:
-        c = self._config
-        body = {
-            "auth": {
-                "identity": {
-                    "methods": ["password"],
-                    "password": {
-                        "user": {
-                            "name": c.keystone_username,
-                            "domain": {"id": c.keystone_user_domain_id},
-                            "password": c.keystone_password,
-                        }
-                    },
-                },
-                "scope": {
-                    "project": {
-                        "name": c.keystone_project_name,
-                        "domain": {"id": c.keystone_project_domain_id},
-                    }
-                },
-            }
-        }
-        try:
-            async with self._session.post(
-                f"{self._base}/v3/auth/tokens?nocatalog", json=body
-            ) as resp:
-                if resp.status != 201 or "X-Subject-Token" not in resp.headers:
-                    raise IdentityUnavailable(
-                        f"Keystone refused the service credentials of {c.keystone_username!r}: "
-                        f"{resp.status}"
-                    )
-                doc = await resp.json(content_type=None)
-                token = resp.headers["X-Subject-Token"]
-        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
-            raise IdentityUnavailable(f"Keystone unreachable: {exc!r}") from exc
-        expires = _epoch(doc.get("token", {}).get("expires_at"))
-        log.info("got a service token from Keystone for %s", c.keystone_username)
-        return token, expires
-
-    async def validate(self, token: str) -> TokenInfo | None:
-        """What Keystone says about ``token``; None if it does not know it (or it expired)."""
-        for attempt in (1, 2):
-            service = await self.service_token(renew=attempt == 2)
-            headers = {"X-Auth-Token": service, "X-Subject-Token": token}
-            try:
-                async with self._session.get(
-                    f"{self._base}/v3/auth/tokens?nocatalog", headers=headers
-                ) as resp:
-                    if resp.status == 200:
-                        doc = (await resp.json(content_type=None)).get("token", {})
-                        roles = frozenset(
-                            str(r.get("name"))
-                            for r in doc.get("roles") or []
-                            if isinstance(r, dict)
-                        )
-                        return TokenInfo(roles, _epoch(doc.get("expires_at")))
-                    if resp.status == 404:
-                        return None
-                    if resp.status == 401 and attempt == 1 and not self._config.service_token:
-                        continue  # our own token expired or was revoked: get a new one
-                    raise IdentityUnavailable(f"Keystone answered {resp.status} to a token check")
-            except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError) as exc:
-                raise IdentityUnavailable(f"Keystone unreachable: {exc!r}") from exc
-        raise IdentityUnavailable("Keystone refused the daemon's service token")
 
 
 class UpstreamPolicy:
@@ -261,32 +152,10 @@ class AdminGuard:
         self._admins[digest] = now + ttl
 
 
-class ServiceAuth:
-    """The daemon's own credentials for the upstream (prefetch), if any are configured."""
-
-    def __init__(self, keystone: Keystone | None, static_token: str):
-        self._keystone = keystone
-        self._static = static_token
-
-    @property
-    def configured(self) -> bool:
-        return bool(self._static) or self._keystone is not None
-
-    async def credentials(self) -> Credentials | None:
-        """Credentials to send upstream; None when none are configured."""
-        if self._static:
-            return Credentials.token(self._static)
-        if self._keystone is not None:
-            return Credentials.token(await self._keystone.service_token())
-        return None
-
-
-def build(config: Config, session: aiohttp.ClientSession) -> tuple[AdminGuard, ServiceAuth]:
-    """The guard of the management API and the service credentials, from the config."""
-    keystone = Keystone(session, config) if config.keystone_url else None
+def build(config: Config, session: aiohttp.ClientSession, keystone: Keystone | None) -> AdminGuard:
+    """The guard of the management API, from the config and the daemon's Keystone client."""
     policy = UpstreamPolicy(session, config.upstream) if config.upstream_kind == "glance" else None
-    guard = AdminGuard(config.admin_tokens, keystone, config.admin_cache_ttl, policy)
-    return guard, ServiceAuth(keystone, config.service_token)
+    return AdminGuard(config.admin_tokens, keystone, config.admin_cache_ttl, policy)
 
 
 def warn_if_exposed(config: Config, guard: AdminGuard) -> None:

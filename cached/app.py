@@ -10,14 +10,15 @@ import aiohttp
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from cached import admin, jobs, manage
+from cached import admin, identity, jobs, manage
 from cached.auth import Authorizer
 from cached.config import Config
+from cached.errors import ConfigError
 from cached.fill import FillSettings
 from cached.filler import Filler
 from cached.prefetch import Prefetcher
 from cached.proxy import Proxy
-from cached.store import Store
+from cached.store import Store, xattrs
 from cached.upstream import Backend
 from cached.upstream.filestore import FileBackend
 from cached.upstream.glance import GlanceBackend
@@ -42,6 +43,35 @@ def make_backend(config: Config) -> Backend:
     )
 
 
+def prepare_dirs(config: Config, embedded: bool) -> None:
+    """Check (and where it is ours to do, create) the upstream and cache directories before
+    the daemon starts; raises ConfigError naming the option. Blocks: call before the loop.
+
+    ``embedded``: the built-in default configuration runs, which makes its own ./var dirs.
+    """
+    if embedded:
+        # The built-in default runs out of the box: it makes its own ./var directories.
+        config.upstream_dir.mkdir(parents=True, exist_ok=True)
+    if config.upstream_kind == "file" and not config.upstream_dir.is_dir():
+        raise ConfigError(f"option 'upstream': {config.upstream_dir} is not a directory")
+    cache_dir = config.image_cache_dir
+    if not cache_dir.is_dir():
+        if not cache_dir.parent.is_dir():
+            raise ConfigError(f"option 'image_cache_dir': {cache_dir.parent} does not exist")
+        cache_dir.mkdir()
+    try:
+        has_xattrs = xattrs.supported(cache_dir)
+    except OSError as exc:
+        raise ConfigError(
+            f"option 'image_cache_dir': {cache_dir}: cannot write there: {exc.strerror or exc}"
+        ) from None
+    if not has_xattrs:
+        raise ConfigError(
+            f"option 'image_cache_dir': {cache_dir} does not support user.* xattrs "
+            "(use ext4/xfs/tmpfs, or mount with user_xattr)"
+        )
+
+
 def make_app(config: Config, *, backend: Backend | None = None) -> web.Application:
     """Build the daemon's application. ``backend`` lets a caller supply its own upstream."""
     app = web.Application()
@@ -56,7 +86,8 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         store = Store(config.image_cache_dir)
         await store.open()
         settings = FillSettings(config.fsync_interval_bytes, config.fsync_interval_seconds)
-        guard, service = admin.build(config, session)
+        keystone, service = identity.build(config, session)
+        guard = admin.build(config, session, keystone)
         # Data transfers use the daemon's own credentials when it has some: a caller's token
         # that expires mid-fill then cuts nobody (callers are still authorised one by one).
         filler = Filler(
@@ -79,6 +110,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
                 "cannot be prefetched on schedule; PUT /v2/cache/{id} uses the caller's token"
             )
         prefetcher = Prefetcher(store, filler, upstream, service, config)
+        proxy.on_deleted.append(prefetcher.forget)  # a deleted image leaves the queue
         maintenance = jobs.Maintenance(store, filler, config)
         if config.prune_on_fill:
             filler.on_reserve = maintenance.make_room

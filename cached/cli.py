@@ -14,11 +14,10 @@ from aiohttp import web
 
 from cached import __version__
 from cached import config as configuration
-from cached.app import FILLER, make_app
+from cached.app import FILLER, make_app, prepare_dirs
 from cached.config import Config
 from cached.errors import ConfigError
 from cached.loopback import is_loopback
-from cached.store import xattrs
 
 log = logging.getLogger("cached")
 
@@ -56,30 +55,6 @@ def load_config(args: argparse.Namespace) -> Config:
                 f"identity service; listen on loopback or set 'access_tokens' (got {host})"
             )
     return config
-
-
-def _prepare_dirs(config: Config, embedded: bool) -> None:
-    if embedded:
-        # The built-in default runs out of the box: it makes its own ./var directories.
-        config.upstream_dir.mkdir(parents=True, exist_ok=True)
-    if config.upstream_kind == "file" and not config.upstream_dir.is_dir():
-        raise ConfigError(f"option 'upstream': {config.upstream_dir} is not a directory")
-    cache_dir = config.image_cache_dir
-    if not cache_dir.is_dir():
-        if not cache_dir.parent.is_dir():
-            raise ConfigError(f"option 'image_cache_dir': {cache_dir.parent} does not exist")
-        cache_dir.mkdir()
-    try:
-        has_xattrs = xattrs.supported(cache_dir)
-    except OSError as exc:
-        raise ConfigError(
-            f"option 'image_cache_dir': {cache_dir}: cannot write there: {exc.strerror or exc}"
-        ) from None
-    if not has_xattrs:
-        raise ConfigError(
-            f"option 'image_cache_dir': {cache_dir} does not support user.* xattrs "
-            "(use ext4/xfs/tmpfs, or mount with user_xattr)"
-        )
 
 
 async def _serve(config: Config) -> None:
@@ -138,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key}: {shown}")
         return 0
     try:
-        _prepare_dirs(config, embedded=args.config is None and args.upstream is None)
+        prepare_dirs(config, embedded=args.config is None and args.upstream is None)
     except ConfigError as exc:
         print(f"cached: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,7 @@
-"""Image ids: what Glance accepts as one."""
+"""Image ids: what Glance accepts as one. A leaf: it imports nothing from ``cached``.
+
+Pure functions, no shared state.
+"""
 
 from __future__ import annotations
 

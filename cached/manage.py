@@ -42,10 +42,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from cached.admin import Access, AdminGuard, ServiceAuth
+from cached.admin import Access, AdminGuard
 from cached.config import Config
 from cached.errors import CachedError, UpstreamError, UpstreamUnavailable
 from cached.filler import Filler
+from cached.identity import ServiceAuth
 from cached.ids import is_image_id
 from cached.jobs import Maintenance
 from cached.prefetch import Prefetcher
@@ -278,8 +279,7 @@ async def delete_image(m: Manager, request: web.Request) -> web.StreamResponse:
     image_id = _image_id(request)
     if not await m.held(image_id):
         await m.record(image_id, Credentials.from_headers(request.headers))
-    # Dequeue first: a prefetch whose fill the drop cancels then sees it was dequeued.
-    await asyncio.to_thread(m.store.dequeue, image_id)
+    await m.prefetcher.forget(image_id)  # first: a running prefetch must not refill it
     await m.drop(image_id)
     log.info("deleted %s from the cache and the queue", image_id)
     return _empty(204)

@@ -7,11 +7,19 @@ record is the xattr ``user.cached.prefetch`` on the marker, a JSON object
 ``{"failures": N, "last_error": "...", "last_attempt": epoch, "next_attempt": epoch}``. It
 goes away with the marker, so nothing is left behind when the image is dequeued, and it
 survives restarts like the queue itself.
+
+Permanent answers are not retried: when the upstream answers 403 or 404 for a queued image
+(deleted, or the credentials may never download it), the image leaves the queue with one log
+line. An image deleted through the proxy leaves it too (:meth:`Prefetcher.forget`).
+
+Shared state (the task and progress maps) is changed only by coroutines on the event loop;
+the queue markers and their xattrs are touched in worker threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import logging
@@ -20,11 +28,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cached.admin import ServiceAuth
 from cached.config import Config
-from cached.errors import CachedError
+from cached.errors import CachedError, FillAborted, UpstreamError
 from cached.fill import Fill, FillState
 from cached.filler import Filler
+from cached.identity import ServiceAuth
 from cached.store import Store, xattrs
 from cached.upstream import Backend, Credentials, ImageRecord
 
@@ -73,6 +81,10 @@ class Outcome(enum.Enum):
     CACHED = "cached"
     FAILED = "failed"
     DROPPED = "dropped"  # dequeued before its turn
+    REFUSED = "refused"  # the upstream answered 403/404: dequeued, not retried
+
+# Upstream answers that no retry will change (RFC 9110 §15.5.4, §15.5.5).
+_PERMANENT = frozenset({403, 404})
 
 
 class PrefetchFailed(CachedError):
@@ -126,6 +138,7 @@ class Prefetcher:
         self._tasks: dict[str, asyncio.Task[Outcome]] = {}
         self._tracked: dict[str, _Tracked] = {}  # our fetches
         self._seen: dict[str, _Baseline] = {}  # fills we did not start: from our first look
+        self._forgotten: set[str] = set()  # cancelled by forget(): they end DROPPED
 
     def start(
         self, image_id: str, creds: Credentials | None = None, record: ImageRecord | None = None
@@ -144,6 +157,7 @@ class Prefetcher:
     def _done(self, image_id: str, task: asyncio.Task[Outcome]) -> None:
         if self._tasks.get(image_id) is task:
             del self._tasks[image_id]
+            self._forgotten.discard(image_id)  # also when cancelled before it ran
         if not task.cancelled() and task.exception() is not None:
             log.error("prefetch of %s crashed", image_id, exc_info=task.exception())
 
@@ -175,10 +189,11 @@ class Prefetcher:
             if not task.cancelled() and task.exception() is None:
                 counts[task.result()] += 1
         log.info(
-            "prefetch: %d cached, %d failed (stay queued), %d dequeued meanwhile",
+            "prefetch: %d cached, %d failed (stay queued), %d dequeued meanwhile, %d refused",
             counts[Outcome.CACHED],
             counts[Outcome.FAILED],
             counts[Outcome.DROPPED],
+            counts[Outcome.REFUSED],
         )
         return counts
 
@@ -206,12 +221,26 @@ class Prefetcher:
                     if not await asyncio.to_thread(self._is_queued, image_id):
                         log.info("prefetch of %s stopped: dequeued meanwhile (%s)", image_id, exc)
                         return Outcome.DROPPED
+                    if isinstance(exc, UpstreamError) and exc.status in _PERMANENT:
+                        await asyncio.to_thread(self._store.dequeue, image_id)
+                        log.warning(
+                            "prefetch of %s: the upstream answered %d: dequeued, not retried",
+                            image_id,
+                            exc.status,
+                        )
+                        return Outcome.REFUSED
                     await self._failed(image_id, attempt, exc)
                     return Outcome.FAILED
                 await asyncio.to_thread(self._store.dequeue, image_id)
                 return Outcome.CACHED
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if image_id in self._forgotten and task is not None and task.uncancel() == 0:
+                return Outcome.DROPPED  # forget(), not a shutdown
+            raise
         finally:
             del self._tracked[image_id]
+            self._forgotten.discard(image_id)
 
     async def _cache(
         self, image_id: str, fallback: Credentials | None, record: ImageRecord | None
@@ -230,9 +259,12 @@ class Prefetcher:
         log.info("prefetch: fetching %s (%d bytes)", image_id, record.size)
         fill.ensure_full()
         while fill.state.active:
-            await fill.wait()
+            with contextlib.suppress(FillAborted):  # how it ended is checked below
+                await fill.wait()
         entry = self._store.get(image_id)
         if fill.state is not FillState.VERIFIED or entry is None or not entry.complete:
+            if isinstance(fill.error, UpstreamError):
+                raise fill.error  # the upstream's own answer: it may be permanent
             raise PrefetchFailed(f"fill ended {fill.state.value}: {fill.error or 'entry deleted'}")
         log.info("prefetch: cached %s", image_id)
 
@@ -316,6 +348,21 @@ class Prefetcher:
         done = min(fill.entry.size, max(_written_bytes(fill), base.written_bytes + arrived))
         elapsed = time.monotonic() - base.since
         return done, (arrived / elapsed if elapsed > 0 and arrived else None)
+
+    async def forget(self, image_id: str) -> bool:
+        """Stop fetching the image and dequeue it: it was deleted (through the proxy), or
+        dropped from the cache (``DELETE /v2/cache/{id}``).
+
+        Returns whether it was queued. The entry itself is the caller's to drop.
+        """
+        task = self._tasks.get(image_id)
+        if task is not None:
+            self._forgotten.add(image_id)
+            task.cancel()
+        queued = await asyncio.to_thread(self._store.dequeue, image_id)
+        if queued:
+            log.info("prefetch: %s dequeued (deleted)", image_id)
+        return queued
 
     async def close(self) -> None:
         """Stop every fetch (the daemon stops; queued images stay queued)."""

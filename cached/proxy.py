@@ -89,7 +89,7 @@ class Proxy:
     # Admission: images larger than this are never cached (streamed with detail=too-large).
     max_entry_size: int | None = None
     # Told of every image deleted through the proxy (e.g. the prefetch queue forgets it).
-    on_deleted: list[Callable[[str], Awaitable[None]]] = field(default_factory=list)
+    on_deleted: list[Callable[[str], Awaitable[object]]] = field(default_factory=list)
 
     async def image_data(self, request: web.Request) -> web.StreamResponse:
         """``GET /v2/images/{id}/file``: authorise, then serve from the cache or fill it."""

@@ -75,7 +75,7 @@ async def test_miss_then_hit(filed: Daemon, images: Path) -> None:
     assert status == 200 and body == data
     assert headers["Cache-Status"] == "cached; hit"
     assert tree(filed.cache_dir) == sorted([*LAYOUT, image_id])
-    attrs = xattrs.read_all(filed.cache_dir / image_id)
+    attrs = await asyncio.to_thread(xattrs.read_all, filed.cache_dir / image_id)
     assert attrs[xattrs.STATE] == b"complete" and attrs[xattrs.BITMAP] == b"\x07"
     assert attrs[xattrs.META] == (
         b'{"size":9437191,"chunk_size":4194304,"checksum":null,'
@@ -395,7 +395,7 @@ async def test_disk_full_mid_fill_cuts_the_client_and_keeps_nothing_wrong(
         await wait_idle(daemon, image_id)
         assert tree(cache) == sorted([*LAYOUT, small_id, f"incomplete/{image_id}"])
         partial = cache / "incomplete" / image_id
-        attrs = xattrs.read_all(partial)
+        attrs = await asyncio.to_thread(xattrs.read_all, partial)
         assert attrs[xattrs.STATE] == b"filling"
         # 1 MiB + two 4 MiB chunks fit in 10 MiB; the third chunk did not
         assert list(Bitmap(5, attrs[xattrs.BITMAP])) == [0, 1]

@@ -37,7 +37,7 @@ async def test_miss_then_hit(glance: FakeGlance, daemon: Daemon) -> None:
     assert data_gets(glance, image.id) == [None]  # one upstream transfer in all
 
     assert tree(daemon.cache_dir) == sorted(["incomplete/", "invalid/", "queue/", image.id])
-    attrs = xattrs.read_all(daemon.cache_dir / image.id)
+    attrs = await asyncio.to_thread(xattrs.read_all, daemon.cache_dir / image.id)
     assert attrs[xattrs.STATE] == b"complete"
     assert attrs[xattrs.HITS] == b"1"
     assert attrs[xattrs.BITMAP] == b"\x07"  # 3 chunks of 4 MiB
@@ -296,7 +296,7 @@ async def test_corrupt_upstream_data_is_never_a_complete_response(
             break
         await asyncio.sleep(0.02)
     assert tree(daemon.cache_dir) == ["incomplete/", "invalid/", f"invalid/{image.id}", "queue/"]
-    attrs = xattrs.read_all(daemon.cache_dir / "invalid" / image.id)
+    attrs = await asyncio.to_thread(xattrs.read_all, daemon.cache_dir / "invalid" / image.id)
     assert attrs[xattrs.STATE] == b"invalid"
     assert attrs[xattrs.ERROR].startswith(b"sha512 mismatch")
 

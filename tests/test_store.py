@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from blockbuster import BlockingError
 from conftest import tree
 
 from cached.ids import is_image_id
@@ -427,3 +428,16 @@ def test_meta_is_compact_json(store: Store) -> None:
         "os_hash_value": None,
     }
     assert b" " not in meta
+
+
+async def test_the_loop_checker_catches_xattr_calls_of_cached(tmp_path: Path) -> None:
+    """The autouse fixture's additions to blockbuster are live: cached's xattr helpers called
+    on the event loop fail the test (the same helpers in a thread are fine)."""
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    with pytest.raises(BlockingError, match="xattr"):
+        xattrs.write(path, xattrs.HITS, b"1")
+    with pytest.raises(BlockingError, match="xattr"):
+        xattrs.read_all(path)
+    await asyncio.to_thread(xattrs.write, path, xattrs.HITS, b"1")
+    assert (await asyncio.to_thread(xattrs.read_all, path))[xattrs.HITS] == b"1"

@@ -3,6 +3,11 @@
 There is no identity service behind it: it accepts everyone (the daemon then listens on
 loopback only) or the tokens listed in ``access_tokens``. It answers the few API calls the
 real clients make around a download: versions, image list, image record, schemas.
+
+Errors are classified here: a missing image file is Glance's 404; any other ``OSError`` of the
+image directory (an NFS store that fails, a file that cannot be read) is
+:class:`UpstreamUnavailable`, never an error of the cache directory. Every filesystem call
+runs in a worker thread; the backend keeps no state that changes after construction.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
+import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,7 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from cached import versions
-from cached.errors import UpstreamError
+from cached.errors import UpstreamError, UpstreamUnavailable
 from cached.ids import is_image_id
 from cached.upstream import (
     Authorization,
@@ -35,8 +41,14 @@ def _glance_error(status: int, title: str, detail: str) -> UpstreamError:
     return UpstreamError(status, body, {"Content-Type": "text/plain; charset=UTF-8"})
 
 
+def _unreadable(image_id: str, exc: OSError) -> UpstreamUnavailable:
+    """The error for an image store that failed us (anything but a missing image)."""
+    return UpstreamUnavailable(f"image store: cannot read image {image_id}: {exc}")
+
+
 class FileStream:
-    def __init__(self, fd: int, start: int, end: int):
+    def __init__(self, image_id: str, fd: int, start: int, end: int):
+        self._image_id = image_id
         self._fd = fd
         self._pos = start
         self._end = end
@@ -46,7 +58,10 @@ class FileStream:
         n = min(n, self._end - self._pos)
         if n <= 0:
             return b""
-        data = await asyncio.to_thread(os.pread, self._fd, n, self._pos)
+        try:
+            data = await asyncio.to_thread(os.pread, self._fd, n, self._pos)
+        except OSError as exc:
+            raise _unreadable(self._image_id, exc) from exc
         self._pos += len(data)
         return data
 
@@ -81,7 +96,9 @@ class FileBackend:
             st = os.stat(self._path(image_id))
         except FileNotFoundError:
             raise _glance_error(404, "Not Found", f"No image found with ID {image_id}") from None
-        if not os.path.isfile(self._path(image_id)):
+        except OSError as exc:
+            raise _unreadable(image_id, exc) from exc
+        if not stat.S_ISREG(st.st_mode):
             raise _glance_error(404, "Not Found", f"No image found with ID {image_id}")
         return st
 
@@ -136,11 +153,16 @@ class FileBackend:
             fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
         except FileNotFoundError:
             raise _glance_error(404, "Not Found", f"No image found with ID {image_id}") from None
+        except OSError as exc:
+            raise _unreadable(image_id, exc) from exc
         try:
-            size = os.fstat(fd).st_size
-            yield FileStream(fd, start, size if end is None else min(end, size))
+            try:
+                size = (await asyncio.to_thread(os.fstat, fd)).st_size
+            except OSError as exc:
+                raise _unreadable(image_id, exc) from exc
+            yield FileStream(image_id, fd, start, size if end is None else min(end, size))
         finally:
-            os.close(fd)
+            await asyncio.to_thread(os.close, fd)
 
     async def forward(
         self, request: web.Request, before_reply: ReplyHook | None = None
@@ -180,15 +202,22 @@ class FileBackend:
             raise _glance_error(404, "Not Found", "The resource could not be found.")
         except UpstreamError as err:
             return web.Response(status=err.status, body=err.body, headers=err.headers)
+        except UpstreamUnavailable as exc:
+            bad = _glance_error(502, "Bad Gateway", str(exc))
+            return web.Response(status=bad.status, body=bad.body, headers=bad.headers)
 
     def _list(self) -> dict[str, Any]:
         images = []
-        for name in sorted(os.listdir(self.directory)):
+        try:
+            names = os.listdir(self.directory)
+        except OSError as exc:
+            raise UpstreamUnavailable(f"image store: cannot list {self.directory}: {exc}") from exc
+        for name in sorted(names):
             if is_image_id(name):
                 try:
                     images.append(self._record_json(name))
-                except UpstreamError:
-                    continue
+                except (UpstreamError, UpstreamUnavailable):
+                    continue  # gone meanwhile, or unreadable: not listed
         return {"images": images, "first": "/v2/images", "schema": "/v2/schemas/images"}
 
 

@@ -1,0 +1,110 @@
+"""Errors of the ``file`` upstream are the upstream's: real faults of the image store give the
+caller an upstream error (502, or a cut transfer once the headers went out) and never switch
+the cache off for the other images.
+
+The faults are real system calls failing, not patched code: a sysfs attribute that refuses to
+be read (``EINVAL``) or opened (``EACCES``, a write-only attribute opened read-only; nothing is
+ever written to it), a symbolic link loop (``ELOOP``), an image directory that vanished.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import Daemon, auth, start_daemon, stop_daemon, wait_complete, wait_idle
+
+MiB = 1 << 20
+
+# Regular files (4096 bytes by stat) whose use fails with a real errno, when the kernel has them.
+_FAULTS = {
+    "read-EINVAL": "/sys/class/net/lo/speed",  # the loopback device has no link speed
+    "open-EACCES": "/sys/bus/pci/rescan",  # write-only: opening it for reading is refused
+}
+
+
+def _faulty(kind: str) -> str:
+    path = _FAULTS[kind]
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        pytest.skip(f"{path} does not exist here")
+    except OSError:
+        return path  # the open fails: the fault we want
+    try:
+        os.pread(fd, 16, 0)
+    except OSError:
+        return path
+    finally:
+        os.close(fd)
+    pytest.skip(f"{path} reads fine here")
+
+
+@pytest.fixture
+async def filed(tmp_path: Path) -> AsyncIterator[tuple[Daemon, Path]]:
+    images = tmp_path / "images"
+    images.mkdir()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    d = await start_daemon(cache, f"file://{images}")
+    yield d, images
+    await stop_daemon(d)
+
+
+@pytest.mark.parametrize("kind", sorted(_FAULTS))
+async def test_unreadable_image_fails_only_its_own_download(
+    filed: tuple[Daemon, Path], kind: str
+) -> None:
+    daemon, images = filed
+    broken = str(uuid.uuid4())
+    (images / broken).symlink_to(_faulty(kind))
+    healthy = str(uuid.uuid4())
+    data = os.urandom(5 * MiB + 11)
+    (images / healthy).write_bytes(data)
+
+    complete = False
+    try:
+        status, _, body = await daemon.get(broken)
+        complete = status == 200 and len(body) == 4096
+    except aiohttp.ClientPayloadError:
+        pass  # the headers were out: a cut connection is the only way to say it
+    else:
+        assert status == 502, f"{kind}: got {status} {body[:200]!r}"
+    assert not complete, f"{kind}: an unreadable image came back complete"
+    await wait_idle(daemon, broken)
+
+    # The fault was the image store's, not the cache directory's: B is cached as usual.
+    status, headers, body = await daemon.get(healthy)
+    assert status == 200 and body == data
+    assert headers["Cache-Status"] == "cached; fwd=uri-miss; stored", kind
+    await wait_complete(daemon, healthy)
+
+
+async def test_image_that_cannot_be_looked_up_is_a_502(filed: tuple[Daemon, Path]) -> None:
+    daemon, images = filed
+    looped = str(uuid.uuid4())
+    (images / looped).symlink_to(images / looped)  # stat fails with ELOOP
+    status, headers, body = await daemon.get(looped)
+    assert status == 502, body[:300]
+    assert "Too many levels of symbolic links" in body.decode()
+    assert headers["Content-Type"].startswith("application/json")
+    assert daemon.store.get(looped) is None
+
+    async with daemon.session.get(f"{daemon.url}/v2/images/{looped}", headers=auth()) as resp:
+        text = await resp.text()
+        assert resp.status == 502, text
+        assert text.startswith("502 Bad Gateway\n\n") and "image store" in text
+
+
+async def test_vanished_image_directory_lists_as_502(filed: tuple[Daemon, Path]) -> None:
+    daemon, images = filed
+    shutil.rmtree(images)
+    async with daemon.session.get(f"{daemon.url}/v2/images", headers=auth()) as resp:
+        text = await resp.text()
+        assert resp.status == 502, text
+        assert "image store: cannot list" in text
