@@ -91,7 +91,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         integrity = Integrity(
             store,
             filling=filler.fills.keys,
-            invalidate=lambda entry, reason: asyncio.to_thread(store.invalidate, entry, reason),
+            invalidate=store.invalidate,
             rate=config.scrub_rate * (1 << 20),
             interval=config.scrub_interval,
         )

@@ -140,7 +140,8 @@ def test_create_then_load_round_trip(
         )
         fd = os.open(path, os.O_RDWR)
         try:
-            entries.publish(made, fd, {c for c in chunks if c < made.chunk_count})
+            made.present.update(c for c in chunks if c < made.chunk_count)
+            entries.record_present(fd, made.present.to_bytes(), made.last_modified)
         finally:
             os.close(fd)
         loaded = entries.load(path)

@@ -112,7 +112,7 @@ def test_every_bad_case_goes_to_invalid_with_one_log_line(
 ) -> None:
     root = tmp_path / "cache"
     root.mkdir()
-    Store(root).open()
+    asyncio.run(Store(root).open())  # the layout
     planted = []
     for i, (_, size, raw, bitmap, state) in enumerate(BAD):
         area = root if i % 2 else root / "incomplete"
@@ -124,7 +124,8 @@ def test_every_bad_case_goes_to_invalid_with_one_log_line(
 
     store = Store(root)
     with caplog.at_level(logging.WARNING, logger="cached.store"):
-        store.open()
+        asyncio.run(store.open())
+    store.close()
     assert list(store.entries) == [good]
     assert store.invalid == set(planted)
     assert tree(root) == sorted([*EMPTY, f"incomplete/{good}", *(f"invalid/{i}" for i in planted)])

@@ -73,9 +73,7 @@ class Entry:
     identity: Identity | None = field(default=None, compare=False)
     # The file may have changed since it was verified: re-verify before serving it again.
     suspect: bool = field(default=False, compare=False)
-    identity_lock: threading.Lock = field(
-        default_factory=threading.Lock, compare=False, repr=False
-    )
+    identity_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     @property
     def chunk_count(self) -> int:
