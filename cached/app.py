@@ -18,6 +18,7 @@ from cached.fill import FillSettings
 from cached.filler import Filler
 from cached.prefetch import Prefetcher
 from cached.proxy import Proxy
+from cached.scrub import Integrity
 from cached.store import Store, xattrs
 from cached.upstream import Backend
 from cached.upstream.filestore import FileBackend
@@ -31,6 +32,7 @@ FILLER = web.AppKey("filler", Filler)
 PROXY = web.AppKey("proxy", Proxy)
 MANAGER = manage.MANAGER
 SCHEDULER = web.AppKey("scheduler", AsyncIOScheduler)
+INTEGRITY = web.AppKey("integrity", Integrity)
 
 
 def make_backend(config: Config) -> Backend:
@@ -118,10 +120,21 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         app[MANAGER] = manage.Manager(
             config, store, filler, upstream, guard, prefetcher, maintenance, session, service
         )
-        app[SCHEDULER] = jobs.start_scheduler(config, prefetcher, maintenance)
+        integrity = Integrity(
+            store,
+            filling=filler.fills.keys,
+            invalidate=store.invalidate,
+            rate=config.scrub_rate * (1 << 20),
+            interval=config.scrub_interval,
+        )
+        proxy.integrity = integrity
+        app[INTEGRITY] = integrity
+        integrity.start()
+        app[SCHEDULER] = jobs.start_scheduler(config, prefetcher, maintenance, integrity)
         yield
         app[SCHEDULER].shutdown(wait=False)
         await asyncio.sleep(0)  # the scheduler shuts down (and cancels its runs) on the loop
+        await integrity.close()
         await prefetcher.close()
         await filler.close()
         await session.close()

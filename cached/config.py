@@ -112,6 +112,11 @@ class Config:
     worker_self_reference_url: str = ""
     # Other cached nodes asked by GET /v2/cache/nodes/{id} whether they hold the image.
     peers: tuple[str, ...] = ()
+    # --- integrity (cached/scrub.py) ---
+    # Seconds between scrub passes: each re-reads every complete entry and checks its digest.
+    scrub_interval: int = 86400
+    # MiB/s a scrub pass reads at most (it also pauses while fills run).
+    scrub_rate: float = 16.0
 
     @property
     def max_entry_size(self) -> int:
@@ -158,6 +163,7 @@ def _convert(name: str, value: Any) -> Any:
         "cache_prefetcher_interval",
         "cache_prune_interval",
         "cache_clean_interval",
+        "scrub_interval",
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"must be a positive whole number of seconds, got {value!r}")
@@ -173,6 +179,10 @@ def _convert(name: str, value: Any) -> Any:
     ):
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ValueError(f"must be a number of seconds >= 0, got {value!r}")
+        return float(value)
+    if name == "scrub_rate":
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e6:
+            raise ValueError(f"must be a number of MiB/s > 0, got {value!r}")
         return float(value)
     if name == "image_cache_dir":
         if not isinstance(value, str | Path) or not str(value):

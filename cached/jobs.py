@@ -23,6 +23,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from cached.config import Config
 from cached.filler import Filler
 from cached.prefetch import Prefetcher
+from cached.scrub import Integrity
 from cached.store import Entry, Store
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ def _log_failure(task: asyncio.Task[PruneResult]) -> None:
 
 # ------------------------------------------------------------------------------- schedule
 def start_scheduler(
-    config: Config, prefetcher: Prefetcher, maintenance: Maintenance
+    config: Config, prefetcher: Prefetcher, maintenance: Maintenance, integrity: Integrity
 ) -> AsyncIOScheduler:
     """Run prefetch, prune and clean on their intervals (never overlapping themselves)."""
     # UTC: interval jobs need no local zone, and looking it up reads files on the loop.
@@ -191,6 +192,7 @@ def start_scheduler(
         ("prefetch", config.cache_prefetcher_interval, prefetcher.run),
         ("prune", config.cache_prune_interval, maintenance.prune),
         ("clean", config.cache_clean_interval, maintenance.clean),
+        ("scrub", config.scrub_interval, integrity.scrub),  # cached/scrub.py
     ]
     for name, interval, func in jobs:
         scheduler.add_job(

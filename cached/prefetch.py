@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -33,7 +32,7 @@ from cached.errors import CachedError, FillAborted, UpstreamError
 from cached.fill import Fill, FillState
 from cached.filler import Filler
 from cached.identity import ServiceAuth
-from cached.store import Store, xattrs
+from cached.store import Store, codec, xattrs
 from cached.upstream import Backend, Credentials, ImageRecord
 
 log = logging.getLogger(__name__)
@@ -52,25 +51,32 @@ class QueueStatus:
     next_attempt: float = 0.0
 
 
+def parse_status(raw: bytes) -> QueueStatus:
+    """Decode a marker's record; raises ValueError (only) if it is not one (bounded JSON,
+    ``failures`` a whole number, times finite, the error a string)."""
+    doc = codec.loads_object(raw, max_len=8192, max_depth=1)
+    failures = codec.int_field(doc, "failures", low=0, high=1 << 31) if "failures" in doc else 0
+    last_error = codec.str_field(doc, "last_error", max_len=4096)
+    last_attempt = codec.float_field(doc, "last_attempt", default=None)
+    next_attempt = codec.float_field(doc, "next_attempt", default=0.0) or 0.0
+    return QueueStatus(failures, last_error, last_attempt, next_attempt)
+
+
 def read_status(marker: Path) -> QueueStatus:
-    """The record on a queue marker (empty if none). Call from an executor."""
+    """The record on a queue marker (empty if none or unusable). Call from an executor."""
     try:
         raw = xattrs.read_all(marker).get(STATUS_XATTR)
-        doc = json.loads(raw) if raw else {}
-        return QueueStatus(
-            int(doc.get("failures", 0)),
-            doc.get("last_error"),
-            doc.get("last_attempt"),
-            float(doc.get("next_attempt", 0.0)),
-        )
-    except (OSError, ValueError, TypeError, AttributeError):
+        return parse_status(raw) if raw else QueueStatus()
+    except (OSError, ValueError):
         return QueueStatus()
 
 
 def write_status(marker: Path, status: QueueStatus) -> None:
     """Record ``status`` on the marker; nothing if it was dequeued. Call from an executor."""
     try:
-        xattrs.write(marker, STATUS_XATTR, json.dumps(asdict(status)).encode())
+        doc = asdict(status)
+        doc["last_error"] = (status.last_error or "")[:2000] or None  # parse_status reads it back
+        xattrs.write(marker, STATUS_XATTR, codec.dumps(doc))
     except FileNotFoundError:
         pass
 

@@ -31,6 +31,7 @@ from cached.fill import Fill
 from cached.filler import Filler
 from cached.ids import is_image_id
 from cached.reader import send_entry
+from cached.scrub import Integrity
 from cached.store import Entry, Store
 from cached.upstream import Backend, Credentials, Decision, ImageRecord
 from cached.upstream.glance import end_to_end
@@ -90,6 +91,7 @@ class Proxy:
     max_entry_size: int | None = None
     # Told of every image deleted through the proxy (e.g. the prefetch queue forgets it).
     on_deleted: list[Callable[[str], Awaitable[object]]] = field(default_factory=list)
+    integrity: Integrity | None = None  # re-verifies a changed file before a hit (scrub.py)
 
     async def image_data(self, request: web.Request) -> web.StreamResponse:
         """``GET /v2/images/{id}/file``: authorise, then serve from the cache or fill it."""
@@ -112,6 +114,8 @@ class Proxy:
         if auth.decision is Decision.NO_DATA:
             return web.Response(status=204, headers={"x-openstack-request-id": request_id})
         entry = self.store.get(image_id)
+        if entry is not None and entry.complete and self.integrity is not None:
+            entry = await self.integrity.before_hit(entry)  # None: failed re-verification
         if entry is None or not entry.complete:
             if isinstance(record, ImageRecord) and (
                 record.status != "active" or record.size is None

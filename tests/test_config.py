@@ -147,6 +147,8 @@ BAD_VALUES: dict[str, list[object]] = {
     "max_header_size": ["big", -1],
     "log_level": ["LOUD", 3, "trace"],
     "cache_clean_interval": [0, "1h"],
+    "scrub_interval": [0, -1, "1d", 1.5, True],
+    "scrub_rate": [0, -5, "16M", True, None, float("nan"), float("inf")],
     "prefetch_concurrency": [0, -1, 1.5, True],
     "prefetch_retry_initial": [-1, "5m"],
     "prefetch_retry_max": [-1, "x"],

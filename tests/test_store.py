@@ -48,11 +48,15 @@ def store(tmp_path: Path) -> Store:
 
 
 def publish(entry: Entry, chunks: set[int]) -> None:
-    """Record ``chunks`` as present, as a fill does after flushing them."""
+    """Write ``chunks``, flush them and record them as present, as a fill does."""
     entry.present.update(chunks)
     entry.last_modified = time.time()
     fd = os.open(entry.path, os.O_RDWR)
     try:
+        for c in chunks:
+            start, end = entry.chunk_bounds(c)
+            os.pwrite(fd, os.urandom(end - start), start)
+        os.fdatasync(fd)
         entries.record_present(fd, entry.present.to_bytes(), entry.last_modified)
     finally:
         os.close(fd)
@@ -279,8 +283,8 @@ def test_open_rebuilds_the_index_from_the_tree(store: Store) -> None:
     assert tree(again.root) == tree(store.root)  # opening changes nothing on disk
 
 
-def test_open_drops_partial_files_without_usable_metadata(store: Store) -> None:
-    garbage, bare, short, good = new_id(), new_id(), new_id(), new_id()
+def test_open_moves_partial_files_without_usable_metadata_to_invalid(store: Store) -> None:
+    garbage, bare, short, good, wrong = new_id(), new_id(), new_id(), new_id(), new_id()
     incomplete = store.root / "incomplete"
     (incomplete / garbage).write_bytes(b"x" * 1000)
     xattrs.write(incomplete / garbage, "user.cached.meta", b"{not json")
@@ -290,17 +294,22 @@ def test_open_drops_partial_files_without_usable_metadata(store: Store) -> None:
     os.truncate(e.path, MiB)  # the file lost its tail
     run(store.create(good, MiB, checksum=None, os_hash_algo=None, os_hash_value=None))
     wrong_bitmap = run(
-        store.create(new_id(), MiB, checksum=None, os_hash_algo=None, os_hash_value=None)
+        store.create(wrong, MiB, checksum=None, os_hash_algo=None, os_hash_value=None)
     )
     xattrs.write(wrong_bitmap.path, "user.cached.bitmap", b"\x01\x02\x03")  # wrong length
 
     again = Store(store.root)
     run(again.open())
     assert list(again.entries) == [good]
-    assert tree(again.root) == ["incomplete/", f"incomplete/{good}", "invalid/", "queue/"]
+    unusable = sorted([garbage, bare, short, wrong])
+    assert tree(again.root) == sorted(
+        ["incomplete/", f"incomplete/{good}", "invalid/", "queue/"]
+        + [f"invalid/{i}" for i in unusable]
+    )
+    assert again.invalid == set(unusable)  # the clean job removes them
 
 
-def test_open_ignores_foreign_files_and_leaves_them_alone(store: Store) -> None:
+def test_open_ignores_foreign_files_and_invalidates_unusable_image_files(store: Store) -> None:
     image_id = new_id()
     run(
         store.commit(
@@ -313,18 +322,22 @@ def test_open_ignores_foreign_files_and_leaves_them_alone(store: Store) -> None:
     (root / (image_id[:-1] + "g")).write_text("not a uuid")
     (root / ".xattr-probe-1").write_bytes(b"")
     (root / "queue" / "notes.txt").write_text("")
-    bad_complete = new_id()  # an image id in the root without usable metadata: kept, not served
+    bad_complete = new_id()  # an image id in the root without usable metadata
     (root / bad_complete).write_bytes(b"z" * 10)
     filling_in_root = new_id()
     run(store.create(filling_in_root, 10, checksum=None, os_hash_algo=None, os_hash_value=None))
     os.rename(root / "incomplete" / filling_in_root, root / filling_in_root)
-    before = tree(root)
+    foreign = [p for p in tree(root) if bad_complete not in p and filling_in_root not in p]
 
     again = Store(root)
     run(again.open())
     assert list(again.entries) == [image_id]
     assert again.queued() == []
-    assert tree(root) == before
+    # Foreign files stay where they are; image files that cannot be served go to invalid/
+    # (before: ignored forever, never counted, never cleaned).
+    assert tree(root) == sorted(foreign + [f"invalid/{bad_complete}", f"invalid/{filling_in_root}"])
+    assert again.invalid == {bad_complete, filling_in_root}
+    assert xattrs.read_all(root / "invalid" / bad_complete)["user.cached.state"] == b"invalid"
 
 
 def test_open_on_an_empty_directory_makes_the_layout(tmp_path: Path) -> None:

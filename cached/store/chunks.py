@@ -18,6 +18,11 @@ def chunk_size_for(size: int) -> int:
     return chunk
 
 
+def chunk_count(size: int, chunk: int) -> int:
+    """How many chunks of ``chunk`` bytes an image of ``size`` bytes has (an empty one: 1)."""
+    return max(1, -(-size // chunk))
+
+
 class Bitmap:
     """A set of chunk numbers ``0 <= i < count`` stored one bit each (bit i of byte i // 8)."""
 
@@ -30,6 +35,21 @@ class Bitmap:
             raise ValueError(f"bitmap of {len(bits)} bytes for {count} chunks")
         self._bits = bytearray(bits) if bits is not None else bytearray(nbytes)
 
+    @classmethod
+    def decode(cls, count: int, raw: bytes) -> Bitmap:
+        """The bitmap of ``count`` chunks stored as ``raw`` (``user.cached.bitmap``).
+
+        Raises ValueError unless ``1 <= count <= MAX_CHUNKS``, ``raw`` is exactly
+        ``(count + 7) // 8`` bytes and the padding bits past ``count`` are clear.
+        """
+        if not 1 <= count <= MAX_CHUNKS:
+            raise ValueError(f"{count} chunks (1 to {MAX_CHUNKS})")
+        if len(raw) != (count + 7) // 8:
+            raise ValueError(f"bitmap of {len(raw)} bytes for {count} chunks")
+        if count % 8 and raw[-1] >> (count % 8):
+            raise ValueError(f"bitmap claims chunks past the last ({count - 1})")
+        return cls(count, raw)
+
     def __contains__(self, i: int) -> bool:
         return 0 <= i < self.count and bool(self._bits[i >> 3] & (1 << (i & 7)))
 
@@ -37,6 +57,10 @@ class Bitmap:
         if not 0 <= i < self.count:
             raise IndexError(i)
         self._bits[i >> 3] |= 1 << (i & 7)
+
+    def discard(self, i: int) -> None:
+        if 0 <= i < self.count:
+            self._bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
 
     def update(self, chunks: Iterator[int] | list[int] | set[int]) -> None:
         for i in chunks:

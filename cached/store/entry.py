@@ -3,20 +3,33 @@
 The functions here block (call them from an executor) and change no :class:`Entry` that is
 in the index: they take values and return results, and the event loop applies them (see
 :mod:`cached.store.store` for who owns which field).
+
+Reading an entry back (:func:`parse`) trusts nothing: every xattr is checked against the file
+and the store's rules, and anything that does not fit raises ValueError (the store then moves
+the file to ``invalid/``). The bookkeeping values (hits, access times) fall back to 0 instead:
+a wrong counter must not cost a cached image.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import json
+import math
 import os
+import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from cached.store import xattrs
-from cached.store.chunks import Bitmap, chunk_size_for
+from cached.store import codec, xattrs
+from cached.store.chunks import Bitmap, chunk_count, chunk_size_for
+from cached.store.written import Identity
+
+MAX_SIZE = 1 << 50  # 1 PiB: no image is larger; bounds every number derived from a size
+_HEX = re.compile(r"[0-9a-fA-F]*")
+_ALGO = re.compile(r"[a-z0-9_]{1,32}")
 
 
 class State(enum.Enum):
@@ -54,6 +67,13 @@ class Entry:
     reserved: int = field(default=0, compare=False)
     # Serialises commit, invalidate and delete of this entry (see Store).
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, compare=False, repr=False)
+    # A complete entry's file as it should stat now (after our own last write); None until
+    # the commit record is written or checked. See cached/store/written.py. These two fields
+    # are read and written by any thread holding ``identity_lock`` (cached/store/integrity.py).
+    identity: Identity | None = field(default=None, compare=False)
+    # The file may have changed since it was verified: re-verify before serving it again.
+    suspect: bool = field(default=False, compare=False)
+    identity_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     @property
     def chunk_count(self) -> int:
@@ -95,7 +115,7 @@ def create(
 ) -> Entry:
     """Create the sparse file at ``path`` (full size, no data) and its metadata."""
     chunk = chunk_size_for(size)
-    count = max(1, -(-size // chunk))
+    count = chunk_count(size, chunk)
     now = time.time()
     entry = Entry(
         image_id=image_id,
@@ -123,7 +143,7 @@ def create(
         xattrs.write_many(
             fd,
             {
-                xattrs.META: json.dumps(meta, separators=(",", ":")).encode(),
+                xattrs.META: codec.dumps(meta),
                 xattrs.STATE: State.FILLING.value.encode(),
                 xattrs.BITMAP: entry.present.to_bytes(),
                 xattrs.HITS: b"0",
@@ -141,33 +161,75 @@ def create(
 
 def load(path: Path) -> Entry:
     """Read an entry back from its file; raises ValueError if the metadata is unusable."""
-    attrs = xattrs.read_all(path)
+    fd = os.open(path, os.O_RDONLY)
     try:
-        meta = json.loads(attrs[xattrs.META])
-        size = int(meta["size"])
-        chunk = int(meta["chunk_size"])
-        state = State(attrs[xattrs.STATE].decode())
-        count = max(1, -(-size // chunk))
-        bitmap = Bitmap(count, attrs.get(xattrs.BITMAP, bytes((count + 7) // 8)))
-    except (KeyError, ValueError, TypeError) as exc:
+        return parse(path, xattrs.read_all(fd), os.fstat(fd))
+    finally:
+        os.close(fd)
+
+
+def parse(path: Path, attrs: dict[str, bytes], st: os.stat_result) -> Entry:
+    """The entry described by ``attrs`` (a file's ``user.*`` xattrs) for the file ``st``.
+
+    Raises ValueError, naming the file and the first rule broken: the metadata is not a
+    bounded JSON object; ``size`` is not an integer equal to the file's size; ``chunk_size``
+    is not what :func:`chunk_size_for` gives for that size; the bitmap is not exactly the
+    length that size and chunk size imply (or claims chunks past the last); the state is not
+    one of ours; a checksum is not hex.
+    """
+    try:
+        meta = codec.loads_object(_required(attrs, xattrs.META))
+        size = codec.int_field(meta, "size", low=0, high=MAX_SIZE)
+        if size != st.st_size:
+            raise ValueError(f"file is {st.st_size} bytes, metadata says {size}")
+        chunk = codec.int_field(meta, "chunk_size", low=1, high=MAX_SIZE)
+        if chunk != chunk_size_for(size):
+            raise ValueError(
+                f"chunk_size {chunk} for {size} bytes (the store uses {chunk_size_for(size)})"
+            )
+        count = chunk_count(size, chunk)
+        raw_bitmap = attrs.get(xattrs.BITMAP)
+        present = Bitmap(count) if raw_bitmap is None else Bitmap.decode(count, raw_bitmap)
+        raw_state = _required(attrs, xattrs.STATE)
+        state = next((s for s in State if s.value.encode() == raw_state), None)
+        if state is None:
+            raise ValueError(f"state {raw_state[:32]!r}")
+        checksum = _hex(meta, "checksum")
+        algo = codec.str_field(meta, "os_hash_algo", max_len=32)
+        if algo is not None and not _ALGO.fullmatch(algo):
+            raise ValueError(f"os_hash_algo {algo!r}")
+        hash_value = _hex(meta, "os_hash_value")
+    except ValueError as exc:
         raise ValueError(f"{path}: bad cache metadata: {exc}") from None
-    if os.stat(path).st_size != size:
-        raise ValueError(f"{path}: file is {os.stat(path).st_size} bytes, metadata says {size}")
+    error = attrs.get(xattrs.ERROR)
     return Entry(
         image_id=path.name,
         path=path,
         size=size,
         chunk_size=chunk,
         state=state,
-        present=bitmap,
-        checksum=meta.get("checksum"),
-        os_hash_algo=meta.get("os_hash_algo"),
-        os_hash_value=meta.get("os_hash_value"),
+        present=present,
+        checksum=checksum,
+        os_hash_algo=algo,
+        os_hash_value=hash_value,
         hits=_int(attrs.get(xattrs.HITS)),
         last_accessed=_float(attrs.get(xattrs.LAST_ACCESSED)),
         last_modified=_float(attrs.get(xattrs.LAST_MODIFIED)),
-        error=(attrs[xattrs.ERROR].decode(errors="replace") if xattrs.ERROR in attrs else None),
+        error=None if error is None else error[:1024].decode(errors="replace"),
     )
+
+
+def _required(attrs: dict[str, bytes], name: str) -> bytes:
+    if name not in attrs:
+        raise ValueError(f"no {name}")
+    return attrs[name]
+
+
+def _hex(meta: dict[str, Any], name: str) -> str | None:
+    value = codec.str_field(meta, name, max_len=256)
+    if value is not None and not _HEX.fullmatch(value):
+        raise ValueError(f"{name} is not hex")
+    return value
 
 
 def record_present(fd: int, bitmap: bytes, stamp: float) -> None:
@@ -207,14 +269,20 @@ def access_values(entry: Entry, *, hit: bool, now: float) -> dict[str, bytes]:
 
 
 def _int(raw: bytes | None) -> int:
+    if raw is None or len(raw) > 20:
+        return 0
     try:
-        return int(raw or b"0")
+        value = int(raw)
     except ValueError:
         return 0
+    return value if 0 <= value < 1 << 63 else 0
 
 
 def _float(raw: bytes | None) -> float:
+    if raw is None or len(raw) > 32:
+        return 0.0
     try:
-        return float(raw or b"0")
+        value = float(raw)
     except ValueError:
         return 0.0
+    return value if math.isfinite(value) and value >= 0 else 0.0

@@ -32,6 +32,7 @@ from typing import TypeVar
 
 from cached.ids import is_image_id
 from cached.store import entry as entries
+from cached.store import integrity
 from cached.store.entry import Entry, State
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def scan(root: Path) -> Scan:
     """Create the sub-directories and read every entry back from its file and xattrs.
 
     Blocking: call from an executor. Finishes commits interrupted between the state write
-    and the rename; drops partial files without usable metadata.
+    and the rename; moves files without usable metadata to ``invalid/``.
     """
     started = time.monotonic()
     found = Scan()
@@ -77,24 +78,17 @@ def scan(root: Path) -> Scan:
 
 def _load(root: Path, path: Path, expected: State) -> Entry | None:
     try:
-        entry = entries.load(path)
+        entry = integrity.load(path, expected)  # the rules: cached/store/integrity.py
     except (OSError, ValueError) as exc:
-        if expected is State.FILLING:
-            # A partial file without usable metadata holds nothing we can trust.
-            log.warning("dropping unusable partial entry %s: %s", path, exc)
-            path.unlink(missing_ok=True)
-        else:
-            log.warning("ignoring %s: %s", path, exc)
+        integrity.quarantine(root / "invalid", path, exc)  # clean removes it
         return None
     if entry.state is State.COMPLETE and expected is State.FILLING:
-        # Verified, then the daemon stopped between the state write and the rename.
+        # A crash between the state write and the rename: promoted as a suspect (its
+        # digest is checked before it is served, cached/store/integrity.py rule 3).
         final = root / entry.image_id
         os.rename(path, final)
         entry.path = final
         log.info("finished committing %s", entry.image_id)
-    elif entry.state is not expected:
-        log.warning("ignoring %s: state %s in the %s area", path, entry.state.value, expected)
-        return None
     return entry
 
 
@@ -131,13 +125,6 @@ def _unlink(path: Path) -> bool:
         log.warning("cannot remove %s: %s", path, exc)
         return False
     return True
-
-
-def _touch(path: Path, values: dict[str, bytes]) -> None:
-    try:
-        entries.write_values(path, values)
-    except OSError as exc:  # read-only, full, or deleted meanwhile: a hit is still a hit
-        log.debug("cannot record access to %s: %s", path, exc)
 
 
 class Store:
@@ -276,7 +263,7 @@ class Store:
         if entry.removed:
             return
         values = entries.access_values(entry, hit=hit, now=time.time())
-        await self.run(_touch, entry.path, values)
+        await self.run(integrity.write_access, entry, entry.path, values)  # + commit record
 
     def complete_entries(self) -> list[Entry]:
         return [e for e in self.entries.values() if e.complete]
