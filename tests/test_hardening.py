@@ -1,0 +1,50 @@
+"""Hostile and careless requests against the daemon (issue 9): each gets a clear answer and
+leaves the daemon serving."""
+
+from __future__ import annotations
+
+import asyncio
+
+import rawhttp
+from conftest import Daemon
+from fakeglance import FakeGlance
+
+MiB = 1 << 20
+
+
+def _get(daemon: Daemon, path: str, *headers: str) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: cached", "X-Auth-Token: token-p1", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+
+
+async def test_hostile_ranges(glance: FakeGlance, daemon: Daemon) -> None:
+    image = glance.add_image(bytes(range(256)) * 4)
+    path = f"/v2/images/{image.id}/file"
+
+    async def ask(value: str) -> rawhttp.Reply:
+        raw = _get(daemon, path, f"Range: {value}")
+        return await asyncio.to_thread(rawhttp.request, daemon.url, raw)
+
+    many = "9" * 5000
+    reply = await ask(f"bytes={many}-")  # int() of > 4,300 digits raises: was a 500
+    assert reply.status == 416 and reply.headers["content-range"] == "bytes */1024"
+    reply = await ask(f"bytes=0-{many}")
+    assert reply.status == 206 and reply.headers["content-range"] == "bytes 0-1023/1024"
+    assert reply.body == image.data
+    reply = await ask(f"bytes=-{many}")
+    assert reply.status == 206 and reply.body == image.data
+    # Range digits are ASCII (RFC 9110 §14.1.1, RFC 5234 DIGIT): Arabic-Indic 1-2 is no range
+    reply = await ask("bytes=\u0661-\u0662")
+    assert reply.status == 400 and b"Range" in reply.body
+    reply = await ask("bytes=1-2")
+    assert reply.status == 206 and reply.body == image.data[1:3]
+
+
+async def test_suffix_range_of_an_empty_image(glance: FakeGlance, daemon: Daemon) -> None:
+    image = glance.add_image(b"")
+    # RFC 9110 §14.1.1: the one satisfiable range of an empty representation; it selects
+    # all of it (nothing), which a 206 cannot describe: the whole, empty image.
+    status, headers, body = await daemon.get(image.id, Range="bytes=-10")
+    assert (status, body) == (200, b"") and headers["Content-Length"] == "0"
+    status, headers, _ = await daemon.get(image.id, Range="bytes=0-")
+    assert status == 416 and headers["Content-Range"] == "bytes */0"
