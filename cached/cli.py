@@ -108,7 +108,7 @@ async def _serve(config: Config) -> None:
             "listening on http://%s:%d (upstream %s, cache %s)",
             shown,
             addr[1],
-            config.upstream,
+            configuration.shown("upstream", config.upstream),
             config.image_cache_dir,
         )
     stop = asyncio.Event()
@@ -134,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "check-config":
         for key, value in vars(config).items():
-            shown = "(set)" if key in configuration.SECRETS and value else value
-            print(f"{key}: {shown}")
+            print(f"{key}: {configuration.shown(key, value)}")
         return 0
     try:
         _prepare_dirs(config, embedded=args.config is None and args.upstream is None)

@@ -129,9 +129,28 @@ class Config:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _ADMIN_TOKEN_RE = re.compile(r"^sha256:[0-9a-fA-F]{64}$")
-# Values never shown (``cached check-config``) or logged.
-SECRETS = frozenset({"keystone_password", "service_token"})
+# Values never shown (``cached check-config``) or logged: credentials, and the admin token
+# digests (a digest of a weak token can be brute-forced offline).
+SECRETS = frozenset({"keystone_password", "service_token", "access_tokens", "admin_tokens"})
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+
+
+def shown(key: str, value: Any) -> Any:
+    """``value`` of option ``key`` as ``cached check-config`` prints it: secrets masked, and
+    the password of a URL's ``user:password@`` part too."""
+    if key in SECRETS:
+        if not value:
+            return value
+        return f"({len(value)} set)" if isinstance(value, tuple) else "(set)"
+    if isinstance(value, tuple):
+        return tuple(shown(key, v) for v in value)
+    if isinstance(value, str) and "@" in value:
+        parts = urllib.parse.urlsplit(value)
+        if parts.password is not None:
+            host = parts.netloc.rpartition("@")[2]
+            netloc = f"{parts.username}:***@{host}"
+            return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return value
 
 
 def _url(value: Any) -> str:
@@ -291,4 +310,4 @@ def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) ->
     return config
 
 
-__all__ = ["Config", "build", "load", "parse_size", "parse_listen"]
+__all__ = ["Config", "build", "load", "parse_size", "parse_listen", "shown"]

@@ -4,9 +4,12 @@ leaves the daemon serving."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+from pathlib import Path
 
 import rawhttp
 from conftest import Daemon
+from daemonproc import run_cached
 from fakeglance import FakeGlance
 
 MiB = 1 << 20
@@ -48,3 +51,27 @@ async def test_suffix_range_of_an_empty_image(glance: FakeGlance, daemon: Daemon
     assert (status, body) == (200, b"") and headers["Content-Length"] == "0"
     status, headers, _ = await daemon.get(image.id, Range="bytes=0-")
     assert status == 416 and headers["Content-Range"] == "bytes */0"
+
+
+def test_check_config_masks_every_credential(tmp_path: Path) -> None:
+    digest = hashlib.sha256(b"admin-secret").hexdigest()
+    config = tmp_path / "cached.yaml"
+    config.write_text(
+        "upstream: http://glance:s3cret-in-url@glance-api:9292\n"
+        f"image_cache_dir: {tmp_path}\n"
+        "access_tokens: [file-token-1, file-token-2]\n"
+        f"admin_tokens: ['sha256:{digest}']\n"
+        "keystone_url: http://keystone:5000/v3\n"
+        "keystone_username: cached\n"
+        "keystone_password: hunter2-password\n"
+        "keystone_project_name: service\n"
+    )
+    res = run_cached("check-config", "-c", str(config))
+    assert res.returncode == 0, res.stderr
+    out = res.stdout + res.stderr
+    for secret in ("file-token-1", "file-token-2", digest, "hunter2-password", "s3cret-in-url"):
+        assert secret not in out
+    shown = dict(line.split(": ", 1) for line in res.stdout.splitlines())
+    assert shown["access_tokens"] == "(2 set)" and shown["admin_tokens"] == "(1 set)"
+    assert shown["upstream"] == "http://glance:***@glance-api:9292"
+    assert shown["keystone_url"] == "http://keystone:5000/v3"
