@@ -42,6 +42,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from cached import replies
 from cached.admin import Access, AdminGuard, ServiceAuth
 from cached.config import Config
 from cached.errors import CachedError, UpstreamError, UpstreamUnavailable
@@ -197,7 +198,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     )
 
 
-def _error_for(exc: CachedError | OSError) -> web.Response:
+def _error_for(request: web.Request, exc: CachedError | OSError) -> web.Response:
     """The one place where domain errors become HTTP answers."""
     if isinstance(exc, OSError):
         log.error("cache directory error: %s", exc)
@@ -209,8 +210,8 @@ def _error_for(exc: CachedError | OSError) -> web.Response:
     if isinstance(exc, UpstreamError):
         return web.Response(status=exc.status, body=exc.body, headers=exc.headers)
     if isinstance(exc, UpstreamUnavailable):
-        return _error(502, f"The image service is unreachable: {exc}")
-    return _error(500, f"{type(exc).__name__}: {exc}")
+        return replies.unreachable(request, exc)
+    return replies.internal(request, exc)
 
 
 _DENIED = {
@@ -400,7 +401,7 @@ def _endpoint(resource: _Resource) -> Callable[[web.Request], Awaitable[web.Stre
                 raise BadRequest("A body is not expected with this request.")
             return await handler(m, request)
         except (CachedError, OSError) as exc:
-            return _error_for(exc)
+            return _error_for(request, exc)
 
     return handle
 

@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 import aiohttp
 from aiohttp import web
 
-from cached import ranges, versions
+from cached import ranges, replies, versions
 from cached.auth import Authorizer
 from cached.errors import FillAborted, StoreUnavailable, UpstreamError, UpstreamUnavailable
 from cached.fill import Fill, Filler
@@ -92,7 +92,7 @@ class Proxy:
                 self._record(image_id, creds) if fetch_record else _none(),
             )
         except UpstreamUnavailable as exc:
-            return _error(502, f"The image service is unreachable: {exc}")
+            return replies.unreachable(request, exc)
         if auth.decision is Decision.DENY:
             return web.Response(status=auth.status, body=auth.body, headers=dict(auth.headers))
         request_id = auth.request_id or f"req-{uuid.uuid4()}"
@@ -241,7 +241,7 @@ class Proxy:
         except UpstreamUnavailable as exc:
             if request.transport is None or request.transport.is_closing():
                 raise
-            return _error(502, f"The image service is unreachable: {exc}")
+            return replies.unreachable(request, exc)
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         """Everything else: pass through; a successful change forgets what it invalidates."""
@@ -261,7 +261,7 @@ class Proxy:
         except UpstreamUnavailable as exc:
             if request.transport is None or request.transport.is_closing():
                 raise
-            return _error(502, f"The image service is unreachable: {exc}")
+            return replies.unreachable(request, exc)
 
     async def versions(self, request: web.Request) -> web.StreamResponse:
         """``GET /`` and ``GET /versions``: the upstream's version document, advertising the
@@ -286,7 +286,7 @@ class Proxy:
                     if h in upstream.headers
                 }
         except (TimeoutError, aiohttp.ClientError) as exc:
-            return _error(502, f"The image service is unreachable: {exc!r}")
+            return replies.unreachable(request, exc)
         try:
             doc = json.loads(body) if status in (200, 300) else None
         except ValueError:

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
+import uuid
 from pathlib import Path
 
+import pytest
 import rawhttp
-from conftest import Daemon
+from conftest import Daemon, auth, start_daemon, stop_daemon
 from daemonproc import run_cached
 from fakeglance import FakeGlance
 
 MiB = 1 << 20
+ADMIN_DIGEST = "sha256:" + hashlib.sha256(b"admin-secret").hexdigest()
 
 
 def _get(daemon: Daemon, path: str, *headers: str) -> bytes:
@@ -75,3 +79,33 @@ def test_check_config_masks_every_credential(tmp_path: Path) -> None:
     assert shown["access_tokens"] == "(2 set)" and shown["admin_tokens"] == "(1 set)"
     assert shown["upstream"] == "http://glance:***@glance-api:9292"
     assert shown["keystone_url"] == "http://keystone:5000/v3"
+
+
+async def test_502_names_no_internal_address(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = await start_daemon(tmp_path, f"http://127.0.0.1:{port}", admin_tokens=[ADMIN_DIGEST])
+    image_id = str(uuid.uuid4())
+    try:
+        for method, path, headers in (
+            ("GET", f"/v2/images/{image_id}/file", auth()),  # the download path
+            ("GET", f"/v2/images/{image_id}/file", {**auth(), "Range": "bytes=0-1,4-5"}),  # bypass
+            ("GET", "/v2/images", auth()),  # pass-through
+            ("POST", "/v2/images", {**auth(), "Content-Type": "application/json"}),
+            ("GET", "/versions", {}),  # the version document
+            ("PUT", f"/v2/cache/{image_id}", {"X-Auth-Token": "admin-secret"}),  # management
+        ):
+            caplog.clear()
+            async with d.session.request(method, d.url + path, headers=headers) as resp:
+                body = await resp.text()
+                assert resp.status == 502, (method, path, resp.status, body)
+                request_id = resp.headers["x-openstack-request-id"]
+            assert body == "502 Bad Gateway\n\nThe image service is unreachable.\n\n   "
+            assert resp.headers["Content-Type"] == "text/plain; charset=UTF-8"
+            logged = [r.getMessage() for r in caplog.records if request_id in r.getMessage()]
+            assert logged and str(port) in logged[0], caplog.text  # the operator sees it
+    finally:
+        await stop_daemon(d)
