@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
 import uuid
 from pathlib import Path
@@ -107,5 +108,41 @@ async def test_502_names_no_internal_address(
             assert resp.headers["Content-Type"] == "text/plain; charset=UTF-8"
             logged = [r.getMessage() for r in caplog.records if request_id in r.getMessage()]
             assert logged and str(port) in logged[0], caplog.text  # the operator sees it
+    finally:
+        await stop_daemon(d)
+
+
+async def test_file_upstream_keeps_to_its_directory(tmp_path: Path) -> None:
+    images, cache = tmp_path / "images", tmp_path / "cache"
+    images.mkdir()
+    cache.mkdir()
+    secret = tmp_path / "outside"
+    secret.write_bytes(b"root:x:0:0:secret\n")
+    inside = str(uuid.uuid4())
+    (images / inside).write_bytes(b"image data")
+    out_link, in_link, fifo = (str(uuid.uuid4()) for _ in range(3))
+    (images / out_link).symlink_to(secret)  # ln -s /etc/passwd <uuid>
+    (images / in_link).symlink_to(images / inside)  # within the store: still an image
+    os.mkfifo(images / fifo)  # opening it must not hang the daemon
+    d = await start_daemon(cache, f"file://{images}")
+    try:
+        for image_id in (out_link, fifo):
+            for path, headers in (
+                (f"/v2/images/{image_id}/file", {}),
+                (f"/v2/images/{image_id}/file", {"Range": "bytes=0-1,3-4"}),  # pass-through
+                (f"/v2/images/{image_id}", {}),
+            ):
+                async with d.session.get(d.url + path, headers=headers) as resp:
+                    body = await resp.read()
+                    assert resp.status == 404 and b"secret" not in body, (path, body)
+        async with d.session.get(d.url + "/v2/images") as resp:
+            listed = {image["id"] for image in (await resp.json())["images"]}
+        assert listed == {inside, in_link}
+        status, _, body = await d.get(in_link)
+        assert (status, body) == (200, b"image data")
+        async with d.session.get(d.file_url(inside), headers={"Range": "bytes=0-1,3-4"}) as r:
+            assert r.status == 400  # as Glance answers several ranges
+        async with d.session.get(d.file_url(inside), headers={"Range": "bytes=-4"}) as r:
+            assert r.status == 206 and await r.read() == b"data"
     finally:
         await stop_daemon(d)
