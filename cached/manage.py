@@ -224,7 +224,7 @@ _DENIED = {
 
 # ------------------------------------------------------------------------ handlers
 def _image_id(request: web.Request, *, legacy: bool = False) -> str:
-    image_id = request.match_info["image_id"]
+    image_id = request.match_info["image_id"].lower()  # one cache key per image (routes.py)
     if not is_image_id(image_id):
         if legacy:  # glance-cache-manage checks UUIDs itself; Glance would queue anything
             raise BadRequest(f"Image ID {image_id[:64]!r} is not a valid UUID.")

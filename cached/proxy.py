@@ -8,7 +8,6 @@ import asyncio
 import enum
 import json
 import logging
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -16,7 +15,7 @@ from typing import Any, BinaryIO
 import aiohttp
 from aiohttp import web
 
-from cached import ranges, replies, versions
+from cached import ranges, replies, routes, versions
 from cached.auth import Authorizer
 from cached.errors import FillAborted, StoreUnavailable, UpstreamError, UpstreamUnavailable
 from cached.fill import Fill, Filler
@@ -27,9 +26,6 @@ from cached.upstream import Backend, Credentials, Decision, ImageRecord
 from cached.upstream.glance import end_to_end
 
 log = logging.getLogger(__name__)
-
-# A change to an image through the proxy (PATCH, DELETE, actions, members, upload).
-_IMAGE_PATH = re.compile(r"^/v2/images/([^/]+)(/.*)?$")
 
 
 class Outcome(enum.Enum):
@@ -80,7 +76,7 @@ class Proxy:
 
     async def image_data(self, request: web.Request) -> web.StreamResponse:
         """``GET /v2/images/{id}/file``: authorise, then serve from the cache or fill it."""
-        image_id = request.match_info["image_id"]
+        image_id = routes.image_id(request)
         if not is_image_id(image_id):
             return _error(400, f"Image ID must be a UUID, got {image_id[:64]!r}.")
         creds = Credentials.from_headers(request.headers)
@@ -247,10 +243,10 @@ class Proxy:
         """Everything else: pass through; a successful change forgets what it invalidates."""
         hook = None
         if request.method not in ("GET", "HEAD", "OPTIONS"):
-            match = _IMAGE_PATH.match(request.path)
-            if match and is_image_id(match.group(1)):
-                image_id = match.group(1)
-                deleted = request.method == "DELETE" and not match.group(2)
+            route = routes.request_route(request)
+            if route is not None:
+                image_id = route.image_id
+                deleted = request.method == "DELETE" and not route.rest
 
                 async def hook(response: web.StreamResponse) -> None:
                     if 200 <= response.status < 300:

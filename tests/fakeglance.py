@@ -262,11 +262,13 @@ class FakeGlance:
         """The aiohttp application serving this fake's state."""
         app = web.Application(middlewares=[self._record_and_authenticate])
         app.on_response_prepare.append(self._on_prepare)
-        image, file = "/v2/images/{image_id}", "/v2/images/{image_id}/file"
+        # Glance routes every advertised v2.N like v2 (its version negotiation middleware).
+        v2 = "/{api:v2(?:[.][0-9]+)?}"
+        image, file = v2 + "/images/{image_id}", v2 + "/images/{image_id}/file"
         app.router.add_get("/", self._versions)
         app.router.add_get("/versions", self._versions)
-        app.router.add_get("/v2/images", self._list)
-        app.router.add_post("/v2/images", self._create)
+        app.router.add_get(v2 + "/images", self._list)
+        app.router.add_post(v2 + "/images", self._create)
         app.router.add_route("GET", image, self._show)
         app.router.add_patch(image, self._update)
         app.router.add_delete(image, self._delete)
