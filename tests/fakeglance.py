@@ -212,6 +212,8 @@ class FakeGlance:
         self._runner: web.AppRunner | None = None
         self._in_flight: dict[int, Request] = {}  # id(web.Request) -> its record
         self._downloads: set[asyncio.Task[Any]] = set()
+        # False: never answer "Expect: 100-continue" with an interim 100 (Glance under uWSGI)
+        self.send_100_continue = True
 
     # -- programming ------------------------------------------------------------------------
 
@@ -268,13 +270,13 @@ class FakeGlance:
         app.router.add_get("/", self._versions)
         app.router.add_get("/versions", self._versions)
         app.router.add_get(v2 + "/images", self._list)
-        app.router.add_post(v2 + "/images", self._create)
+        app.router.add_post(v2 + "/images", self._create, expect_handler=self._expect)
         app.router.add_route("GET", image, self._show)
         app.router.add_patch(image, self._update)
         app.router.add_delete(image, self._delete)
         app.router.add_route("GET", file, self._download)
         app.router.add_route("HEAD", file, self._head_file)
-        app.router.add_put(file, self._upload)
+        app.router.add_put(file, self._upload, expect_handler=self._expect)
         app.router.add_post(image + "/actions/{action:deactivate|reactivate}", self._action)
         app.router.add_post(image + "/members", self._add_member)
         app.router.add_delete(image + "/members/{member}", self._remove_member)
@@ -376,6 +378,10 @@ class FakeGlance:
         return body
 
     # -- handlers ---------------------------------------------------------------------------
+
+    async def _expect(self, request: web.Request) -> None:
+        if self.send_100_continue and request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     async def _schema(self, request: web.Request) -> web.Response:
         name = request.match_info["name"].rpartition("/")[2]

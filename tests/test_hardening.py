@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import socket
 import uuid
@@ -146,3 +147,47 @@ async def test_file_upstream_keeps_to_its_directory(tmp_path: Path) -> None:
             assert r.status == 206 and await r.read() == b"data"
     finally:
         await stop_daemon(d)
+
+
+def _upload_with_expect(url: str, head: list[str], body: bytes) -> tuple[bytes, rawhttp.Reply]:
+    """Send the head with ``Expect: 100-continue``, the body once the interim 100 came."""
+    with rawhttp.connect(url, timeout=15) as sock:
+        lines = [*head, "Expect: 100-continue", f"Content-Length: {len(body)}"]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):
+            got = sock.recv(1)
+            assert got, "closed before the interim response"
+            interim += got
+        sock.sendall(body)
+        return interim, rawhttp.read_reply(sock)
+
+
+async def test_expect_100_continue_is_not_forwarded(glance: FakeGlance, daemon: Daemon) -> None:
+    glance.send_100_continue = False  # like Glance under uWSGI: no interim 100, ever
+    body = b'{"name": "uploaded", "disk_format": "raw", "container_format": "bare"}'
+    head = [
+        "POST /v2/images HTTP/1.1",
+        "Host: cached",
+        "X-Auth-Token: token-p1",
+        "Content-Type: application/json",
+    ]
+    interim, reply = await asyncio.to_thread(_upload_with_expect, daemon.url, head, body)
+    assert interim.startswith(b"HTTP/1.1 100 Continue")  # cached's own, to its client
+    assert reply.status == 201, reply  # was: stuck until the upstream read timeout, then 502
+    image_id = json.loads(reply.body)["id"]
+    creates = [r for r in glance.requests if r.method == "POST" and r.path == "/v2/images"]
+    assert "expect" not in creates[-1].headers
+
+    data = os.urandom(3 * MiB)  # curl sends Expect with every upload over 1 MiB
+    head = [
+        f"PUT /v2/images/{image_id}/file HTTP/1.1",
+        "Host: cached",
+        "X-Auth-Token: token-p1",
+        "Content-Type: application/octet-stream",
+    ]
+    interim, reply = await asyncio.to_thread(_upload_with_expect, daemon.url, head, data)
+    assert reply.status == 204, reply
+    assert glance.images[image_id].data == data
+    status, _, got = await daemon.get(image_id)
+    assert status == 200 and got == data

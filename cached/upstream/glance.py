@@ -26,10 +26,14 @@ from cached.upstream import (
 
 log = logging.getLogger(__name__)
 
-# RFC 9110 §7.6.1: connection-specific fields are never forwarded.
+# RFC 9110 §7.6.1: connection-specific fields are never forwarded. ``Expect`` too (§10.1.1):
+# the server side of cached has answered ``100 Continue`` already; forwarded, it makes our
+# client wait for a 100 that Glance under uWSGI never sends (the upload stalls until the
+# read timeout and holds a Glance worker all that time).
 HOP_BY_HOP = frozenset(
     {
         "connection",
+        "expect",
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",
@@ -44,6 +48,7 @@ HOP_BY_HOP = frozenset(
 _RELAY_ERROR_HEADERS = ("content-type", "www-authenticate", "x-openstack-request-id")
 _MAX_ERROR_BODY = 64 << 10
 _PIECE = 1 << 20
+_RELAY_BUFFER = 64 << 10
 
 
 def end_to_end(headers: Any) -> CIMultiDict[str]:
@@ -105,9 +110,22 @@ class GlanceBackend:
             read_bufsize=4 << 20,
             skip_auto_headers=("User-Agent",),
         )
+        # Pass-through answers go to one client each, at that client's pace: a small read
+        # buffer (aiohttp's default, 64 KiB; reading pauses at twice that) makes a client
+        # that does not read stop the upstream read after ~128 KiB instead of 8 MiB.
+        self._relay = aiohttp.ClientSession(
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=connect_timeout, sock_read=read_timeout or None
+            ),
+            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            read_bufsize=_RELAY_BUFFER,
+            skip_auto_headers=("User-Agent",),
+        )
 
     async def close(self) -> None:
         await self._session.close()
+        await self._relay.close()
 
     def _url(self, path: str) -> str:
         return self.base_url + path
@@ -216,7 +234,7 @@ class GlanceBackend:
         headers.add("Via", f"{request.version.major}.{request.version.minor} cached")
         data = _body(request) if request.body_exists else None
         try:
-            upstream = await self._session.request(
+            upstream = await self._relay.request(
                 request.method,
                 self._url(request.path_qs),
                 headers=headers,
