@@ -16,6 +16,7 @@ from cached import __version__
 from cached import config as configuration
 from cached.app import FILLER, make_app
 from cached.config import Config
+from cached.connguard import GuardedRunner, Limits
 from cached.errors import ConfigError
 from cached.loopback import is_loopback
 from cached.store import xattrs
@@ -90,8 +91,9 @@ async def _serve(config: Config) -> None:
 
     app.on_shutdown.append(stop_fills)
     host, port = config.listen_address
-    runner = web.AppRunner(
+    runner = GuardedRunner(
         app,
+        Limits.of(config),
         access_log=logging.getLogger("cached.access"),
         max_line_size=config.max_header_size,
         max_field_size=config.max_header_size,

@@ -77,6 +77,17 @@ class Config:
     fsync_interval_seconds: float = 1.0
     # Largest request line/header field accepted from clients (longer: 400/431).
     max_header_size: int = 16384
+    # --- client connections (cached/connguard.py); 0 turns a limit off ---
+    # Seconds from a connection's opening, or a request's first byte, to the end of its
+    # headers (then 408 and close).
+    client_header_timeout: float = 30.0
+    # Seconds an idle kept-alive connection stays open between requests.
+    client_keepalive_timeout: float = 75.0
+    # Seconds without a byte of a request body a handler waits for (then the connection is
+    # cut); time in which cached itself paused reading does not count.
+    client_body_timeout: float = 60.0
+    # Open connections allowed from one client address (the next gets 503).
+    max_connections_per_address: int = 128
     log_level: str = "INFO"
     # --- cache management API and periodic jobs (cached/manage.py, cached/jobs.py) ---
     # Seconds between clean runs (stalled partial entries and invalid/ entries).
@@ -181,6 +192,8 @@ def _convert(name: str, value: Any) -> Any:
         "prefetch_retry_initial",
         "prefetch_retry_max",
         "admin_cache_ttl",
+        "client_header_timeout",
+        "client_body_timeout",
     ):
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ValueError(f"must be a number of seconds >= 0, got {value!r}")
@@ -189,6 +202,14 @@ def _convert(name: str, value: Any) -> Any:
         if not isinstance(value, str | Path) or not str(value):
             raise ValueError(f"must be a directory path, got {value!r}")
         return Path(value)
+    if name == "client_keepalive_timeout":
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ValueError(f"must be a number of seconds > 0, got {value!r}")
+        return float(value)
+    if name == "max_connections_per_address":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"must be a whole number >= 0 (0: no cap), got {value!r}")
+        return value
     if name == "prefetch_concurrency":
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"must be a positive whole number, got {value!r}")

@@ -14,6 +14,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from cached import replies
 from cached.errors import UpstreamError, UpstreamUnavailable
 from cached.upstream import (
     Authorization,
@@ -232,17 +233,29 @@ class GlanceBackend:
         headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
         headers.setdefault("X-Forwarded-Proto", request.scheme)
         headers.add("Via", f"{request.version.major}.{request.version.minor} cached")
-        data = _body(request) if request.body_exists else None
+        body = _ClientBody(request) if request.body_exists else None
         try:
             upstream = await self._relay.request(
                 request.method,
                 self._url(request.path_qs),
                 headers=headers,
-                data=data,
+                data=body.pieces() if body is not None else None,
                 allow_redirects=False,
                 skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
+            if body is not None and body.error is not None:
+                # The client's side broke (it left, or was cut for sending nothing): not
+                # the upstream's failure, and no traceback.
+                rid = replies.request_id()
+                log.info(
+                    "%s: %s %s: the request body broke off: %r",
+                    rid,
+                    request.method,
+                    request.path[:200],
+                    body.error,
+                )
+                return replies.glance_error(400, "The request body did not arrive completely.", rid)
             log.warning("upstream unreachable for %s %s: %r", request.method, request.path, exc)
             raise UpstreamUnavailable(str(exc)) from exc
         try:
@@ -274,9 +287,20 @@ class GlanceBackend:
             upstream.release()
 
 
-async def _body(request: web.Request) -> AsyncIterator[bytes]:
-    while piece := await request.content.readany():
-        yield piece
+class _ClientBody:
+    """A request body streamed to the upstream; remembers a failure on the client's side."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.error: BaseException | None = None
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        try:
+            while piece := await self.request.content.readany():
+                yield piece
+        except Exception as exc:
+            self.error = exc
+            raise
 
 
 async def _skip(stream: GlanceStream, count: int) -> None:
