@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 
 from cached.config import Config
@@ -136,6 +137,25 @@ class GuardedHandler(web.RequestHandler):
         self.guard.release(self._address)
         self._address = None
         super().connection_lost(exc)
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """A request the HTTP parser refused (400, 413, 431...) or a client that left is
+        the client's doing: one line at INFO, not a traceback at ERROR each time (an easy
+        way to flood the log otherwise)."""
+        exc = kw.get("exc_info")
+        if isinstance(exc, ConnectionError):  # e.g. the interim 100 to a client that left
+            log.info("a client from %s left: %r", self._address, exc)
+            return
+        if isinstance(exc, HttpProcessingError):
+            first = str(exc.message).strip().splitlines()[:1] or [""]
+            log.info(
+                "refused a malformed request from %s: %d %s",
+                self._address,
+                exc.code,
+                first[0][:200],
+            )
+            return
+        super().log_exception(*args, **kw)
 
     # -- request lifecycle (called by the wrapped server callbacks) -----------------------
     def request_started(self, payload: StreamReader) -> None:

@@ -269,6 +269,7 @@ class Proxy:
             return await self.forward(request)
         headers = end_to_end(request.headers)  # the client's Host: Glance links to it
         headers.popall("Accept-Encoding", None)
+        headers.popall("Content-Length", None)  # no body goes upstream: it would desync
         headers["X-Forwarded-Proto"] = headers.get("X-Forwarded-Proto", request.scheme)
         try:
             async with self.versions_session.get(

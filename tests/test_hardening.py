@@ -191,3 +191,15 @@ async def test_expect_100_continue_is_not_forwarded(glance: FakeGlance, daemon: 
     assert glance.images[image_id].data == data
     status, _, got = await daemon.get(image_id)
     assert status == 200 and got == data
+
+
+async def test_a_body_on_get_versions_does_not_desync_the_upstream(
+    glance: FakeGlance, daemon: Daemon
+) -> None:
+    """Found by the HTTP fuzzer: the client's Content-Length went upstream without the body,
+    so Glance read the next request on that pooled connection as this one's body."""
+    raw = b"GET /versions HTTP/1.1\r\nHost: cached\r\nContent-Length: 5\r\n\r\nhello"
+    for _ in range(3):
+        reply = await asyncio.to_thread(rawhttp.request, daemon.url, raw, 10)
+        assert reply.status == 200 and b"v2.18" in reply.body
+    assert all(r.headers.get("content-length") in (None, "0") for r in glance.requests)

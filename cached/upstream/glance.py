@@ -226,6 +226,11 @@ class GlanceBackend:
         forgot it).
         """
         headers = end_to_end(request.headers)
+        # The body's length as our parser framed it, never the client's header as sent: a
+        # length that differs from the bytes relayed would desync the pooled connection.
+        headers.popall("Content-Length", None)
+        if request.body_exists and request.content_length is not None:
+            headers["Content-Length"] = str(request.content_length)
         # Keep the client's Host: Glance builds Location and version links from it, so they
         # keep pointing at the proxy.
         peer = request.remote or ""
@@ -258,8 +263,8 @@ class GlanceBackend:
                 return replies.glance_error(400, "The request body did not arrive completely.", rid)
             log.warning("upstream unreachable for %s %s: %r", request.method, request.path, exc)
             raise UpstreamUnavailable(str(exc)) from exc
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         try:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for name, value in end_to_end(upstream.headers).items():
                 if name.lower() != "content-length":
                     response.headers.add(name, value)
@@ -277,11 +282,21 @@ class GlanceBackend:
                     await response.write(piece)
             await response.write_eof()
             return response
+        except ConnectionError as exc:
+            # Writing to the client failed: it left (or was cut off). Nothing is wrong
+            # upstream and there is nobody to answer (aiohttp's own ClientConnectionResetError
+            # for a closing transport is one of these, not an upstream error).
+            log.info("%s %s: the client left: %r", request.method, request.path[:200], exc)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
         except (TimeoutError, aiohttp.ClientError) as exc:
             # Mid-stream: the headers are gone; cut the client off so it sees a short body.
             log.warning("upstream broke off %s %s: %r", request.method, request.path, exc)
             if request.transport is not None:
                 request.transport.abort()
+            if response.prepared:
+                return response  # nothing more can be said to this client
             raise UpstreamUnavailable(str(exc)) from exc
         finally:
             upstream.release()
