@@ -79,6 +79,8 @@ class Proxy:
         image_id = routes.image_id(request)
         if not is_image_id(image_id):
             return _error(400, f"Image ID must be a UUID, got {image_id[:64]!r}.")
+        if (refused := await routes.refused_spelling(self.backend, request)) is not None:
+            return refused
         creds = Credentials.from_headers(request.headers)
         entry = self.store.get(image_id)
         fetch_record = entry is None or (not entry.complete and image_id not in self.filler.fills)

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from cached.errors import UpstreamUnavailable
 from cached.store.store import is_image_id
+from cached.upstream import Backend, Credentials, Decision
 
 _IMAGE = re.compile(r"/v2(?:\.[0-9]+)?/images/([^/]+)(/.*)?", re.ASCII)
 
@@ -29,8 +31,9 @@ class ImageRoute:
     """A path under one image: ``rest`` is ``""`` for the image itself, else e.g.
     ``/file``, ``/members/p2``, ``/actions/deactivate``."""
 
-    image_id: str
+    image_id: str  # lower case
     rest: str
+    spelled: str = ""  # the id as the request spelled it
 
     @property
     def is_data(self) -> bool:
@@ -58,10 +61,10 @@ def image_route(target: str) -> ImageRoute | None:
     match = _IMAGE.fullmatch(canonical(target))
     if match is None:
         return None
-    image_id = match.group(1).lower()
-    if not is_image_id(image_id):
+    spelled = match.group(1)
+    if not is_image_id(spelled):
         return None
-    return ImageRoute(image_id, match.group(2) or "")
+    return ImageRoute(spelled.lower(), match.group(2) or "", spelled)
 
 
 def request_route(request: web.Request) -> ImageRoute | None:
@@ -76,5 +79,24 @@ def image_id(request: web.Request) -> str:
 
 def as_download(request: web.Request, route: ImageRoute) -> web.Request:
     """Give a download reached by another spelling the match a direct one has."""
-    request.match_info["image_id"] = route.image_id
+    request.match_info["image_id"] = route.spelled
     return request
+
+
+async def refused_spelling(backend: Backend, request: web.Request) -> web.Response | None:
+    """The upstream's refusal of an id spelled in upper case, or None.
+
+    Whether ``ABC...`` names image ``abc...`` is the upstream's call (MySQL compares ids
+    case-insensitively, SQLite does not: Glance 33 on SQLite answers 404), so such a
+    download is first authorised as spelled; only then is the lower-case entry used.
+    """
+    spelled = request.match_info["image_id"]
+    if spelled == spelled.lower() or not is_image_id(spelled):
+        return None
+    try:
+        answer = await backend.authorize(spelled, Credentials.from_headers(request.headers))
+    except UpstreamUnavailable:
+        return None  # the download's own authorisation reports it
+    if answer.decision is not Decision.DENY:
+        return None
+    return web.Response(status=answer.status, body=answer.body, headers=dict(answer.headers))

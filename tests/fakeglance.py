@@ -214,6 +214,8 @@ class FakeGlance:
         self._downloads: set[asyncio.Task[Any]] = set()
         # False: never answer "Expect: 100-continue" with an interim 100 (Glance under uWSGI)
         self.send_100_continue = True
+        # True: an upper-case id finds the image (Glance on MySQL); False: 404 (on SQLite)
+        self.ids_ignore_case = False
 
     # -- programming ------------------------------------------------------------------------
 
@@ -352,7 +354,7 @@ class FakeGlance:
         """The image named in the path and the caller; 404 unless it is visible to the caller."""
         caller = self._caller(request)
         image_id = request.match_info["image_id"]
-        image = self.images.get(image_id)
+        image = self.images.get(image_id.lower() if self.ids_ignore_case else image_id)
         if image is None or not image.visible_to(caller):
             raise web.HTTPNotFound(text=f"No image found with ID {image_id}")
         return image, caller

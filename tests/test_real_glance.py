@@ -606,3 +606,16 @@ def test_upload_with_expect_100_continue(real_glance: GlanceServer, cached: Cach
     put = send(head, data)
     assert put.status == 204, put
     assert image_json(real_glance.url, "token-p1", image_id)["size"] == len(data)
+
+
+def test_upper_case_image_id_answers_like_glance(
+    real_glance: GlanceServer, cached: CachedDaemon, cli: GlanceCLI, tmp_path: Path
+) -> None:
+    """Glance 33 on SQLite does not know an image by its upper-case id (404); cached keys its
+    entries in lower case but lets the upstream decide about the spelling (issue 9)."""
+    image_id, data = upload_and_fill(cli, cached, tmp_path, "upper-case", size=4096)
+    path = f"/v2/images/{image_id.upper()}/file"
+    direct = http("GET", real_glance.url + path, "token-p1")
+    proxied = http("GET", cached.url + path, "token-p1")
+    assert proxied[0] == direct[0] == 404, (direct[:2], proxied[:2])
+    assert http("GET", f"{cached.url}/v2/images/{image_id}/file", "token-p1")[2] == data

@@ -124,6 +124,7 @@ async def test_downloads_on_any_form_use_the_cache(
 
 
 async def test_an_upper_case_id_is_the_same_entry(glance: FakeGlance, daemon: Daemon) -> None:
+    glance.ids_ignore_case = True  # like Glance on MySQL
     image = glance.add_image(b"q" * 5000)
     status, headers, body = await daemon.get(image.id.upper())
     assert status == 200 and body == image.data
@@ -134,3 +135,15 @@ async def test_an_upper_case_id_is_the_same_entry(glance: FakeGlance, daemon: Da
     assert status == 200 and headers["Cache-Status"] == "cached; hit"
     assert sorted(daemon.store.entries) == [image.id]
     assert data_gets(glance, image.id) == [None]
+
+
+async def test_an_upper_case_id_the_upstream_does_not_know(
+    glance: FakeGlance, daemon: Daemon
+) -> None:
+    """Glance 33 on SQLite: 404 for the upper-case spelling, even when the image is cached."""
+    image = glance.add_image(b"w" * 5000)
+    assert (await daemon.get(image.id))[0] == 200
+    await wait_complete(daemon, image.id)
+    status, _, body = await daemon.get(image.id.upper())
+    assert status == 404 and image.id.upper().encode() in body
+    assert sorted(daemon.store.entries) == [image.id]
