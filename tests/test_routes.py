@@ -3,9 +3,11 @@ image ids in either case as one cache entry."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
+import rawhttp
 from conftest import Daemon, auth, data_gets, start_daemon, stop_daemon, wait_complete
 from fakeglance import FakeGlance
 from yarl import URL
@@ -147,3 +149,16 @@ async def test_an_upper_case_id_the_upstream_does_not_know(
     status, _, body = await daemon.get(image.id.upper())
     assert status == 404 and image.id.upper().encode() in body
     assert sorted(daemon.store.entries) == [image.id]
+
+
+async def test_a_download_with_empty_segments_uses_the_cache(
+    glance: FakeGlance, daemon: Daemon
+) -> None:
+    image = glance.add_image(b"e" * 3000)
+    raw = (
+        f"GET /v2//images//{image.id}//file HTTP/1.1\r\nHost: cached\r\n"
+        "X-Auth-Token: token-p1\r\nConnection: close\r\n\r\n"
+    ).encode()
+    reply = await asyncio.to_thread(rawhttp.request, daemon.url, raw)
+    assert reply.status == 200 and reply.body == image.data
+    assert reply.headers["cache-status"] == "cached; fwd=uri-miss; stored"
