@@ -10,7 +10,7 @@ import aiohttp
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from cached import admin, identity, jobs, manage
+from cached import admin, identity, jobs, manage, routes
 from cached.auth import Authorizer
 from cached.config import Config
 from cached.errors import ConfigError
@@ -147,6 +147,10 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         return await request.app[PROXY].image_data(request)
 
     async def forward(request: web.Request) -> web.StreamResponse:
+        route = routes.request_route(request)
+        if route is not None and route.is_data and request.method == "GET":
+            # /v2.N/..., dot segments, double slashes, %-encoding: still a download.
+            return await image_data(routes.as_download(request, route))
         return await request.app[PROXY].forward(request)
 
     async def version_document(request: web.Request) -> web.StreamResponse:

@@ -16,6 +16,7 @@ from cached import __version__
 from cached import config as configuration
 from cached.app import FILLER, make_app, prepare_dirs
 from cached.config import Config
+from cached.connguard import GuardedRunner, Limits
 from cached.errors import ConfigError
 from cached.loopback import is_loopback
 
@@ -65,8 +66,9 @@ async def _serve(config: Config) -> None:
 
     app.on_shutdown.append(stop_fills)
     host, port = config.listen_address
-    runner = web.AppRunner(
+    runner = GuardedRunner(
         app,
+        Limits.of(config),
         access_log=logging.getLogger("cached.access"),
         max_line_size=config.max_header_size,
         max_field_size=config.max_header_size,
@@ -83,7 +85,7 @@ async def _serve(config: Config) -> None:
             "listening on http://%s:%d (upstream %s, cache %s)",
             shown,
             addr[1],
-            config.upstream,
+            configuration.shown("upstream", config.upstream),
             config.image_cache_dir,
         )
     stop = asyncio.Event()
@@ -109,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "check-config":
         for key, value in vars(config).items():
-            shown = "(set)" if key in configuration.SECRETS and value else value
-            print(f"{key}: {shown}")
+            print(f"{key}: {configuration.shown(key, value)}")
         return 0
     try:
         prepare_dirs(config, embedded=args.config is None and args.upstream is None)

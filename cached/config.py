@@ -77,6 +77,17 @@ class Config:
     fsync_interval_seconds: float = 1.0
     # Largest request line/header field accepted from clients (longer: 400/431).
     max_header_size: int = 16384
+    # --- client connections (cached/connguard.py); 0 turns a limit off ---
+    # Seconds from a connection's opening, or a request's first byte, to the end of its
+    # headers (then 408 and close).
+    client_header_timeout: float = 30.0
+    # Seconds an idle kept-alive connection stays open between requests.
+    client_keepalive_timeout: float = 75.0
+    # Seconds without a byte of a request body a handler waits for (then the connection is
+    # cut); time in which cached itself paused reading does not count.
+    client_body_timeout: float = 60.0
+    # Open connections allowed from one client address (the next gets 503).
+    max_connections_per_address: int = 128
     log_level: str = "INFO"
     # --- cache management API and periodic jobs (cached/manage.py, cached/jobs.py) ---
     # Seconds between clean runs (stalled partial entries and invalid/ entries).
@@ -142,9 +153,28 @@ class Config:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _ADMIN_TOKEN_RE = re.compile(r"^sha256:[0-9a-fA-F]{64}$")
-# Values never shown (``cached check-config``) or logged.
-SECRETS = frozenset({"keystone_password", "service_token"})
+# Values never shown (``cached check-config``) or logged: credentials, and the admin token
+# digests (a digest of a weak token can be brute-forced offline).
+SECRETS = frozenset({"keystone_password", "service_token", "access_tokens", "admin_tokens"})
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+
+
+def shown(key: str, value: Any) -> Any:
+    """``value`` of option ``key`` as ``cached check-config`` prints it: secrets masked, and
+    the password of a URL's ``user:password@`` part too."""
+    if key in SECRETS:
+        if not value:
+            return value
+        return f"({len(value)} set)" if isinstance(value, tuple) else "(set)"
+    if isinstance(value, tuple):
+        return tuple(shown(key, v) for v in value)
+    if isinstance(value, str) and "@" in value:
+        parts = urllib.parse.urlsplit(value)
+        if parts.password is not None:
+            host = parts.netloc.rpartition("@")[2]
+            netloc = f"{parts.username}:***@{host}"
+            return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return value
 
 
 def _url(value: Any) -> str:
@@ -176,6 +206,8 @@ def _convert(name: str, value: Any) -> Any:
         "prefetch_retry_initial",
         "prefetch_retry_max",
         "admin_cache_ttl",
+        "client_header_timeout",
+        "client_body_timeout",
     ):
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ValueError(f"must be a number of seconds >= 0, got {value!r}")
@@ -192,6 +224,14 @@ def _convert(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
             raise ValueError(f"must be a number > 0 and <= 1, got {value!r}")
         return float(value)
+    if name == "client_keepalive_timeout":
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ValueError(f"must be a number of seconds > 0, got {value!r}")
+        return float(value)
+    if name == "max_connections_per_address":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"must be a whole number >= 0 (0: no cap), got {value!r}")
+        return value
     if name == "prefetch_concurrency":
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"must be a positive whole number, got {value!r}")
@@ -313,4 +353,4 @@ def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) ->
     return config
 
 
-__all__ = ["Config", "build", "load", "parse_size", "parse_listen"]
+__all__ = ["Config", "build", "load", "parse_size", "parse_listen", "shown"]

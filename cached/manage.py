@@ -42,6 +42,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from cached import replies
 from cached.admin import Access, AdminGuard
 from cached.config import Config
 from cached.errors import CachedError, UpstreamError, UpstreamUnavailable
@@ -198,7 +199,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     )
 
 
-def _error_for(exc: CachedError | OSError) -> web.Response:
+def _error_for(request: web.Request, exc: CachedError | OSError) -> web.Response:
     """The one place where domain errors become HTTP answers."""
     if isinstance(exc, OSError):
         log.error("cache directory error: %s", exc)
@@ -210,8 +211,8 @@ def _error_for(exc: CachedError | OSError) -> web.Response:
     if isinstance(exc, UpstreamError):
         return web.Response(status=exc.status, body=exc.body, headers=exc.headers)
     if isinstance(exc, UpstreamUnavailable):
-        return _error(502, f"The image service is unreachable: {exc}")
-    return _error(500, f"{type(exc).__name__}: {exc}")
+        return replies.unreachable(request, exc)
+    return replies.internal(request, exc)
 
 
 _DENIED = {
@@ -224,7 +225,7 @@ _DENIED = {
 
 # ------------------------------------------------------------------------ handlers
 def _image_id(request: web.Request, *, legacy: bool = False) -> str:
-    image_id = request.match_info["image_id"]
+    image_id = request.match_info["image_id"].lower()  # one cache key per image (routes.py)
     if not is_image_id(image_id):
         if legacy:  # glance-cache-manage checks UUIDs itself; Glance would queue anything
             raise BadRequest(f"Image ID {image_id[:64]!r} is not a valid UUID.")
@@ -401,7 +402,7 @@ def _endpoint(resource: _Resource) -> Callable[[web.Request], Awaitable[web.Stre
                 raise BadRequest("A body is not expected with this request.")
             return await handler(m, request)
         except (CachedError, OSError) as exc:
-            return _error_for(exc)
+            return _error_for(request, exc)
 
     return handle
 

@@ -89,6 +89,7 @@ class Outcome(enum.Enum):
     DROPPED = "dropped"  # dequeued before its turn
     REFUSED = "refused"  # the upstream answered 403/404: dequeued, not retried
 
+
 # Upstream answers that no retry will change (RFC 9110 §15.5.4, §15.5.5).
 _PERMANENT = frozenset({403, 404})
 

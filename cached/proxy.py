@@ -8,7 +8,6 @@ import asyncio
 import enum
 import json
 import logging
-import re
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any, BinaryIO
 import aiohttp
 from aiohttp import web
 
-from cached import ranges, versions
+from cached import ranges, replies, routes, versions
 from cached.auth import Authorizer
 from cached.errors import (
     CachedError,
@@ -37,9 +36,6 @@ from cached.upstream import Backend, Credentials, Decision, ImageRecord
 from cached.upstream.glance import end_to_end
 
 log = logging.getLogger(__name__)
-
-# A change to an image through the proxy (PATCH, DELETE, actions, members, upload).
-_IMAGE_PATH = re.compile(r"^/v2/images/([^/]+)(/.*)?$")
 
 
 class Outcome(enum.Enum):
@@ -95,9 +91,11 @@ class Proxy:
 
     async def image_data(self, request: web.Request) -> web.StreamResponse:
         """``GET /v2/images/{id}/file``: authorise, then serve from the cache or fill it."""
-        image_id = request.match_info["image_id"]
+        image_id = routes.image_id(request)
         if not is_image_id(image_id):
             return _error(400, f"Image ID must be a UUID, got {image_id[:64]!r}.")
+        if (refused := await routes.refused_spelling(self.backend, request)) is not None:
+            return refused
         creds = Credentials.from_headers(request.headers)
         entry = self.store.get(image_id)
         fetch_record = entry is None or (not entry.complete and image_id not in self.filler.fills)
@@ -107,7 +105,7 @@ class Proxy:
                 self._record(image_id, creds) if fetch_record else _none(),
             )
         except UpstreamUnavailable as exc:
-            return _error(502, f"The image service is unreachable: {exc}")
+            return replies.unreachable(request, exc)
         if auth.decision is Decision.DENY:
             return web.Response(status=auth.status, body=auth.body, headers=dict(auth.headers))
         request_id = auth.request_id or f"req-{uuid.uuid4()}"
@@ -261,16 +259,16 @@ class Proxy:
         except UpstreamUnavailable as exc:
             if request.transport is None or request.transport.is_closing():
                 raise
-            return _error(502, f"The image service is unreachable: {exc}")
+            return replies.unreachable(request, exc)
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         """Everything else: pass through; a successful change forgets what it invalidates."""
         hook = None
         if request.method not in ("GET", "HEAD", "OPTIONS"):
-            match = _IMAGE_PATH.match(request.path)
-            if match and is_image_id(match.group(1)):
-                image_id = match.group(1)
-                deleted = request.method == "DELETE" and not match.group(2)
+            route = routes.request_route(request)
+            if route is not None:
+                image_id = route.image_id
+                deleted = request.method == "DELETE" and not route.rest
 
                 async def hook(response: web.StreamResponse) -> None:
                     if 200 <= response.status < 300:
@@ -281,7 +279,7 @@ class Proxy:
         except UpstreamUnavailable as exc:
             if request.transport is None or request.transport.is_closing():
                 raise
-            return _error(502, f"The image service is unreachable: {exc}")
+            return replies.unreachable(request, exc)
 
     async def versions(self, request: web.Request) -> web.StreamResponse:
         """``GET /`` and ``GET /versions``: the upstream's version document, advertising the
@@ -293,6 +291,7 @@ class Proxy:
             return await self.forward(request)
         headers = end_to_end(request.headers)  # the client's Host: Glance links to it
         headers.popall("Accept-Encoding", None)
+        headers.popall("Content-Length", None)  # no body goes upstream: it would desync
         headers["X-Forwarded-Proto"] = headers.get("X-Forwarded-Proto", request.scheme)
         try:
             async with self.versions_session.get(
@@ -306,7 +305,7 @@ class Proxy:
                     if h in upstream.headers
                 }
         except (TimeoutError, aiohttp.ClientError) as exc:
-            return _error(502, f"The image service is unreachable: {exc!r}")
+            return replies.unreachable(request, exc)
         try:
             doc = json.loads(body) if status in (200, 300) else None
         except ValueError:

@@ -212,6 +212,10 @@ class FakeGlance:
         self._runner: web.AppRunner | None = None
         self._in_flight: dict[int, Request] = {}  # id(web.Request) -> its record
         self._downloads: set[asyncio.Task[Any]] = set()
+        # False: never answer "Expect: 100-continue" with an interim 100 (Glance under uWSGI)
+        self.send_100_continue = True
+        # True: an upper-case id finds the image (Glance on MySQL); False: 404 (on SQLite)
+        self.ids_ignore_case = False
 
     # -- programming ------------------------------------------------------------------------
 
@@ -262,17 +266,19 @@ class FakeGlance:
         """The aiohttp application serving this fake's state."""
         app = web.Application(middlewares=[self._record_and_authenticate])
         app.on_response_prepare.append(self._on_prepare)
-        image, file = "/v2/images/{image_id}", "/v2/images/{image_id}/file"
+        # Glance routes every advertised v2.N like v2 (its version negotiation middleware).
+        v2 = "/{api:v2(?:[.][0-9]+)?}"
+        image, file = v2 + "/images/{image_id}", v2 + "/images/{image_id}/file"
         app.router.add_get("/", self._versions)
         app.router.add_get("/versions", self._versions)
-        app.router.add_get("/v2/images", self._list)
-        app.router.add_post("/v2/images", self._create)
+        app.router.add_get(v2 + "/images", self._list)
+        app.router.add_post(v2 + "/images", self._create, expect_handler=self._expect)
         app.router.add_route("GET", image, self._show)
         app.router.add_patch(image, self._update)
         app.router.add_delete(image, self._delete)
         app.router.add_route("GET", file, self._download)
         app.router.add_route("HEAD", file, self._head_file)
-        app.router.add_put(file, self._upload)
+        app.router.add_put(file, self._upload, expect_handler=self._expect)
         app.router.add_post(image + "/actions/{action:deactivate|reactivate}", self._action)
         app.router.add_post(image + "/members", self._add_member)
         app.router.add_delete(image + "/members/{member}", self._remove_member)
@@ -348,7 +354,7 @@ class FakeGlance:
         """The image named in the path and the caller; 404 unless it is visible to the caller."""
         caller = self._caller(request)
         image_id = request.match_info["image_id"]
-        image = self.images.get(image_id)
+        image = self.images.get(image_id.lower() if self.ids_ignore_case else image_id)
         if image is None or not image.visible_to(caller):
             raise web.HTTPNotFound(text=f"No image found with ID {image_id}")
         return image, caller
@@ -374,6 +380,10 @@ class FakeGlance:
         return body
 
     # -- handlers ---------------------------------------------------------------------------
+
+    async def _expect(self, request: web.Request) -> None:
+        if self.send_100_continue and request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     async def _schema(self, request: web.Request) -> web.Response:
         name = request.match_info["name"].rpartition("/")[2]

@@ -121,7 +121,7 @@ async def test_kill_9_mid_fill_keeps_only_flushed_chunks_and_resumes(
     assert attrs[xattrs.STATE] == b"filling"
     meta = json.loads(attrs[xattrs.META])
     assert (meta["size"], meta["chunk_size"]) == (len(data), CHUNK)
-    present = published_chunks(partial)()
+    present = await asyncio.to_thread(published_chunks(partial))
     assert 0 < len(present) < 12, present
     assert present == list(range(len(present)))  # one sequential transfer
     on_disk = await asyncio.to_thread(partial.read_bytes)
@@ -201,7 +201,7 @@ async def test_sigterm_during_a_fill_exits_0_within_seconds(
     # what was flushed is all that the bitmap records, and it is right
     partial = cache / "incomplete" / slow.id
     on_disk = await asyncio.to_thread(partial.read_bytes)
-    for i in published_chunks(partial)():
+    for i in await asyncio.to_thread(published_chunks(partial)):
         assert on_disk[i * CHUNK : (i + 1) * CHUNK] == data[i * CHUNK : (i + 1) * CHUNK], i
 
     slow.rate = None

@@ -571,3 +571,51 @@ def test_glance_cache_commands_through_cached(
     assert status == 200 and body == data and headers.get("cache-status") == "cached; hit"
     cli.ok(cached.url, "admin-token", "cache-delete", image_id)
     assert not entry.exists()
+
+
+def test_upload_with_expect_100_continue(real_glance: GlanceServer, cached: CachedDaemon) -> None:
+    """curl's uploads over 1 MiB carry ``Expect: 100-continue``; Glance under uWSGI never
+    sends the interim 100, so cached must not forward the expectation (issue 9, item 1)."""
+    import rawhttp
+
+    def send(head: list[str], body: bytes) -> rawhttp.Reply:
+        with rawhttp.connect(cached.url, timeout=30) as sock:
+            lines = [*head, "X-Auth-Token: token-p1", "Expect: 100-continue"]
+            lines.append(f"Content-Length: {len(body)}")
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+            interim = b""
+            while not interim.endswith(b"\r\n\r\n"):
+                got = sock.recv(1)
+                assert got, "closed before the interim response"
+                interim += got
+            assert interim.startswith(b"HTTP/1.1 100")
+            sock.sendall(body)
+            return rawhttp.read_reply(sock)
+
+    meta = json.dumps({"name": "expect", "disk_format": "raw", "container_format": "bare"})
+    head = ["POST /v2/images HTTP/1.1", "Host: cached", "Content-Type: application/json"]
+    created = send(head, meta.encode())
+    assert created.status == 201, created  # was a 500 after 60 s through cached
+    image_id = json.loads(created.body)["id"]
+    data = os.urandom(2 * MiB)
+    head = [
+        f"PUT /v2/images/{image_id}/file HTTP/1.1",
+        "Host: cached",
+        "Content-Type: application/octet-stream",
+    ]
+    put = send(head, data)
+    assert put.status == 204, put
+    assert image_json(real_glance.url, "token-p1", image_id)["size"] == len(data)
+
+
+def test_upper_case_image_id_answers_like_glance(
+    real_glance: GlanceServer, cached: CachedDaemon, cli: GlanceCLI, tmp_path: Path
+) -> None:
+    """Glance 33 on SQLite does not know an image by its upper-case id (404); cached keys its
+    entries in lower case but lets the upstream decide about the spelling (issue 9)."""
+    image_id, data = upload_and_fill(cli, cached, tmp_path, "upper-case", size=4096)
+    path = f"/v2/images/{image_id.upper()}/file"
+    direct = http("GET", real_glance.url + path, "token-p1")
+    proxied = http("GET", cached.url + path, "token-p1")
+    assert proxied[0] == direct[0] == 404, (direct[:2], proxied[:2])
+    assert http("GET", f"{cached.url}/v2/images/{image_id}/file", "token-p1")[2] == data

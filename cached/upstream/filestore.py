@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import errno
+import logging
 import os
 import stat
 from collections.abc import AsyncIterator
@@ -23,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from cached import versions
+from cached import ranges, replies, versions
 from cached.errors import UpstreamError, UpstreamUnavailable
 from cached.ids import is_image_id
 from cached.upstream import (
@@ -34,6 +36,13 @@ from cached.upstream import (
     ImageRecord,
     ReplyHook,
 )
+
+log = logging.getLogger(__name__)
+_PIECE = 1 << 20
+
+
+def _not_found(image_id: str) -> UpstreamError:
+    return _glance_error(404, "Not Found", f"No image found with ID {image_id}")
 
 
 def _glance_error(status: int, title: str, detail: str) -> UpstreamError:
@@ -88,18 +97,47 @@ class FileBackend:
 
     def _path(self, image_id: str) -> Path:
         if not is_image_id(image_id):
-            raise _glance_error(404, "Not Found", f"No image found with ID {image_id}")
+            raise _not_found(image_id)
         return self.directory / image_id
 
-    def _stat(self, image_id: str) -> os.stat_result:
+    def _open(self, image_id: str) -> tuple[int, os.stat_result]:
+        """Open the image's file (call from a thread): a regular file inside the directory.
+
+        A symlink may point elsewhere in the directory, never out of it (a link named by a
+        uuid to /etc/passwd is 404); the resolved name is opened with ``O_NOFOLLOW`` so a
+        link swapped in after the check is refused too, and with ``O_NONBLOCK`` so a FIFO
+        cannot hang the open. Anything but a regular file is 404.
+        """
+        path = self._path(image_id)
+        real = os.path.realpath(path)
+        root = os.path.realpath(self.directory)
+        if os.path.dirname(real) != root:
+            log.warning("file upstream: %s leads out of %s (to %s): refused", path, root, real)
+            raise _not_found(image_id)
         try:
-            st = os.stat(self._path(image_id))
-        except FileNotFoundError:
-            raise _glance_error(404, "Not Found", f"No image found with ID {image_id}") from None
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise _not_found(image_id) from None
         except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise _unreadable(image_id, exc) from exc
+            log.warning("file upstream: %s became a symlink while opened: refused", real)
+            raise _not_found(image_id) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _not_found(image_id)
+        except OSError as exc:
+            os.close(fd)
             raise _unreadable(image_id, exc) from exc
-        if not stat.S_ISREG(st.st_mode):
-            raise _glance_error(404, "Not Found", f"No image found with ID {image_id}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st
+
+    def _stat(self, image_id: str) -> os.stat_result:
+        fd, st = self._open(image_id)
+        os.close(fd)
         return st
 
     async def authorize(self, image_id: str, creds: Credentials) -> Authorization:
@@ -148,18 +186,9 @@ class FileBackend:
         self, image_id: str, creds: Credentials, start: int, end: int | None
     ) -> AsyncIterator[FileStream]:
         self._check_token(creds)
-        path = self._path(image_id)
+        fd, st = await asyncio.to_thread(self._open, image_id)
         try:
-            fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise _glance_error(404, "Not Found", f"No image found with ID {image_id}") from None
-        except OSError as exc:
-            raise _unreadable(image_id, exc) from exc
-        try:
-            try:
-                size = (await asyncio.to_thread(os.fstat, fd)).st_size
-            except OSError as exc:
-                raise _unreadable(image_id, exc) from exc
+            size = st.st_size
             yield FileStream(image_id, fd, start, size if end is None else min(end, size))
         finally:
             await asyncio.to_thread(os.close, fd)
@@ -168,12 +197,14 @@ class FileBackend:
         self, request: web.Request, before_reply: ReplyHook | None = None
     ) -> web.StreamResponse:
         """Emulate the parts of the image API the clients call around a download."""
-        response = await self._answer(request)
-        if before_reply is not None:
+        response = await self._answer(request, before_reply)
+        if before_reply is not None and not response.prepared:
             await before_reply(response)
         return response
 
-    async def _answer(self, request: web.Request) -> web.StreamResponse:
+    async def _answer(
+        self, request: web.Request, before_reply: ReplyHook | None
+    ) -> web.StreamResponse:
         creds = Credentials.from_headers(request.headers)
         path = request.path.rstrip("/") or "/"
         base = f"{request.scheme}://{request.host}"
@@ -191,9 +222,7 @@ class FileBackend:
                 return web.json_response(await asyncio.to_thread(self._list))
             if path.startswith("/v2/images/") and path.endswith("/file") and path.count("/") == 4:
                 # Pass-through of a download (the cache is unavailable, or several ranges).
-                image_id = path.split("/")[3]
-                await asyncio.to_thread(self._stat, image_id)
-                return web.FileResponse(self._path(image_id), chunk_size=1 << 20)
+                return await self._download(request, path.split("/")[3], before_reply)
             if path.startswith("/v2/images/") and path.count("/") == 3:
                 image_id = path.rsplit("/", 1)[1]
                 return web.json_response(await asyncio.to_thread(self._record_json, image_id))
@@ -203,8 +232,44 @@ class FileBackend:
         except UpstreamError as err:
             return web.Response(status=err.status, body=err.body, headers=err.headers)
         except UpstreamUnavailable as exc:
-            bad = _glance_error(502, "Bad Gateway", str(exc))
-            return web.Response(status=bad.status, body=bad.body, headers=bad.headers)
+            # The cause (paths, errno) goes to the log under the request id, not to callers.
+            return replies.unreachable(request, exc)
+
+    async def _download(
+        self, request: web.Request, image_id: str, before_reply: ReplyHook | None
+    ) -> web.StreamResponse:
+        """A download passed through (several ranges, or the cache unavailable), answered
+        as Glance does; the file is read a piece at a time, each written out (and drained)
+        before the next is read, so a client that does not read holds one piece."""
+        fd, st = await asyncio.to_thread(self._open, image_id)
+        try:
+            size = st.st_size
+            try:
+                wanted = ranges.parse(request.headers.get("Range"), size)
+            except ranges.MultipleRanges:
+                raise _glance_error(
+                    400, "Bad Request", "Requests with multiple ranges are not supported."
+                ) from None
+            except (ranges.MalformedRange, ranges.RangeNotSatisfiable):
+                err = _glance_error(416, "Requested Range Not Satisfiable", "")
+                err.headers["Content-Range"] = f"bytes */{size}"
+                raise err from None
+            response = web.StreamResponse(status=200 if wanted is None else 206)
+            response.content_type = "application/octet-stream"
+            start, end = (0, size) if wanted is None else (wanted.start, wanted.end)
+            if wanted is not None:
+                response.headers["Content-Range"] = wanted.content_range()
+            response.content_length = end - start
+            if before_reply is not None:
+                await before_reply(response)
+            await response.prepare(request)
+            stream = FileStream(image_id, fd, start, end)
+            while piece := await stream.read(_PIECE):
+                await response.write(piece)
+            await response.write_eof()
+            return response
+        finally:
+            await asyncio.to_thread(os.close, fd)
 
     def _list(self) -> dict[str, Any]:
         images = []

@@ -14,6 +14,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from cached import replies
 from cached.errors import UpstreamError, UpstreamUnavailable
 from cached.upstream import (
     Authorization,
@@ -26,10 +27,14 @@ from cached.upstream import (
 
 log = logging.getLogger(__name__)
 
-# RFC 9110 §7.6.1: connection-specific fields are never forwarded.
+# RFC 9110 §7.6.1: connection-specific fields are never forwarded. ``Expect`` too (§10.1.1):
+# the server side of cached has answered ``100 Continue`` already; forwarded, it makes our
+# client wait for a 100 that Glance under uWSGI never sends (the upload stalls until the
+# read timeout and holds a Glance worker all that time).
 HOP_BY_HOP = frozenset(
     {
         "connection",
+        "expect",
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",
@@ -44,6 +49,7 @@ HOP_BY_HOP = frozenset(
 _RELAY_ERROR_HEADERS = ("content-type", "www-authenticate", "x-openstack-request-id")
 _MAX_ERROR_BODY = 64 << 10
 _PIECE = 1 << 20
+_RELAY_BUFFER = 64 << 10
 
 
 def end_to_end(headers: Any) -> CIMultiDict[str]:
@@ -105,9 +111,22 @@ class GlanceBackend:
             read_bufsize=4 << 20,
             skip_auto_headers=("User-Agent",),
         )
+        # Pass-through answers go to one client each, at that client's pace: a small read
+        # buffer (aiohttp's default, 64 KiB; reading pauses at twice that) makes a client
+        # that does not read stop the upstream read after ~128 KiB instead of 8 MiB.
+        self._relay = aiohttp.ClientSession(
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=connect_timeout, sock_read=read_timeout or None
+            ),
+            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            read_bufsize=_RELAY_BUFFER,
+            skip_auto_headers=("User-Agent",),
+        )
 
     async def close(self) -> None:
         await self._session.close()
+        await self._relay.close()
 
     def _url(self, path: str) -> str:
         return self.base_url + path
@@ -207,6 +226,11 @@ class GlanceBackend:
         forgot it).
         """
         headers = end_to_end(request.headers)
+        # The body's length as our parser framed it, never the client's header as sent: a
+        # length that differs from the bytes relayed would desync the pooled connection.
+        headers.popall("Content-Length", None)
+        if request.body_exists and request.content_length is not None:
+            headers["Content-Length"] = str(request.content_length)
         # Keep the client's Host: Glance builds Location and version links from it, so they
         # keep pointing at the proxy.
         peer = request.remote or ""
@@ -214,21 +238,33 @@ class GlanceBackend:
         headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
         headers.setdefault("X-Forwarded-Proto", request.scheme)
         headers.add("Via", f"{request.version.major}.{request.version.minor} cached")
-        data = _body(request) if request.body_exists else None
+        body = _ClientBody(request) if request.body_exists else None
         try:
-            upstream = await self._session.request(
+            upstream = await self._relay.request(
                 request.method,
                 self._url(request.path_qs),
                 headers=headers,
-                data=data,
+                data=body.pieces() if body is not None else None,
                 allow_redirects=False,
                 skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
+            if body is not None and body.error is not None:
+                # The client's side broke (it left, or was cut for sending nothing): not
+                # the upstream's failure, and no traceback.
+                rid = replies.request_id()
+                log.info(
+                    "%s: %s %s: the request body broke off: %r",
+                    rid,
+                    request.method,
+                    request.path[:200],
+                    body.error,
+                )
+                return replies.glance_error(400, "The request body did not arrive completely.", rid)
             log.warning("upstream unreachable for %s %s: %r", request.method, request.path, exc)
             raise UpstreamUnavailable(str(exc)) from exc
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         try:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for name, value in end_to_end(upstream.headers).items():
                 if name.lower() != "content-length":
                     response.headers.add(name, value)
@@ -246,19 +282,40 @@ class GlanceBackend:
                     await response.write(piece)
             await response.write_eof()
             return response
+        except ConnectionError as exc:
+            # Writing to the client failed: it left (or was cut off). Nothing is wrong
+            # upstream and there is nobody to answer (aiohttp's own ClientConnectionResetError
+            # for a closing transport is one of these, not an upstream error).
+            log.info("%s %s: the client left: %r", request.method, request.path[:200], exc)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
         except (TimeoutError, aiohttp.ClientError) as exc:
             # Mid-stream: the headers are gone; cut the client off so it sees a short body.
             log.warning("upstream broke off %s %s: %r", request.method, request.path, exc)
             if request.transport is not None:
                 request.transport.abort()
+            if response.prepared:
+                return response  # nothing more can be said to this client
             raise UpstreamUnavailable(str(exc)) from exc
         finally:
             upstream.release()
 
 
-async def _body(request: web.Request) -> AsyncIterator[bytes]:
-    while piece := await request.content.readany():
-        yield piece
+class _ClientBody:
+    """A request body streamed to the upstream; remembers a failure on the client's side."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.error: BaseException | None = None
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        try:
+            while piece := await self.request.content.readany():
+                yield piece
+        except Exception as exc:
+            self.error = exc
+            raise
 
 
 async def _skip(stream: GlanceStream, count: int) -> None:
