@@ -324,6 +324,7 @@ async def test_glance_cache_commands_need_an_admin(
 # ---- glance-cache-manage (the legacy API), and cached-manage beside it -------------------------
 
 
+@pytest.mark.timeout(300)  # ~25 runs of the real glance-cache-manage, ~1 CPU s each
 async def test_glance_cache_manage_commands(
     glance: FakeGlance, node: Node, clients: Clients
 ) -> None:
