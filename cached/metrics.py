@@ -83,7 +83,7 @@ class Metrics:
 
     def __init__(self, cache_dir: str = "", max_size: int = 0) -> None:
         # No ``*_created`` series: they double the scrape and no alert or panel uses them.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.cache_dir = cache_dir
         info = Gauge("cached_build_info", "Version of cached", ["version"], registry=r)
