@@ -31,7 +31,6 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from cached import __version__
 
@@ -40,7 +39,8 @@ if TYPE_CHECKING:
     from cached.filler import Filler
     from cached.store import Store
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The classic text format, which every Prometheus (and promtool) parses.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 OUTCOMES = ("hit", "miss", "collapsed", "partial", "bypass")
 UPSTREAM_KINDS = ("data", "range", "probe", "record", "forward")
