@@ -33,6 +33,7 @@ from prometheus_client import (
 )
 
 from cached import __version__
+from cached.errors import UpstreamError, UpstreamUnavailable
 
 if TYPE_CHECKING:
     from cached.fill import Fill
@@ -114,6 +115,7 @@ class Metrics:
             ["route", "code"],
             registry=r,
         )
+        self._responses: dict[tuple[str, int], Any] = {}
         self.joins = Counter(
             "cached_singleflight_joins", "Downloads that joined a running fill", registry=r
         )
@@ -138,20 +140,18 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        for kind in UPSTREAM_KINDS:
-            self.upstream_requests.labels(kind)
-            self.upstream_errors.labels(kind)
-            self.upstream_latency.labels(kind)
-        for kind in ("data", "range"):
-            self.upstream_bytes.labels(kind)
+        # Children resolved once: ``labels()`` on every request costs more than the update.
+        self.up_requests = {k: self.upstream_requests.labels(k) for k in UPSTREAM_KINDS}
+        self.up_errors = {k: self.upstream_errors.labels(k) for k in UPSTREAM_KINDS}
+        self.up_latency = {k: self.upstream_latency.labels(k) for k in UPSTREAM_KINDS}
+        self.up_bytes = {k: self.upstream_bytes.labels(k) for k in ("data", "range")}
         self.auth_probes = Counter(
             "cached_auth_probes",
             "Download authorisation probes sent to the upstream, by result",
             ["result"],
             registry=r,
         )
-        for result in ("allow", "deny", "no-data", "error"):
-            self.auth_probes.labels(result)
+        self.probes = {r: self.auth_probes.labels(r) for r in ("allow", "deny", "no-data", "error")}
         self.auth_reused = Counter(
             "cached_auth_reused", "Downloads authorised by a remembered answer", registry=r
         )
@@ -234,7 +234,11 @@ class Metrics:
         self, route: str, status: int, cache_status: str | None, nbytes: int, seconds: float
     ) -> None:
         """One HTTP request ended (called by the access logger for every request)."""
-        self.responses.labels(route, f"{status // 100}xx").inc()
+        key = (route, status // 100)
+        child = self._responses.get(key)
+        if child is None:
+            child = self._responses[key] = self.responses.labels(route, f"{key[1]}xx")
+        child.inc()
         outcome = CACHE_STATUS.get(cache_status or "")
         if outcome is None:
             return
@@ -395,23 +399,23 @@ class MeteredBackend:
 
     async def _timed(self, kind: str, call: Any) -> Any:
         m = self._m
-        m.upstream_requests.labels(kind).inc()
+        m.up_requests[kind].inc()
         started = time.monotonic()
         try:
             result = await call
         except Exception:
-            m.upstream_errors.labels(kind).inc()
+            m.up_errors[kind].inc()
             raise
-        m.upstream_latency.labels(kind).observe(time.monotonic() - started)
+        m.up_latency[kind].observe(time.monotonic() - started)
         return result
 
     async def authorize(self, image_id: str, creds: Any) -> Any:
         try:
             answer = await self._timed("probe", self.inner.authorize(image_id, creds))
         except Exception:
-            self._m.auth_probes.labels("error").inc()
+            self._m.probes["error"].inc()
             raise
-        self._m.auth_probes.labels(answer.decision.value).inc()
+        self._m.probes[answer.decision.value].inc()
         return answer
 
     async def record(self, image_id: str, creds: Any) -> Any:
@@ -421,34 +425,32 @@ class MeteredBackend:
     async def open_data(
         self, image_id: str, creds: Any, start: int, end: int | None
     ) -> AsyncIterator[Any]:
-        from cached.errors import UpstreamError, UpstreamUnavailable
-
         kind = "data" if end is None and start == 0 else "range"
         m = self._m
-        m.upstream_requests.labels(kind).inc()
+        m.up_requests[kind].inc()
         started = time.monotonic()
         try:
             async with self.inner.open_data(image_id, creds, start, end) as stream:
-                m.upstream_latency.labels(kind).observe(time.monotonic() - started)
-                yield _CountingStream(stream, m.upstream_bytes.labels(kind))
+                m.up_latency[kind].observe(time.monotonic() - started)
+                yield _CountingStream(stream, m.up_bytes[kind])
         except (UpstreamError, UpstreamUnavailable):
-            m.upstream_errors.labels(kind).inc()
+            m.up_errors[kind].inc()
             raise
 
     async def forward(self, request: Any, before_reply: Any = None) -> Any:
         m = self._m
-        m.upstream_requests.labels("forward").inc()
+        m.up_requests["forward"].inc()
         started = time.monotonic()
 
         async def timed_reply(response: Any) -> None:
-            m.upstream_latency.labels("forward").observe(time.monotonic() - started)
+            m.up_latency["forward"].observe(time.monotonic() - started)
             if before_reply is not None:
                 await before_reply(response)
 
         try:
             return await self.inner.forward(request, timed_reply)
         except Exception:
-            m.upstream_errors.labels("forward").inc()
+            m.up_errors["forward"].inc()
             raise
 
     async def close(self) -> None:
