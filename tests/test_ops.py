@@ -408,3 +408,23 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     # Only lines about our unit count (the host's own units may have warnings of their own).
     ours = [line for line in (res.stdout + res.stderr).splitlines() if "cached.service" in line]
     assert res.returncode == 0 and not ours, res.stdout + res.stderr
+
+
+def test_the_dashboard_queries_parse(tmp_path: Path) -> None:
+    """Every query of the Grafana dashboard, as recording rules for ``promtool check rules``."""
+    import json
+
+    promtool = require("promtool")
+    dashboard = json.loads((ROOT / "conf" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert exprs
+    rules = [
+        {"record": f"cached:dashboard_{i}", "expr": e.replace("$instance", ".*")}
+        for i, e in enumerate(exprs)
+    ]
+    path = tmp_path / "dashboard-rules.yaml"
+    path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
+    res = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
