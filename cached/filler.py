@@ -161,7 +161,7 @@ class Filler:
                 STORE_RETRY_AFTER,
             )
             self._store_failed_at = time.monotonic()
-            metrics.store_refused(str(exc))
+            metrics.store_refused(exc)
 
     def reader_left(self, entry: Entry) -> None:
         """A reader of ``entry`` finished: an orphaned fill nobody reads any more stops."""

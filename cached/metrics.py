@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import os
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -355,10 +356,11 @@ def prefetch_run(failed: int) -> None:
         _active.prefetch_failures.inc(failed)
 
 
-def store_refused(reason: str) -> None:
+def store_refused(exc: BaseException) -> None:
     """The cache directory refused a write: downloads pass through for a while."""
     if _active is not None:
-        _active.store_refused(reason)
+        code = getattr(exc, "errno", None)
+        _active.store_refused(os.strerror(code) if isinstance(code, int) else str(exc))
 
 
 # ---------------------------------------------------------------------- upstream
