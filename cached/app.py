@@ -100,7 +100,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         app[SCHEDULER] = jobs.start_scheduler(config, prefetcher, maintenance)
         ops.store, ops.filler, ops.guard, ops.session = store, filler, guard, session
         _register_live(reloadables, app, ops, raw_upstream, proxy.authorizer, guard)
-        _register_live_jobs(reloadables, app[SCHEDULER], prefetcher, maintenance)
+        _register_live_jobs(reloadables, app[SCHEDULER], prefetcher, maintenance, proxy)
         yield
         ops.store = None
         app[SCHEDULER].shutdown(wait=False)
@@ -171,9 +171,11 @@ def _register_live_jobs(
     scheduler: AsyncIOScheduler,
     prefetcher: Prefetcher,
     maintenance: jobs.Maintenance,
+    proxy: Proxy,
 ) -> None:
     def limits(old: Config, new: Config) -> None:
         maintenance._max_size = new.image_cache_max_size
+        proxy.max_entry_size = new.max_entry_size  # admission follows the max size
         maintenance._stall_time = new.image_cache_stall_time
         if new.prefetch_concurrency != old.prefetch_concurrency:
             # Fetches holding a slot of the old semaphore finish; new ones take the new one.

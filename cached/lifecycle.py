@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 LIVE = frozenset(
     {
         "image_cache_max_size",
+        "max_image_fraction",
         "image_cache_stall_time",
         "cache_prefetcher_interval",
         "cache_prune_interval",

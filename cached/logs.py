@@ -170,7 +170,7 @@ class AccessLogger(AbstractAccessLogger):
             response.status,
             nbytes,
             image,
-            metrics_module.CACHE_STATUS.get(cache_status or "", "-"),
+            metrics_module.outcome_of(cache_status) or "-",
             upstream,
             time,
             response.headers.get("x-openstack-request-id", "-"),

@@ -61,6 +61,18 @@ CACHE_STATUS = {
     "cached; fwd=partial; stored": "partial",
     "cached; fwd=bypass": "bypass",
 }
+
+
+def outcome_of(cache_status: str | None) -> str | None:
+    """The outcome label of a download's Cache-Status (None: not a download)."""
+    if not cache_status:
+        return None
+    outcome = CACHE_STATUS.get(cache_status)
+    if outcome is None and cache_status.startswith("cached; fwd=bypass"):
+        return "bypass"  # with a detail (e.g. too large to be admitted)
+    return outcome
+
+
 # How long the store counts as refusing writes after a failure (fill.STORE_RETRY_AFTER).
 PASS_THROUGH_SECONDS = 30.0
 
@@ -240,7 +252,7 @@ class Metrics:
         if child is None:
             child = self._responses[key] = self.responses.labels(route, f"{key[1]}xx")
         child.inc()
-        outcome = CACHE_STATUS.get(cache_status or "")
+        outcome = outcome_of(cache_status)
         if outcome is None:
             return
         self._req[outcome].inc()

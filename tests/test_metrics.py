@@ -319,3 +319,25 @@ async def test_access_log_counts_sendfile_bytes(
     assert '" 206 10 ' in lines[1]
     assert "request_id=req-" in lines[0]
     assert "token-p1" not in "\n".join(lines)
+
+
+async def test_a_bypass_with_a_detail_counts_as_bypass(glance: FakeGlance, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    daemon = await start_daemon(
+        cache, glance.url, image_cache_max_size="8M", max_image_fraction=0.5
+    )
+    try:
+        data = os.urandom(5 * MiB)  # over half the cache: never admitted
+        image = glance.add_image(data)
+
+        async def too_large() -> None:
+            status, headers, body = await daemon.get(image.id)
+            assert (status, body) == (200, data)
+            assert headers["Cache-Status"] == "cached; fwd=bypass; detail=too-large"
+
+        d = await measure(daemon, too_large)
+        assert d("cached_requests_total", outcome="bypass") == 1
+        assert d("cached_served_bytes_total", outcome="bypass") == len(data)
+    finally:
+        await stop_daemon(daemon)
