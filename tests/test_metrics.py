@@ -341,3 +341,37 @@ async def test_a_bypass_with_a_detail_counts_as_bypass(glance: FakeGlance, tmp_p
         assert d("cached_served_bytes_total", outcome="bypass") == len(data)
     finally:
         await stop_daemon(daemon)
+
+
+async def test_a_long_fill_reports_percent_and_rate(
+    glance: FakeGlance, daemon: Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Progress lines come at most every PROGRESS_EVERY seconds per fill (the clock is passed
+    in: the tick's loop time in the daemon)."""
+    from cached.lifecycle import PROGRESS_EVERY, Progress
+
+    image = glance.add_image(os.urandom(24 * MiB), rate=4 * MiB)
+    client = asyncio.ensure_future(daemon.get(image.id))
+    progress = Progress(daemon.filler)
+    with caplog.at_level(logging.INFO, logger="cached.lifecycle"):
+        for _ in range(500):
+            if image.id in daemon.filler.fills:
+                break
+            await asyncio.sleep(0.01)
+        progress.log(0.0)  # first sight: the baseline
+        fill = daemon.filler.fills[image.id]
+        for _ in range(1000):
+            if len(fill.written) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        progress.log(PROGRESS_EVERY / 2)  # too soon: nothing
+        progress.log(PROGRESS_EVERY)
+    lines = [r.getMessage() for r in caplog.records if r.name == "cached.lifecycle"]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"fill {image.id}: ")
+    percent = int(lines[0].split(": ")[1].split("%")[0])
+    assert 33 <= percent < 100  # at least 2 of 6 chunks written
+    assert lines[0].endswith(" MB/s from the upstream")
+    assert "of 24.0 MiB" in lines[0]
+    image.rate = None
+    assert (await client)[0] == 200
