@@ -216,14 +216,16 @@ async def tick(ops: Ops, notifier: Notifier, progress: Progress | None) -> None:
         expected = now + period
         if watchdog:
             notifier.watchdog()
-        if now - status_at >= STATUS_EVERY:
-            status_at = now
-            text = status_text(ops)
-            if text != last_status:
-                notifier.status(text)
-                last_status = text
-        if progress is not None:
-            progress.log(now)
+        try:
+            if now - status_at >= STATUS_EVERY:
+                status_at = now
+                text = status_text(ops)
+                if text != last_status and notifier.status(text):
+                    last_status = text
+            if progress is not None:
+                progress.log(now)
+        except Exception:  # never let a report stop the pings
+            log.exception("periodic status report failed")
 
 
 def install_freeze_hook(loop: asyncio.AbstractEventLoop, signum: int) -> None:
