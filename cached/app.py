@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
 
-from cached import admin, identity, jobs, manage, routes
+from cached import admin, health, identity, jobs, logs, manage, routes
+from cached import metrics as metrics_module
 from cached.auth import Authorizer
 from cached.config import Config
 from cached.errors import ConfigError
 from cached.fill import FillSettings
 from cached.filler import Filler
+from cached.health import OPS, Ops
+from cached.lifecycle import RELOADABLES, Reloadables
+from cached.metrics import MeteredBackend, Metrics
 from cached.prefetch import Prefetcher
 from cached.proxy import Proxy
 from cached.scrub import Integrity
@@ -76,11 +82,16 @@ def prepare_dirs(config: Config, embedded: bool) -> None:
 
 def make_app(config: Config, *, backend: Backend | None = None) -> web.Application:
     """Build the daemon's application. ``backend`` lets a caller supply its own upstream."""
-    app = web.Application()
+    app = web.Application(middlewares=[logs.observe])
     app[CONFIG] = config
+    metrics = Metrics(str(config.image_cache_dir), config.image_cache_max_size)
+    ops = app[OPS] = Ops(metrics, config)
+    reloadables = app[RELOADABLES] = Reloadables()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        upstream = backend or make_backend(config)
+        metrics_module.install(metrics)
+        raw_upstream = backend or make_backend(config)
+        upstream: Backend = MeteredBackend(raw_upstream, metrics)
         # Keystone, peers and the upstream's version document (not image data).
         session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=30, sock_connect=config.upstream_connect_timeout)
@@ -95,7 +106,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         filler = Filler(
             store, upstream, settings, service.credentials if service.configured else None
         )
-        glance = config.upstream_kind == "glance" and isinstance(upstream, GlanceBackend)
+        glance = config.upstream_kind == "glance" and isinstance(raw_upstream, GlanceBackend)
         proxy = Proxy(
             store,
             filler,
@@ -131,7 +142,11 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         app[INTEGRITY] = integrity
         integrity.start()
         app[SCHEDULER] = jobs.start_scheduler(config, prefetcher, maintenance, integrity)
+        ops.store, ops.filler, ops.guard, ops.session = store, filler, guard, session
+        _register_live(reloadables, app, ops, raw_upstream, proxy.authorizer, guard)
+        _register_live_jobs(reloadables, app[SCHEDULER], prefetcher, maintenance, proxy)
         yield
+        ops.store = None
         app[SCHEDULER].shutdown(wait=False)
         await asyncio.sleep(0)  # the scheduler shuts down (and cancels its runs) on the loop
         await integrity.close()
@@ -140,6 +155,8 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         await session.close()
         await upstream.close()
         store.close()
+        if metrics_module.active() is metrics:
+            metrics_module.install(None)
 
     app.cleanup_ctx.append(resources)
 
@@ -160,5 +177,72 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
     app.router.add_get("/versions", version_document, allow_head=False)
     app.router.add_get("/", version_document, allow_head=False)
     manage.add_routes(app)  # before the catch-all: management is never proxied
+    health.add_routes(app, with_metrics=not config.admin_listen)
     app.router.add_route("*", "/{tail:.*}", forward)
     return app
+
+
+# ------------------------------------------------------------------------------ reload
+# What a SIGHUP changes in the running parts (cached/lifecycle.py lists the live options).
+def _register_live(
+    parts: Reloadables,
+    app: web.Application,
+    ops: Ops,
+    upstream: Backend,
+    authorizer: Authorizer,
+    guard: admin.AdminGuard,
+) -> None:
+    def configs(old: Config, new: Config) -> None:
+        ops.config = new
+        app[MANAGER].config = new  # peers, worker_self_reference_url, legacy_queue_immediate
+
+    def log_level(old: Config, new: Config) -> None:
+        if new.log_level != old.log_level:
+            logs.set_level(new.log_level)
+
+    def timeouts(old: Config, new: Config) -> None:
+        if isinstance(upstream, GlanceBackend):
+            upstream.set_timeouts(new.upstream_connect_timeout, new.upstream_read_timeout)
+        authorizer._ttl = new.auth_cache_ttl
+
+    def admin_tokens(old: Config, new: Config) -> None:
+        guard._digests = tuple(t.split(":", 1)[1].lower() for t in new.admin_tokens)
+        guard._ttl = new.admin_cache_ttl
+
+    parts.register("configuration", configs)
+    parts.register("log level", log_level)
+    parts.register("upstream timeouts", timeouts)
+    parts.register("admin tokens", admin_tokens)
+
+
+def _register_live_jobs(
+    parts: Reloadables,
+    scheduler: AsyncIOScheduler,
+    prefetcher: Prefetcher,
+    maintenance: jobs.Maintenance,
+    proxy: Proxy,
+) -> None:
+    def limits(old: Config, new: Config) -> None:
+        maintenance._max_size = new.image_cache_max_size
+        proxy.max_entry_size = new.max_entry_size  # admission follows the max size
+        maintenance._stall_time = new.image_cache_stall_time
+        if new.prefetch_concurrency != old.prefetch_concurrency:
+            # Fetches holding a slot of the old semaphore finish; new ones take the new one.
+            prefetcher._slots = asyncio.Semaphore(new.prefetch_concurrency)
+        prefetcher._retry = (new.prefetch_retry_initial, new.prefetch_retry_max)
+
+    def intervals(old: Config, new: Config) -> None:
+        for name, key in (
+            ("prefetch", "cache_prefetcher_interval"),
+            ("prune", "cache_prune_interval"),
+            ("clean", "cache_clean_interval"),
+        ):
+            seconds = getattr(new, key)
+            if seconds != getattr(old, key):
+                scheduler.reschedule_job(
+                    name, trigger=IntervalTrigger(seconds=seconds, timezone=dt.UTC)
+                )
+                log.info("%s runs every %d s", name, seconds)
+
+    parts.register("limits", limits)
+    parts.register("job intervals", intervals)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 
+from cached import metrics
 from cached.upstream import Authorization, Backend, Credentials, Decision
 
 _MAX_REMEMBERED = 100_000
@@ -33,6 +34,7 @@ class Authorizer:
         remembered = self._allowed.get(key)
         now = time.monotonic()
         if remembered is not None and remembered[0] > now:
+            metrics.auth_reused()
             return remembered[1]
         self.probes += 1
         asked_after = self._changes

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from cached import __version__
+from cached import __version__, logs
 from cached import config as configuration
-from cached.app import FILLER, make_app, prepare_dirs
+from cached.app import FILLER, SCHEDULER, make_app, prepare_dirs
 from cached.config import Config
 from cached.connguard import GuardedRunner, Limits
 from cached.errors import ConfigError
+from cached.health import OPS, make_admin_app
+from cached.lifecycle import RELOADABLES, Progress, Reloader, install_freeze_hook, status_text, tick
+from cached.logs import AccessLogger
 from cached.loopback import is_loopback
+from cached.sdnotify import Notifier
 
 log = logging.getLogger("cached")
 
@@ -58,43 +64,131 @@ def load_config(args: argparse.Namespace) -> Config:
     return config
 
 
-async def _serve(config: Config) -> None:
-    app = make_app(config)
+def _secrets(config: Config) -> list[str]:
+    return [config.keystone_password, config.service_token, *config.access_tokens]
 
-    async def stop_fills(app: web.Application) -> None:
-        await app[FILLER].close()
 
-    app.on_shutdown.append(stop_fills)
+async def start_listeners(
+    config: Config, runner: web.AppRunner, admin_runner: web.AppRunner | None
+) -> list[web.BaseSite]:
+    """Bind every address the daemon serves on: the image API (``listen``) and, when set,
+    ``admin_listen`` (metrics and health only). Returns the started sites."""
     host, port = config.listen_address
-    runner = GuardedRunner(
-        app,
-        Limits.of(config),
-        access_log=logging.getLogger("cached.access"),
-        max_line_size=config.max_header_size,
-        max_field_size=config.max_header_size,
-        handle_signals=False,
-        # Readers following a fill end when the fills stop (on_shutdown); don't wait long.
-        shutdown_timeout=5,
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
+    sites: list[web.BaseSite] = [web.TCPSite(runner, host, port, reuse_address=True)]
+    if admin_runner is not None and config.admin_address is not None:
+        admin_host, admin_port = config.admin_address
+        sites.append(web.TCPSite(admin_runner, admin_host, admin_port, reuse_address=True))
+    for site in sites:
+        await site.start()
     for addr in runner.addresses:
-        shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
         log.info(
             "listening on http://%s:%d (upstream %s, cache %s)",
-            shown,
+            _shown(addr[0]),
             addr[1],
             configuration.shown("upstream", config.upstream),
             config.image_cache_dir,
         )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("stopping")
-    await runner.cleanup()
+    for addr in admin_runner.addresses if admin_runner is not None else ():
+        log.info("metrics and health on http://%s:%d", _shown(addr[0]), addr[1])
+    return sites
+
+
+def _shown(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def _serve(config: Config, reload_config: Callable[[], Config]) -> None:
+    notifier = Notifier()
+    app = make_app(config)
+    ops = app[OPS]
+    runner = GuardedRunner(
+        app,
+        Limits.of(config),
+        access_log_class=AccessLogger,
+        access_log=logging.getLogger("cached.access"),
+        max_line_size=config.max_header_size,
+        max_field_size=config.max_header_size,
+        handle_signals=False,
+        # The drain below waits for running downloads; what is left after it is cut.
+        shutdown_timeout=1,
+    )
+    admin_runner = None
+    if config.admin_listen:
+        admin_runner = web.AppRunner(
+            make_admin_app(ops),
+            access_log_class=AccessLogger,
+            access_log=logging.getLogger("cached.access"),
+            handle_signals=False,
+            shutdown_timeout=1,
+        )
+    notifier.status("loading the cache index")
+    await runner.setup()  # runs the app's start-up: the index is loaded here
+    try:
+        if admin_runner is not None:
+            await admin_runner.setup()
+        sites = await start_listeners(config, runner, admin_runner)
+        server = runner.server
+        assert server is not None
+        ops.metrics.count_connections = lambda: len(server.connections)
+        reloader = Reloader(
+            reload_config, config, app[RELOADABLES], notifier, lambda: status_text(ops)
+        )
+        stop = asyncio.Event()
+        hard_stop = asyncio.Event()
+
+        def on_term() -> None:
+            (hard_stop if stop.is_set() else stop).set()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_term)
+        loop.add_signal_handler(signal.SIGHUP, reloader.request)
+        install_freeze_hook(loop, signal.SIGUSR2)
+        ticker = loop.create_task(tick(ops, notifier, Progress(app[FILLER])))
+        notifier.ready(status_text(ops))
+        await stop.wait()
+        ops.draining = True
+        grace = reloader.current.shutdown_grace
+        log.info(
+            "stopping: no new connections; running downloads have %.0f s to finish "
+            "(SIGTERM again to stop at once)",
+            grace,
+        )
+        notifier.stopping(f"draining: {len(server.connections)} connections open")
+        app[SCHEDULER].pause()
+        await _drain(sites, server, grace, hard_stop)
+        ticker.cancel()
+    finally:
+        if admin_runner is not None:
+            await admin_runner.cleanup()
+        await runner.cleanup()  # closes fills (partial data stays for a resume), jobs, sessions
+        notifier.close()
+    log.info("stopped")
+
+
+async def _drain(
+    sites: list[web.BaseSite], server: web.Server, grace: float, hard_stop: asyncio.Event
+) -> None:
+    """Stop accepting, then let requests in progress finish for up to ``grace`` seconds (or
+    until ``hard_stop``); whatever still runs then is cut."""
+    for site in sites:
+        await site.stop()
+    server.pre_shutdown()  # idle keep-alive connections close now
+    drain = asyncio.ensure_future(server.shutdown(grace))
+    interrupt = asyncio.ensure_future(hard_stop.wait())
+    await asyncio.wait([drain, interrupt], return_when=asyncio.FIRST_COMPLETED)
+    interrupt.cancel()
+    if not drain.done():
+        log.warning(
+            "second signal: stopping at once, cutting %d connections", len(server.connections)
+        )
+        drain.cancel()
+        for conn in server.connections:
+            conn.force_close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drain
+    elif server.connections:
+        log.warning("shutdown_grace over: cut %d connections", len(server.connections))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,11 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cached: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(config.log_level, _secrets(config))
     if args.command == "check-config":
         for key, value in vars(config).items():
             print(f"{key}: {configuration.shown(key, value)}")
@@ -119,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cached: configuration error: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_serve(config))
+        asyncio.run(_serve(config, lambda: load_config(args)))
     except OSError as exc:
         print(f"cached: cannot serve on {config.listen}: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -128,6 +128,14 @@ class Config:
     scrub_interval: int = 86400
     # MiB/s a scrub pass reads at most (it also pauses while fills run).
     scrub_rate: float = 16.0
+    # --- operations (cached/health.py, cached/lifecycle.py) ---
+    # A second address for /metrics, /healthz and /readyz; empty: the image API port serves
+    # them. With it set, /metrics is only served there.
+    admin_listen: str = ""
+    # Apply the management API's admin rules to GET /metrics too.
+    metrics_auth: bool = False
+    # Seconds running downloads may take to finish after SIGTERM (keep below TimeoutStopSec).
+    shutdown_grace: float = 30.0
 
     @property
     def max_entry_size(self) -> int:
@@ -137,6 +145,10 @@ class Config:
     @property
     def listen_address(self) -> tuple[str, int]:
         return parse_listen(self.listen)
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        return parse_listen(self.admin_listen) if self.admin_listen else None
 
     @property
     def upstream_kind(self) -> str:
@@ -208,6 +220,7 @@ def _convert(name: str, value: Any) -> Any:
         "admin_cache_ttl",
         "client_header_timeout",
         "client_body_timeout",
+        "shutdown_grace",
     ):
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ValueError(f"must be a number of seconds >= 0, got {value!r}")
@@ -236,7 +249,7 @@ def _convert(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"must be a positive whole number, got {value!r}")
         return value
-    if name in ("legacy_queue_immediate", "prune_on_fill"):
+    if name in ("legacy_queue_immediate", "prune_on_fill", "metrics_auth"):
         if not isinstance(value, bool):
             raise ValueError(f"must be true or false, got {value!r}")
         return value
@@ -267,9 +280,11 @@ def _convert(name: str, value: Any) -> Any:
         if not isinstance(value, list | tuple) or not all(isinstance(t, str) and t for t in value):
             raise ValueError("must be a list of non-empty strings")
         return tuple(value)
-    if name == "listen":
+    if name == "listen" or (name == "admin_listen" and value):
         parse_listen(value)
         return str(value)
+    if name == "admin_listen":
+        return ""
     if name == "upstream":
         parts = urllib.parse.urlsplit(str(value))
         if parts.scheme not in ("http", "https", "file") or not (parts.netloc or parts.path):

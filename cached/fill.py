@@ -43,6 +43,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from cached import metrics
 from cached.digest import Digest, StreamConsumer
 from cached.errors import (
     CachedError,
@@ -166,6 +167,7 @@ class Fill:
         self.closed = asyncio.Event()
         self.upstream_bytes = 0
         self.upstream_requests = 0
+        metrics.fill_started(self)
 
     # ----------------------------------------------------------------- readers
     def available(self, pos: int) -> int:
@@ -566,6 +568,7 @@ class Fill:
             raise AssertionError(f"fill of {self.entry.image_id}: {self.state} -> {state}")
         self.state = state
         self.error = error
+        metrics.fill_ended(self, state.value)
         self._notify()
 
     def _close_files(self) -> None:

@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Callable
 
+from cached import metrics
 from cached.errors import FillAborted, StoreUnavailable
 from cached.fill import DataCredentials, Fill, FillSettings, FillState
 from cached.store import Entry, Store
@@ -160,6 +161,7 @@ class Filler:
                 STORE_RETRY_AFTER,
             )
             self._store_failed_at = time.monotonic()
+            metrics.store_refused(exc)
 
     def reader_left(self, entry: Entry) -> None:
         """A reader of ``entry`` finished: an orphaned fill nobody reads any more stops."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from cached import metrics
 from cached.config import Config
 from cached.filler import Filler
 from cached.prefetch import Prefetcher
@@ -77,6 +78,7 @@ async def prune(store: Store, filler: Filler, max_size: int) -> PruneResult:
             continue
         held = entry.footprint()
         if await store.evict(entry):
+            metrics.evicted("prune", held)
             files += 1
             pruned += held
             total -= held
@@ -121,10 +123,12 @@ async def clean(store: Store, filler: Filler, stall_time: float) -> CleanResult:
     for entry in store.partial_entries():
         if entry.last_modified < cutoff and _evictable(entry, store, filler):
             if await store.evict(entry):
+                metrics.evicted("stalled", entry.present_bytes())
                 stalled += 1
                 log.info("removed stalled partial entry %s", entry.image_id)
     invalid = await store.run(_reap_invalid, store.invalid_dir)
     store.invalid.difference_update(invalid)
+    metrics.evicted_invalid(len(invalid))
     log.info("clean: removed %d stalled and %d invalid entries", stalled, len(invalid))
     return CleanResult(stalled, len(invalid))
 

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cached import metrics
 from cached.config import Config
 from cached.errors import CachedError, FillAborted, UpstreamError
 from cached.fill import Fill, FillState
@@ -183,6 +184,7 @@ class Prefetcher:
         counts = dict.fromkeys(Outcome, 0)
         if not queue:
             log.debug("prefetch: nothing queued")
+            metrics.prefetch_run(0)
             return counts
         log.info(
             "prefetch: %d queued, fetching %d, %d waiting to retry",
@@ -195,6 +197,7 @@ class Prefetcher:
         for task in started:
             if not task.cancelled() and task.exception() is None:
                 counts[task.result()] += 1
+        metrics.prefetch_run(counts[Outcome.FAILED])
         log.info(
             "prefetch: %d cached, %d failed (stay queued), %d dequeued meanwhile, %d refused",
             counts[Outcome.CACHED],

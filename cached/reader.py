@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 from aiohttp import web
 
+from cached import metrics
 from cached.errors import FillAborted
 from cached.fill import Fill, FillState
 from cached.store import Entry, State
@@ -96,6 +97,7 @@ async def _send(
     loop = asyncio.get_running_loop()
     try:
         await loop.sendfile(transport, file, offset, count, fallback=False)
+        metrics.sent(count)
         return
     except (NotImplementedError, asyncio.SendfileNotAvailableError):
         pass
@@ -105,5 +107,6 @@ async def _send(
         if not data:
             raise FillAborted("file shorter than its entry")
         await response.write(data)
+        metrics.sent(len(data))
         offset += len(data)
         count -= len(data)

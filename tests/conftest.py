@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from fakeglance import FakeGlance
 from cached import config as configuration
 from cached.app import FILLER, PROXY, STORE, make_app
 from cached.filler import Filler
+from cached.logs import AccessLogger
 from cached.proxy import Proxy
 from cached.store import Store
 
@@ -131,7 +133,13 @@ async def start_daemon(cache_dir: Path, upstream: str, **options: object) -> Dae
         values.setdefault("max_image_fraction", 1.0)
     cfg = configuration.build(values)
     app = make_app(cfg)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+    # The daemon's own access logger: it also feeds the request metrics.
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        access_log=logging.getLogger("cached.access"),
+        shutdown_timeout=1,
+    )
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

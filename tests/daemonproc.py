@@ -52,10 +52,19 @@ class CachedProcess:
         cache_dir: the cache directory.
         log: file that receives the daemon's stdout and stderr (appended across restarts).
         extra: more ``cached serve`` arguments.
+        env: variables added to the environment (``NOTIFY_SOCKET``, ...).
     """
 
-    def __init__(self, upstream: str, cache_dir: Path, log: Path, *extra: str) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        cache_dir: Path,
+        log: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.upstream = upstream
+        self.env = env  # added to this process's environment
         self.cache_dir = cache_dir
         self.log = log
         self.extra = list(extra)
@@ -80,7 +89,11 @@ class CachedProcess:
         ]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.env} if self.env else None,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -170,6 +170,9 @@ BAD_VALUES: dict[str, list[object]] = {
     "service_token": [123],
     "worker_self_reference_url": ["node1:9292"],
     "peers": ["http://node2:9292", ["node2:9292"]],
+    "admin_listen": ["nope", 9293, "host:99999", "::1:9293"],
+    "metrics_auth": ["yes", 1, None],
+    "shutdown_grace": [-1, "30s", True, None],
 }
 
 

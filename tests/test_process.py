@@ -173,9 +173,11 @@ async def test_sigterm_when_idle_exits_0_and_restart_hits(
     assert await asyncio.to_thread(daemon.stop) == 0
 
 
-async def test_sigterm_during_a_fill_exits_0_within_seconds(
+async def test_second_sigterm_during_a_fill_exits_0_at_once(
     glance: FakeGlance, tmp_path: Path, spawn: Spawn
 ) -> None:
+    """The first SIGTERM drains (tests/test_ops.py); a second one stops at once, keeping
+    what was flushed for a resume."""
     done = glance.add_image(os.urandom(MiB))
     data = os.urandom(40 * MiB)
     slow = glance.add_image(data, rate=4 * MiB)  # ~10 s: far longer than we wait
@@ -187,14 +189,17 @@ async def test_sigterm_during_a_fill_exits_0_within_seconds(
 
     client = asyncio.ensure_future(download(url, slow.id))
     await wait_for(lambda: glance.bytes_sent.get(slow.id, 0) > 2 * MiB)
+    daemon.signal(signal.SIGTERM)
+    await wait_for(lambda: "stopping: no new connections" in daemon.output())
     started = time.monotonic()
     daemon.signal(signal.SIGTERM)
     try:
         code = await asyncio.to_thread(daemon.wait, 5)
     except subprocess.TimeoutExpired:
         client.cancel()
-        pytest.fail("cached still runs 5 s after SIGTERM during a fill:\n" + daemon.output())
-    print(f"SIGTERM during a fill -> exit in {time.monotonic() - started:.2f}s")
+        pytest.fail("cached still runs 5 s after a second SIGTERM:\n" + daemon.output())
+    print(f"second SIGTERM during a fill -> exit in {time.monotonic() - started:.2f}s")
+    assert "second signal: stopping at once" in daemon.output()
     assert code == 0
     with pytest.raises(aiohttp.ClientError):  # cut short, never a complete-looking body
         await client

@@ -124,6 +124,13 @@ class GlanceBackend:
             skip_auto_headers=("User-Agent",),
         )
 
+    def set_timeouts(self, connect_timeout: float, read_timeout: float) -> None:
+        """New timeouts for the requests made from now on (a reload)."""
+        # aiohttp has no setter; the session reads this attribute for every request.
+        self._session._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=read_timeout or None
+        )
+
     async def close(self) -> None:
         await self._session.close()
         await self._relay.close()

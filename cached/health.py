@@ -1,0 +1,169 @@
+"""The daemon's own operational endpoints: ``/metrics``, ``/healthz``, ``/readyz``.
+
+Served by the daemon itself, never proxied: on the image API port, or only on the separate
+``admin_listen`` address when one is configured (then ``/metrics`` is not on the API port).
+``/metrics`` is open unless ``metrics_auth`` asks for the management API's admin rules.
+
+Owns :class:`Ops`, the state these endpoints read. ``app.make_app`` fills it in when the
+daemon's resources are up and a reload replaces ``config``; all on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from cached.config import Config
+from cached.metrics import CONTENT_TYPE, Metrics
+
+if TYPE_CHECKING:
+    from cached.admin import AdminGuard
+    from cached.filler import Filler
+    from cached.store import Store
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_CHECK_TTL = 10.0  # seconds a readiness look at the upstream is reused
+_UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=3)
+
+
+@dataclass
+class Ops:
+    """What the operational endpoints and the service manager are told about."""
+
+    metrics: Metrics
+    config: Config
+    store: Store | None = None  # set once the index is loaded
+    filler: Filler | None = None
+    guard: AdminGuard | None = None
+    session: aiohttp.ClientSession | None = None
+    draining: bool = False
+    _upstream: tuple[float, str | None] = (-float("inf"), None)
+    _checking: asyncio.Task[str | None] | None = field(default=None, repr=False)
+
+    @property
+    def passing_through(self) -> bool:
+        return self.metrics.passing_through
+
+    def mode(self) -> str:
+        """``caching``, or ``pass-through (why)``."""
+        if self.metrics.passing_through:
+            return f"pass-through ({self.metrics.refused_reason})"
+        return "caching"
+
+    async def upstream_problem(self) -> str | None:
+        """Why the upstream looks unreachable, or None (the answer is reused a few seconds)."""
+        checked, problem = self._upstream
+        if time.monotonic() - checked < UPSTREAM_CHECK_TTL:
+            return problem
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.get_running_loop().create_task(self._check_upstream())
+        problem = await asyncio.shield(self._checking)
+        self._upstream = (time.monotonic(), problem)
+        return problem
+
+    async def _check_upstream(self) -> str | None:
+        config = self.config
+        if config.upstream_kind == "file":
+            ok = await asyncio.to_thread(os.path.isdir, config.upstream_dir)
+            return None if ok else f"{config.upstream_dir} is not a directory"
+        if self.session is None:
+            return "not started"
+        try:
+            async with self.session.get(
+                config.upstream + "/versions", timeout=_UPSTREAM_TIMEOUT, allow_redirects=False
+            ) as resp:
+                if resp.status >= 500:
+                    return f"GET /versions answered {resp.status}"
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return f"unreachable: {exc!r}"
+        return None
+
+
+OPS = web.AppKey("ops", Ops)
+
+
+def _json(status: int, body: dict[str, Any]) -> web.Response:
+    return web.json_response(body, status=status, headers={"Cache-Control": "no-store"})
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    """Alive: the event loop answers (a stuck loop answers nothing)."""
+    lag = request.app[OPS].metrics.last_lag
+    return _json(200, {"status": "alive", "event_loop_lag_seconds": round(lag, 6)})
+
+
+async def readyz(request: web.Request) -> web.StreamResponse:
+    """Ready: index loaded, upstream reachable, cache writable or knowingly passed through."""
+    ops = request.app[OPS]
+    checks: dict[str, Any] = {}
+    reasons: list[str] = []
+    if ops.store is None:
+        reasons.append("cache index not loaded")
+        checks["index"] = "loading"
+    else:
+        checks["index"] = f"{len(ops.store.entries)} entries"
+    if ops.draining:
+        reasons.append("stopping")
+    problem = await ops.upstream_problem()
+    checks["upstream"] = problem or "reachable"
+    if problem:
+        reasons.append(f"upstream {problem}")
+    cache_dir: Path = ops.config.image_cache_dir
+    writable = await asyncio.to_thread(os.access, cache_dir, os.W_OK)
+    checks["cache"] = ops.mode()
+    if not writable and not ops.passing_through:
+        reasons.append(f"cache directory {cache_dir} is not writable")
+        checks["cache"] = "not writable"
+    body: dict[str, Any] = {"status": "not ready" if reasons else "ready", "checks": checks}
+    if reasons:
+        body["reasons"] = reasons
+    return _json(503 if reasons else 200, body)
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    ops = request.app[OPS]
+    if ops.config.metrics_auth and ops.guard is not None:
+        from cached.admin import Access
+        from cached.manage import _DENIED, _error
+
+        access = await ops.guard.check(request)
+        if access is not Access.ADMIN:
+            return _error(access.value, _DENIED[access])
+    if ops.store is not None:
+        await ops.metrics.refresh(ops.store, ops.filler, ops.config.image_cache_max_size)
+    return web.Response(body=ops.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _not_here(request: web.Request) -> web.StreamResponse:
+    return web.json_response(
+        {"error": {"code": 404, "message": "Metrics are served on the admin_listen address."}},
+        status=404,
+    )
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def add_routes(app: web.Application, *, with_metrics: bool) -> None:
+    """Register the endpoints on ``app`` (before any catch-all route)."""
+    app.router.add_get("/metrics", metrics if with_metrics else _not_here, allow_head=False)
+    app.router.add_get("/healthz", healthz, allow_head=False)
+    app.router.add_get("/readyz", readyz, allow_head=False)
+
+
+def make_admin_app(ops: Ops) -> web.Application:
+    """The application of the ``admin_listen`` address: the three endpoints, nothing else."""
+    app = web.Application()
+    app[OPS] = ops
+    add_routes(app, with_metrics=True)
+    return app

@@ -1,0 +1,177 @@
+"""Logging: the daemon's handler and format, and the access log.
+
+Owns the root logging configuration (set once by ``cli`` at start, the level changed again by
+a reload) and the access logger aiohttp calls after every request. Under systemd, when
+``$JOURNAL_STREAM`` names our stderr, lines carry a ``<N>`` syslog priority prefix and no
+timestamp (journald adds its own); otherwise they start with the time.
+
+The access line counts the bytes really sent: aiohttp's own counter sees only what passes its
+response writer, and a sendfile download passes nothing but the headers through it, so the
+reader adds what ``sendfile`` sent to the request's :class:`cached.metrics.RequestStats`.
+Request headers (tokens) are never logged; configured secrets are masked from every line.
+All of it runs on the event loop thread (aiohttp calls the access logger there).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Iterable
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from cached import metrics as metrics_module
+from cached.metrics import Metrics, RequestStats
+
+STATS = "cached.stats"  # request key of the request's RequestStats
+# Python level -> syslog priority understood by journald's "<N>" prefix (sd-daemon(3)).
+_PRIORITY = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+
+def to_journal(environ: dict[str, str] | None = None, fd: int = 2) -> bool:
+    """Whether ``fd`` is the journald stream systemd gave us (``$JOURNAL_STREAM=dev:inode``)."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    dev, sep, ino = value.partition(":")
+    if not sep or not dev.isdigit() or not ino.isdigit():
+        return False
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return st.st_dev == int(dev) and st.st_ino == int(ino)
+
+
+class _JournalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{_PRIORITY.get(record.levelno, 6)}>"
+        # One entry per line in the journal: prefix each line of a traceback too.
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
+
+
+class _Mask(logging.Filter):
+    """Replaces configured secrets in a record's final message (last line of defence)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: tuple[str, ...] = ()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            masked = message
+            for secret in self.secrets:
+                masked = masked.replace(secret, "***")
+            if masked != message:
+                record.msg, record.args = masked, None
+        return True
+
+
+_mask = _Mask()
+
+
+def configure(level: str, secrets: Iterable[str] = ()) -> None:
+    """Log to stderr at ``level``: journald's format under systemd, timestamps otherwise."""
+    handler = logging.StreamHandler(sys.stderr)
+    if to_journal():
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_mask)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    set_level(level)
+    set_secrets(secrets)
+
+
+def set_level(level: str) -> None:
+    logging.getLogger().setLevel(level)
+
+
+def set_secrets(secrets: Iterable[str]) -> None:
+    _mask.secrets = tuple(s for s in secrets if s)
+
+
+# ---------------------------------------------------------------------------- access log
+@web.middleware
+async def observe(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Give the request its byte counters (reader and upstream streams add to them)."""
+    request[STATS] = metrics_module.begin_request()
+    return await handler(request)
+
+
+def _route(path: str) -> str:
+    if path.startswith("/v2/images/") and path.endswith("/file"):
+        return "image_data"
+    if path in ("/metrics", "/healthz", "/readyz"):
+        return "ops"
+    if "/cache" in path or "cached_images" in path or "queued_images" in path:
+        return "management"
+    return "forward"
+
+
+def _header_size(response: web.StreamResponse, version: tuple[int, int]) -> int:
+    """Bytes of the status line and headers as aiohttp serialises them."""
+    size = len(f"HTTP/{version[0]}.{version[1]} {response.status} {response.reason}\r\n") + 2
+    for key, value in response.headers.items():
+        size += len(key) + len(value) + 4
+    return size
+
+
+def body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
+    """Bytes of the body that went out: through the response writer and by sendfile."""
+    stats: RequestStats | None = request.get(STATS)
+    written = response.body_length
+    if written:
+        written = max(0, written - _header_size(response, request.version))
+    return written + (stats.sent if stats is not None else 0)
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request; also feeds the request metrics (whatever the log level)."""
+
+    def __init__(self, logger: logging.Logger, log_format: str = "") -> None:
+        super().__init__(logger, log_format)
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        nbytes = body_bytes(request, response)
+        cache_status = response.headers.get("Cache-Status")
+        path = request.path
+        metrics: Metrics | None = metrics_module.active()
+        if metrics is not None:
+            metrics.request_done(_route(path), response.status, cache_status, nbytes, time)
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        stats: RequestStats | None = request.get(STATS)
+        upstream = stats.upstream if stats is not None else 0
+        if cache_status == "cached; fwd=bypass":
+            upstream = nbytes
+        match_info = getattr(request, "match_info", None)
+        image = match_info.get("image_id", "-") if match_info else "-"
+        self.logger.info(
+            '%s "%s %s HTTP/%d.%d" %d %d image=%s cache=%s upstream_bytes=%d duration=%.3f '
+            "request_id=%s",
+            request.remote or "-",
+            request.method,
+            path,
+            request.version[0],
+            request.version[1],
+            response.status,
+            nbytes,
+            image,
+            metrics_module.outcome_of(cache_status) or "-",
+            upstream,
+            time,
+            response.headers.get("x-openstack-request-id", "-"),
+        )

@@ -1,0 +1,474 @@
+"""Prometheus metrics: the daemon's own ``CollectorRegistry`` and the calls that move it.
+
+Owns every metric of the daemon. One :class:`Metrics` is made per application
+(``app.make_app``) and *installed* as the process's active one while the application runs,
+so the download path (``fill.py``, ``reader.py``, ``auth.py``, ``jobs.py``, ``prefetch.py``)
+records with one-line module calls such as ``metrics.fill_started(fill)``; with none
+installed those calls do nothing. Everything here is changed on the event loop only (the
+hooks are called from coroutines and loop callbacks); the scrape also runs on the loop, after
+:meth:`Metrics.refresh` read the gauges that need the filesystem in a thread.
+
+Labels are small closed sets (outcome, kind, result, reason, directory): never an image id,
+a token or a client address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import os
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from cached import __version__
+from cached.errors import UpstreamError, UpstreamUnavailable
+
+if TYPE_CHECKING:
+    from cached.fill import Fill
+    from cached.filler import Filler
+    from cached.store import Store
+
+# The classic text format, which every Prometheus (and promtool) parses.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+OUTCOMES = ("hit", "miss", "collapsed", "partial", "bypass")
+UPSTREAM_KINDS = ("data", "range", "probe", "record", "forward")
+FILL_RESULTS = ("verified", "invalid", "failed", "cancelled", "idle")
+# Whole multi-GiB images take minutes; a hit of a small one takes milliseconds.
+DURATION_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200,
+    1800, 3600, 7200,
+)  # fmt: skip
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# The Cache-Status value of a download (RFC 9211, proxy.Outcome) -> its outcome label.
+CACHE_STATUS = {
+    "cached; hit": "hit",
+    "cached; fwd=uri-miss; stored": "miss",
+    "cached; fwd=uri-miss; collapsed": "collapsed",
+    "cached; fwd=partial; stored": "partial",
+    "cached; fwd=bypass": "bypass",
+}
+
+
+def outcome_of(cache_status: str | None) -> str | None:
+    """The outcome label of a download's Cache-Status (None: not a download)."""
+    if not cache_status:
+        return None
+    outcome = CACHE_STATUS.get(cache_status)
+    if outcome is None and cache_status.startswith("cached; fwd=bypass"):
+        return "bypass"  # with a detail (e.g. too large to be admitted)
+    return outcome
+
+
+# How long the store counts as refusing writes after a failure (fill.STORE_RETRY_AFTER).
+PASS_THROUGH_SECONDS = 30.0
+
+
+@dataclass
+class RequestStats:
+    """What one client request caused: bytes sent by sendfile (the response writer does not
+    count them) and bytes the transfers it started fetched from the upstream."""
+
+    sent: int = 0
+    upstream: int = 0
+
+
+# The stats of the request being handled; fill tasks started by it inherit it.
+_REQUEST: contextvars.ContextVar[RequestStats | None] = contextvars.ContextVar(
+    "cached_request", default=None
+)
+
+
+class Metrics:
+    """Every metric of one daemon, in its own registry."""
+
+    def __init__(self, cache_dir: str = "", max_size: int = 0) -> None:
+        # No ``*_created`` series: they double the scrape and no alert or panel uses them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.cache_dir = cache_dir
+        info = Gauge("cached_build_info", "Version of cached", ["version"], registry=r)
+        info.labels(__version__).set(1)
+        # --- downloads (GET /v2/images/{id}/file) by Cache-Status outcome
+        self.requests = Counter(
+            "cached_requests", "Image downloads answered, by outcome", ["outcome"], registry=r
+        )
+        self.served = Counter(
+            "cached_served_bytes",
+            "Image bytes sent to clients (sendfile included), by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.download_seconds = Histogram(
+            "cached_download_duration_seconds",
+            "Time to answer an image download, by outcome",
+            ["outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self._req = {o: self.requests.labels(o) for o in OUTCOMES}
+        self._served = {o: self.served.labels(o) for o in OUTCOMES}
+        self._dl = {o: self.download_seconds.labels(o) for o in OUTCOMES}
+        self.responses = Counter(
+            "cached_http_responses",
+            "HTTP responses by route class and status class",
+            ["route", "code"],
+            registry=r,
+        )
+        self._responses: dict[tuple[str, int], Any] = {}
+        self.joins = Counter(
+            "cached_singleflight_joins", "Downloads that joined a running fill", registry=r
+        )
+        # --- upstream
+        self.upstream_requests = Counter(
+            "cached_upstream_requests", "Requests to the upstream, by kind", ["kind"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "cached_upstream_errors",
+            "Upstream requests that failed (unreachable, error status, broken off), by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.upstream_bytes = Counter(
+            "cached_upstream_bytes", "Image bytes read from the upstream, by kind", ["kind"],
+            registry=r,
+        )  # fmt: skip
+        self.upstream_latency = Histogram(
+            "cached_upstream_latency_seconds",
+            "Time until the upstream's response headers, by kind",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        # Children resolved once: ``labels()`` on every request costs more than the update.
+        self.up_requests = {k: self.upstream_requests.labels(k) for k in UPSTREAM_KINDS}
+        self.up_errors = {k: self.upstream_errors.labels(k) for k in UPSTREAM_KINDS}
+        self.up_latency = {k: self.upstream_latency.labels(k) for k in UPSTREAM_KINDS}
+        self.up_bytes = {k: self.upstream_bytes.labels(k) for k in ("data", "range")}
+        self.auth_probes = Counter(
+            "cached_auth_probes",
+            "Download authorisation probes sent to the upstream, by result",
+            ["result"],
+            registry=r,
+        )
+        self.probes = {r: self.auth_probes.labels(r) for r in ("allow", "deny", "no-data", "error")}
+        self.auth_reused = Counter(
+            "cached_auth_reused", "Downloads authorised by a remembered answer", registry=r
+        )
+        # --- fills
+        self.fills_started = Counter("cached_fills_started", "Fills started", registry=r)
+        self.fills_finished = Counter(
+            "cached_fills_finished",
+            "Fills ended: verified (cached), invalid (verification failed), failed "
+            "(transfer broke off), cancelled (deleted or stopping), idle (range fill let go)",
+            ["result"],
+            registry=r,
+        )
+        self.fill_seconds = Histogram(
+            "cached_fill_duration_seconds",
+            "Time from a fill's start to its end, by result",
+            ["result"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        for result in FILL_RESULTS:
+            self.fills_finished.labels(result)
+            self.fill_seconds.labels(result)
+        self._fill_started: weakref.WeakKeyDictionary[Fill, float] = weakref.WeakKeyDictionary()
+        # --- the cache
+        self.cache_bytes = Gauge(
+            "cached_cache_bytes", "Bytes held by the cache (complete + partial)", registry=r
+        )
+        self.cache_max = Gauge("cached_cache_max_bytes", "image_cache_max_size", registry=r)
+        self.cache_max.set(max_size)
+        self.cache_entries = Gauge(
+            "cached_cache_entries", "Cache entries by state", ["state"], registry=r
+        )
+        self.partial_bytes = Gauge(
+            "cached_cache_partial_bytes", "Bytes present in partial entries", registry=r
+        )
+        self.evictions = Counter(
+            "cached_evictions", "Entries removed by prune or clean, by reason", ["reason"],
+            registry=r,
+        )  # fmt: skip
+        self.evicted_bytes = Counter(
+            "cached_evicted_bytes", "Bytes freed by prune or clean, by reason", ["reason"],
+            registry=r,
+        )  # fmt: skip
+        for reason in ("prune", "stalled", "invalid"):
+            self.evictions.labels(reason)
+        for reason in ("prune", "stalled"):
+            self.evicted_bytes.labels(reason)
+        self.passthrough = Gauge(
+            "cached_passthrough",
+            "1 while downloads bypass the cache directory because it refused a write",
+            ["directory"],
+            registry=r,
+        )
+        self._refused_at = -float("inf")
+        self.refused_reason = ""
+        # --- jobs
+        self.queue_length = Gauge(
+            "cached_prefetch_queue_length", "Images queued for prefetch", registry=r
+        )
+        self.prefetch_runs = Counter("cached_prefetch_runs", "Prefetch runs", registry=r)
+        self.prefetch_failures = Counter(
+            "cached_prefetch_failures", "Queued images whose prefetch failed", registry=r
+        )
+        # --- the process
+        self.connections = Gauge("cached_open_connections", "Client connections open", registry=r)
+        self.loop_lag = Gauge(
+            "cached_event_loop_lag_seconds",
+            "How late the event loop ran the last periodic tick",
+            registry=r,
+        )
+        self.last_lag = 0.0
+        self.count_connections: Callable[[], int] = lambda: 0
+
+    def loop_late(self, seconds: float) -> None:
+        self.last_lag = seconds
+        self.loop_lag.set(seconds)
+
+    # ------------------------------------------------------------------ requests
+    def request_done(
+        self, route: str, status: int, cache_status: str | None, nbytes: int, seconds: float
+    ) -> None:
+        """One HTTP request ended (called by the access logger for every request)."""
+        key = (route, status // 100)
+        child = self._responses.get(key)
+        if child is None:
+            child = self._responses[key] = self.responses.labels(route, f"{key[1]}xx")
+        child.inc()
+        outcome = outcome_of(cache_status)
+        if outcome is None:
+            return
+        self._req[outcome].inc()
+        self._served[outcome].inc(nbytes)
+        self._dl[outcome].observe(seconds)
+        if outcome == "collapsed":
+            self.joins.inc()
+
+    # ------------------------------------------------------------------ store state
+    def store_refused(self, reason: str) -> None:
+        self._refused_at = time.monotonic()
+        self.refused_reason = reason
+
+    @property
+    def passing_through(self) -> bool:
+        return time.monotonic() - self._refused_at < PASS_THROUGH_SECONDS
+
+    async def refresh(self, store: Store, filler: Filler | None, max_size: int) -> None:
+        """Set the gauges read at scrape time (the queue is listed in a thread)."""
+        complete = partial = present = total = 0
+        for entry in list(store.entries.values()):
+            if entry.complete:
+                complete += 1
+                total += entry.size
+            else:
+                partial += 1
+                got = entry.present_bytes()
+                present += got
+                total += got
+        self.cache_bytes.set(total)
+        self.partial_bytes.set(present)
+        self.cache_max.set(max_size)
+        self.cache_entries.labels("complete").set(complete)
+        self.cache_entries.labels("partial").set(partial)
+        self.cache_entries.labels("invalid").set(len(store.invalid))
+        self.passthrough.labels(self.cache_dir).set(1 if self.passing_through else 0)
+        self.connections.set(self.count_connections())
+        with contextlib.suppress(OSError):
+            self.queue_length.set(len(await asyncio.to_thread(store.queued)))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# ---------------------------------------------------------------------- the active one
+_active: Metrics | None = None
+
+
+def install(metrics: Metrics | None) -> None:
+    """Make ``metrics`` the one the module-level hooks record into (None: none)."""
+    global _active
+    _active = metrics
+
+
+def active() -> Metrics | None:
+    return _active
+
+
+# ---------------------------------------------------------------------- per request
+def begin_request() -> RequestStats:
+    """Start counting for the request handled in the current context."""
+    stats = RequestStats()
+    _REQUEST.set(stats)
+    return stats
+
+
+def sent(nbytes: int) -> None:
+    """``nbytes`` of the current request went out by sendfile (reader.py)."""
+    stats = _REQUEST.get()
+    if stats is not None:
+        stats.sent += nbytes
+
+
+# ---------------------------------------------------------------------- hooks
+def fill_started(fill: Fill) -> None:
+    m = _active
+    if m is not None:
+        m.fills_started.inc()
+        m._fill_started[fill] = time.monotonic()
+
+
+def fill_ended(fill: Fill, result: str) -> None:
+    """A fill reached ``result`` (a FillState value other than running)."""
+    m = _active
+    if m is not None and result in FILL_RESULTS:
+        m.fills_finished.labels(result).inc()
+        started = m._fill_started.pop(fill, None)
+        if started is not None:
+            m.fill_seconds.labels(result).observe(time.monotonic() - started)
+
+
+def auth_reused() -> None:
+    if _active is not None:
+        _active.auth_reused.inc()
+
+
+def evicted(reason: str, nbytes: int) -> None:
+    """An entry was removed: ``prune`` or ``stalled`` (clean)."""
+    if _active is not None:
+        _active.evictions.labels(reason).inc()
+        _active.evicted_bytes.labels(reason).inc(nbytes)
+
+
+def evicted_invalid(count: int) -> None:
+    """``count`` entries of ``invalid/`` were removed by clean."""
+    if _active is not None and count:
+        _active.evictions.labels("invalid").inc(count)
+
+
+def prefetch_run(failed: int) -> None:
+    if _active is not None:
+        _active.prefetch_runs.inc()
+        _active.prefetch_failures.inc(failed)
+
+
+def store_refused(exc: BaseException) -> None:
+    """The cache directory refused a write: downloads pass through for a while."""
+    if _active is not None:
+        code = getattr(exc, "errno", None)
+        _active.store_refused(os.strerror(code) if isinstance(code, int) else str(exc))
+
+
+# ---------------------------------------------------------------------- upstream
+class _CountingStream:
+    """A DataStream that counts the bytes read through it."""
+
+    def __init__(self, inner: Any, counter: Any) -> None:
+        self._inner = inner
+        self._counter = counter
+        self.start: int = inner.start
+
+    def _count(self, n: int) -> None:
+        self._counter.inc(n)
+        stats = _REQUEST.get()
+        if stats is not None:
+            stats.upstream += n
+
+    async def read(self, n: int) -> bytes:
+        data: bytes = await self._inner.read(n)
+        self._count(len(data))
+        return data
+
+    async def read_blocks(self, n: int) -> list[Any]:
+        blocks: list[Any] = await self._inner.read_blocks(n)
+        self._count(sum(len(memoryview(b)) for b in blocks))
+        return blocks
+
+
+class MeteredBackend:
+    """Wraps an upstream backend: requests, errors, latency and bytes by kind, probe results.
+
+    Implements :class:`cached.upstream.Backend` by delegation, so no backend knows metrics.
+    """
+
+    def __init__(self, inner: Any, metrics: Metrics) -> None:
+        self.inner = inner
+        self._m = metrics
+
+    async def _timed(self, kind: str, call: Any) -> Any:
+        m = self._m
+        m.up_requests[kind].inc()
+        started = time.monotonic()
+        try:
+            result = await call
+        except Exception:
+            m.up_errors[kind].inc()
+            raise
+        m.up_latency[kind].observe(time.monotonic() - started)
+        return result
+
+    async def authorize(self, image_id: str, creds: Any) -> Any:
+        try:
+            answer = await self._timed("probe", self.inner.authorize(image_id, creds))
+        except Exception:
+            self._m.probes["error"].inc()
+            raise
+        self._m.probes[answer.decision.value].inc()
+        return answer
+
+    async def record(self, image_id: str, creds: Any) -> Any:
+        return await self._timed("record", self.inner.record(image_id, creds))
+
+    @contextlib.asynccontextmanager
+    async def open_data(
+        self, image_id: str, creds: Any, start: int, end: int | None
+    ) -> AsyncIterator[Any]:
+        kind = "data" if end is None and start == 0 else "range"
+        m = self._m
+        m.up_requests[kind].inc()
+        started = time.monotonic()
+        try:
+            async with self.inner.open_data(image_id, creds, start, end) as stream:
+                m.up_latency[kind].observe(time.monotonic() - started)
+                yield _CountingStream(stream, m.up_bytes[kind])
+        except (UpstreamError, UpstreamUnavailable):
+            m.up_errors[kind].inc()
+            raise
+
+    async def forward(self, request: Any, before_reply: Any = None) -> Any:
+        m = self._m
+        m.up_requests["forward"].inc()
+        started = time.monotonic()
+
+        async def timed_reply(response: Any) -> None:
+            m.up_latency["forward"].observe(time.monotonic() - started)
+            if before_reply is not None:
+                await before_reply(response)
+
+        try:
+            return await self.inner.forward(request, timed_reply)
+        except Exception:
+            m.up_errors["forward"].inc()
+            raise
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:  # anything else a backend offers
+        return getattr(self.inner, name)

@@ -1,0 +1,430 @@
+"""The daemon as a systemd service, for real: ``cached serve`` subprocesses talking sd_notify to
+a datagram socket bound by the test, reloading on SIGHUP, draining on SIGTERM; the shipped
+unit checked by ``systemd-analyze verify``, a real scrape by ``promtool check metrics``, the
+alert rules by ``promtool check rules`` and ``promtool test rules``.
+
+The tools come from Debian's ``systemd`` and ``prometheus`` packages (``.ci/run`` installs
+them). Where one is missing the test skips, unless ``$CACHED_TOOLS_REQUIRED`` (set by CI)
+says it must run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import auth
+from daemonproc import CachedProcess, cached_command
+from fakeglance import FakeGlance
+
+MiB = 1 << 20
+ROOT = Path(__file__).resolve().parent.parent
+PING_USEC = 300_000  # WatchdogSec=0.3s: cached pings every 0.1 s
+
+
+def require(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CACHED_TOOLS_REQUIRED"):
+            pytest.fail(f"{tool} is required here ($CACHED_TOOLS_REQUIRED) but not installed")
+        pytest.skip(f"{tool} not installed (apt-get install systemd prometheus)")
+    return path
+
+
+class NotifySocket:
+    """A datagram socket at an abstract address, as systemd's ``$NOTIFY_SOCKET``."""
+
+    def __init__(self) -> None:
+        self.name = f"cached-test-{uuid.uuid4().hex}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.name)
+        self.received: list[dict[str, str]] = []
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"NOTIFY_SOCKET": "@" + self.name, "WATCHDOG_USEC": str(PING_USEC)}
+
+    def receive(self, timeout: float) -> dict[str, str] | None:
+        """The next message (``KEY=value`` lines as a dict), or None after ``timeout`` s."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(4096)
+        except TimeoutError:
+            return None
+        message = dict(line.split("=", 1) for line in data.decode().splitlines())
+        self.received.append(message)
+        return message
+
+    def wait_for(self, key: str, timeout: float = 20.0) -> dict[str, str]:
+        """Read messages until one has ``key``; fail after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            message = self.receive(left)
+            if message is not None and key in message:
+                return message
+        raise AssertionError(f"no {key}= within {timeout}s; got {self.received}")
+
+    def drain(self) -> None:
+        while self.receive(0.001) is not None:
+            pass
+
+    def states(self) -> list[str]:
+        """The state changes received, in order (pings and plain STATUS updates left out)."""
+        keys = ("READY", "RELOADING", "STOPPING")
+        return [k for m in self.received for k in keys if k in m]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify() -> Iterator[NotifySocket]:
+    sock = NotifySocket()
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[CachedProcess]]:
+    made: list[CachedProcess] = []
+    yield made
+    for proc in made:
+        proc.kill()
+
+
+def spawn(
+    procs: list[CachedProcess],
+    tmp_path: Path,
+    upstream: str,
+    *extra: str,
+    env: dict[str, str] | None = None,
+) -> CachedProcess:
+    cache = tmp_path / "cache"
+    cache.mkdir(exist_ok=True)
+    proc = CachedProcess(upstream, cache, tmp_path / f"cached-{len(procs)}.log", *extra, env=env)
+    procs.append(proc)
+    return proc
+
+
+async def get(url: str, token: str | None = "token-p1", **headers: str) -> tuple[int, bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url, headers={**(auth(token) if token else {}), **headers}) as resp,
+    ):
+        return resp.status, await resp.read()
+
+
+async def wait_log(proc: CachedProcess, text: str) -> str:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        output = await asyncio.to_thread(proc.output)
+        if text in output:
+            return output
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{text!r} never logged:\n{proc.output()}")
+
+
+# --------------------------------------------------------------------------- sd_notify
+async def test_ready_status_watchdog_reloading_stopping_in_order(
+    glance: FakeGlance, tmp_path: Path, notify: NotifySocket, procs: list[CachedProcess]
+) -> None:
+    data = os.urandom(3 * MiB)
+    image = glance.add_image(data)
+    proc = spawn(procs, tmp_path, glance.url, env=notify.env)
+    url = await asyncio.to_thread(proc.start)
+    ready = await asyncio.to_thread(notify.wait_for, "READY")
+    # READY only once it serves: the index is loaded and the port answers
+    assert ready["STATUS"] == "caching; 0 images cached, 0 partial; 0 B of 10.0 GiB used; 0 filling"
+    assert "listening on" in proc.output()
+    assert notify.received[0] == {"STATUS": "loading the cache index"}
+    for _ in range(3):
+        await asyncio.to_thread(notify.wait_for, "WATCHDOG")
+
+    assert (await get(f"{url}/v2/images/{image.id}/file"))[1] == data
+    status = await asyncio.to_thread(notify.wait_for, "STATUS")
+    while "1 images cached" not in status["STATUS"]:
+        status = await asyncio.to_thread(notify.wait_for, "STATUS")
+    assert status["STATUS"] == (
+        "caching; 1 images cached, 0 partial; 3.0 MiB of 10.0 GiB used; 0 filling"
+    )
+
+    proc.signal(signal.SIGHUP)
+    reloading = await asyncio.to_thread(notify.wait_for, "RELOADING")
+    assert reloading["MONOTONIC_USEC"].isdigit()
+    await asyncio.to_thread(notify.wait_for, "READY")
+
+    proc.signal(signal.SIGTERM)
+    stopping = await asyncio.to_thread(notify.wait_for, "STOPPING")
+    assert stopping["STATUS"].startswith("draining")
+    assert await asyncio.to_thread(proc.wait, 20) == 0
+    assert notify.states() == ["READY", "RELOADING", "READY", "STOPPING"]
+
+
+async def test_a_stuck_event_loop_stops_the_watchdog_pings(
+    glance: FakeGlance, tmp_path: Path, notify: NotifySocket, procs: list[CachedProcess]
+) -> None:
+    freeze = tmp_path / "freeze"
+    env = {**notify.env, "CACHED_DEBUG_FREEZE_FILE": str(freeze)}
+    proc = spawn(procs, tmp_path, glance.url, env=env)
+    await asyncio.to_thread(proc.start)
+    await asyncio.to_thread(notify.wait_for, "READY")
+    await asyncio.to_thread(notify.wait_for, "WATCHDOG")
+
+    freeze.touch()
+    proc.signal(signal.SIGUSR2)
+    # Logged on the loop right before it blocks: every ping sent before is queued by now.
+    await wait_log(proc, "event loop frozen")
+    await asyncio.to_thread(notify.drain)
+    # Five ping intervals without a single ping: systemd would have killed it (the pings come
+    # from the loop itself, not from a thread that would go on pinging).
+    silent = await asyncio.to_thread(notify.receive, 5 * PING_USEC / 1e6)
+    assert silent is None, silent
+    freeze.unlink()
+    await asyncio.to_thread(notify.wait_for, "WATCHDOG")
+    assert await asyncio.to_thread(proc.stop) == 0
+
+
+# --------------------------------------------------------------------------- reload
+def write_config(path: Path, **options: object) -> None:
+    lines = [f"{key}: {value}" for key, value in options.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+async def scrape_value(url: str, name: str) -> float:
+    status, body = await get(f"{url}/metrics", token=None)
+    assert status == 200
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in the scrape")
+
+
+async def test_reload_applies_a_good_file_and_refuses_a_bad_one(
+    glance: FakeGlance, tmp_path: Path, notify: NotifySocket, procs: list[CachedProcess]
+) -> None:
+    conf = tmp_path / "cached.yaml"
+    write_config(conf, image_cache_max_size="1G", cache_prune_interval=600)
+    proc = spawn(procs, tmp_path, glance.url, "-c", str(conf), env=notify.env)
+    url = await asyncio.to_thread(proc.start)
+    await asyncio.to_thread(notify.wait_for, "READY")
+    assert await scrape_value(url, "cached_cache_max_bytes") == 1 << 30
+    new_admin = "a-new-admin-token"
+    digest = hashlib.sha256(new_admin.encode()).hexdigest()
+    assert (await get(f"{url}/v2/cache", token=new_admin))[0] in (401, 403)
+
+    write_config(
+        conf,
+        image_cache_max_size="2G",
+        cache_prune_interval=5,
+        admin_tokens=f'["sha256:{digest}"]',
+        log_level="DEBUG",
+        max_header_size="32K",
+    )
+    proc.signal(signal.SIGHUP)
+    await asyncio.to_thread(notify.wait_for, "RELOADING")
+    await asyncio.to_thread(notify.wait_for, "READY")
+    output = await wait_log(proc, "reloaded:")
+    assert (
+        "reloaded: applied image_cache_max_size, cache_prune_interval, log_level, admin_tokens"
+        in output
+    )
+    assert "reload: max_header_size changed: takes effect after a restart" in output
+    assert "prune runs every 5 s" in output
+    assert await scrape_value(url, "cached_cache_max_bytes") == 2 << 30
+    assert (await get(f"{url}/v2/cache", token=new_admin))[0] == 200
+    await wait_log(proc, "DEBUG")  # the new level is live
+
+    conf.write_text("image_cache_max_size: lots\n")
+    proc.signal(signal.SIGHUP)
+    await asyncio.to_thread(notify.wait_for, "RELOADING")
+    await asyncio.to_thread(notify.wait_for, "READY")
+    output = await wait_log(proc, "reload refused")
+    refused = [line for line in output.splitlines() if "reload refused" in line]
+    assert len(refused) == 1
+    assert "option 'image_cache_max_size': not a size: 'lots'" in refused[0]
+    assert await scrape_value(url, "cached_cache_max_bytes") == 2 << 30
+    assert (await get(f"{url}/v2/cache", token=new_admin))[0] == 200
+    assert await asyncio.to_thread(proc.stop) == 0
+
+
+# --------------------------------------------------------------------------- drain
+def refused(url: str) -> bool:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except OSError:
+        return True
+    return False
+
+
+async def test_sigterm_lets_a_running_download_finish_exactly(
+    glance: FakeGlance, tmp_path: Path, notify: NotifySocket, procs: list[CachedProcess]
+) -> None:
+    data = os.urandom(16 * MiB)
+    image = glance.add_image(data, rate=4 * MiB)  # about 4 s
+    proc = spawn(procs, tmp_path, glance.url, env=notify.env)
+    url = await asyncio.to_thread(proc.start)
+    await asyncio.to_thread(notify.wait_for, "READY")
+    client = asyncio.ensure_future(get(f"{url}/v2/images/{image.id}/file"))
+    for _ in range(1000):
+        if glance.bytes_sent.get(image.id, 0) > 2 * MiB:
+            break
+        await asyncio.sleep(0.01)
+    proc.signal(signal.SIGTERM)
+    await asyncio.to_thread(notify.wait_for, "STOPPING")
+    assert await asyncio.to_thread(refused, url)  # no new connections while draining
+    status, body = await client
+    assert status == 200 and body == data
+    assert await asyncio.to_thread(proc.wait, 20) == 0
+    assert (tmp_path / "cache" / image.id).is_file()  # its fill completed and was committed
+
+
+# --------------------------------------------------------------------------- logs
+async def test_tokens_never_reach_the_log(
+    glance: FakeGlance, tmp_path: Path, procs: list[CachedProcess]
+) -> None:
+    service = "service-token-" + uuid.uuid4().hex
+    conf = tmp_path / "cached.yaml"
+    write_config(conf, service_token=service, log_level="DEBUG")
+    glance.add_token(service, "admin", ("admin",))
+    proc = spawn(procs, tmp_path, glance.url, "-c", str(conf))
+    url = await asyncio.to_thread(proc.start)
+    data = os.urandom(MiB)
+    image = glance.add_image(data)
+    assert (await get(f"{url}/v2/images/{image.id}/file"))[1] == data
+    assert (await get(f"{url}/v2/images/{image.id}/file", token="no-such-token"))[0] == 401
+    assert (await get(f"{url}/v2/images/{image.id}", token="token-p2"))[0] == 404
+    queued = glance.add_image(os.urandom(MiB))
+    async with aiohttp.ClientSession() as session:  # prefetch with the service token
+        async with session.put(f"{url}/v2/cache/{queued.id}", headers=auth("token-admin")) as r:
+            assert r.status == 202
+    await wait_log(proc, f"prefetch: cached {queued.id}")
+    assert await asyncio.to_thread(proc.stop) == 0
+    log = proc.output()
+    assert f"image={image.id} cache=hit" in log or f"image={image.id} cache=miss" in log
+    for token in ("token-p1", "token-p2", "token-admin", "no-such-token", service):
+        assert token not in log
+
+
+async def test_journald_format_without_timestamps(
+    glance: FakeGlance, tmp_path: Path, procs: list[CachedProcess]
+) -> None:
+    """Under systemd (``$JOURNAL_STREAM`` names stderr): a syslog priority, no timestamp."""
+    proc = spawn(procs, tmp_path, glance.url)
+    proc.log.touch()
+    st = proc.log.stat()
+    proc.env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+    await asyncio.to_thread(proc.start)
+    assert await asyncio.to_thread(proc.stop) == 0
+    lines = proc.output().splitlines()
+    assert any(line.startswith("<6>cached: listening on http://127.0.0.1:") for line in lines)
+    assert all(line.startswith("<") for line in lines), lines
+
+
+# --------------------------------------------------------------------------- tools
+async def test_promtool_checks_a_real_scrape(
+    glance: FakeGlance, tmp_path: Path, procs: list[CachedProcess]
+) -> None:
+    promtool = require("promtool")
+    admin_port = _free_port()
+    proc = spawn(procs, tmp_path, glance.url, "-c", str(_admin_conf(tmp_path, admin_port)))
+    url = await asyncio.to_thread(proc.start)
+    data = os.urandom(2 * MiB)
+    image = glance.add_image(data)
+    for _ in range(2):
+        assert (await get(f"{url}/v2/images/{image.id}/file"))[1] == data
+    await get(f"{url}/v2/images/{image.id}/file", Range="bytes=0-9")
+    # the image API port does not serve metrics when admin_listen is set
+    assert (await get(f"{url}/metrics", token=None))[0] == 404
+    status, body = await get(f"http://127.0.0.1:{admin_port}/metrics", token=None)
+    assert status == 200
+    assert b'cached_requests_total{outcome="hit"} 2.0' in body
+    res = await asyncio.to_thread(
+        subprocess.run,
+        [promtool, "check", "metrics"],
+        input=body,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
+    status, _ = await get(f"http://127.0.0.1:{admin_port}/readyz", token=None)
+    assert status == 200
+    assert await asyncio.to_thread(proc.stop) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _admin_conf(tmp_path: Path, port: int) -> Path:
+    conf = tmp_path / "admin.yaml"
+    write_config(conf, admin_listen=f"127.0.0.1:{port}")
+    return conf
+
+
+def test_promtool_checks_and_tests_the_alert_rules() -> None:
+    promtool = require("promtool")
+    rules = ROOT / "conf" / "prometheus-alerts.yaml"
+    res = subprocess.run(
+        [promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = subprocess.run(
+        [promtool, "test", "rules", "prometheus-alerts-test.yaml"],
+        cwd=ROOT / "tests" / "data",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = require("systemd-analyze")
+    unit = (ROOT / "systemd" / "cached.service").read_text()
+    # verify wants ExecStart's binary to exist: point it at this installation's cached
+    binary = shutil.which("cached") or cached_command()[0]
+    assert "ExecStart=/usr/local/bin/cached " in unit
+    copy = tmp_path / "cached.service"
+    copy.write_text(unit.replace("/usr/local/bin/cached", binary))
+    res = subprocess.run(
+        [analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60, check=False
+    )
+    # Only lines about our unit count (the host's own units may have warnings of their own).
+    ours = [line for line in (res.stdout + res.stderr).splitlines() if "cached.service" in line]
+    assert res.returncode == 0 and not ours, res.stdout + res.stderr
+
+
+def test_the_dashboard_queries_parse(tmp_path: Path) -> None:
+    """Every query of the Grafana dashboard, as recording rules for ``promtool check rules``."""
+    import json
+
+    promtool = require("promtool")
+    dashboard = json.loads((ROOT / "conf" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert exprs
+    rules = [
+        {"record": f"cached:dashboard_{i}", "expr": e.replace("$instance", ".*")}
+        for i, e in enumerate(exprs)
+    ]
+    path = tmp_path / "dashboard-rules.yaml"
+    path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
+    res = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
