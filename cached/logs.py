@@ -157,7 +157,10 @@ class AccessLogger(AbstractAccessLogger):
         upstream = stats.upstream if stats is not None else 0
         if cache_status == "cached; fwd=bypass":
             upstream = nbytes
-        match_info = getattr(request, "match_info", None)
+        try:
+            match_info = getattr(request, "match_info", None)
+        except AssertionError:  # a request refused before routing (malformed) has none
+            match_info = None
         image = match_info.get("image_id", "-") if match_info else "-"
         self.logger.info(
             '%s "%s %s HTTP/%d.%d" %d %d image=%s cache=%s upstream_bytes=%d duration=%.3f '

@@ -77,3 +77,12 @@ def closed_by_peer(sock: socket.socket) -> bool:
     except ConnectionError:
         return True
     return True
+
+
+def rss(pid: int) -> int:
+    """A process's resident set size in bytes (Linux)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")

@@ -5,13 +5,18 @@ baseline taken in the same test."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
 import time
+import uuid
 from pathlib import Path
 
+import pytest
 import rawhttp
 from aiohttp import web
 from daemonproc import CachedProcess
+from rawhttp import rss
 
 MiB = 1 << 20
 BIG = 64 * MiB
@@ -51,14 +56,6 @@ class BigUpstream:
         await site.start()
         host, port = self.runner.addresses[0][:2]
         self.url = f"http://{host}:{port}"
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 async def wait_until_stalled(upstream: BigUpstream, clients: int) -> None:
@@ -124,3 +121,59 @@ async def test_pass_through_to_clients_that_do_not_read(tmp_path: Path) -> None:
         await asyncio.to_thread(daemon.stop)
         assert upstream.runner is not None
         await upstream.runner.cleanup()
+
+
+def test_file_upstream_pass_through_to_clients_that_do_not_read(tmp_path: Path) -> None:
+    """The file upstream answers a passed-through download (here: the cache is read-only)
+    a piece at a time behind each client's drain."""
+    images, cache = tmp_path / "images", tmp_path / "cache"
+    images.mkdir()
+    cache.mkdir()
+    image_id = str(uuid.uuid4())
+    with open(images / image_id, "wb") as f:
+        f.write(os.urandom(BIG))
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(cache)], capture_output=True
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"needs root to mount a tmpfs: {mount.stderr.decode().strip()}")
+    daemon = CachedProcess(f"file://{images}", cache, tmp_path / "cached.log")
+    sockets: list[socket.socket] = []
+    try:
+        url = daemon.start()
+        assert daemon.proc is not None
+        subprocess.run(["mount", "-o", "remount,ro", str(cache)], check=True)
+        path = f"/v2/images/{image_id}/file"
+        raw = f"GET {path} HTTP/1.1\r\nHost: cached\r\n\r\n".encode()
+        reply = rawhttp.request(url, raw, 60)
+        assert reply.status == 200 and len(reply.body) == BIG
+        assert reply.headers["cache-status"] == "cached; fwd=bypass"
+        baseline = rss(daemon.proc.pid)
+        for _ in range(CLIENTS):
+            sockets.append(_open_without_reading(url, path))
+        grown = _settled_growth(daemon.proc.pid, baseline)
+        assert grown < CLIENTS * 2 * MiB, f"RSS grew by {grown / MiB:.0f} MiB"
+        print(f"file: baseline {baseline / MiB:.0f} MiB, +{grown / MiB:.1f} MiB")
+        for sock in sockets:
+            sock.close()
+        sockets.clear()
+        assert daemon.proc.poll() is None
+    finally:
+        for sock in sockets:
+            sock.close()
+        daemon.stop()
+        subprocess.run(["umount", "-l", str(cache)], check=False)
+
+
+def _settled_growth(pid: int, baseline: int) -> int:
+    """RSS growth once it stopped changing (every sender blocked on its client)."""
+    deadline = time.monotonic() + 60
+    last, steady = -1, 0
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = rss(pid)
+        steady = steady + 1 if abs(now - last) < 256 << 10 else 0
+        if steady >= 4:
+            return now - baseline
+        last = now
+    raise AssertionError("RSS never settled")

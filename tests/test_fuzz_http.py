@@ -24,7 +24,7 @@ import pytest
 import rawhttp
 from daemonproc import CachedProcess
 from fakeglance import FakeGlance
-from test_backpressure import rss
+from rawhttp import rss
 
 MiB = 1 << 20
 SECONDS = float(os.environ.get("CACHED_FUZZ_SECONDS", "8"))

@@ -38,7 +38,8 @@ from cached.upstream import (
 )
 
 log = logging.getLogger(__name__)
-_PIECE = 1 << 20
+# A passed-through download is read and written this much at a time (per client).
+_PIECE = 256 << 10
 
 
 def _not_found(image_id: str) -> UpstreamError:
