@@ -435,6 +435,22 @@ async def test_scrub_waits_while_a_fill_runs(
     assert (result.checked, result.corrupt) == (1, 0)
 
 
+async def test_a_hit_on_a_changed_file_does_not_wait_for_a_throttled_scrub(
+    glance: FakeGlance, cache_dir: Path, running: list[Daemon]
+) -> None:
+    # 12 MiB at 1 MiB/s: the pass over the big entry lasts about 12 s whatever the machine.
+    d = await restart(running, cache_dir, glance.url, scrub_rate=1)
+    big_id, _ = await cached_image(d, glance)
+    small_id, small = await cached_image(d, glance, MiB)
+    scrub = asyncio.ensure_future(d.app[INTEGRITY].scrub())
+    flip_byte(cache_dir / small_id, 7, keep_mtime=False)
+    status, headers, body = await d.get(small_id)
+    assert (headers["Cache-Status"], body == small) == ("cached; fwd=bypass", True)
+    assert not scrub.done()  # the request's verification did not queue behind it
+    await d.app[INTEGRITY].close()  # stops the pass within a piece
+    await scrub
+
+
 # ----------------------------------------------------------------------- a real process
 @pytest.fixture
 def proc(tmp_path: Path) -> Iterator[list[CachedProcess]]:
