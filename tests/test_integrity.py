@@ -498,3 +498,25 @@ async def test_the_daemon_starts_and_serves_on_a_cache_of_tampered_metadata(
                 assert r.headers["Cache-Status"] == "cached; fwd=uri-miss; stored"
     assert daemon.proc is not None and daemon.proc.poll() is None
     assert await asyncio.to_thread(daemon.stop) == 0
+
+
+async def test_a_hit_being_sent_is_cut_when_the_scrub_finds_its_entry_corrupt(
+    glance: FakeGlance, cache_dir: Path, running: list[Daemon]
+) -> None:
+    d = await restart(running, cache_dir, glance.url, scrub_rate=4096)
+    size = 48 * MiB  # three 16 MiB sendfile slices, more than the socket buffers hold
+    image_id, data = await cached_image(d, glance, size)
+    host, port = d.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    request = f"GET /v2/images/{image_id}/file HTTP/1.1\r\nHost: x\r\nX-Auth-Token: token-p1\r\n"
+    writer.write(request.encode() + b"\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert b"Cache-Status: cached; hit" in head
+    got = len(await reader.readexactly(MiB))  # then stop reading: the server blocks mid-slice
+    await asyncio.to_thread(flip_byte, cache_dir / image_id, size - 1, keep_mtime=True)
+    result = await d.app[INTEGRITY].scrub()
+    assert result.corrupt == 1
+    while got < size and (chunk := await reader.read(1 << 20)):  # the slice in flight, then cut
+        got += len(chunk)
+    writer.close()
+    assert got < size
