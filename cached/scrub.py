@@ -83,6 +83,15 @@ class Integrity:
         self._checked_at: dict[str, float] = {}  # image id -> monotonic time of its last check
         self._background: asyncio.Task[None] | None = None
 
+    def configure(self, *, rate: float, interval: float) -> None:
+        """New scrub settings (a reload): from the next entry a pass reads on."""
+        self._rate, self._interval = rate, interval
+
+    @property
+    def settings(self) -> tuple[float, float]:
+        """The scrub rate (bytes/s) and interval (s) in force."""
+        return self._rate, self._interval
+
     def start(self) -> None:
         """Verify the entries found suspect when the index was built (in the background)."""
         suspects = [e for e in self._store.complete_entries() if e.suspect]

@@ -8,6 +8,7 @@ in-process (restarted on the same cache directory) and as a real ``cached serve`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -30,7 +31,8 @@ from conftest import (
 from daemonproc import CachedProcess
 from fakeglance import FakeGlance
 
-from cached.app import INTEGRITY
+from cached.app import CONFIG, INTEGRITY, SCHEDULER
+from cached.lifecycle import LIVE, RELOADABLES
 from cached.store import State, Store, xattrs
 from cached.store import entry as entries
 from cached.store.written import CTIME_SLACK_NS, WRITTEN
@@ -449,6 +451,19 @@ async def test_a_hit_on_a_changed_file_does_not_wait_for_a_throttled_scrub(
     assert not scrub.done()  # the request's verification did not queue behind it
     await d.app[INTEGRITY].close()  # stops the pass within a piece
     await scrub
+
+
+async def test_a_reload_applies_scrub_interval_and_rate(
+    glance: FakeGlance, cache_dir: Path, running: list[Daemon]
+) -> None:
+    d = await restart(running, cache_dir, glance.url)
+    old = d.app[CONFIG]
+    new = dataclasses.replace(old, scrub_interval=5, scrub_rate=2.5)
+    assert {"scrub_interval", "scrub_rate"} <= LIVE
+    assert d.app[RELOADABLES].apply(old, new) == []
+    job = d.app[SCHEDULER].get_job("scrub")
+    assert job.trigger.interval.total_seconds() == 5
+    assert d.app[INTEGRITY].settings == (2.5 * MiB, 5)
 
 
 # ----------------------------------------------------------------------- a real process
