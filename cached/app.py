@@ -139,6 +139,12 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             interval=config.scrub_interval,
         )
         proxy.integrity = integrity
+        reloadables.register(
+            "scrub",
+            lambda old, new: integrity.configure(
+                rate=new.scrub_rate * (1 << 20), interval=new.scrub_interval
+            ),
+        )
         app[INTEGRITY] = integrity
         integrity.start()
         app[SCHEDULER] = jobs.start_scheduler(config, prefetcher, maintenance, integrity)
@@ -236,6 +242,7 @@ def _register_live_jobs(
             ("prefetch", "cache_prefetcher_interval"),
             ("prune", "cache_prune_interval"),
             ("clean", "cache_clean_interval"),
+            ("scrub", "scrub_interval"),
         ):
             seconds = getattr(new, key)
             if seconds != getattr(old, key):

@@ -52,6 +52,8 @@ LIVE = frozenset(
         "worker_self_reference_url",
         "metrics_auth",
         "shutdown_grace",
+        "scrub_interval",
+        "scrub_rate",
     }
 )
 

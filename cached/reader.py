@@ -23,6 +23,8 @@ from cached.fill import Fill, FillState
 from cached.store import Entry, State
 
 _FALLBACK_PIECE = 1 << 20
+# At most this much per sendfile: a hit, too, sees its entry go invalid (scrub) between slices.
+_SLICE = 16 << 20
 
 # Returns the active fill of the reader's entry, asked to cover [pos, end), and a mark for
 # Fill.check; (None, 0) when the entry needs no fill (it is complete).
@@ -73,7 +75,7 @@ async def send_entry(
         verified = entry.complete or (followed is not None and followed.state is FillState.VERIFIED)
         if start == 0 and end == entry.size and not verified:
             limit = end - 1  # hold back the last byte until the digest matched
-        ready = min(ready, limit)
+        ready = min(ready, limit, pos + _SLICE)
         if ready > pos:
             await _send(request, response, file, pos, ready - pos)
             pos = ready

@@ -6,15 +6,20 @@ the background scrub that finds silent corruption.
   found suspect at start (:mod:`cached.store.integrity`), is verified by digest before the
   hit is served; a mismatch (or no digest to check) moves it to ``invalid/``.
 - Suspect entries found at start are verified in the background at once (as fast as the disk
-  goes, pausing while fills run); a hit on one joins the verification already running.
+  goes, pausing while fills run). A hit on a suspect entry does not wait for that: it has the
+  entry verified at once, at full speed, without pausing (a client is waiting); concurrent
+  hits on one entry share that verification.
 - :meth:`Integrity.scrub` (the ``scrub`` job, every ``scrub_interval`` s) re-reads every
   complete entry at most ``scrub_rate`` MiB/s, oldest-checked first, pausing while any fill
   runs. A corrupt entry goes to ``invalid/`` (readers following it are cut, as after a failed
   fill); entries without a digest are counted and logged as unverifiable.
 
-Threads: all reading and hashing runs on this module's own single worker thread; the loop
-owns ``_running`` (one verification per entry) and ``_checked_at``, and asks the worker to
-stop through ``_stop`` (a threading.Event the worker polls between 1 MiB pieces).
+Threads: reading and hashing run on this module's own two single-thread executors, one for
+background work (start-up suspects, the scrub; throttled, pausing for fills) and one for
+verifications a request waits for, so that a hit never queues behind an hour-long scrub of
+another entry. The loop owns ``_running`` (the request-side verification of each entry) and
+``_checked_at``, and asks the workers to stop through ``_stop`` (a threading.Event they poll
+between 1 MiB pieces). ``Entry.identity``/``suspect`` are guarded by ``Entry.identity_lock``.
 """
 
 from __future__ import annotations
@@ -72,10 +77,20 @@ class Integrity:
         self._rate = rate  # bytes per second for the scrub
         self._interval = interval
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="scrub")
+        self._urgent = ThreadPoolExecutor(1, thread_name_prefix="verify")
         self._stop = threading.Event()
         self._running: dict[int, asyncio.Future[bool]] = {}  # id(entry) -> its verification
         self._checked_at: dict[str, float] = {}  # image id -> monotonic time of its last check
         self._background: asyncio.Task[None] | None = None
+
+    def configure(self, *, rate: float, interval: float) -> None:
+        """New scrub settings (a reload): from the next entry a pass reads on."""
+        self._rate, self._interval = rate, interval
+
+    @property
+    def settings(self) -> tuple[float, float]:
+        """The scrub rate (bytes/s) and interval (s) in force."""
+        return self._rate, self._interval
 
     def start(self) -> None:
         """Verify the entries found suspect when the index was built (in the background)."""
@@ -88,7 +103,7 @@ class Integrity:
     async def _verify_all(self, suspects: list[Entry]) -> None:
         for entry in suspects:
             if entry.suspect and self._store.get(entry.image_id) is entry:
-                await self.verify(entry)
+                await self._verify(entry, rate=None, background=True)
 
     async def before_hit(self, entry: Entry) -> Entry | None:
         """``entry`` if it may be served as a hit; None if it failed re-verification (it is
@@ -97,20 +112,21 @@ class Integrity:
             return entry
         return entry if await self.verify(entry) else None
 
-    async def verify(self, entry: Entry, *, rate: float | None = None) -> bool:
-        """Verify ``entry`` now (one verification per entry at a time); True if it is good."""
+    async def verify(self, entry: Entry) -> bool:
+        """Verify ``entry`` now, for a request (shared by concurrent requests for the same
+        entry); True if it is good."""
         key = id(entry)  # the entry stays referenced by its task while it is a key
         running = self._running.get(key)
         if running is None:
-            running = asyncio.ensure_future(self._verify(entry, rate))
+            running = asyncio.ensure_future(self._verify(entry, rate=None, background=False))
             self._running[key] = running
             running.add_done_callback(lambda _: self._running.pop(key, None))
         return await asyncio.shield(running)
 
-    async def _verify(self, entry: Entry, rate: float | None) -> bool:
-        check = await self._check(entry, rate)
+    async def _verify(self, entry: Entry, *, rate: float | None, background: bool) -> bool:
+        check = await self._check(entry, rate, background)
         if check.verdict is Verdict.CHANGED and entry.suspect:
-            check = await self._check(entry, rate)  # once more: a write that just ended
+            check = await self._check(entry, rate, background)  # once more: a write just ended
         self._checked_at[entry.image_id] = time.monotonic()
         if check.verdict is Verdict.GOOD:
             if entry.suspect:
@@ -131,11 +147,16 @@ class Integrity:
         await self._invalidate(entry, reason)
         return False
 
-    async def _check(self, entry: Entry, rate: float | None) -> Check:
+    async def _check(self, entry: Entry, rate: float | None, background: bool) -> Check:
         job = functools.partial(
-            checks.verify, entry, rate=rate, stop=self._stop.is_set, yield_to=self._fills_running
+            checks.verify,
+            entry,
+            rate=rate,
+            stop=self._stop.is_set,
+            yield_to=self._fills_running if background else _never,
         )
-        return await asyncio.get_running_loop().run_in_executor(self._pool, job)
+        pool = self._pool if background else self._urgent
+        return await asyncio.get_running_loop().run_in_executor(pool, job)
 
     def _fills_running(self) -> bool:  # polled by the worker thread
         return bool(self._filling())
@@ -166,7 +187,7 @@ class Integrity:
             if entry.checksum is None and entry.os_hash_value is None:
                 unverifiable += 1
                 continue
-            if await self.verify(entry, rate=self._rate):
+            if await self._verify(entry, rate=self._rate, background=True):
                 checked += 1
                 nbytes += entry.size
             elif entry.image_id not in self._store.entries:
@@ -190,16 +211,24 @@ class Integrity:
         return ScrubResult(checked, nbytes, corrupt, unverifiable, took)
 
     async def close(self) -> None:
-        """Stop the worker (it ends within one piece) and any verification in progress."""
+        """Stop the workers (they end within one piece) and any verification in progress."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._background is not None:
             self._background.cancel()
-        await asyncio.get_running_loop().run_in_executor(self._pool, _nothing)
-        self._pool.shutdown(wait=False)
+        loop = asyncio.get_running_loop()
+        for pool in (self._pool, self._urgent):
+            await loop.run_in_executor(pool, _nothing)
+            pool.shutdown(wait=False)
 
 
 def _nothing() -> None:
     return None
+
+
+def _never() -> bool:
+    return False
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -8,6 +8,7 @@ in-process (restarted on the same cache directory) and as a real ``cached serve`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -30,7 +31,8 @@ from conftest import (
 from daemonproc import CachedProcess
 from fakeglance import FakeGlance
 
-from cached.app import INTEGRITY
+from cached.app import CONFIG, INTEGRITY, SCHEDULER
+from cached.lifecycle import LIVE, RELOADABLES
 from cached.store import State, Store, xattrs
 from cached.store import entry as entries
 from cached.store.written import CTIME_SLACK_NS, WRITTEN
@@ -435,6 +437,35 @@ async def test_scrub_waits_while_a_fill_runs(
     assert (result.checked, result.corrupt) == (1, 0)
 
 
+async def test_a_hit_on_a_changed_file_does_not_wait_for_a_throttled_scrub(
+    glance: FakeGlance, cache_dir: Path, running: list[Daemon]
+) -> None:
+    # 12 MiB at 1 MiB/s: the pass over the big entry lasts about 12 s whatever the machine.
+    d = await restart(running, cache_dir, glance.url, scrub_rate=1)
+    big_id, _ = await cached_image(d, glance)
+    small_id, small = await cached_image(d, glance, MiB)
+    scrub = asyncio.ensure_future(d.app[INTEGRITY].scrub())
+    flip_byte(cache_dir / small_id, 7, keep_mtime=False)
+    status, headers, body = await d.get(small_id)
+    assert (headers["Cache-Status"], body == small) == ("cached; fwd=bypass", True)
+    assert not scrub.done()  # the request's verification did not queue behind it
+    await d.app[INTEGRITY].close()  # stops the pass within a piece
+    await scrub
+
+
+async def test_a_reload_applies_scrub_interval_and_rate(
+    glance: FakeGlance, cache_dir: Path, running: list[Daemon]
+) -> None:
+    d = await restart(running, cache_dir, glance.url)
+    old = d.app[CONFIG]
+    new = dataclasses.replace(old, scrub_interval=5, scrub_rate=2.5)
+    assert {"scrub_interval", "scrub_rate"} <= LIVE
+    assert d.app[RELOADABLES].apply(old, new) == []
+    job = d.app[SCHEDULER].get_job("scrub")
+    assert job.trigger.interval.total_seconds() == 5
+    assert d.app[INTEGRITY].settings == (2.5 * MiB, 5)
+
+
 # ----------------------------------------------------------------------- a real process
 @pytest.fixture
 def proc(tmp_path: Path) -> Iterator[list[CachedProcess]]:
@@ -482,3 +513,25 @@ async def test_the_daemon_starts_and_serves_on_a_cache_of_tampered_metadata(
                 assert r.headers["Cache-Status"] == "cached; fwd=uri-miss; stored"
     assert daemon.proc is not None and daemon.proc.poll() is None
     assert await asyncio.to_thread(daemon.stop) == 0
+
+
+async def test_a_hit_being_sent_is_cut_when_the_scrub_finds_its_entry_corrupt(
+    glance: FakeGlance, cache_dir: Path, running: list[Daemon]
+) -> None:
+    d = await restart(running, cache_dir, glance.url, scrub_rate=4096)
+    size = 48 * MiB  # three 16 MiB sendfile slices, more than the socket buffers hold
+    image_id, data = await cached_image(d, glance, size)
+    host, port = d.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    request = f"GET /v2/images/{image_id}/file HTTP/1.1\r\nHost: x\r\nX-Auth-Token: token-p1\r\n"
+    writer.write(request.encode() + b"\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert b"Cache-Status: cached; hit" in head
+    got = len(await reader.readexactly(MiB))  # then stop reading: the server blocks mid-slice
+    await asyncio.to_thread(flip_byte, cache_dir / image_id, size - 1, keep_mtime=True)
+    result = await d.app[INTEGRITY].scrub()
+    assert result.corrupt == 1
+    while got < size and (chunk := await reader.read(1 << 20)):  # the slice in flight, then cut
+        got += len(chunk)
+    writer.close()
+    assert got < size
