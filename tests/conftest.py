@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,6 +160,15 @@ async def daemon(glance: FakeGlance, tmp_path: Path) -> AsyncIterator[Daemon]:
     d = await start_daemon(cache_dir, glance.url)
     yield d
     await stop_daemon(d)
+
+
+async def wait_until(check: Callable[[], object], what: str, within: float = 10.0) -> None:
+    """Until ``check()`` is true, polling on the loop; fails naming ``what`` after ``within`` s."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"never happened within {within}s: {what}")
+        await asyncio.sleep(0.005)
 
 
 async def wait_complete(daemon: Daemon, image_id: str) -> None:

@@ -62,6 +62,8 @@ class FakeImage:
     construction) to override, e.g. `image.checksum = None` for an image without an md5.
     Use :meth:`set_data` to replace the data and recompute both. All knobs may be changed at
     any time; `rate` and `cut_after` are re-read between the pieces of a running download.
+    :meth:`pause` holds every download of the image that has sent its first piece, before its
+    next piece, until :meth:`resume` (so the 1-byte authorisation probes are still answered).
     """
 
     id: str
@@ -84,8 +86,11 @@ class FakeImage:
     no_content_length: bool = False
     ranges_supported: bool = True
     no_data_204: bool = False
+    # set: downloads flow; cleared by pause(): they send nothing more until resume()
+    flowing: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self.flowing.set()
         self.members = set(self.members)
         self.name = self.name or f"image-{self.id[:8]}"
         self.updated_at = self.updated_at or self.created_at
@@ -93,6 +98,14 @@ class FakeImage:
             self.checksum = self.checksum or hashlib.md5(self.data).hexdigest()
             if self.os_hash_algo and self.os_hash_value is None:
                 self.os_hash_value = hashlib.new(self.os_hash_algo, self.data).hexdigest()
+
+    def pause(self) -> None:
+        """Hold the image's downloads (headers still go out): they send nothing more."""
+        self.flowing.clear()
+
+    def resume(self) -> None:
+        """Let held downloads go on."""
+        self.flowing.set()
 
     def set_data(self, data: bytes) -> None:
         """Store `data` as the image's data, recompute its checksums and make it active."""
@@ -554,6 +567,8 @@ class FakeGlance:
                 limit = len(body) if image.cut_after is None else min(image.cut_after, len(body))
                 if sent >= limit:
                     break
+                if sent:  # the first piece always goes: authorisation probes are answered
+                    await image.flowing.wait()
                 rate = image.rate
                 step = CHUNK if not rate else max(1, min(CHUNK, rate // 10))
                 piece = view[sent : min(sent + step, limit)]

@@ -220,7 +220,7 @@ async def test_delay_and_rate(glance: FakeGlance, http: aiohttp.ClientSession) -
     image.delay, image.rate = 0.0, 200_000  # 50 kB at 200 kB/s: ~0.25 s
     started = time.monotonic()
     assert (await fetch(http, "GET", file, headers=P1))[2] == image.data
-    assert 0.2 <= time.monotonic() - started < 2
+    assert time.monotonic() - started >= 0.2  # a lower bound: load only makes it longer
 
 
 async def test_head_file_is_405(glance: FakeGlance, http: aiohttp.ClientSession) -> None:
@@ -311,9 +311,14 @@ async def test_close_cuts_running_downloads_at_once(
     task = asyncio.create_task(
         fetch(http, "GET", f"{fake.url}/v2/images/{image.id}/file", headers=P1)
     )
-    await asyncio.sleep(0.1)
-    started = time.monotonic()
-    await fake.close()
-    assert time.monotonic() - started < 0.3
+    path = f"/v2/images/{image.id}/file"
+    for _ in range(1000):  # until the download is being served (held by its knob)
+        if any(r.path == path for r in fake.requests):
+            break
+        await asyncio.sleep(0.005)
+    else:
+        raise AssertionError("the download never reached the fake")
+    # The download would take 26-30 s: close() and the client's end come long before.
+    await asyncio.wait_for(fake.close(), 10)
     with pytest.raises(aiohttp.ClientError):
-        await task
+        await asyncio.wait_for(task, 10)

@@ -166,7 +166,9 @@ async def test_cache_list_queue_and_fetch_at_once(glance: FakeGlance, admin_daem
     )
     # Queuing a cached image changes nothing (unlike Glance, it is not fetched again).
     assert (await call(d, "PUT", f"/v2/cache/{first.id}"))[0] == 202
-    await asyncio.sleep(0.1)
+    # Nothing to fetch: not queued (a prefetch fetches queued images only), nothing running.
+    assert (await get_json(d, "/v2/cache"))["queued_images"] == []
+    assert first.id not in (await get_json(d, "/v2/cache/progress"))["progress"]
     assert len([r for r in glance.data_requests(first.id) if r.range != "bytes=0-0"]) == 1
 
 
@@ -363,7 +365,9 @@ async def test_legacy_cache_manage_api(
         "application/json; charset=utf-8",
     )
     assert await get_json(d, f"{prefix}/queued_images") == {"queued_images": [other.id]}
-    await asyncio.sleep(0.1)  # legacy queuing waits for the prefetch schedule
+    # Legacy queuing waits for the prefetch schedule: queued, no fetch started.
+    progress = (await get_json(d, "/v2/cache/progress"))["progress"]
+    assert progress[other.id]["state"] == "queued"
     assert glance.data_requests(other.id) == []
     assert (await call(d, "PUT", f"{prefix}/queued_images/not-a-uuid"))[0] == 400
 

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import Daemon, auth, data_gets, start_daemon, stop_daemon, tree, wait_complete
+from conftest import (
+    Daemon,
+    auth,
+    data_gets,
+    start_daemon,
+    stop_daemon,
+    tree,
+    wait_complete,
+    wait_until,
+)
 from fakeglance import FakeGlance
 
 from cached.store import xattrs
@@ -62,23 +71,25 @@ async def test_concurrent_cold_downloads_share_one_upstream_fetch(
 async def test_followers_get_first_byte_before_the_fill_ends(
     glance: FakeGlance, daemon: Daemon
 ) -> None:
+    """A follower streams from the growing file: it receives bytes while the upstream is held
+    in the middle of the image (so the fill cannot have ended)."""
     data = os.urandom(16 * MiB)
-    image = glance.add_image(data, rate=16 * MiB)  # ~1 s transfer
-
-    async def first_byte_at() -> float:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+    image = glance.add_image(data, rate=32 * MiB)
+    leader = asyncio.ensure_future(daemon.get(image.id))
+    await wait_until(lambda: glance.bytes_sent.get(image.id, 0) >= 6 * MiB, "6 MiB sent")
+    image.pause()  # the upstream sends nothing more until resume()
+    try:
         async with daemon.session.get(daemon.file_url(image.id), headers=auth()) as resp:
-            await resp.content.readexactly(1)
-            took = loop.time() - started
-            assert await resp.content.read() == data[1:]
-            return took
-
-    leader = asyncio.ensure_future(first_byte_at())
-    await asyncio.sleep(0.3)
-    follower = await first_byte_at()
-    await leader
-    assert follower < 0.3  # streams from the growing file, not after the whole image
+            assert resp.headers["Cache-Status"] == "cached; fwd=uri-miss; collapsed"
+            first = await asyncio.wait_for(resp.content.readexactly(MiB), 10)
+            assert glance.bytes_sent[image.id] < len(data)  # still held: the fill goes on
+            image.resume()
+            rest = await resp.content.read()
+        assert first + rest == data
+    finally:
+        image.resume()
+    status, _, body = await leader
+    assert status == 200 and body == data
     assert data_gets(glance, image.id) == [None]
 
 
@@ -267,10 +278,7 @@ async def test_upstream_cut_mid_stream_is_short_then_resumes(
         await daemon.get(image.id)
     entry = daemon.store.get(image.id)
     assert entry is not None and not entry.complete
-    for _ in range(100):
-        if image.id not in daemon.filler.fills:
-            break
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: image.id not in daemon.filler.fills, "the failed fill let go")
     # Whole chunks that arrived and were flushed stay (aiohttp may drop what it had buffered
     # when the connection broke, so not necessarily all three before the cut).
     kept = sorted(entry.present)
@@ -291,10 +299,7 @@ async def test_corrupt_upstream_data_is_never_a_complete_response(
     image = glance.add_image(data, corrupt_at=5 * MiB)
     with pytest.raises(aiohttp.ClientPayloadError):
         await daemon.get(image.id)
-    for _ in range(100):
-        if image.id in daemon.store.invalid:
-            break
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: image.id in daemon.store.invalid, "the entry moved to invalid/")
     assert tree(daemon.cache_dir) == ["incomplete/", "invalid/", f"invalid/{image.id}", "queue/"]
     attrs = await asyncio.to_thread(xattrs.read_all, daemon.cache_dir / "invalid" / image.id)
     assert attrs[xattrs.STATE] == b"invalid"
@@ -349,12 +354,18 @@ async def test_delete_during_a_fill_lets_readers_finish(glance: FakeGlance, daem
     data = os.urandom(16 * MiB)
     image = glance.add_image(data, rate=32 * MiB)  # ~0.5 s
     reader = asyncio.ensure_future(daemon.get(image.id))
-    await asyncio.sleep(0.15)
-    async with daemon.session.delete(f"{daemon.url}/v2/images/{image.id}", headers=auth()) as r:
-        assert r.status == 204
+    await wait_until(lambda: glance.bytes_sent.get(image.id, 0) >= MiB, "the fill started")
+    image.pause()  # hold the upstream: the delete lands during the fill
+    fill = daemon.filler.fills[image.id]
+    try:
+        async with daemon.session.delete(f"{daemon.url}/v2/images/{image.id}", headers=auth()) as r:
+            assert r.status == 204
+        assert glance.bytes_sent[image.id] < len(data)
+    finally:
+        image.resume()
     status, _, body = await reader
     assert status == 200 and body == data  # the reader that had it open finished correctly
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(fill.closed.wait(), 10)  # the fill let go (and did not commit)
     assert daemon.store.get(image.id) is None
     assert tree(daemon.cache_dir) == ["incomplete/", "invalid/", "queue/"]  # not re-created
 
