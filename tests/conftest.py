@@ -16,6 +16,7 @@ from blockbuster import BlockBusterFunction, blockbuster_ctx
 from fakeglance import FakeGlance
 
 from cached import config as configuration
+from cached import listeners, tls
 from cached.app import FILLER, PROXY, STORE, make_app
 from cached.filler import Filler
 from cached.logs import AccessLogger
@@ -99,6 +100,13 @@ class Daemon:
     runner: web.AppRunner
     cache_dir: Path
     session: aiohttp.ClientSession
+    admin_url: str = ""  # the management listener (unix:/path or http(s)://host:port)
+    admin_session: aiohttp.ClientSession | None = None  # connected to it
+
+    @property
+    def admin_base(self) -> str:
+        """The URL prefix for requests on :attr:`admin_session`."""
+        return "http://localhost" if self.admin_url.startswith("unix:") else self.admin_url
 
     @property
     def store(self) -> Store:
@@ -126,7 +134,14 @@ class Daemon:
 
 
 async def start_daemon(cache_dir: Path, upstream: str, **options: object) -> Daemon:
-    values = {"upstream": upstream, "image_cache_dir": str(cache_dir), **options}
+    """The daemon's app served on its configured listeners (``listen`` defaults to a free
+    loopback port; ``admin_listen``, TLS options as in the configuration file)."""
+    values = {
+        "upstream": upstream,
+        "image_cache_dir": str(cache_dir),
+        "listen": "127.0.0.1:0",
+        **options,
+    }
     if "image_cache_max_size" in options:
         # Tests of pruning fill a tiny cache with images as large as it; admission (which
         # keeps images over half the cache out by default) has tests of its own.
@@ -141,15 +156,24 @@ async def start_daemon(cache_dir: Path, upstream: str, **options: object) -> Dae
         shutdown_timeout=1,
     )
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
+    server_tls = await asyncio.to_thread(tls.server_tls, cfg)
+    sockets = await listeners.start(runner, cfg, server_tls)
     session = aiohttp.ClientSession(auto_decompress=False)
-    return Daemon(f"http://{host}:{port}", app, runner, cache_dir, session)
+    admin_session = None
+    if sockets.management_url.startswith("unix:"):
+        path = sockets.management_url.removeprefix("unix:")
+        admin_session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path))
+    elif sockets.management_url:
+        admin_session = aiohttp.ClientSession()
+    return Daemon(
+        sockets.urls[0], app, runner, cache_dir, session, sockets.management_url, admin_session
+    )
 
 
 async def stop_daemon(daemon: Daemon) -> None:
     await daemon.session.close()
+    if daemon.admin_session is not None:
+        await daemon.admin_session.close()
     await daemon.runner.cleanup()
 
 
