@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-LISTEN_RE = re.compile(r"listening on (http://\S+)")
+LISTEN_RE = re.compile(r"listening on (https?://\S+)")
 
 
 def cached_command() -> list[str]:
