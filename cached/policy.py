@@ -350,8 +350,13 @@ def forbidden(request: web.Request, rule: str) -> web.Response:
     message = f"You are not authorized to complete {rule} action."
     headers = {"x-openstack-request-id": f"req-{uuid.uuid4()}"}
     if "application/json" in request.headers.get("Accept", ""):
+        # webob's JSON error body, with the line breaks of its HTML template (as Glance 33).
         return web.json_response(
-            {"message": message, "code": "403 Forbidden", "title": "Forbidden"},
+            {
+                "message": f"{message}<br /><br />\n\n\n",
+                "code": "403 Forbidden",
+                "title": "Forbidden",
+            },
             status=403,
             headers=headers,
         )

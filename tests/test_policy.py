@@ -112,7 +112,8 @@ async def test_lockdown_refuses_a_members_namespace_at_the_proxy(
         ) as resp:
             assert resp.status == 403
             assert await resp.json() == {
-                "message": "You are not authorized to complete add_metadef_namespace action.",
+                "message": "You are not authorized to complete add_metadef_namespace action."
+                "<br /><br />\n\n\n",
                 "code": "403 Forbidden",
                 "title": "Forbidden",
             }
