@@ -127,7 +127,7 @@ class GlanceBackend:
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=connect_timeout, sock_read=read_timeout or None
             ),
-            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            connector=aiohttp.TCPConnector(limit=0, force_close=False, ssl=ssl_context),
             read_bufsize=_RELAY_BUFFER,
             skip_auto_headers=("User-Agent",),
         )
