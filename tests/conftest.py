@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +104,7 @@ class Daemon:
     session: aiohttp.ClientSession
     admin_url: str = ""  # the management listener (unix:/path or http(s)://host:port)
     admin_session: aiohttp.ClientSession | None = None  # connected to it
+    socket_dir: Path | None = None  # made for the default management socket
 
     @property
     def admin_base(self) -> str:
@@ -133,15 +136,27 @@ class Daemon:
             return resp.status, dict(resp.headers), body
 
 
+def manage(daemon: Daemon) -> aiohttp.ClientSession:
+    """The session on the daemon's management socket (URLs start with ``admin_base``)."""
+    assert daemon.admin_session is not None, "started with admin_listen pointing elsewhere"
+    return daemon.admin_session
+
+
 async def start_daemon(cache_dir: Path, upstream: str, **options: object) -> Daemon:
     """The daemon's app served on its configured listeners (``listen`` defaults to a free
-    loopback port; ``admin_listen``, TLS options as in the configuration file)."""
+    loopback port, ``admin_listen`` to a Unix socket in a new temporary directory: the
+    operator's door, :attr:`Daemon.admin_session`; TLS options as in the configuration file).
+    """
     values = {
         "upstream": upstream,
         "image_cache_dir": str(cache_dir),
         "listen": "127.0.0.1:0",
         **options,
     }
+    socket_dir = None
+    if "admin_listen" not in options:
+        socket_dir = Path(tempfile.mkdtemp(prefix="cached-admin-"))  # short: sun_path is 108 B
+        values["admin_listen"] = f"unix:{socket_dir / 'admin.sock'}"
     if "image_cache_max_size" in options:
         # Tests of pruning fill a tiny cache with images as large as it; admission (which
         # keeps images over half the cache out by default) has tests of its own.
@@ -166,7 +181,14 @@ async def start_daemon(cache_dir: Path, upstream: str, **options: object) -> Dae
     elif sockets.management_url:
         admin_session = aiohttp.ClientSession()
     return Daemon(
-        sockets.urls[0], app, runner, cache_dir, session, sockets.management_url, admin_session
+        sockets.urls[0],
+        app,
+        runner,
+        cache_dir,
+        session,
+        sockets.management_url,
+        admin_session,
+        socket_dir,
     )
 
 
@@ -175,6 +197,8 @@ async def stop_daemon(daemon: Daemon) -> None:
     if daemon.admin_session is not None:
         await daemon.admin_session.close()
     await daemon.runner.cleanup()
+    if daemon.socket_dir is not None:
+        shutil.rmtree(daemon.socket_dir, ignore_errors=True)
 
 
 @pytest.fixture
