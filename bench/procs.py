@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-_LISTEN_RE = re.compile(r"listening on http://([\w.\-\[\]:]+):(\d+)")
+_LISTEN_RE = re.compile(r"listening on https?://([\w.\-\[\]:]+):(\d+)")
 
 
 def free_port() -> int:
@@ -83,7 +83,7 @@ class Proc:
                 out.flush()
 
     def wait_listening(self, timeout: float = 30.0) -> int:
-        """Wait for a ``listening on http://HOST:PORT`` line; return PORT."""
+        """Wait for a ``listening on http(s)://HOST:PORT`` line; return PORT."""
         deadline = time.monotonic() + timeout
         while not self._listening.wait(0.05):
             if self.popen.poll() is not None:

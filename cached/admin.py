@@ -9,7 +9,10 @@ with, in this order:
    (``GET /v3/auth/tokens``, ``X-Subject-Token``); the caller is admin when the token carries
    the role ``admin``. Positive answers are reused for ``admin_cache_ttl`` seconds (never past
    the token's expiry), for a bounded number of tokens.
-3. Nothing configured: callers on loopback are admin, everyone else is refused.
+3. Nothing configured: callers on the management listener are admin (a token they present
+   is judged by Glance's own cache policy), everyone else is refused.
+
+On the management listener (cached/listeners.py) a caller without a token is admin anyway.
 
 The Keystone client and the daemon's service credentials live in ``identity.py``. Tokens are
 never logged.
@@ -31,7 +34,7 @@ from aiohttp import web
 
 from cached.config import Config
 from cached.identity import IdentityUnavailable, Keystone
-from cached.loopback import is_loopback
+from cached.listeners import trusted_operator
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +104,18 @@ class AdminGuard:
 
     async def check(self, request: web.Request) -> Access:
         """The caller's access to the management API."""
+        # The management listener (a Unix socket, admin_listen) is the operator's own door:
+        # no token needed there. Loopback is not a credential (cached/listeners.py).
+        operator = trusted_operator(request)
+        if operator and not request.headers.get("X-Auth-Token"):
+            return Access.ADMIN
         if not self.configured:
-            if not is_loopback(request.remote):
+            if not operator:
                 return Access.FORBIDDEN
-            if self._upstream_policy is not None and request.headers.get("X-Auth-Token"):
+            if self._upstream_policy is not None:
                 # Nothing of our own configured, but the caller shows an identity: let
                 # Glance's own cache policy (context_is_admin) judge it, as Glance would for
-                # its /v2/cache. A local operator without a token is trusted (loopback).
+                # its /v2/cache.
                 return await self._upstream_policy.check(request)
             return Access.ADMIN
         token = request.headers.get("X-Auth-Token", "").strip()
@@ -156,14 +164,3 @@ def build(config: Config, session: aiohttp.ClientSession, keystone: Keystone | N
     """The guard of the management API, from the config and the daemon's Keystone client."""
     policy = UpstreamPolicy(session, config.upstream) if config.upstream_kind == "glance" else None
     return AdminGuard(config.admin_tokens, keystone, config.admin_cache_ttl, policy)
-
-
-def warn_if_exposed(config: Config, guard: AdminGuard) -> None:
-    """Log a warning when management is unauthenticated and the daemon is reachable."""
-    host = config.listen_address[0]
-    if not guard.configured and not is_loopback(host):
-        log.warning(
-            "listening on %s without management authentication: the cache management API "
-            "answers loopback callers only; set admin_tokens or keystone_url",
-            host,
-        )

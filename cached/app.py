@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from cached import admin, health, identity, jobs, logs, manage, routes
+from cached import admin, health, identity, jobs, logs, manage, routes, tls
 from cached import metrics as metrics_module
+from cached import policy as request_policy
 from cached.auth import Authorizer
 from cached.config import Config
 from cached.errors import ConfigError
@@ -21,6 +23,7 @@ from cached.fill import FillSettings
 from cached.filler import Filler
 from cached.health import OPS, Ops
 from cached.lifecycle import RELOADABLES, Reloadables
+from cached.listeners import LISTENERS, Listeners, is_management
 from cached.metrics import MeteredBackend, Metrics
 from cached.prefetch import Prefetcher
 from cached.proxy import Proxy
@@ -39,16 +42,37 @@ PROXY = web.AppKey("proxy", Proxy)
 MANAGER = manage.MANAGER
 SCHEDULER = web.AppKey("scheduler", AsyncIOScheduler)
 INTEGRITY = web.AppKey("integrity", Integrity)
+POLICY = web.AppKey("policy", request_policy.Policy)
 
 
-def make_backend(config: Config) -> Backend:
+def make_backend(config: Config, ssl_context: ssl.SSLContext | bool = True) -> Backend:
     if config.upstream_kind == "file":
         return FileBackend(config.upstream_dir, config.access_tokens)
     return GlanceBackend(
         config.upstream,
         connect_timeout=config.upstream_connect_timeout,
         read_timeout=config.upstream_read_timeout,
+        ssl_context=ssl_context,
     )
+
+
+@web.middleware
+async def enforce_policy(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """The ``policy`` file's rules, before a request is handled or forwarded."""
+    policy = request.app.get(POLICY)
+    if policy is not None:
+        guard = request.app[MANAGER].guard
+
+        async def is_admin(r: web.Request) -> bool:
+            return await guard.check(r) is admin.Access.ADMIN
+
+        rule = await policy.denied(request, is_admin)
+        if rule is not None:
+            log.info("policy: %s %s refused by rule %s", request.method, request.path, rule)
+            return request_policy.forbidden(request, rule)
+    return await handler(request)
 
 
 def prepare_dirs(config: Config, embedded: bool) -> None:
@@ -82,24 +106,29 @@ def prepare_dirs(config: Config, embedded: bool) -> None:
 
 def make_app(config: Config, *, backend: Backend | None = None) -> web.Application:
     """Build the daemon's application. ``backend`` lets a caller supply its own upstream."""
-    app = web.Application(middlewares=[logs.observe])
+    app = web.Application(middlewares=[logs.observe, enforce_policy])
     app[CONFIG] = config
+    app[LISTENERS] = Listeners(loopback_trusted=config.allow_unauthenticated_management)
     metrics = Metrics(str(config.image_cache_dir), config.image_cache_max_size)
     ops = app[OPS] = Ops(metrics, config)
     reloadables = app[RELOADABLES] = Reloadables()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         metrics_module.install(metrics)
-        raw_upstream = backend or make_backend(config)
+        client_tls = await asyncio.to_thread(tls.client_tls, config)
+        if config.policy:
+            app[POLICY] = await asyncio.to_thread(request_policy.load, config.policy)
+        raw_upstream = backend or make_backend(config, client_tls.upstream)
         upstream: Backend = MeteredBackend(raw_upstream, metrics)
         # Keystone, peers and the upstream's version document (not image data).
         session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=30, sock_connect=config.upstream_connect_timeout)
+            timeout=aiohttp.ClientTimeout(total=30, sock_connect=config.upstream_connect_timeout),
+            connector=aiohttp.TCPConnector(ssl=client_tls.upstream),
         )
         store = Store(config.image_cache_dir)
         await store.open()
         settings = FillSettings(config.fsync_interval_bytes, config.fsync_interval_seconds)
-        keystone, service = identity.build(config, session)
+        keystone, service = identity.build(config, session, client_tls.keystone)
         guard = admin.build(config, session, keystone)
         # Data transfers use the daemon's own credentials when it has some: a caller's token
         # that expires mid-fill then cuts nobody (callers are still authorised one by one).
@@ -116,7 +145,6 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             upstream_url=config.upstream if glance else "",
             max_entry_size=config.max_entry_size,
         )
-        admin.warn_if_exposed(config, guard)
         if config.upstream_kind == "glance" and not service.configured:
             log.warning(
                 "no service credentials (service_token or keystone_username): queued images "
@@ -183,7 +211,10 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
     app.router.add_get("/versions", version_document, allow_head=False)
     app.router.add_get("/", version_document, allow_head=False)
     manage.add_routes(app)  # before the catch-all: management is never proxied
-    health.add_routes(app, with_metrics=not config.admin_listen)
+    # With admin_listen, /metrics is served on the management listener only.
+    health.add_routes(
+        app, with_metrics=True, only_on=is_management if config.admin_listen else None
+    )
     app.router.add_route("*", "/{tail:.*}", forward)
     return app
 

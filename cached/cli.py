@@ -14,13 +14,13 @@ from typing import Any
 
 from aiohttp import web
 
-from cached import __version__, logs
+from cached import __version__, listeners, logs, policy, tls
 from cached import config as configuration
 from cached.app import FILLER, SCHEDULER, make_app, prepare_dirs
 from cached.config import Config
 from cached.connguard import GuardedRunner, Limits
 from cached.errors import ConfigError
-from cached.health import OPS, make_admin_app
+from cached.health import OPS
 from cached.lifecycle import RELOADABLES, Progress, Reloader, install_freeze_hook, status_text, tick
 from cached.logs import AccessLogger
 from cached.loopback import is_loopback
@@ -39,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("-c", "--config", type=Path, help="YAML configuration file")
-        p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on")
+        p.add_argument(
+            "--listen", metavar="HOST:PORT", help="address(es) to listen on, comma-separated"
+        )
         p.add_argument("--upstream", metavar="URL", help="http(s)://glance:9292 or file:///dir")
         p.add_argument("--cache-dir", metavar="DIR", dest="image_cache_dir")
         p.add_argument("--max-size", metavar="SIZE", dest="image_cache_max_size")
@@ -54,13 +56,17 @@ def load_config(args: argparse.Namespace) -> Config:
         if getattr(args, key) is not None
     }
     config = configuration.load(args.config, overrides)
+    source = str(args.config or "command line")
     if config.upstream_kind == "file" and not config.access_tokens:
-        host = config.listen_address[0]
-        if not is_loopback(host):
-            raise ConfigError(
-                f"{args.config or 'command line'}: option 'listen': a file upstream has no "
-                f"identity service; listen on loopback or set 'access_tokens' (got {host})"
-            )
+        for host, _ in config.listen_addresses:
+            if not is_loopback(host):
+                raise ConfigError(
+                    f"{source}: option 'listen': a file upstream has no identity service; "
+                    f"listen on loopback or set 'access_tokens' (got {host})"
+                )
+    listeners.check_exposure(config, source)
+    if config.policy:
+        policy.load(config.policy)
     return config
 
 
@@ -69,35 +75,51 @@ def _secrets(config: Config) -> list[str]:
 
 
 async def start_listeners(
-    config: Config, runner: web.AppRunner, admin_runner: web.AppRunner | None
+    config: Config, runner: web.AppRunner, server_tls: tls.ServerTLS | None
 ) -> list[web.BaseSite]:
-    """Bind every address the daemon serves on: the image API (``listen``) and, when set,
-    ``admin_listen`` (metrics and health only). Returns the started sites."""
-    host, port = config.listen_address
-    sites: list[web.BaseSite] = [web.TCPSite(runner, host, port, reuse_address=True)]
-    if admin_runner is not None and config.admin_address is not None:
-        admin_host, admin_port = config.admin_address
-        sites.append(web.TCPSite(admin_runner, admin_host, admin_port, reuse_address=True))
-    for site in sites:
-        await site.start()
-    for addr in runner.addresses:
+    """Bind every address the daemon serves on (cached/listeners.py): the ``listen``
+    addresses and, when set, the management listener ``admin_listen``; log them. Returns the
+    started sites."""
+    sockets = await listeners.start(runner, config, server_tls)
+    if sockets.management_url:  # first: "listening on" tells tools the daemon is up
         log.info(
-            "listening on http://%s:%d (upstream %s, cache %s)",
-            _shown(addr[0]),
-            addr[1],
+            "management API on %s (no token needed there; metrics and health too)",
+            sockets.management_url,
+        )
+    for url in sockets.urls:
+        log.info(
+            "listening on %s (upstream %s, cache %s)",
+            url,
             configuration.shown("upstream", config.upstream),
             config.image_cache_dir,
         )
-    for addr in admin_runner.addresses if admin_runner is not None else ():
-        log.info("metrics and health on http://%s:%d", _shown(addr[0]), addr[1])
-    return sites
+    return sockets.sites
 
 
-def _shown(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
+def reload_with_tls(
+    load: Callable[[], Config], server_tls: tls.ServerTLS | None
+) -> Callable[[], Config]:
+    """SIGHUP's loader (run in a thread by the Reloader): the configuration, then the
+    listeners' certificate and key again. A pair that does not load refuses the reload and
+    leaves the running certificate in place; new connections get a new one, established
+    ones (running downloads) keep theirs."""
+
+    def reload() -> Config:
+        config = load()
+        if server_tls is not None:
+            try:
+                server_tls.reload()
+            except ConfigError as exc:
+                raise ConfigError(f"TLS certificate not reloaded: {exc}") from None
+            log.info("reloaded the TLS certificate %s", server_tls.cert_file)
+        return config
+
+    return reload
 
 
-async def _serve(config: Config, reload_config: Callable[[], Config]) -> None:
+async def _serve(
+    config: Config, reload_config: Callable[[], Config], server_tls: tls.ServerTLS | None
+) -> None:
     notifier = Notifier()
     app = make_app(config)
     ops = app[OPS]
@@ -112,26 +134,19 @@ async def _serve(config: Config, reload_config: Callable[[], Config]) -> None:
         # The drain below waits for running downloads; what is left after it is cut.
         shutdown_timeout=1,
     )
-    admin_runner = None
-    if config.admin_listen:
-        admin_runner = web.AppRunner(
-            make_admin_app(ops),
-            access_log_class=AccessLogger,
-            access_log=logging.getLogger("cached.access"),
-            handle_signals=False,
-            shutdown_timeout=1,
-        )
     notifier.status("loading the cache index")
     await runner.setup()  # runs the app's start-up: the index is loaded here
     try:
-        if admin_runner is not None:
-            await admin_runner.setup()
-        sites = await start_listeners(config, runner, admin_runner)
+        sites = await start_listeners(config, runner, server_tls)
         server = runner.server
         assert server is not None
         ops.metrics.count_connections = lambda: len(server.connections)
         reloader = Reloader(
-            reload_config, config, app[RELOADABLES], notifier, lambda: status_text(ops)
+            reload_with_tls(reload_config, server_tls),
+            config,
+            app[RELOADABLES],
+            notifier,
+            lambda: status_text(ops),
         )
         stop = asyncio.Event()
         hard_stop = asyncio.Event()
@@ -159,9 +174,8 @@ async def _serve(config: Config, reload_config: Callable[[], Config]) -> None:
         await _drain(sites, server, grace, hard_stop)
         ticker.cancel()
     finally:
-        if admin_runner is not None:
-            await admin_runner.cleanup()
         await runner.cleanup()  # closes fills (partial data stays for a resume), jobs, sessions
+        await asyncio.to_thread(listeners.remove_unix_socket, config)
         notifier.close()
     log.info("stopped")
 
@@ -205,11 +219,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         prepare_dirs(config, embedded=args.config is None and args.upstream is None)
+        server_tls = tls.server_tls(config)
     except ConfigError as exc:
         print(f"cached: configuration error: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_serve(config, lambda: load_config(args)))
+        asyncio.run(_serve(config, lambda: load_config(args), server_tls))
+    except ConfigError as exc:
+        print(f"cached: configuration error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"cached: cannot serve on {config.listen}: {exc.strerror or exc}", file=sys.stderr)
         return 1

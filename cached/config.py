@@ -52,10 +52,29 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
+def parse_listen_list(value: object) -> tuple[tuple[str, int], ...]:
+    """Parse one address, a comma-separated list of them, or a YAML list of them."""
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    if not isinstance(value, list | tuple | str) or not items:
+        raise ValueError(f"listen must be HOST:PORT or a list of them, got {value!r}")
+    return tuple(parse_listen(str(item).strip()) for item in items)
+
+
+def parse_admin_listen(value: str) -> tuple[str, int] | Path:
+    """Parse ``unix:/path/to.sock`` (a Path) or ``HOST:PORT`` / ``[v6]:PORT``."""
+    if value.startswith("unix:"):
+        path = value.removeprefix("unix:")
+        if not path:
+            raise ValueError(f"needs a path (unix:/run/cached/admin.sock), got {value!r}")
+        return Path(path)
+    return parse_listen(value)
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the daemon reads from its configuration file and flags."""
 
+    # One address or several, comma-separated (a YAML list is joined the same way).
     listen: str = "127.0.0.1:9292"
     # http(s)://glance-api:9292 for Glance, file:///dir for a filesystem (NFS) store.
     upstream: str = "file://./var/images"
@@ -129,13 +148,31 @@ class Config:
     # MiB/s a scrub pass reads at most (it also pauses while fills run).
     scrub_rate: float = 16.0
     # --- operations (cached/health.py, cached/lifecycle.py) ---
-    # A second address for /metrics, /healthz and /readyz; empty: the image API port serves
-    # them. With it set, /metrics is only served there.
-    admin_listen: str = ""
     # Apply the management API's admin rules to GET /metrics too.
     metrics_auth: bool = False
     # Seconds running downloads may take to finish after SIGTERM (keep below TimeoutStopSec).
     shutdown_grace: float = 30.0
+    # --- TLS, listeners, management access, request policy (cached/tls.py, listeners.py,
+    # policy.py) ---
+    # PEM certificate chain and key served on every TCP listener (both or neither).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # CA bundle that verifies an https upstream (empty: the system store).
+    upstream_ca_file: str = ""
+    # Do not verify the upstream's certificate (a warning is logged at every start).
+    upstream_insecure: bool = False
+    # CA bundle that verifies an https keystone_url (empty: the system store).
+    keystone_ca_file: str = ""
+    # The management listener: "unix:/run/cached/admin.sock" or HOST:PORT; empty: none. It
+    # serves the management API without a token, /metrics, /healthz and /readyz; with it set,
+    # /metrics is only served there.
+    admin_listen: str = ""
+    # CA bundle whose client certificates the TCP management listener requires.
+    admin_tls_client_ca: str = ""
+    # Start even though a world-reachable listener would answer management without auth.
+    allow_unauthenticated_management: bool = False
+    # YAML file of request rules checked before anything is proxied (cached/policy.py).
+    policy: str = ""
 
     @property
     def max_entry_size(self) -> int:
@@ -144,11 +181,17 @@ class Config:
 
     @property
     def listen_address(self) -> tuple[str, int]:
-        return parse_listen(self.listen)
+        """The first listen address."""
+        return self.listen_addresses[0]
 
     @property
-    def admin_address(self) -> tuple[str, int] | None:
-        return parse_listen(self.admin_listen) if self.admin_listen else None
+    def listen_addresses(self) -> tuple[tuple[str, int], ...]:
+        return parse_listen_list(self.listen)
+
+    @property
+    def admin_address(self) -> tuple[str, int] | Path | None:
+        """The management listener: (host, port), a Unix socket path, or None."""
+        return parse_admin_listen(self.admin_listen) if self.admin_listen else None
 
     @property
     def upstream_kind(self) -> str:
@@ -249,7 +292,13 @@ def _convert(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"must be a positive whole number, got {value!r}")
         return value
-    if name in ("legacy_queue_immediate", "prune_on_fill", "metrics_auth"):
+    if name in (
+        "legacy_queue_immediate",
+        "prune_on_fill",
+        "metrics_auth",
+        "upstream_insecure",
+        "allow_unauthenticated_management",
+    ):
         if not isinstance(value, bool):
             raise ValueError(f"must be true or false, got {value!r}")
         return value
@@ -280,11 +329,28 @@ def _convert(name: str, value: Any) -> Any:
         if not isinstance(value, list | tuple) or not all(isinstance(t, str) and t for t in value):
             raise ValueError("must be a list of non-empty strings")
         return tuple(value)
-    if name == "listen" or (name == "admin_listen" and value):
-        parse_listen(value)
+    if name == "listen":
+        parse_listen_list(value)
+        if isinstance(value, list | tuple):
+            return ",".join(str(v).strip() for v in value)
         return str(value)
     if name == "admin_listen":
-        return ""
+        if not isinstance(value, str):
+            raise ValueError(f"must be unix:/path or HOST:PORT, got {value!r}")
+        if value:
+            parse_admin_listen(value)
+        return value
+    if name in (
+        "tls_cert_file",
+        "tls_key_file",
+        "upstream_ca_file",
+        "keystone_ca_file",
+        "admin_tls_client_ca",
+        "policy",
+    ):
+        if not isinstance(value, str | Path):
+            raise ValueError(f"must be a file path, got {value!r}")
+        return str(value)
     if name == "upstream":
         parts = urllib.parse.urlsplit(str(value))
         if parts.scheme not in ("http", "https", "file") or not (parts.netloc or parts.path):
@@ -331,6 +397,22 @@ def _check(config: Config, source: str) -> Config:
             f"{source}: option 'keystone_url': needs keystone_username/keystone_password/"
             "keystone_project_name or service_token to check tokens with"
         )
+    if bool(config.tls_cert_file) != bool(config.tls_key_file):
+        absent = "tls_key_file" if config.tls_cert_file else "tls_cert_file"
+        raise ConfigError(
+            f"{source}: option {absent!r}: tls_cert_file and tls_key_file go together"
+        )
+    if config.admin_tls_client_ca and not (
+        config.tls_cert_file and isinstance(config.admin_address, tuple)
+    ):
+        raise ConfigError(
+            f"{source}: option 'admin_tls_client_ca': needs a HOST:PORT admin_listen and "
+            "tls_cert_file/tls_key_file (client certificates are checked in the TLS handshake)"
+        )
+    if config.upstream_insecure and config.upstream_ca_file:
+        raise ConfigError(
+            f"{source}: option 'upstream_insecure': contradicts upstream_ca_file (set one)"
+        )
     if config.prefetch_retry_max < config.prefetch_retry_initial:
         raise ConfigError(
             f"{source}: option 'prefetch_retry_max': must be >= prefetch_retry_initial"
@@ -368,4 +450,13 @@ def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) ->
     return config
 
 
-__all__ = ["Config", "build", "load", "parse_size", "parse_listen", "shown"]
+__all__ = [
+    "Config",
+    "build",
+    "load",
+    "parse_admin_listen",
+    "parse_listen",
+    "parse_listen_list",
+    "parse_size",
+    "shown",
+]

@@ -154,16 +154,21 @@ async def _not_here(request: web.Request) -> web.StreamResponse:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def add_routes(app: web.Application, *, with_metrics: bool) -> None:
-    """Register the endpoints on ``app`` (before any catch-all route)."""
-    app.router.add_get("/metrics", metrics if with_metrics else _not_here, allow_head=False)
+def add_routes(
+    app: web.Application,
+    *,
+    with_metrics: bool,
+    only_on: Callable[[web.Request], bool] | None = None,
+) -> None:
+    """Register the endpoints on ``app`` (before any catch-all route); ``only_on``: serve
+    /metrics only to requests it accepts (those on the management listener)."""
+    handler: Handler = metrics if with_metrics else _not_here
+    if with_metrics and only_on is not None:
+        accepts = only_on
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await (metrics if accepts(request) else _not_here)(request)
+
+    app.router.add_get("/metrics", handler, allow_head=False)
     app.router.add_get("/healthz", healthz, allow_head=False)
     app.router.add_get("/readyz", readyz, allow_head=False)
-
-
-def make_admin_app(ops: Ops) -> web.Application:
-    """The application of the ``admin_listen`` address: the three endpoints, nothing else."""
-    app = web.Application()
-    app[OPS] = ops
-    add_routes(app, with_metrics=True)
-    return app

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -51,8 +52,14 @@ def _epoch(value: Any) -> float:
 class Keystone:
     """A client of the Identity v3 API holding the daemon's own (service) token."""
 
-    def __init__(self, session: aiohttp.ClientSession, config: Config):
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        config: Config,
+        ssl_context: ssl.SSLContext | bool = True,
+    ):
         self._session = session
+        self._ssl = ssl_context  # keystone_ca_file (cached/tls.py)
         url = config.keystone_url.rstrip("/")
         self._base = url[: -len("/v3")] if url.endswith("/v3") else url
         self._config = config
@@ -93,7 +100,7 @@ class Keystone:
         }
         try:
             async with self._session.post(
-                f"{self._base}/v3/auth/tokens?nocatalog", json=body
+                f"{self._base}/v3/auth/tokens?nocatalog", json=body, ssl=self._ssl
             ) as resp:
                 if resp.status != 201 or "X-Subject-Token" not in resp.headers:
                     raise IdentityUnavailable(
@@ -115,7 +122,7 @@ class Keystone:
             headers = {"X-Auth-Token": service, "X-Subject-Token": token}
             try:
                 async with self._session.get(
-                    f"{self._base}/v3/auth/tokens?nocatalog", headers=headers
+                    f"{self._base}/v3/auth/tokens?nocatalog", headers=headers, ssl=self._ssl
                 ) as resp:
                     if resp.status == 200:
                         doc = (await resp.json(content_type=None)).get("token", {})
@@ -155,7 +162,10 @@ class ServiceAuth:
         return None
 
 
-def build(config: Config, session: aiohttp.ClientSession) -> tuple[Keystone | None, ServiceAuth]:
-    """The Keystone client (None without ``keystone_url``) and the service credentials."""
-    keystone = Keystone(session, config) if config.keystone_url else None
+def build(
+    config: Config, session: aiohttp.ClientSession, keystone_ssl: ssl.SSLContext | bool = True
+) -> tuple[Keystone | None, ServiceAuth]:
+    """The Keystone client (None without ``keystone_url``) and the service credentials;
+    ``keystone_ssl`` verifies an https Keystone (cached/tls.py)."""
+    keystone = Keystone(session, config, keystone_ssl) if config.keystone_url else None
     return keystone, ServiceAuth(keystone, config.service_token)

@@ -97,12 +97,13 @@ async def _send(
     if transport is None or transport.is_closing():
         raise ConnectionResetError("client went away")
     loop = asyncio.get_running_loop()
-    try:
-        await loop.sendfile(transport, file, offset, count, fallback=False)
-        metrics.sent(count)
-        return
-    except (NotImplementedError, asyncio.SendfileNotAvailableError):
-        pass
+    if transport.get_extra_info("sslcontext") is None:  # TLS: asyncio refuses (RuntimeError)
+        try:
+            await loop.sendfile(transport, file, offset, count, fallback=False)
+            metrics.sent(count)
+            return
+        except (NotImplementedError, asyncio.SendfileNotAvailableError):
+            pass
     # TLS or a platform without sendfile: read in a thread, write through the response.
     while count > 0:
         data = await asyncio.to_thread(os.pread, file.fileno(), min(count, _FALLBACK_PIECE), offset)

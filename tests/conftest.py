@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from blockbuster import BlockBusterFunction, blockbuster_ctx
 from fakeglance import FakeGlance
 
 from cached import config as configuration
+from cached import listeners, tls
 from cached.app import FILLER, PROXY, STORE, make_app
 from cached.filler import Filler
 from cached.logs import AccessLogger
@@ -99,6 +102,14 @@ class Daemon:
     runner: web.AppRunner
     cache_dir: Path
     session: aiohttp.ClientSession
+    admin_url: str = ""  # the management listener (unix:/path or http(s)://host:port)
+    admin_session: aiohttp.ClientSession | None = None  # connected to it
+    socket_dir: Path | None = None  # made for the default management socket
+
+    @property
+    def admin_base(self) -> str:
+        """The URL prefix for requests on :attr:`admin_session`."""
+        return "http://localhost" if self.admin_url.startswith("unix:") else self.admin_url
 
     @property
     def store(self) -> Store:
@@ -125,8 +136,27 @@ class Daemon:
             return resp.status, dict(resp.headers), body
 
 
+def manage(daemon: Daemon) -> aiohttp.ClientSession:
+    """The session on the daemon's management socket (URLs start with ``admin_base``)."""
+    assert daemon.admin_session is not None, "started with admin_listen pointing elsewhere"
+    return daemon.admin_session
+
+
 async def start_daemon(cache_dir: Path, upstream: str, **options: object) -> Daemon:
-    values = {"upstream": upstream, "image_cache_dir": str(cache_dir), **options}
+    """The daemon's app served on its configured listeners (``listen`` defaults to a free
+    loopback port, ``admin_listen`` to a Unix socket in a new temporary directory: the
+    operator's door, :attr:`Daemon.admin_session`; TLS options as in the configuration file).
+    """
+    values = {
+        "upstream": upstream,
+        "image_cache_dir": str(cache_dir),
+        "listen": "127.0.0.1:0",
+        **options,
+    }
+    socket_dir = None
+    if "admin_listen" not in options:
+        socket_dir = Path(tempfile.mkdtemp(prefix="cached-admin-"))  # short: sun_path is 108 B
+        values["admin_listen"] = f"unix:{socket_dir / 'admin.sock'}"
     if "image_cache_max_size" in options:
         # Tests of pruning fill a tiny cache with images as large as it; admission (which
         # keeps images over half the cache out by default) has tests of its own.
@@ -141,16 +171,34 @@ async def start_daemon(cache_dir: Path, upstream: str, **options: object) -> Dae
         shutdown_timeout=1,
     )
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
+    server_tls = await asyncio.to_thread(tls.server_tls, cfg)
+    sockets = await listeners.start(runner, cfg, server_tls)
     session = aiohttp.ClientSession(auto_decompress=False)
-    return Daemon(f"http://{host}:{port}", app, runner, cache_dir, session)
+    admin_session = None
+    if sockets.management_url.startswith("unix:"):
+        path = sockets.management_url.removeprefix("unix:")
+        admin_session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path))
+    elif sockets.management_url:
+        admin_session = aiohttp.ClientSession()
+    return Daemon(
+        sockets.urls[0],
+        app,
+        runner,
+        cache_dir,
+        session,
+        sockets.management_url,
+        admin_session,
+        socket_dir,
+    )
 
 
 async def stop_daemon(daemon: Daemon) -> None:
     await daemon.session.close()
+    if daemon.admin_session is not None:
+        await daemon.admin_session.close()
     await daemon.runner.cleanup()
+    if daemon.socket_dir is not None:
+        shutil.rmtree(daemon.socket_dir, ignore_errors=True)
 
 
 @pytest.fixture

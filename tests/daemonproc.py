@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-LISTEN_RE = re.compile(r"listening on (http://\S+)")
+LISTEN_RE = re.compile(r"listening on (https?://\S+)")
+ADMIN_RE = re.compile(r"management API on (\S+)")
 
 
 def cached_command() -> list[str]:
@@ -70,6 +71,7 @@ class CachedProcess:
         self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
+        self.admin_url = ""  # the management listener, if configured (unix:/path or a URL)
         self._log_offset = 0
 
     def start(self, timeout: float = 30.0) -> str:
@@ -97,9 +99,12 @@ class CachedProcess:
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            match = LISTEN_RE.search(self.output())
+            output = self.output()
+            match = LISTEN_RE.search(output)
             if match:
                 self.url = match[1]
+                admin = ADMIN_RE.search(output)  # logged before "listening on"
+                self.admin_url = admin[1] if admin else ""
                 return self.url
             if self.proc.poll() is not None:
                 break

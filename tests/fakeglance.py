@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import json
 import re
+import ssl
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -299,14 +300,17 @@ class FakeGlance:
         app.router.add_get("/v2/schemas/{name:.+}", self._schema)
         return app
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None
+    ) -> str:
         """Serve on `host:port` (0 = any free port); returns and sets `url`."""
         self._runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
+        await web.TCPSite(self._runner, host, port, ssl_context=ssl_context).start()
         bound_host, bound_port = self._runner.addresses[0][:2]
         bound_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-        self.url = f"http://{bound_host}:{bound_port}"
+        scheme = "https" if ssl_context else "http"
+        self.url = f"{scheme}://{bound_host}:{bound_port}"
         return self.url
 
     async def close(self) -> None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import ssl
 import threading
 import uuid
 from collections.abc import Iterator
@@ -228,13 +229,16 @@ class FakeKeystone:
         app.router.add_delete("/v3/auth/tokens", self._delete)
         return app
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None
+    ) -> str:
         """Start serving on ``host:port`` (0: a free port); returns the base URL."""
         self._runner = web.AppRunner(self.make_app(), access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
+        await web.TCPSite(self._runner, host, port, ssl_context=ssl_context).start()
         bound_host, bound_port = self._runner.addresses[0][:2]
-        self._url = f"http://{bound_host}:{bound_port}"
+        scheme = "https" if ssl_context else "http"
+        self._url = f"{scheme}://{bound_host}:{bound_port}"
         return self._url
 
     async def close(self) -> None:

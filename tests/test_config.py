@@ -131,7 +131,7 @@ def test_missing_file_names_the_file(tmp_path: Path) -> None:
 
 
 BAD_VALUES: dict[str, list[object]] = {
-    "listen": ["nope", "host:", "host:99999", "host:-1", None, 9292],
+    "listen": ["nope", "host:", "host:99999", "host:-1", None, 9292, [], ["[::1]:1", "x"], "a:1,"],
     "upstream": ["ftp://glance", "glance:9292", "http://", ""],
     "image_cache_dir": ["", 5, None, ["a"]],
     "image_cache_max_size": ["lots", "-1G", "10X", True, -5, None, "1.5.5G"],
@@ -170,9 +170,17 @@ BAD_VALUES: dict[str, list[object]] = {
     "service_token": [123],
     "worker_self_reference_url": ["node1:9292"],
     "peers": ["http://node2:9292", ["node2:9292"]],
-    "admin_listen": ["nope", 9293, "host:99999", "::1:9293"],
     "metrics_auth": ["yes", 1, None],
     "shutdown_grace": [-1, "30s", True, None],
+    "tls_cert_file": [5, ["a"]],
+    "tls_key_file": [None],
+    "upstream_ca_file": [1],
+    "upstream_insecure": ["yes", 1],
+    "keystone_ca_file": [True],
+    "admin_listen": ["unix:", "nope", "[::1", 9393, 9293, "host:99999", "::1:9293"],
+    "admin_tls_client_ca": [3],
+    "allow_unauthenticated_management": ["true", 1],
+    "policy": [["a"]],
 }
 
 
@@ -307,13 +315,51 @@ def test_file_upstream_off_loopback_needs_tokens(tmp_path: Path, listen: str) ->
         _load_cli("-c", str(path))
     assert str(err.value).startswith(f"{path}: option 'listen': ")
 
-    path.write_text(f"upstream: file://{tmp_path}\nlisten: '{listen}'\naccess_tokens: [s3cret]\n")
+    path.write_text(
+        f"upstream: file://{tmp_path}\nlisten: '{listen}'\naccess_tokens: [s3cret]\n"
+        f"admin_listen: unix:{tmp_path}/admin.sock\n"
+    )
     assert _load_cli("-c", str(path)).access_tokens == ("s3cret",)
 
 
 def test_glance_upstream_may_listen_anywhere(tmp_path: Path) -> None:
-    c = _load_cli("--upstream", "http://glance:9292", "--listen", "0.0.0.0:9292")
+    path = write(tmp_path, f"admin_listen: unix:{tmp_path}/admin.sock\n")
+    c = _load_cli("-c", str(path), "--upstream", "http://glance:9292", "--listen", "0.0.0.0:9292")
     assert c.upstream_kind == "glance" and c.listen_address == ("0.0.0.0", 9292)
+
+
+def test_several_listen_addresses_and_a_management_listener(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "listen: ['0.0.0.0:9292', '[::]:9292', '[::1]:9393']\nadmin_listen: unix:/run/c.sock\n",
+    )
+    c = configuration.load(path)
+    assert c.listen == "0.0.0.0:9292,[::]:9292,[::1]:9393"
+    assert c.listen_addresses == (("0.0.0.0", 9292), ("::", 9292), ("::1", 9393))
+    assert c.admin_address == Path("/run/c.sock")
+    c = configuration.load(None, {"listen": "127.0.0.1:1, [::1]:2", "admin_listen": "[::1]:3"})
+    assert c.listen_addresses == (("127.0.0.1", 1), ("::1", 2)) and c.admin_address == ("::1", 3)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("tls_cert_file: a.pem\n", "option 'tls_key_file': tls_cert_file and tls_key_file go"),
+        ("tls_key_file: a.key\n", "option 'tls_cert_file': "),
+        ("admin_tls_client_ca: ca.pem\n", "option 'admin_tls_client_ca': needs a HOST:PORT"),
+        (
+            "admin_tls_client_ca: ca.pem\nadmin_listen: unix:/x\n"
+            "tls_cert_file: a\ntls_key_file: b\n",
+            "option 'admin_tls_client_ca': needs a HOST:PORT",
+        ),
+        ("upstream_insecure: true\nupstream_ca_file: ca.pem\n", "option 'upstream_insecure'"),
+    ],
+)
+def test_tls_options_that_go_together(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        configuration.load(path)
+    assert str(err.value).startswith(f"{path}: {message}")
 
 
 def test_check_config_rejects_file_upstream_off_loopback(tmp_path: Path) -> None:

@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from conftest import Daemon, auth, data_gets, start_daemon, stop_daemon, tree, wait_complete
+from conftest import (
+    Daemon,
+    auth,
+    data_gets,
+    manage,
+    start_daemon,
+    stop_daemon,
+    tree,
+    wait_complete,
+)
 from fakeglance import FakeGlance
 
 from cached.auth import Authorizer
@@ -60,7 +69,7 @@ async def test_delete_during_a_fill_keeps_single_flight_and_the_first_reader_who
     first = asyncio.create_task(first_reader())
     await until(lambda: len(got) >= 2 * MiB, "the first reader got 2 MiB")
     deleted_fill = daemon.filler.fills[image.id]
-    async with daemon.session.delete(f"{daemon.url}/v2/cache/{image.id}") as resp:
+    async with manage(daemon).delete(f"{daemon.admin_base}/v2/cache/{image.id}") as resp:
         assert resp.status == 204
     image.rate = None  # the second fill runs at full speed
     status, headers, body = await daemon.get(image.id)
@@ -88,7 +97,7 @@ async def test_a_deleted_fill_nobody_reads_stops_and_close_sees_orphans(
     reader.cancel()  # the only client leaves: the fill goes on for the daemon...
     await until(lambda: fill.entry.readers == 0, "the reader left")
     assert fill.state is FillState.RUNNING
-    async with daemon.session.delete(f"{daemon.url}/v2/cache/{image.id}") as resp:
+    async with manage(daemon).delete(f"{daemon.admin_base}/v2/cache/{image.id}") as resp:
         assert resp.status == 204
     # ...but not for a deleted entry nobody reads.
     await asyncio.wait_for(fill.closed.wait(), 10)

@@ -654,7 +654,8 @@ async def test_verbs_against_the_daemon(
 ) -> None:
     image = glance.add_image(os.urandom(300_000), owner="p1")
     other = glance.add_image(os.urandom(1000), owner="p1")
-    d = await start_daemon(tmp_path, glance.url)  # no admin auth configured: loopback is admin
+    # No admin auth configured: the management socket is the operator's door.
+    d = await start_daemon(tmp_path, glance.url, admin_listen=f"unix:{tmp_path / 'admin.sock'}")
     try:
         status, _, _ = await d.get(image.id)
         assert status == 200
@@ -664,7 +665,9 @@ async def test_verbs_against_the_daemon(
             return entry is not None and entry.complete
 
         await wait_for(complete)
-        label = d.url.removeprefix("http://")
+        assert await ctl("-H", d.url.removeprefix("http://"), "list-cached") == 1
+        assert capsys.readouterr().err == "Not authorized to make this request.\n"
+        label = d.admin_url
         assert await ctl("-H", label, "--bytes", "list-cached") == 0
         lines = capsys.readouterr().out.splitlines()
         assert lines[0] == "Found 1 cached images..."
@@ -691,18 +694,35 @@ async def test_verbs_against_the_daemon(
         await stop_daemon(d)
 
 
+async def test_the_management_socket_of_the_config_is_used(
+    glance: FakeGlance, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sock = tmp_path / "admin.sock"
+    d = await start_daemon(tmp_path, glance.url, admin_listen=f"unix:{sock}")
+    try:
+        conf = tmp_path / "cached.yaml"
+        conf.write_text(f"listen: {d.url.removeprefix('http://')}\nadmin_listen: unix:{sock}\n")
+        assert await ctl("-c", str(conf), "list-cached") == 0  # no token: the socket decides
+        assert capsys.readouterr() == ("No cached images.\n", "")
+        assert await ctl("--all-hosts", "-c", str(conf), "--json", "list-cached") == 0
+        assert json.loads(capsys.readouterr().out) == {"cached_images": [], "errors": []}
+    finally:
+        await stop_daemon(d)
+
+
 async def test_progress_of_a_fetch_on_the_daemon(
     glance: FakeGlance, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     image = glance.add_image(os.urandom(8 << 20), owner="p1", rate=4 << 20)  # ~2 s
-    d = await start_daemon(tmp_path, glance.url)
+    d = await start_daemon(tmp_path, glance.url, admin_listen=f"unix:{tmp_path / 'admin.sock'}")
     try:
         # glance cache-queue: queued, and fetched at once with the caller's token.
-        async with d.session.put(
-            f"{d.url}/v2/cache/{image.id}", headers={"X-Auth-Token": "token-admin"}
+        assert d.admin_session is not None
+        async with d.admin_session.put(
+            f"{d.admin_base}/v2/cache/{image.id}", headers={"X-Auth-Token": "token-admin"}
         ) as resp:
             assert resp.status == 202
-        label = d.url.removeprefix("http://")
+        label = d.admin_url
 
         async def measured() -> bool:
             assert await ctl("-H", label, "--json", "list-queued") == 0
@@ -741,14 +761,16 @@ async def test_all_hosts_against_two_daemons(
     image = glance.add_image(os.urandom(3 << 20), owner="p1")
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-    a = await start_daemon(tmp_path / "a", glance.url)
-    b = await start_daemon(tmp_path / "b", glance.url)
+    digest = "sha256:" + hashlib.sha256(b"token-admin").hexdigest()
+    a = await start_daemon(tmp_path / "a", glance.url, admin_tokens=[digest])
+    b = await start_daemon(tmp_path / "b", glance.url, admin_tokens=[digest])
     try:
         for d in (a, b):
             assert (await d.get(image.id))[0] == 200
         conf = tmp_path / "cached.yaml"
         conf.write_text(f"listen: {a.url.removeprefix('http://')}\npeers: [{b.url}]\n")
-        assert await ctl("--all-hosts", "-c", str(conf), "list-cached") == 0
+        token = ("--os-auth-token", "token-admin")
+        assert await ctl("--all-hosts", "-c", str(conf), *token, "list-cached") == 0
         lines = capsys.readouterr().out.splitlines()
         assert lines[0] == "Found 2 cached images on 2 hosts..."
         rows = [[c.strip() for c in line.split("|")[1:-1]] for line in lines[4:6]]

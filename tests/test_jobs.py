@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Daemon, start_daemon, stop_daemon, tree
+from conftest import Daemon, manage, start_daemon, stop_daemon, tree
 from fakeglance import FakeGlance
 from fakekeystone import FakeKeystone
 
@@ -49,8 +49,8 @@ async def cache(d: Daemon, glance: FakeGlance, size: int = MiB, **knobs: Any) ->
 
 
 async def legacy_queue(d: Daemon, image_id: str) -> None:
-    url = f"{d.url}/v2/queued_images/{image_id}"
-    async with d.session.put(url) as resp:
+    url = f"{d.admin_base}/v2/queued_images/{image_id}"
+    async with manage(d).put(url) as resp:
         assert resp.status == 200
 
 
@@ -223,7 +223,7 @@ async def test_queue_survives_a_restart(glance: FakeGlance, cache_dir: Path) -> 
     await stop_daemon(d)
     d = await start_daemon(cache_dir, glance.url, service_token="token-admin")
     try:
-        async with d.session.get(f"{d.url}/v2/queued_images") as resp:
+        async with manage(d).get(f"{d.admin_base}/v2/queued_images") as resp:
             assert await resp.json() == {"queued_images": [image.id]}
         assert await prefetcher(d).run() == {
             Outcome.CACHED: 1,
@@ -257,7 +257,7 @@ async def test_failures_stay_queued_with_the_reason_and_back_off(
         assert status["next_attempt"] - status["last_attempt"] == 5
         entry = d.store.get(image.id)
         await eventually(lambda: entry is not None and entry.present_bytes() > 0)  # flushed
-        async with d.session.get(f"{d.url}/v2/cache/progress") as resp:
+        async with manage(d).get(f"{d.admin_base}/v2/cache/progress") as resp:
             shown = (await resp.json())["progress"][image.id]
         assert shown["state"] == "failed" and shown["last_error"] == status["last_error"]
         assert shown["bytes_done"] == 4 * MiB  # the first chunk was kept for a resume
@@ -320,13 +320,13 @@ async def test_deleting_an_image_being_prefetched(glance: FakeGlance, cache_dir:
     d = await start_daemon(cache_dir, glance.url)
     try:
         image = glance.add_image(os.urandom(8 * MiB), rate=16 * MiB)
-        url = f"{d.url}/v2/cache/{image.id}"
-        async with d.session.put(url, headers={"X-Auth-Token": "token-p1"}) as resp:
+        url = f"{d.admin_base}/v2/cache/{image.id}"
+        async with manage(d).put(url, headers={"X-Auth-Token": "token-p1"}) as resp:
             assert resp.status == 202
         task = prefetcher(d).start(image.id)  # the task PUT started
         await eventually(lambda: image.id in d.filler.fills)
         fill = d.filler.fills[image.id]
-        async with d.session.delete(url) as resp:
+        async with manage(d).delete(url) as resp:
             assert resp.status == 204
         assert await task is Outcome.DROPPED
         await asyncio.wait_for(fill.closed.wait(), 5)

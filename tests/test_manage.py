@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from fakekeystone import FakeKeystone
 
 from cached.admin import Access, AdminGuard
 from cached.app import MANAGER
+from cached.listeners import LISTENERS, Listeners
 
 MiB = 1 << 20
 ADMIN_TOKEN = "token-admin"  # admin in the fake Glance too, so look-ups with it succeed
@@ -36,12 +36,19 @@ async def call(
     token: str | None = ADMIN_TOKEN,
     headers: dict[str, str] | None = None,
     data: bytes | None = None,
+    *,
+    admin: bool = False,
 ) -> Reply:
-    """One request as glanceclient sends it (octet-stream content type even on GET)."""
+    """One request as glanceclient sends it (octet-stream content type even on GET);
+    ``admin``: on the daemon's management listener."""
     sent = {"Content-Type": "application/octet-stream", **(headers or {})}
     if token is not None:
         sent["X-Auth-Token"] = token
-    async with d.session.request(method, d.url + path, headers=sent, data=data) as resp:
+    session, base = d.session, d.url
+    if admin:
+        assert d.admin_session is not None
+        session, base = d.admin_session, d.admin_base
+    async with session.request(method, base + path, headers=sent, data=data) as resp:
         return resp.status, dict(resp.headers), await resp.read()
 
 
@@ -290,19 +297,23 @@ async def test_a_body_on_a_get_is_400(admin_daemon: Daemon) -> None:
 async def test_clean_and_prune_answers(glance: FakeGlance, tmp_path: Path) -> None:
     (tmp_path / "cache").mkdir()
     d = await start_daemon(
-        tmp_path / "cache", glance.url, image_cache_max_size=MiB, prune_on_fill=False
+        tmp_path / "cache",
+        glance.url,
+        image_cache_max_size=MiB,
+        prune_on_fill=False,
+        admin_listen=f"unix:{tmp_path / 'admin.sock'}",
     )
     try:
         images = [glance.add_image(os.urandom(MiB)) for _ in range(2)]
         for image in images:
             await d.get(image.id)
             await eventually(lambda i=image: cached_here(d, i.id))
-        status, headers, body = await call(d, "POST", "/v2/cache/clean")
+        status, headers, body = await call(d, "POST", "/v2/cache/clean", None, admin=True)
         assert (status, body) == (200, b"")
-        status, headers, body = await call(d, "POST", "/v2/cache/prune")
+        status, headers, body = await call(d, "POST", "/v2/cache/prune", None, admin=True)
         assert status == 200 and headers["Content-Type"].startswith("application/json")
         assert json.loads(body) == {"total_files_pruned": 1, "total_bytes_pruned": MiB}
-        assert json.loads((await call(d, "POST", "/v2/cache/prune"))[2]) == {
+        assert json.loads((await call(d, "POST", "/v2/cache/prune", None, admin=True))[2]) == {
             "total_files_pruned": 0,
             "total_bytes_pruned": 0,
         }
@@ -387,10 +398,15 @@ async def test_legacy_cache_manage_api(
 
 async def test_legacy_queue_can_start_at_once(glance: FakeGlance, tmp_path: Path) -> None:
     (tmp_path / "cache").mkdir()
-    d = await start_daemon(tmp_path / "cache", glance.url, legacy_queue_immediate=True)
+    d = await start_daemon(
+        tmp_path / "cache",
+        glance.url,
+        legacy_queue_immediate=True,
+        admin_listen=f"unix:{tmp_path / 'admin.sock'}",
+    )
     try:
         image = glance.add_image(os.urandom(MiB))
-        assert (await call(d, "PUT", f"/v2/queued_images/{image.id}"))[0] == 200
+        assert (await call(d, "PUT", f"/v2/queued_images/{image.id}", admin=True))[0] == 200
         await eventually(lambda: cached_here(d, image.id))
         await eventually(lambda: not (d.cache_dir / "queue" / image.id).exists())
     finally:
@@ -484,36 +500,31 @@ class _Peer:
 
 
 @pytest.mark.parametrize(
-    ("remote", "access"),
+    ("remote", "trusted", "access"),
     [
-        ("127.0.0.1", Access.ADMIN),
-        ("127.9.9.9", Access.ADMIN),
-        ("::1", Access.ADMIN),
-        ("::ffff:127.0.0.1", Access.ADMIN),
-        ("10.0.0.5", Access.FORBIDDEN),
-        ("::ffff:10.0.0.5", Access.FORBIDDEN),
-        ("2001:db8::1", Access.FORBIDDEN),
+        ("127.0.0.1", False, Access.FORBIDDEN),  # loopback is not a credential (issue 9)
+        ("::1", False, Access.FORBIDDEN),
+        ("::ffff:127.0.0.1", False, Access.FORBIDDEN),
+        ("10.0.0.5", False, Access.FORBIDDEN),
+        # allow_unauthenticated_management: the old loopback rule, explicitly
+        ("127.0.0.1", True, Access.ADMIN),
+        ("127.9.9.9", True, Access.ADMIN),
+        ("::1", True, Access.ADMIN),
+        ("::ffff:127.0.0.1", True, Access.ADMIN),
+        ("10.0.0.5", True, Access.FORBIDDEN),
+        ("::ffff:10.0.0.5", True, Access.FORBIDDEN),
+        ("2001:db8::1", True, Access.FORBIDDEN),
     ],
 )
-async def test_without_auth_only_loopback_may_manage(remote: str, access: Access) -> None:
+async def test_without_auth_loopback_is_admin_only_when_opted_in(
+    remote: str, trusted: bool, access: Access
+) -> None:
+    app = web.Application()
+    app[LISTENERS] = Listeners(loopback_trusted=trusted)
     request = make_mocked_request(
-        "GET", "/v2/cache", headers={"X-Auth-Token": ADMIN_TOKEN}, transport=_Peer(remote)
+        "GET", "/v2/cache", headers={"X-Auth-Token": ADMIN_TOKEN}, transport=_Peer(remote), app=app
     )
     assert await AdminGuard((), None, 60).check(request) is access
-
-
-async def test_warning_when_listening_openly_without_management_auth(
-    glance: FakeGlance, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    (tmp_path / "cache").mkdir()
-    for options, warned in (({}, True), ({"admin_tokens": [ADMIN_DIGEST]}, False)):
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="cached.admin"):
-            d = await start_daemon(tmp_path / "cache", glance.url, listen="0.0.0.0:9292", **options)
-            await stop_daemon(d)
-        assert (
-            any("without management authentication" in r.message for r in caplog.records) is warned
-        )
 
 
 # ---------------------------------------------------------------- deletes, progress

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import Daemon, auth, start_daemon, stop_daemon, wait_complete, wait_idle
+from conftest import Daemon, auth, manage, start_daemon, stop_daemon, wait_complete, wait_idle
 from fakeglance import FakeGlance
 from prometheus_client.parser import text_string_to_metric_families
 from test_filebackend import remount_read_only, tmpfs  # noqa: F401 (fixture)
@@ -26,7 +26,8 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 async def scrape(daemon: Daemon) -> Samples:
-    async with daemon.session.get(f"{daemon.url}/metrics") as resp:
+    # The test daemons have a management socket: /metrics is served there only.
+    async with manage(daemon).get(f"{daemon.admin_base}/metrics") as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         text = await resp.text()
@@ -287,9 +288,10 @@ async def test_metrics_auth_applies_admin_rules(glance: FakeGlance, tmp_path: Pa
         cache, glance.url, metrics_auth=True, admin_tokens=[digest], keystone_url=""
     )
     try:
-        async with daemon.session.get(f"{daemon.url}/metrics", headers=auth("token-p1")) as resp:
+        url = f"{daemon.admin_base}/metrics"
+        async with manage(daemon).get(url, headers=auth("token-p1")) as resp:
             assert resp.status == 403
-        async with daemon.session.get(f"{daemon.url}/metrics", headers=auth(token)) as resp:
+        async with manage(daemon).get(url, headers=auth(token)) as resp:
             assert resp.status == 200
             assert "cached_requests_total" in await resp.text()
     finally:

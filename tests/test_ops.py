@@ -296,7 +296,8 @@ async def test_tokens_never_reach_the_log(
 ) -> None:
     service = "service-token-" + uuid.uuid4().hex
     conf = tmp_path / "cached.yaml"
-    write_config(conf, service_token=service, log_level="DEBUG")
+    admin = "sha256:" + hashlib.sha256(b"token-admin").hexdigest()  # loopback is no admin
+    write_config(conf, service_token=service, log_level="DEBUG", admin_tokens=[admin])
     glance.add_token(service, "admin", ("admin",))
     proc = spawn(procs, tmp_path, glance.url, "-c", str(conf))
     url = await asyncio.to_thread(proc.start)

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, auth, start_daemon, stop_daemon
+from conftest import Daemon, auth, manage, start_daemon, stop_daemon
 from fakeglance import FakeGlance
 
 from cached.app import MANAGER
@@ -24,12 +24,12 @@ def prefetcher(d: Daemon) -> Prefetcher:
 
 async def legacy_queue(d: Daemon, image_id: str) -> None:
     """Queue without fetching now (``PUT /v2/queued_images``: the schedule fetches it)."""
-    async with d.session.put(f"{d.url}/v2/queued_images/{image_id}") as resp:
+    async with manage(d).put(f"{d.admin_base}/v2/queued_images/{image_id}") as resp:
         assert resp.status == 200
 
 
 async def queued(d: Daemon) -> list[str]:
-    async with d.session.get(f"{d.url}/v2/queued_images") as resp:
+    async with manage(d).get(f"{d.admin_base}/v2/queued_images") as resp:
         return list((await resp.json())["queued_images"])
 
 

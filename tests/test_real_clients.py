@@ -70,6 +70,7 @@ class Node:
     url: str
     log: list[str] = field(default_factory=list)
     drain: asyncio.Task[None] | None = None
+    admin_url: str = ""  # the management listener (admin_listen), if any
 
     @property
     def port(self) -> str:
@@ -103,7 +104,8 @@ async def start_node(workdir: Path, upstream: str, **options: Any) -> Node:
             proc.kill()
         await proc.wait()
         raise
-    node = Node(proc, match[1], log)
+    admin = re.search(r"management API on (\S+)", "".join(log))  # logged before the listeners
+    node = Node(proc, match[1], log, admin_url=admin[1] if admin else "")
 
     async def drain() -> None:
         assert proc.stderr is not None
@@ -387,17 +389,25 @@ async def test_glance_cache_manage_commands(
     assert await cache_state(node) == {"cached_images": [], "queued_images": []}
 
 
-@pytest.mark.parametrize("node", [{"admin_tokens": []}], indirect=True)
-async def test_loopback_is_admin_without_auth_configured(
+@pytest.mark.parametrize(
+    "node", [{"admin_tokens": [], "admin_listen": "127.0.0.1:0"}], indirect=True
+)
+async def test_without_auth_configured_the_management_listener_is_the_operators(
     glance: FakeGlance, node: Node, clients: Clients
 ) -> None:
+    """Loopback is not a credential (issue 9): the real clients are refused on the public
+    listener and work on the management listener (admin_listen)."""
     image = glance.add_image(os.urandom(1000), owner="p1")
     await download(node, image.id)
-    await cached_ids(node, image.id)
+    refused = await clients.glance(node, "cache-list", token="token-p1")
+    assert refused.rc != 0 and "403" in refused.out + refused.err
+    assert node.admin_url.startswith("http://127.0.0.1:")
+    admin = Node(node.proc, node.admin_url, node.log)
+    await cached_ids(admin, image.id)
     listed, legacy, ours = await asyncio.gather(
-        clients.glance(node, "cache-list", token="token-p1"),
-        clients.cache_manage(node, "list-cached", token="token-p1"),
-        clients.run(sys.executable, "-m", "cached.ctl", "-p", node.port, "--json", "list-cached"),
+        clients.glance(admin, "cache-list", token="token-p1"),
+        clients.cache_manage(admin, "list-cached", token="token-p1"),
+        clients.run(sys.executable, "-m", "cached.ctl", "-p", admin.port, "--json", "list-cached"),
     )
     assert [r[:2] for r in rows(listed.out)] == [[image.id, "cached"]]
     assert legacy.out.startswith("Found 1 cached images...\n")

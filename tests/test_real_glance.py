@@ -117,7 +117,9 @@ def cached(
     real_glance: GlanceServer, tmp_path_factory: pytest.TempPathFactory, failure_logs: FailureLogs
 ) -> Iterator[CachedDaemon]:
     workdir = tmp_path_factory.mktemp("cached")
-    daemon = CachedDaemon(workdir, real_glance.url, workdir / "cache")
+    conf = workdir / "cached.yaml"
+    conf.write_text("admin_listen: 127.0.0.1:0\n")  # the operator's door (no management auth)
+    daemon = CachedDaemon(workdir, real_glance.url, workdir / "cache", ["-c", str(conf)])
     failure_logs.add({"cached": daemon.log})
     daemon.start()
     yield daemon
@@ -543,12 +545,14 @@ def test_upload_with_content_length_and_head(
 def test_cache_api_follows_glances_admin_policy(
     real_glance: GlanceServer, cached: CachedDaemon
 ) -> None:
-    """No management auth configured in cached: Glance's own policy judges a token."""
+    """No management auth configured in cached: on the management listener Glance's own
+    policy judges a token; the public listener refuses management even from loopback."""
     assert http("GET", real_glance.url + "/v2/cache", "token-p1")[0] == 403
-    assert http("GET", cached.url + "/v2/cache", "token-p1")[0] == 403
-    assert http("GET", cached.url + "/v2/cache", "no-such-token")[0] == 401
-    status, _, body = http("GET", cached.url + "/v2/cache", "admin-token")
+    assert http("GET", cached.admin_url + "/v2/cache", "token-p1")[0] == 403
+    assert http("GET", cached.admin_url + "/v2/cache", "no-such-token")[0] == 401
+    status, _, body = http("GET", cached.admin_url + "/v2/cache", "admin-token")
     assert status == 200 and b"cached_images" in body
+    assert http("GET", cached.url + "/v2/cache", "admin-token")[0] == 403  # loopback: no
 
 
 def test_glance_cache_commands_through_cached(
@@ -559,17 +563,17 @@ def test_glance_cache_commands_through_cached(
     caller's Keystone token, and cache-queue fetches it at once."""
     data = random_file(tmp_path / "queued.img", 3 * MiB + 7)
     image_id = cli.create_image(cached.url, "token-p1", tmp_path / "queued.img", "queued")
-    cli.ok(cached.url, "admin-token", "cache-queue", image_id)
+    cli.ok(cached.admin_url, "admin-token", "cache-queue", image_id)
     entry = cached.cache_dir / image_id
     assert wait_for(entry.exists), "cache-queue did not fetch the image"
-    listing = cli.ok(cached.url, "admin-token", "cache-list")
+    listing = cli.ok(cached.admin_url, "admin-token", "cache-list")
     assert image_id in listing and "cached" in listing
-    refused = cli.run(cached.url, "token-p1", "cache-list")
+    refused = cli.run(cached.admin_url, "token-p1", "cache-list")
     assert refused.returncode != 0  # a member is no admin, for Glance's policy either
     path = f"/v2/images/{image_id}/file"
     status, headers, body = http("GET", cached.url + path, "token-p1")
     assert status == 200 and body == data and headers.get("cache-status") == "cached; hit"
-    cli.ok(cached.url, "admin-token", "cache-delete", image_id)
+    cli.ok(cached.admin_url, "admin-token", "cache-delete", image_id)
     assert not entry.exists()
 
 
@@ -619,3 +623,77 @@ def test_upper_case_image_id_answers_like_glance(
     proxied = http("GET", cached.url + path, "token-p1")
     assert proxied[0] == direct[0] == 404, (direct[:2], proxied[:2])
     assert http("GET", f"{cached.url}/v2/images/{image_id}/file", "token-p1")[2] == data
+
+
+# ---- the metadef lock-down as a policy at the proxy ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cached_locked_down(
+    real_glance: GlanceServer,
+    keystone: FakeKeystone,
+    tmp_path_factory: pytest.TempPathFactory,
+    failure_logs: FailureLogs,
+) -> Iterator[CachedDaemon]:
+    """cached with conf/policy-metadef-lockdown.yaml; Keystone decides who is admin."""
+    workdir = tmp_path_factory.mktemp("cached-lockdown")
+    conf = workdir / "cached.yaml"
+    conf.write_text(
+        json.dumps(
+            {
+                "policy": str(Path(__file__).resolve().parent.parent / "conf"
+                              / "policy-metadef-lockdown.yaml"),
+                "keystone_url": keystone.url + "/v3",
+                "service_token": "admin-token",
+            }
+        )
+    )  # fmt: skip
+    daemon = CachedDaemon(workdir, real_glance.url, workdir / "cache", ["-c", str(conf)])
+    failure_logs.add({"cached (metadef lock-down)": daemon.log})
+    daemon.start()
+    yield daemon
+    daemon.stop()
+
+
+def test_metadef_lockdown_at_the_proxy(
+    real_glance: GlanceServer, cached_locked_down: CachedDaemon
+) -> None:
+    """A member's POST /v2/metadefs/namespaces is refused by cached and never reaches
+    Glance; an admin's is created by Glance; reads pass for everyone."""
+    cached = cached_locked_down
+    name = f"cached-lockdown-{os.getpid()}"
+    body = json.dumps({"namespace": name, "visibility": "public"}).encode()
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    for path in ("/v2/metadefs/namespaces", "/v2.1/metadefs/namespaces/"):
+        status, _, answer = http("POST", cached.url + path, "token-p1", headers, body)
+        assert status == 403, answer
+        assert json.loads(answer)["message"].startswith(
+            "You are not authorized to complete add_metadef_namespace action."
+        )
+    assert "refused by rule add_metadef_namespace" in cached.output()
+    # Glance 33's own default refuses a member too: the same answer, word for word.
+    direct = http("POST", real_glance.url + "/v2/metadefs/namespaces", "token-p1", headers, body)
+    assert (direct[0], json.loads(direct[2])) == (403, json.loads(answer))
+    plain = {"Content-Type": "application/json"}
+    ours = http("POST", cached.url + "/v2/metadefs/namespaces", "token-p1", plain, body)
+    theirs = http("POST", real_glance.url + "/v2/metadefs/namespaces", "token-p1", plain, body)
+    assert (ours[0], ours[1]["content-type"], ours[2]) == (
+        theirs[0],
+        theirs[1]["content-type"],
+        theirs[2],
+    )
+    missing = http("GET", f"{real_glance.url}/v2/metadefs/namespaces/{name}", "admin-token")
+    assert missing[0] == 404  # nothing reached Glance
+    status, _, answer = http(
+        "POST", cached.url + "/v2/metadefs/namespaces", "admin-token", headers, body
+    )
+    assert status == 201, answer
+    assert json.loads(answer)["namespace"] == name
+    try:
+        status, _, answer = http("GET", f"{cached.url}/v2/metadefs/namespaces/{name}", "token-p1")
+        assert status == 200 and json.loads(answer)["namespace"] == name  # reads pass
+        gone = http("DELETE", f"{cached.url}/v2/metadefs/namespaces/{name}", "token-p1")
+        assert gone[0] == 403  # a member may not delete it either
+    finally:
+        status, _, _ = http("DELETE", f"{cached.url}/v2/metadefs/namespaces/{name}", "admin-token")
+        assert status == 204

@@ -44,6 +44,7 @@ Numbers (requests, bytes, cuts, evictions) are printed: run with ``-s`` to see t
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import random
 import re
@@ -221,7 +222,11 @@ async def test_concurrent_downloads_deletes_prunes_and_queueing(
     ids = [i.id for i in images]
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir()
-    daemon = CachedProcess(glance.url, cache_dir, tmp_path / "cached.log", "--max-size", MAX_SIZE)
+    conf = tmp_path / "cached.yaml"  # management with the admin token (loopback is no credential)
+    conf.write_text(f"admin_tokens: [sha256:{hashlib.sha256(b'token-admin').hexdigest()}]\n")
+    daemon = CachedProcess(
+        glance.url, cache_dir, tmp_path / "cached.log", "--max-size", MAX_SIZE, "-c", str(conf)
+    )
     began = time.monotonic()
     url = await asyncio.to_thread(daemon.start)
     print(f"\nstarted in {time.monotonic() - began:.1f}s")

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import stat
 import sys
 import time
 import uuid
@@ -39,6 +41,16 @@ from cached.errors import ConfigError
 
 OK, FAILED, USAGE = 0, 1, 2
 DEFAULT_PORT = 9292
+# The management socket cached-manage uses when no host is given (admin_listen: unix:...).
+DEFAULT_SOCKET = "/run/cached/admin.sock"
+
+
+def is_socket(path: str) -> bool:
+    """Whether a Unix socket exists at ``path``."""
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -106,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--host",
         action="append",
         metavar="HOST[:PORT]|URL",
-        help="daemon to manage (default 127.0.0.1); repeat for several",
+        help=(
+            "daemon to manage: HOST[:PORT], URL or unix:/PATH (default: the management socket "
+            f"{DEFAULT_SOCKET} if it exists, else 127.0.0.1); repeat for several"
+        ),
     )
     p.add_argument(
         "-p",
@@ -166,8 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_targets(args: argparse.Namespace) -> list[Target]:
     """The hosts to ask, from ``-H``, ``--all-hosts`` and ``-c``.
 
-    With ``-c``, this node is its ``worker_self_reference_url`` (else its ``listen`` address,
-    a wildcard meaning loopback) and ``--all-hosts`` adds its ``peers``.
+    With ``-c``, this node is its management listener (``admin_listen``) if it has one, else
+    its ``worker_self_reference_url``, else its ``listen`` address (a wildcard meaning
+    loopback); ``--all-hosts`` adds its ``peers``. Without ``-H`` or ``-c``: the management
+    socket at :data:`DEFAULT_SOCKET` if it exists, else 127.0.0.1.
 
     Raises:
         ValueError: a bad host or no host for ``--all-hosts`` (usage).
@@ -176,7 +193,15 @@ def resolve_targets(args: argparse.Namespace) -> list[Target]:
     names: list[str] = list(args.host or [])
     if args.config is not None:
         config = configuration.load(args.config)
+        admin = config.admin_address
         here = config.worker_self_reference_url
+        if isinstance(admin, Path):
+            here = f"unix:{admin}"
+        elif admin is not None:
+            host, port = admin
+            host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+            scheme = "https" if config.tls_cert_file else "http"
+            here = Target(host, port, scheme).url
         if not here:
             host, port = config.listen_address
             host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
@@ -188,7 +213,7 @@ def resolve_targets(args: argparse.Namespace) -> list[Target]:
     if not names:
         if args.all_hosts:
             raise ValueError("--all-hosts: no hosts (give -c CONFIG, or -H once per host)")
-        names = ["127.0.0.1"]
+        names = [f"unix:{DEFAULT_SOCKET}" if is_socket(DEFAULT_SOCKET) else "127.0.0.1"]
     targets = [parse_target(name, args.port) for name in names]
     return list(dict.fromkeys(targets))  # once each, in order
 
@@ -240,7 +265,18 @@ class Run:
 
     async def execute(self, session: aiohttp.ClientSession) -> int:
         token = self.args.os_auth_token
-        clients = [Client(session, t, token, self.args.timeout) for t in self.targets]
+        async with contextlib.AsyncExitStack() as stack:
+            clients = []
+            for target in self.targets:
+                via = session
+                if target.socket:  # one session per management socket
+                    via = await stack.enter_async_context(
+                        aiohttp.ClientSession(connector=aiohttp.UnixConnector(target.socket))
+                    )
+                clients.append(Client(via, target, token, self.args.timeout))
+            return await self._execute(clients)
+
+    async def _execute(self, clients: list[Client]) -> int:
         if self.verb.name == "list-cached":
             return await self.list_cached(clients)
         if self.verb.name == "list-queued":

@@ -29,25 +29,40 @@ class Target:
     host: str
     port: int
     scheme: str = "http"
+    socket: str = ""  # a Unix socket path (the daemon's admin_listen): host/port unused
 
     @property
     def label(self) -> str:
-        """``host:port`` (``[v6]:port``), how the host is named in output."""
+        """``host:port`` (``[v6]:port``) or ``unix:/path``, how the host is named in output."""
+        if self.socket:
+            return f"unix:{self.socket}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
     @property
     def url(self) -> str:
+        if self.socket:
+            return "http://localhost"
         return f"{self.scheme}://{self.label}"
 
 
+def unix_target(path: str) -> Target:
+    """The management socket at ``path``."""
+    return Target("localhost", 0, "http", path)
+
+
 def parse_target(value: str, default_port: int) -> Target:
-    """Parse ``HOST``, ``HOST:PORT``, ``[V6]:PORT``, a bare IPv6 address or an http(s) URL.
+    """Parse ``HOST``, ``HOST:PORT``, ``[V6]:PORT``, a bare IPv6 address, an http(s) URL or
+    ``unix:/path/to/admin.sock``.
 
     Raises:
         ValueError: with a message for the operator.
     """
     text = value.strip()
+    if text.startswith("unix:"):
+        if not text.removeprefix("unix:"):
+            raise ValueError(f"no socket path in {value!r}")
+        return unix_target(text.removeprefix("unix:"))
     if "://" in text:
         parts = urllib.parse.urlsplit(text)
         if parts.scheme not in ("http", "https") or not parts.hostname:

@@ -6,6 +6,7 @@ Everything not answered by the cache passes through here unchanged, streamed bot
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -98,14 +99,21 @@ class GlanceStream:
 class GlanceBackend:
     """Talks to a Glance API at ``base_url`` with one shared ``ClientSession``."""
 
-    def __init__(self, base_url: str, *, connect_timeout: float, read_timeout: float):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        ssl_context: ssl.SSLContext | bool = True,
+    ):
         self.base_url = base_url.rstrip("/")
         self._session = aiohttp.ClientSession(
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=connect_timeout, sock_read=read_timeout or None
             ),
-            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            connector=aiohttp.TCPConnector(limit=0, force_close=False, ssl=ssl_context),
             # Image bodies are read 1 MiB at a time: a small read buffer would pause and resume
             # the socket a dozen times per read.
             read_bufsize=4 << 20,
@@ -119,7 +127,7 @@ class GlanceBackend:
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=connect_timeout, sock_read=read_timeout or None
             ),
-            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            connector=aiohttp.TCPConnector(limit=0, force_close=False, ssl=ssl_context),
             read_bufsize=_RELAY_BUFFER,
             skip_auto_headers=("User-Agent",),
         )

@@ -1,0 +1,176 @@
+"""The request policy at the proxy (cached/policy.py): the shipped metadef lock-down in front
+of the fake Glance (path variants included), cached's own method + path rules, and the
+errors a bad policy file gets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import auth, start_daemon, stop_daemon
+from daemonproc import run_cached
+from fakeglance import FakeGlance
+
+from cached import policy
+from cached.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+LOCKDOWN = REPO / "conf" / "policy-metadef-lockdown.yaml"
+ADMIN_DIGEST = "sha256:" + hashlib.sha256(b"token-admin").hexdigest()
+
+
+def test_the_lockdown_names_every_metadef_operation() -> None:
+    lockdown = policy.load(LOCKDOWN)
+    assert policy.OPERATIONS <= set(lockdown.rules)
+    writes = {n for n in policy.OPERATIONS if not n.startswith(("get_", "list_"))}
+    for name in policy.OPERATIONS:
+        assert lockdown.rules[name] == policy.parse_check(
+            "rule:metadef_admin" if name in writes else "rule:metadef_default", name
+        )
+
+
+@pytest.mark.parametrize(
+    ("path", "segments"),
+    [
+        ("/v2/metadefs/namespaces", ["v2", "metadefs", "namespaces"]),
+        ("/v2.1/metadefs/namespaces/", ["v2", "metadefs", "namespaces"]),
+        ("/v2.16/./metadefs//namespaces", ["v2", "metadefs", "namespaces"]),
+        ("/v2/images/../metadefs/namespaces", ["v2", "metadefs", "namespaces"]),
+        ("/v3/metadefs/namespaces", ["v3", "metadefs", "namespaces"]),
+    ],
+)
+def test_paths_are_read_as_the_upstream_routes_them(path: str, segments: list[str]) -> None:
+    assert policy.normalise(path) == segments
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"add_metadef_namespace": "role:member"}, "'role:member' cannot be decided"),
+        ({"add_metadef_namespace": "rule:nope"}, "no rule 'nope'"),
+        ({"a": "rule:b", "b": "rule:a", "add_metadef_tag": "rule:a"}, "refers to itself"),
+        ({"get_image": "role:admin"}, "'get_image' is not an operation cached enforces"),
+        ({"add_metadef_tag": "role:admin or"}, "a check is missing"),
+        ({"add_metadef_tag": "(role:admin"}, "')' is missing"),
+        ({"add_metadef_tag": 5}, "must map to a check string"),
+        ({"routes": [{"path": "v2/images"}]}, "path must start with '/'"),
+        ({"routes": [{"method": "FETCH", "path": "/v2"}]}, "unknown method 'FETCH'"),
+        ({"routes": [{"path": "/v2/**/file"}]}, "'**' only at the end"),
+        ({"routes": [{"path": "/v2", "rule": "rule:x"}]}, "no rule 'x'"),
+        ({"routes": "all"}, "routes must be a list"),
+        (["a"], "a policy file is a mapping"),
+    ],
+)
+def test_bad_policies_are_refused_with_the_rule_named(document: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        policy.parse(document, "p.yaml")
+
+
+def test_check_config_refuses_a_bad_policy_file(tmp_path: Path) -> None:
+    bad = tmp_path / "policy.yaml"
+    bad.write_text("add_metadef_namespace: 'role:member'\n")
+    res = run_cached(
+        "check-config", "--upstream", "http://glance:9292", "-c", str(_conf(tmp_path, bad))
+    )
+    assert res.returncode == 2
+    assert res.stderr.startswith(
+        "cached: configuration error: policy rule 'add_metadef_namespace': 'role:member' cannot"
+    )
+
+
+def _conf(tmp_path: Path, policy_file: Path) -> Path:
+    conf = tmp_path / "cached.yaml"
+    conf.write_text(f"policy: {policy_file}\n")
+    return conf
+
+
+def seen(glance: FakeGlance, method: str, tail: str) -> bool:
+    return any(r.method == method and r.path.endswith(tail) for r in glance.requests)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/metadefs/namespaces",
+        "/v2.1/metadefs/namespaces",
+        "/v2/metadefs/namespaces/",
+        "/v2/./metadefs//namespaces",
+        "/v2/%6Detadefs/namespaces",
+    ],
+)
+async def test_lockdown_refuses_a_members_namespace_at_the_proxy(
+    glance: FakeGlance, tmp_path: Path, path: str
+) -> None:
+    d = await start_daemon(tmp_path, glance.url, admin_tokens=[ADMIN_DIGEST], policy=str(LOCKDOWN))
+    try:
+        body = json.dumps({"namespace": "flood"})
+        async with d.session.post(
+            d.url + path, data=body, headers={**auth("token-p1"), "Accept": "application/json"}
+        ) as resp:
+            assert resp.status == 403
+            assert await resp.json() == {
+                "message": "You are not authorized to complete add_metadef_namespace action."
+                "<br /><br />\n\n\n",
+                "code": "403 Forbidden",
+                "title": "Forbidden",
+            }
+        assert not seen(glance, "POST", "namespaces") and not seen(glance, "POST", "namespaces/")
+        async with d.session.post(d.url + path, data=body, headers=auth("token-p1")) as resp:
+            assert resp.status == 403 and resp.content_type == "text/plain"
+            assert (await resp.text()).startswith("403 Forbidden\n\nYou are not authorized")
+        assert glance.requests == []
+    finally:
+        await stop_daemon(d)
+
+
+async def test_lockdown_passes_reads_and_admins(glance: FakeGlance, tmp_path: Path) -> None:
+    d = await start_daemon(tmp_path, glance.url, admin_tokens=[ADMIN_DIGEST], policy=str(LOCKDOWN))
+    try:
+        url = d.url + "/v2/metadefs/namespaces"
+        async with d.session.get(url, headers=auth("token-p1")) as resp:
+            assert resp.status == 404  # passed on: the fake Glance has no metadef API
+        assert seen(glance, "GET", "/v2/metadefs/namespaces")
+        async with d.session.post(url, json={"namespace": "x"}, headers=auth("token-admin")):
+            pass
+        assert seen(glance, "POST", "/v2/metadefs/namespaces")
+        for method, tail in (
+            ("DELETE", "/OS::Compute::Hypervisor/tags"),
+            ("PUT", "/OS::Compute::Hypervisor/properties/cpu"),
+            ("POST", "/OS::Compute::Hypervisor/resource_types"),
+        ):
+            async with d.session.request(method, url + tail, headers=auth("token-p1")) as resp:
+                assert resp.status == 403, (method, tail)
+        assert not seen(glance, "DELETE", "/tags") and not seen(glance, "PUT", "/cpu")
+    finally:
+        await stop_daemon(d)
+
+
+async def test_route_rules_for_anything_else(glance: FakeGlance, tmp_path: Path) -> None:
+    rules = tmp_path / "policy.yaml"
+    rules.write_text(
+        "routes:\n"
+        "  - {method: [GET, HEAD], path: /v2/**, rule: '@'}\n"
+        "  - {method: POST, path: /v2/images, rule: '@'}\n"
+        "  - {method: '*', path: /v2/**, rule: 'role:admin'}\n"
+    )
+    d = await start_daemon(tmp_path, glance.url, admin_tokens=[ADMIN_DIGEST], policy=str(rules))
+    try:
+        image = glance.add_image(b"x" * 1000)
+        status, _, body = await d.get(image.id)  # reads pass, also image data
+        assert (status, body) == (200, b"x" * 1000)
+        async with d.session.post(f"{d.url}/v2/images", json={}, headers=auth()) as resp:
+            assert resp.status == 201  # a snapshot upload starts with a create
+        async with d.session.delete(f"{d.url}/v2.2/images/{image.id}", headers=auth()) as resp:
+            assert resp.status == 403
+            assert "complete * /v2/** action" in await resp.text()
+        assert image.id in glance.images  # never reached the upstream
+        async with d.session.delete(
+            f"{d.url}/v2/images/{image.id}", headers=auth("token-admin")
+        ) as resp:
+            assert resp.status == 204
+        assert image.id not in glance.images
+    finally:
+        await stop_daemon(d)
