@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 from collections.abc import AsyncIterator
 
@@ -10,9 +11,10 @@ import aiohttp
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from cached import admin, identity, jobs, manage, routes
+from cached import admin, identity, jobs, manage, mounts, routes
 from cached.auth import Authorizer
 from cached.config import Config
+from cached.directories import Directories
 from cached.errors import ConfigError
 from cached.fill import FillSettings
 from cached.filler import Filler
@@ -33,11 +35,13 @@ PROXY = web.AppKey("proxy", Proxy)
 MANAGER = manage.MANAGER
 SCHEDULER = web.AppKey("scheduler", AsyncIOScheduler)
 INTEGRITY = web.AppKey("integrity", Integrity)
+DIRECTORIES = web.AppKey("directories", Directories)
 
 
-def make_backend(config: Config) -> Backend:
+def make_backend(config: Config, directories: Directories | None = None) -> Backend:
     if config.upstream_kind == "file":
-        return FileBackend(config.upstream_dir, config.access_tokens)
+        guard = directories.store if directories is not None else None
+        return FileBackend(config.upstream_dir, config.access_tokens, guard=guard)
     return GlanceBackend(
         config.upstream,
         connect_timeout=config.upstream_connect_timeout,
@@ -54,9 +58,21 @@ def prepare_dirs(config: Config, embedded: bool) -> None:
     if embedded:
         # The built-in default runs out of the box: it makes its own ./var directories.
         config.upstream_dir.mkdir(parents=True, exist_ok=True)
-    if config.upstream_kind == "file" and not config.upstream_dir.is_dir():
-        raise ConfigError(f"option 'upstream': {config.upstream_dir} is not a directory")
+    if config.upstream_kind == "file" and not config.upstream_mount.require_mount:
+        # (A required mount that is missing is the store guard's 503, not a refusal to start.)
+        if not config.upstream_dir.is_dir():
+            raise ConfigError(f"option 'upstream': {config.upstream_dir} is not a directory")
     cache_dir = config.image_cache_dir
+    if config.image_cache_mount.require_mount:
+        # Nothing is created in (or probed with a write to) a directory that is not mounted;
+        # the cache guard watches it from the start and tells why downloads pass through.
+        if not mounts.is_mount_point(cache_dir):
+            log.warning(
+                "image_cache_dir %s is not mounted (image_cache_mount: require_mount): "
+                "starting anyway, every download passes through until it is",
+                cache_dir,
+            )
+        return
     if not cache_dir.is_dir():
         if not cache_dir.parent.is_dir():
             raise ConfigError(f"option 'image_cache_dir': {cache_dir.parent} does not exist")
@@ -80,13 +96,15 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
     app[CONFIG] = config
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        upstream = backend or make_backend(config)
+        directories = app[DIRECTORIES] = Directories.from_config(config)
+        upstream = backend or make_backend(config, directories)
         # Keystone, peers and the upstream's version document (not image data).
         session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=30, sock_connect=config.upstream_connect_timeout)
         )
-        store = Store(config.image_cache_dir)
-        await store.open()
+        # Cache-file I/O runs on the cache guard's bounded threads: a hung share holds those.
+        store = Store(config.image_cache_dir, io=directories.cache.executor)
+        await directories.start(store)  # opens the index only in a directory that is ok
         settings = FillSettings(config.fsync_interval_bytes, config.fsync_interval_seconds)
         keystone, service = identity.build(config, session)
         guard = admin.build(config, session, keystone)
@@ -100,10 +118,11 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             store,
             filler,
             upstream,
-            Authorizer(upstream, config.auth_cache_ttl),
+            Authorizer(upstream, config.auth_cache_ttl, config.auth_stale_if_error),
             versions_session=session if glance else None,
             upstream_url=config.upstream if glance else "",
             max_entry_size=config.max_entry_size,
+            directories=directories,
         )
         admin.warn_if_exposed(config, guard)
         if config.upstream_kind == "glance" and not service.configured:
@@ -118,7 +137,16 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             filler.on_reserve = maintenance.make_room
         app[STORE], app[FILLER], app[PROXY] = store, filler, proxy
         app[MANAGER] = manage.Manager(
-            config, store, filler, upstream, guard, prefetcher, maintenance, session, service
+            config,
+            store,
+            filler,
+            upstream,
+            guard,
+            prefetcher,
+            maintenance,
+            session,
+            service,
+            directories,
         )
         integrity = Integrity(
             store,
@@ -130,7 +158,19 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         proxy.integrity = integrity
         app[INTEGRITY] = integrity
         integrity.start()
-        app[SCHEDULER] = jobs.start_scheduler(config, prefetcher, maintenance, integrity)
+        filler.disk_guard = directories.cache  # fills run while the cache directory is ok
+        scheduler = app[SCHEDULER] = jobs.start_scheduler(
+            config, prefetcher, maintenance, integrity
+        )
+        # The jobs leave a cache directory that is not ok alone; the prefetch queue resumes
+        # at once when it is ok (and indexed) again.
+        for job in scheduler.get_jobs():
+            scheduler.modify_job(job.id, func=directories.while_usable(job.func, job.id))
+
+        def resume_prefetch() -> None:
+            scheduler.modify_job("prefetch", next_run_time=datetime.datetime.now(datetime.UTC))
+
+        directories.on_indexed.append(resume_prefetch)
         yield
         app[SCHEDULER].shutdown(wait=False)
         await asyncio.sleep(0)  # the scheduler shuts down (and cancels its runs) on the loop
@@ -140,6 +180,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         await session.close()
         await upstream.close()
         store.close()
+        await directories.close()
 
     app.cleanup_ctx.append(resources)
 
