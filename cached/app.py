@@ -13,11 +13,12 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from cached import admin, health, identity, jobs, logs, manage, routes, tls
+from cached import admin, health, identity, jobs, logs, manage, mounts, routes, tls
 from cached import metrics as metrics_module
 from cached import policy as request_policy
 from cached.auth import Authorizer
 from cached.config import Config
+from cached.directories import Directories
 from cached.errors import ConfigError
 from cached.fill import FillSettings
 from cached.filler import Filler
@@ -43,11 +44,17 @@ MANAGER = manage.MANAGER
 SCHEDULER = web.AppKey("scheduler", AsyncIOScheduler)
 INTEGRITY = web.AppKey("integrity", Integrity)
 POLICY = web.AppKey("policy", request_policy.Policy)
+DIRECTORIES = web.AppKey("directories", Directories)
 
 
-def make_backend(config: Config, ssl_context: ssl.SSLContext | bool = True) -> Backend:
+def make_backend(
+    config: Config,
+    ssl_context: ssl.SSLContext | bool = True,
+    directories: Directories | None = None,
+) -> Backend:
     if config.upstream_kind == "file":
-        return FileBackend(config.upstream_dir, config.access_tokens)
+        guard = directories.store if directories is not None else None
+        return FileBackend(config.upstream_dir, config.access_tokens, guard=guard)
     return GlanceBackend(
         config.upstream,
         connect_timeout=config.upstream_connect_timeout,
@@ -84,9 +91,21 @@ def prepare_dirs(config: Config, embedded: bool) -> None:
     if embedded:
         # The built-in default runs out of the box: it makes its own ./var directories.
         config.upstream_dir.mkdir(parents=True, exist_ok=True)
-    if config.upstream_kind == "file" and not config.upstream_dir.is_dir():
-        raise ConfigError(f"option 'upstream': {config.upstream_dir} is not a directory")
+    if config.upstream_kind == "file" and not config.upstream_mount.require_mount:
+        # (A required mount that is missing is the store guard's 503, not a refusal to start.)
+        if not config.upstream_dir.is_dir():
+            raise ConfigError(f"option 'upstream': {config.upstream_dir} is not a directory")
     cache_dir = config.image_cache_dir
+    if config.image_cache_mount.require_mount:
+        # Nothing is created in (or probed with a write to) a directory that is not mounted;
+        # the cache guard watches it from the start and tells why downloads pass through.
+        if not mounts.is_mount_point(cache_dir):
+            log.warning(
+                "image_cache_dir %s is not mounted (image_cache_mount: require_mount): "
+                "starting anyway, every download passes through until it is",
+                cache_dir,
+            )
+        return
     if not cache_dir.is_dir():
         if not cache_dir.parent.is_dir():
             raise ConfigError(f"option 'image_cache_dir': {cache_dir.parent} does not exist")
@@ -118,15 +137,17 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         client_tls = await asyncio.to_thread(tls.client_tls, config)
         if config.policy:
             app[POLICY] = await asyncio.to_thread(request_policy.load, config.policy)
-        raw_upstream = backend or make_backend(config, client_tls.upstream)
+        directories = app[DIRECTORIES] = Directories.from_config(config)
+        raw_upstream = backend or make_backend(config, client_tls.upstream, directories)
         upstream: Backend = MeteredBackend(raw_upstream, metrics)
         # Keystone, peers and the upstream's version document (not image data).
         session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=30, sock_connect=config.upstream_connect_timeout),
             connector=aiohttp.TCPConnector(ssl=client_tls.upstream),
         )
-        store = Store(config.image_cache_dir)
-        await store.open()
+        # Cache-file I/O runs on the cache guard's bounded threads: a hung share holds those.
+        store = Store(config.image_cache_dir, io=directories.cache.executor)
+        await directories.start(store)  # opens the index only in a directory that is ok
         settings = FillSettings(config.fsync_interval_bytes, config.fsync_interval_seconds)
         keystone, service = identity.build(config, session, client_tls.keystone)
         guard = admin.build(config, session, keystone)
@@ -140,10 +161,11 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             store,
             filler,
             upstream,
-            Authorizer(upstream, config.auth_cache_ttl),
+            Authorizer(upstream, config.auth_cache_ttl, config.auth_stale_if_error),
             versions_session=session if glance else None,
             upstream_url=config.upstream if glance else "",
             max_entry_size=config.max_entry_size,
+            directories=directories,
         )
         if config.upstream_kind == "glance" and not service.configured:
             log.warning(
@@ -157,7 +179,16 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             filler.on_reserve = maintenance.make_room
         app[STORE], app[FILLER], app[PROXY] = store, filler, proxy
         app[MANAGER] = manage.Manager(
-            config, store, filler, upstream, guard, prefetcher, maintenance, session, service
+            config,
+            store,
+            filler,
+            upstream,
+            guard,
+            prefetcher,
+            maintenance,
+            session,
+            service,
+            directories,
         )
         integrity = Integrity(
             store,
@@ -175,10 +206,22 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         )
         app[INTEGRITY] = integrity
         integrity.start()
-        app[SCHEDULER] = jobs.start_scheduler(config, prefetcher, maintenance, integrity)
+        filler.disk_guard = directories.cache  # fills run while the cache directory is ok
+        scheduler = app[SCHEDULER] = jobs.start_scheduler(
+            config, prefetcher, maintenance, integrity
+        )
+        # The jobs leave a cache directory that is not ok alone; the prefetch queue resumes
+        # at once when it is ok (and indexed) again.
+        for job in scheduler.get_jobs():
+            scheduler.modify_job(job.id, func=directories.while_usable(job.func, job.id))
+
+        def resume_prefetch() -> None:
+            scheduler.modify_job("prefetch", next_run_time=dt.datetime.now(dt.UTC))
+
+        directories.on_indexed.append(resume_prefetch)
         ops.store, ops.filler, ops.guard, ops.session = store, filler, guard, session
         _register_live(reloadables, app, ops, raw_upstream, proxy.authorizer, guard)
-        _register_live_jobs(reloadables, app[SCHEDULER], prefetcher, maintenance, proxy)
+        _register_live_jobs(reloadables, scheduler, prefetcher, maintenance, proxy)
         yield
         ops.store = None
         app[SCHEDULER].shutdown(wait=False)
@@ -189,6 +232,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         await session.close()
         await upstream.close()
         store.close()
+        await directories.close()
         if metrics_module.active() is metrics:
             metrics_module.install(None)
 

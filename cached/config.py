@@ -71,6 +71,24 @@ def parse_admin_listen(value: str) -> tuple[str, int] | Path:
 
 
 @dataclass(frozen=True)
+class MountSpec:
+    """What a declared directory must be (``image_cache_mount``, ``upstream_mount``)."""
+
+    # The directory must itself be a mount point: while it is not, nothing is created in it.
+    require_mount: bool = False
+    # The filesystem type it must have (as /proc/self/mountinfo names it: nfs4, xfs); "": any.
+    fstype: str = ""
+    # A read-only mount is a fault (state read_only); the cache must be writable.
+    writable: bool = True
+    # Seconds between probes, and a probe's time limit before the directory counts as hung.
+    probe_interval: float = 5.0
+    probe_timeout: float = 10.0
+
+
+_MOUNT_KEYS = {f.name for f in dataclasses.fields(MountSpec)}
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the daemon reads from its configuration file and flags."""
 
@@ -86,6 +104,9 @@ class Config:
     # Seconds a positive download authorisation is reused per (credential, image); 0 = ask
     # the upstream before every download (a change made elsewhere is seen at once).
     auth_cache_ttl: float = 0.0
+    # Seconds an upstream's "allowed" still counts for a complete cached image while the
+    # upstream is unreachable or answers 5xx (RFC 5861's stale-if-error); 0 = never.
+    auth_stale_if_error: float = 0.0
     # Tokens accepted by the file backend; empty = no check, loopback only.
     access_tokens: tuple[str, ...] = ()
     upstream_connect_timeout: float = 10.0
@@ -179,6 +200,11 @@ class Config:
         """The largest image the cache admits."""
         return int(self.image_cache_max_size * self.max_image_fraction)
 
+    # --- declared directories (cached/guard.py) ---
+    image_cache_mount: MountSpec = MountSpec()
+    # Only for a file:// upstream: its directory (e.g. an NFS share of Glance's images).
+    upstream_mount: MountSpec = MountSpec(writable=False)
+
     @property
     def listen_address(self) -> tuple[str, int]:
         """The first listen address."""
@@ -255,6 +281,7 @@ def _convert(name: str, value: Any) -> Any:
         return value
     if name in (
         "auth_cache_ttl",
+        "auth_stale_if_error",
         "upstream_connect_timeout",
         "upstream_read_timeout",
         "fsync_interval_seconds",
@@ -356,11 +383,37 @@ def _convert(name: str, value: Any) -> Any:
         if parts.scheme not in ("http", "https", "file") or not (parts.netloc or parts.path):
             raise ValueError(f"must be http(s)://host:port or file:///dir, got {value!r}")
         return str(value).rstrip("/")
+    if name in ("image_cache_mount", "upstream_mount"):
+        return _mount_spec(name, value)
     if name == "log_level":
         if str(value).upper() not in _LOG_LEVELS:
             raise ValueError(f"must be one of {sorted(_LOG_LEVELS)}, got {value!r}")
         return str(value).upper()
     return value
+
+
+def _mount_spec(name: str, value: Any) -> MountSpec:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"must be a mapping of {', '.join(sorted(_MOUNT_KEYS))}")
+    unknown = sorted(set(value) - _MOUNT_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(_MOUNT_KEYS))})")
+    spec: dict[str, Any] = {} if name == "image_cache_mount" else {"writable": False}
+    for key, item in value.items():
+        if key in ("require_mount", "writable"):
+            if not isinstance(item, bool):
+                raise ValueError(f"{key}: must be true or false, got {item!r}")
+        elif key == "fstype":
+            if not isinstance(item, str) or any(c.isspace() for c in item):
+                raise ValueError(f"fstype: must be a filesystem type such as nfs4, got {item!r}")
+        elif isinstance(item, bool) or not isinstance(item, int | float) or item <= 0:
+            raise ValueError(f"{key}: must be a number of seconds > 0, got {item!r}")
+        else:
+            item = float(item)
+        spec[key] = item
+    if name == "image_cache_mount" and spec.get("writable") is False:
+        raise ValueError("writable: the cache directory is always written to; leave it true")
+    return MountSpec(**spec)
 
 
 def build(values: Mapping[str, Any], source: str = "<flags>") -> Config:
@@ -452,6 +505,7 @@ def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) ->
 
 __all__ = [
     "Config",
+    "MountSpec",
     "build",
     "load",
     "parse_admin_listen",

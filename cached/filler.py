@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from cached import metrics
 from cached.errors import FillAborted, StoreUnavailable
@@ -31,6 +32,15 @@ STORE_RETRY_AFTER = 30  # seconds of pass-through after the cache disk failed
 # Errors of the cache disk itself (not of one entry, not of the upstream): new fills are
 # refused for a while and downloads pass through instead of failing over and over.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+class DiskGuard(Protocol):
+    """What the filler needs of the cache directory's guard."""
+
+    @property
+    def ok(self) -> bool: ...
+
+    def report(self, exc: BaseException) -> None: ...
 
 
 class Filler:
@@ -50,6 +60,10 @@ class Filler:
         self.fills: dict[str, Fill] = {}
         self.orphans: set[Fill] = set()
         self._store_failed_at = -float(STORE_RETRY_AFTER)
+        # The cache directory's guard (cached/guard.py), when there is one: it decides when
+        # fills may run instead of the fixed pass-through above (kept only for a full disk);
+        # disk errors wake it.
+        self.disk_guard: DiskGuard | None = None
         # Told whenever fills reserve space (the prune makes room).
         self.on_reserve: Callable[[], None] | None = None
         self._opening: dict[str, asyncio.Future[Fill]] = {}
@@ -71,6 +85,8 @@ class Filler:
 
     def passing_through(self) -> bool:
         """Whether new fills are refused because the cache disk failed a moment ago."""
+        if self.disk_guard is not None and not self.disk_guard.ok:
+            return True
         return time.monotonic() - self._store_failed_at < STORE_RETRY_AFTER
 
     async def open(self, record: ImageRecord, creds: Credentials) -> tuple[Fill, bool]:
@@ -154,6 +170,10 @@ class Filler:
             self._store_failed(fill.error)
 
     def _store_failed(self, exc: StoreUnavailable) -> None:
+        if self.disk_guard is not None:
+            self.disk_guard.report(exc)  # it decides about read-only, vanished, failing
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                return  # (a full disk is not the mount's fault: the pause below stays)
         if exc.errno in DISK_ERRNOS:
             log.error(
                 "the cache directory failed (%s): passing through for %ds",

@@ -25,7 +25,10 @@ prints every top-level key of that document but ``cached_images`` as queued rows
         "bytes_done": 123, "size": 456 | null,      # bytes in the cache / image size
         "rate": 1.5e7 | null,                       # bytes/s from the upstream, this fetch
         "failures": 0, "last_error": null,           # queued images only:
-        "last_attempt": null, "next_attempt": null}}} # the prefetch record (epoch seconds)
+        "last_attempt": null, "next_attempt": null}}, # the prefetch record (epoch seconds)
+     "directories": [{"name": "cache" | "store", "directory": "/var/lib/cached",
+        "state": "ok" | "read_only" | "vanished" | "hung" | "failing", "reason": "...",
+        "since": "2026-01-01T00:00:00.000000Z", ...}]}   # cached/guard.py Guard.status()
 
 Listed: every queued image, and every image being filled for a client (no ``failures``...).
 """
@@ -33,11 +36,12 @@ Listed: every queued image, and every image being filled for a client (no ``fail
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -45,16 +49,19 @@ from aiohttp import web
 from cached import replies
 from cached.admin import Access, AdminGuard
 from cached.config import Config
-from cached.errors import CachedError, UpstreamError, UpstreamUnavailable
+from cached.directories import Directories
+from cached.errors import CachedError, StoreUnavailable, UpstreamError, UpstreamUnavailable
 from cached.filler import Filler
 from cached.identity import ServiceAuth
 from cached.ids import is_image_id
 from cached.jobs import Maintenance
+from cached.mounts import State
 from cached.prefetch import Prefetcher
 from cached.store import Store
 from cached.upstream import Backend, Credentials, ImageRecord
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _PEER_TIMEOUT = aiohttp.ClientTimeout(total=5)
 
@@ -84,6 +91,7 @@ class Manager:
     maintenance: Maintenance
     session: aiohttp.ClientSession
     service: ServiceAuth
+    directories: Directories | None = None
 
     async def record(self, image_id: str, creds: Credentials) -> ImageRecord:
         """The image record, asked with the caller's credentials (404 if unknown to them).
@@ -104,17 +112,45 @@ class Manager:
                 raise ImageNotFound(f"Image {image_id} not found.") from None
             raise
 
+    async def io(self, fn: Callable[..., T], *args: Any, read: bool = False) -> T:
+        """Run a blocking call in the cache directory: refused at once (503, naming the state)
+        while the directory is vanished, hung or failing, and on the cache guard's threads
+        so that a hung share never holds the default executor's. A ``read`` that takes
+        longer than the guard's probe timeout is answered with a 503 too (a change is
+        waited for: answering before it is done would misreport it)."""
+        guard = self.directories.cache if self.directories is not None else None
+        if guard is None:
+            return await asyncio.to_thread(fn, *args)
+        self.check_cache()
+        if not read:
+            return await guard.run_io(fn, *args)
+        try:
+            return await asyncio.wait_for(guard.run_io(fn, *args), guard.probe_timeout)
+        except TimeoutError:
+            guard.report(TimeoutError(errno.ETIMEDOUT, "cache directory read timed out"))
+            raise StoreUnavailable(
+                f"The cache directory did not answer within {guard.probe_timeout:g}s"
+            ) from None
+
+    def check_cache(self) -> None:
+        """Raise StoreUnavailable (a 503 naming the state) while the cache directory is
+        vanished, hung or failing: nothing there is read or changed meanwhile."""
+        guard = self.directories.cache if self.directories is not None else None
+        if guard is not None and guard.state in (State.VANISHED, State.HUNG, State.FAILING):
+            raise StoreUnavailable(f"The cache directory is {guard.state.value}: {guard.reason}")
+
     async def queued(self) -> list[str]:
-        return await asyncio.to_thread(self.store.queued)
+        return await self.io(self.store.queued, read=True)
 
     async def held(self, image_id: str) -> bool:
         """Whether the image is cached (even partly), queued or invalid here."""
         if self.store.get(image_id) is not None or image_id in self.store.invalid:
             return True
-        return await asyncio.to_thread((self.store.queue_dir / image_id).exists)
+        return await self.io((self.store.queue_dir / image_id).exists, read=True)
 
     async def drop(self, image_id: str) -> bool:
         """Delete the image's entry (safely while it is read or filled) and invalid copy."""
+        self.check_cache()
         removed = await self.filler.remove(image_id)
         if image_id in self.store.invalid:
             removed |= await self.store.remove_invalid(image_id)
@@ -122,6 +158,7 @@ class Manager:
 
     async def drop_all(self) -> int:
         """Delete every entry, complete or partial; returns how many."""
+        self.check_cache()
         count = 0
         for image_id in list(self.store.entries):
             count += await self.filler.remove(image_id)
@@ -130,7 +167,7 @@ class Manager:
     async def dequeue_all(self) -> int:
         count = 0
         for image_id in await self.queued():
-            count += await asyncio.to_thread(self.store.dequeue, image_id)
+            count += await self.io(self.store.dequeue, image_id)
         return count
 
     async def enqueue(self, image_id: str) -> bool:
@@ -141,7 +178,7 @@ class Manager:
         entry = self.store.get(image_id)
         if entry is not None and entry.complete:
             return False
-        await asyncio.to_thread(self.store.enqueue, image_id)
+        await self.io(self.store.enqueue, image_id)
         return True
 
     async def peers_holding(self, image_id: str, token: str | None) -> list[str]:
@@ -201,6 +238,8 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 def _error_for(request: web.Request, exc: CachedError | OSError) -> web.Response:
     """The one place where domain errors become HTTP answers."""
+    if isinstance(exc, StoreUnavailable):
+        return _error(503, str(exc))
     if isinstance(exc, OSError):
         log.error("cache directory error: %s", exc)
         return _error(503, f"The cache directory is unavailable: {exc.strerror or exc}")
@@ -308,7 +347,21 @@ async def nodes(m: Manager, request: web.Request) -> web.StreamResponse:
 
 
 async def progress(m: Manager, request: web.Request) -> web.StreamResponse:
-    return _json({"progress": await m.prefetcher.progress()})
+    if m.directories is None:
+        return _json({"progress": await m.prefetcher.progress()})
+    # Never wait on a hung share here, nor fail for want of the queue: this is where
+    # operators look to find out what is wrong with the directories.
+    progress: dict[str, Any] = {}
+    guard = m.directories.cache
+    if m.directories.cache_bypass(None) in (None, "read_only"):
+        try:
+            progress = await asyncio.wait_for(m.prefetcher.progress(), guard.probe_timeout)
+        except TimeoutError:  # hung: the guard says so within its own probe timeout
+            pass
+        except OSError as exc:
+            guard.report(exc)
+    document = {"progress": progress, "directories": m.directories.status()}
+    return _json(document)
 
 
 async def legacy_cached(m: Manager, request: web.Request) -> web.StreamResponse:
@@ -342,7 +395,7 @@ async def legacy_queue_image(m: Manager, request: web.Request) -> web.StreamResp
 
 
 async def legacy_delete_queued_image(m: Manager, request: web.Request) -> web.StreamResponse:
-    await asyncio.to_thread(m.store.dequeue, _image_id(request, legacy=True))
+    await m.io(m.store.dequeue, _image_id(request, legacy=True))
     return _json(None)
 
 

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from cached import ranges, replies, routes, versions
 from cached.auth import Authorizer
+from cached.directories import Directories
 from cached.errors import (
     CachedError,
     FillAborted,
@@ -42,6 +43,7 @@ class Outcome(enum.Enum):
     """How a download was answered; also its RFC 9211 Cache-Status value."""
 
     HIT = "cached; hit"
+    STALE_HIT = "cached; hit; detail=stale-auth"  # the upstream failed: auth_stale_if_error
     MISS = "cached; fwd=uri-miss; stored"
     COLLAPSED = "cached; fwd=uri-miss; collapsed"
     PARTIAL = "cached; fwd=partial; stored"
@@ -88,6 +90,7 @@ class Proxy:
     # Told of every image deleted through the proxy (e.g. the prefetch queue forgets it).
     on_deleted: list[Callable[[str], Awaitable[object]]] = field(default_factory=list)
     integrity: Integrity | None = None  # re-verifies a changed file before a hit (scrub.py)
+    directories: Directories | None = None  # None: the cache directory is not guarded
 
     async def image_data(self, request: web.Request) -> web.StreamResponse:
         """``GET /v2/images/{id}/file``: authorise, then serve from the cache or fill it."""
@@ -101,7 +104,9 @@ class Proxy:
         fetch_record = entry is None or (not entry.complete and image_id not in self.filler.fills)
         try:
             auth, record = await asyncio.gather(
-                self.authorizer.check(image_id, creds),
+                self.authorizer.check(
+                    image_id, creds, stale_ok=entry is not None and entry.complete
+                ),
                 self._record(image_id, creds) if fetch_record else _none(),
             )
         except UpstreamUnavailable as exc:
@@ -112,8 +117,13 @@ class Proxy:
         if auth.decision is Decision.NO_DATA:
             return web.Response(status=204, headers={"x-openstack-request-id": request_id})
         entry = self.store.get(image_id)
+        bypass = self.directories.cache_bypass(entry) if self.directories else None
+        if bypass is not None:  # the cache directory is not usable (cached/directories.py)
+            return await self._bypass(request, bypass)
         if entry is not None and entry.complete and self.integrity is not None:
             entry = await self.integrity.before_hit(entry)  # None: failed re-verification
+        if auth.stale and (entry is None or not entry.complete):  # never a fill on it
+            return _error(503, "The image service is unavailable; try again later.")
         if entry is None or not entry.complete:
             if isinstance(record, ImageRecord) and (
                 record.status != "active" or record.size is None
@@ -141,8 +151,12 @@ class Proxy:
             )
         try:
             fill, outcome = await self._attach(image_id, entry, record, creds)
+            if auth.stale:
+                outcome = Outcome.STALE_HIT
         except (StoreUnavailable, FillAborted) as exc:
             log.warning("cache unavailable for %s, passing through: %s", image_id, exc)
+            if self.directories is not None:
+                self.directories.cache.report(exc.__cause__ or exc)
             return await self._bypass(request)
         except NotAdmitted as exc:
             return await self._bypass(request, exc.detail)
@@ -242,7 +256,7 @@ class Proxy:
                 request.transport.abort()
             return response
         await response.write_eof()
-        if dl.outcome is Outcome.HIT:
+        if dl.outcome in (Outcome.HIT, Outcome.STALE_HIT):
             await self.store.touch(entry, hit=True)
         return response
 

@@ -19,7 +19,7 @@ from fakeglance import FakeGlance
 
 from cached import config as configuration
 from cached import listeners, tls
-from cached.app import FILLER, PROXY, STORE, make_app
+from cached.app import DIRECTORIES, FILLER, PROXY, STORE, make_app
 from cached.filler import Filler
 from cached.logs import AccessLogger
 from cached.proxy import Proxy
@@ -236,6 +236,16 @@ async def wait_idle(daemon: Daemon, image_id: str) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"the fill of {image_id} never ended")
+
+
+async def wait_guard(daemon: Daemon, state: str, name: str = "cache", within: float = 30) -> None:
+    """Until the daemon's guard of ``name`` says ``state`` (it probes on its own schedule)."""
+    guard = {g.name: g for g in daemon.app[DIRECTORIES]}[name]
+    deadline = asyncio.get_running_loop().time() + within
+    while guard.state.value != state:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{name} guard still {guard.state.value}: {guard.reason}")
+        await asyncio.sleep(0.02)
 
 
 def data_gets(glance: FakeGlance, image_id: str) -> list[str | None]:

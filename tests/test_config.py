@@ -11,7 +11,7 @@ from daemonproc import run_cached
 
 from cached import cli
 from cached import config as configuration
-from cached.config import Config, parse_listen, parse_size
+from cached.config import Config, MountSpec, parse_listen, parse_size
 from cached.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,6 +139,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "cache_prefetcher_interval": [0, "5m", False],
     "cache_prune_interval": [-600, 60.5, "10"],
     "auth_cache_ttl": [-1, "30s", True, None],
+    "auth_stale_if_error": [-1, "1h", False],
     "access_tokens": ["token", [""], [1], {"a": 1}],
     "upstream_connect_timeout": [-0.1, "fast", None],
     "upstream_read_timeout": [True, "x"],
@@ -181,7 +182,32 @@ BAD_VALUES: dict[str, list[object]] = {
     "admin_tls_client_ca": [3],
     "allow_unauthenticated_management": ["true", 1],
     "policy": [["a"]],
+    "image_cache_mount": [
+        True,
+        {"require_mount": "yes"},
+        {"mounted": True},
+        {"fstype": "nfs 4"},
+        {"writable": False},
+        {"probe_interval": 0},
+        {"probe_timeout": "10s"},
+    ],
+    "upstream_mount": [[], {"probe_timeout": -1}, {"writable": 1}],
 }
+
+
+def test_declared_directories_load_from_a_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+image_cache_mount: {require_mount: true, fstype: nfs4, probe_interval: 2, probe_timeout: 1.5}
+upstream_mount: {require_mount: true}
+""",
+    )
+    config = configuration.load(path)
+    assert config.image_cache_mount == MountSpec(
+        require_mount=True, fstype="nfs4", writable=True, probe_interval=2.0, probe_timeout=1.5
+    )
+    assert config.upstream_mount == MountSpec(require_mount=True, writable=False)
 
 
 def test_bad_values_cover_every_option() -> None:

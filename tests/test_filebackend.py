@@ -22,6 +22,7 @@ from conftest import (
     stop_daemon,
     tree,
     wait_complete,
+    wait_guard,
     wait_idle,
 )
 from daemonproc import CachedProcess, run_cached
@@ -313,7 +314,15 @@ async def test_read_only_cache_passes_a_new_image_through(
         image_id = upstream.add(data)
         status, headers, body = await daemon.get(image_id)
         assert status == 200 and body == data
-        assert headers.get("Cache-Status") == "cached; fwd=bypass"
+        # Before its guard noticed, the failed write says so; after it, the state is named.
+        assert headers.get("Cache-Status") in (
+            "cached; fwd=bypass",
+            "cached; fwd=bypass; detail=read_only",
+        )
+        await wait_guard(daemon, "read_only")
+        status, headers, body = await daemon.get(image_id)
+        assert status == 200 and body == data
+        assert headers.get("Cache-Status") == "cached; fwd=bypass; detail=read_only"
         assert tree(cache) == LAYOUT
     finally:
         await stop_daemon(daemon)

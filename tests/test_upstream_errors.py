@@ -129,10 +129,13 @@ async def test_a_symlink_loop_is_no_image(filed: tuple[Daemon, Path]) -> None:
     assert daemon.store.get(looped) is None
 
 
-async def test_vanished_image_directory_lists_as_502(filed: tuple[Daemon, Path]) -> None:
+async def test_vanished_image_directory_lists_as_503(filed: tuple[Daemon, Path]) -> None:
+    """The store's guard looks at once and names the state (issue 10: never a 404, and the
+    directory's own state rather than a generic 502)."""
     daemon, images = filed
     shutil.rmtree(images)
     async with daemon.session.get(f"{daemon.url}/v2/images", headers=auth()) as resp:
-        text = await resp.text()
-        assert resp.status == 502, text
-        assert "The image service is unreachable." in text  # the cause is in the log only
+        body = await resp.json()
+        assert resp.status == 503, body
+        assert body["title"] == "Service Unavailable"
+        assert "image store is unavailable: its directory is vanished" in body["message"]

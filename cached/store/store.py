@@ -158,6 +158,18 @@ class Store:
             self.root,
         )
 
+    def detach(self) -> int:
+        """Forget every entry without touching the disk: the directory vanished (or is
+        another filesystem now), so no commit, invalidation or access record of an entry
+        indexed before may reach whatever its path names later. Returns how many."""
+        count = len(self.entries)
+        for entry in self.entries.values():
+            entry.removed = True
+            entry.reserved = 0
+        self.entries = {}
+        self.invalid = set()
+        return count
+
     def close(self) -> None:
         if self._own_io:
             self.io.shutdown(wait=False)

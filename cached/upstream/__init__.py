@@ -105,6 +105,9 @@ class Authorization:
     body: bytes = b""
     headers: Mapping[str, str] = field(default_factory=dict)
     request_id: str | None = None
+    # ALLOW given by cached itself while the upstream failed (auth_stale_if_error): the
+    # caller's credentials were allowed this image within that window (cached/auth.py).
+    stale: bool = False
 
 
 class DataStream(Protocol):

@@ -7,7 +7,12 @@ real clients make around a download: versions, image list, image record, schemas
 Errors are classified here: a missing image file is Glance's 404; any other ``OSError`` of the
 image directory (an NFS store that fails, a file that cannot be read) is
 :class:`UpstreamUnavailable`, never an error of the cache directory. Every filesystem call
-runs in a worker thread; the backend keeps no state that changes after construction.
+runs in a worker thread (the store guard's own, when there is one); the backend keeps no
+state that changes after construction.
+
+With a guard (:class:`cached.guard.Guard`, ``upstream_mount``), a store directory that is not
+``ok`` answers 503 with Glance's JSON error page naming the state, for downloads, records and
+lists: a missing share is never "no image found", which Nova would take for a deleted image.
 """
 
 from __future__ import annotations
@@ -15,18 +20,20 @@ from __future__ import annotations
 import asyncio
 import datetime
 import errno
+import json
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from cached import ranges, replies, versions
 from cached.errors import UpstreamError, UpstreamUnavailable
+from cached.guard import Guard
 from cached.ids import is_image_id
 from cached.upstream import (
     Authorization,
@@ -40,6 +47,29 @@ from cached.upstream import (
 log = logging.getLogger(__name__)
 # A passed-through download is read and written this much at a time (per client).
 _PIECE = 256 << 10
+
+
+T = TypeVar("T")
+_Io = Callable[..., Awaitable[Any]]
+
+
+def _unavailable(guard: Guard) -> UpstreamError:
+    """Glance's JSON error page (webob's, ``Accept: application/json``) for a store directory
+    that is not ok. It names the state; the reason (paths) goes to the log only."""
+    message = (
+        f"The image store is unavailable: its directory is {guard.state.value}. Try again later."
+    )
+    body = {"message": message, "code": "503 Service Unavailable", "title": "Service Unavailable"}
+    retry = max(1, round(guard.probe_interval))
+    return UpstreamError(
+        503,
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json", "Retry-After": str(retry)},
+    )
+
+
+async def _to_thread(fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.to_thread(fn, *args)
 
 
 def _not_found(image_id: str) -> UpstreamError:
@@ -57,7 +87,8 @@ def _unreadable(image_id: str, exc: OSError) -> UpstreamUnavailable:
 
 
 class FileStream:
-    def __init__(self, image_id: str, fd: int, start: int, end: int):
+    def __init__(self, image_id: str, fd: int, start: int, end: int, io: _Io = _to_thread):
+        self._io = io
         self._image_id = image_id
         self._fd = fd
         self._pos = start
@@ -69,7 +100,7 @@ class FileStream:
         if n <= 0:
             return b""
         try:
-            data = await asyncio.to_thread(os.pread, self._fd, n, self._pos)
+            data: bytes = await self._io(os.pread, self._fd, n, self._pos)
         except OSError as exc:
             raise _unreadable(self._image_id, exc) from exc
         self._pos += len(data)
@@ -83,9 +114,40 @@ class FileStream:
 class FileBackend:
     """Images are the files of one directory, named by image id."""
 
-    def __init__(self, directory: Path, access_tokens: tuple[str, ...] = ()):
+    def __init__(
+        self, directory: Path, access_tokens: tuple[str, ...] = (), *, guard: Guard | None = None
+    ):
         self.directory = Path(directory)
         self._tokens = frozenset(access_tokens)
+        self._guard = guard
+
+    def _check_directory(self) -> None:
+        """Raise the 503 while the store's directory is not ok (vanished, hung, failing)."""
+        if self._guard is not None and not self._guard.ok:
+            raise _unavailable(self._guard)
+
+    async def io(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking call in the store directory: on the guard's own threads (a hung
+        share pins those, never the default executor's), or any worker thread without one."""
+        if self._guard is None:
+            return await asyncio.to_thread(fn, *args)
+        return await self._guard.run_io(fn, *args)
+
+    async def _checked(self, fn: Callable[..., T], *args: Any) -> T:
+        """:meth:`io` behind the directory check. A failure of the store, or a missing file,
+        makes the guard look at once: if the directory itself is not ok, the answer is its
+        503, not the image's 404 or a 502."""
+        self._check_directory()
+        try:
+            return await self.io(fn, *args)
+        except (UpstreamError, UpstreamUnavailable) as err:
+            if self._guard is None or (isinstance(err, UpstreamError) and err.status != 404):
+                raise
+            if isinstance(err.__cause__, OSError):
+                self._guard.report(err.__cause__)
+            await self._guard.check()
+            self._check_directory()
+            raise
 
     async def close(self) -> None:
         return None
@@ -144,14 +206,14 @@ class FileBackend:
     async def authorize(self, image_id: str, creds: Credentials) -> Authorization:
         try:
             self._check_token(creds)
-            await asyncio.to_thread(self._stat, image_id)
+            await self._checked(self._stat, image_id)
         except UpstreamError as err:
             return Authorization(Decision.DENY, err.status, err.body, err.headers)
         return Authorization(Decision.ALLOW)
 
     async def record(self, image_id: str, creds: Credentials) -> ImageRecord:
         self._check_token(creds)
-        return ImageRecord.from_json(await asyncio.to_thread(self._record_json, image_id))
+        return ImageRecord.from_json(await self._checked(self._record_json, image_id))
 
     def _record_json(self, image_id: str) -> dict[str, Any]:
         st = self._stat(image_id)
@@ -187,12 +249,13 @@ class FileBackend:
         self, image_id: str, creds: Credentials, start: int, end: int | None
     ) -> AsyncIterator[FileStream]:
         self._check_token(creds)
-        fd, st = await asyncio.to_thread(self._open, image_id)
+        fd, st = await self._checked(self._open, image_id)
         try:
             size = st.st_size
-            yield FileStream(image_id, fd, start, size if end is None else min(end, size))
+            stop = size if end is None else min(end, size)
+            yield FileStream(image_id, fd, start, stop, self.io)
         finally:
-            await asyncio.to_thread(os.close, fd)
+            await self.io(os.close, fd)
 
     async def forward(
         self, request: web.Request, before_reply: ReplyHook | None = None
@@ -220,13 +283,13 @@ class FileBackend:
                     405, "Method Not Allowed", "The file store behind cached is read-only."
                 )
             if path == "/v2/images":
-                return web.json_response(await asyncio.to_thread(self._list))
+                return web.json_response(await self._checked(self._list))
             if path.startswith("/v2/images/") and path.endswith("/file") and path.count("/") == 4:
                 # Pass-through of a download (the cache is unavailable, or several ranges).
                 return await self._download(request, path.split("/")[3], before_reply)
             if path.startswith("/v2/images/") and path.count("/") == 3:
                 image_id = path.rsplit("/", 1)[1]
-                return web.json_response(await asyncio.to_thread(self._record_json, image_id))
+                return web.json_response(await self._checked(self._record_json, image_id))
             if path in ("/v2/schemas/image", "/v2/schemas/images"):
                 return web.json_response(_schema(path.endswith("images")))
             raise _glance_error(404, "Not Found", "The resource could not be found.")
@@ -242,7 +305,7 @@ class FileBackend:
         """A download passed through (several ranges, or the cache unavailable), answered
         as Glance does; the file is read a piece at a time, each written out (and drained)
         before the next is read, so a client that does not read holds one piece."""
-        fd, st = await asyncio.to_thread(self._open, image_id)
+        fd, st = await self._checked(self._open, image_id)
         try:
             size = st.st_size
             try:
@@ -264,13 +327,13 @@ class FileBackend:
             if before_reply is not None:
                 await before_reply(response)
             await response.prepare(request)
-            stream = FileStream(image_id, fd, start, end)
+            stream = FileStream(image_id, fd, start, end, self.io)
             while piece := await stream.read(_PIECE):
                 await response.write(piece)
             await response.write_eof()
             return response
         finally:
-            await asyncio.to_thread(os.close, fd)
+            await self.io(os.close, fd)
 
     def _list(self) -> dict[str, Any]:
         images = []
