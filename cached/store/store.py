@@ -233,9 +233,15 @@ class Store:
                 return
             entry.removed = True
             target = self.invalid_dir / entry.image_id
-            await self.run(_invalidate, entry.path, target, reason)
-            entry.path = target
+            # Listed before the rename: a clean that removes the file meanwhile also drops
+            # the id; one that runs before the rename finds no file and leaves both.
             self.invalid.add(entry.image_id)
+            try:
+                await self.run(_invalidate, entry.path, target, reason)
+            except BaseException:
+                self.invalid.discard(entry.image_id)
+                raise
+            entry.path = target
 
     async def remove(self, image_id: str) -> Entry | None:
         """Delete an entry (complete or partial). Open readers keep their file until they close."""
