@@ -163,6 +163,8 @@ async def _serve(
         notifier.ready(status_text(ops))
         await stop.wait()
         ops.draining = True
+        for site in sites:  # first: once STOPPING is out, new connections are refused
+            await site.stop()
         grace = reloader.current.shutdown_grace
         log.info(
             "stopping: no new connections; running downloads have %.0f s to finish "
@@ -171,7 +173,7 @@ async def _serve(
         )
         notifier.stopping(f"draining: {len(server.connections)} connections open")
         app[SCHEDULER].pause()
-        await _drain(sites, server, grace, hard_stop)
+        await _drain(server, grace, hard_stop)
         ticker.cancel()
     finally:
         await runner.cleanup()  # closes fills (partial data stays for a resume), jobs, sessions
@@ -180,13 +182,9 @@ async def _serve(
     log.info("stopped")
 
 
-async def _drain(
-    sites: list[web.BaseSite], server: web.Server, grace: float, hard_stop: asyncio.Event
-) -> None:
-    """Stop accepting, then let requests in progress finish for up to ``grace`` seconds (or
-    until ``hard_stop``); whatever still runs then is cut."""
-    for site in sites:
-        await site.stop()
+async def _drain(server: web.Server, grace: float, hard_stop: asyncio.Event) -> None:
+    """Let requests in progress finish for up to ``grace`` seconds (or until ``hard_stop``);
+    whatever still runs then is cut. The sites have stopped accepting already."""
     server.pre_shutdown()  # idle keep-alive connections close now
     drain = asyncio.ensure_future(server.shutdown(grace))
     interrupt = asyncio.ensure_future(hard_stop.wait())
