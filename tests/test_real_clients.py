@@ -238,6 +238,7 @@ async def cached_ids(node: Node, *image_ids: str) -> None:
 # ---- glance cache-* (python-glanceclient, the v2 Cache API) ------------------------------------
 
 
+@pytest.mark.timeout(300)  # runs of the real glance client: ~70 s idle, over 90 s under load
 @pytest.mark.parametrize(
     "node", [{"image_cache_max_size": "1536K", "max_image_fraction": 1.0}], indirect=True
 )
