@@ -594,12 +594,14 @@ async def test_prefetch_queue_resumes_when_the_share_returns(
     )
     data = os.urandom(MiB)
     image = glance.add_image(data, visibility="public")
-    async with node.session.put(f"{node.proc.url}/v2/queued_images/{image.id}") as resp:
+    queue_url = f"{node.proc.url}/v2/queued_images/{image.id}"
+    async with node.session.put(queue_url, headers=auth("token-admin")) as resp:
         assert resp.status == 200, await resp.text()  # queued only (legacy verb)
     assert (cache / "queue" / image.id).exists()
     mounted.umount(cache)
     await node.wait_state("vanished")
-    async with node.session.put(f"{node.proc.url}/v2/queued_images/{image.id}") as resp:
+    queue_url = f"{node.proc.url}/v2/queued_images/{image.id}"
+    async with node.session.put(queue_url, headers=auth("token-admin")) as resp:
         assert resp.status == 503 and "vanished" in await resp.text()
     assert tree(cache) == []
 
