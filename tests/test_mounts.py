@@ -58,8 +58,15 @@ class Mounts:
         self.mount("--bind", str(source), str(target))
 
     def remount(self, path: Path, options: str) -> None:
-        res = _run("mount", "-o", f"remount,{options}", str(path))
-        assert res.returncode == 0, res.stderr
+        """``mount -o remount,...``; a file still open for writing (a fill closing its file
+        just after its commit) makes ``ro`` busy for a moment: try again, bounded."""
+        deadline = time.monotonic() + 15
+        while True:
+            res = _run("mount", "-o", f"remount,{options}", str(path))
+            if res.returncode == 0:
+                return
+            assert "busy" in res.stderr and time.monotonic() < deadline, res.stderr
+            time.sleep(0.05)
 
     def umount(self, path: Path) -> None:
         """``umount -l``: a share that goes away with files still open on it."""
