@@ -33,7 +33,7 @@ def _guard(name: str, config: Config, spec: MountSpec, *, cache: bool, effect: s
     directory = config.image_cache_dir if cache else config.upstream_dir
     return Guard(
         name,
-        directory.absolute(),
+        directory,
         ProbeSpec(spec.require_mount, spec.fstype, spec.writable, needs_xattrs=cache),
         probe_interval=spec.probe_interval,
         probe_timeout=spec.probe_timeout,

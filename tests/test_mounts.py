@@ -58,8 +58,15 @@ class Mounts:
         self.mount("--bind", str(source), str(target))
 
     def remount(self, path: Path, options: str) -> None:
-        res = _run("mount", "-o", f"remount,{options}", str(path))
-        assert res.returncode == 0, res.stderr
+        """``mount -o remount,...``; a file still open for writing (a fill closing its file
+        just after its commit) makes ``ro`` busy for a moment: try again, bounded."""
+        deadline = time.monotonic() + 15
+        while True:
+            res = _run("mount", "-o", f"remount,{options}", str(path))
+            if res.returncode == 0:
+                return
+            assert "busy" in res.stderr and time.monotonic() < deadline, res.stderr
+            time.sleep(0.05)
 
     def umount(self, path: Path) -> None:
         """``umount -l``: a share that goes away with files still open on it."""
@@ -532,3 +539,82 @@ async def test_hung_store_share_keeps_cached_images_served(
     await node.wait_state("ok", "store")
     assert (await node.get(other_id))[:3:2] == (200, other)
     print(f"\nhung store: detected within {took:.2f}s (probe_timeout 1s)")
+
+
+async def test_a_fresh_filesystem_swapped_in_between_probes_is_rescanned(
+    tmp_path: Path, mounted: Mounts
+) -> None:
+    """An unmount and a mount faster than the probe interval: the kernel may hand the new
+    tmpfs the same mount id and device number, but the volume mark cached set on the old
+    one is missing, so the index is forgotten and rebuilt from what is there now."""
+    from cached import config as configuration
+    from cached.directories import Directories
+    from cached.store import Store
+
+    cache = mounted.tmpfs(tmp_path / "cache", "8m")
+    settings = {
+        "upstream": "http://127.0.0.1:9",
+        "image_cache_dir": str(cache),
+        "image_cache_mount": {"probe_interval": 3600},
+    }
+    directories = Directories.from_config(configuration.build(settings))
+    store = Store(cache, io=directories.cache.executor)
+    await directories.start(store)
+    try:
+        assert directories.opened and directories.cache.ok
+        assert await asyncio.to_thread(os.getxattr, cache, mounts.VOLUME_XATTR)
+        image_id = "7a1c0e55-1f0b-4c43-8f0e-2d6b7a9c1e01"
+        await store.create(image_id, 10, checksum=None, os_hash_algo=None, os_hash_value=None)
+        old = store.get(image_id)
+        assert old is not None
+
+        await asyncio.to_thread(mounted.umount, cache)
+        await asyncio.to_thread(mounted.tmpfs, cache, "8m")
+        await directories.cache.check()  # what the next scheduled probe would see
+        for _ in range(500):
+            if directories.opened:
+                break
+            await asyncio.sleep(0.01)
+        assert directories.opened and directories.cache.generation == 1
+        assert store.get(image_id) is None and old.removed  # never committed or touched
+        assert sorted(os.listdir(cache)) == ["incomplete", "invalid", "queue"]
+    finally:
+        await directories.close()
+        store.close()
+
+
+async def test_prefetch_queue_resumes_when_the_share_returns(
+    tmp_path: Path, mounted: Mounts, glance: FakeGlance, start_node: Any
+) -> None:
+    """The queue on a share that comes back is fetched at once, not at the next scheduled
+    run (an hour away here)."""
+    share = mounted.tmpfs(tmp_path / "share")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    mounted.bind(share, cache)
+    node = await start_node(
+        glance.url,
+        cache,
+        image_cache_mount=FAST,
+        service_token="token-admin",
+        cache_prefetcher_interval=3600,
+    )
+    data = os.urandom(MiB)
+    image = glance.add_image(data, visibility="public")
+    queue_url = f"{node.proc.url}/v2/queued_images/{image.id}"
+    async with node.session.put(queue_url, headers=auth("token-admin")) as resp:
+        assert resp.status == 200, await resp.text()  # queued only (legacy verb)
+    assert (cache / "queue" / image.id).exists()
+    mounted.umount(cache)
+    await node.wait_state("vanished")
+    queue_url = f"{node.proc.url}/v2/queued_images/{image.id}"
+    async with node.session.put(queue_url, headers=auth("token-admin")) as resp:
+        assert resp.status == 503 and "vanished" in await resp.text()
+    assert tree(cache) == []
+
+    mounted.bind(share, cache)
+    await node.wait_state("ok")
+    await node.wait_cached(image.id)
+    status, headers, body = await node.get(image.id, **auth("token-admin"))
+    assert (status, headers["Cache-Status"], body) == (200, "cached; hit", data)
+    assert not (cache / "queue" / image.id).exists()
