@@ -52,10 +52,22 @@ class Ops:
 
     @property
     def passing_through(self) -> bool:
-        return self.metrics.passing_through
+        return self.metrics.passing_through or self.guard_problem() is not None
+
+    def guard_problem(self) -> str | None:
+        """Why the cache directory's guard says it is not usable (None: it is, or none)."""
+        guard = self.filler.disk_guard if self.filler is not None else None
+        if guard is None or guard.ok:
+            return None
+        state = getattr(guard, "state", None)
+        name = getattr(state, "value", state) or "not ok"
+        return f"cache directory {name}: {getattr(guard, 'reason', '')}".rstrip(": ")
 
     def mode(self) -> str:
         """``caching``, or ``pass-through (why)``."""
+        problem = self.guard_problem()
+        if problem is not None:
+            return f"pass-through ({problem})"
         if self.metrics.passing_through:
             return f"pass-through ({self.metrics.refused_reason})"
         return "caching"
@@ -119,7 +131,9 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     if problem:
         reasons.append(f"upstream {problem}")
     cache_dir: Path = ops.config.image_cache_dir
-    writable = await asyncio.to_thread(os.access, cache_dir, os.W_OK)
+    # With a guard, its verdict says it (os.access on a hung share would hang a thread).
+    guarded = ops.filler is not None and ops.filler.disk_guard is not None
+    writable = guarded or await asyncio.to_thread(os.access, cache_dir, os.W_OK)
     checks["cache"] = ops.mode()
     if not writable and not ops.passing_through:
         reasons.append(f"cache directory {cache_dir} is not writable")

@@ -288,7 +288,8 @@ class Metrics:
         self.cache_entries.labels("complete").set(complete)
         self.cache_entries.labels("partial").set(partial)
         self.cache_entries.labels("invalid").set(len(store.invalid))
-        self.passthrough.labels(self.cache_dir).set(1 if self.passing_through else 0)
+        guarded = filler is not None and filler.passing_through()
+        self.passthrough.labels(self.cache_dir).set(1 if self.passing_through or guarded else 0)
         self.connections.set(self.count_connections())
         with contextlib.suppress(OSError):
             self.queue_length.set(len(await asyncio.to_thread(store.queued)))

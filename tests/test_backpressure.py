@@ -123,6 +123,19 @@ async def test_pass_through_to_clients_that_do_not_read(tmp_path: Path) -> None:
         await upstream.runner.cleanup()
 
 
+def remount_ro(path: Path) -> None:
+    """Remount ``path`` read-only; retried while a write is open there (the cache guard's
+    probe file lives a moment: the kernel then answers EBUSY)."""
+    deadline = time.monotonic() + 10
+    while True:
+        done = subprocess.run(["mount", "-o", "remount,ro", str(path)], capture_output=True)
+        if done.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"cannot remount {path} read-only: {done.stderr.decode()}")
+        time.sleep(0.05)
+
+
 def test_file_upstream_pass_through_to_clients_that_do_not_read(tmp_path: Path) -> None:
     """The file upstream answers a passed-through download (here: the cache is read-only)
     a piece at a time behind each client's drain."""
@@ -142,12 +155,12 @@ def test_file_upstream_pass_through_to_clients_that_do_not_read(tmp_path: Path) 
     try:
         url = daemon.start()
         assert daemon.proc is not None
-        subprocess.run(["mount", "-o", "remount,ro", str(cache)], check=True)
+        remount_ro(cache)
         path = f"/v2/images/{image_id}/file"
         raw = f"GET {path} HTTP/1.1\r\nHost: cached\r\n\r\n".encode()
         reply = rawhttp.request(url, raw, 60)
         assert reply.status == 200 and len(reply.body) == BIG
-        assert reply.headers["cache-status"] == "cached; fwd=bypass"
+        assert reply.headers["cache-status"] == "cached; fwd=bypass; detail=read_only"
         baseline = rss(daemon.proc.pid)
         for _ in range(CLIENTS):
             sockets.append(_open_without_reading(url, path))
