@@ -125,7 +125,8 @@ def prepare_dirs(config: Config, embedded: bool) -> None:
 
 def make_app(config: Config, *, backend: Backend | None = None) -> web.Application:
     """Build the daemon's application. ``backend`` lets a caller supply its own upstream."""
-    app = web.Application(middlewares=[logs.observe, enforce_policy])
+    middlewares = [logs.observe, enforce_policy] if config.policy else [logs.observe]
+    app = web.Application(middlewares=middlewares)
     app[CONFIG] = config
     app[LISTENERS] = Listeners(loopback_trusted=config.allow_unauthenticated_management)
     metrics = Metrics(str(config.image_cache_dir), config.image_cache_max_size)
