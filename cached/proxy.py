@@ -101,13 +101,11 @@ class Proxy:
             return refused
         creds = Credentials.from_headers(request.headers)
         entry = self.store.get(image_id)
-        fetch_record = entry is None or (not entry.complete and image_id not in self.filler.fills)
+        # Authorisation first and alone, cached or not: a refused caller takes the same path
+        # (and time) whether or not this node holds the image, so it learns nothing of it.
         try:
-            auth, record = await asyncio.gather(
-                self.authorizer.check(
-                    image_id, creds, stale_ok=entry is not None and entry.complete
-                ),
-                self._record(image_id, creds) if fetch_record else _none(),
+            auth = await self.authorizer.check(
+                image_id, creds, stale_ok=entry is not None and entry.complete
             )
         except UpstreamUnavailable as exc:
             return replies.unreachable(request, exc)
@@ -117,6 +115,15 @@ class Proxy:
         if auth.decision is Decision.NO_DATA:
             return web.Response(status=204, headers={"x-openstack-request-id": request_id})
         entry = self.store.get(image_id)
+        record: ImageRecord | None = None
+        if not auth.stale and (
+            entry is None or (not entry.complete and image_id not in self.filler.fills)
+        ):
+            try:
+                record = await self._record(image_id, creds)
+            except UpstreamUnavailable as exc:
+                return replies.unreachable(request, exc)
+            entry = self.store.get(image_id)
         bypass = self.directories.cache_bypass(entry) if self.directories else None
         if bypass is not None:  # the cache directory is not usable (cached/directories.py)
             return await self._bypass(request, bypass)
@@ -360,10 +367,6 @@ def _relink(doc: dict[str, Any], upstream: str, base: str) -> dict[str, Any]:
             if isinstance(href, str) and href.startswith(upstream + "/"):
                 link["href"] = base + href[len(upstream) :]
     return doc
-
-
-async def _none() -> None:
-    return None
 
 
 def _error(status: int, message: str) -> web.Response:

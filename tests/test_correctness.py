@@ -378,3 +378,28 @@ async def test_a_cold_range_reserves_what_it_fetches_not_the_image(
         assert d.store.total_size() == 9 * MiB + 4 * MiB  # one 4 MiB chunk
     finally:
         await stop_daemon(d)
+
+
+# ----------------------------------------- issue 9 item 8: one path for a refused caller
+async def test_a_refused_caller_takes_the_same_path_cached_or_not(
+    daemon: Daemon, glance: FakeGlance
+) -> None:
+    """Before: a miss asked for the image record beside the authorisation probe, a hit did
+    not, so a refused caller could time whether this node holds an image. Now the record is
+    only asked for once the probe allowed the download."""
+    cached_image = glance.add_image(os.urandom(MiB))  # private to p1
+    assert (await daemon.get(cached_image.id))[0] == 200
+    await wait_complete(daemon, cached_image.id)
+    cold_image = glance.add_image(os.urandom(MiB))
+
+    def upstream_calls(image_id: str) -> list[tuple[str, str | None]]:
+        return [(r.path, r.range) for r in glance.requests if f"/v2/images/{image_id}" in r.path]
+
+    seen = {i.id: len(upstream_calls(i.id)) for i in (cached_image, cold_image)}
+    for image in (cached_image, cold_image):
+        status, _, _ = await daemon.get(image.id, token="token-p2")  # another project
+        assert status == 404
+    made = {i.id: upstream_calls(i.id)[seen[i.id] :] for i in (cached_image, cold_image)}
+    probe = "bytes=0-0"
+    assert made[cached_image.id] == [(f"/v2/images/{cached_image.id}/file", probe)]
+    assert made[cold_image.id] == [(f"/v2/images/{cold_image.id}/file", probe)]
