@@ -2,9 +2,12 @@
 consumers (the digest, later format inspectors), each on a thread of its own, and batched
 flushes that make written chunks durable.
 
-Threads: one writer (``pwritev``), one feeder (the consumers, in stream order), one syncer
-(``fdatasync`` then the presence bitmap). They only do I/O on values handed to them; the
-callbacks that report results run on the event loop, which owns the fill's state.
+Threads: each fill has three lanes, each running its jobs one at a time and in order: the
+writer (``pwritev``), the feeder (the consumers, in stream order) and the syncer
+(``fdatasync`` then the presence bitmap). The lanes of all fills share three small thread
+pools (a lane takes a thread per job, so busy fills take turns): 30 concurrent fills use 16
+threads, not 90. The threads only do I/O on values handed to them; the callbacks that
+report results run on the event loop, which owns the fill's state.
 
 Durability order (tested): a chunk enters the bitmap on disk only after an ``fdatasync``
 that began after its bytes were written, so the bitmap never claims a byte the disk lacks.
@@ -13,9 +16,12 @@ that began after its bytes were written, so the bitmap never claims a byte the d
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+import threading
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
 from cached.digest import StreamConsumer
@@ -27,17 +33,67 @@ from cached.upstream import Buffer
 Flush = Callable[[int], None]
 
 
+WRITE_THREADS, FEED_THREADS, SYNC_THREADS = 8, 4, 4
+_pools: dict[str, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(kind: str, threads: int) -> ThreadPoolExecutor:
+    with _pools_lock:
+        if kind not in _pools:
+            _pools[kind] = ThreadPoolExecutor(threads, thread_name_prefix=f"fill-{kind}")
+        return _pools[kind]
+
+
+class Lane(Executor):
+    """Runs its jobs one at a time, in the order submitted, on a shared pool."""
+
+    def __init__(self, pool: ThreadPoolExecutor):
+        self._pool = pool
+        self._lock = threading.Lock()
+        self._jobs: deque[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._busy = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            self._jobs.append((future, functools.partial(fn, **kwargs), args))
+            if self._busy:
+                return future  # the running job hands the lane on
+            self._busy = True
+        self._pool.submit(self._run_next)
+        return future
+
+    def _run_next(self) -> None:
+        with self._lock:
+            future, fn, args = self._jobs.popleft()
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever awaits the job
+                future.set_exception(exc)
+        with self._lock:
+            if not self._jobs:
+                self._busy = False
+                return
+        self._pool.submit(self._run_next)  # one job per turn: other lanes get the thread
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Nothing to release: queued jobs still run (the file is closed by the last)."""
+
+
 class Pipeline:
-    """Writer, feeder and syncer threads of one fill's open file descriptor."""
+    """Writer, feeder and syncer lanes of one fill's open file descriptor."""
 
     def __init__(self, fd: int, label: str, consumers: list[StreamConsumer], flush: Flush):
         self.fd = fd
         self.consumers = consumers
         self._flush = flush
         self._loop = asyncio.get_running_loop()
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"fill-w-{label}")
-        self._feeder = ThreadPoolExecutor(1, thread_name_prefix=f"fill-h-{label}")
-        self._syncer = ThreadPoolExecutor(1, thread_name_prefix=f"fill-s-{label}")
+        self.label = label
+        self._writer = Lane(_pool("write", WRITE_THREADS))
+        self._feeder = Lane(_pool("feed", FEED_THREADS))
+        self._syncer = Lane(_pool("sync", SYNC_THREADS))
 
     def submit(
         self,
@@ -89,11 +145,8 @@ class Pipeline:
             raise StoreUnavailable(f"cannot read the cache file: {exc}", exc.errno) from exc
 
     def close(self) -> None:
-        """Close the file after the queued writes; let the threads go."""
+        """Close the file after the queued writes."""
         self._writer.submit(os.close, self.fd)
-        self._writer.shutdown(wait=False)
-        self._feeder.shutdown(wait=False)
-        self._syncer.shutdown(wait=False)
 
 
 def _nothing() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ import pytest
 from cached.errors import FillAborted, UpstreamUnavailable
 from cached.fill import Fill, FillSettings, FillState
 from cached.filler import Filler
+from cached.pipeline import FEED_THREADS, SYNC_THREADS, WRITE_THREADS
 from cached.store import Bitmap, State, Store, xattrs
 from cached.upstream import Authorization, Credentials, Decision, ImageRecord
 
@@ -25,13 +27,18 @@ MiB = 1 << 20
 
 
 class _Stream:
-    def __init__(self, data: bytes, start: int, end: int, fail_at: int | None) -> None:
+    def __init__(
+        self, data: bytes, start: int, end: int, fail_at: int | None, gate: asyncio.Event | None
+    ) -> None:
         self.start = start
         self._data, self._pos, self._end, self._fail_at = data, start, end, fail_at
+        self._gate = gate
 
     async def read(self, n: int) -> bytes:
         if self._fail_at is not None and self._pos >= self._fail_at:
             raise UpstreamUnavailable("the upstream broke off")
+        if self._gate is not None and self._pos > self.start:
+            await self._gate.wait()  # held after the first piece until the test opens it
         piece = self._data[self._pos : min(self._end, self._pos + n)]
         self._pos += len(piece)
         await asyncio.sleep(0)  # let the loop run between pieces, as a socket would
@@ -49,6 +56,7 @@ class MemoryUpstream:
     images: dict[str, bytes] = field(default_factory=dict)
     fail_at: dict[str, int] = field(default_factory=dict)
     transfers: list[tuple[str, int, int | None]] = field(default_factory=list)
+    gate: asyncio.Event | None = None  # set: transfers pause after their first piece
 
     def add(self, data: bytes) -> ImageRecord:
         image_id = str(uuid.uuid4())
@@ -66,7 +74,9 @@ class MemoryUpstream:
     ) -> AsyncIterator[_Stream]:
         self.transfers.append((image_id, start, end))
         data = self.images[image_id]
-        yield _Stream(data, start, len(data) if end is None else end, self.fail_at.get(image_id))
+        yield _Stream(
+            data, start, len(data) if end is None else end, self.fail_at.get(image_id), self.gate
+        )
 
 
 @pytest.fixture
@@ -214,3 +224,28 @@ async def test_flush_comes_before_the_bitmap_that_claims_it(store: Store) -> Non
     assert await finished(fill) is FillState.VERIFIED
     assert len(durable) >= 2 and not violations
     assert entry.complete and sorted(entry.present) == list(range(entry.chunk_count))
+
+
+async def test_thirty_concurrent_fills_share_a_few_threads(store: Store) -> None:
+    """Issue 9 item 8: 30 concurrent cold fills used ~94 threads (three per fill). Now every
+    fill's writer, feeder and syncer lanes share three small pools."""
+    upstream = MemoryUpstream(gate=asyncio.Event())
+    records = [upstream.add(os.urandom(6 * MiB)) for _ in range(30)]
+    filler = Filler(store, upstream, FillSettings(sync_seconds=0.0))  # type: ignore[arg-type]
+    fills = []
+    for record in records:
+        fill, _ = await filler.open(record, Credentials())
+        fill.ensure_full()
+        fills.append(fill)
+    # Every fill has written (and hashed) its first piece and waits for the upstream.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while not all(f.available(0) > 0 for f in fills):
+        assert loop.time() < deadline, "the fills never started"
+        await asyncio.sleep(0.01)
+    fill_threads = [t for t in threading.enumerate() if t.name.startswith("fill-")]
+    assert 0 < len(fill_threads) <= WRITE_THREADS + FEED_THREADS + SYNC_THREADS
+    assert upstream.gate is not None
+    upstream.gate.set()
+    for fill in fills:
+        assert await finished(fill) is FillState.VERIFIED
