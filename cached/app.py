@@ -176,6 +176,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         prefetcher = Prefetcher(store, filler, upstream, service, config)
         proxy.on_deleted.append(prefetcher.forget)  # a deleted image leaves the queue
         maintenance = jobs.Maintenance(store, filler, config)
+        proxy.admit = maintenance.admit  # new fills: room in the cache and on the disk
         if config.prune_on_fill:
             filler.on_reserve = maintenance.make_room
         app[STORE], app[FILLER], app[PROXY] = store, filler, proxy
@@ -306,6 +307,7 @@ def _register_live_jobs(
 ) -> None:
     def limits(old: Config, new: Config) -> None:
         maintenance._max_size = new.image_cache_max_size
+        maintenance.min_free_space = new.min_free_space
         proxy.max_entry_size = new.max_entry_size  # admission follows the max size
         maintenance._stall_time = new.image_cache_stall_time
         if new.prefetch_concurrency != old.prefetch_concurrency:

@@ -71,6 +71,33 @@ def parse_admin_listen(value: str) -> tuple[str, int] | Path:
 
 
 @dataclass(frozen=True)
+class FreeSpace:
+    """A free-space watermark: a byte count, or a percentage of the filesystem."""
+
+    amount: float = 5.0
+    percent: bool = True
+
+    @classmethod
+    def parse(cls, value: object) -> FreeSpace:
+        text = str(value).strip()
+        if isinstance(value, str) and text.endswith("%"):
+            try:
+                amount = float(text[:-1])
+            except ValueError:
+                raise ValueError(f"not a percentage: {value!r}") from None
+            if not 0 <= amount < 100:
+                raise ValueError(f"must be 0% to 99%, got {value!r}")
+            return cls(amount, True)
+        return cls(float(parse_size(value)), False)
+
+    def bytes_of(self, total: int) -> int:
+        return int(total * self.amount / 100) if self.percent else int(self.amount)
+
+    def __str__(self) -> str:
+        return f"{self.amount:g}%" if self.percent else str(int(self.amount))
+
+
+@dataclass(frozen=True)
 class MountSpec:
     """What a declared directory must be (``image_cache_mount``, ``upstream_mount``)."""
 
@@ -145,6 +172,10 @@ class Config:
     # Admission: an image larger than this fraction of image_cache_max_size is never cached
     # (streamed through with Cache-Status "fwd=bypass; detail=too-large").
     max_image_fraction: float = 0.5
+    # Free space kept on the cache's filesystem (bytes, e.g. 2G, or a percentage, e.g. 5%):
+    # a new fill that would go below it passes through (detail=no-space) instead of
+    # filling the disk; shares the filesystem with other data, ENOSPC comes first otherwise.
+    min_free_space: FreeSpace = FreeSpace()
     # Management callers presenting one of these tokens are admin: "sha256:<hex digest>".
     admin_tokens: tuple[str, ...] = ()
     # Seconds a positive admin answer from Keystone is reused for the same token.
@@ -303,6 +334,10 @@ def _convert(name: str, value: Any) -> Any:
         if not isinstance(value, str | Path) or not str(value):
             raise ValueError(f"must be a directory path, got {value!r}")
         return Path(value)
+    if name == "min_free_space":
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"must be a size (2G) or a percentage (5%), got {value!r}")
+        return FreeSpace.parse(value)
     if name == "max_image_fraction":
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
             raise ValueError(f"must be a number > 0 and <= 1, got {value!r}")

@@ -222,7 +222,8 @@ class Fill:
 
     def raise_if_failed(self) -> None:
         if self.state in (FillState.FAILED, FillState.INVALID, FillState.CANCELLED):
-            raise FillAborted(f"fill of {self.entry.image_id} {self.state.value}: {self.error}")
+            why = f"fill of {self.entry.image_id} {self.state.value}: {self.error}"
+            raise FillAborted(why) from self.error
 
     def _notify(self) -> None:
         fired, self._progress = self._progress, self._loop.create_future()

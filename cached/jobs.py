@@ -141,6 +141,8 @@ class Maintenance:
         self._store = store
         self._filler = filler
         self._max_size = config.image_cache_max_size
+        self.min_free_space = config.min_free_space
+        self._prune_on_fill = config.prune_on_fill
         self._stall_time = config.image_cache_stall_time
         self._prune_lock = asyncio.Lock()
         self._clean_lock = asyncio.Lock()
@@ -152,6 +154,30 @@ class Maintenance:
         async with self._prune_lock:
             limit = self._max_size if target is None else target
             return await prune(self._store, self._filler, limit)
+
+    async def admit(self, needed: int) -> str | None:
+        """Room for a new fill that will write ``needed`` bytes: None when there is (after
+        pruning for it if need be), else why not.
+
+        Two limits: the cache's max size (what entries hold and running fills reserved),
+        and the filesystem's free space, which must stay above ``min_free_space`` once
+        the reserved bytes and these are written (a watermark before ENOSPC, not after).
+        Without ``prune_on_fill`` the max size is left to the scheduled prune.
+        """
+        if self._prune_on_fill and self._store.total_size() + needed > self._max_size:
+            await self.prune(max(0, self._max_size - needed))
+            if self._store.total_size() + needed > self._max_size:
+                return "the cache is full of entries in use"
+        try:
+            st = await self._store.run(os.statvfs, self._store.root)
+        except OSError as exc:
+            return f"cannot see the free space: {exc.strerror or exc}"
+        free = st.f_bavail * st.f_frsize
+        floor = self.min_free_space.bytes_of(st.f_blocks * st.f_frsize)
+        promised = sum(e.reserved for e in self._store.entries.values())
+        if free - promised - needed < floor:
+            return f"{free} bytes free, {promised + needed} to be written, {floor} kept free"
+        return None
 
     def make_room(self) -> None:
         """Fills reserved space: prune now if the cache would go past its max size, rather

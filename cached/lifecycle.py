@@ -34,6 +34,7 @@ LIVE = frozenset(
     {
         "image_cache_max_size",
         "max_image_fraction",
+        "min_free_space",
         "image_cache_stall_time",
         "cache_prefetcher_interval",
         "cache_prune_interval",

@@ -30,13 +30,15 @@ from cached.errors import (
 from cached.fill import Fill
 from cached.filler import Filler
 from cached.ids import is_image_id
-from cached.reader import send_entry
+from cached.reader import Progress, send_entry
 from cached.scrub import Integrity
-from cached.store import Entry, Store
+from cached.store import Entry, Store, chunk_size_for
 from cached.upstream import Backend, Credentials, Decision, ImageRecord
 from cached.upstream.glance import end_to_end
 
 log = logging.getLogger(__name__)
+
+_RELAY_PIECE = 1 << 20  # bytes per read when the rest of a download comes from the upstream
 
 
 class Outcome(enum.Enum):
@@ -87,6 +89,8 @@ class Proxy:
     upstream_url: str = ""
     # Admission: images larger than this are never cached (streamed with detail=too-large).
     max_entry_size: int | None = None
+    # Asked before a new fill with the bytes it will write: None, or why there is no room.
+    admit: Callable[[int], Awaitable[str | None]] | None = None
     # Told of every image deleted through the proxy (e.g. the prefetch queue forgets it).
     on_deleted: list[Callable[[str], Awaitable[object]]] = field(default_factory=list)
     integrity: Integrity | None = None  # re-verifies a changed file before a hit (scrub.py)
@@ -157,7 +161,7 @@ class Proxy:
                 headers={"Content-Range": f"bytes */{size}", "x-openstack-request-id": request_id},
             )
         try:
-            fill, outcome = await self._attach(image_id, entry, record, creds)
+            fill, outcome = await self._attach(image_id, entry, record, creds, wanted)
             if auth.stale:
                 outcome = Outcome.STALE_HIT
         except (StoreUnavailable, FillAborted) as exc:
@@ -183,7 +187,12 @@ class Proxy:
             return None  # the authorisation probe carries the answer the caller gets
 
     async def _attach(
-        self, image_id: str, entry: Entry | None, record: ImageRecord | None, creds: Credentials
+        self,
+        image_id: str,
+        entry: Entry | None,
+        record: ImageRecord | None,
+        creds: Credentials,
+        wanted: ranges.ByteRange | None,
     ) -> tuple[Fill | None, Outcome]:
         if entry is not None and entry.complete:
             return None, Outcome.HIT
@@ -193,6 +202,12 @@ class Proxy:
         if record is None:
             assert entry is not None
             record = _record_of(entry)
+        if self.admit is not None:
+            # A new fill: make room for what it will write, or let it pass through.
+            needed = _bytes_to_fetch(entry, record, wanted)
+            refused = await self.admit(needed)
+            if refused is not None:
+                raise NotAdmitted("no-space", refused)
         fill, created = await self.filler.open(record, creds)
         if not created:
             return fill, Outcome.COLLAPSED
@@ -245,17 +260,31 @@ class Proxy:
                     raise FillAborted("entry deleted")  # and re-created since: not ours
             return current, current.demand(pos, stop, whole=dl.whole)
 
+        progress = Progress(dl.start)
         try:
-            await send_entry(
-                request,
-                response,
-                entry,
-                file,
-                dl.start,
-                dl.end,
-                lambda: self.filler.fill_of(entry),
-                ensure_fill,
-            )
+            try:
+                await send_entry(
+                    request,
+                    response,
+                    entry,
+                    file,
+                    dl.start,
+                    dl.end,
+                    lambda: self.filler.fill_of(entry),
+                    ensure_fill,
+                    progress,
+                )
+            except FillAborted as exc:
+                if not isinstance(exc.__cause__, StoreUnavailable):
+                    raise
+                # The cache disk failed (full, read-only, I/O error), not the image: a cache
+                # problem never costs the client its download.
+                log.warning(
+                    "cache write failed while %s was sent (%s): the rest comes from the upstream",
+                    entry.image_id,
+                    exc.__cause__,
+                )
+                await self._relay(dl, response, progress.pos)
         except (CachedError, ConnectionError, OSError) as exc:
             # Content-Length is out: cutting the connection tells the client it is short.
             log.info("download of %s cut short: %s", entry.image_id, exc)
@@ -266,6 +295,18 @@ class Proxy:
         if dl.outcome in (Outcome.HIT, Outcome.STALE_HIT):
             await self.store.touch(entry, hit=True)
         return response
+
+    async def _relay(self, dl: _Download, response: web.StreamResponse, pos: int) -> None:
+        """Send bytes ``[pos, end)`` of the download straight from the upstream."""
+        end = dl.end
+        async with self.backend.open_data(dl.entry.image_id, dl.creds, pos, end) as stream:
+            while pos < end:
+                blocks = await stream.read_blocks(min(_RELAY_PIECE, end - pos))
+                if not blocks:
+                    raise UpstreamUnavailable(f"upstream ended at {pos} of {end} bytes")
+                for block in blocks:
+                    await response.write(block)
+                    pos += len(memoryview(block))
 
     async def _bypass(self, request: web.Request, detail: str | None = None) -> web.StreamResponse:
         """A download the cache does not take part in (store unavailable, several ranges,
@@ -345,6 +386,23 @@ class Proxy:
             for hook in self.on_deleted:
                 await hook(image_id)
             log.info("image %s deleted upstream: dropped its cache entry", image_id)
+
+
+def _bytes_to_fetch(
+    entry: Entry | None, record: ImageRecord, wanted: ranges.ByteRange | None
+) -> int:
+    """What a new fill for this download will write: the missing part of the image, or of
+    the chunks a range covers (a range reserves its chunks, never the whole image)."""
+    size = record.size or 0
+    chunk = entry.chunk_size if entry is not None else chunk_size_for(size)
+    if wanted is None:
+        return size - (entry.present_bytes() if entry is not None else 0)
+    first, last = wanted.start // chunk, (max(wanted.end, wanted.start + 1) - 1) // chunk
+    needed = 0
+    for c in range(first, last + 1):
+        if entry is None or c not in entry.present:
+            needed += min(size, (c + 1) * chunk) - c * chunk
+    return needed
 
 
 def _record_of(entry: Entry) -> ImageRecord:

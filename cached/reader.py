@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from aiohttp import web
@@ -43,6 +44,13 @@ def _present_end(entry: Entry, pos: int) -> int:
     return entry.chunk_bounds(c)[1]
 
 
+@dataclass
+class Progress:
+    """How far a response got: bytes before ``pos`` went to the client."""
+
+    pos: int
+
+
 async def send_entry(
     request: web.Request,
     response: web.StreamResponse,
@@ -52,14 +60,17 @@ async def send_entry(
     end: int,
     fill_of_entry: Callable[[], Fill | None],
     ensure_fill: EnsureFill,
+    progress: Progress | None = None,
 ) -> None:
     """Send bytes ``[start, end)`` of ``entry`` on the prepared response of ``request``.
 
     Raises FillAborted (the fill failed, the range it needed was lost, the entry went
-    invalid or was deleted) or ConnectionError (the client went away); the caller then
-    cuts the connection.
+    invalid or was deleted; its ``__cause__`` says why) or ConnectionError (the client went
+    away). ``progress.pos`` tells the caller how far the response got, so it can finish it
+    from elsewhere or cut the connection.
     """
-    pos = start
+    progress = progress if progress is not None else Progress(start)
+    pos = progress.pos = start
     followed: Fill | None = None
     mark = 0
     while pos < end:
@@ -78,7 +89,7 @@ async def send_entry(
         ready = min(ready, limit, pos + _SLICE)
         if ready > pos:
             await _send(request, response, file, pos, ready - pos)
-            pos = ready
+            pos = progress.pos = ready
             continue
         if entry.complete:
             continue

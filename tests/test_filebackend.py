@@ -5,6 +5,7 @@ python-glanceclient against it, and a cache directory on a read-only or full fil
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import subprocess
 import uuid
@@ -12,7 +13,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import pytest
 from conftest import (
     TOKENS,
@@ -24,11 +24,12 @@ from conftest import (
     wait_complete,
     wait_guard,
     wait_idle,
+    wait_until,
 )
 from daemonproc import CachedProcess, run_cached
 from fakeglance import FakeGlance
 
-from cached.store import Bitmap, xattrs
+from cached.store import xattrs
 
 MiB = 1 << 20
 CHUNK = 4 * MiB
@@ -384,67 +385,71 @@ async def test_no_room_for_an_entry_passes_through(
         await stop_daemon(daemon)
 
 
-async def test_disk_full_mid_fill_cuts_the_client_and_keeps_nothing_wrong(
-    upstream: Upstream, tmpfs: Callable[..., Path]
+def _fill_up(path: Path) -> None:
+    """Write ``path`` until its filesystem is full (another writer taking the space)."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+
+
+async def test_disk_full_mid_fill_finishes_the_client_from_the_upstream(
+    glance: FakeGlance, tmpfs: Callable[..., Path]
 ) -> None:
+    """ENOSPC met anyway (another writer filled the disk mid-fill): the fill stops, its
+    client gets the rest from the upstream (issue 10: a cache problem never costs a client
+    its download; before: cut short), and nothing on disk claims bytes it lacks."""
     cache = tmpfs("size=10m")
-    daemon = await start_daemon(cache, upstream.url)
+    daemon = await start_daemon(cache, glance.url, min_free_space=0)
     try:
-        small = os.urandom(MiB)
-        small_id = upstream.add(small)
-        assert (await daemon.get(small_id))[2] == small
-        await wait_complete(daemon, small_id)
-
-        data = os.urandom(20 * MiB)
-        image_id = upstream.add(data)
-        with pytest.raises(aiohttp.ClientPayloadError):  # short: never looks complete
-            await daemon.get(image_id)
-        await wait_idle(daemon, image_id)
-        assert tree(cache) == sorted([*LAYOUT, small_id, f"incomplete/{image_id}"])
-        partial = cache / "incomplete" / image_id
-        attrs = await asyncio.to_thread(xattrs.read_all, partial)
-        assert attrs[xattrs.STATE] == b"filling"
-        # 1 MiB + two 4 MiB chunks fit in 10 MiB; the third chunk did not
-        assert list(Bitmap(5, attrs[xattrs.BITMAP])) == [0, 1]
-        on_disk = partial.read_bytes()
-        assert on_disk[: 2 * CHUNK] == data[: 2 * CHUNK]
-        entry = daemon.store.get(image_id)
-        assert entry is not None and not entry.complete and list(entry.present) == [0, 1]
-
-        # what was cached before the disk filled is still served, and correctly
-        status, headers, body = await daemon.get(small_id)
-        assert status == 200 and body == small and headers["Cache-Status"] == "cached; hit"
-        # so is a range within the flushed chunks
-        status, _, body = await daemon.get(image_id, Range=f"bytes={CHUNK - 50}-{CHUNK + 49}")
-        assert status == 206 and body == data[CHUNK - 50 : CHUNK + 50]
-
-        # the operator makes room: the next download is whole and right, and so is any copy
-        # the cache keeps of it
-        await asyncio.to_thread(_mount, "-o", "remount,size=64m", str(cache))
-        status, _, body = await daemon.get(image_id)
+        data = os.urandom(2 * CHUNK + MiB)  # fits the 10 MiB when the fill is admitted
+        image = glance.add_image(data)
+        image.pause()  # the first piece goes out, then the upstream holds
+        download = asyncio.create_task(daemon.get(image.id))
+        await wait_until(lambda: daemon.filler.get(image.id) is not None, "the fill runs")
+        await asyncio.to_thread(_fill_up, cache / "someone-else.bin")
+        image.resume()
+        status, _, body = await download
         assert status == 200 and body == data
-        await wait_idle(daemon, image_id)
-        complete = cache / image_id
-        assert not complete.exists() or complete.read_bytes() == data
+        await wait_idle(daemon, image.id)
+        entry = daemon.store.get(image.id)
+        assert entry is None or not entry.complete
+        if entry is not None:  # whatever it kept is what the upstream sent
+            on_disk = await asyncio.to_thread(entry.path.read_bytes)
+            for c in entry.present:
+                start, end = entry.chunk_bounds(c)
+                assert on_disk[start:end] == data[start:end]
+        await asyncio.to_thread(os.unlink, cache / "someone-else.bin")
+        # room again: the next download is whole and right
+        status, _, body = await daemon.get(image.id)
+        assert status == 200 and body == data
     finally:
         await stop_daemon(daemon)
 
 
-async def test_disk_full_then_retry_still_downloads(
+async def test_an_image_the_free_space_cannot_hold_passes_through(
     upstream: Upstream, tmpfs: Callable[..., Path]
 ) -> None:
+    """The min_free_space watermark stops a fill before the disk is full, not after
+    ENOSPC: nothing is written, the client gets the image from the upstream."""
     cache = tmpfs("size=10m")
-    daemon = await start_daemon(cache, upstream.url)
+    daemon = await start_daemon(cache, upstream.url, min_free_space="5%")
     try:
         data = os.urandom(20 * MiB)
         image_id = upstream.add(data)
-        with pytest.raises(aiohttp.ClientPayloadError):
-            await daemon.get(image_id)
-        await wait_idle(daemon, image_id)
-        # the cache cannot hold the image: the client must still get it (pass-through)
-        status, _, body = await daemon.get(image_id)
-        assert status == 200 and body == data
-        assert (cache / image_id).exists() is False
+        for _ in range(2):
+            status, headers, body = await daemon.get(image_id)
+            assert status == 200 and body == data
+            assert headers["Cache-Status"] == "cached; fwd=bypass; detail=no-space"
+        assert tree(cache) == LAYOUT
+        fits = os.urandom(3 * MiB)
+        fits_id = upstream.add(fits)
+        status, headers, body = await daemon.get(fits_id)
+        assert status == 200 and body == fits
+        assert headers["Cache-Status"] == "cached; fwd=uri-miss; stored"
     finally:
         await stop_daemon(daemon)
 
