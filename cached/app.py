@@ -176,7 +176,8 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         prefetcher = Prefetcher(store, filler, upstream, service, config)
         proxy.on_deleted.append(prefetcher.forget)  # a deleted image leaves the queue
         maintenance = jobs.Maintenance(store, filler, config)
-        proxy.admit = maintenance.admit  # new fills: room in the cache and on the disk
+        # New fills, for clients and prefetch: room in the cache and on the disk.
+        proxy.admit = prefetcher.admit = maintenance.admit
         if config.prune_on_fill:
             filler.on_reserve = maintenance.make_room
         app[STORE], app[FILLER], app[PROXY] = store, filler, proxy
