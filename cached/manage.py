@@ -226,14 +226,9 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     """A webob-style plain text error page, like Glance's."""
-    reason = web.Response(status=status).reason
-    return web.Response(
-        status=status,
-        text=f"{status} {reason}\n\n{message}\n\n   ",
-        content_type="text/plain",
-        charset="UTF-8",
-        headers={**_request_id(), **(headers or {})},
-    )
+    response = replies.glance_error(status, message, _request_id()["x-openstack-request-id"])
+    response.headers.update(headers or {})
+    return response
 
 
 def _error_for(request: web.Request, exc: CachedError | OSError) -> web.Response:

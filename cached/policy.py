@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from cached import routes as routing
 from cached.errors import ConfigError
 
 # Glance 33's metadef routes (glance/api/v2/router.py) and the policy each enforces
@@ -86,15 +87,7 @@ Decide = Callable[[web.Request], Awaitable[bool]]
 
 def normalise(path: str) -> list[str]:
     """The segments of ``path`` as the upstream routes it (see the module docstring)."""
-    out: list[str] = []
-    for segment in path.split("/"):
-        if segment in ("", "."):
-            continue
-        if segment == "..":
-            if out:
-                out.pop()
-            continue
-        out.append(segment)
+    out = routing.segments(path)
     if out and _VERSION.match(out[0]):
         out[0] = "v2"
     return out

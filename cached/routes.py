@@ -44,6 +44,11 @@ def canonical(target: str) -> str:
     """The path of a request target as routed: query dropped, percent-decoded once, dot
     segments removed (RFC 3986 §5.2.4) and empty segments merged."""
     path = urllib.parse.unquote(target.partition("?")[0], errors="surrogateescape")
+    return "/" + "/".join(segments(path))
+
+
+def segments(path: str) -> list[str]:
+    """The segments of a (decoded) path with dot segments removed and empty ones merged."""
     out: list[str] = []
     for segment in path.split("/"):
         if segment in ("", "."):
@@ -53,7 +58,7 @@ def canonical(target: str) -> str:
                 out.pop()
             continue
         out.append(segment)
-    return "/" + "/".join(out)
+    return out
 
 
 def image_route(target: str) -> ImageRoute | None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import TOKENS, auth, tree
+from conftest import auth, tree
 from daemonproc import CachedProcess
 from fakeglance import FakeGlance
 from faultfs import FaultFS
@@ -116,16 +116,6 @@ def faultfs(tmp_path: Path, mounted: Mounts) -> Iterator[FaultFS]:
         yield fs
     finally:
         fs.unmount()
-
-
-@pytest.fixture
-async def glance() -> AsyncIterator[FakeGlance]:
-    fake = FakeGlance()
-    for token, (project, roles) in TOKENS.items():
-        fake.add_token(token, project, roles)
-    await fake.start()
-    yield fake
-    await fake.close()
 
 
 @dataclass
