@@ -10,9 +10,12 @@ directory is ok again, and forgotten (``Store.detach``) when it vanished.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cached import mounts
@@ -123,7 +126,7 @@ class Directories:
         assert self.index is not None
         async with self._reopening:
             try:
-                await self.index.open()
+                await self.index.open(_same_filesystem(self.cache.identity))
             except OSError as exc:
                 log.error("cannot open the cache index in %s: %s", self.cache.directory, exc)
                 self.cache.report(exc)
@@ -174,3 +177,18 @@ class Directories:
 
 
 __all__ = ["Directories"]
+
+
+def _same_filesystem(identity: mounts.Identity | None) -> Callable[[Path], None] | None:
+    """A check, run in the scan's thread right before it creates anything, that the
+    directory is still the filesystem its guard judged ok (the share may have gone since:
+    then nothing is created in the bare mount point)."""
+    if identity is None:
+        return None
+
+    def still_there(root: Path) -> None:
+        st = os.stat(root)
+        if st.st_dev != identity.st_dev or (identity.mounted and not os.path.ismount(root)):
+            raise OSError(errno.ENODEV, f"{root} is no longer the filesystem that was checked")
+
+    return still_there

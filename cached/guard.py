@@ -254,15 +254,16 @@ class Guard:
             self._probe = loop.run_in_executor(
                 self._probe_pool, probe, self.directory, self.spec, self.identity, self._steps
             )
-            if self._wake is not None:
-                wake = self._wake
-                # A probe that was stuck and returns wakes the loop to probe afresh.
-                self._probe.add_done_callback(lambda _f: wake.set())
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.probe_timeout):
                 verdict = await asyncio.shield(self._probe)
         except TimeoutError:
+            if self._wake is not None:
+                wake = self._wake
+                # A probe that was stuck and returns wakes the loop to probe afresh (only
+                # such a one: a wake after every probe would race the owner's volume mark).
+                self._probe.add_done_callback(lambda _f: wake.set())
             stuck = time.monotonic() - started
             verdict = Verdict(
                 State.HUNG,

@@ -51,14 +51,19 @@ class Scan:
     seconds: float = 0.0
 
 
-def scan(root: Path) -> Scan:
+def scan(root: Path, still_there: Callable[[Path], None] | None = None) -> Scan:
     """Create the sub-directories and read every entry back from its file and xattrs.
 
-    Blocking: call from an executor. Finishes commits interrupted between the state write
+    Blocking: call from an executor. ``still_there`` is called first, in the same thread,
+    right before anything is created: it raises OSError when ``root`` is no longer the
+    filesystem it was judged to be (a share that went away since), so nothing is ever
+    created in a bare mount point. Finishes commits interrupted between the state write
     and the rename; moves files without usable metadata to ``invalid/``.
     """
     started = time.monotonic()
     found = Scan()
+    if still_there is not None:
+        still_there(root)
     for d in ("incomplete", "invalid", "queue"):
         (root / d).mkdir(exist_ok=True)
     for name in os.listdir(root):
@@ -144,9 +149,10 @@ class Store:
         """Run blocking cache-directory work on the store's executor."""
         return await asyncio.get_running_loop().run_in_executor(self.io, func, *args)
 
-    async def open(self) -> None:
-        """Rebuild the index from the files and their xattrs (replacing what it held)."""
-        found = await self.run(scan, self.root)
+    async def open(self, still_there: Callable[[Path], None] | None = None) -> None:
+        """Rebuild the index from the files and their xattrs (replacing what it held);
+        ``still_there``: see :func:`scan`."""
+        found = await self.run(scan, self.root, still_there)
         self.entries = {e.image_id: e for e in found.entries}
         self.invalid = found.invalid
         log.info(
