@@ -76,10 +76,17 @@ class FreeSpace:
 
     amount: float = 5.0
     percent: bool = True
+    cap: int | None = None  # at most this many bytes (the default: 5%, at most 1 GiB)
 
     @classmethod
     def parse(cls, value: object) -> FreeSpace:
         text = str(value).strip()
+        if isinstance(value, str) and " max " in text:  # "5% max 1G"
+            share, _, most = text.partition(" max ")
+            parsed = cls.parse(share.strip())
+            if not parsed.percent:
+                raise ValueError(f"only a percentage takes a 'max': {value!r}")
+            return cls(parsed.amount, True, parse_size(most.strip()))
         if isinstance(value, str) and text.endswith("%"):
             try:
                 amount = float(text[:-1])
@@ -91,10 +98,12 @@ class FreeSpace:
         return cls(float(parse_size(value)), False)
 
     def bytes_of(self, total: int) -> int:
-        return int(total * self.amount / 100) if self.percent else int(self.amount)
+        wanted = int(total * self.amount / 100) if self.percent else int(self.amount)
+        return wanted if self.cap is None else min(wanted, self.cap)
 
     def __str__(self) -> str:
-        return f"{self.amount:g}%" if self.percent else str(int(self.amount))
+        shown = f"{self.amount:g}%" if self.percent else str(int(self.amount))
+        return shown if self.cap is None else f"{shown} max {self.cap}"
 
 
 @dataclass(frozen=True)
@@ -172,10 +181,11 @@ class Config:
     # Admission: an image larger than this fraction of image_cache_max_size is never cached
     # (streamed through with Cache-Status "fwd=bypass; detail=too-large").
     max_image_fraction: float = 0.5
-    # Free space kept on the cache's filesystem (bytes, e.g. 2G, or a percentage, e.g. 5%):
+    # Free space kept on the cache's filesystem (bytes, e.g. 2G, or a percentage, e.g. 5%;
+    # default: 5%, at most 1 GiB, so a large shared disk does not hold back 5% of itself):
     # a new fill that would go below it passes through (detail=no-space) instead of
     # filling the disk; shares the filesystem with other data, ENOSPC comes first otherwise.
-    min_free_space: FreeSpace = FreeSpace()
+    min_free_space: FreeSpace = FreeSpace(5.0, True, 1 << 30)
     # Management callers presenting one of these tokens are admin: "sha256:<hex digest>".
     admin_tokens: tuple[str, ...] = ()
     # Seconds a positive admin answer from Keystone is reused for the same token.

@@ -160,7 +160,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "legacy_queue_immediate": ["yes", 1, None],
     "prune_on_fill": ["no", 0],
     "max_image_fraction": [0, 1.5, -0.1, "half", True],
-    "min_free_space": ["100%", "-1%", "lots", True, 1.5, "5 %x"],
+    "min_free_space": ["100%", "-1%", "lots", True, 1.5, "5 %x", "1G max 2G", "5% max lots"],
     "admin_tokens": ["sha256:" + "0" * 64, ["plain-token"], ["sha256:abc"]],
     "admin_cache_ttl": [-1, "1m"],
     "keystone_url": ["keystone:5000", "ftp://keystone", 5],
