@@ -15,7 +15,16 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import Daemon, auth, manage, start_daemon, stop_daemon, wait_complete, wait_idle
+from conftest import (
+    Daemon,
+    auth,
+    manage,
+    start_daemon,
+    stop_daemon,
+    wait_complete,
+    wait_guard,
+    wait_idle,
+)
 from fakeglance import FakeGlance
 from prometheus_client.parser import text_string_to_metric_families
 from test_filebackend import remount_read_only, tmpfs  # noqa: F401 (fixture)
@@ -230,6 +239,7 @@ async def test_pass_through_of_a_read_only_cache(
             assert resp.status == 200
             assert (await resp.json())["checks"]["cache"] == "caching"
         await remount_read_only(cache)
+        await wait_guard(daemon, "read_only")  # the guard probes on its own schedule
         data = os.urandom(3 * MiB)
         image = glance.add_image(data)
 
