@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -281,6 +282,29 @@ async def test_start_on_an_unmounted_required_cache_dir(
     assert guard["state"] == "vanished" and "not a mount point" in guard["reason"]
     assert "is not mounted" in node.proc.output()
     assert (await node.answer("/versions"))[0] == 200
+    # cached-manage says why too (stderr: its stdout stays glance-cache-manage's table)
+    port = node.proc.url.rsplit(":", 1)[1]
+    manage = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "cached.ctl",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            port,
+            "--os-auth-token",
+            "token-admin",
+            "list-cached",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert manage.returncode == 0, manage.stderr
+    assert f"cache directory {cache} is vanished since" in manage.stderr
+    assert "not a mount point" in manage.stderr
 
     mounted.tmpfs(cache)
     took = await node.wait_state("ok")

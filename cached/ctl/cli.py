@@ -36,7 +36,7 @@ from cached.ctl.client import (
     gather_hosts,
     parse_target,
 )
-from cached.ctl.progress import Progress, fetch_progress
+from cached.ctl.progress import Progress, fetch_status
 from cached.errors import ConfigError
 
 OK, FAILED, USAGE = 0, 1, 2
@@ -283,10 +283,21 @@ class Run:
             return await self.list_queued(clients)
         return await self.change(clients)
 
+    def warn_directories(self, clients: list[Client], statuses: list[list[str]]) -> None:
+        """On stderr (stdout stays glance-cache-manage's): directories a daemon cannot use."""
+        for client, problems in zip(clients, statuses, strict=True):
+            for line in problems:
+                print(f"warning: {client.target.label}: {line}", file=sys.stderr)
+
     async def list_cached(self, clients: list[Client]) -> int:
         rows: list[dict[str, Any]] = []
         errors: list[HostError] = []
-        for client, answer in await gather_hosts(clients, "GET", self.verb.path):
+        answers, statuses = await asyncio.gather(
+            gather_hosts(clients, "GET", self.verb.path),
+            asyncio.gather(*(fetch_status(c) for c in clients)),
+        )
+        self.warn_directories(clients, [problems for _, problems in statuses])
+        for client, answer in answers:
             if isinstance(answer, HostError):
                 errors.append(answer)
                 continue
@@ -318,10 +329,12 @@ class Run:
     async def list_queued(self, clients: list[Client]) -> int:
         rows: list[dict[str, Any]] = []
         errors: list[HostError] = []
-        answers, progress = await asyncio.gather(
+        answers, statuses = await asyncio.gather(
             gather_hosts(clients, "GET", self.verb.path),
-            asyncio.gather(*(fetch_progress(c) for c in clients)),
+            asyncio.gather(*(fetch_status(c) for c in clients)),
         )
+        self.warn_directories(clients, [problems for _, problems in statuses])
+        progress = [fills for fills, _ in statuses]
         for (client, answer), fills in zip(answers, progress, strict=True):
             if isinstance(answer, HostError):
                 errors.append(answer)

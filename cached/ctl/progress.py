@@ -69,10 +69,27 @@ def parse(document: Any) -> dict[str, Progress]:
     }
 
 
-async def fetch_progress(client: Client) -> dict[str, Progress]:
-    """Progress per image ID from one host; empty if the host does not report any."""
+def directory_problems(document: Any) -> list[str]:
+    """One line per directory of a ``GET /v2/cache/progress`` answer that is not ``ok``:
+    the daemon passes through (cache) or answers 503 (store), and says why."""
+    directories = document.get("directories") if isinstance(document, dict) else None
+    lines = []
+    for d in directories if isinstance(directories, list) else []:
+        if isinstance(d, dict) and d.get("state") not in (None, "ok"):
+            lines.append(
+                f"{d.get('name', '?')} directory {d.get('directory', '?')} is "
+                f"{d.get('state')} since {d.get('since', '?')}: {d.get('reason', '')}"
+            )
+    return lines
+
+
+async def fetch_status(client: Client) -> tuple[dict[str, Progress], list[str]]:
+    """Progress per image ID and the directory problems of one host (empty if the host
+    reports neither)."""
     try:
         status, document = await client.get_json("/v2/cache/progress")
     except HostError:
-        return {}
-    return parse(document) if status == 200 else {}
+        return {}, []
+    if status != 200:
+        return {}, []
+    return parse(document), directory_problems(document)
