@@ -518,6 +518,19 @@ def _check(config: Config, source: str) -> Config:
     return config
 
 
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in the file at ``path``; ConfigError naming the file otherwise.
+    Blocks: call at start-up or from a thread."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
 def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
     """Read the YAML file at ``path`` (None: built-in defaults) and apply ``overrides``.
 
@@ -527,14 +540,7 @@ def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) ->
     source = "<defaults>"
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        loaded = read_yaml(path)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

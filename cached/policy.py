@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from aiohttp import web
 
 from cached import routes as routing
+from cached.config import read_yaml
 from cached.errors import ConfigError
 
 # Glance 33's metadef routes (glance/api/v2/router.py) and the policy each enforces
@@ -326,16 +326,7 @@ def parse(document: Any, source: str) -> Policy:
 
 def load(path: str | Path) -> Policy:
     """Read and validate the policy file (blocking: call from a thread at start-up)."""
-    source = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"option 'policy': cannot read {source}: {exc.strerror}") from None
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
-    return parse(document, source)
+    return parse(read_yaml(path), str(path))
 
 
 def forbidden(request: web.Request, rule: str) -> web.Response:
