@@ -184,15 +184,6 @@ class Fill:
                 return t.pos
         return pos
 
-    def will_produce(self, pos: int) -> bool:
-        """Whether a running transfer (or the driver) will write byte ``pos``."""
-        c = pos // self.entry.chunk_size
-        return (
-            c in self.written
-            or c in self._claimed
-            or (self._driver is not None and not self._driver.done())
-        )
-
     def demand(self, start: int, end: int, *, whole: bool) -> int:
         """Make sure bytes ``[start, end)`` (the whole image if ``whole``) are being fetched.
 
