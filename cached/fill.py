@@ -284,7 +284,20 @@ class Fill:
                 self._spawn(self._park())
 
     async def _drive(self) -> None:
-        """Fetch every chunk nobody has or is fetching, then wait for the others."""
+        """Fetch every chunk nobody has or is fetching, then wait for the others.
+
+        A broken driver fails the fill here, before its task ends: a reader that runs
+        between the end and the task's done callback would otherwise find the fill RUNNING
+        with no driver, start another and the failure would be forgotten.
+        """
+        try:
+            await self._drive_chunks()
+        except Exception as exc:
+            if self.state is FillState.RUNNING:
+                self._fail(exc)
+            raise
+
+    async def _drive_chunks(self) -> None:
         entry = self.entry
         while self.state is FillState.RUNNING:
             first = next(

@@ -214,8 +214,9 @@ class Proxy:
         return fill, Outcome.PARTIAL if len(fill.entry.present) else Outcome.MISS
 
     async def _send(self, dl: _Download, fill: Fill | None) -> web.StreamResponse:
+        following = None
         if fill is not None:
-            fill.demand(dl.start, dl.end, whole=dl.whole)
+            following = (fill, fill.demand(dl.start, dl.end, whole=dl.whole))
         entry = dl.entry
         # Count the reader before anything awaits: prune and delete skip entries in use.
         entry.readers += 1
@@ -225,14 +226,16 @@ class Proxy:
             except FileNotFoundError:  # evicted between lookup and now
                 return await self._bypass(dl.request)
             try:
-                return await self._stream(dl, file)
+                return await self._stream(dl, file, following)
             finally:
                 await asyncio.to_thread(file.close)
         finally:
             entry.readers -= 1
             self.filler.reader_left(entry)
 
-    async def _stream(self, dl: _Download, file: BinaryIO) -> web.StreamResponse:
+    async def _stream(
+        self, dl: _Download, file: BinaryIO, following: tuple[Fill, int] | None
+    ) -> web.StreamResponse:
         entry, request = dl.entry, dl.request
         response = web.StreamResponse(status=200 if dl.whole else 206)
         response.content_type = "application/octet-stream"
@@ -273,6 +276,7 @@ class Proxy:
                     lambda: self.filler.fill_of(entry),
                     ensure_fill,
                     progress,
+                    following,
                 )
             except FillAborted as exc:
                 if not isinstance(exc.__cause__, StoreUnavailable):

@@ -61,18 +61,21 @@ async def send_entry(
     fill_of_entry: Callable[[], Fill | None],
     ensure_fill: EnsureFill,
     progress: Progress | None = None,
+    following: tuple[Fill, int] | None = None,
 ) -> None:
     """Send bytes ``[start, end)`` of ``entry`` on the prepared response of ``request``.
 
     Raises FillAborted (the fill failed, the range it needed was lost, the entry went
     invalid or was deleted; its ``__cause__`` says why) or ConnectionError (the client went
     away). ``progress.pos`` tells the caller how far the response got, so it can finish it
-    from elsewhere or cut the connection.
+    from elsewhere or cut the connection. ``following`` is the fill the caller attached the
+    reader to and the mark its demand returned: the reader follows it from the first byte, so
+    a fill that fails before the reader first looks still ends this response (it is not
+    silently replaced by a new fill).
     """
     progress = progress if progress is not None else Progress(start)
     pos = progress.pos = start
-    followed: Fill | None = None
-    mark = 0
+    followed, mark = following if following is not None else (None, 0)
     while pos < end:
         if entry.state is State.INVALID:
             raise FillAborted(f"entry {entry.image_id} failed verification")

@@ -150,6 +150,29 @@ async def test_a_broken_driver_fails_the_fill_and_keeps_flushed_chunks(store: St
     assert upstream.transfers[-1] == (record.id, 8 * MiB, 16 * MiB)
 
 
+async def test_a_reader_woken_by_the_broken_driver_finds_the_fill_failed(store: Store) -> None:
+    """A whole-image reader asks again whenever it comes back from sending (as the proxy's
+    reader does). Back right after the driver broke, it must find the fill FAILED; before, the
+    fill was failed only in the driver task's done callback, so the reader saw RUNNING with a
+    finished driver, started a second one, and the failure was forgotten (the fill resumed
+    and the first client got a whole image: a flaky CI run)."""
+    upstream = MemoryUpstream()
+    record = upstream.add(os.urandom(16 * MiB))
+    upstream.fail_at[record.id] = 9 * MiB
+    filler = Filler(store, upstream, FillSettings())  # type: ignore[arg-type]
+    fill, _ = await filler.open(record, Credentials())
+    mark = fill.demand(0, record.size, whole=True)
+    with pytest.raises(FillAborted):
+        # A reader back from a send at any moment, the driver's end included (a second
+        # transfer ends the loop: the failure was forgotten).
+        while len(upstream.transfers) <= 1:
+            fill.check(0, mark)
+            await asyncio.sleep(0)
+            fill.demand(0, record.size, whole=True)
+    assert await finished(fill) is FillState.FAILED
+    assert upstream.transfers == [(record.id, 0, None)]
+
+
 async def test_a_range_fill_parks_idle_and_a_lost_range_cuts_only_its_readers(
     store: Store,
 ) -> None:

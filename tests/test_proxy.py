@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import aiohttp
@@ -290,6 +292,38 @@ async def test_upstream_cut_mid_stream_is_short_then_resumes(
     assert headers["Cache-Status"] == "cached; fwd=partial; stored"
     await wait_complete(daemon, image.id)
     assert data_gets(glance, image.id) == [None, f"bytes={len(kept) * 4 * MiB}-{len(data) - 1}"]
+
+
+async def test_a_fill_that_fails_before_its_reader_looks_still_cuts_that_reader(
+    glance: FakeGlance, daemon: Daemon
+) -> None:
+    """The reader follows the fill it was attached to from the first byte: a fill that fails
+    while the reader is still opening the file (here: every thread of the default executor
+    busy) cuts that response short, it does not quietly start a second fill. Before, the
+    reader found no fill, started one and got the whole image (the flaky CI run of
+    test_upstream_cut_mid_stream_is_short_then_resumes)."""
+    data = os.urandom(20 * MiB)
+    image = glance.add_image(data, cut_after=13 * MiB)
+    loop = asyncio.get_running_loop()
+    busy = threading.Event()
+    # The loop owns the pool from here on and shuts it down when the test's loop closes.
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    blockers = [loop.run_in_executor(None, busy.wait) for _ in range(2)]
+    download = asyncio.create_task(daemon.get(image.id))
+    try:
+        await wait_until(
+            lambda: (
+                glance.bytes_sent.get(image.id, 0) >= 13 * MiB
+                and image.id not in daemon.filler.fills
+            ),
+            "the fill failed while its reader waited for a thread",
+        )
+    finally:
+        busy.set()
+        await asyncio.gather(*blockers)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await download
+    assert data_gets(glance, image.id) == [None]
 
 
 async def test_corrupt_upstream_data_is_never_a_complete_response(
