@@ -343,14 +343,16 @@ async def test_promtool_checks_a_real_scrape(
     url = await asyncio.to_thread(proc.start)
     data = os.urandom(2 * MiB)
     image = glance.add_image(data)
-    for _ in range(2):
-        assert (await get(f"{url}/v2/images/{image.id}/file"))[1] == data
+    metrics_url = f"http://127.0.0.1:{admin_port}/metrics"
+    assert (await get(f"{url}/v2/images/{image.id}/file"))[1] == data
+    # The miss's client has its last byte once the digest matched; the commit comes after.
+    await _scrape_until(metrics_url, b'cached_fills_finished_total{result="verified"} 1.0')
+    assert (await get(f"{url}/v2/images/{image.id}/file"))[1] == data
     await get(f"{url}/v2/images/{image.id}/file", Range="bytes=0-9")
     # the image API port does not serve metrics when admin_listen is set
     assert (await get(f"{url}/metrics", token=None))[0] == 404
-    status, body = await get(f"http://127.0.0.1:{admin_port}/metrics", token=None)
-    assert status == 200
-    assert b'cached_requests_total{outcome="hit"} 2.0' in body
+    # Counted when the response is done, which may be just after the client has it.
+    body = await _scrape_until(metrics_url, b'cached_requests_total{outcome="hit"} 2.0')
     res = await asyncio.to_thread(
         subprocess.run,
         [promtool, "check", "metrics"],
@@ -363,6 +365,19 @@ async def test_promtool_checks_a_real_scrape(
     status, _ = await get(f"http://127.0.0.1:{admin_port}/readyz", token=None)
     assert status == 200
     assert await asyncio.to_thread(proc.stop) == 0
+
+
+async def _scrape_until(url: str, line: bytes, within: float = 30) -> bytes:
+    """Scrape ``url`` until its body has ``line``; fails after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        status, body = await get(url, token=None)
+        assert status == 200
+        if line in body:
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never scraped {line!r} within {within}s:\n{body.decode()}")
+        await asyncio.sleep(0.05)
 
 
 def _free_port() -> int:
