@@ -147,6 +147,7 @@ async def _serve(
             app[RELOADABLES],
             notifier,
             lambda: status_text(ops),
+            ops.reloads,
         )
         stop = asyncio.Event()
         hard_stop = asyncio.Event()
