@@ -290,11 +290,10 @@ def _register_live(
     def timeouts(old: Config, new: Config) -> None:
         if isinstance(upstream, GlanceBackend):
             upstream.set_timeouts(new.upstream_connect_timeout, new.upstream_read_timeout)
-        authorizer._ttl = new.auth_cache_ttl
+        authorizer.configure(new.auth_cache_ttl)
 
     def admin_tokens(old: Config, new: Config) -> None:
-        guard._digests = tuple(t.split(":", 1)[1].lower() for t in new.admin_tokens)
-        guard._ttl = new.admin_cache_ttl
+        guard.configure(new.admin_tokens, new.admin_cache_ttl)
 
     parts.register("configuration", configs)
     parts.register("log level", log_level)
@@ -328,14 +327,11 @@ def _register_live_jobs(
     proxy: Proxy,
 ) -> None:
     def limits(old: Config, new: Config) -> None:
-        maintenance._max_size = new.image_cache_max_size
-        maintenance.min_free_space = new.min_free_space
+        maintenance.configure(new)
         proxy.max_entry_size = new.max_entry_size  # admission follows the max size
-        maintenance._stall_time = new.image_cache_stall_time
-        if new.prefetch_concurrency != old.prefetch_concurrency:
-            # Fetches holding a slot of the old semaphore finish; new ones take the new one.
-            prefetcher._slots = asyncio.Semaphore(new.prefetch_concurrency)
-        prefetcher._retry = (new.prefetch_retry_initial, new.prefetch_retry_max)
+        prefetcher.configure(
+            new.prefetch_concurrency, new.prefetch_retry_initial, new.prefetch_retry_max
+        )
 
     def intervals(old: Config, new: Config) -> None:
         for name, key in (

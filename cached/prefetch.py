@@ -12,13 +12,15 @@ Permanent answers are not retried: when the upstream answers 403 or 404 for a qu
 (deleted, or the credentials may never download it), the image leaves the queue with one log
 line. An image deleted through the proxy leaves it too (:meth:`Prefetcher.forget`).
 
-Shared state (the task and progress maps) is changed only by coroutines on the event loop;
+Shared state (the task and progress maps, the fetch slots) is changed only by coroutines and
+callbacks on the event loop;
 the queue markers and their xattrs are touched in worker threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
@@ -119,6 +121,51 @@ def _written_bytes(fill: Fill) -> int:
     return sum(entry.chunk_bounds(i)[1] - entry.chunk_bounds(i)[0] for i in fill.written)
 
 
+class Slots:
+    """At most ``limit`` fetches at a time, a limit that may change while fetches run and
+    wait (a semaphore cannot be resized): a lower one lets running fetches finish, a higher
+    one starts waiting fetches at once, first come first served. Event loop only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def __aenter__(self) -> None:
+        if self.held < self.limit and not self._waiters:
+            self.held += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # resolved by _wake, which counted the slot as held for us
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # given a slot, but cancelled before it could run
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._release()
+
+    def resize(self, limit: int) -> None:
+        self.limit = limit
+        self._wake()
+
+    def _release(self) -> None:
+        self.held -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.held < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self.held += 1
+
+
 @dataclass
 class _Tracked:
     """One of our fetches: waiting for a slot, or watching its fill."""
@@ -142,7 +189,7 @@ class Prefetcher:
         self._filler = filler
         self._backend = backend
         self._service = service
-        self._slots = asyncio.Semaphore(config.prefetch_concurrency)
+        self._slots = Slots(config.prefetch_concurrency)
         # Asked before a new fill with the bytes it will write: None, or why there is no room.
         self.admit: Callable[[int], Awaitable[str | None]] | None = None
         self._retry = (config.prefetch_retry_initial, config.prefetch_retry_max)
@@ -150,6 +197,13 @@ class Prefetcher:
         self._tracked: dict[str, _Tracked] = {}  # our fetches
         self._seen: dict[str, _Baseline] = {}  # fills we did not start: from our first look
         self._forgotten: set[str] = set()  # cancelled by forget(): they end DROPPED
+
+    def configure(self, concurrency: int, retry_initial: float, retry_max: float) -> None:
+        """New ``prefetch_concurrency`` and ``prefetch_retry_*`` (reload). Fetches holding a
+        slot finish; waiting fetches start as soon as fewer than the new limit run (at once
+        when it was raised). The backoff applies from the next failure."""
+        self._slots.resize(concurrency)
+        self._retry = (retry_initial, retry_max)
 
     def start(
         self, image_id: str, creds: Credentials | None = None, record: ImageRecord | None = None

@@ -11,6 +11,7 @@ says it must run.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -24,9 +25,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import auth
+from conftest import auth, start_daemon, stop_daemon
 from daemonproc import CachedProcess, cached_command
 from fakeglance import FakeGlance
+
+from cached.app import CONFIG, MANAGER
+from cached.config import Config
+from cached.lifecycle import RELOADABLES
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
@@ -256,6 +261,68 @@ async def test_reload_applies_a_good_file_and_refuses_a_bad_one(
     assert await scrape_value(url, "cached_cache_max_bytes") == 2 << 30
     assert (await get(f"{url}/v2/cache", token=new_admin))[0] == 200
     assert await asyncio.to_thread(proc.stop) == 0
+
+
+async def reload_in_process(app: aiohttp.web.Application, **changes: object) -> Config:
+    """What a SIGHUP does to the parts, in the test's own daemon: apply ``changes``."""
+    old = app[CONFIG]
+    new = dataclasses.replace(old, **changes)
+    assert app[RELOADABLES].apply(old, new) == []
+    return new
+
+
+async def test_a_shorter_auth_cache_ttl_applies_to_answers_already_remembered(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    d = await start_daemon(tmp_path, glance.url, auth_cache_ttl=3600)
+    try:
+        image = glance.add_image(b"x" * 1000)
+        for _ in range(2):
+            assert (await d.get(image.id))[0] == 200
+        assert d.proxy.authorizer.probes == 1  # the second download reused the answer
+        await reload_in_process(d.app, auth_cache_ttl=0)
+        assert (await d.get(image.id))[0] == 200
+        assert d.proxy.authorizer.probes == 2  # asked again: nothing is reused any more
+    finally:
+        await stop_daemon(d)
+
+
+async def test_a_higher_prefetch_concurrency_starts_waiting_fetches_at_once(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    d = await start_daemon(
+        tmp_path, glance.url, service_token="token-admin", prefetch_concurrency=1
+    )
+    prefetcher = d.app[MANAGER].prefetcher
+    images = [glance.add_image(os.urandom(MiB)) for _ in range(2)]
+    assert d.admin_session is not None
+    try:
+        for image in images:
+            image.pause()
+            async with d.admin_session.put(f"{d.admin_base}/v2/queued_images/{image.id}") as resp:
+                assert resp.status == 200
+        run = asyncio.create_task(prefetcher.run())
+
+        async def states() -> list[str]:
+            return sorted(p["state"] for p in (await prefetcher.progress()).values())
+
+        async def until(wanted: list[str]) -> None:
+            deadline = time.monotonic() + 20
+            while (now := await states()) != wanted:
+                assert time.monotonic() < deadline, now
+                await asyncio.sleep(0.02)
+
+        await until(["fetching", "waiting"])
+        await reload_in_process(d.app, prefetch_concurrency=2)
+        await until(["fetching", "fetching"])  # the first one still runs
+        for image in images:
+            image.resume()
+        counts = await asyncio.wait_for(run, 20)
+        assert sum(counts.values()) == 2 and all(d.store.get(i.id) for i in images)
+    finally:
+        for image in images:
+            image.resume()
+        await stop_daemon(d)
 
 
 # --------------------------------------------------------------------------- drain
