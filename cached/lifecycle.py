@@ -133,6 +133,7 @@ class ReloadStatus:
 
     def as_json(self) -> dict[str, object]:
         return {
+            "pid": os.getpid(),  # the process to signal (cached reload checks it)
             "started": self.started,
             "finished": self.finished,
             "result": self.result,

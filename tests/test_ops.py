@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,9 +27,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import auth, start_daemon, stop_daemon
-from daemonproc import CachedProcess, cached_command
+from daemonproc import CachedProcess, cached_command, run_cached
 from fakeglance import FakeGlance
 
+from cached import reloadcmd
 from cached.app import CONFIG, MANAGER
 from cached.config import Config
 from cached.lifecycle import RELOADABLES
@@ -261,6 +263,73 @@ async def test_reload_applies_a_good_file_and_refuses_a_bad_one(
     assert await scrape_value(url, "cached_cache_max_bytes") == 2 << 30
     assert (await get(f"{url}/v2/cache", token=new_admin))[0] == 200
     assert await asyncio.to_thread(proc.stop) == 0
+
+
+@pytest.mark.parametrize("admin_socket", [False, True], ids=["tcp", "management-socket"])
+async def test_cached_reload_waits_for_the_verdict(
+    glance: FakeGlance, tmp_path: Path, procs: list[CachedProcess], admin_socket: bool
+) -> None:
+    """``cached reload --pid`` (the unit's ExecReload): returns once the reload it caused is
+    done, 0 when applied, 1 with the daemon's reason when refused. It finds the daemon from
+    the process's own sockets: the listener on an ephemeral port, or the management socket."""
+    conf = tmp_path / "cached.yaml"
+    options: dict[str, object] = {"image_cache_max_size": "1G"}
+    socket_path = Path(tempfile.mkdtemp(prefix="cached-admin-")) / "admin.sock"  # sun_path
+    if admin_socket:
+        options["admin_listen"] = f"unix:{socket_path}"
+    write_config(conf, **options)
+    proc = spawn(procs, tmp_path, glance.url, "-c", str(conf))
+    url = await asyncio.to_thread(proc.start)
+    assert proc.proc is not None
+    pid = str(proc.proc.pid)
+
+    async def max_bytes() -> float:
+        if not admin_socket:
+            return await scrape_value(url, "cached_cache_max_bytes")
+        async with (  # /metrics is only served on the management socket
+            aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(socket_path))) as session,
+            session.get("http://localhost/metrics") as resp,
+        ):
+            text = await resp.text()
+        prefix = "cached_cache_max_bytes "
+        return float(next(x for x in text.splitlines() if x.startswith(prefix)).split()[1])
+
+    async def reload() -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(run_cached, "reload", "--pid", pid, "--timeout", "20")
+
+    write_config(conf, **{**options, "image_cache_max_size": "2G", "max_header_size": "32K"})
+    res = await reload()
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == (
+        "cached: reload applied: applied image_cache_max_size; takes effect after a restart: "
+        "max_header_size\n"
+    )
+    # No waiting here: the reload was done when the command returned.
+    assert await max_bytes() == 2 << 30
+
+    write_config(conf, **{**options, "image_cache_max_size": "lots"})
+    res = await reload()
+    assert res.returncode == 1
+    assert res.stderr.startswith("cached: reload refused: ")
+    assert "option 'image_cache_max_size': not a size: 'lots'" in res.stderr
+    assert await max_bytes() == 2 << 30
+
+    write_config(conf, **options)
+    res = await reload()
+    assert res.returncode == 0 and res.stdout.startswith("cached: reload applied: applied ")
+    assert await max_bytes() == 1 << 30
+    assert await asyncio.to_thread(proc.stop) == 0
+    res = await reload()  # no such process any more
+    assert (res.returncode, res.stderr) == (1, f"cached: reload: no process {pid}\n")
+    shutil.rmtree(socket_path.parent)
+
+
+def test_listening_addresses_read_from_proc() -> None:
+    assert reloadcmd._tcp_host("0100007F") == "127.0.0.1"
+    assert reloadcmd._tcp_host("00000000") == "127.0.0.1"  # 0.0.0.0: asked on loopback
+    assert reloadcmd._tcp_host("0000000000000000FFFF00000100007F") == "::ffff:7f00:1"
+    assert reloadcmd._tcp_host("00000000000000000000000001000000") == "::1"
+    assert reloadcmd._tcp_host("0" * 32) == "::1"
 
 
 async def reload_in_process(app: aiohttp.web.Application, **changes: object) -> Config:
