@@ -11,6 +11,8 @@ survives restarts like the queue itself.
 Permanent answers are not retried: when the upstream answers 403 or 404 for a queued image
 (deleted, or the credentials may never download it), the image leaves the queue with one log
 line. An image deleted through the proxy leaves it too (:meth:`Prefetcher.forget`).
+A fetch whose cache entry is deleted while it runs (``DELETE /v2/cached_images/{id}``, a
+cache clear) is not a failure: the image stays queued, without backoff, for the next run.
 
 Shared state (the task and progress maps, the fetch slots) is changed only by coroutines and
 callbacks on the event loop;
@@ -92,6 +94,7 @@ class Outcome(enum.Enum):
     FAILED = "failed"
     DROPPED = "dropped"  # dequeued before its turn
     REFUSED = "refused"  # the upstream answered 403/404: dequeued, not retried
+    DELETED = "deleted"  # its cache entry was deleted while it was fetched: stays queued
 
 
 # Upstream answers that no retry will change (RFC 9110 §15.5.4, §15.5.5).
@@ -100,6 +103,11 @@ _PERMANENT = frozenset({403, 404})
 
 class PrefetchFailed(CachedError):
     """A queued image could not be cached this time."""
+
+
+class EntryDeleted(CachedError):
+    """The entry being fetched was deleted from the cache (``DELETE /v2/cached_images/{id}``,
+    a cache clear, the image deleted through the proxy): the fetch stopped, nothing failed."""
 
 
 @dataclass(frozen=True)
@@ -256,11 +264,13 @@ class Prefetcher:
                 counts[task.result()] += 1
         metrics.prefetch_run(counts[Outcome.FAILED])
         log.info(
-            "prefetch: %d cached, %d failed (stay queued), %d dequeued meanwhile, %d refused",
+            "prefetch: %d cached, %d failed (stay queued), %d dequeued meanwhile, %d refused, "
+            "%d deleted from the cache meanwhile (stay queued)",
             counts[Outcome.CACHED],
             counts[Outcome.FAILED],
             counts[Outcome.DROPPED],
             counts[Outcome.REFUSED],
+            counts[Outcome.DELETED],
         )
         return counts
 
@@ -284,6 +294,11 @@ class Prefetcher:
                     await self._cache(image_id, fallback, record)
                 except asyncio.CancelledError:
                     raise
+                except EntryDeleted as exc:
+                    # Not a failure, no backoff: still queued, it is due at the next run (as
+                    # Glance keeps a queued image whose cached copy is deleted).
+                    log.info("prefetch of %s stopped: %s", image_id, exc)
+                    return Outcome.DELETED
                 except Exception as exc:  # every failure is recorded and retried later
                     if not await asyncio.to_thread(self._is_queued, image_id):
                         log.info("prefetch of %s stopped: dequeued meanwhile (%s)", image_id, exc)
@@ -335,11 +350,17 @@ class Prefetcher:
             with contextlib.suppress(FillAborted):  # how it ended is checked below
                 await fill.wait()
         entry = self._store.get(image_id)
-        if fill.state is not FillState.VERIFIED or entry is None or not entry.complete:
-            if isinstance(fill.error, UpstreamError):
-                raise fill.error  # the upstream's own answer: it may be permanent
-            raise PrefetchFailed(f"fill ended {fill.state.value}: {fill.error or 'entry deleted'}")
-        log.info("prefetch: cached %s", image_id)
+        if fill.state is FillState.VERIFIED and entry is not None and entry.complete:
+            log.info("prefetch: cached %s", image_id)
+            return
+        error = fill.error
+        if isinstance(error, UpstreamError) and error.status in _PERMANENT:
+            raise error  # the upstream's own answer, whatever else happened
+        if fill.orphaned or fill.state is FillState.VERIFIED:  # verified, then deleted
+            raise EntryDeleted(f"its cache entry was deleted ({fill.state.value})")
+        if isinstance(error, UpstreamError):
+            raise error
+        raise PrefetchFailed(f"fill ended {fill.state.value}: {error}")
 
     async def _failed(self, image_id: str, attempt: float, exc: Exception) -> None:
         marker = self._store.queue_dir / image_id
