@@ -200,6 +200,10 @@ class Reloader:
                 message = str(exc)
                 log.error("reload refused, still running on the previous configuration: %s", exc)
                 return False
+            except Exception as exc:  # a bug, not the file: say so, and keep running
+                message = f"unexpected error: {exc!r}"
+                log.exception("reload failed, still running on the previous configuration")
+                return False
             changed = changed_options(old, new)
             live = [k for k in changed if k in LIVE]
             restart = tuple(k for k in changed if k not in LIVE)

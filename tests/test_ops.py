@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,10 +31,12 @@ from conftest import auth, start_daemon, stop_daemon
 from daemonproc import CachedProcess, cached_command, run_cached
 from fakeglance import FakeGlance
 
+from cached import config as configuration
 from cached import reloadcmd
 from cached.app import CONFIG, MANAGER
 from cached.config import Config
-from cached.lifecycle import RELOADABLES
+from cached.lifecycle import RELOADABLES, Reloadables, Reloader
+from cached.sdnotify import Notifier
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
@@ -330,6 +333,34 @@ def test_listening_addresses_read_from_proc() -> None:
     assert reloadcmd._tcp_host("0000000000000000FFFF00000100007F") == "::ffff:7f00:1"
     assert reloadcmd._tcp_host("00000000000000000000000001000000") == "::1"
     assert reloadcmd._tcp_host("0" * 32) == "::1"
+
+
+async def test_sighups_during_a_reload_make_exactly_one_more() -> None:
+    """A signal that arrives while a reload reads the file may come after the file changed:
+    it is not dropped, and any number of them make one more reload, not one each."""
+    release, loads = threading.Event(), []
+    config = configuration.build({})
+
+    def load() -> Config:  # in the reload's thread
+        loads.append(1)
+        assert release.wait(20)
+        return config
+
+    reloader = Reloader(load, config, Reloadables(), Notifier({}), lambda: "")
+    reloader.request()
+    deadline = time.monotonic() + 20
+    while not loads:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    for _ in range(3):
+        reloader.request()
+    release.set()
+    while reloader.reloads.finished < 2:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0)
+    assert (len(loads), reloader.reloads.started) == (2, 2)
+    assert reloader.reloads.result == "applied"
 
 
 async def reload_in_process(app: aiohttp.web.Application, **changes: object) -> Config:
