@@ -131,12 +131,18 @@ class ReloadStatus:
     message: str = ""  # the refusal's reason, the failed parts, or what was applied
     restart_needed: tuple[str, ...] = ()  # options changed that take effect after a restart
 
-    def as_json(self) -> dict[str, object]:
-        return {
-            "pid": os.getpid(),  # the process to signal (cached reload checks it)
+    def as_json(self, detail: bool) -> dict[str, object]:
+        """``detail`` (the management listener only): also the process id, the message and
+        the options that need a restart; a refusal's message may quote the file's values."""
+        counters: dict[str, object] = {
             "started": self.started,
             "finished": self.finished,
             "result": self.result,
+        }
+        if not detail:
+            return counters
+        return counters | {
+            "pid": os.getpid(),  # the process to signal (cached reload checks it)
             "message": self.message,
             "restart_needed": list(self.restart_needed),
         }

@@ -9,7 +9,8 @@ partly applied, or the daemon did not answer in time).
 
 Where to ask: the daemon's own listening sockets, found from ``/proc/PID`` (its management
 Unix socket first, else its first TCP listener), so a file whose ``listen`` changed (which
-takes effect only after a restart) does not send us elsewhere; ``--url`` overrides it.
+takes effect only after a restart) does not send us elsewhere; ``--url`` overrides it. Only
+the management listener tells the reason of a refusal (elsewhere it is in the daemon's log).
 
 A command-line program: synchronous, no event loop, no shared state.
 """
@@ -154,10 +155,15 @@ def _get_health(address: Address, timeout: float) -> dict[str, Any]:
     if response.status != 200:
         raise ReloadError(f"{address}/healthz answered {response.status}")
     try:
-        document = json.loads(body)
-        reload = document["reload"]
-        return {k: reload[k] for k in ("pid", "started", "finished", "result", "message")} | {
-            "restart_needed": list(reload.get("restart_needed", []))
+        reload = json.loads(body)["reload"]
+        return {
+            "started": int(reload["started"]),
+            "finished": int(reload["finished"]),
+            "result": str(reload["result"]),
+            # Only on the management listener (a refusal may quote the file's values).
+            "pid": reload.get("pid"),
+            "message": reload.get("message"),
+            "restart_needed": list(reload.get("restart_needed", [])),
         }
     except (ValueError, KeyError, TypeError):
         raise ReloadError(f"{address}/healthz has no reload status (an older cached?)") from None
@@ -200,7 +206,7 @@ def reload(pid: int, url: str | None, timeout: float) -> tuple[bool, str]:
         before = health(address, request_timeout)
     else:
         address, before = find(pid, request_timeout)
-    if before["pid"] != pid:
+    if before["pid"] is not None and before["pid"] != pid:
         raise ReloadError(f"{address} is process {before['pid']}, not {pid}")
     try:
         os.kill(pid, signal.SIGHUP)
@@ -217,10 +223,15 @@ def reload(pid: int, url: str | None, timeout: float) -> tuple[bool, str]:
         if time.monotonic() > deadline:
             raise ReloadError(f"process {pid} did not finish its reload within {timeout:g} s")
         time.sleep(POLL_INTERVAL)
+    applied = status["result"] == "applied"
     text = status["message"]
+    if text is None:  # not the management listener: details are only in the daemon's log
+        if applied:
+            return True, "applied"
+        return False, f"{status['result']} (why: the daemon's log; admin_listen shows it here)"
     if status["restart_needed"]:
         text += "; takes effect after a restart: " + ", ".join(status["restart_needed"])
-    return status["result"] == "applied", f"{status['result']}: {text}"
+    return applied, f"{status['result']}: {text}"
 
 
 def main(pid: int, url: str | None, timeout: float) -> int:
