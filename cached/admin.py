@@ -90,12 +90,21 @@ class AdminGuard:
         ttl: float,
         upstream_policy: UpstreamPolicy | None = None,
     ) -> None:
-        self._digests = tuple(t.split(":", 1)[1].lower() for t in admin_tokens)
         self._keystone = keystone
         self._upstream_policy = upstream_policy
         self._ttl = ttl
         self._admins: dict[str, float] = {}  # sha256(token) -> monotonic expiry
         self.keystone_checks = 0
+        self.configure(admin_tokens, ttl)
+
+    def configure(self, admin_tokens: tuple[str, ...], ttl: float) -> None:
+        """New ``admin_tokens`` and ``admin_cache_ttl`` (reload): a token taken out is no
+        longer admin from the next request; Keystone answers remembered under a longer TTL
+        are asked again."""
+        self._digests = tuple(t.split(":", 1)[1].lower() for t in admin_tokens)
+        if ttl < self._ttl:
+            self._admins.clear()
+        self._ttl = ttl
 
     @property
     def configured(self) -> bool:

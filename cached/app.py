@@ -43,7 +43,7 @@ PROXY = web.AppKey("proxy", Proxy)
 MANAGER = manage.MANAGER
 SCHEDULER = web.AppKey("scheduler", AsyncIOScheduler)
 INTEGRITY = web.AppKey("integrity", Integrity)
-POLICY = web.AppKey("policy", request_policy.Policy)
+POLICY = web.AppKey("policy", request_policy.ActivePolicy)
 DIRECTORIES = web.AppKey("directories", Directories)
 
 
@@ -67,8 +67,9 @@ def make_backend(
 async def enforce_policy(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """The ``policy`` file's rules, before a request is handled or forwarded."""
-    policy = request.app.get(POLICY)
+    """The ``policy`` file's rules, before a request is handled or forwarded. Installed
+    always, so that a reload can add a policy; without one it only passes the request on."""
+    policy = request.app[POLICY].policy
     if policy is not None:
         guard = request.app[MANAGER].guard
 
@@ -125,19 +126,20 @@ def prepare_dirs(config: Config, embedded: bool) -> None:
 
 def make_app(config: Config, *, backend: Backend | None = None) -> web.Application:
     """Build the daemon's application. ``backend`` lets a caller supply its own upstream."""
-    middlewares = [logs.observe, enforce_policy] if config.policy else [logs.observe]
-    app = web.Application(middlewares=middlewares)
+    app = web.Application(middlewares=[logs.observe, enforce_policy])
     app[CONFIG] = config
     app[LISTENERS] = Listeners(loopback_trusted=config.allow_unauthenticated_management)
     metrics = Metrics(str(config.image_cache_dir), config.image_cache_max_size)
     ops = app[OPS] = Ops(metrics, config)
     reloadables = app[RELOADABLES] = Reloadables()
+    active_policy = app[POLICY] = request_policy.ActivePolicy()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         metrics_module.install(metrics)
         client_tls = await asyncio.to_thread(tls.client_tls, config)
         if config.policy:
-            app[POLICY] = await asyncio.to_thread(request_policy.load, config.policy)
+            policy = await asyncio.to_thread(request_policy.load, config.policy)
+            active_policy.replace(policy, config.policy)
         directories = app[DIRECTORIES] = Directories.from_config(config)
         raw_upstream = backend or make_backend(config, client_tls.upstream, directories)
         upstream: Backend = MeteredBackend(raw_upstream, metrics)
@@ -224,6 +226,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         directories.on_indexed.append(resume_prefetch)
         ops.store, ops.filler, ops.guard, ops.session = store, filler, guard, session
         _register_live(reloadables, app, ops, raw_upstream, proxy.authorizer, guard)
+        _register_policy(reloadables, active_policy)
         _register_live_jobs(reloadables, scheduler, prefetcher, maintenance, proxy)
         yield
         ops.store = None
@@ -287,16 +290,33 @@ def _register_live(
     def timeouts(old: Config, new: Config) -> None:
         if isinstance(upstream, GlanceBackend):
             upstream.set_timeouts(new.upstream_connect_timeout, new.upstream_read_timeout)
-        authorizer._ttl = new.auth_cache_ttl
+        authorizer.configure(new.auth_cache_ttl)
 
     def admin_tokens(old: Config, new: Config) -> None:
-        guard._digests = tuple(t.split(":", 1)[1].lower() for t in new.admin_tokens)
-        guard._ttl = new.admin_cache_ttl
+        guard.configure(new.admin_tokens, new.admin_cache_ttl)
 
     parts.register("configuration", configs)
     parts.register("log level", log_level)
     parts.register("upstream timeouts", timeouts)
     parts.register("admin tokens", admin_tokens)
+
+
+def _register_policy(parts: Reloadables, active: request_policy.ActivePolicy) -> None:
+    """The policy file is read again at every reload, changed path or not: a good file is in
+    force at once, one that does not validate refuses the reload (the old rules stay)."""
+
+    def stage(new: Config) -> Callable[[], None]:
+        policy = request_policy.load(new.policy) if new.policy else None  # in a thread
+
+        def apply() -> None:
+            if policy is None and active.policy is None:
+                return
+            active.replace(policy, new.policy)
+            log.info("reload: %s", active.describe())
+
+        return apply
+
+    parts.register_stage("request policy", stage)
 
 
 def _register_live_jobs(
@@ -307,14 +327,11 @@ def _register_live_jobs(
     proxy: Proxy,
 ) -> None:
     def limits(old: Config, new: Config) -> None:
-        maintenance._max_size = new.image_cache_max_size
-        maintenance.min_free_space = new.min_free_space
+        maintenance.configure(new)
         proxy.max_entry_size = new.max_entry_size  # admission follows the max size
-        maintenance._stall_time = new.image_cache_stall_time
-        if new.prefetch_concurrency != old.prefetch_concurrency:
-            # Fetches holding a slot of the old semaphore finish; new ones take the new one.
-            prefetcher._slots = asyncio.Semaphore(new.prefetch_concurrency)
-        prefetcher._retry = (new.prefetch_retry_initial, new.prefetch_retry_max)
+        prefetcher.configure(
+            new.prefetch_concurrency, new.prefetch_retry_initial, new.prefetch_retry_max
+        )
 
     def intervals(old: Config, new: Config) -> None:
         for name, key in (

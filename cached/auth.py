@@ -42,6 +42,20 @@ class Authorizer:
         self._cleared_at = 0  # number of the change at which _changed_at was last cleared
         self.probes = 0
 
+    def configure(self, ttl: float) -> None:
+        """A new ``auth_cache_ttl`` (reload). Answers already remembered keep no longer than
+        the new TTL allows from when they were given; with 0 none is reused any more."""
+        if ttl == self._ttl:
+            return
+        now = time.monotonic()
+        shift = ttl - self._ttl
+        self._ttl = ttl
+        for key, (until, answer) in list(self._allowed.items()):
+            if ttl <= 0 or until + shift <= now:
+                del self._allowed[key]
+            elif shift < 0:
+                self._allowed[key] = (until + shift, answer)
+
     async def check(
         self, image_id: str, creds: Credentials, *, stale_ok: bool = False
     ) -> Authorization:

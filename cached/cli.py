@@ -1,4 +1,5 @@
-"""``cached serve`` and ``cached check-config``: the daemon's command line."""
+"""``cached serve``, ``cached check-config`` and ``cached reload``: the daemon's command
+line."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from cached import __version__, listeners, logs, policy, tls
+from cached import __version__, listeners, logs, policy, reloadcmd, tls
 from cached import config as configuration
 from cached.app import FILLER, SCHEDULER, make_app, prepare_dirs
 from cached.config import Config
@@ -33,6 +34,22 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cached", description=__doc__)
     parser.add_argument("--version", action="version", version=f"cached {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser(
+        "reload",
+        help="reload a running daemon (SIGHUP) and wait for the result",
+        description="Send SIGHUP to a running cached and wait until it has reloaded: exit 0 "
+        "when the configuration was applied, 1 with the reason when it was refused.",
+    )
+    p.add_argument("--pid", type=int, required=True, help="the daemon's process id ($MAINPID)")
+    p.add_argument(
+        "--url",
+        metavar="URL",
+        help="where the daemon answers /healthz (unix:/path or http(s)://host:port); "
+        "default: found from the process's listening sockets",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for the verdict (60)"
+    )
     for name, help_text in (
         ("serve", "run the caching proxy"),
         ("check-config", "validate the configuration and print the effective values"),
@@ -147,6 +164,7 @@ async def _serve(
             app[RELOADABLES],
             notifier,
             lambda: status_text(ops),
+            ops.reloads,
         )
         stop = asyncio.Event()
         hard_stop = asyncio.Event()
@@ -205,6 +223,8 @@ async def _drain(server: web.Server, grace: float, hard_stop: asyncio.Event) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "reload":
+        return reloadcmd.main(args.pid, args.url, args.timeout)
     try:
         config = load_config(args)
     except ConfigError as exc:

@@ -23,6 +23,8 @@ import aiohttp
 from aiohttp import web
 
 from cached.config import Config
+from cached.lifecycle import ReloadStatus
+from cached.listeners import is_management
 from cached.metrics import CONTENT_TYPE, Metrics
 
 if TYPE_CHECKING:
@@ -47,6 +49,7 @@ class Ops:
     guard: AdminGuard | None = None
     session: aiohttp.ClientSession | None = None
     draining: bool = False
+    reloads: ReloadStatus = field(default_factory=ReloadStatus)  # the Reloader's (SIGHUP)
     _upstream: tuple[float, str | None] = (-float("inf"), None)
     _checking: asyncio.Task[str | None] | None = field(default=None, repr=False)
 
@@ -109,9 +112,13 @@ def _json(status: int, body: dict[str, Any]) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
-    """Alive: the event loop answers (a stuck loop answers nothing)."""
-    lag = request.app[OPS].metrics.last_lag
-    return _json(200, {"status": "alive", "event_loop_lag_seconds": round(lag, 6)})
+    """Alive: the event loop answers (a stuck loop answers nothing). ``reload``: how many
+    reloads started and finished and the last one's result (``cached reload`` waits on it);
+    on the management listener also why (cached/lifecycle.py ``ReloadStatus``)."""
+    ops = request.app[OPS]
+    lag = ops.metrics.last_lag
+    body = {"status": "alive", "event_loop_lag_seconds": round(lag, 6)}
+    return _json(200, {**body, "reload": ops.reloads.as_json(is_management(request))})
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:

@@ -140,14 +140,19 @@ class Maintenance:
     def __init__(self, store: Store, filler: Filler, config: Config):
         self._store = store
         self._filler = filler
-        self._max_size = config.image_cache_max_size
-        self.min_free_space = config.min_free_space
         self._prune_on_fill = config.prune_on_fill
-        self._stall_time = config.image_cache_stall_time
+        self.configure(config)
         self._prune_lock = asyncio.Lock()
         self._clean_lock = asyncio.Lock()
         self._making_room: asyncio.Task[PruneResult] | None = None
         self._again = False  # more space was reserved while a prune ran
+
+    def configure(self, config: Config) -> None:
+        """Take ``image_cache_max_size``, ``min_free_space`` and ``image_cache_stall_time``
+        (at start and on reload): the next admission, prune and clean use them."""
+        self._max_size = config.image_cache_max_size
+        self.min_free_space = config.min_free_space
+        self._stall_time = config.image_cache_stall_time
 
     async def prune(self, target: int | None = None) -> PruneResult:
         """Run :func:`prune` down to ``target`` (default: the max size), after any run."""

@@ -2,19 +2,23 @@
 lag, watchdog pings, ``STATUS=``, progress of long fills) and the debug loop freeze.
 
 Owns :class:`Reloadables` (parts of the daemon that take a new configuration live register
-here; TLS certificates can later) and :class:`Reloader` (re-reads the file, refuses a bad
-one, tells the service manager). Everything runs on the event loop: the signal handlers are
-loop callbacks and the tick is a loop task, so a stuck loop stops the watchdog pings.
+here; a part that must read a file first registers a stage that runs in the reload's thread)
+and :class:`Reloader` (re-reads the file, refuses a bad one, tells the service manager and
+``/healthz``'s ``reload`` generation). Everything that changes state runs on the event loop:
+the signal handlers are loop callbacks and the tick is a loop task, so a stuck loop stops the
+watchdog pings; only the stages run in a worker thread, and they change nothing but return
+what the loop applies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -55,11 +59,15 @@ LIVE = frozenset(
         "shutdown_grace",
         "scrub_interval",
         "scrub_rate",
+        "policy",
     }
 )
 
 # (old, new): apply the new values; raise to report a part that could not take them.
 Reloadable = Callable[[Config, Config], None]
+# new -> what to apply on the loop. Runs in the reload's thread (blocking reads allowed) and
+# must change nothing itself; ConfigError refuses the whole reload.
+Stage = Callable[[Config], Callable[[], None]]
 
 
 class Reloadables:
@@ -67,16 +75,34 @@ class Reloadables:
 
     def __init__(self) -> None:
         self._parts: list[tuple[str, Reloadable]] = []
+        self._stages: list[tuple[str, Stage]] = []
 
     def register(self, name: str, apply: Reloadable) -> None:
         self._parts.append((name, apply))
 
-    def apply(self, old: Config, new: Config) -> list[str]:
-        """Give every part the new configuration; returns the names of those that failed."""
+    def register_stage(self, name: str, stage: Stage) -> None:
+        """A part that reads something (a file) before it can take the configuration."""
+        self._stages.append((name, stage))
+
+    def stage(self, new: Config) -> list[tuple[str, Callable[[], None]]]:
+        """Run every stage (blocking: call from a thread). Raises ConfigError to refuse."""
+        return [(name, stage(new)) for name, stage in self._stages]
+
+    def apply(
+        self,
+        old: Config,
+        new: Config,
+        staged: Sequence[tuple[str, Callable[[], None]]] = (),
+    ) -> list[str]:
+        """Give every part the new configuration, then apply what the stages read; returns
+        the names of those that failed."""
+        steps: list[tuple[str, Callable[[], None]]] = [
+            (name, functools.partial(part, old, new)) for name, part in self._parts
+        ]
         failed = []
-        for name, part in self._parts:
+        for name, step in [*steps, *staged]:
             try:
-                part(old, new)
+                step()
             except Exception:
                 log.exception("reload: %s could not take the new configuration", name)
                 failed.append(name)
@@ -91,6 +117,37 @@ def changed_options(old: Config, new: Config) -> list[str]:
     return [n for n in names if getattr(old, n) != getattr(new, n)]
 
 
+@dataclasses.dataclass
+class ReloadStatus:
+    """What ``/healthz`` says about reloads (``cached reload`` waits on it).
+
+    ``started``/``finished`` count reloads since the daemon started; the result fields are
+    those of reload number ``finished``. Changed by the :class:`Reloader` on the event loop.
+    """
+
+    started: int = 0
+    finished: int = 0
+    result: str = ""  # "applied", "partly applied" (a part failed) or "refused"; "" before any
+    message: str = ""  # the refusal's reason, the failed parts, or what was applied
+    restart_needed: tuple[str, ...] = ()  # options changed that take effect after a restart
+
+    def as_json(self, detail: bool) -> dict[str, object]:
+        """``detail`` (the management listener only): also the process id, the message and
+        the options that need a restart; a refusal's message may quote the file's values."""
+        counters: dict[str, object] = {
+            "started": self.started,
+            "finished": self.finished,
+            "result": self.result,
+        }
+        if not detail:
+            return counters
+        return counters | {
+            "pid": os.getpid(),  # the process to signal (cached reload checks it)
+            "message": self.message,
+            "restart_needed": list(self.restart_needed),
+        }
+
+
 class Reloader:
     """``SIGHUP``: load the same file and flags again and apply what can change live."""
 
@@ -101,44 +158,75 @@ class Reloader:
         parts: Reloadables,
         notifier: Notifier,
         status: Callable[[], str],
+        reloads: ReloadStatus | None = None,
     ) -> None:
         self._load = load
         self.current = current
         self._parts = parts
         self._notifier = notifier
         self._status = status
-        self._running: asyncio.Task[bool] | None = None
+        self.reloads = reloads if reloads is not None else ReloadStatus()
+        self._running: asyncio.Task[None] | None = None
+        self._again = False
 
     def request(self) -> None:
-        """Start a reload (signal handler); one at a time, a reload during one is skipped."""
+        """Start a reload (signal handler). One runs at a time; signals that arrive during
+        one make one more reload after it, so the last signal always sees the file as it
+        was when it was sent."""
         if self._running is None or self._running.done():
-            self._running = asyncio.get_running_loop().create_task(self.reload())
+            self._running = asyncio.get_running_loop().create_task(self._reload_while_asked())
+        else:
+            self._again = True
+
+    async def _reload_while_asked(self) -> None:
+        while True:
+            self._again = False
+            await self.reload()
+            if not self._again:
+                return
 
     async def reload(self) -> bool:
         """Returns whether a new configuration was taken."""
         self._notifier.reloading()
+        reloads = self.reloads
+        reloads.started += 1
+        number = reloads.started
+        result, message = "refused", ""
+        restart: tuple[str, ...] = ()
         try:
+            old = self.current
+
+            def load_and_stage() -> tuple[Config, list[tuple[str, Callable[[], None]]]]:
+                new = self._load()
+                return new, self._parts.stage(new)
+
             try:
-                new = await asyncio.to_thread(self._load)
+                new, staged = await asyncio.to_thread(load_and_stage)
             except ConfigError as exc:
+                message = str(exc)
                 log.error("reload refused, still running on the previous configuration: %s", exc)
                 return False
-            old = self.current
+            except Exception as exc:  # a bug, not the file: say so, and keep running
+                message = f"unexpected error: {exc!r}"
+                log.exception("reload failed, still running on the previous configuration")
+                return False
             changed = changed_options(old, new)
             live = [k for k in changed if k in LIVE]
-            restart = [k for k in changed if k not in LIVE]
+            restart = tuple(k for k in changed if k not in LIVE)
             applied = dataclasses.replace(old, **{k: getattr(new, k) for k in live})
-            failed = self._parts.apply(old, applied)
+            failed = self._parts.apply(old, applied, staged)
             self.current = applied
-            log.info(
-                "reloaded: %s%s",
-                "applied " + ", ".join(live) if live else "nothing to change",
-                " (failed: " + ", ".join(failed) + ")" if failed else "",
+            result = "partly applied" if failed else "applied"
+            message = ("applied " + ", ".join(live) if live else "nothing to change") + (
+                " (failed: " + ", ".join(failed) + ")" if failed else ""
             )
+            log.info("reloaded: %s", message)
             if restart:
                 log.warning("reload: %s changed: takes effect after a restart", ", ".join(restart))
             return True
         finally:
+            reloads.finished = number
+            reloads.result, reloads.message, reloads.restart_needed = result, message, restart
             self._notifier.ready(self._status())
 
 

@@ -25,7 +25,9 @@ removed, repeated and trailing slashes dropped, any ``/v2.N`` prefix read as ``/
 A denied request gets Glance's 403 (``You are not authorized to complete <rule> action.``,
 JSON when the client accepts it, webob's plain text otherwise) and is not forwarded.
 
-State: a :class:`Policy` is built once at start-up and read-only afterwards.
+State: a :class:`Policy` is read-only once built. :class:`ActivePolicy` holds the one in
+force (or none); only the event loop replaces it, at start-up and when a reload (SIGHUP)
+read a new file that validated (cached/app.py's reload section).
 """
 
 from __future__ import annotations
@@ -232,6 +234,28 @@ class Policy:
         return None
 
 
+class ActivePolicy:
+    """The policy in force, or None (every request passes to the upstream's own policy).
+
+    Replaced whole, on the event loop only: a request sees either the old or the new rules.
+    """
+
+    def __init__(self, policy: Policy | None = None, source: str = "") -> None:
+        self.policy = policy
+        self.source = source
+
+    def replace(self, policy: Policy | None, source: str) -> None:
+        self.policy, self.source = policy, source
+
+    def describe(self) -> str:
+        if self.policy is None:
+            return "no request policy: requests pass to the upstream's own policy"
+        return (
+            f"request policy {self.source}: {len(self.policy.rules)} rules, "
+            f"{len(self.policy.routes)} routes"
+        )
+
+
 def _check_references(rules: Mapping[str, _Check], source: str) -> None:
     def refs(check: _Check) -> list[str]:
         if check.kind == "rule":
@@ -353,4 +377,13 @@ def forbidden(request: web.Request, rule: str) -> web.Response:
     )
 
 
-__all__ = ["METADEF_ROUTES", "OPERATIONS", "Policy", "forbidden", "load", "normalise", "parse"]
+__all__ = [
+    "METADEF_ROUTES",
+    "OPERATIONS",
+    "ActivePolicy",
+    "Policy",
+    "forbidden",
+    "load",
+    "normalise",
+    "parse",
+]

@@ -11,14 +11,18 @@ survives restarts like the queue itself.
 Permanent answers are not retried: when the upstream answers 403 or 404 for a queued image
 (deleted, or the credentials may never download it), the image leaves the queue with one log
 line. An image deleted through the proxy leaves it too (:meth:`Prefetcher.forget`).
+A fetch whose cache entry is deleted while it runs (``DELETE /v2/cached_images/{id}``, a
+cache clear) is not a failure: the image stays queued, without backoff, for the next run.
 
-Shared state (the task and progress maps) is changed only by coroutines on the event loop;
+Shared state (the task and progress maps, the fetch slots) is changed only by coroutines and
+callbacks on the event loop;
 the queue markers and their xattrs are touched in worker threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
@@ -90,6 +94,7 @@ class Outcome(enum.Enum):
     FAILED = "failed"
     DROPPED = "dropped"  # dequeued before its turn
     REFUSED = "refused"  # the upstream answered 403/404: dequeued, not retried
+    DELETED = "deleted"  # its cache entry was deleted while it was fetched: stays queued
 
 
 # Upstream answers that no retry will change (RFC 9110 §15.5.4, §15.5.5).
@@ -98,6 +103,11 @@ _PERMANENT = frozenset({403, 404})
 
 class PrefetchFailed(CachedError):
     """A queued image could not be cached this time."""
+
+
+class EntryDeleted(CachedError):
+    """The entry being fetched was deleted from the cache (``DELETE /v2/cached_images/{id}``,
+    a cache clear, the image deleted through the proxy): the fetch stopped, nothing failed."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,51 @@ class _Baseline:
 def _written_bytes(fill: Fill) -> int:
     entry = fill.entry
     return sum(entry.chunk_bounds(i)[1] - entry.chunk_bounds(i)[0] for i in fill.written)
+
+
+class Slots:
+    """At most ``limit`` fetches at a time, a limit that may change while fetches run and
+    wait (a semaphore cannot be resized): a lower one lets running fetches finish, a higher
+    one starts waiting fetches at once, first come first served. Event loop only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def __aenter__(self) -> None:
+        if self.held < self.limit and not self._waiters:
+            self.held += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # resolved by _wake, which counted the slot as held for us
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # given a slot, but cancelled before it could run
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._release()
+
+    def resize(self, limit: int) -> None:
+        self.limit = limit
+        self._wake()
+
+    def _release(self) -> None:
+        self.held -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.held < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self.held += 1
 
 
 @dataclass
@@ -142,7 +197,7 @@ class Prefetcher:
         self._filler = filler
         self._backend = backend
         self._service = service
-        self._slots = asyncio.Semaphore(config.prefetch_concurrency)
+        self._slots = Slots(config.prefetch_concurrency)
         # Asked before a new fill with the bytes it will write: None, or why there is no room.
         self.admit: Callable[[int], Awaitable[str | None]] | None = None
         self._retry = (config.prefetch_retry_initial, config.prefetch_retry_max)
@@ -150,6 +205,13 @@ class Prefetcher:
         self._tracked: dict[str, _Tracked] = {}  # our fetches
         self._seen: dict[str, _Baseline] = {}  # fills we did not start: from our first look
         self._forgotten: set[str] = set()  # cancelled by forget(): they end DROPPED
+
+    def configure(self, concurrency: int, retry_initial: float, retry_max: float) -> None:
+        """New ``prefetch_concurrency`` and ``prefetch_retry_*`` (reload). Fetches holding a
+        slot finish; waiting fetches start as soon as fewer than the new limit run (at once
+        when it was raised). The backoff applies from the next failure."""
+        self._slots.resize(concurrency)
+        self._retry = (retry_initial, retry_max)
 
     def start(
         self, image_id: str, creds: Credentials | None = None, record: ImageRecord | None = None
@@ -202,11 +264,13 @@ class Prefetcher:
                 counts[task.result()] += 1
         metrics.prefetch_run(counts[Outcome.FAILED])
         log.info(
-            "prefetch: %d cached, %d failed (stay queued), %d dequeued meanwhile, %d refused",
+            "prefetch: %d cached, %d failed (stay queued), %d dequeued meanwhile, %d refused, "
+            "%d deleted from the cache meanwhile (stay queued)",
             counts[Outcome.CACHED],
             counts[Outcome.FAILED],
             counts[Outcome.DROPPED],
             counts[Outcome.REFUSED],
+            counts[Outcome.DELETED],
         )
         return counts
 
@@ -230,6 +294,11 @@ class Prefetcher:
                     await self._cache(image_id, fallback, record)
                 except asyncio.CancelledError:
                     raise
+                except EntryDeleted as exc:
+                    # Not a failure, no backoff: still queued, it is due at the next run (as
+                    # Glance keeps a queued image whose cached copy is deleted).
+                    log.info("prefetch of %s stopped: %s", image_id, exc)
+                    return Outcome.DELETED
                 except Exception as exc:  # every failure is recorded and retried later
                     if not await asyncio.to_thread(self._is_queued, image_id):
                         log.info("prefetch of %s stopped: dequeued meanwhile (%s)", image_id, exc)
@@ -281,11 +350,17 @@ class Prefetcher:
             with contextlib.suppress(FillAborted):  # how it ended is checked below
                 await fill.wait()
         entry = self._store.get(image_id)
-        if fill.state is not FillState.VERIFIED or entry is None or not entry.complete:
-            if isinstance(fill.error, UpstreamError):
-                raise fill.error  # the upstream's own answer: it may be permanent
-            raise PrefetchFailed(f"fill ended {fill.state.value}: {fill.error or 'entry deleted'}")
-        log.info("prefetch: cached %s", image_id)
+        if fill.state is FillState.VERIFIED and entry is not None and entry.complete:
+            log.info("prefetch: cached %s", image_id)
+            return
+        error = fill.error
+        if isinstance(error, UpstreamError) and error.status in _PERMANENT:
+            raise error  # the upstream's own answer, whatever else happened
+        if fill.orphaned or fill.state is FillState.VERIFIED:  # verified, then deleted
+            raise EntryDeleted(f"its cache entry was deleted ({fill.state.value})")
+        if isinstance(error, UpstreamError):
+            raise error
+        raise PrefetchFailed(f"fill ended {fill.state.value}: {error}")
 
     async def _failed(self, image_id: str, attempt: float, exc: Exception) -> None:
         marker = self._store.queue_dir / image_id

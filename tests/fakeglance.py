@@ -230,6 +230,9 @@ class FakeGlance:
         self.send_100_continue = True
         # True: an upper-case id finds the image (Glance on MySQL); False: 404 (on SQLite)
         self.ids_ignore_case = False
+        # A status (500, 502, 503, ...) every image download (authorisation probes included)
+        # is answered with, before any check, as by a failing Glance or its load balancer
+        self.fail_downloads: int | None = None
 
     # -- programming ------------------------------------------------------------------------
 
@@ -522,6 +525,8 @@ class FakeGlance:
 
     async def _download(self, request: web.Request) -> web.StreamResponse:
         """`GET /v2/images/{id}/file` with Glance 33's checks, in Glance's order (API.md §1)."""
+        if self.fail_downloads is not None:
+            return web.Response(status=self.fail_downloads, text="failing (fail_downloads)")
         image, caller = self._image(request)
         if image.status == "deactivated" and not caller.is_admin:
             raise web.HTTPForbidden(

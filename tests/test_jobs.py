@@ -230,6 +230,7 @@ async def test_queue_survives_a_restart(glance: FakeGlance, cache_dir: Path) -> 
             Outcome.FAILED: 0,
             Outcome.DROPPED: 0,
             Outcome.REFUSED: 0,
+            Outcome.DELETED: 0,
         }
         assert tree(cache_dir) == sorted([*EMPTY, image.id])
     finally:

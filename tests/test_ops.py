@@ -11,12 +11,15 @@ says it must run.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,9 +27,16 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import auth
-from daemonproc import CachedProcess, cached_command
+from conftest import auth, start_daemon, stop_daemon
+from daemonproc import CachedProcess, cached_command, run_cached
 from fakeglance import FakeGlance
+
+from cached import config as configuration
+from cached import reloadcmd
+from cached.app import CONFIG, MANAGER
+from cached.config import Config
+from cached.lifecycle import RELOADABLES, Reloadables, Reloader
+from cached.sdnotify import Notifier
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
@@ -256,6 +266,172 @@ async def test_reload_applies_a_good_file_and_refuses_a_bad_one(
     assert await scrape_value(url, "cached_cache_max_bytes") == 2 << 30
     assert (await get(f"{url}/v2/cache", token=new_admin))[0] == 200
     assert await asyncio.to_thread(proc.stop) == 0
+
+
+@pytest.mark.parametrize("admin_socket", [False, True], ids=["tcp", "management-socket"])
+async def test_cached_reload_waits_for_the_verdict(
+    glance: FakeGlance, tmp_path: Path, procs: list[CachedProcess], admin_socket: bool
+) -> None:
+    """``cached reload --pid`` (the unit's ExecReload): returns once the reload it caused is
+    done, 0 when applied, 1 with the daemon's reason when refused. It finds the daemon from
+    the process's own sockets: the listener on an ephemeral port, or the management socket."""
+    conf = tmp_path / "cached.yaml"
+    options: dict[str, object] = {"image_cache_max_size": "1G"}
+    socket_path = Path(tempfile.mkdtemp(prefix="cached-admin-")) / "admin.sock"  # sun_path
+    if admin_socket:
+        options["admin_listen"] = f"unix:{socket_path}"
+    write_config(conf, **options)
+    proc = spawn(procs, tmp_path, glance.url, "-c", str(conf))
+    url = await asyncio.to_thread(proc.start)
+    assert proc.proc is not None
+    pid = str(proc.proc.pid)
+
+    async def max_bytes() -> float:
+        if not admin_socket:
+            return await scrape_value(url, "cached_cache_max_bytes")
+        async with (  # /metrics is only served on the management socket
+            aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(socket_path))) as session,
+            session.get("http://localhost/metrics") as resp,
+        ):
+            text = await resp.text()
+        prefix = "cached_cache_max_bytes "
+        return float(next(x for x in text.splitlines() if x.startswith(prefix)).split()[1])
+
+    async def reload() -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(run_cached, "reload", "--pid", pid, "--timeout", "20")
+
+    write_config(conf, **{**options, "image_cache_max_size": "2G", "max_header_size": "32K"})
+    res = await reload()
+    assert res.returncode == 0, res.stderr
+    if admin_socket:  # the management listener also says what was applied
+        assert res.stdout == (
+            "cached: reload applied: applied image_cache_max_size; takes effect after a "
+            "restart: max_header_size\n"
+        )
+    else:
+        assert res.stdout == "cached: reload applied\n"
+    # No waiting here: the reload was done when the command returned.
+    assert await max_bytes() == 2 << 30
+
+    write_config(conf, **{**options, "image_cache_max_size": "lots"})
+    res = await reload()
+    assert res.returncode == 1
+    if admin_socket:
+        assert res.stderr.startswith("cached: reload refused: ")
+        assert "option 'image_cache_max_size': not a size: 'lots'" in res.stderr
+    else:  # the public listener does not quote the file: the log does
+        assert res.stderr == (
+            "cached: reload refused (why: the daemon's log; admin_listen shows it here)\n"
+        )
+        assert "option 'image_cache_max_size': not a size: 'lots'" in proc.output()
+    assert await max_bytes() == 2 << 30
+
+    write_config(conf, **options)
+    res = await reload()
+    assert res.returncode == 0 and res.stdout.startswith("cached: reload applied")
+    assert await max_bytes() == 1 << 30
+    assert await asyncio.to_thread(proc.stop) == 0
+    res = await reload()  # no such process any more
+    assert (res.returncode, res.stderr) == (1, f"cached: reload: no process {pid}\n")
+    shutil.rmtree(socket_path.parent)
+
+
+def test_listening_addresses_read_from_proc() -> None:
+    assert reloadcmd._tcp_host("0100007F") == "127.0.0.1"
+    assert reloadcmd._tcp_host("00000000") == "127.0.0.1"  # 0.0.0.0: asked on loopback
+    assert reloadcmd._tcp_host("0000000000000000FFFF00000100007F") == "::ffff:7f00:1"
+    assert reloadcmd._tcp_host("00000000000000000000000001000000") == "::1"
+    assert reloadcmd._tcp_host("0" * 32) == "::1"
+
+
+async def test_sighups_during_a_reload_make_exactly_one_more() -> None:
+    """A signal that arrives while a reload reads the file may come after the file changed:
+    it is not dropped, and any number of them make one more reload, not one each."""
+    release, loads = threading.Event(), []
+    config = configuration.build({})
+
+    def load() -> Config:  # in the reload's thread
+        loads.append(1)
+        assert release.wait(20)
+        return config
+
+    reloader = Reloader(load, config, Reloadables(), Notifier({}), lambda: "")
+    reloader.request()
+    deadline = time.monotonic() + 20
+    while not loads:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    for _ in range(3):
+        reloader.request()
+    release.set()
+    while reloader.reloads.finished < 2:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0)
+    assert (len(loads), reloader.reloads.started) == (2, 2)
+    assert reloader.reloads.result == "applied"
+
+
+async def reload_in_process(app: aiohttp.web.Application, **changes: object) -> Config:
+    """What a SIGHUP does to the parts, in the test's own daemon: apply ``changes``."""
+    old = app[CONFIG]
+    new = dataclasses.replace(old, **changes)
+    assert app[RELOADABLES].apply(old, new) == []
+    return new
+
+
+async def test_a_shorter_auth_cache_ttl_applies_to_answers_already_remembered(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    d = await start_daemon(tmp_path, glance.url, auth_cache_ttl=3600)
+    try:
+        image = glance.add_image(b"x" * 1000)
+        for _ in range(2):
+            assert (await d.get(image.id))[0] == 200
+        assert d.proxy.authorizer.probes == 1  # the second download reused the answer
+        await reload_in_process(d.app, auth_cache_ttl=0)
+        assert (await d.get(image.id))[0] == 200
+        assert d.proxy.authorizer.probes == 2  # asked again: nothing is reused any more
+    finally:
+        await stop_daemon(d)
+
+
+async def test_a_higher_prefetch_concurrency_starts_waiting_fetches_at_once(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    d = await start_daemon(
+        tmp_path, glance.url, service_token="token-admin", prefetch_concurrency=1
+    )
+    prefetcher = d.app[MANAGER].prefetcher
+    images = [glance.add_image(os.urandom(MiB)) for _ in range(2)]
+    assert d.admin_session is not None
+    try:
+        for image in images:
+            image.pause()
+            async with d.admin_session.put(f"{d.admin_base}/v2/queued_images/{image.id}") as resp:
+                assert resp.status == 200
+        run = asyncio.create_task(prefetcher.run())
+
+        async def states() -> list[str]:
+            return sorted(p["state"] for p in (await prefetcher.progress()).values())
+
+        async def until(wanted: list[str]) -> None:
+            deadline = time.monotonic() + 20
+            while (now := await states()) != wanted:
+                assert time.monotonic() < deadline, now
+                await asyncio.sleep(0.02)
+
+        await until(["fetching", "waiting"])
+        await reload_in_process(d.app, prefetch_concurrency=2)
+        await until(["fetching", "fetching"])  # the first one still runs
+        for image in images:
+            image.resume()
+        counts = await asyncio.wait_for(run, 20)
+        assert sum(counts.values()) == 2 and all(d.store.get(i.id) for i in images)
+    finally:
+        for image in images:
+            image.resume()
+        await stop_daemon(d)
 
 
 # --------------------------------------------------------------------------- drain

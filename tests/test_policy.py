@@ -4,14 +4,18 @@ errors a bad policy file gets."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
+import signal
+import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 from conftest import auth, start_daemon, stop_daemon
-from daemonproc import run_cached
+from daemonproc import CachedProcess, run_cached
 from fakeglance import FakeGlance
 
 from cached import policy
@@ -174,3 +178,86 @@ async def test_route_rules_for_anything_else(glance: FakeGlance, tmp_path: Path)
         assert image.id not in glance.images
     finally:
         await stop_daemon(d)
+
+
+# ------------------------------------------------------------------ reload (SIGHUP)
+class Reloads:
+    """A real ``cached serve`` with a configuration file, reloaded by SIGHUP."""
+
+    def __init__(self, proc: CachedProcess, conf: Path) -> None:
+        self.proc, self.conf, self.done = proc, conf, 0
+
+    async def reload(self) -> str:
+        """SIGHUP; wait until the daemon logged the end of this reload; return that line."""
+        self.proc.signal(signal.SIGHUP)
+        self.done += 1
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            lines = [
+                line
+                for line in (await asyncio.to_thread(self.proc.output)).splitlines()
+                if "reloaded:" in line or "reload refused" in line
+            ]
+            if len(lines) >= self.done:
+                return lines[self.done - 1]
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"reload {self.done} never ended:\n{self.proc.output()}")
+
+
+async def status_of(method: str, url: str) -> int:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, json={"namespace": "x"}, headers=auth()) as resp,
+    ):
+        return resp.status
+
+
+async def test_a_reload_reads_the_policy_again(glance: FakeGlance, tmp_path: Path) -> None:
+    rules, conf = tmp_path / "policy.yaml", tmp_path / "cached.yaml"
+    conf.write_text("log_level: INFO\n")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    proc = CachedProcess(glance.url, cache, tmp_path / "cached.log", "-c", str(conf))
+    image = glance.add_image(b"x" * 100)
+    try:
+        url = await asyncio.to_thread(proc.start)
+        daemon = Reloads(proc, conf)
+        namespaces, image_url = f"{url}/v2/metadefs/namespaces", f"{url}/v2/images/{image.id}"
+        assert await status_of("POST", namespaces) == 404  # no policy: the upstream answers
+
+        # A policy file where there was none: in force at once.
+        rules.write_text("add_metadef_namespace: '!'\n")
+        conf.write_text(f"log_level: INFO\npolicy: {rules}\n")
+        assert "applied policy" in await daemon.reload()
+        assert f"reload: request policy {rules}: 1 rules, 0 routes" in proc.output()
+        assert await status_of("POST", namespaces) == 403
+
+        # A bad file (a role cached cannot decide; not YAML; a rule that names no rule) is
+        # refused with one line, and the rules in force stay.
+        for text, why in (
+            ("add_metadef_namespace: 'role:member'\n", "'role:member' cannot be decided"),
+            ("add_metadef_namespace: [\n", str(rules)),
+            ("add_metadef_namespace: 'rule:nope'\n", "no rule 'nope'"),
+        ):
+            rules.write_text(text)
+            line = await daemon.reload()
+            assert "reload refused, still running on the previous configuration" in line
+            assert why in line
+            assert await status_of("POST", namespaces) == 403
+        assert "Traceback" not in proc.output()
+
+        # A good change of the same file: the new rules, and only they, apply at once.
+        rules.write_text("routes:\n  - {method: DELETE, path: /v2/images/*, rule: '!'}\n")
+        assert "reloaded: nothing to change" in await daemon.reload()
+        assert await status_of("POST", namespaces) == 404
+        assert await status_of("DELETE", image_url) == 403
+        assert image.id in glance.images
+
+        # No policy any more: requests pass to the upstream's own policy.
+        conf.write_text("log_level: INFO\n")
+        assert "applied policy" in await daemon.reload()
+        assert "reload: no request policy" in proc.output()
+        assert await status_of("DELETE", image_url) == 204
+        assert image.id not in glance.images
+    finally:
+        assert await asyncio.to_thread(proc.stop) == 0

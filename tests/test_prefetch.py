@@ -139,3 +139,92 @@ async def test_image_deleted_through_the_proxy_leaves_the_queue(
         assert await queued(d) == []
     finally:
         await stop_daemon(d)
+
+
+async def _fetching(
+    d: Daemon, glance: FakeGlance, image_id: str
+) -> asyncio.Task[dict[Outcome, int]]:
+    """A prefetch run whose fetch of ``image_id`` has its fill open (the upstream is held)."""
+    run = asyncio.create_task(prefetcher(d).run())
+    deadline = asyncio.get_running_loop().time() + 10
+    while d.filler.get(image_id) is None or not glance.data_requests(image_id):
+        assert asyncio.get_running_loop().time() < deadline, "the prefetch never started"
+        await asyncio.sleep(0.01)
+    return run
+
+
+@pytest.mark.parametrize(
+    "how", ["DELETE /v2/cached_images/{id}", "DELETE /v2/cache (target cache)"]
+)
+async def test_a_cache_copy_deleted_mid_prefetch_is_not_a_failure(
+    glance: FakeGlance, cache_dir: Path, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    """The image stays queued (these deletes leave the queue alone, as in Glance) and the
+    next run fetches it: no failure recorded, no backoff waited out."""
+    d = await start_daemon(cache_dir, glance.url, service_token="token-admin")
+    image = glance.add_image(os.urandom(2 * MiB))
+    try:
+        await legacy_queue(d, image.id)
+        image.pause()
+        run = await _fetching(d, glance, image.id)
+        caplog.set_level(logging.INFO, logger="cached.prefetch")
+        if how.startswith("DELETE /v2/cached_images"):
+            url, headers = f"{d.admin_base}/v2/cached_images/{image.id}", {}
+        else:
+            url, headers = f"{d.admin_base}/v2/cache", {"x-image-cache-clear-target": "cache"}
+        async with manage(d).delete(url, headers=headers) as resp:
+            assert resp.status in (200, 204)
+        counts = await asyncio.wait_for(run, 10)
+        assert counts == {**dict.fromkeys(Outcome, 0), Outcome.DELETED: 1}
+        assert await queued(d) == [image.id]
+        assert prefetch_warnings(caplog, image.id) == []
+        progress = (await prefetcher(d).progress())[image.id]
+        assert (progress["state"], progress["failures"]) == ("queued", 0)
+
+        image.resume()
+        assert (await prefetcher(d).run())[Outcome.CACHED] == 1  # at once: nothing to wait
+        assert await queued(d) == []
+    finally:
+        image.resume()
+        await stop_daemon(d)
+
+
+async def test_an_image_deleted_through_the_proxy_mid_prefetch_is_not_a_failure(
+    glance: FakeGlance, cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    d = await start_daemon(cache_dir, glance.url, service_token="token-admin")
+    image = glance.add_image(os.urandom(2 * MiB))
+    try:
+        await legacy_queue(d, image.id)
+        image.pause()
+        run = await _fetching(d, glance, image.id)
+        caplog.set_level(logging.INFO, logger="cached.prefetch")
+        async with d.session.delete(
+            f"{d.url}/v2/images/{image.id}", headers=auth("token-admin")
+        ) as resp:
+            assert resp.status == 204
+        counts = await asyncio.wait_for(run, 10)
+        assert counts[Outcome.FAILED] == 0 and sum(counts.values()) == 1, counts
+        assert prefetch_warnings(caplog, image.id) == []
+        assert await queued(d) == []
+    finally:
+        image.resume()
+        await stop_daemon(d)
+
+
+@pytest.mark.parametrize("status", [403, 404])
+async def test_a_permanent_answer_to_the_transfer_itself_dequeues(
+    glance: FakeGlance, cache_dir: Path, status: int
+) -> None:
+    """The record is there, but the download is refused (403) or its data gone (404): as
+    permanent as when the record says so."""
+    d = await start_daemon(cache_dir, glance.url, service_token="token-admin")
+    try:
+        image = glance.add_image(os.urandom(MiB))
+        await legacy_queue(d, image.id)
+        glance.fail_downloads = status
+        counts = await prefetcher(d).run()
+        assert counts == {**dict.fromkeys(Outcome, 0), Outcome.REFUSED: 1}
+        assert await queued(d) == []
+    finally:
+        await stop_daemon(d)

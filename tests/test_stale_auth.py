@@ -1,6 +1,7 @@
 """``auth_stale_if_error`` (issue 10): during an upstream outage, hits for callers whose
 same credentials were allowed the image within the window are served, marked and logged;
-nobody else is, and nothing outside the window. Against a real ``cached serve``."""
+nobody else is, and nothing outside the window. An unreachable upstream against a real
+``cached serve``; an upstream answering 5xx (and 4xx) in process."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import time
 from pathlib import Path
 
 import aiohttp
-from conftest import TOKENS, auth
+import pytest
+from conftest import TOKENS, auth, start_daemon, stop_daemon, wait_complete
 from daemonproc import CachedProcess
 from fakeglance import FakeGlance
 
@@ -100,3 +102,37 @@ async def test_upstream_outage_serves_recent_allowances_only(tmp_path: Path) -> 
         await session.close()
         await asyncio.to_thread(proc.stop)
         await glance.close()
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+async def test_upstream_5xx_serves_recent_allowances_and_a_4xx_never(
+    glance: FakeGlance, tmp_path: Path, status: int
+) -> None:
+    """An upstream that answers the authorisation probe with a 5xx is an outage like an
+    unreachable one; a 4xx is an answer: never served stale, and it ends the allowance."""
+    d = await start_daemon(tmp_path, glance.url, auth_stale_if_error=600)
+    try:
+        data, fresh = os.urandom(1 << 20), os.urandom(1000)
+        image, fresh_image = glance.add_image(data), glance.add_image(fresh)
+        assert (await d.get(image.id))[0] == 200
+        await wait_complete(d, image.id)
+        assert (await d.get(image.id, "token-p2"))[0] == 404  # private: refused
+
+        glance.fail_downloads = status
+        got, headers, body = await d.get(image.id)
+        assert (got, headers.get("Cache-Status"), body) == (200, STALE, data)
+        for image_id, token in ((image.id, "token-p2"), (fresh_image.id, "token-p1")):
+            got, headers, _ = await d.get(image_id, token)  # refused; not cached
+            assert (got, headers.get("Cache-Status")) == (status, None), (image_id, token)
+
+        glance.fail_downloads = 403  # a 4xx is the upstream's answer: never stale
+        got, headers, _ = await d.get(image.id)
+        assert (got, headers.get("Cache-Status")) == (403, None)
+        glance.fail_downloads = status  # and it ended the allowance
+        assert (await d.get(image.id))[0] == status
+
+        glance.fail_downloads = None
+        got, headers, body = await d.get(image.id)
+        assert (got, headers.get("Cache-Status"), body) == (200, "cached; hit", data)
+    finally:
+        await stop_daemon(d)
