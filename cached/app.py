@@ -20,12 +20,14 @@ from cached.auth import Authorizer
 from cached.config import Config
 from cached.directories import Directories
 from cached.errors import ConfigError
+from cached.fileapi import FileApi
 from cached.fill import FillSettings
 from cached.filler import Filler
 from cached.health import OPS, Ops
 from cached.lifecycle import RELOADABLES, Reloadables
 from cached.listeners import LISTENERS, Listeners, is_management
-from cached.metrics import MeteredBackend, Metrics
+from cached.metrics import MeteredBackend, MeteredPassThrough, Metrics
+from cached.passthrough import GlancePassThrough, PassThrough
 from cached.prefetch import Prefetcher
 from cached.proxy import Proxy
 from cached.scrub import Integrity
@@ -61,6 +63,16 @@ def make_backend(
         read_timeout=config.upstream_read_timeout,
         ssl_context=ssl_context,
     )
+
+
+def make_passthrough(backend: Backend) -> PassThrough:
+    """What answers the requests the cache does not, by the kind of upstream: a Glance is
+    relayed to, a file store's image API is emulated."""
+    if isinstance(backend, FileBackend):
+        return FileApi(backend)
+    if isinstance(backend, GlanceBackend):
+        return GlancePassThrough(backend)
+    raise TypeError(f"no pass-through for a {type(backend).__name__} upstream")
 
 
 @web.middleware
@@ -143,7 +155,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         directories = app[DIRECTORIES] = Directories.from_config(config)
         raw_upstream = backend or make_backend(config, client_tls.upstream, directories)
         upstream: Backend = MeteredBackend(raw_upstream, metrics)
-        # Keystone, peers and the upstream's version document (not image data).
+        # Keystone and peers (not the upstream).
         session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=30, sock_connect=config.upstream_connect_timeout),
             connector=aiohttp.TCPConnector(ssl=client_tls.upstream),
@@ -159,14 +171,12 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         filler = Filler(
             store, upstream, settings, service.credentials if service.configured else None
         )
-        glance = config.upstream_kind == "glance" and isinstance(raw_upstream, GlanceBackend)
         proxy = Proxy(
             store,
             filler,
             upstream,
             Authorizer(upstream, config.auth_cache_ttl, config.auth_stale_if_error),
-            versions_session=session if glance else None,
-            upstream_url=config.upstream if glance else "",
+            MeteredPassThrough(make_passthrough(raw_upstream), metrics),
             max_entry_size=config.max_entry_size,
             directories=directories,
         )

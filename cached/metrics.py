@@ -452,7 +452,22 @@ class MeteredBackend:
             m.up_errors[kind].inc()
             raise
 
-    async def forward(self, request: Any, before_reply: Any = None) -> Any:
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:  # anything else a backend offers
+        return getattr(self.inner, name)
+
+
+class MeteredPassThrough:
+    """Wraps a pass-through (``cached/passthrough.py``, ``cached/fileapi.py``): its answers
+    count as upstream requests of kind ``forward``, timed until the status is known."""
+
+    def __init__(self, inner: Any, metrics: Metrics) -> None:
+        self.inner = inner
+        self._m = metrics
+
+    async def answer(self, request: Any, before_reply: Any = None) -> Any:
         m = self._m
         m.up_requests["forward"].inc()
         started = time.monotonic()
@@ -463,13 +478,10 @@ class MeteredBackend:
                 await before_reply(response)
 
         try:
-            return await self.inner.forward(request, timed_reply)
+            return await self.inner.answer(request, timed_reply)
         except Exception:
             m.up_errors["forward"].inc()
             raise
 
-    async def close(self) -> None:
-        await self.inner.close()
-
-    def __getattr__(self, name: str) -> Any:  # anything else a backend offers
-        return getattr(self.inner, name)
+    async def versions(self, request: Any) -> Any:
+        return await self.inner.versions(request)

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
-import aiohttp
 from aiohttp import web
 
-from cached import ranges, replies, routes, versions
+from cached import ranges, replies, routes
 from cached.auth import Authorizer
 from cached.directories import Directories
 from cached.errors import (
@@ -30,11 +28,11 @@ from cached.errors import (
 from cached.fill import Fill
 from cached.filler import Filler
 from cached.ids import is_image_id
+from cached.passthrough import PassThrough
 from cached.reader import Progress, send_entry
 from cached.scrub import Integrity
 from cached.store import Entry, Store, chunk_size_for
 from cached.upstream import Backend, Credentials, Decision, ImageRecord
-from cached.upstream.glance import end_to_end
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +81,8 @@ class Proxy:
     filler: Filler
     backend: Backend
     authorizer: Authorizer
-    # A glance upstream's version document is fetched with this session and made to
-    # advertise the cache API cached answers; None: the backend answers it (file upstream).
-    versions_session: aiohttp.ClientSession | None = None
-    upstream_url: str = ""
+    # Answers everything the cache does not (cached/passthrough.py, cached/fileapi.py).
+    passthrough: PassThrough
     # Admission: images larger than this are never cached (streamed with detail=too-large).
     max_entry_size: int | None = None
     # Asked before a new fill with the bytes it will write: None, or why there is no room.
@@ -321,7 +317,7 @@ class Proxy:
             response.headers["Cache-Status"] = status
 
         try:
-            return await self.backend.forward(request, mark)
+            return await self.passthrough.answer(request, mark)
         except UpstreamUnavailable as exc:
             if request.transport is None or request.transport.is_closing():
                 raise
@@ -341,7 +337,7 @@ class Proxy:
                         await self.image_changed(image_id, deleted=deleted)
 
         try:
-            return await self.backend.forward(request, hook)
+            return await self.passthrough.answer(request, hook)
         except UpstreamUnavailable as exc:
             if request.transport is None or request.transport.is_closing():
                 raise
@@ -353,35 +349,7 @@ class Proxy:
 
         python-glanceclient looks for v2.14 (v2.18 for clean/prune) before every cache call.
         """
-        if self.versions_session is None:
-            return await self.forward(request)
-        headers = end_to_end(request.headers)  # the client's Host: Glance links to it
-        headers.popall("Accept-Encoding", None)
-        headers.popall("Content-Length", None)  # no body goes upstream: it would desync
-        headers["X-Forwarded-Proto"] = headers.get("X-Forwarded-Proto", request.scheme)
-        try:
-            async with self.versions_session.get(
-                self.upstream_url + request.path_qs, headers=headers, allow_redirects=False
-            ) as upstream:
-                body = await upstream.read()
-                status = upstream.status
-                relay = {
-                    h: upstream.headers[h]
-                    for h in ("Content-Type", "x-openstack-request-id")
-                    if h in upstream.headers
-                }
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return replies.unreachable(request, exc)
-        try:
-            doc = json.loads(body) if status in (200, 300) else None
-        except ValueError:
-            doc = None
-        if not isinstance(doc, dict):
-            return web.Response(status=status, body=body, headers=relay)
-        base = f"{request.scheme}://{request.host}"
-        doc = versions.with_cache_api(_relink(doc, self.upstream_url, base), base)
-        relay.pop("Content-Type", None)
-        return web.json_response(doc, status=status, headers=relay)
+        return await self.passthrough.versions(request)
 
     async def image_changed(self, image_id: str, *, deleted: bool) -> None:
         self.authorizer.forget(image_id)
@@ -418,17 +386,6 @@ def _record_of(entry: Entry) -> ImageRecord:
         entry.os_hash_algo,
         entry.os_hash_value,
     )
-
-
-def _relink(doc: dict[str, Any], upstream: str, base: str) -> dict[str, Any]:
-    """Point version links that name the upstream itself at the proxy instead."""
-    for version in doc.get("versions") or []:
-        links = version.get("links") if isinstance(version, dict) else None
-        for link in links if isinstance(links, list) else []:
-            href = link.get("href") if isinstance(link, dict) else None
-            if isinstance(href, str) and href.startswith(upstream + "/"):
-                link["href"] = base + href[len(upstream) :]
-    return doc
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -1,19 +1,20 @@
 """Backends: where image records and data come from, behind one small interface.
 
-``glance`` is an HTTP upstream (the real image API, proxied transparently); ``file`` is a
-directory laid out like Glance's filesystem store. Only this package knows upstream HTTP.
+``glance`` is an HTTP upstream (the real image API); ``file`` is a directory laid out like
+Glance's filesystem store. Only this package knows upstream HTTP. A backend only fetches:
+records, authorisation answers and image bytes (plus, for Glance, one raw request sent as
+given); answering a client's request is the proxy side's job (``cached/passthrough.py`` for
+Glance, ``cached/fileapi.py`` for a file store). Nothing here imports ``aiohttp.web``.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-from aiohttp import web
 
 # Image bytes as they arrive: aiohttp's buffers, or views into them (never joined).
 Buffer = bytes | memoryview
@@ -85,11 +86,6 @@ class ImageRecord:
         )
 
 
-# Called with the response (status and headers set, not yet sent) before a forwarded answer
-# reaches the client: it may add headers, and act on the status first.
-ReplyHook = Callable[[web.StreamResponse], Awaitable[None]]
-
-
 class Decision(enum.Enum):
     ALLOW = "allow"  # the caller may download the image
     DENY = "deny"  # the upstream refused: relay its answer
@@ -137,11 +133,6 @@ class Backend(Protocol):
     ) -> AbstractAsyncContextManager[DataStream]:
         """Stream bytes ``[start, end)`` of the image (``end=None``: to its end, and the
         request asks for the whole image); raises UpstreamError/UpstreamUnavailable."""
-
-    async def forward(
-        self, request: web.Request, before_reply: ReplyHook | None = None
-    ) -> web.StreamResponse:
-        """Answer any other request (pass-through to the upstream, or emulate it)."""
 
     async def close(self) -> None:
         """Release connections."""

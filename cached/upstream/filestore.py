@@ -1,8 +1,9 @@
 """The ``file`` backend: a directory laid out like Glance's filesystem store (``<dir>/<id>``).
 
 There is no identity service behind it: it accepts everyone (the daemon then listens on
-loopback only) or the tokens listed in ``access_tokens``. It answers the few API calls the
-real clients make around a download: versions, image list, image record, schemas.
+loopback only) or the tokens listed in ``access_tokens``. It only fetches: records (as Glance
+would show them), authorisation answers, image bytes at any offset; the image API that
+clients call around a download is emulated on top of it by ``cached/fileapi.py``.
 
 Errors are classified here: a missing image file is Glance's 404; any other ``OSError`` of the
 image directory (an NFS store that fails, a file that cannot be read) is
@@ -29,9 +30,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aiohttp import web
-
-from cached import ranges, replies, versions
 from cached.errors import UpstreamError, UpstreamUnavailable
 from cached.guard import Guard
 from cached.ids import is_image_id
@@ -41,12 +39,9 @@ from cached.upstream import (
     Credentials,
     Decision,
     ImageRecord,
-    ReplyHook,
 )
 
 log = logging.getLogger(__name__)
-# A passed-through download is read and written this much at a time (per client).
-_PIECE = 256 << 10
 
 
 T = TypeVar("T")
@@ -73,10 +68,11 @@ async def _to_thread(fn: Callable[..., T], *args: Any) -> T:
 
 
 def _not_found(image_id: str) -> UpstreamError:
-    return _glance_error(404, "Not Found", f"No image found with ID {image_id}")
+    return glance_error(404, "Not Found", f"No image found with ID {image_id}")
 
 
-def _glance_error(status: int, title: str, detail: str) -> UpstreamError:
+def glance_error(status: int, title: str, detail: str) -> UpstreamError:
+    """Glance's plain text error page (webob's) as the file store's answer."""
     body = f"{status} {title}\n\n{detail}\n\n   ".encode()
     return UpstreamError(status, body, {"Content-Type": "text/plain; charset=UTF-8"})
 
@@ -87,6 +83,8 @@ def _unreadable(image_id: str, exc: OSError) -> UpstreamUnavailable:
 
 
 class FileStream:
+    """Bytes ``[start, end)`` of an open image file, read in a worker thread."""
+
     def __init__(self, image_id: str, fd: int, start: int, end: int, io: _Io = _to_thread):
         self._io = io
         self._image_id = image_id
@@ -109,6 +107,21 @@ class FileStream:
     async def read_blocks(self, n: int) -> list[Buffer]:
         data = await self.read(n)
         return [data] if data else []
+
+
+class ImageFile:
+    """One image's open file (owned by :meth:`FileBackend.open_image`, which closes it)."""
+
+    def __init__(self, image_id: str, fd: int, size: int, io: _Io):
+        self.image_id = image_id
+        self.size = size
+        self._fd = fd
+        self._io = io
+
+    def stream(self, start: int, end: int | None) -> FileStream:
+        """Bytes ``[start, end)`` (``end=None``: to the end of the file)."""
+        stop = self.size if end is None else min(end, self.size)
+        return FileStream(self.image_id, self._fd, start, stop, self._io)
 
 
 class FileBackend:
@@ -152,9 +165,10 @@ class FileBackend:
     async def close(self) -> None:
         return None
 
-    def _check_token(self, creds: Credentials) -> None:
+    def check_token(self, creds: Credentials) -> None:
+        """Raise Glance's 401 unless ``creds`` carry one of the access tokens (if any)."""
         if self._tokens and creds.get("x-auth-token") not in self._tokens:
-            raise _glance_error(
+            raise glance_error(
                 401, "Unauthorized", "This server could not verify that you are authorized."
             )
 
@@ -205,14 +219,14 @@ class FileBackend:
 
     async def authorize(self, image_id: str, creds: Credentials) -> Authorization:
         try:
-            self._check_token(creds)
+            self.check_token(creds)
             await self._checked(self._stat, image_id)
         except UpstreamError as err:
             return Authorization(Decision.DENY, err.status, err.body, err.headers)
         return Authorization(Decision.ALLOW)
 
     async def record(self, image_id: str, creds: Credentials) -> ImageRecord:
-        self._check_token(creds)
+        self.check_token(creds)
         return ImageRecord.from_json(await self._checked(self._record_json, image_id))
 
     def _record_json(self, image_id: str) -> dict[str, Any]:
@@ -245,97 +259,29 @@ class FileBackend:
         }
 
     @asynccontextmanager
+    async def open_image(self, image_id: str, creds: Credentials) -> AsyncIterator[ImageFile]:
+        """The image's file, open for reads at any offset: its size is known before the
+        first read. Raises UpstreamError (401, 404, 503) or UpstreamUnavailable."""
+        self.check_token(creds)
+        fd, st = await self._checked(self._open, image_id)
+        try:
+            yield ImageFile(image_id, fd, st.st_size, self.io)
+        finally:
+            await self.io(os.close, fd)
+
+    @asynccontextmanager
     async def open_data(
         self, image_id: str, creds: Credentials, start: int, end: int | None
     ) -> AsyncIterator[FileStream]:
-        self._check_token(creds)
-        fd, st = await self._checked(self._open, image_id)
-        try:
-            size = st.st_size
-            stop = size if end is None else min(end, size)
-            yield FileStream(image_id, fd, start, stop, self.io)
-        finally:
-            await self.io(os.close, fd)
+        async with self.open_image(image_id, creds) as image:
+            yield image.stream(start, end)
 
-    async def forward(
-        self, request: web.Request, before_reply: ReplyHook | None = None
-    ) -> web.StreamResponse:
-        """Emulate the parts of the image API the clients call around a download."""
-        response = await self._answer(request, before_reply)
-        if before_reply is not None and not response.prepared:
-            await before_reply(response)
-        return response
+    async def records(self, creds: Credentials) -> list[dict[str, Any]]:
+        """The records of every image in the directory, by id (``GET /v2/images``)."""
+        self.check_token(creds)
+        return await self._checked(self._records)
 
-    async def _answer(
-        self, request: web.Request, before_reply: ReplyHook | None
-    ) -> web.StreamResponse:
-        creds = Credentials.from_headers(request.headers)
-        path = request.path.rstrip("/") or "/"
-        base = f"{request.scheme}://{request.host}"
-        try:
-            if path in ("/", "/versions") and request.method == "GET":
-                return web.json_response(
-                    versions.document(base), status=200 if path == "/versions" else 300
-                )
-            self._check_token(creds)
-            if request.method != "GET":
-                raise _glance_error(
-                    405, "Method Not Allowed", "The file store behind cached is read-only."
-                )
-            if path == "/v2/images":
-                return web.json_response(await self._checked(self._list))
-            if path.startswith("/v2/images/") and path.endswith("/file") and path.count("/") == 4:
-                # Pass-through of a download (the cache is unavailable, or several ranges).
-                return await self._download(request, path.split("/")[3], before_reply)
-            if path.startswith("/v2/images/") and path.count("/") == 3:
-                image_id = path.rsplit("/", 1)[1]
-                return web.json_response(await self._checked(self._record_json, image_id))
-            if path in ("/v2/schemas/image", "/v2/schemas/images"):
-                return web.json_response(_schema(path.endswith("images")))
-            raise _glance_error(404, "Not Found", "The resource could not be found.")
-        except UpstreamError as err:
-            return web.Response(status=err.status, body=err.body, headers=err.headers)
-        except UpstreamUnavailable as exc:
-            # The cause (paths, errno) goes to the log under the request id, not to callers.
-            return replies.unreachable(request, exc)
-
-    async def _download(
-        self, request: web.Request, image_id: str, before_reply: ReplyHook | None
-    ) -> web.StreamResponse:
-        """A download passed through (several ranges, or the cache unavailable), answered
-        as Glance does; the file is read a piece at a time, each written out (and drained)
-        before the next is read, so a client that does not read holds one piece."""
-        fd, st = await self._checked(self._open, image_id)
-        try:
-            size = st.st_size
-            try:
-                wanted = ranges.parse(request.headers.get("Range"), size)
-            except ranges.MultipleRanges:
-                raise _glance_error(
-                    400, "Bad Request", "Requests with multiple ranges are not supported."
-                ) from None
-            except (ranges.MalformedRange, ranges.RangeNotSatisfiable):
-                err = _glance_error(416, "Requested Range Not Satisfiable", "")
-                err.headers["Content-Range"] = f"bytes */{size}"
-                raise err from None
-            response = web.StreamResponse(status=200 if wanted is None else 206)
-            response.content_type = "application/octet-stream"
-            start, end = (0, size) if wanted is None else (wanted.start, wanted.end)
-            if wanted is not None:
-                response.headers["Content-Range"] = wanted.content_range()
-            response.content_length = end - start
-            if before_reply is not None:
-                await before_reply(response)
-            await response.prepare(request)
-            stream = FileStream(image_id, fd, start, end, self.io)
-            while piece := await stream.read(_PIECE):
-                await response.write(piece)
-            await response.write_eof()
-            return response
-        finally:
-            await self.io(os.close, fd)
-
-    def _list(self) -> dict[str, Any]:
+    def _records(self) -> list[dict[str, Any]]:
         images = []
         try:
             names = os.listdir(self.directory)
@@ -347,47 +293,7 @@ class FileBackend:
                     images.append(self._record_json(name))
                 except (UpstreamError, UpstreamUnavailable):
                     continue  # gone meanwhile, or unreadable: not listed
-        return {"images": images, "first": "/v2/images", "schema": "/v2/schemas/images"}
+        return images
 
 
-def _schema(plural: bool) -> dict[str, Any]:
-    # Like Glance's, server-maintained properties are readOnly: glanceclient builds CLI
-    # options from the writable ones, and its own --size etc. would clash otherwise.
-    ro = {"readOnly": True}
-    image = {
-        "name": "image",
-        "additionalProperties": {"type": "string"},
-        "properties": {
-            "id": {"type": "string", **ro},
-            "name": {"type": ["null", "string"]},
-            "status": {"type": "string", **ro},
-            "visibility": {"type": "string"},
-            "size": {"type": ["null", "integer"], **ro},
-            "virtual_size": {"type": ["null", "integer"], **ro},
-            "checksum": {"type": ["null", "string"], **ro},
-            "os_hash_algo": {"type": ["null", "string"], **ro},
-            "os_hash_value": {"type": ["null", "string"], **ro},
-            "owner": {"type": ["null", "string"], **ro},
-            "created_at": {"type": "string", **ro},
-            "updated_at": {"type": "string", **ro},
-            "self": {"type": "string", **ro},
-            "file": {"type": "string", **ro},
-            "schema": {"type": "string", **ro},
-            "tags": {"type": "array", "items": {"type": "string"}},
-        },
-        "links": [
-            {"rel": "self", "href": "{self}"},
-            {"rel": "enclosure", "href": "{file}"},
-            {"rel": "describedby", "href": "{schema}"},
-        ],
-    }
-    if not plural:
-        return image
-    return {
-        "name": "images",
-        "properties": {"images": {"type": "array", "items": image}},
-        "links": [{"rel": "first", "href": "{first}"}],
-    }
-
-
-__all__ = ["FileBackend"]
+__all__ = ["FileBackend", "FileStream", "ImageFile", "glance_error"]

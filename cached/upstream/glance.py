@@ -1,21 +1,22 @@
 """The ``glance`` backend: an HTTP upstream speaking the Glance v2 API.
 
-Everything not answered by the cache passes through here unchanged, streamed both ways.
+It fetches what the cache needs (authorisation probes, records, image bytes) and offers one
+raw primitive, :meth:`GlanceBackend.send`, for the pass-through (``cached/passthrough.py``),
+which owns every rule about relaying a client's request. aiohttp's client errors become
+:class:`UpstreamUnavailable` here, where they arise. The sessions are created with the
+backend and closed by :meth:`close`; only the event loop's tasks use them.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import aiohttp
-from aiohttp import web
 from multidict import CIMultiDict
 
-from cached import replies
 from cached.errors import UpstreamError, UpstreamUnavailable
 from cached.upstream import (
     Authorization,
@@ -23,45 +24,14 @@ from cached.upstream import (
     Credentials,
     Decision,
     ImageRecord,
-    ReplyHook,
 )
 
 log = logging.getLogger(__name__)
 
-# RFC 9110 §7.6.1: connection-specific fields are never forwarded. ``Expect`` too (§10.1.1):
-# the server side of cached has answered ``100 Continue`` already; forwarded, it makes our
-# client wait for a 100 that Glance under uWSGI never sends (the upload stalls until the
-# read timeout and holds a Glance worker all that time).
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "expect",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 _RELAY_ERROR_HEADERS = ("content-type", "www-authenticate", "x-openstack-request-id")
 _MAX_ERROR_BODY = 64 << 10
 _PIECE = 1 << 20
 _RELAY_BUFFER = 64 << 10
-
-
-def end_to_end(headers: Any) -> CIMultiDict[str]:
-    """Copy ``headers`` without hop-by-hop fields (and those named in ``Connection``)."""
-    listed = {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        low = name.lower()
-        if low not in HOP_BY_HOP and low not in listed:
-            out.add(name, value)
-    return out
 
 
 class GlanceStream:
@@ -94,6 +64,37 @@ class GlanceStream:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamUnavailable(f"image transfer broke off: {exc!r}") from exc
         return blocks
+
+
+class Relayed:
+    """The upstream's answer to a request sent with :meth:`GlanceBackend.send`: its status
+    line and headers as received, and its body read as it comes. A broken read raises
+    :class:`UpstreamUnavailable`. The caller must :meth:`release` it."""
+
+    def __init__(self, response: aiohttp.ClientResponse):
+        self._response = response
+        self.status = response.status
+        self.reason = response.reason
+        self.headers = response.headers
+        self.version = response.version
+        self.content_length = response.content_length
+
+    async def readany(self) -> bytes:
+        """The next bytes of the body as they arrived (``b""`` at its end)."""
+        try:
+            return await self._response.content.readany()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise UpstreamUnavailable(f"the upstream broke off: {exc!r}") from exc
+
+    async def read(self) -> bytes:
+        """The whole body (for small documents only)."""
+        try:
+            return await self._response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise UpstreamUnavailable(f"the upstream broke off: {exc!r}") from exc
+
+    def release(self) -> None:
+        self._response.release()
 
 
 class GlanceBackend:
@@ -145,6 +146,33 @@ class GlanceBackend:
 
     def _url(self, path: str) -> str:
         return self.base_url + path
+
+    async def send(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: AsyncIterable[bytes] | None = None,
+    ) -> Relayed:
+        """Send one request to the upstream exactly as given (``target``: path and query;
+        no redirect followed, no header added) and return the answer once its headers are in.
+
+        It goes on the relay session, whose small read buffer lets the caller's pace of
+        reading pace the upstream. A failure to connect or to send (also one of ``body``)
+        raises :class:`UpstreamUnavailable` with the cause chained.
+        """
+        try:
+            response = await self._relay.request(
+                method,
+                self._url(target),
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+            )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise UpstreamUnavailable(str(exc)) from exc
+        return Relayed(response)
 
     async def _error(self, response: aiohttp.ClientResponse) -> UpstreamError:
         body = await response.content.read(_MAX_ERROR_BODY)
@@ -230,107 +258,6 @@ class GlanceBackend:
             yield stream
         finally:
             resp.close()
-
-    async def forward(
-        self, request: web.Request, before_reply: ReplyHook | None = None
-    ) -> web.StreamResponse:
-        """Relay ``request`` to the upstream and stream the answer back, both ways bounded.
-
-        ``before_reply(response)`` runs once the upstream's status and headers are known and
-        before the client sees them (so a client never observes a change before the cache
-        forgot it).
-        """
-        headers = end_to_end(request.headers)
-        # The body's length as our parser framed it, never the client's header as sent: a
-        # length that differs from the bytes relayed would desync the pooled connection.
-        headers.popall("Content-Length", None)
-        if request.body_exists and request.content_length is not None:
-            headers["Content-Length"] = str(request.content_length)
-        # Keep the client's Host: Glance builds Location and version links from it, so they
-        # keep pointing at the proxy.
-        peer = request.remote or ""
-        prior = request.headers.get("X-Forwarded-For")
-        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-        headers.setdefault("X-Forwarded-Proto", request.scheme)
-        headers.add("Via", f"{request.version.major}.{request.version.minor} cached")
-        body = _ClientBody(request) if request.body_exists else None
-        try:
-            upstream = await self._relay.request(
-                request.method,
-                self._url(request.path_qs),
-                headers=headers,
-                data=body.pieces() if body is not None else None,
-                allow_redirects=False,
-                skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-            )
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            if body is not None and body.error is not None:
-                # The client's side broke (it left, or was cut for sending nothing): not
-                # the upstream's failure, and no traceback.
-                rid = replies.request_id()
-                log.info(
-                    "%s: %s %s: the request body broke off: %r",
-                    rid,
-                    request.method,
-                    request.path[:200],
-                    body.error,
-                )
-                return replies.glance_error(400, "The request body did not arrive completely.", rid)
-            log.warning("upstream unreachable for %s %s: %r", request.method, request.path, exc)
-            raise UpstreamUnavailable(str(exc)) from exc
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        try:
-            for name, value in end_to_end(upstream.headers).items():
-                if name.lower() != "content-length":
-                    response.headers.add(name, value)
-            version = upstream.version or request.version
-            response.headers.add("Via", f"{version.major}.{version.minor} cached")
-            if upstream.content_length is not None and request.method != "HEAD":
-                response.content_length = upstream.content_length
-            elif "Content-Length" in upstream.headers:
-                response.headers["Content-Length"] = upstream.headers["Content-Length"]
-            if before_reply is not None:
-                await before_reply(response)
-            await response.prepare(request)
-            if request.method != "HEAD" and upstream.status not in (204, 304):
-                while piece := await upstream.content.readany():
-                    await response.write(piece)
-            await response.write_eof()
-            return response
-        except ConnectionError as exc:
-            # Writing to the client failed: it left (or was cut off). Nothing is wrong
-            # upstream and there is nobody to answer (aiohttp's own ClientConnectionResetError
-            # for a closing transport is one of these, not an upstream error).
-            log.info("%s %s: the client left: %r", request.method, request.path[:200], exc)
-            if request.transport is not None:
-                request.transport.abort()
-            return response
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            # Mid-stream: the headers are gone; cut the client off so it sees a short body.
-            log.warning("upstream broke off %s %s: %r", request.method, request.path, exc)
-            if request.transport is not None:
-                request.transport.abort()
-            if response.prepared:
-                return response  # nothing more can be said to this client
-            raise UpstreamUnavailable(str(exc)) from exc
-        finally:
-            upstream.release()
-
-
-class _ClientBody:
-    """A request body streamed to the upstream; remembers a failure on the client's side."""
-
-    def __init__(self, request: web.Request) -> None:
-        self.request = request
-        self.error: BaseException | None = None
-
-    async def pieces(self) -> AsyncIterator[bytes]:
-        try:
-            while piece := await self.request.content.readany():
-                yield piece
-        except Exception as exc:
-            self.error = exc
-            raise
 
 
 async def _skip(stream: GlanceStream, count: int) -> None:
