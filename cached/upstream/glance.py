@@ -109,11 +109,10 @@ class GlanceBackend:
         ssl_context: ssl.SSLContext | bool = True,
     ):
         self.base_url = base_url.rstrip("/")
+        timeout = _timeout(connect_timeout, read_timeout)
         self._session = aiohttp.ClientSession(
             auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=connect_timeout, sock_read=read_timeout or None
-            ),
+            timeout=timeout,
             connector=aiohttp.TCPConnector(limit=0, force_close=False, ssl=ssl_context),
             # Image bodies are read 1 MiB at a time: a small read buffer would pause and resume
             # the socket a dozen times per read.
@@ -125,20 +124,19 @@ class GlanceBackend:
         # that does not read stop the upstream read after ~128 KiB instead of 8 MiB.
         self._relay = aiohttp.ClientSession(
             auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=connect_timeout, sock_read=read_timeout or None
-            ),
+            timeout=timeout,
             connector=aiohttp.TCPConnector(limit=0, force_close=False, ssl=ssl_context),
             read_bufsize=_RELAY_BUFFER,
             skip_auto_headers=("User-Agent",),
         )
 
     def set_timeouts(self, connect_timeout: float, read_timeout: float) -> None:
-        """New timeouts for the requests made from now on (a reload)."""
-        # aiohttp has no setter; the session reads this attribute for every request.
-        self._session._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout, sock_read=read_timeout or None
-        )
+        """New timeouts for the requests made from now on (a reload), fetches and
+        pass-through alike."""
+        timeout = _timeout(connect_timeout, read_timeout)
+        # aiohttp has no setter; a session reads this attribute for every request.
+        self._session._timeout = timeout
+        self._relay._timeout = timeout
 
     async def close(self) -> None:
         await self._session.close()
@@ -258,6 +256,13 @@ class GlanceBackend:
             yield stream
         finally:
             resp.close()
+
+
+def _timeout(connect_timeout: float, read_timeout: float) -> aiohttp.ClientTimeout:
+    # No total: an image takes as long as it takes. A read timeout of 0 means none.
+    return aiohttp.ClientTimeout(
+        total=None, sock_connect=connect_timeout, sock_read=read_timeout or None
+    )
 
 
 async def _skip(stream: GlanceStream, count: int) -> None:
