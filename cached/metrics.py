@@ -402,6 +402,19 @@ class _CountingStream:
         return blocks
 
 
+async def _timed(m: Metrics, kind: str, call: Any) -> Any:
+    """Await ``call`` as one upstream request of ``kind``: counted, timed, its error counted."""
+    m.up_requests[kind].inc()
+    started = time.monotonic()
+    try:
+        result = await call
+    except Exception:
+        m.up_errors[kind].inc()
+        raise
+    m.up_latency[kind].observe(time.monotonic() - started)
+    return result
+
+
 class MeteredBackend:
     """Wraps an upstream backend: requests, errors, latency and bytes by kind, probe results.
 
@@ -413,16 +426,7 @@ class MeteredBackend:
         self._m = metrics
 
     async def _timed(self, kind: str, call: Any) -> Any:
-        m = self._m
-        m.up_requests[kind].inc()
-        started = time.monotonic()
-        try:
-            result = await call
-        except Exception:
-            m.up_errors[kind].inc()
-            raise
-        m.up_latency[kind].observe(time.monotonic() - started)
-        return result
+        return await _timed(self._m, kind, call)
 
     async def authorize(self, image_id: str, creds: Any) -> Any:
         try:
@@ -460,8 +464,9 @@ class MeteredBackend:
 
 
 class MeteredPassThrough:
-    """Wraps a pass-through (``cached/passthrough.py``, ``cached/fileapi.py``): its answers
-    count as upstream requests of kind ``forward``, timed until the status is known."""
+    """Wraps a pass-through (``cached/passthrough.py``, ``cached/fileapi.py``): its answers,
+    the version document too, count as upstream requests of kind ``forward``, timed until
+    the status is known."""
 
     def __init__(self, inner: Any, metrics: Metrics) -> None:
         self.inner = inner
@@ -484,4 +489,4 @@ class MeteredPassThrough:
             raise
 
     async def versions(self, request: Any) -> Any:
-        return await self.inner.versions(request)
+        return await _timed(self._m, "forward", self.inner.versions(request))

@@ -1,6 +1,7 @@
-"""The pass-through to a Glance upstream (``cached/passthrough.py`` over
-``GlanceBackend.send``) as a real ``cached serve`` process applies it: settings that a
-reload changes reach the requests relayed after it."""
+"""What cached passes through (``cached/passthrough.py`` over ``GlanceBackend.send``, or
+``cached/fileapi.py`` over a file store): a reload's settings reach the requests relayed
+after it (a real ``cached serve`` process), and the version document, like every other
+pass-through answer, counts as an upstream request."""
 
 from __future__ import annotations
 
@@ -12,11 +13,40 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import auth
+from conftest import Daemon, auth, manage, start_daemon, stop_daemon
 from daemonproc import CachedProcess
 from fakeglance import FakeGlance
 
 MiB = 1 << 20
+FORWARDS = 'cached_upstream_requests_total{kind="forward"}'
+
+
+async def forwards(daemon: Daemon) -> float:
+    async with manage(daemon).get(f"{daemon.admin_base}/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    (line,) = [line for line in text.splitlines() if line.startswith(FORWARDS + " ")]
+    return float(line.split()[1])
+
+
+@pytest.mark.parametrize("kind", ["glance", "file"])
+async def test_the_version_document_counts_as_an_upstream_request(
+    glance: FakeGlance, tmp_path: Path, kind: str
+) -> None:
+    store = tmp_path / "images"
+    store.mkdir()
+    (tmp_path / "cache").mkdir()
+    upstream = glance.url if kind == "glance" else f"file://{store}"
+    daemon = await start_daemon(tmp_path / "cache", upstream)
+    try:
+        before = await forwards(daemon)
+        async with daemon.session.get(f"{daemon.url}/versions") as resp:
+            assert resp.status == 200
+            ids = [v["id"] for v in (await resp.json())["versions"]]
+            assert {"v2.14", "v2.18"} <= set(ids)
+        assert await forwards(daemon) == before + 1
+    finally:
+        await stop_daemon(daemon)
 
 
 async def wait_log(proc: CachedProcess, text: str, within: float = 20.0) -> None:
