@@ -98,7 +98,8 @@ class Relayed:
 
 
 class GlanceBackend:
-    """Talks to a Glance API at ``base_url`` with one shared ``ClientSession``."""
+    """Talks to a Glance API at ``base_url``: one ``ClientSession`` for fetches, one for the
+    requests sent as given (:meth:`send`)."""
 
     def __init__(
         self,
