@@ -13,7 +13,7 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from cached import admin, health, identity, jobs, logs, manage, mounts, routes, tls
+from cached import admin, health, identity, jobs, logs, manage, mounts, reader, routes, tls
 from cached import metrics as metrics_module
 from cached import policy as request_policy
 from cached.auth import Authorizer
@@ -153,6 +153,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             policy = await asyncio.to_thread(request_policy.load, config.policy)
             active_policy.replace(policy, config.policy)
         directories = app[DIRECTORIES] = Directories.from_config(config)
+        app[reader.CACHE_GUARD] = directories.cache  # where hits are read (cached/reader.py)
         raw_upstream = backend or make_backend(config, client_tls.upstream, directories)
         upstream: Backend = MeteredBackend(raw_upstream, metrics)
         # Keystone and peers (not the upstream).

@@ -119,8 +119,13 @@ class MountSpec:
     # Seconds between probes, and a probe's time limit before the directory counts as hung.
     probe_interval: float = 5.0
     probe_timeout: float = 10.0
+    # Cache only: where a hit's sendfile runs (cached/reader.py). ``loop``: on the event loop
+    # (fastest; a read that hangs freezes the daemon); ``thread``: on the cache's I/O threads;
+    # ``auto``: threads on network and FUSE filesystems (SHARE_FSTYPES), the loop elsewhere.
+    sendfile: str = "auto"
 
 
+SENDFILE_MODES = ("auto", "loop", "thread")
 _MOUNT_KEYS = {f.name for f in dataclasses.fields(MountSpec)}
 
 
@@ -451,6 +456,13 @@ def _mount_spec(name: str, value: Any) -> MountSpec:
         elif key == "fstype":
             if not isinstance(item, str) or any(c.isspace() for c in item):
                 raise ValueError(f"fstype: must be a filesystem type such as nfs4, got {item!r}")
+        elif key == "sendfile":
+            if name != "image_cache_mount":
+                raise ValueError("sendfile: only for image_cache_mount (hits are sent from it)")
+            if item not in SENDFILE_MODES:
+                raise ValueError(
+                    f"sendfile: must be one of {', '.join(SENDFILE_MODES)}, got {item!r}"
+                )
         elif isinstance(item, bool) or not isinstance(item, int | float) or item <= 0:
             raise ValueError(f"{key}: must be a number of seconds > 0, got {item!r}")
         else:

@@ -42,6 +42,7 @@ def _guard(name: str, config: Config, spec: MountSpec, *, cache: bool, effect: s
         probe_timeout=spec.probe_timeout,
         io_threads=CACHE_IO_THREADS if cache else STORE_IO_THREADS,
         effect=effect,
+        sendfile=spec.sendfile if cache else None,
     )
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cached.mounts import Identity, ProbeSpec, State, Steps, Verdict, classify, probe
+from cached.mounts import Identity, ProbeSpec, State, Steps, Verdict, classify, is_share, probe
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,8 @@ class Guard:
         probe_timeout: seconds a probe may take before the directory counts as hung.
         io_threads: size of the executor for file I/O in this directory (0: none).
         effect: what happens while it is not ok, for the log (``downloads pass through``).
+        sendfile: where hits from this directory are sent (``auto``, ``loop``, ``thread``;
+            see :attr:`sends_in_threads`); None: no hits are sent from it (a store).
     """
 
     def __init__(
@@ -163,6 +165,7 @@ class Guard:
         probe_timeout: float = 10.0,
         io_threads: int = 0,
         effect: str = "",
+        sendfile: str | None = None,
     ):
         self.name = name
         self.directory = Path(directory)
@@ -176,6 +179,9 @@ class Guard:
         self.identity: Identity | None = None
         self.generation = 0  # bumped whenever it becomes ok on another filesystem
         self.checked_at = 0.0
+        self.sendfile = sendfile
+        self.fstype = ""  # as the last probe that reached the mount table saw it
+        self._hung_waiters: set[asyncio.Future[None]] = set()
         self._probe_pool = BoundedExecutor(1, f"probe-{name}")
         self.executor: BoundedExecutor | None = (
             BoundedExecutor(io_threads, f"io-{name}") if io_threads else None
@@ -193,6 +199,28 @@ class Guard:
     @property
     def ok(self) -> bool:
         return self.state is State.OK
+
+    @property
+    def sends_in_threads(self) -> bool:
+        """Whether a hit's file reads (sendfile) run on :attr:`executor` rather than on the
+        event loop: always with ``sendfile: thread``, never with ``loop``; with ``auto`` on a
+        network or FUSE filesystem (:func:`cached.mounts.is_share`), and while the type is not
+        known yet. A local disk answers or fails (EIO); a hard-mounted share may never answer,
+        and a read of it on the loop would stop every request of the daemon."""
+        if self.executor is None or self.sendfile in (None, "loop"):
+            return False
+        return self.sendfile == "thread" or not self.fstype or is_share(self.fstype)
+
+    def when_hung(self) -> asyncio.Future[None]:
+        """A future done once the directory is ``hung`` (at once if it is now). Call on the
+        loop; cancel it when no longer interested."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.state is State.HUNG and self.checked_at:
+            future.set_result(None)
+            return future
+        self._hung_waiters.add(future)
+        future.add_done_callback(self._hung_waiters.discard)
+        return future
 
     def subscribe(self, subscriber: Subscriber) -> None:
         """Call ``subscriber`` on the loop with every :class:`Transition` (async ones are run
@@ -305,6 +333,8 @@ class Guard:
                 new_filesystem = True
                 self.generation += 1
             self.identity = verdict.identity
+        if verdict.fstype:
+            self.fstype = verdict.fstype
         self.reason = verdict.reason
         if self.checked_at == 0.0:  # the first probe: there is no transition yet
             self.state, self.since = verdict.state, time.time()
@@ -316,6 +346,10 @@ class Guard:
         if verdict.state is old and not new_filesystem:
             return
         self.state = verdict.state
+        if self.state is State.HUNG:
+            for waiter in list(self._hung_waiters):
+                if not waiter.done():
+                    waiter.set_result(None)
         now = time.time()
         lasted = now - self.since
         self.since = now
@@ -360,6 +394,11 @@ class Guard:
             _ADVICE[self.state],
         )
 
+    def _send_path(self) -> str | None:
+        if self.sendfile is None:
+            return None
+        return "thread" if self.sends_in_threads else "loop"
+
     def status(self) -> dict[str, Any]:
         """What health checks, metrics and ``cached-manage`` show for this directory."""
         return {
@@ -373,6 +412,7 @@ class Guard:
             "fstype": self.spec.fstype or None,
             "writable": self.spec.writable,
             "io_threads_busy": self.executor.busy if self.executor is not None else None,
+            "sendfile": self._send_path(),
         }
 
 

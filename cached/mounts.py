@@ -159,6 +159,18 @@ class Identity:
     volume: bytes | None = None  # the directory's VOLUME_XATTR, if set
 
 
+# Filesystems whose reads can block for as long as a server does not answer (a hard NFS
+# mount waits forever): a hit from one is never sent from the event loop (cached/reader.py).
+SHARE_FSTYPES = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "lustre", "gpfs", "afs"}
+)
+
+
+def is_share(fstype: str) -> bool:
+    """Whether ``fstype`` (as the mount table names it) is a network or FUSE filesystem."""
+    return fstype in SHARE_FSTYPES or fstype == "fuse" or fstype.startswith(("fuse.", "fuseblk"))
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The outcome of one probe."""
@@ -166,6 +178,7 @@ class Verdict:
     state: State
     reason: str
     identity: Identity | None = None
+    fstype: str = ""  # the filesystem type it is on, when the probe got that far
 
 
 @dataclass(frozen=True)
@@ -235,7 +248,9 @@ def probe(
             if mount.read_only or os.statvfs(where).f_flag & os.ST_RDONLY:
                 volume = _read_volume(where, spec)
                 identity = Identity(mount.mount_id, st.st_dev, mounted, volume)
-                return Verdict(State.READ_ONLY, f"{where} is mounted read-only", identity)
+                return Verdict(
+                    State.READ_ONLY, f"{where} is mounted read-only", identity, mount.fstype
+                )
         steps.current = "xattr read"
         identity = Identity(mount.mount_id, st.st_dev, mounted, _read_volume(where, spec))
         if spec.writable:
@@ -245,7 +260,12 @@ def probe(
         state = classify(exc) or State.FAILING
         what = exc.strerror or str(exc)
         return Verdict(state, f"{where}: {steps.current} failed: {what}")
-    return Verdict(State.OK, f"{where} answers ({mount.fstype}, mount {mount.mount_id})", identity)
+    return Verdict(
+        State.OK,
+        f"{where} answers ({mount.fstype}, mount {mount.mount_id})",
+        identity,
+        mount.fstype,
+    )
 
 
 def _read_volume(path: str, spec: ProbeSpec) -> bytes | None:
@@ -306,6 +326,7 @@ def _write_probe(directory: str, with_xattr: bool) -> None:
 
 
 __all__ = [
+    "SHARE_FSTYPES",
     "Identity",
     "Mount",
     "ProbeSpec",
@@ -314,6 +335,7 @@ __all__ = [
     "Verdict",
     "classify",
     "is_mount_point",
+    "is_share",
     "mark_volume",
     "mount_of",
     "parse_mountinfo",

@@ -632,3 +632,70 @@ async def test_prefetch_queue_resumes_when_the_share_returns(
     status, headers, body = await node.get(image.id, **auth("token-admin"))
     assert (status, headers["Cache-Status"], body) == (200, "cached; hit", data)
     assert not (cache / "queue" / image.id).exists()
+
+
+# --- a hit whose file reads hang (the share stops answering mid-download) -------------------
+
+
+def _drop_pages(path: Path) -> None:
+    """Drop the file's pages from the page cache, so its next reads reach the FUSE process
+    (as reads of a file on NFS reach the server once its pages are gone)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+async def test_a_hit_hanging_on_the_share_never_freezes_the_daemon(
+    faultfs: FaultFS, glance: FakeGlance, start_node: Any
+) -> None:
+    """Issue 10's leftover: a hit of a large image is being sent to a slow client when the
+    cache share stops answering. The file reads of that hit hang, but never on the event
+    loop: /healthz, a pass-through request and new downloads (which pass through) keep
+    answering; the guard says hung, the hung download is cut (its client gets fewer bytes
+    than Content-Length), and once the share answers again the image is a hit again."""
+    node = await start_node(glance.url, faultfs.mountpoint, image_cache_mount=FAST)
+    assert (await node.guards())["cache"]["sendfile"] == "thread"  # FUSE: sendfile: auto
+    data = os.urandom(64 * MiB)
+    image = glance.add_image(data)
+    assert (await node.get(image.id))[2] == data
+    await node.wait_cached(image.id)
+    await asyncio.to_thread(_drop_pages, faultfs.mountpoint / image.id)
+
+    url = f"{node.proc.url}/v2/images/{image.id}/file"
+    async with aiohttp.ClientSession(auto_decompress=False) as slow:
+        resp = await slow.get(url, headers=auth(), read_bufsize=64 * 1024)
+        try:
+            assert (resp.status, resp.headers["Cache-Status"]) == (200, "cached; hit")
+            first = await resp.content.readexactly(MiB)  # the download is under way
+            faultfs.set("block")
+
+            async def drain() -> bytes:
+                try:
+                    return first + await resp.content.read()
+                except aiohttp.ClientPayloadError:  # cut short: fine, counted below
+                    return b""
+
+            hung = asyncio.ensure_future(drain())  # the client now wants the rest
+            try:
+                # The daemon's reads of the file now hang. Everything else still answers.
+                await node.wait_state("hung", within=20)
+                async with asyncio.timeout(10):
+                    async with node.session.get(node.proc.url + "/healthz") as health:
+                        assert health.status == 200
+                    status, record = await node.answer(f"/v2/images/{image.id}")
+                    assert status == 200 and record["id"] == image.id
+                    status, headers, body = await node.get(image.id)
+                    assert (status, headers["Cache-Status"], body) == (200, _bypass("hung"), data)
+                # The hung download is cut once the guard says hung, not left hanging.
+                got = await asyncio.wait_for(hung, 20)
+                assert len(got) < len(data)
+            finally:
+                faultfs.set("ok")
+                await asyncio.wait_for(hung, 20)
+        finally:
+            resp.release()
+    await node.wait_state("ok")
+    status, headers, body = await node.get(image.id)
+    assert (status, headers["Cache-Status"], body) == (200, "cached; hit", data)
