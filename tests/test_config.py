@@ -191,8 +191,10 @@ BAD_VALUES: dict[str, list[object]] = {
         {"writable": False},
         {"probe_interval": 0},
         {"probe_timeout": "10s"},
+        {"sendfile": "threads"},
+        {"sendfile": True},
     ],
-    "upstream_mount": [[], {"probe_timeout": -1}, {"writable": 1}],
+    "upstream_mount": [[], {"probe_timeout": -1}, {"writable": 1}, {"sendfile": "thread"}],
 }
 
 
@@ -200,13 +202,19 @@ def test_declared_directories_load_from_a_file(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         """
-image_cache_mount: {require_mount: true, fstype: nfs4, probe_interval: 2, probe_timeout: 1.5}
+image_cache_mount: {require_mount: true, fstype: nfs4, probe_interval: 2, probe_timeout: 1.5,
+                    sendfile: loop}
 upstream_mount: {require_mount: true}
 """,
     )
     config = configuration.load(path)
     assert config.image_cache_mount == MountSpec(
-        require_mount=True, fstype="nfs4", writable=True, probe_interval=2.0, probe_timeout=1.5
+        require_mount=True,
+        fstype="nfs4",
+        writable=True,
+        probe_interval=2.0,
+        probe_timeout=1.5,
+        sendfile="loop",
     )
     assert config.upstream_mount == MountSpec(require_mount=True, writable=False)
 
