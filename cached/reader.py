@@ -109,7 +109,7 @@ async def send_entry(
             limit = end - 1  # hold back the last byte until the digest matched
         ready = min(ready, limit, pos + _SLICE)
         if ready > pos:
-            await _send(request, response, file, pos, ready - pos)
+            await _send(request, response, file, pos, ready - pos, progress)
             pos = progress.pos = ready
             continue
         if entry.complete:
@@ -123,8 +123,16 @@ async def send_entry(
 
 
 async def _send(
-    request: web.Request, response: web.StreamResponse, file: BinaryIO, offset: int, count: int
+    request: web.Request,
+    response: web.StreamResponse,
+    file: BinaryIO,
+    offset: int,
+    count: int,
+    progress: Progress,
 ) -> None:
+    """Send ``count`` bytes of ``file`` from ``offset``; ``progress.pos`` follows every piece
+    that went out, so a caller that finishes the response from elsewhere after an error
+    resumes at the right byte."""
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("client went away")
@@ -134,7 +142,7 @@ async def _send(
     if transport.get_extra_info("sslcontext") is None:  # TLS: asyncio refuses (RuntimeError)
         if threaded:
             assert guard is not None
-            await _sendfile_in_threads(guard, transport, file, offset, count)
+            await _sendfile_in_threads(guard, transport, file, offset, count, progress)
             return
         try:
             await loop.sendfile(transport, file, offset, count, fallback=False)
@@ -156,6 +164,7 @@ async def _send(
         metrics.sent(len(data))
         offset += len(data)
         count -= len(data)
+        progress.pos = offset
 
 
 async def _read_in_threads(guard: Guard, file: BinaryIO, size: int, offset: int) -> bytes:
@@ -225,7 +234,12 @@ class _Sendfile:
 
 
 async def _sendfile_in_threads(
-    guard: Guard, transport: asyncio.BaseTransport, file: BinaryIO, offset: int, count: int
+    guard: Guard,
+    transport: asyncio.BaseTransport,
+    file: BinaryIO,
+    offset: int,
+    count: int,
+    progress: Progress,
 ) -> None:
     """``os.sendfile`` on the guard's I/O threads; the loop only waits for the socket."""
     loop = asyncio.get_running_loop()
@@ -264,6 +278,7 @@ async def _sendfile_in_threads(
                 metrics.sent(sent)
                 offset += sent
                 count -= sent
+                progress.pos = offset
             if over:
                 if count:
                     raise FillAborted("file shorter than its entry")

@@ -744,3 +744,64 @@ def test_which_filesystems_count_as_shares() -> None:
         assert mounts.is_share(fstype), fstype
     for fstype in ("ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs"):
         assert not mounts.is_share(fstype), fstype
+
+
+async def test_a_tls_hit_hanging_on_the_share_ends_from_the_upstream(
+    tmp_path: Path, faultfs: FaultFS, glance: FakeGlance, start_node: Any
+) -> None:
+    """Over TLS a hit is read in pieces on the I/O threads (no sendfile): a read that hangs
+    never reaches the socket, so once the guard says hung the rest of the download comes
+    from the upstream and the client gets every byte, while the daemon keeps answering."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    node = await start_node(
+        glance.url,
+        faultfs.mountpoint,
+        image_cache_mount=FAST,
+        tls_cert_file=str(cert),
+        tls_key_file=str(key),
+    )
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    await node.session.close()
+    node.session = aiohttp.ClientSession(
+        auto_decompress=False, connector=aiohttp.TCPConnector(ssl=context)
+    )
+    data = os.urandom(48 * MiB)
+    image = glance.add_image(data)
+    assert (await node.get(image.id))[2] == data
+    await node.wait_cached(image.id)
+    await asyncio.to_thread(_drop_pages, faultfs.mountpoint / image.id)
+
+    url = f"{node.proc.url}/v2/images/{image.id}/file"
+    async with aiohttp.ClientSession(
+        auto_decompress=False, connector=aiohttp.TCPConnector(ssl=context)
+    ) as slow:
+        resp = await slow.get(url, headers=auth(), read_bufsize=64 * 1024)
+        try:
+            assert (resp.status, resp.headers["Cache-Status"]) == (200, "cached; hit")
+            first = await resp.content.readexactly(MiB)
+            faultfs.set("block")
+            rest = asyncio.ensure_future(resp.content.read())
+            try:
+                await node.wait_state("hung", within=20)
+                async with asyncio.timeout(10):
+                    async with node.session.get(node.proc.url + "/healthz") as health:
+                        assert health.status == 200
+                got = first + await asyncio.wait_for(rest, 30)
+                assert (len(got), got == data) == (len(data), True)
+            finally:
+                faultfs.set("ok")
+                await asyncio.gather(rest, return_exceptions=True)
+        finally:
+            resp.release()
+    await node.wait_state("ok")
+    status, headers, body = await node.get(image.id)
+    assert (status, headers["Cache-Status"], body) == (200, "cached; hit", data)
