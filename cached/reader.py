@@ -28,7 +28,7 @@ import socket
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from aiohttp import web
 
@@ -174,6 +174,7 @@ async def _read_in_threads(guard: Guard, file: BinaryIO, size: int, offset: int)
     loop = asyncio.get_running_loop()
     fd = os.dup(file.fileno())  # the thread's own (the caller may close the file meanwhile)
     job = loop.run_in_executor(guard.executor, _pread_and_close, fd, size, offset)
+    job.add_done_callback(_retrieved)  # an abandoned read's late error is no news
     hung = guard.when_hung()
     try:
         await asyncio.wait((job, hung), return_when=asyncio.FIRST_COMPLETED)
@@ -270,7 +271,8 @@ async def _sendfile_in_threads(
             try:
                 sent = job.result()
             except OSError as exc:
-                guard.report(exc)
+                if not isinstance(exc, ConnectionError):  # the client's side, not the share's
+                    guard.report(exc)
                 raise
             over = sent < 0
             sent = -1 - sent if over else sent
@@ -288,9 +290,15 @@ async def _sendfile_in_threads(
         hung.cancel()
         sending.stop.set()
         if job is not None and not job.done():
+            job.add_done_callback(_retrieved)  # the abandoned send's late error is no news
             job.add_done_callback(lambda _job: _finish(executor, sending))
         else:
             _finish(executor, sending)
+
+
+def _retrieved(job: asyncio.Future[Any]) -> None:
+    if not job.cancelled():
+        job.exception()
 
 
 def _finish(executor: concurrent.futures.Executor, sending: _Sendfile) -> None:
