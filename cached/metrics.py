@@ -14,7 +14,6 @@ a token or a client address.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import os
@@ -291,8 +290,12 @@ class Metrics:
         guarded = filler is not None and filler.passing_through()
         self.passthrough.labels(self.cache_dir).set(1 if self.passing_through or guarded else 0)
         self.connections.set(self.count_connections())
-        with contextlib.suppress(OSError):
-            self.queue_length.set(len(await asyncio.to_thread(store.queued)))
+        # The queue is a directory listing on the cache directory: on its own bounded threads,
+        # and not while that directory is not usable (a hung share would hold every scrape,
+        # and a thread of the default executor each time); the last count stays meanwhile.
+        if not guarded:
+            with contextlib.suppress(OSError):
+                self.queue_length.set(len(await store.run(store.queued)))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

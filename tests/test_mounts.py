@@ -805,3 +805,20 @@ async def test_a_tls_hit_hanging_on_the_share_ends_from_the_upstream(
     await node.wait_state("ok")
     status, headers, body = await node.get(image.id)
     assert (status, headers["Cache-Status"], body) == (200, "cached; hit", data)
+
+
+async def test_metrics_answer_while_the_cache_share_is_hung(
+    faultfs: FaultFS, glance: FakeGlance, start_node: Any
+) -> None:
+    """A scrape lists the prefetch queue on the cache directory: while the share is hung it
+    is skipped, so /metrics answers (and pins no thread) instead of hanging every scrape."""
+    node = await start_node(glance.url, faultfs.mountpoint, image_cache_mount=FAST)
+    faultfs.set("block")
+    try:
+        await node.wait_state("hung")
+        for _ in range(8):  # more scrapes than the default executor has threads
+            async with asyncio.timeout(10):
+                status, text = await node.answer("/metrics")
+            assert status == 200 and b"cached_passthrough" in text
+    finally:
+        faultfs.set("ok")
