@@ -8,9 +8,13 @@ Probes run one at a time on the guard's own thread; one that does not return wit
 so a hung share holds at most that one thread. The cache's guard also owns the bounded
 executor for cache-file I/O (:attr:`Guard.executor`): a hung cache share can block its
 threads, never the default executor's, so pass-through and everything else keep working.
+Hits from a network or FUSE filesystem are sent on those threads too
+(:attr:`Guard.sends_in_threads`, cached/reader.py), and a send still waiting on the share when
+the guard says hung is given up (:meth:`Guard.when_hung`).
 
-Shared state (``state``, ``reason``, ``since``, ``identity``, ``generation``) is changed only
-on the event loop, by the guard's own task; :meth:`Guard.report` may be called from any thread.
+Shared state (``state``, ``reason``, ``since``, ``identity``, ``generation``, ``fstype``, the
+futures of :meth:`Guard.when_hung`) is changed only on the event loop, by the guard's own
+task; :meth:`Guard.report` may be called from any thread.
 Every change of state is logged once, with the reason and what to do about it.
 """
 
