@@ -632,3 +632,46 @@ async def test_prefetch_queue_resumes_when_the_share_returns(
     status, headers, body = await node.get(image.id, **auth("token-admin"))
     assert (status, headers["Cache-Status"], body) == (200, "cached; hit", data)
     assert not (cache / "queue" / image.id).exists()
+
+
+async def test_management_changes_on_a_read_only_cache_are_refused_and_lose_nothing(
+    tmp_path: Path, mounted: Mounts, glance: FakeGlance, start_node: Any
+) -> None:
+    """Issue 10 (effects, read-only): ``DELETE /v2/cache`` and ``DELETE /v2/cache/{id}`` on a
+    read-only cache answer 503 naming the state at once. Before: the clear answered 204, the
+    index forgot every entry while their files stayed (uncounted by prune until a restart)."""
+    cache = mounted.tmpfs(tmp_path / "cache")
+    node = await start_node(glance.url, cache, image_cache_mount=FAST)
+    data = os.urandom(MiB)
+    image = glance.add_image(data)
+    assert (await node.get(image.id))[2] == data
+    await node.wait_cached(image.id)
+    before = tree(cache)
+
+    mounted.remount(cache, "ro")
+    await node.wait_state("read_only")
+    admin = auth("token-admin")
+    for method, path, headers in [
+        ("DELETE", "/v2/cache", {"x-image-cache-clear-target": "cache"}),
+        ("DELETE", "/v2/cache", {}),
+        ("DELETE", f"/v2/cache/{image.id}", {}),
+        ("DELETE", f"/v2/cached_images/{image.id}", {}),
+        ("DELETE", "/v2/cached_images", {}),
+    ]:
+        async with node.session.request(
+            method, node.proc.url + path, headers={**admin, **headers}
+        ) as resp:
+            body = await resp.text()
+            assert resp.status == 503, (method, path, resp.status, body)
+            assert "read_only" in body, body
+    assert await node.cached_ids() == {image.id}
+    assert tree(cache) == before
+    status, headers, body = await node.get(image.id)
+    assert (status, headers["Cache-Status"], body) == (200, "cached; hit", data)
+
+    mounted.remount(cache, "rw")
+    await node.wait_state("ok")
+    async with node.session.delete(node.proc.url + "/v2/cache", headers=admin) as resp:
+        assert resp.status == 204
+    assert await node.cached_ids() == set()
+    assert not (cache / image.id).exists()
