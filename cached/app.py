@@ -235,6 +235,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
 
         directories.on_indexed.append(resume_prefetch)
         ops.store, ops.filler, ops.guard, ops.session = store, filler, guard, session
+        ops.store_guard = directories.store
         _register_live(reloadables, app, ops, raw_upstream, proxy.authorizer, guard)
         _register_policy(reloadables, active_policy)
         _register_live_jobs(reloadables, scheduler, prefetcher, maintenance, proxy)

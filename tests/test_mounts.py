@@ -448,11 +448,19 @@ async def test_store_share_gone_is_503_never_404(
             assert body["title"] == "Service Unavailable"
             assert "vanished" in body["message"] and str(images) not in body["message"]
     assert tree(images) == []
+    # /readyz: the upstream (the store) is not reachable; before it said "reachable", 200.
+    async with node.session.get(node.proc.url + "/readyz") as resp:
+        ready = await resp.json()
+        assert resp.status == 503, ready
+        assert "vanished" in ready["checks"]["upstream"], ready
 
     mounted.bind(share, images)
     await node.wait_state("ok", "store")
     status, _, body = await node.get(image_id)
     assert (status, body) == (200, data)
+    async with node.session.get(node.proc.url + "/readyz") as resp:
+        ready = await resp.json()
+        assert (resp.status, ready["checks"]["upstream"]) == (200, "reachable"), ready
 
 
 # --- hung and failing shares (FUSE) -------------------------------------------------------
