@@ -143,7 +143,9 @@ class Metrics:
             registry=r,
         )
         self.upstream_bytes = Counter(
-            "cached_upstream_bytes", "Image bytes read from the upstream, by kind", ["kind"],
+            "cached_upstream_bytes",
+            "Image bytes read from the upstream, by kind (forward: downloads passed through)",
+            ["kind"],
             registry=r,
         )  # fmt: skip
         self.upstream_latency = Histogram(
@@ -157,7 +159,7 @@ class Metrics:
         self.up_requests = {k: self.upstream_requests.labels(k) for k in UPSTREAM_KINDS}
         self.up_errors = {k: self.upstream_errors.labels(k) for k in UPSTREAM_KINDS}
         self.up_latency = {k: self.upstream_latency.labels(k) for k in UPSTREAM_KINDS}
-        self.up_bytes = {k: self.upstream_bytes.labels(k) for k in ("data", "range")}
+        self.up_bytes = {k: self.upstream_bytes.labels(k) for k in ("data", "range", "forward")}
         self.auth_probes = Counter(
             "cached_auth_probes",
             "Download authorisation probes sent to the upstream, by result",
@@ -260,6 +262,8 @@ class Metrics:
         self._dl[outcome].observe(seconds)
         if outcome == "collapsed":
             self.joins.inc()
+        elif outcome == "bypass":  # every byte sent was read from the upstream
+            self.up_bytes["forward"].inc(nbytes)
 
     # ------------------------------------------------------------------ store state
     def store_refused(self, reason: str) -> None:

@@ -367,8 +367,12 @@ async def test_a_bypass_with_a_detail_counts_as_bypass(
                 await asyncio.sleep(0.01)
         assert d("cached_requests_total", outcome="bypass") == 1
         assert d("cached_served_bytes_total", outcome="bypass") == len(data)
-        assert f" 200 {len(data)} image={image.id} cache=bypass upstream_bytes={len(data)} " in (
-            lines[0]
+        # Every byte of it came from the upstream: "bandwidth saved" (served - upstream,
+        # README) must not count it (it did: no upstream bytes were counted for a bypass).
+        assert d("cached_upstream_bytes_total", kind="forward") == len(data)
+        assert (
+            f" 200 {len(data)} image={image.id} cache=bypass upstream_bytes={len(data)} "
+            in (lines[0])
         )
     finally:
         await stop_daemon(daemon)
