@@ -9,6 +9,7 @@ import enum
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -85,8 +86,9 @@ class Proxy:
     passthrough: PassThrough
     # Admission: images larger than this are never cached (streamed with detail=too-large).
     max_entry_size: int | None = None
-    # Asked before a new fill with the bytes it will write: None, or why there is no room.
-    admit: Callable[[int], Awaitable[str | None]] | None = None
+    # Entered around opening a new fill with the bytes it will write: gives None, or why
+    # there is no room (cached/jobs.py Maintenance.admission).
+    admission: Callable[[int], AbstractAsyncContextManager[str | None]] | None = None
     # Told of every image deleted through the proxy (e.g. the prefetch queue forgets it).
     on_deleted: list[Callable[[str], Awaitable[object]]] = field(default_factory=list)
     integrity: Integrity | None = None  # re-verifies a changed file before a hit (scrub.py)
@@ -198,13 +200,16 @@ class Proxy:
         if record is None:
             assert entry is not None
             record = _record_of(entry)
-        if self.admit is not None:
-            # A new fill: make room for what it will write, or let it pass through.
+        if self.admission is None:
+            fill, created = await self.filler.open(record, creds)
+        else:
+            # A new fill: make room for what it will write, or let it pass through. Its
+            # reservation is made by _send's demand, with no await between the two.
             needed = _bytes_to_fetch(entry, record, wanted)
-            refused = await self.admit(needed)
-            if refused is not None:
-                raise NotAdmitted("no-space", refused)
-        fill, created = await self.filler.open(record, creds)
+            async with self.admission(needed) as refused:
+                if refused is not None:
+                    raise NotAdmitted("no-space", refused)
+                fill, created = await self.filler.open(record, creds)
         if not created:
             return fill, Outcome.COLLAPSED
         return fill, Outcome.PARTIAL if len(fill.entry.present) else Outcome.MISS
