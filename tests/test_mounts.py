@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -504,6 +505,48 @@ async def test_hung_cache_share_is_detected_and_everything_else_answers(
     on_share = set(os.listdir(faultfs.backing)) - {mounts.PROBE_NAME}
     assert on_share == {"incomplete", "invalid", "queue", image.id}
     print(f"\nhung cache: detected within {took:.2f}s (probe_timeout 1s); ok {back:.2f}s after")
+
+
+async def test_hits_stuck_on_a_hung_cache_hold_only_the_cache_threads(
+    faultfs: FaultFS, glance: FakeGlance, start_node: Any
+) -> None:
+    """Problem 4 (hung): hits that arrive before the guard says hung wait on the share on
+    the cache's own threads. Before: each one's changed-file check held a thread of the
+    default executor (blocked in a stat, or on the entry's lock behind it); a dozen of them
+    and what else runs there stalled for as long as the share hung: a reload (SIGHUP) never
+    finished, nor would a DNS look-up of the upstream's name."""
+    node = await start_node(
+        glance.url,
+        faultfs.mountpoint,
+        image_cache_mount={"probe_interval": 0.2, "probe_timeout": 3.0},
+    )
+    data = os.urandom(MiB)
+    image = glance.add_image(data)
+    assert (await node.get(image.id))[2] == data
+    await node.wait_cached(image.id)
+
+    faultfs.set("block")
+    stuck = [asyncio.create_task(node.get(image.id)) for _ in range(12)]
+    try:
+        await node.wait_state("hung")
+        assert node.proc.proc is not None
+        node.proc.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while True:
+            async with node.session.get(node.proc.url + "/healthz") as resp:
+                reload = (await resp.json())["reload"]
+            if reload["finished"] == 1:
+                break
+            assert time.monotonic() < deadline, f"the reload never finished: {reload}"
+            await asyncio.sleep(0.05)
+        fresh = os.urandom(MiB)
+        fresh_image = glance.add_image(fresh)
+        status, headers, body = await asyncio.wait_for(node.get(fresh_image.id), 10)
+        assert (status, headers["Cache-Status"], body) == (200, _bypass("hung"), fresh)
+    finally:
+        faultfs.set("ok")
+    for status, _, body in await asyncio.gather(*stuck):  # they go on once it answers
+        assert (status, body) == (200, data)
 
 
 @pytest.mark.parametrize("mode", ["eio", "estale"])
