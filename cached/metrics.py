@@ -73,6 +73,9 @@ def outcome_of(cache_status: str | None) -> str | None:
     return outcome
 
 
+# Seconds a scrape waits for the prefetch queue's listing (then the last value stays).
+QUEUE_LIST_TIMEOUT = 2.0
+
 # How long the store counts as refusing writes after a failure (fill.STORE_RETRY_AFTER).
 PASS_THROUGH_SECONDS = 30.0
 
@@ -275,7 +278,9 @@ class Metrics:
         return time.monotonic() - self._refused_at < PASS_THROUGH_SECONDS
 
     async def refresh(self, store: Store, filler: Filler | None, max_size: int) -> None:
-        """Set the gauges read at scrape time (the queue is listed in a thread)."""
+        """Set the gauges read at scrape time. The queue is listed on the cache directory's
+        threads, only while its guard says it is ok (a hung share would hold the scrape and
+        a thread for as long as it hangs: the queue length keeps its last value meanwhile)."""
         complete = partial = present = total = 0
         for entry in list(store.entries.values()):
             if entry.complete:
@@ -295,8 +300,11 @@ class Metrics:
         guarded = filler is not None and filler.passing_through()
         self.passthrough.labels(self.cache_dir).set(1 if self.passing_through or guarded else 0)
         self.connections.set(self.count_connections())
-        with contextlib.suppress(OSError):
-            self.queue_length.set(len(await asyncio.to_thread(store.queued)))
+        guard = filler.disk_guard if filler is not None else None
+        if guard is None or guard.ok:
+            with contextlib.suppress(OSError, TimeoutError):
+                queued = await asyncio.wait_for(store.run(store.queued), QUEUE_LIST_TIMEOUT)
+                self.queue_length.set(len(queued))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -543,6 +543,13 @@ async def test_hits_stuck_on_a_hung_cache_hold_only_the_cache_threads(
         fresh_image = glance.add_image(fresh)
         status, headers, body = await asyncio.wait_for(node.get(fresh_image.id), 10)
         assert (status, headers["Cache-Status"], body) == (200, _bypass("hung"), fresh)
+        # The scrape answers (it listed queue/ on the share: every scrape hung meanwhile).
+        for _ in range(3):
+            async with asyncio.timeout(10):
+                async with node.session.get(node.proc.url + "/metrics") as resp:
+                    text = await resp.text()
+            assert resp.status == 200, text
+            assert f'cached_passthrough{{directory="{faultfs.mountpoint}"}} 1.0' in text
     finally:
         faultfs.set("ok")
     for status, _, body in await asyncio.gather(*stuck):  # they go on once it answers
