@@ -456,7 +456,7 @@ class Prefetcher:
         if task is not None:
             self._forgotten.add(image_id)
             task.cancel()
-        queued = await asyncio.to_thread(self._store.dequeue, image_id)
+        queued = await self._store.run(self._store.dequeue, image_id)  # the cache's threads
         if queued:
             log.info("prefetch: %s dequeued (deleted)", image_id)
         return queued

@@ -93,6 +93,8 @@ class Proxy:
     on_deleted: list[Callable[[str], Awaitable[object]]] = field(default_factory=list)
     integrity: Integrity | None = None  # re-verifies a changed file before a hit (scrub.py)
     directories: Directories | None = None  # None: the cache directory is not guarded
+    # Drops of deleted images still running (on a hung share); changed on the loop only.
+    _dropping: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def image_data(self, request: web.Request) -> web.StreamResponse:
         """``GET /v2/images/{id}/file``: authorise, then serve from the cache or fill it."""
@@ -359,10 +361,25 @@ class Proxy:
     async def image_changed(self, image_id: str, *, deleted: bool) -> None:
         self.authorizer.forget(image_id)
         if deleted:
-            await self.filler.remove(image_id)
-            for hook in self.on_deleted:
-                await hook(image_id)
-            log.info("image %s deleted upstream: dropped its cache entry", image_id)
+            # The upstream has answered: a cache share that hangs must not hold that answer.
+            # The drop goes on in the background (the entry is out of the index at once)
+            # and ends when the share answers again.
+            drop = asyncio.get_running_loop().create_task(self._drop(image_id))
+            self._dropping.add(drop)
+            drop.add_done_callback(self._dropped)
+            guard = self.directories.cache if self.directories is not None else None
+            await asyncio.wait({drop}, timeout=guard.probe_timeout if guard else None)
+
+    async def _drop(self, image_id: str) -> None:
+        await self.filler.remove(image_id)
+        for hook in self.on_deleted:
+            await hook(image_id)
+        log.info("image %s deleted upstream: dropped its cache entry", image_id)
+
+    def _dropped(self, task: asyncio.Task[None]) -> None:
+        self._dropping.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("dropping a deleted image's copy failed", exc_info=task.exception())
 
 
 def _bytes_to_fetch(

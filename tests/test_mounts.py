@@ -556,6 +556,37 @@ async def test_hits_stuck_on_a_hung_cache_hold_only_the_cache_threads(
         assert (status, body) == (200, data)
 
 
+async def test_an_image_deleted_through_the_proxy_while_the_cache_hangs(
+    faultfs: FaultFS, glance: FakeGlance, start_node: Any
+) -> None:
+    """Problem 4 (hung): ``DELETE /v2/images/{id}`` through cached answers while the cache
+    share hangs (Glance has deleted the image; dropping the copy must not hold the answer),
+    and the copy is gone once the share answers again."""
+    node = await start_node(
+        glance.url,
+        faultfs.mountpoint,
+        image_cache_mount={"probe_interval": 0.2, "probe_timeout": 1.0},
+    )
+    data = os.urandom(MiB)
+    image = glance.add_image(data)
+    assert (await node.get(image.id))[2] == data
+    await node.wait_cached(image.id)
+
+    faultfs.set("block")
+    try:
+        await node.wait_state("hung")
+        url = f"{node.proc.url}/v2/images/{image.id}"
+        async with asyncio.timeout(10):
+            async with node.session.delete(url, headers=auth()) as resp:
+                assert resp.status == 204, await resp.text()
+    finally:
+        faultfs.set("ok")
+    await node.wait_state("ok")
+    assert image.id not in await node.cached_ids()
+    status, _, _ = await node.get(image.id)
+    assert status == 404
+
+
 @pytest.mark.parametrize("mode", ["eio", "estale"])
 async def test_failing_cache_share_passes_through(
     faultfs: FaultFS, glance: FakeGlance, start_node: Any, mode: str
