@@ -132,7 +132,13 @@ class Proxy:
         if bypass is not None:  # the cache directory is not usable (cached/directories.py)
             return await self._bypass(request, bypass)
         if entry is not None and entry.complete and self.integrity is not None:
-            entry = await self.integrity.before_hit(entry)  # None: failed re-verification
+            try:
+                entry = await self.integrity.before_hit(entry)  # None: failed re-verification
+            except OSError as exc:  # the cache directory's (EIO, ESTALE...): nothing sent yet
+                log.warning("cache unavailable for %s, passing through: %s", image_id, exc)
+                if self.directories is not None:
+                    self.directories.cache.report(exc)
+                return await self._bypass(request)
         if auth.stale and (entry is None or not entry.complete):  # never a fill on it
             return _error(503, "The image service is unavailable; try again later.")
         if entry is None or not entry.complete:

@@ -587,6 +587,31 @@ async def test_an_image_deleted_through_the_proxy_while_the_cache_hangs(
     assert status == 404
 
 
+async def test_an_io_error_on_a_hit_before_the_guard_knows_passes_through(
+    faultfs: FaultFS, glance: FakeGlance, start_node: Any
+) -> None:
+    """Effects: a cache read error where no byte was sent yet falls back to the upstream,
+    and the guard is told at once. Before: the hit's changed-file check met EIO between two
+    probes and the client got a 500 (a traceback in the log)."""
+    node = await start_node(
+        glance.url, faultfs.mountpoint, image_cache_mount={"probe_interval": 60, "probe_timeout": 5}
+    )
+    data = os.urandom(MiB)
+    image = glance.add_image(data)
+    assert (await node.get(image.id))[2] == data
+    await node.wait_cached(image.id)
+
+    faultfs.set("eio")
+    try:
+        status, headers, body = await asyncio.wait_for(node.get(image.id), 10)
+        assert (status, body) == (200, data), headers
+        assert headers["Cache-Status"].startswith("cached; fwd=bypass"), headers
+        await node.wait_state("failing", within=10)  # told at once, not after 60 s
+    finally:
+        faultfs.set("ok")
+    assert "Traceback" not in node.proc.output()
+
+
 @pytest.mark.parametrize("mode", ["eio", "estale"])
 async def test_failing_cache_share_passes_through(
     faultfs: FaultFS, glance: FakeGlance, start_node: Any, mode: str
