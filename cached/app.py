@@ -190,7 +190,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         proxy.on_deleted.append(prefetcher.forget)  # a deleted image leaves the queue
         maintenance = jobs.Maintenance(store, filler, config)
         # New fills, for clients and prefetch: room in the cache and on the disk.
-        proxy.admit = prefetcher.admit = maintenance.admit
+        proxy.admission = prefetcher.admission = maintenance.admission
         if config.prune_on_fill:
             filler.on_reserve = maintenance.make_room
         app[STORE], app[FILLER], app[PROXY] = store, filler, proxy
@@ -236,6 +236,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
 
         directories.on_indexed.append(resume_prefetch)
         ops.store, ops.filler, ops.guard, ops.session = store, filler, guard, session
+        ops.store_guard = directories.store
         _register_live(reloadables, app, ops, raw_upstream, proxy.authorizer, guard)
         _register_policy(reloadables, active_policy)
         _register_live_jobs(reloadables, scheduler, prefetcher, maintenance, proxy)

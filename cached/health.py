@@ -30,6 +30,7 @@ from cached.metrics import CONTENT_TYPE, Metrics
 if TYPE_CHECKING:
     from cached.admin import AdminGuard
     from cached.filler import Filler
+    from cached.guard import Guard
     from cached.store import Store
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Ops:
     store: Store | None = None  # set once the index is loaded
     filler: Filler | None = None
     guard: AdminGuard | None = None
+    store_guard: Guard | None = None  # a file upstream's directory guard: its verdict decides
     session: aiohttp.ClientSession | None = None
     draining: bool = False
     reloads: ReloadStatus = field(default_factory=ReloadStatus)  # the Reloader's (SIGHUP)
@@ -76,7 +78,12 @@ class Ops:
         return "caching"
 
     async def upstream_problem(self) -> str | None:
-        """Why the upstream looks unreachable, or None (the answer is reused a few seconds)."""
+        """Why the upstream looks unreachable, or None (the answer is reused a few seconds).
+        A ``file`` upstream's directory is judged by its guard (no call into a share that may
+        hang; a share gone under a directory that still exists is not "reachable")."""
+        if self.store_guard is not None:
+            guard = self.store_guard
+            return None if guard.ok else f"store directory {guard.state.value}: {guard.reason}"
         checked, problem = self._upstream
         if time.monotonic() - checked < UPSTREAM_CHECK_TTL:
             return problem

@@ -10,10 +10,12 @@ store's executor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,7 +137,8 @@ async def clean(store: Store, filler: Filler, stall_time: float) -> CleanResult:
 
 class Maintenance:
     """``prune`` and ``clean`` with this daemon's settings; one run of each at a time, whether
-    the schedule or the API (``POST /v2/cache/prune``, ``/clean``) starts it."""
+    the schedule or the API (``POST /v2/cache/prune``, ``/clean``) starts it. Also the
+    admission of new fills (:meth:`admission`). Its state is changed on the event loop only."""
 
     def __init__(self, store: Store, filler: Filler, config: Config):
         self._store = store
@@ -146,6 +149,8 @@ class Maintenance:
         self._clean_lock = asyncio.Lock()
         self._making_room: asyncio.Task[PruneResult] | None = None
         self._again = False  # more space was reserved while a prune ran
+        self._admitting = asyncio.Lock()  # one admission decides at a time
+        self._admitted = 0  # bytes admitted whose fills have not reserved them yet
 
     def configure(self, config: Config) -> None:
         """Take ``image_cache_max_size``, ``min_free_space`` and ``image_cache_stall_time``
@@ -160,18 +165,35 @@ class Maintenance:
             limit = self._max_size if target is None else target
             return await prune(self._store, self._filler, limit)
 
-    async def admit(self, needed: int) -> str | None:
-        """Room for a new fill that will write ``needed`` bytes: None when there is (after
-        pruning for it if need be), else why not.
-
-        Two limits: the cache's max size (what entries hold and running fills reserved),
-        and the filesystem's free space, which must stay above ``min_free_space`` once
-        the reserved bytes and these are written (a watermark before ENOSPC, not after).
-        Without ``prune_on_fill`` the max size is left to the scheduled prune.
+    @contextlib.asynccontextmanager
+    async def admission(self, needed: int) -> AsyncIterator[str | None]:
+        """Admit a new fill that will write ``needed`` bytes: yields None when there is room
+        (after pruning for it if need be), else why not. The caller opens the fill and has
+        it reserve its bytes (``Fill.ensure_full``/``demand``) inside the block, or at once
+        after it without awaiting: until then the admitted bytes count for the admissions
+        that follow. Before, two misses admitted at the same time each saw the other's bytes
+        unreserved, and both ran past the max size.
         """
-        if self._prune_on_fill and self._store.total_size() + needed > self._max_size:
-            await self.prune(max(0, self._max_size - needed))
-            if self._store.total_size() + needed > self._max_size:
+        async with self._admitting:
+            refused = await self._admit(needed)
+            if refused is None:
+                self._admitted += needed
+        try:
+            yield refused
+        finally:
+            if refused is None:
+                self._admitted -= needed
+
+    async def _admit(self, needed: int) -> str | None:
+        """Two limits: the cache's max size (what entries hold, running fills reserved and
+        admitted fills will reserve), and the filesystem's free space, which must stay above
+        ``min_free_space`` once all that and these are written (a watermark before ENOSPC,
+        not after). Without ``prune_on_fill`` the max size is left to the scheduled prune.
+        """
+        needed_now = needed + self._admitted
+        if self._prune_on_fill and self._store.total_size() + needed_now > self._max_size:
+            await self.prune(max(0, self._max_size - needed_now))
+            if self._store.total_size() + needed_now > self._max_size:
                 return "the cache is full of entries in use"
         try:
             st = await self._store.run(os.statvfs, self._store.root)
@@ -180,8 +202,9 @@ class Maintenance:
         free = st.f_bavail * st.f_frsize
         floor = self.min_free_space.bytes_of(st.f_blocks * st.f_frsize)
         promised = sum(e.reserved for e in self._store.entries.values())
-        if free - promised - needed < floor:
-            return f"{free} bytes free, {promised + needed} to be written, {floor} kept free"
+        if free - promised - needed_now < floor:
+            to_write = promised + needed_now
+            return f"{free} bytes free, {to_write} to be written, {floor} kept free"
         return None
 
     def make_room(self) -> None:

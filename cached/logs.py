@@ -155,7 +155,7 @@ class AccessLogger(AbstractAccessLogger):
             return
         stats: RequestStats | None = request.get(STATS)
         upstream = stats.upstream if stats is not None else 0
-        if cache_status == "cached; fwd=bypass":
+        if metrics_module.outcome_of(cache_status) == "bypass":  # with a detail too
             upstream = nbytes
         try:
             match_info = getattr(request, "match_info", None)

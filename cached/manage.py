@@ -114,14 +114,15 @@ class Manager:
 
     async def io(self, fn: Callable[..., T], *args: Any, read: bool = False) -> T:
         """Run a blocking call in the cache directory: refused at once (503, naming the state)
-        while the directory is vanished, hung or failing, and on the cache guard's threads
+        while the directory is vanished, hung or failing (a change also while it is read-only),
+        and on the cache guard's threads
         so that a hung share never holds the default executor's. A ``read`` that takes
         longer than the guard's probe timeout is answered with a 503 too (a change is
         waited for: answering before it is done would misreport it)."""
         guard = self.directories.cache if self.directories is not None else None
         if guard is None:
             return await asyncio.to_thread(fn, *args)
-        self.check_cache()
+        self.check_cache(change=not read)
         if not read:
             return await guard.run_io(fn, *args)
         try:
@@ -132,11 +133,16 @@ class Manager:
                 f"The cache directory did not answer within {guard.probe_timeout:g}s"
             ) from None
 
-    def check_cache(self) -> None:
+    def check_cache(self, *, change: bool = False) -> None:
         """Raise StoreUnavailable (a 503 naming the state) while the cache directory is
-        vanished, hung or failing: nothing there is read or changed meanwhile."""
+        vanished, hung or failing: nothing there is read or changed meanwhile. A ``change``
+        is refused while it is read-only too: a delete that cannot unlink would drop the
+        entry from the index and leave its file behind, uncounted."""
         guard = self.directories.cache if self.directories is not None else None
-        if guard is not None and guard.state in (State.VANISHED, State.HUNG, State.FAILING):
+        refused = {State.VANISHED, State.HUNG, State.FAILING}
+        if change:
+            refused.add(State.READ_ONLY)
+        if guard is not None and guard.state in refused:
             raise StoreUnavailable(f"The cache directory is {guard.state.value}: {guard.reason}")
 
     async def queued(self) -> list[str]:
@@ -150,7 +156,7 @@ class Manager:
 
     async def drop(self, image_id: str) -> bool:
         """Delete the image's entry (safely while it is read or filled) and invalid copy."""
-        self.check_cache()
+        self.check_cache(change=True)
         removed = await self.filler.remove(image_id)
         if image_id in self.store.invalid:
             removed |= await self.store.remove_invalid(image_id)
@@ -158,7 +164,7 @@ class Manager:
 
     async def drop_all(self) -> int:
         """Delete every entry, complete or partial; returns how many."""
-        self.check_cache()
+        self.check_cache(change=True)
         count = 0
         for image_id in list(self.store.entries):
             count += await self.filler.remove(image_id)
@@ -312,6 +318,7 @@ async def queue_image(m: Manager, request: web.Request) -> web.StreamResponse:
 
 async def delete_image(m: Manager, request: web.Request) -> web.StreamResponse:
     image_id = _image_id(request)
+    m.check_cache(change=True)  # before the queue entry goes: all of it or nothing
     if not await m.held(image_id):
         await m.record(image_id, Credentials.from_headers(request.headers))
     await m.prefetcher.forget(image_id)  # first: a running prefetch must not refill it

@@ -14,6 +14,7 @@ a token or a client address.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import os
@@ -71,6 +72,9 @@ def outcome_of(cache_status: str | None) -> str | None:
         return "bypass"  # with a detail (e.g. too large to be admitted)
     return outcome
 
+
+# Seconds a scrape waits for the prefetch queue's listing (then the last value stays).
+QUEUE_LIST_TIMEOUT = 2.0
 
 # How long the store counts as refusing writes after a failure (fill.STORE_RETRY_AFTER).
 PASS_THROUGH_SECONDS = 30.0
@@ -142,7 +146,9 @@ class Metrics:
             registry=r,
         )
         self.upstream_bytes = Counter(
-            "cached_upstream_bytes", "Image bytes read from the upstream, by kind", ["kind"],
+            "cached_upstream_bytes",
+            "Image bytes read from the upstream, by kind (forward: downloads passed through)",
+            ["kind"],
             registry=r,
         )  # fmt: skip
         self.upstream_latency = Histogram(
@@ -156,7 +162,7 @@ class Metrics:
         self.up_requests = {k: self.upstream_requests.labels(k) for k in UPSTREAM_KINDS}
         self.up_errors = {k: self.upstream_errors.labels(k) for k in UPSTREAM_KINDS}
         self.up_latency = {k: self.upstream_latency.labels(k) for k in UPSTREAM_KINDS}
-        self.up_bytes = {k: self.upstream_bytes.labels(k) for k in ("data", "range")}
+        self.up_bytes = {k: self.upstream_bytes.labels(k) for k in ("data", "range", "forward")}
         self.auth_probes = Counter(
             "cached_auth_probes",
             "Download authorisation probes sent to the upstream, by result",
@@ -259,6 +265,8 @@ class Metrics:
         self._dl[outcome].observe(seconds)
         if outcome == "collapsed":
             self.joins.inc()
+        elif outcome == "bypass":  # every byte sent was read from the upstream
+            self.up_bytes["forward"].inc(nbytes)
 
     # ------------------------------------------------------------------ store state
     def store_refused(self, reason: str) -> None:
@@ -270,7 +278,9 @@ class Metrics:
         return time.monotonic() - self._refused_at < PASS_THROUGH_SECONDS
 
     async def refresh(self, store: Store, filler: Filler | None, max_size: int) -> None:
-        """Set the gauges read at scrape time (the queue is listed in a thread)."""
+        """Set the gauges read at scrape time. The queue is listed on the cache directory's
+        threads, only while its guard says it is ok (a hung share would hold the scrape and
+        a thread for as long as it hangs: the queue length keeps its last value meanwhile)."""
         complete = partial = present = total = 0
         for entry in list(store.entries.values()):
             if entry.complete:
@@ -290,12 +300,11 @@ class Metrics:
         guarded = filler is not None and filler.passing_through()
         self.passthrough.labels(self.cache_dir).set(1 if self.passing_through or guarded else 0)
         self.connections.set(self.count_connections())
-        # The queue is a directory listing on the cache directory: on its own bounded threads,
-        # and not while that directory is not usable (a hung share would hold every scrape,
-        # and a thread of the default executor each time); the last count stays meanwhile.
-        if not guarded:
-            with contextlib.suppress(OSError):
-                self.queue_length.set(len(await store.run(store.queued)))
+        guard = filler.disk_guard if filler is not None else None
+        if guard is None or guard.ok:
+            with contextlib.suppress(OSError, TimeoutError):
+                queued = await asyncio.wait_for(store.run(store.queued), QUEUE_LIST_TIMEOUT)
+                self.queue_length.set(len(queued))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

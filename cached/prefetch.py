@@ -27,7 +27,8 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -199,7 +200,7 @@ class Prefetcher:
         self._service = service
         self._slots = Slots(config.prefetch_concurrency)
         # Asked before a new fill with the bytes it will write: None, or why there is no room.
-        self.admit: Callable[[int], Awaitable[str | None]] | None = None
+        self.admission: Callable[[int], AbstractAsyncContextManager[str | None]] | None = None
         self._retry = (config.prefetch_retry_initial, config.prefetch_retry_max)
         self._tasks: dict[str, asyncio.Task[Outcome]] = {}
         self._tracked: dict[str, _Tracked] = {}  # our fetches
@@ -337,15 +338,17 @@ class Prefetcher:
         if record.status != "active" or record.size is None:
             raise PrefetchFailed(f"image is {record.status}, not active")
         entry = self._store.get(image_id)
-        if self.admit is not None and self._filler.get(image_id) is None:
+        admission: AbstractAsyncContextManager[str | None] = contextlib.nullcontext(None)
+        if self.admission is not None and self._filler.get(image_id) is None:
             present = entry.present_bytes() if entry is not None else 0
-            refused = await self.admit(record.size - present)
+            admission = self.admission(record.size - present)
+        async with admission as refused:
             if refused is not None:  # tried again on the next runs, with backoff
                 raise PrefetchFailed(f"no room in the cache: {refused}")
-        fill, _ = await self._filler.open(record, creds)
+            fill, _ = await self._filler.open(record, creds)
+            fill.ensure_full()  # reserves what it admitted
         self._tracked[image_id].baseline = _Baseline.of(fill)
         log.info("prefetch: fetching %s (%d bytes)", image_id, record.size)
-        fill.ensure_full()
         while fill.state.active:
             with contextlib.suppress(FillAborted):  # how it ended is checked below
                 await fill.wait()
@@ -453,7 +456,7 @@ class Prefetcher:
         if task is not None:
             self._forgotten.add(image_id)
             task.cancel()
-        queued = await asyncio.to_thread(self._store.dequeue, image_id)
+        queued = await self._store.run(self._store.dequeue, image_id)  # the cache's threads
         if queued:
             log.info("prefetch: %s dequeued (deleted)", image_id)
         return queued

@@ -9,6 +9,7 @@ import enum
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -85,12 +86,15 @@ class Proxy:
     passthrough: PassThrough
     # Admission: images larger than this are never cached (streamed with detail=too-large).
     max_entry_size: int | None = None
-    # Asked before a new fill with the bytes it will write: None, or why there is no room.
-    admit: Callable[[int], Awaitable[str | None]] | None = None
+    # Entered around opening a new fill with the bytes it will write: gives None, or why
+    # there is no room (cached/jobs.py Maintenance.admission).
+    admission: Callable[[int], AbstractAsyncContextManager[str | None]] | None = None
     # Told of every image deleted through the proxy (e.g. the prefetch queue forgets it).
     on_deleted: list[Callable[[str], Awaitable[object]]] = field(default_factory=list)
     integrity: Integrity | None = None  # re-verifies a changed file before a hit (scrub.py)
     directories: Directories | None = None  # None: the cache directory is not guarded
+    # Drops of deleted images still running (on a hung share); changed on the loop only.
+    _dropping: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def image_data(self, request: web.Request) -> web.StreamResponse:
         """``GET /v2/images/{id}/file``: authorise, then serve from the cache or fill it."""
@@ -128,7 +132,13 @@ class Proxy:
         if bypass is not None:  # the cache directory is not usable (cached/directories.py)
             return await self._bypass(request, bypass)
         if entry is not None and entry.complete and self.integrity is not None:
-            entry = await self.integrity.before_hit(entry)  # None: failed re-verification
+            try:
+                entry = await self.integrity.before_hit(entry)  # None: failed re-verification
+            except OSError as exc:  # the cache directory's (EIO, ESTALE...): nothing sent yet
+                log.warning("cache unavailable for %s, passing through: %s", image_id, exc)
+                if self.directories is not None:
+                    self.directories.cache.report(exc)
+                return await self._bypass(request)
         if auth.stale and (entry is None or not entry.complete):  # never a fill on it
             return _error(503, "The image service is unavailable; try again later.")
         if entry is None or not entry.complete:
@@ -198,13 +208,16 @@ class Proxy:
         if record is None:
             assert entry is not None
             record = _record_of(entry)
-        if self.admit is not None:
-            # A new fill: make room for what it will write, or let it pass through.
+        if self.admission is None:
+            fill, created = await self.filler.open(record, creds)
+        else:
+            # A new fill: make room for what it will write, or let it pass through. Its
+            # reservation is made by _send's demand, with no await between the two.
             needed = _bytes_to_fetch(entry, record, wanted)
-            refused = await self.admit(needed)
-            if refused is not None:
-                raise NotAdmitted("no-space", refused)
-        fill, created = await self.filler.open(record, creds)
+            async with self.admission(needed) as refused:
+                if refused is not None:
+                    raise NotAdmitted("no-space", refused)
+                fill, created = await self.filler.open(record, creds)
         if not created:
             return fill, Outcome.COLLAPSED
         return fill, Outcome.PARTIAL if len(fill.entry.present) else Outcome.MISS
@@ -354,10 +367,25 @@ class Proxy:
     async def image_changed(self, image_id: str, *, deleted: bool) -> None:
         self.authorizer.forget(image_id)
         if deleted:
-            await self.filler.remove(image_id)
-            for hook in self.on_deleted:
-                await hook(image_id)
-            log.info("image %s deleted upstream: dropped its cache entry", image_id)
+            # The upstream has answered: a cache share that hangs must not hold that answer.
+            # The drop goes on in the background (the entry is out of the index at once)
+            # and ends when the share answers again.
+            drop = asyncio.get_running_loop().create_task(self._drop(image_id))
+            self._dropping.add(drop)
+            drop.add_done_callback(self._dropped)
+            guard = self.directories.cache if self.directories is not None else None
+            await asyncio.wait({drop}, timeout=guard.probe_timeout if guard else None)
+
+    async def _drop(self, image_id: str) -> None:
+        await self.filler.remove(image_id)
+        for hook in self.on_deleted:
+            await hook(image_id)
+        log.info("image %s deleted upstream: dropped its cache entry", image_id)
+
+    def _dropped(self, task: asyncio.Task[None]) -> None:
+        self._dropping.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("dropping a deleted image's copy failed", exc_info=task.exception())
 
 
 def _bytes_to_fetch(

@@ -1,7 +1,8 @@
 """Re-verification of complete entries: before a hit on a file that may have changed, and
 the background scrub that finds silent corruption.
 
-- :meth:`Integrity.before_hit` (one ``stat`` per hit, in a thread) compares the file with
+- :meth:`Integrity.before_hit` (one ``stat`` per hit, on the cache directory's own threads,
+  ``Store.run``: a hung share holds those and not the default executor's) compares the file with
   what was last recorded for it (:mod:`cached.store.written`). A changed file, or an entry
   found suspect at start (:mod:`cached.store.integrity`), is verified by digest before the
   hit is served; a mismatch (or no digest to check) moves it to ``invalid/``.
@@ -108,7 +109,7 @@ class Integrity:
     async def before_hit(self, entry: Entry) -> Entry | None:
         """``entry`` if it may be served as a hit; None if it failed re-verification (it is
         then out of the index). Waits for the digest when the file changed."""
-        if not await asyncio.to_thread(checks.changed, entry):
+        if not await self._store.run(checks.changed, entry):
             return entry
         return entry if await self.verify(entry) else None
 

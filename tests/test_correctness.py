@@ -357,6 +357,45 @@ async def test_reservations_count_and_the_prune_keeps_the_cache_within_its_limit
         await stop_daemon(d)
 
 
+async def test_concurrent_misses_are_admitted_within_the_max_size(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    """Issue 10 (space): admission and the fill's reservation are one step. Before, two
+    misses admitted at the same time each saw the other's bytes unreserved, and both fills
+    ran: 2 x 12 MiB in a 20 MiB cache (seen with real daemons: 90 MB in an 80 MiB cache)."""
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    d = await start_daemon(
+        cache_dir, glance.url, image_cache_max_size=20 * MiB, max_image_fraction=0.6
+    )
+    try:
+        for _ in range(5):
+            images = [glance.add_image(os.urandom(12 * MiB)) for _ in range(2)]
+            for image in images:
+                image.pause()
+            gets = [asyncio.create_task(d.get(i.id)) for i in images]
+            await until(
+                lambda images=images: all(len(glance.data_requests(i.id)) == 2 for i in images),
+                "both transfers asked (after each one's probe)",
+            )
+            assert d.store.total_size() <= 20 * MiB, d.store.total_size()
+            for image in images:
+                image.resume()
+            answers = await asyncio.gather(*gets)
+            assert [(a[0], a[2]) for a in answers] == [(200, i.data) for i in images]
+            statuses = sorted(a[1]["Cache-Status"] for a in answers)
+            assert statuses == [
+                "cached; fwd=bypass; detail=no-space",
+                "cached; fwd=uri-miss; stored",
+            ], statuses
+            for image in images:  # an empty cache for the next round
+                await until(lambda i=image.id: i not in d.filler.fills, "the fill ended")
+                if d.store.get(image.id) is not None:
+                    await d.filler.remove(image.id)
+    finally:
+        await stop_daemon(d)
+
+
 async def test_a_cold_range_reserves_what_it_fetches_not_the_image(
     glance: FakeGlance, tmp_path: Path
 ) -> None:

@@ -339,7 +339,11 @@ async def test_access_log_counts_sendfile_bytes(
     assert "token-p1" not in "\n".join(lines)
 
 
-async def test_a_bypass_with_a_detail_counts_as_bypass(glance: FakeGlance, tmp_path: Path) -> None:
+async def test_a_bypass_with_a_detail_counts_as_bypass(
+    glance: FakeGlance, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Also in the access log: a bypass with a detail fetched every byte it sent from the
+    upstream (issue 8, logging; it logged ``upstream_bytes=0``)."""
     cache = tmp_path / "cache"
     cache.mkdir()
     daemon = await start_daemon(
@@ -354,9 +358,22 @@ async def test_a_bypass_with_a_detail_counts_as_bypass(glance: FakeGlance, tmp_p
             assert (status, body) == (200, data)
             assert headers["Cache-Status"] == "cached; fwd=bypass; detail=too-large"
 
-        d = await measure(daemon, too_large)
+        with caplog.at_level(logging.INFO, logger="cached.access"):
+            d = await measure(daemon, too_large)
+            for _ in range(500):  # the server logs once the response ended
+                lines = [r.getMessage() for r in caplog.records if "cache=bypass" in r.getMessage()]
+                if lines:
+                    break
+                await asyncio.sleep(0.01)
         assert d("cached_requests_total", outcome="bypass") == 1
         assert d("cached_served_bytes_total", outcome="bypass") == len(data)
+        # Every byte of it came from the upstream: "bandwidth saved" (served - upstream,
+        # README) must not count it (it did: no upstream bytes were counted for a bypass).
+        assert d("cached_upstream_bytes_total", kind="forward") == len(data)
+        assert (
+            f" 200 {len(data)} image={image.id} cache=bypass upstream_bytes={len(data)} "
+            in (lines[0])
+        )
     finally:
         await stop_daemon(daemon)
 

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -448,11 +449,19 @@ async def test_store_share_gone_is_503_never_404(
             assert body["title"] == "Service Unavailable"
             assert "vanished" in body["message"] and str(images) not in body["message"]
     assert tree(images) == []
+    # /readyz: the upstream (the store) is not reachable; before it said "reachable", 200.
+    async with node.session.get(node.proc.url + "/readyz") as resp:
+        ready = await resp.json()
+        assert resp.status == 503, ready
+        assert "vanished" in ready["checks"]["upstream"], ready
 
     mounted.bind(share, images)
     await node.wait_state("ok", "store")
     status, _, body = await node.get(image_id)
     assert (status, body) == (200, data)
+    async with node.session.get(node.proc.url + "/readyz") as resp:
+        ready = await resp.json()
+        assert (resp.status, ready["checks"]["upstream"]) == (200, "reachable"), ready
 
 
 # --- hung and failing shares (FUSE) -------------------------------------------------------
@@ -496,6 +505,111 @@ async def test_hung_cache_share_is_detected_and_everything_else_answers(
     on_share = set(os.listdir(faultfs.backing)) - {mounts.PROBE_NAME}
     assert on_share == {"incomplete", "invalid", "queue", image.id}
     print(f"\nhung cache: detected within {took:.2f}s (probe_timeout 1s); ok {back:.2f}s after")
+
+
+async def test_hits_stuck_on_a_hung_cache_hold_only_the_cache_threads(
+    faultfs: FaultFS, glance: FakeGlance, start_node: Any
+) -> None:
+    """Problem 4 (hung): hits that arrive before the guard says hung wait on the share on
+    the cache's own threads. Before: each one's changed-file check held a thread of the
+    default executor (blocked in a stat, or on the entry's lock behind it); a dozen of them
+    and what else runs there stalled for as long as the share hung: a reload (SIGHUP) never
+    finished, nor would a DNS look-up of the upstream's name."""
+    node = await start_node(
+        glance.url,
+        faultfs.mountpoint,
+        image_cache_mount={"probe_interval": 0.2, "probe_timeout": 3.0},
+    )
+    data = os.urandom(MiB)
+    image = glance.add_image(data)
+    assert (await node.get(image.id))[2] == data
+    await node.wait_cached(image.id)
+
+    faultfs.set("block")
+    stuck = [asyncio.create_task(node.get(image.id)) for _ in range(12)]
+    try:
+        await node.wait_state("hung")
+        assert node.proc.proc is not None
+        node.proc.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while True:
+            async with node.session.get(node.proc.url + "/healthz") as resp:
+                reload = (await resp.json())["reload"]
+            if reload["finished"] == 1:
+                break
+            assert time.monotonic() < deadline, f"the reload never finished: {reload}"
+            await asyncio.sleep(0.05)
+        fresh = os.urandom(MiB)
+        fresh_image = glance.add_image(fresh)
+        status, headers, body = await asyncio.wait_for(node.get(fresh_image.id), 10)
+        assert (status, headers["Cache-Status"], body) == (200, _bypass("hung"), fresh)
+        # The scrape answers (it listed queue/ on the share: every scrape hung meanwhile).
+        for _ in range(3):
+            async with asyncio.timeout(10):
+                async with node.session.get(node.proc.url + "/metrics") as resp:
+                    text = await resp.text()
+            assert resp.status == 200, text
+            assert f'cached_passthrough{{directory="{faultfs.mountpoint}"}} 1.0' in text
+    finally:
+        faultfs.set("ok")
+    for status, _, body in await asyncio.gather(*stuck):  # they go on once it answers
+        assert (status, body) == (200, data)
+
+
+async def test_an_image_deleted_through_the_proxy_while_the_cache_hangs(
+    faultfs: FaultFS, glance: FakeGlance, start_node: Any
+) -> None:
+    """Problem 4 (hung): ``DELETE /v2/images/{id}`` through cached answers while the cache
+    share hangs (Glance has deleted the image; dropping the copy must not hold the answer),
+    and the copy is gone once the share answers again."""
+    node = await start_node(
+        glance.url,
+        faultfs.mountpoint,
+        image_cache_mount={"probe_interval": 0.2, "probe_timeout": 1.0},
+    )
+    data = os.urandom(MiB)
+    image = glance.add_image(data)
+    assert (await node.get(image.id))[2] == data
+    await node.wait_cached(image.id)
+
+    faultfs.set("block")
+    try:
+        await node.wait_state("hung")
+        url = f"{node.proc.url}/v2/images/{image.id}"
+        async with asyncio.timeout(10):
+            async with node.session.delete(url, headers=auth()) as resp:
+                assert resp.status == 204, await resp.text()
+    finally:
+        faultfs.set("ok")
+    await node.wait_state("ok")
+    assert image.id not in await node.cached_ids()
+    status, _, _ = await node.get(image.id)
+    assert status == 404
+
+
+async def test_an_io_error_on_a_hit_before_the_guard_knows_passes_through(
+    faultfs: FaultFS, glance: FakeGlance, start_node: Any
+) -> None:
+    """Effects: a cache read error where no byte was sent yet falls back to the upstream,
+    and the guard is told at once. Before: the hit's changed-file check met EIO between two
+    probes and the client got a 500 (a traceback in the log)."""
+    node = await start_node(
+        glance.url, faultfs.mountpoint, image_cache_mount={"probe_interval": 60, "probe_timeout": 5}
+    )
+    data = os.urandom(MiB)
+    image = glance.add_image(data)
+    assert (await node.get(image.id))[2] == data
+    await node.wait_cached(image.id)
+
+    faultfs.set("eio")
+    try:
+        status, headers, body = await asyncio.wait_for(node.get(image.id), 10)
+        assert (status, body) == (200, data), headers
+        assert headers["Cache-Status"].startswith("cached; fwd=bypass"), headers
+        await node.wait_state("failing", within=10)  # told at once, not after 60 s
+    finally:
+        faultfs.set("ok")
+    assert "Traceback" not in node.proc.output()
 
 
 @pytest.mark.parametrize("mode", ["eio", "estale"])
@@ -822,3 +936,46 @@ async def test_metrics_answer_while_the_cache_share_is_hung(
             assert status == 200 and b"cached_passthrough" in text
     finally:
         faultfs.set("ok")
+
+
+async def test_management_changes_on_a_read_only_cache_are_refused_and_lose_nothing(
+    tmp_path: Path, mounted: Mounts, glance: FakeGlance, start_node: Any
+) -> None:
+    """Issue 10 (effects, read-only): ``DELETE /v2/cache`` and ``DELETE /v2/cache/{id}`` on a
+    read-only cache answer 503 naming the state at once. Before: the clear answered 204, the
+    index forgot every entry while their files stayed (uncounted by prune until a restart)."""
+    cache = mounted.tmpfs(tmp_path / "cache")
+    node = await start_node(glance.url, cache, image_cache_mount=FAST)
+    data = os.urandom(MiB)
+    image = glance.add_image(data)
+    assert (await node.get(image.id))[2] == data
+    await node.wait_cached(image.id)
+    before = tree(cache)
+
+    mounted.remount(cache, "ro")
+    await node.wait_state("read_only")
+    admin = auth("token-admin")
+    for method, path, headers in [
+        ("DELETE", "/v2/cache", {"x-image-cache-clear-target": "cache"}),
+        ("DELETE", "/v2/cache", {}),
+        ("DELETE", f"/v2/cache/{image.id}", {}),
+        ("DELETE", f"/v2/cached_images/{image.id}", {}),
+        ("DELETE", "/v2/cached_images", {}),
+    ]:
+        async with node.session.request(
+            method, node.proc.url + path, headers={**admin, **headers}
+        ) as resp:
+            body = await resp.text()
+            assert resp.status == 503, (method, path, resp.status, body)
+            assert "read_only" in body, body
+    assert await node.cached_ids() == {image.id}
+    assert tree(cache) == before
+    status, headers, body = await node.get(image.id)
+    assert (status, headers["Cache-Status"], body) == (200, "cached; hit", data)
+
+    mounted.remount(cache, "rw")
+    await node.wait_state("ok")
+    async with node.session.delete(node.proc.url + "/v2/cache", headers=admin) as resp:
+        assert resp.status == 204
+    assert await node.cached_ids() == set()
+    assert not (cache / image.id).exists()
