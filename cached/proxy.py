@@ -127,8 +127,6 @@ class Proxy:
         bypass = self.directories.cache_bypass(entry) if self.directories else None
         if bypass is not None:  # the cache directory is not usable (cached/directories.py)
             return await self._bypass(request, bypass)
-        if entry is not None and entry.complete and self.integrity is not None:
-            entry = await self.integrity.before_hit(entry)  # None: failed re-verification
         if auth.stale and (entry is None or not entry.complete):  # never a fill on it
             return _error(503, "The image service is unavailable; try again later.")
         if entry is None or not entry.complete:
@@ -218,8 +216,12 @@ class Proxy:
         entry.readers += 1
         try:
             try:
-                file = await asyncio.to_thread(open, entry.path, "rb", buffering=0)
+                file = await self._open(dl, fill)
             except FileNotFoundError:  # evicted between lookup and now
+                return await self._bypass(dl.request)
+            if file is None:  # a hit whose file failed re-verification: now out of the index
+                if dl.outcome is Outcome.STALE_HIT:  # never a fill on a stale authorisation
+                    return _error(503, "The image service is unavailable; try again later.")
                 return await self._bypass(dl.request)
             try:
                 return await self._stream(dl, file, following)
@@ -228,6 +230,13 @@ class Proxy:
         finally:
             entry.readers -= 1
             self.filler.reader_left(entry)
+
+    async def _open(self, dl: _Download, fill: Fill | None) -> BinaryIO | None:
+        """The file to send from. A hit's file is checked against its commit record as it is
+        opened, and re-verified first if it changed (cached/scrub.py); None if it failed."""
+        if fill is None and self.integrity is not None:
+            return await self.integrity.open_hit(dl.entry)
+        return await asyncio.to_thread(open, dl.entry.path, "rb", buffering=0)
 
     async def _stream(
         self, dl: _Download, file: BinaryIO, following: tuple[Fill, int] | None

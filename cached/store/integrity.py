@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from cached.digest import Digest
 from cached.store import entry as entries
@@ -244,26 +245,31 @@ def write_access(entry: Entry, path: Path, values: dict[str, bytes]) -> None:
         log.debug("cannot record access to %s: %s", path, exc)
 
 
-def changed(entry: Entry) -> bool:
-    """Whether a complete entry's file differs from what we last recorded (one stat).
+def open_for_hit(entry: Entry) -> tuple[BinaryIO, bool]:
+    """Open a complete entry's file to serve a hit, and tell whether it changed since it was
+    verified: the opened file itself is compared with what we last recorded (one ``open``
+    and one ``fstat``, so nothing can be swapped in between the check and the open).
 
-    Marks the entry suspect if so. An entry already suspect counts as changed.
+    Marks the entry suspect if it changed; an entry already suspect counts as changed.
+    Raises FileNotFoundError when the file is gone (evicted meanwhile).
     """
-    with entry.identity_lock:
-        if entry.suspect:
-            return True
-        if entry.identity is None:
-            return False  # being committed: the record is written with the commit
-        try:
-            now = written.current(entry.path)
-        except FileNotFoundError:
-            return False  # deleted: the caller finds out when it opens the file
-        if now != entry.identity:
-            entry.suspect = True
-            log.warning(
-                "%s changed since it was verified (%s -> %s): re-verifying",
-                entry.path,
-                entry.identity,
-                now,
-            )
-        return entry.suspect
+    file = open(entry.path, "rb", buffering=0)  # the caller closes it
+    try:
+        now = written.Identity.of(os.fstat(file.fileno()))
+        with entry.identity_lock:
+            if entry.suspect:
+                return file, True
+            if entry.identity is None:
+                return file, False  # being committed: the record is written with the commit
+            if now != entry.identity:
+                entry.suspect = True
+                log.warning(
+                    "%s changed since it was verified (%s -> %s): re-verifying",
+                    entry.path,
+                    entry.identity,
+                    now,
+                )
+            return file, entry.suspect
+    except BaseException:
+        file.close()
+        raise
