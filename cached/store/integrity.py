@@ -255,12 +255,12 @@ def open_for_hit(entry: Entry) -> tuple[BinaryIO, bool]:
     """
     file = open(entry.path, "rb", buffering=0)  # the caller closes it
     try:
-        now = written.Identity.of(os.fstat(file.fileno()))
-        with entry.identity_lock:
+        with entry.identity_lock:  # the fstat too: our own writes take the lock around theirs
             if entry.suspect:
                 return file, True
             if entry.identity is None:
                 return file, False  # being committed: the record is written with the commit
+            now = written.Identity.of(os.fstat(file.fileno()))
             if now != entry.identity:
                 entry.suspect = True
                 log.warning(
