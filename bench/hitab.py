@@ -5,8 +5,9 @@ its own cache directory in front of one ``file://`` upstream (the set-up of issu
 no HTTP origin, so the upstream's cost is cached's own). All daemons run at once; the rounds
 alternate between them (the order rotates each round), each round a ``wrk -t2 -c32`` run
 against one daemon after a quiet gate. Reported per build: median req/s (and the range),
-median server CPU µs per request (utime+stime of the daemon and its threads from
-``/proc``), p50/p99 latency, and the ratio of each median to the first build's.
+median and least ("best") server CPU µs per request (utime+stime of the daemon and its
+threads from ``/proc``; on a shared machine other load only adds to it, so the least is the
+steadier figure), p50/p99 latency, and each build's ratio to the first build's.
 
     python -m bench.hitab --tree base=/tmp/base --tree new=. --rounds 6 --seconds 8
 
@@ -88,6 +89,21 @@ class Build:
                 self.proc.wait(5)
 
 
+def _switches(pid: int) -> int:
+    """Context switches of every thread of ``pid`` so far (voluntary and not): each hand-off
+    of a call to a worker thread and back costs some, whatever else runs on the machine."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if "ctxt_switches:" in line:  # voluntary_ and nonvoluntary_
+                        total += int(line.split()[-1])
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 def _get(url: str) -> tuple[int, str, int]:
     with urllib.request.urlopen(url, timeout=10) as resp:
         body = resp.read()
@@ -143,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
                 measure.wait_quiet(max_wait=5.0)
                 assert b.proc is not None
                 busy0 = measure.busy_seconds()
+                switches = _switches(b.proc.pid)
                 meter = measure.CpuMeter({"server": [b.proc.pid]}).start()
                 w = clients.wrk(urls[b.name], args.seconds, args.threads, args.conns)
                 cpu = meter.stop()["server"]
+                switches = _switches(b.proc.pid) - switches
                 busy = measure.busy_seconds() - busy0
                 if w.non_2xx or not w.requests or w.socket_errors:
                     print(f"  {b.name}: {w.non_2xx} non-2xx, errors: {w.socket_errors}")
@@ -155,11 +173,13 @@ def main(argv: list[str] | None = None) -> int:
                     "p50_ms": w.p50_ms or 0.0,
                     "p99_ms": w.p99_ms or 0.0,
                     "machine_busy_s": busy,
+                    "switches_per_req": switches / max(1, w.requests),
                 }
                 b.rounds.append(row)
                 print(
                     f"round {r + 1} {b.name:>8}: {w.req_s:8.1f} req/s "
-                    f"{row['cpu_us']:6.0f} µs/req  p50 {row['p50_ms']:.2f} ms",
+                    f"{row['cpu_us']:6.0f} µs/req  p50 {row['p50_ms']:.2f} ms "
+                    f"{row['switches_per_req']:.1f} cs/req",
                     flush=True,
                 )
     finally:
@@ -173,19 +193,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'build':>10} {'req/s':>8} {'min-max':>15} {'ratio':>6} {'µs/req':>7} "
-        f"{'ratio':>6} {'p50 ms':>7} {'p99 ms':>7}"
+        f"{'ratio':>6} {'best µs':>7} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} {'cs/req':>6}"
     )
 
     def med(b: Build, key: str) -> float:
         return statistics.median(x[key] for x in b.rounds)
+
+    def best(b: Build) -> float:
+        """The least CPU per request of any round: other load on the machine only adds."""
+        return min(x["cpu_us"] for x in b.rounds)
 
     for b in builds:
         rs = [x["req_s"] for x in b.rounds]
         print(
             f"{b.name:>10} {med(b, 'req_s'):8.0f} {min(rs):7.0f}-{max(rs):<7.0f} "
             f"{med(b, 'req_s') / med(ref, 'req_s'):6.2f} {med(b, 'cpu_us'):7.0f} "
-            f"{med(b, 'cpu_us') / med(ref, 'cpu_us'):6.2f} {med(b, 'p50_ms'):7.2f} "
-            f"{med(b, 'p99_ms'):7.2f}"
+            f"{med(b, 'cpu_us') / med(ref, 'cpu_us'):6.2f} {best(b):7.0f} "
+            f"{best(b) / best(ref):6.2f} {med(b, 'p50_ms'):7.2f} {med(b, 'p99_ms'):7.2f} "
+            f"{med(b, 'switches_per_req'):6.1f}"
         )
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)

@@ -31,7 +31,8 @@ from cached.ids import is_image_id
 from cached.passthrough import PassThrough
 from cached.reader import Progress, send_entry
 from cached.scrub import Integrity
-from cached.store import Entry, Store, chunk_size_for
+from cached.store import Entry, State, Store, chunk_size_for
+from cached.store.integrity import SMALL_HIT
 from cached.upstream import Backend, Credentials, Decision, ImageRecord
 
 log = logging.getLogger(__name__)
@@ -226,16 +227,19 @@ class Proxy:
             try:
                 return await self._stream(dl, file, following)
             finally:
-                await self._close(file)
+                if not isinstance(file, bytes):
+                    await self._close(file)
         finally:
             entry.readers -= 1
             self.filler.reader_left(entry)
 
-    async def _open(self, dl: _Download, fill: Fill | None) -> BinaryIO | None:
-        """The file to send from. A hit's file is checked against its commit record as it is
-        opened, and re-verified first if it changed (cached/scrub.py); None if it failed."""
+    async def _open(self, dl: _Download, fill: Fill | None) -> BinaryIO | bytes | None:
+        """The file to send from (a small hit: its bytes). A hit's file is checked against
+        its commit record as it is opened, and re-verified first if it changed
+        (cached/scrub.py); None if it failed."""
         if fill is None and self.integrity is not None:
-            return await self.integrity.open_hit(dl.entry)
+            small = dl.end - dl.start <= SMALL_HIT
+            return await self.integrity.open_hit(dl.entry, (dl.start, dl.end) if small else None)
         return await asyncio.to_thread(open, dl.entry.path, "rb", buffering=0)
 
     async def _close(self, file: BinaryIO) -> None:
@@ -247,7 +251,7 @@ class Proxy:
             await asyncio.to_thread(_close, file)
 
     async def _stream(
-        self, dl: _Download, file: BinaryIO, following: tuple[Fill, int] | None
+        self, dl: _Download, file: BinaryIO | bytes, following: tuple[Fill, int] | None
     ) -> web.StreamResponse:
         entry, request = dl.entry, dl.request
         response = web.StreamResponse(status=200 if dl.whole else 206)
@@ -279,18 +283,21 @@ class Proxy:
         progress = Progress(dl.start)
         try:
             try:
-                await send_entry(
-                    request,
-                    response,
-                    entry,
-                    file,
-                    dl.start,
-                    dl.end,
-                    lambda: self.filler.fill_of(entry),
-                    ensure_fill,
-                    progress,
-                    following,
-                )
+                if isinstance(file, bytes):  # a small hit, read from the file as checked
+                    await _write_small(response, entry, file, dl.end - dl.start)
+                else:
+                    await send_entry(
+                        request,
+                        response,
+                        entry,
+                        file,
+                        dl.start,
+                        dl.end,
+                        lambda: self.filler.fill_of(entry),
+                        ensure_fill,
+                        progress,
+                        following,
+                    )
             except FillAborted as exc:
                 if not isinstance(exc.__cause__, StoreUnavailable):
                     raise
@@ -392,6 +399,15 @@ def _bytes_to_fetch(
         if entry is None or c not in entry.present:
             needed += min(size, (c + 1) * chunk) - c * chunk
     return needed
+
+
+async def _write_small(response: web.StreamResponse, entry: Entry, data: bytes, count: int) -> None:
+    """Send a small hit's bytes (read as its file was opened and checked)."""
+    if entry.state is State.INVALID:  # found corrupt since (the scrub)
+        raise FillAborted(f"entry {entry.image_id} failed verification")
+    if len(data) != count:
+        raise FillAborted(f"file shorter than its entry: {len(data)} of {count} bytes")
+    await response.write(data)
 
 
 def _close(file: BinaryIO) -> None:

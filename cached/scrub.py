@@ -107,18 +107,23 @@ class Integrity:
             if entry.suspect and self._store.get(entry.image_id) is entry:
                 await self._verify(entry, rate=None, background=True)
 
-    async def open_hit(self, entry: Entry) -> BinaryIO | None:
-        """The file to serve a hit of the complete ``entry`` from, checked as opened; None if
-        it failed re-verification (it is then out of the index) or changed again at once.
-        Waits for the digest when the file changed. Raises FileNotFoundError (evicted)."""
-        file, changed = await self._store.run(checks.open_for_hit, entry)
+    async def open_hit(
+        self, entry: Entry, want: tuple[int, int] | None = None
+    ) -> BinaryIO | bytes | None:
+        """The file to serve a hit of the complete ``entry`` from, checked as opened (or,
+        with ``want``, bytes ``[start, end)`` read from it: a small hit); None if it failed
+        re-verification (it is then out of the index) or changed again at once. Waits for
+        the digest when the file changed. Raises FileNotFoundError (evicted meanwhile)."""
+        file, changed = await self._store.run(checks.open_for_hit, entry, want)
         if not changed:
             return file
+        assert not isinstance(file, bytes)
         await self._store.run(file.close)
         if not await self.verify(entry):
             return None
-        file, changed = await self._store.run(checks.open_for_hit, entry)
+        file, changed = await self._store.run(checks.open_for_hit, entry, want)
         if changed:  # written to again since it was verified: verified before the next hit
+            assert not isinstance(file, bytes)
             await self._store.run(file.close)
             return None
         return file

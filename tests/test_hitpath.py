@@ -24,6 +24,7 @@ from fakeglance import FakeGlance
 from test_integrity import flip_byte
 
 from cached.store import xattrs
+from cached.store.integrity import SMALL_HIT
 
 MiB = 1 << 20
 
@@ -153,3 +154,32 @@ async def test_file_upstream_authorises_files_links_inside_and_refuses_the_rest(
         shutil.rmtree(outside)
     finally:
         await stop_daemon(d)
+
+
+# ---------------------------------------------------------------- small hits
+async def test_small_hits_and_small_ranges_are_byte_exact(
+    glance: FakeGlance, daemon_on: Daemon
+) -> None:
+    """Hits of at most SMALL_HIT bytes are read with the open that checks the file and
+    written from memory; larger ones sendfile. Both byte-exact, whole or ranged."""
+    d = daemon_on
+    small = glance.add_image(os.urandom(SMALL_HIT))
+    large = glance.add_image(os.urandom(SMALL_HIT + 1))
+    empty = glance.add_image(b"")
+    for image in (small, large, empty):
+        assert (await d.get(image.id))[0] == 200
+        await wait_complete(d, image.id)
+        await wait_idle(d, image.id)
+    for image, headers, status, expected in (
+        (small, {}, 200, small.data),
+        (large, {}, 200, large.data),
+        (empty, {}, 200, b""),
+        (small, {"Range": "bytes=-10"}, 206, small.data[-10:]),
+        (large, {"Range": f"bytes=1-{SMALL_HIT}"}, 206, large.data[1:]),  # SMALL_HIT bytes
+        (large, {"Range": "bytes=0-"}, 206, large.data),
+    ):
+        status_got, got, body = await d.get(image.id, **headers)
+        assert (status_got, got["Cache-Status"], body == expected) == (status, "cached; hit", True)
+        assert got["Content-Length"] == str(len(expected))
+    entry = d.store.get(small.id)
+    assert entry is not None and entry.hits == 2 and entry.readers == 0
