@@ -7,7 +7,8 @@ alternate between them (the order rotates each round), each round a ``wrk -t2 -c
 against one daemon after a quiet gate. Reported per build: median req/s (and the range),
 median and least ("best") server CPU µs per request (utime+stime of the daemon and its
 threads from ``/proc``; on a shared machine other load only adds to it, so the least is the
-steadier figure), p50/p99 latency, and each build's ratio to the first build's.
+steadier figure), the part of it on the event loop's thread, p50/p99 latency, context
+switches per request, and each build's ratio to the first build's.
 
     python -m bench.hitab --tree base=/tmp/base --tree new=. --rounds 6 --seconds 8
 
@@ -104,6 +105,13 @@ def _switches(pid: int) -> int:
     return total
 
 
+def _loop_cpu(pid: int) -> float:
+    """CPU seconds of the daemon's main thread (the event loop) so far."""
+    with open(f"/proc/{pid}/task/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / measure.TICK
+
+
 def _get(url: str) -> tuple[int, str, int]:
     with urllib.request.urlopen(url, timeout=10) as resp:
         body = resp.read()
@@ -159,17 +167,19 @@ def main(argv: list[str] | None = None) -> int:
                 measure.wait_quiet(max_wait=5.0)
                 assert b.proc is not None
                 busy0 = measure.busy_seconds()
-                switches = _switches(b.proc.pid)
+                switches, loop = _switches(b.proc.pid), _loop_cpu(b.proc.pid)
                 meter = measure.CpuMeter({"server": [b.proc.pid]}).start()
                 w = clients.wrk(urls[b.name], args.seconds, args.threads, args.conns)
                 cpu = meter.stop()["server"]
                 switches = _switches(b.proc.pid) - switches
+                loop = _loop_cpu(b.proc.pid) - loop
                 busy = measure.busy_seconds() - busy0
                 if w.non_2xx or not w.requests or w.socket_errors:
                     print(f"  {b.name}: {w.non_2xx} non-2xx, errors: {w.socket_errors}")
                 row = {
                     "req_s": w.req_s,
                     "cpu_us": cpu * 1e6 / max(1, w.requests),
+                    "loop_us": loop * 1e6 / max(1, w.requests),
                     "p50_ms": w.p50_ms or 0.0,
                     "p99_ms": w.p99_ms or 0.0,
                     "machine_busy_s": busy,
@@ -178,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 b.rounds.append(row)
                 print(
                     f"round {r + 1} {b.name:>8}: {w.req_s:8.1f} req/s "
-                    f"{row['cpu_us']:6.0f} µs/req  p50 {row['p50_ms']:.2f} ms "
+                    f"{row['cpu_us']:6.0f} µs/req (loop {row['loop_us']:4.0f})  "
+                    f"p50 {row['p50_ms']:.2f} ms "
                     f"{row['switches_per_req']:.1f} cs/req",
                     flush=True,
                 )
@@ -193,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'build':>10} {'req/s':>8} {'min-max':>15} {'ratio':>6} {'µs/req':>7} "
-        f"{'ratio':>6} {'best µs':>7} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} {'cs/req':>6}"
+        f"{'ratio':>6} {'best µs':>7} {'ratio':>6} {'loop µs':>7} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'cs/req':>6}"
     )
 
     def med(b: Build, key: str) -> float:
@@ -209,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{b.name:>10} {med(b, 'req_s'):8.0f} {min(rs):7.0f}-{max(rs):<7.0f} "
             f"{med(b, 'req_s') / med(ref, 'req_s'):6.2f} {med(b, 'cpu_us'):7.0f} "
             f"{med(b, 'cpu_us') / med(ref, 'cpu_us'):6.2f} {best(b):7.0f} "
-            f"{best(b) / best(ref):6.2f} {med(b, 'p50_ms'):7.2f} {med(b, 'p99_ms'):7.2f} "
+            f"{best(b) / best(ref):6.2f} {med(b, 'loop_us'):7.0f} {med(b, 'p50_ms'):7.2f} "
+            f"{med(b, 'p99_ms'):7.2f} "
             f"{med(b, 'switches_per_req'):6.1f}"
         )
     out = Path(__file__).parent / "results"
