@@ -28,6 +28,7 @@ the store's executor, one call per flush, so a cache share that hangs holds one 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -38,8 +39,9 @@ from cached.store.entry import Entry
 
 log = logging.getLogger(__name__)
 
-# A final flush at shutdown waits at most this long (a hung share must not hold the exit).
-CLOSE_TIMEOUT = 10.0
+# A final flush at shutdown waits at most this long (a hung share must not hold the exit;
+# shutdown_grace 30 s + this stays under the unit's TimeoutStopSec=45).
+CLOSE_TIMEOUT = 5.0
 
 Runner = Callable[..., Awaitable[Any]]
 
@@ -89,8 +91,9 @@ class AccessLog:
             await self._run(integrity.write_access, entry, entry.path, record_of(entry))
             return
         self._dirty.setdefault(id(entry), entry)
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._flusher())
+        if self._task is None:  # started by the first access, outside that request's context
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self._flusher(), context=contextvars.Context())
 
     async def _flusher(self) -> None:
         while True:
