@@ -162,7 +162,11 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             connector=aiohttp.TCPConnector(ssl=client_tls.upstream),
         )
         # Cache-file I/O runs on the cache guard's bounded threads: a hung share holds those.
-        store = Store(config.image_cache_dir, io=directories.cache.executor)
+        store = Store(
+            config.image_cache_dir,
+            io=directories.cache.executor,
+            access_interval=config.access_record_interval,
+        )
         await directories.start(store)  # opens the index only in a directory that is ok
         settings = FillSettings(config.fsync_interval_bytes, config.fsync_interval_seconds)
         keystone, service = identity.build(config, session, client_tls.keystone)
@@ -249,7 +253,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         await filler.close()
         await session.close()
         await upstream.close()
-        store.close()
+        await store.aclose()  # writes the pending access records
         await directories.close()
         if metrics_module.active() is metrics:
             metrics_module.install(None)

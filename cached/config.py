@@ -156,6 +156,10 @@ class Config:
     # Flush written image data and publish it in the presence bitmap this often.
     fsync_interval_bytes: int = 64 << 20
     fsync_interval_seconds: float = 1.0
+    # Hit counts and access stamps are kept in memory at once and written to the entries'
+    # xattrs this often (and at a clean shutdown): a crash loses at most this many seconds
+    # of access history. 0 = after every hit.
+    access_record_interval: float = 10.0
     # Largest request line/header field accepted from clients (longer: 400/431).
     max_header_size: int = 16384
     # --- client connections (cached/connguard.py); 0 turns a limit off ---
@@ -331,6 +335,7 @@ def _convert(name: str, value: Any) -> Any:
         "upstream_connect_timeout",
         "upstream_read_timeout",
         "fsync_interval_seconds",
+        "access_record_interval",
         "prefetch_retry_initial",
         "prefetch_retry_max",
         "admin_cache_ttl",

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 from aiohttp import web
@@ -32,7 +33,8 @@ from cached.ids import is_image_id
 from cached.passthrough import PassThrough
 from cached.reader import Progress, send_entry
 from cached.scrub import Integrity
-from cached.store import Entry, Store, chunk_size_for
+from cached.store import Entry, State, Store, chunk_size_for
+from cached.store.integrity import SMALL_HIT
 from cached.upstream import Backend, Credentials, Decision, ImageRecord
 
 log = logging.getLogger(__name__)
@@ -131,14 +133,6 @@ class Proxy:
         bypass = self.directories.cache_bypass(entry) if self.directories else None
         if bypass is not None:  # the cache directory is not usable (cached/directories.py)
             return await self._bypass(request, bypass)
-        if entry is not None and entry.complete and self.integrity is not None:
-            try:
-                entry = await self.integrity.before_hit(entry)  # None: failed re-verification
-            except OSError as exc:  # the cache directory's (EIO, ESTALE...): nothing sent yet
-                log.warning("cache unavailable for %s, passing through: %s", image_id, exc)
-                if self.directories is not None:
-                    self.directories.cache.report(exc)
-                return await self._bypass(request)
         if auth.stale and (entry is None or not entry.complete):  # never a fill on it
             return _error(503, "The image service is unavailable; try again later.")
         if entry is None or not entry.complete:
@@ -231,19 +225,49 @@ class Proxy:
         entry.readers += 1
         try:
             try:
-                file = await asyncio.to_thread(open, entry.path, "rb", buffering=0)
+                file = await self._open(dl, fill)
             except FileNotFoundError:  # evicted between lookup and now
+                return await self._bypass(dl.request)
+            except OSError as exc:  # the cache directory's (EIO, ESTALE...): nothing sent yet
+                log.warning("cache unavailable for %s, passing through: %s", entry.image_id, exc)
+                if self.directories is not None:
+                    self.directories.cache.report(exc)
+                if dl.outcome is Outcome.STALE_HIT:  # never a fill on a stale authorisation
+                    return _error(503, "The image service is unavailable; try again later.")
+                return await self._bypass(dl.request)
+            if file is None:  # a hit whose file failed re-verification: now out of the index
+                if dl.outcome is Outcome.STALE_HIT:  # never a fill on a stale authorisation
+                    return _error(503, "The image service is unavailable; try again later.")
                 return await self._bypass(dl.request)
             try:
                 return await self._stream(dl, file, following)
             finally:
-                await asyncio.to_thread(file.close)
+                if not isinstance(file, bytes):
+                    await self._close(file)
         finally:
             entry.readers -= 1
             self.filler.reader_left(entry)
 
+    async def _open(self, dl: _Download, fill: Fill | None) -> BinaryIO | bytes | None:
+        """The file to send from (a small hit: its bytes). A hit's file is checked against
+        its commit record as it is opened, and re-verified first if it changed
+        (cached/scrub.py); None if it failed."""
+        if fill is None and self.integrity is not None:
+            small = dl.end - dl.start <= SMALL_HIT
+            return await self.integrity.open_hit(dl.entry, (dl.start, dl.end) if small else None)
+        # On the cache's own threads: a hung share holds those, not the default executor.
+        return await self.store.run(_open_unbuffered, dl.entry.path)
+
+    async def _close(self, file: BinaryIO) -> None:
+        """Close on a cache-I/O thread, without waiting for it: nothing depends on it, and a
+        hit saves the loop a wake-up."""
+        try:
+            self.store.io.submit(_close, file)
+        except RuntimeError:  # the executor is shut down (the daemon is stopping)
+            await asyncio.to_thread(_close, file)
+
     async def _stream(
-        self, dl: _Download, file: BinaryIO, following: tuple[Fill, int] | None
+        self, dl: _Download, file: BinaryIO | bytes, following: tuple[Fill, int] | None
     ) -> web.StreamResponse:
         entry, request = dl.entry, dl.request
         response = web.StreamResponse(status=200 if dl.whole else 206)
@@ -275,18 +299,21 @@ class Proxy:
         progress = Progress(dl.start)
         try:
             try:
-                await send_entry(
-                    request,
-                    response,
-                    entry,
-                    file,
-                    dl.start,
-                    dl.end,
-                    lambda: self.filler.fill_of(entry),
-                    ensure_fill,
-                    progress,
-                    following,
-                )
+                if isinstance(file, bytes):  # a small hit, read from the file as checked
+                    await _write_small(response, entry, file, dl.end - dl.start)
+                else:
+                    await send_entry(
+                        request,
+                        response,
+                        entry,
+                        file,
+                        dl.start,
+                        dl.end,
+                        lambda: self.filler.fill_of(entry),
+                        ensure_fill,
+                        progress,
+                        following,
+                    )
             except FillAborted as exc:
                 if not isinstance(exc.__cause__, StoreUnavailable):
                     raise
@@ -403,6 +430,26 @@ def _bytes_to_fetch(
         if entry is None or c not in entry.present:
             needed += min(size, (c + 1) * chunk) - c * chunk
     return needed
+
+
+async def _write_small(response: web.StreamResponse, entry: Entry, data: bytes, count: int) -> None:
+    """Send a small hit's bytes (read as its file was opened and checked)."""
+    if entry.state is State.INVALID:  # found corrupt since (the scrub)
+        raise FillAborted(f"entry {entry.image_id} failed verification")
+    if len(data) != count:
+        raise FillAborted(f"file shorter than its entry: {len(data)} of {count} bytes")
+    await response.write(data)
+
+
+def _open_unbuffered(path: Path) -> BinaryIO:
+    return open(path, "rb", buffering=0)
+
+
+def _close(file: BinaryIO) -> None:
+    try:
+        file.close()
+    except OSError as exc:  # read-only: nothing was lost
+        log.debug("closing %s: %s", getattr(file, "name", file), exc)
 
 
 def _record_of(entry: Entry) -> ImageRecord:

@@ -1,11 +1,11 @@
 """Re-verification of complete entries: before a hit on a file that may have changed, and
 the background scrub that finds silent corruption.
 
-- :meth:`Integrity.before_hit` (one ``stat`` per hit, on the cache directory's own threads,
-  ``Store.run``: a hung share holds those and not the default executor's) compares the file with
-  what was last recorded for it (:mod:`cached.store.written`). A changed file, or an entry
-  found suspect at start (:mod:`cached.store.integrity`), is verified by digest before the
-  hit is served; a mismatch (or no digest to check) moves it to ``invalid/``.
+- :meth:`Integrity.open_hit` opens the file a hit is served from and compares the opened
+  file with what was last recorded for it (:mod:`cached.store.written`; the ``fstat`` of
+  that open, in a cache-I/O thread). A changed file, or an entry found suspect at start
+  (:mod:`cached.store.integrity`), is verified by digest before the hit is served; a
+  mismatch (or no digest to check) moves it to ``invalid/``.
 - Suspect entries found at start are verified in the background at once (as fast as the disk
   goes, pausing while fills run). A hit on a suspect entry does not wait for that: it has the
   entry verified at once, at full speed, without pausing (a client is waiting); concurrent
@@ -33,6 +33,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from cached.store import Entry, Store
 from cached.store import integrity as checks
@@ -106,12 +107,26 @@ class Integrity:
             if entry.suspect and self._store.get(entry.image_id) is entry:
                 await self._verify(entry, rate=None, background=True)
 
-    async def before_hit(self, entry: Entry) -> Entry | None:
-        """``entry`` if it may be served as a hit; None if it failed re-verification (it is
-        then out of the index). Waits for the digest when the file changed."""
-        if not await self._store.run(checks.changed, entry):
-            return entry
-        return entry if await self.verify(entry) else None
+    async def open_hit(
+        self, entry: Entry, want: tuple[int, int] | None = None
+    ) -> BinaryIO | bytes | None:
+        """The file to serve a hit of the complete ``entry`` from, checked as opened (or,
+        with ``want``, bytes ``[start, end)`` read from it: a small hit); None if it failed
+        re-verification (it is then out of the index) or changed again at once. Waits for
+        the digest when the file changed. Raises FileNotFoundError (evicted meanwhile)."""
+        file, changed = await self._store.run(checks.open_for_hit, entry, want)
+        if not changed:
+            return file
+        assert not isinstance(file, bytes)
+        await self._store.run(file.close)
+        if not await self.verify(entry):
+            return None
+        file, changed = await self._store.run(checks.open_for_hit, entry, want)
+        if changed:  # written to again since it was verified: verified before the next hit
+            assert not isinstance(file, bytes)
+            await self._store.run(file.close)
+            return None
+        return file
 
     async def verify(self, entry: Entry) -> bool:
         """Verify ``entry`` now, for a request (shared by concurrent requests for the same
@@ -125,13 +140,15 @@ class Integrity:
         return await asyncio.shield(running)
 
     async def _verify(self, entry: Entry, *, rate: float | None, background: bool) -> bool:
+        suspect = entry.suspect  # a good check clears it
         check = await self._check(entry, rate, background)
         if check.verdict is Verdict.CHANGED and entry.suspect:
             check = await self._check(entry, rate, background)  # once more: a write just ended
         self._checked_at[entry.image_id] = time.monotonic()
         if check.verdict is Verdict.GOOD:
-            if entry.suspect:
-                log.warning("%s re-verified (%s): served again", entry.image_id, check.detail)
+            if suspect:  # at start (after an upgrade: every entry) a line each would flood
+                level = logging.DEBUG if background else logging.WARNING
+                log.log(level, "%s re-verified (%s): served again", entry.image_id, check.detail)
             return True
         if check.verdict is Verdict.UNVERIFIABLE and not entry.suspect:
             return True  # nothing changed that we know of, and nothing to check it against

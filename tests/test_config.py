@@ -145,6 +145,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "upstream_read_timeout": [True, "x"],
     "fsync_interval_bytes": ["1 Z", "lots", -1],
     "fsync_interval_seconds": [-0.5, "1s"],
+    "access_record_interval": [-1, "10s", True],
     "max_header_size": ["big", -1],
     "client_header_timeout": [-1, "30s", True, None],
     "client_keepalive_timeout": [0, -1, "75", None],

@@ -552,8 +552,13 @@ async def test_hits_stuck_on_a_hung_cache_hold_only_the_cache_threads(
             assert f'cached_passthrough{{directory="{faultfs.mountpoint}"}} 1.0' in text
     finally:
         faultfs.set("ok")
-    for status, _, body in await asyncio.gather(*stuck):  # they go on once it answers
-        assert (status, body) == (200, data)
+    # Once the guard says hung, a hit stuck on the share is cut short (the client retries and
+    # is passed through); one that got its bytes before is exact. Never wrong bytes.
+    for result in await asyncio.gather(*stuck, return_exceptions=True):
+        if isinstance(result, BaseException):
+            assert isinstance(result, aiohttp.ClientPayloadError), repr(result)
+        else:
+            assert (result[0], result[2]) == (200, data)
 
 
 async def test_an_image_deleted_through_the_proxy_while_the_cache_hangs(

@@ -48,6 +48,9 @@ async def test_miss_then_hit(glance: FakeGlance, daemon: Daemon) -> None:
     assert data_gets(glance, image.id) == [None]  # one upstream transfer in all
 
     assert tree(daemon.cache_dir) == sorted(["incomplete/", "invalid/", "queue/", image.id])
+    entry = daemon.store.get(image.id)
+    assert entry is not None and entry.hits == 1  # the index at once, the xattrs in a batch:
+    assert await daemon.store.access.flush() == 1  # (cached/store/access.py)
     attrs = await asyncio.to_thread(xattrs.read_all, daemon.cache_dir / image.id)
     assert attrs[xattrs.STATE] == b"complete"
     assert attrs[xattrs.HITS] == b"1"

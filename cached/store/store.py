@@ -11,6 +11,7 @@ fields of an indexed :class:`Entry` are changed only by coroutines running on th
 ``last_accessed``, ``last_modified``. Filesystem work runs on the store's executor
 (``Store.io``) in the blocking functions of this module and of :mod:`cached.store.entry`,
 which take values, return results and never touch the index; the loop applies the results.
+Hits and access stamps reach the entries' xattrs in batches (:mod:`cached.store.access`).
 
 A commit, an invalidation and a delete of the same entry are serialised by the entry's
 ``lock``: a delete that races a commit removes whichever file exists when it runs, and a
@@ -33,6 +34,7 @@ from typing import TypeVar
 from cached.ids import is_image_id
 from cached.store import entry as entries
 from cached.store import integrity
+from cached.store.access import AccessLog
 from cached.store.entry import Entry, State
 
 log = logging.getLogger(__name__)
@@ -135,7 +137,9 @@ def _unlink(path: Path) -> bool:
 class Store:
     """All entries under one cache directory, indexed in memory by image id."""
 
-    def __init__(self, root: Path, io: Executor | None = None):
+    def __init__(self, root: Path, io: Executor | None = None, access_interval: float = 0.0):
+        """``access_interval``: seconds between writes of the access history to the
+        entries' xattrs (:mod:`cached.store.access`); 0 writes every access at once."""
         self.root = Path(root)
         self.incomplete_dir = self.root / "incomplete"
         self.invalid_dir = self.root / "invalid"
@@ -144,6 +148,7 @@ class Store:
         self.invalid: set[str] = set()
         self._own_io = io is None
         self.io: Executor = io or ThreadPoolExecutor(IO_THREADS, thread_name_prefix="cache-io")
+        self.access = AccessLog(self.run, access_interval, self._indexed)
 
     async def run(self, func: Callable[..., T], *args: object) -> T:
         """Run blocking cache-directory work on the store's executor."""
@@ -176,9 +181,17 @@ class Store:
         self.invalid = set()
         return count
 
+    async def aclose(self) -> None:
+        """Write the pending access history (a clean shutdown loses none), then :meth:`close`."""
+        await self.access.close()
+        self.close()
+
     def close(self) -> None:
         if self._own_io:
             self.io.shutdown(wait=False)
+
+    def _indexed(self, entry: Entry) -> bool:
+        return self.entries.get(entry.image_id) is entry
 
     def get(self, image_id: str) -> Entry | None:
         return self.entries.get(image_id)
@@ -224,7 +237,9 @@ class Store:
             entry.reserved = 0
         if entry.removed:
             return False
-        await self.touch(entry, hit=False)  # the download that filled it was an access too
+        # The download that filled it was an access too; written at once with the commit
+        # record (cached/store/written.py).
+        await self.touch(entry, hit=False, now=True)
         return True
 
     async def invalidate(self, entry: Entry, reason: str) -> None:
@@ -282,12 +297,13 @@ class Store:
         self.invalid.discard(image_id)
         return await self.run(_unlink_existing, self.invalid_dir / image_id)
 
-    async def touch(self, entry: Entry, *, hit: bool) -> None:
-        """Record an access (and a hit): in the index now, on the file's xattrs after."""
+    async def touch(self, entry: Entry, *, hit: bool, now: bool = False) -> None:
+        """Record an access (and a hit): in the index now, on the file's xattrs with the
+        next batch of access records (``now``: at once, with the commit record)."""
         if entry.removed:
             return
-        values = entries.access_values(entry, hit=hit, now=time.time())
-        await self.run(integrity.write_access, entry, entry.path, values)  # + commit record
+        entries.access_values(entry, hit=hit, now=time.time())
+        await self.access.record(entry, now=now)
 
     def complete_entries(self) -> list[Entry]:
         return [e for e in self.entries.values() if e.complete]

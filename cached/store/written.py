@@ -1,11 +1,11 @@
 """The commit record: what identifies a complete entry's file as it was written and verified.
 
 ``user.cached.written`` holds ``{"size", "mtime_ns", "ctime_ns", "ino", "dev"}`` of the file,
-taken when the entry was committed (and again after each of our own metadata writes: a hit
-records ``user.hits``, which moves the file's ctime). A file that no longer matches its
-record was changed by something other than ``cached`` (an editor, a restore, a disk that
-rewrote a block, an attacker resetting mtime with ``touch -d``: that moves ctime, which
-nobody can set back) and must be re-verified before it is served again.
+taken when the entry was committed (and again after each of our own metadata writes: the
+batched access records of :mod:`cached.store.access` move the file's ctime). A file that no
+longer matches its record was changed by something other than ``cached`` (an editor, a
+restore, a disk that rewrote a block, an attacker resetting mtime with ``touch -d``: that
+moves ctime, which nobody can set back) and must be re-verified before it is served again.
 
 How ctime is compared: writing the record is itself a metadata change, so the ctime stored
 is the one just *before* that write, and a file matches when its ctime is at most

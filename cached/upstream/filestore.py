@@ -180,26 +180,20 @@ class FileBackend:
     def _open(self, image_id: str) -> tuple[int, os.stat_result]:
         """Open the image's file (call from a thread): a regular file inside the directory.
 
-        A symlink may point elsewhere in the directory, never out of it (a link named by a
-        uuid to /etc/passwd is 404); the resolved name is opened with ``O_NOFOLLOW`` so a
-        link swapped in after the check is refused too, and with ``O_NONBLOCK`` so a FIFO
-        cannot hang the open. Anything but a regular file is 404.
+        The name is opened with ``O_NOFOLLOW``: a plain file in the directory takes that one
+        open (and an ``fstat``), never a walk of the path. Only a name that is a symlink is
+        resolved, and followed only to a file in the directory itself (a link named by a uuid
+        to /etc/passwd is 404); the resolved name is opened with ``O_NOFOLLOW`` too, so a link
+        swapped in after the check is refused as well. ``O_NONBLOCK``: a FIFO cannot hang the
+        open. Anything but a regular file is 404.
         """
         path = self._path(image_id)
-        real = os.path.realpath(path)
-        root = os.path.realpath(self.directory)
-        if os.path.dirname(real) != root:
-            log.warning("file upstream: %s leads out of %s (to %s): refused", path, root, real)
-            raise _not_found(image_id)
         try:
-            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            raise _not_found(image_id) from None
+            fd = self._open_name(image_id, path)
         except OSError as exc:
             if exc.errno != errno.ELOOP:
-                raise _unreadable(image_id, exc) from exc
-            log.warning("file upstream: %s became a symlink while opened: refused", real)
-            raise _not_found(image_id) from None
+                raise
+            fd = self._open_link(image_id, path)  # the name is a symlink (or a loop of them)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -211,6 +205,34 @@ class FileBackend:
             os.close(fd)
             raise
         return fd, st
+
+    @staticmethod
+    def _open_name(image_id: str, name: str | os.PathLike[str]) -> int:
+        """``open(name, O_NOFOLLOW)``; a missing file is 404, ELOOP is raised as is (the
+        name is a symlink), any other error is the store's."""
+        try:
+            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise _not_found(image_id) from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise
+            raise _unreadable(image_id, exc) from exc
+
+    def _open_link(self, image_id: str, path: Path) -> int:
+        """Open what the symlink ``path`` leads to, if that is in the directory itself."""
+        real = os.path.realpath(path)
+        root = os.path.realpath(self.directory)
+        if os.path.dirname(real) != root:
+            log.warning("file upstream: %s leads out of %s (to %s): refused", path, root, real)
+            raise _not_found(image_id)
+        try:
+            return self._open_name(image_id, real)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            log.warning("file upstream: %s became a symlink while opened: refused", real)
+            raise _not_found(image_id) from None
 
     def _stat(self, image_id: str) -> os.stat_result:
         fd, st = self._open(image_id)
