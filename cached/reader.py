@@ -160,8 +160,7 @@ async def _send(
             data = await asyncio.to_thread(os.pread, file.fileno(), piece, offset)
         if not data:
             raise FillAborted("file shorter than its entry")
-        await response.write(data)
-        metrics.sent(len(data))
+        await response.write(data)  # counted by the response writer (not sent by sendfile)
         offset += len(data)
         count -= len(data)
         progress.pos = offset

@@ -24,6 +24,7 @@ from cryptography import x509
 from daemonproc import CachedProcess, run_cached
 from fakeglance import FakeGlance
 from fakekeystone import FakeKeystone
+from scrapes import measure
 
 MiB = 1 << 20
 PAST = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
@@ -106,6 +107,30 @@ async def test_listener_serves_misses_and_hits_over_tls(
         assert await download(d.file_url(image.id), trusting(ca)) == data  # miss
         await wait_complete(d, image.id)
         assert await download(d.file_url(image.id), trusting(ca)) == data  # hit, no sendfile
+    finally:
+        await stop_daemon(d)
+
+
+async def test_a_tls_hit_counts_its_bytes_once(
+    glance: FakeGlance, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """Over TLS a hit is read in pieces and written through the response (no sendfile): the
+    response writer counts those bytes already. Before, each piece was also counted as sent
+    by sendfile: metrics and the access log said twice the image size."""
+    cert, key = write_pair(ca.issue_cert("127.0.0.1"), tmp_path)
+    d = await start_daemon(tmp_path, glance.url, tls_cert_file=cert, tls_key_file=key)
+    try:
+        data = os.urandom(3 * MiB + 7)
+        image = glance.add_image(data)
+        assert await download(d.file_url(image.id), trusting(ca)) == data  # miss
+        await wait_complete(d, image.id)
+
+        async def hit() -> None:
+            assert await download(d.file_url(image.id), trusting(ca)) == data
+
+        delta = await measure(d, hit)
+        assert delta("cached_requests_total", outcome="hit") == 1
+        assert delta("cached_served_bytes_total", outcome="hit") == len(data)
     finally:
         await stop_daemon(d)
 
