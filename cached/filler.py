@@ -121,6 +121,10 @@ class Filler:
         finally:
             del self._opening[image_id]
 
+    def opening(self, image_id: str) -> bool:
+        """Whether a fill of ``image_id`` is being opened (its entry is in use)."""
+        return image_id in self._opening
+
     async def _open(self, record: ImageRecord, creds: Credentials) -> Fill:
         image_id = record.id
         entry = self._store.get(image_id)

@@ -45,10 +45,12 @@ class CleanResult:
 
 
 def _evictable(entry: Entry, store: Store, filler: Filler) -> bool:
-    """Neither read nor filled, and still the indexed entry of its image."""
+    """Neither read nor filled (nor a fill being opened), and still the indexed entry of its
+    image."""
     return (
         entry.readers == 0
         and filler.fill_of(entry) is None
+        and not filler.opening(entry.image_id)
         and store.get(entry.image_id) is entry
         and not entry.removed
     )

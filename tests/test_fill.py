@@ -19,6 +19,7 @@ import pytest
 from cached.errors import FillAborted, UpstreamUnavailable
 from cached.fill import Fill, FillSettings, FillState
 from cached.filler import Filler
+from cached.jobs import prune
 from cached.pipeline import FEED_THREADS, SYNC_THREADS, WRITE_THREADS
 from cached.store import Bitmap, State, Store, xattrs
 from cached.upstream import Authorization, Credentials, Decision, ImageRecord
@@ -198,6 +199,34 @@ async def test_a_range_fill_parks_idle_and_a_lost_range_cuts_only_its_readers(
         fill.check(8 * MiB, lost_mark)
     fill.check(4 * MiB, other_mark)  # its own chunk arrived
     assert sorted(entry.present) == [0, 1]
+
+
+async def test_prune_never_evicts_an_entry_whose_fill_is_being_opened(store: Store) -> None:
+    """While a fill of a partial entry is being opened (its file opened on a thread), the entry
+    is in use: prune skips it. Before, another miss's admission prune evicted it and the
+    opener's client was passed through ("deleted while opening it"; seen in an audit with
+    four concurrent misses in a full cache)."""
+    upstream = MemoryUpstream()
+    record = upstream.add(os.urandom(16 * MiB))
+    filler = Filler(store, upstream, FillSettings())  # type: ignore[arg-type]
+    fill, _ = await filler.open(record, Credentials())
+    fill.demand(0, 100, whole=False)
+    assert await finished(fill) is FillState.IDLE  # a partial entry, chunk 0 present
+    entry = store.get(record.id)
+    assert entry is not None and not entry.complete
+
+    opening = asyncio.create_task(filler.open(record, Credentials()))
+    for _ in range(1000):  # the task starts, then waits in the file's open on a thread
+        if filler.opening(record.id):
+            break
+        await asyncio.sleep(0)
+    assert filler.opening(record.id)
+    result = await prune(store, filler, 0)
+    assert result.files == 0 and store.get(record.id) is entry and not entry.removed
+    again, created = await opening
+    assert created and again.entry is entry
+    again.cancel()
+    await finished(again)
 
 
 async def test_cancel_and_illegal_moves(store: Store) -> None:
