@@ -13,6 +13,7 @@ import asyncio
 import errno
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ from cached import mounts
 from cached.config import Config, MountSpec
 from cached.guard import Guard, Transition
 from cached.mounts import ProbeSpec, State
-from cached.store import Entry, Store
+from cached.store import Entry, Store, lock
+from cached.store.lock import CacheInUse
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ class Directories:
     # Called (on the loop) whenever the index was (re)built from an ok directory.
     on_indexed: list[Callable[[], None]] = field(default_factory=list)
     _reopening: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _started: bool = False  # start() is done: a cache in use no longer stops the daemon
+    _claim: socket.socket | None = None  # this daemon's claim on the cache (store/lock.py)
 
     @classmethod
     def from_config(cls, config: Config) -> Directories:
@@ -100,10 +104,13 @@ class Directories:
                 self.cache.state.value,
                 self.cache.reason,
             )
+        self._started = True
 
     async def close(self) -> None:
         for guard in self:
             await guard.close()
+        claim, self._claim = self._claim, None
+        lock.release(claim)
 
     def _cache_changed(self, transition: Transition) -> Awaitable[None] | None:
         if transition.new is State.VANISHED:
@@ -127,7 +134,14 @@ class Directories:
         assert self.index is not None
         async with self._reopening:
             try:
+                # Claimed before the scan: a second daemon's scan would undo the first's fills.
+                self._claim = await self.cache.run_io(lock.take, self.cache.directory, self._claim)
                 await self.index.open(_same_filesystem(self.cache.identity))
+            except CacheInUse as exc:
+                if not self._started:
+                    raise  # at start: refuse to run (cached/cli.py says why)
+                log.error("cache index not opened: %s; every download passes through", exc)
+                return
             except OSError as exc:
                 log.error("cannot open the cache index in %s: %s", self.cache.directory, exc)
                 self.cache.report(exc)

@@ -327,3 +327,39 @@ async def test_ten_thousand_entries_start_and_hit(
         assert headers["Cache-Status"] == "cached; hit"
     assert data_ranges(glance, probes[0], before) == []  # hits: no data transfer upstream
     assert await asyncio.to_thread(daemon.stop) == 0
+
+
+async def test_a_second_daemon_on_the_same_cache_directory_refuses_to_start(
+    glance: FakeGlance, tmp_path: Path, spawn: Spawn
+) -> None:
+    """Two daemons on one cache directory undo each other's work: the second one's start-up
+    scan moved the first one's half-filled entry to invalid/. The second now refuses to start
+    (exit 2, one line saying why) before it reads anything; the claim goes with the first
+    process, kill -9 included."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    first = spawn(glance.url, cache)
+    url = await asyncio.to_thread(first.start)
+    done = glance.add_image(os.urandom(MiB))
+    assert (await download(url, done.id))[0] == 200
+    await wait_for(complete_on_disk(cache / done.id))
+    filling = glance.add_image(os.urandom(3 * CHUNK))
+    filling.pause()  # a fill the first daemon is in the middle of
+    getting = asyncio.create_task(download(url, filling.id))
+    await wait_for(lambda: (cache / "incomplete" / filling.id).exists())
+    before = await asyncio.to_thread(tree, cache)
+
+    args = ["serve", "--listen", "127.0.0.1:0", "--upstream", glance.url]
+    second = await asyncio.to_thread(run_cached, *args, "--cache-dir", str(cache))
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert "in use by another cached" in second.stderr, second.stderr
+    assert await asyncio.to_thread(tree, cache) == before  # nothing moved to invalid/
+
+    filling.resume()
+    assert (await getting)[0] == 200
+    assert (await download(url, done.id))[1]["Cache-Status"] == "cached; hit"
+    await asyncio.to_thread(first.kill)  # kill -9: the claim goes with the process
+    third = spawn(glance.url, cache)
+    url = await asyncio.to_thread(third.start)
+    assert (await download(url, done.id))[1]["Cache-Status"] == "cached; hit"
+    assert await asyncio.to_thread(third.stop) == 0
