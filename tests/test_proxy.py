@@ -378,6 +378,7 @@ async def test_index_is_rebuilt_on_restart(glance: FakeGlance, daemon: Daemon) -
     image = glance.add_image(data)
     await daemon.get(image.id)
     await wait_complete(daemon, image.id)
+    await stop_daemon(daemon)  # one daemon per cache directory: a restart, not a second one
     again = await start_daemon(daemon.cache_dir, glance.url)
     try:
         status, headers, body = await again.get(image.id)
