@@ -4,7 +4,10 @@ the cache directory's state means for a download.
 Owns :class:`Directories` (the cache's guard, the ``file`` store's guard if any) and the
 cache index's "opened" flag. Everything here runs on the event loop. The index is (re)built
 (``Store.open``, on the cache guard's I/O executor) only at start or when the guard says the
-directory is ok again, and forgotten (``Store.detach``) when it vanished.
+directory is ok again, and forgotten (``Store.detach``) when it vanished. Right before each
+(re)build it renews this daemon's claim on the directory (:mod:`cached.store.lock`; the
+claim is taken on the I/O executor and kept here, changed only by :meth:`Directories._open`
+and ``close``, under the reopening lock or at shutdown).
 """
 
 from __future__ import annotations

@@ -165,9 +165,7 @@ class Proxy:
             if auth.stale:
                 outcome = Outcome.STALE_HIT
         except (StoreUnavailable, FillAborted) as exc:
-            log.warning("cache unavailable for %s, passing through: %s", image_id, exc)
-            if self.directories is not None:
-                self.directories.cache.report(exc.__cause__ or exc)
+            self._cache_failed(image_id, exc, exc.__cause__ or exc)
             return await self._bypass(request)
         except NotAdmitted as exc:
             return await self._bypass(request, exc.detail)
@@ -229,16 +227,10 @@ class Proxy:
             except FileNotFoundError:  # evicted between lookup and now
                 return await self._bypass(dl.request)
             except OSError as exc:  # the cache directory's (EIO, ESTALE...): nothing sent yet
-                log.warning("cache unavailable for %s, passing through: %s", entry.image_id, exc)
-                if self.directories is not None:
-                    self.directories.cache.report(exc)
-                if dl.outcome is Outcome.STALE_HIT:  # never a fill on a stale authorisation
-                    return _error(503, "The image service is unavailable; try again later.")
-                return await self._bypass(dl.request)
+                self._cache_failed(entry.image_id, exc, exc)
+                return await self._without_cache(dl)
             if file is None:  # a hit whose file failed re-verification: now out of the index
-                if dl.outcome is Outcome.STALE_HIT:  # never a fill on a stale authorisation
-                    return _error(503, "The image service is unavailable; try again later.")
-                return await self._bypass(dl.request)
+                return await self._without_cache(dl)
             try:
                 return await self._stream(dl, file, following)
             finally:
@@ -247,6 +239,19 @@ class Proxy:
         finally:
             entry.readers -= 1
             self.filler.reader_left(entry)
+
+    def _cache_failed(self, image_id: str, exc: BaseException, cause: BaseException) -> None:
+        """A cache-directory error before anything was sent: log it, tell the guard now."""
+        log.warning("cache unavailable for %s, passing through: %s", image_id, exc)
+        if self.directories is not None:
+            self.directories.cache.report(cause)
+
+    async def _without_cache(self, dl: _Download) -> web.StreamResponse:
+        """A hit the cache cannot serve after all: from the upstream, unless the caller was
+        authorised only by a stale allowance (never a transfer on that)."""
+        if dl.outcome is Outcome.STALE_HIT:
+            return _error(503, "The image service is unavailable; try again later.")
+        return await self._bypass(dl.request)
 
     async def _open(self, dl: _Download, fill: Fill | None) -> BinaryIO | bytes | None:
         """The file to send from (a small hit: its bytes). A hit's file is checked against
