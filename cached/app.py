@@ -13,7 +13,20 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from cached import admin, health, identity, jobs, logs, manage, mounts, reader, routes, tls
+from cached import (
+    admin,
+    health,
+    identity,
+    jobs,
+    logs,
+    manage,
+    mounts,
+    reader,
+    replies,
+    routes,
+    tls,
+    versions,
+)
 from cached import metrics as metrics_module
 from cached import policy as request_policy
 from cached.auth import Authorizer
@@ -47,6 +60,7 @@ SCHEDULER = web.AppKey("scheduler", AsyncIOScheduler)
 INTEGRITY = web.AppKey("integrity", Integrity)
 POLICY = web.AppKey("policy", request_policy.ActivePolicy)
 DIRECTORIES = web.AppKey("directories", Directories)
+UPSTREAM_VERSIONS = web.AppKey("upstream_versions", routes.UpstreamVersions)
 
 
 def make_backend(
@@ -76,6 +90,34 @@ def make_passthrough(backend: Backend) -> PassThrough:
 
 
 @web.middleware
+async def route_request(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Read how the upstream routes the request (cached/routes.py), once, before anything
+    else judges it; refuse a versioned media type that cannot be read exactly."""
+    known = request.app[UPSTREAM_VERSIONS]
+    accept = request.headers.getall("Accept", [])
+    found = routes.route(request.raw_path, accept, known.known)
+    if not found.certain:
+        await known.learn()
+        found = routes.route(request.raw_path, accept, known.known)
+    if found.kind is routes.Kind.UNREAD:
+        log.info("refused a versioned media type cached does not read: %r", accept)
+        return replies.glance_error(
+            400,
+            "The Accept header names the API version in a form cached does not route: use "
+            "a versioned path (/v2/...) or exactly 'Accept: application/vnd.openstack.images-v2'.",
+            replies.request_id(),
+        )
+    request[routes.ROUTED] = found
+    return await handler(request)
+
+
+# The routes whose paths are relayed to the upstream: the policy judges them as routed there.
+_RELAYED = frozenset({"relayed", "download"})
+
+
+@web.middleware
 async def enforce_policy(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
@@ -88,7 +130,12 @@ async def enforce_policy(
         async def is_admin(r: web.Request) -> bool:
             return await guard.check(r) is admin.Access.ADMIN
 
-        rule = await policy.denied(request, is_admin)
+        if request.match_info.route.name in _RELAYED:
+            found = routes.routed(request)
+            path = found.path if found.may_route else None
+        else:
+            path = request.path  # a route cached answers itself
+        rule = None if path is None else await policy.denied(request, is_admin, path)
         if rule is not None:
             log.info("policy: %s %s refused by rule %s", request.method, request.path, rule)
             return request_policy.forbidden(request, rule)
@@ -138,7 +185,8 @@ def prepare_dirs(config: Config, embedded: bool) -> None:
 
 def make_app(config: Config, *, backend: Backend | None = None) -> web.Application:
     """Build the daemon's application. ``backend`` lets a caller supply its own upstream."""
-    app = web.Application(middlewares=[logs.observe, enforce_policy])
+    app = web.Application(middlewares=[logs.observe, route_request, enforce_policy])
+    app[UPSTREAM_VERSIONS] = upstream_versions = routes.UpstreamVersions()
     app[CONFIG] = config
     app[LISTENERS] = Listeners(loopback_trusted=config.allow_unauthenticated_management)
     metrics = Metrics(str(config.image_cache_dir), config.image_cache_max_size)
@@ -155,6 +203,15 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         directories = app[DIRECTORIES] = Directories.from_config(config)
         app[reader.CACHE_GUARD] = directories.cache  # where hits are read (cached/reader.py)
         raw_upstream = backend or make_backend(config, client_tls.upstream, directories)
+        if isinstance(raw_upstream, GlanceBackend):
+            glance = raw_upstream
+
+            async def fetch_versions() -> list[str] | None:
+                return await versions.upstream_ids(glance)
+
+            upstream_versions.fetch = fetch_versions
+        elif isinstance(raw_upstream, FileBackend):
+            upstream_versions.read(versions.OWN_IDS)  # cached answers the image API itself
         upstream: Backend = MeteredBackend(raw_upstream, metrics)
         # Keystone and peers (not the upstream).
         session = aiohttp.ClientSession(
@@ -261,19 +318,24 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
     app.cleanup_ctx.append(resources)
 
     async def image_data(request: web.Request) -> web.StreamResponse:
+        found = routes.routed(request)
+        if found.path != routes.canonical(request.raw_path) or found.trailing or not found.certain:
+            # /v2/images/ID/file with a versioned media type is /v2/v2/...: not a download.
+            return await request.app[PROXY].forward(request)
         return await request.app[PROXY].image_data(request)
 
     async def forward(request: web.Request) -> web.StreamResponse:
-        route = routes.request_route(request)
-        if route is not None and route.is_data and request.method == "GET":
-            # /v2.N/..., dot segments, double slashes, %-encoding: still a download.
-            return await image_data(routes.as_download(request, route))
+        route = routes.routed(request).download
+        if route is not None and request.method == "GET":
+            # /v2.N/..., dot segments, double slashes, %-encoding, the versioned media type
+            # on an unversioned path: still a download.
+            return await request.app[PROXY].image_data(routes.as_download(request, route))
         return await request.app[PROXY].forward(request)
 
     async def version_document(request: web.Request) -> web.StreamResponse:
         return await request.app[PROXY].versions(request)
 
-    app.router.add_get("/v2/images/{image_id}/file", image_data, allow_head=False)
+    app.router.add_get("/v2/images/{image_id}/file", image_data, allow_head=False, name="download")
     app.router.add_get("/versions", version_document, allow_head=False)
     app.router.add_get("/", version_document, allow_head=False)
     manage.add_routes(app)  # before the catch-all: management is never proxied
@@ -281,7 +343,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
     health.add_routes(
         app, with_metrics=True, only_on=is_management if config.admin_listen else None
     )
-    app.router.add_route("*", "/{tail:.*}", forward)
+    app.router.add_route("*", "/{tail:.*}", forward, name="relayed")
     return app
 
 

@@ -226,9 +226,10 @@ class Policy:
         results = [await self._holds(c, is_admin, request) for c in check.args]
         return all(results) if kind == "and" else any(results)
 
-    async def denied(self, request: web.Request, is_admin: Decide) -> str | None:
-        """The name of the first rule ``request`` fails, or None if it may pass."""
-        for name, check in self.rules_for(request.method, request.path):
+    async def denied(self, request: web.Request, is_admin: Decide, path: str) -> str | None:
+        """The name of the first rule ``request`` fails, or None if it may pass; ``path`` is
+        the request's as the upstream routes it (cached/routes.py)."""
+        for name, check in self.rules_for(request.method, path):
             if not await self._holds(check, is_admin, request):
                 return name
         return None

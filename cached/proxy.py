@@ -372,7 +372,9 @@ class Proxy:
         """Everything else: pass through; a successful change forgets what it invalidates."""
         hook = None
         if request.method not in ("GET", "HEAD", "OPTIONS"):
-            route = routes.request_route(request)
+            # As the upstream routes it, trailing '/' or an unsure version included: only a
+            # 2xx answer counts, and a path no route matches never gets one.
+            route = routes.routed(request).image
             if route is not None:
                 image_id = route.image_id
                 deleted = request.method == "DELETE" and not route.rest

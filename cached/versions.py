@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+from multidict import CIMultiDict
+
+from cached.upstream.glance import GlanceBackend
 
 # Glance 33 with image_cache_dir set: 2.14-2.18 are the cache API microversions that
 # python-glanceclient probes for before any ``glance cache-*`` command.
@@ -61,3 +66,24 @@ def with_cache_api(doc: dict[str, Any], base_url: str) -> dict[str, Any]:
     ]
     doc["versions"] = added + versions
     return doc
+
+
+# The versions cached's own document (the file store's API) routes: what it advertises.
+OWN_IDS = frozenset(f"v{v}" for v, _ in _VERSIONS)
+
+
+async def upstream_ids(backend: GlanceBackend) -> list[str] | None:
+    """The version ids of the upstream's own document (``GET /versions``), or None when it
+    answered something else. Raises UpstreamUnavailable when it cannot be reached."""
+    upstream = await backend.send("GET", "/versions", CIMultiDict({"Accept": "application/json"}))
+    try:
+        body = await upstream.read()
+    finally:
+        upstream.release()
+    if upstream.status != 200:
+        return None
+    try:
+        doc = json.loads(body)
+        return [str(v["id"]) for v in doc["versions"] if isinstance(v, dict) and "id" in v]
+    except (ValueError, TypeError, KeyError):
+        return None

@@ -100,7 +100,6 @@ def seen(glance: FakeGlance, method: str, tail: str) -> bool:
     [
         "/v2/metadefs/namespaces",
         "/v2.1/metadefs/namespaces",
-        "/v2/metadefs/namespaces/",
         "/v2/./metadefs//namespaces",
         "/v2/%6Detadefs/namespaces",
     ],
@@ -126,6 +125,69 @@ async def test_lockdown_refuses_a_members_namespace_at_the_proxy(
             assert resp.status == 403 and resp.content_type == "text/plain"
             assert (await resp.text()).startswith("403 Forbidden\n\nYou are not authorized")
         assert glance.requests == []
+    finally:
+        await stop_daemon(d)
+
+
+VND_V2 = "application/vnd.openstack.images-v2"
+
+
+@pytest.mark.parametrize("version", ["v2", "v2.1", "v2.17"])
+async def test_lockdown_refuses_a_namespace_routed_by_the_media_type(
+    glance: FakeGlance, tmp_path: Path, version: str
+) -> None:
+    """Issue 13, item 1: Glance routes ``POST /metadefs/namespaces`` with a versioned
+    media type as ``POST /v2/metadefs/namespaces``; cached judges it so."""
+    d = await start_daemon(tmp_path, glance.url, admin_tokens=[ADMIN_DIGEST], policy=str(LOCKDOWN))
+    try:
+        body = json.dumps({"namespace": "flood"})
+        accept = f"application/vnd.openstack.images-{version}"
+        for path in ("/metadefs/namespaces", "//metadefs/./namespaces"):
+            async with d.session.post(
+                d.url + path, data=body, headers={**auth("token-p1"), "Accept": accept}
+            ) as resp:
+                assert resp.status == 403
+                assert "add_metadef_namespace" in await resp.text()
+        assert glance.requests == []
+    finally:
+        await stop_daemon(d)
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "application/vnd.openstack.images-v2;q=1",
+        "application/vnd.openstack.images-v2, */*",
+        "APPLICATION/vnd.openstack.images-v2",
+        "application/vnd.openstack.images-V2",
+    ],
+)
+async def test_a_media_type_cached_cannot_read_exactly_is_refused(
+    glance: FakeGlance, tmp_path: Path, accept: str
+) -> None:
+    d = await start_daemon(tmp_path, glance.url, admin_tokens=[ADMIN_DIGEST], policy=str(LOCKDOWN))
+    try:
+        async with d.session.post(
+            d.url + "/metadefs/namespaces",
+            data=b"{}",
+            headers={**auth("token-p1"), "Accept": accept},
+        ) as resp:
+            assert resp.status == 400
+            assert "does not route" in await resp.text()
+        assert glance.requests == []
+    finally:
+        await stop_daemon(d)
+
+
+async def test_a_trailing_slash_is_left_to_the_upstream(glance: FakeGlance, tmp_path: Path) -> None:
+    """Glance 33 routes no path ending in '/' (404): cached judges none either."""
+    d = await start_daemon(tmp_path, glance.url, admin_tokens=[ADMIN_DIGEST], policy=str(LOCKDOWN))
+    try:
+        async with d.session.post(
+            d.url + "/v2/metadefs/namespaces/", data=b"{}", headers=auth("token-p1")
+        ) as resp:
+            assert resp.status == 404
+        assert seen(glance, "POST", "namespaces/")
     finally:
         await stop_daemon(d)
 
