@@ -697,3 +697,236 @@ def test_metadef_lockdown_at_the_proxy(
     finally:
         status, _, _ = http("DELETE", f"{cached.url}/v2/metadefs/namespaces/{name}", "admin-token")
         assert status == 204
+
+
+# ---- routing as Glance routes it: a differential test (issue 13, item 1) --------------------
+#
+# Glance 33 picks the API version from the path or from a versioned media type in Accept
+# (glance/api/middleware/version_negotiation.py). For generated (method, path spelling,
+# Accept) cases, what cached decides - a policy rule applies, a download is served from the
+# cache, a change forgets the image - must match what Glance did with the same request.
+
+VND = "application/vnd.openstack.images-"
+SPELLINGS = (
+    "/v2/{t}",
+    "/{t}",
+    "/v2.1/{t}",
+    "/v2.0/{t}",
+    "/v2.14/{t}",  # allowed only with a cache directory (this Glance has one)
+    "/v2.8/{t}",  # allowed only with multi-store (this Glance has none): 300
+    "/v2.19/{t}",
+    "/V2/{t}",
+    "/v2/{t}/",
+    "//v2//{t}",
+    "/v2/./x/../{t}",
+    "/versions/{t}",
+)
+ACCEPTS = (
+    None,
+    "*/*",
+    "application/json",
+    VND + "v2",
+    VND + "v2.1",
+    VND + "v2.8",
+    VND + "v2.19",
+    VND + "v2;q=1",  # webob reads it as v2: cached cannot read it exactly, refuses (400)
+    VND + "v2, */*",  # webob: "v2, */*", no such version (300): refused (400) too
+)
+UNREAD = {VND + "v2;q=1", VND + "v2, */*"}
+
+
+def raw_http(
+    base: str, method: str, target: str, headers: dict[str, str], body: bytes = b""
+) -> tuple[int, dict[str, str], bytes]:
+    """One request with ``target`` sent exactly as spelled (no normalisation)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=60)
+    try:
+        conn.putrequest(method, target, skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def _headers(token: str, accept: str | None, **extra: str) -> dict[str, str]:
+    out = {"X-Auth-Token": token, **extra}
+    if accept is not None:
+        out["Accept"] = accept
+    return out
+
+
+def new_image(glance_url: str, token: str, data: bytes) -> str:
+    body = json.dumps({"name": "routing", "disk_format": "raw", "container_format": "bare"})
+    status, _, answer = http(
+        "POST", glance_url + "/v2/images", token, {"Content-Type": "application/json"},
+        body.encode(),
+    )  # fmt: skip
+    assert status == 201, answer
+    image_id = str(json.loads(answer)["id"])
+    put = http(
+        "PUT", f"{glance_url}/v2/images/{image_id}/file", token,
+        {"Content-Type": "application/octet-stream"}, data,
+    )  # fmt: skip
+    assert put[0] == 204, put
+    return image_id
+
+
+@pytest.fixture(scope="module")
+def cached_routing(
+    real_glance: GlanceServer,
+    keystone: FakeKeystone,
+    tmp_path_factory: pytest.TempPathFactory,
+    failure_logs: FailureLogs,
+) -> Iterator[CachedDaemon]:
+    """cached with the metadef lock-down and remembered authorisations (300 s): a change
+    cached does not see would leave hits served from a remembered answer."""
+    workdir = tmp_path_factory.mktemp("cached-routing")
+    conf = workdir / "cached.yaml"
+    conf.write_text(
+        json.dumps(
+            {
+                "policy": str(Path(__file__).resolve().parent.parent / "conf"
+                              / "policy-metadef-lockdown.yaml"),
+                "keystone_url": keystone.url + "/v3",
+                "service_token": "admin-token",
+                "auth_cache_ttl": 300,
+            }
+        )
+    )  # fmt: skip
+    daemon = CachedDaemon(workdir, real_glance.url, workdir / "cache", ["-c", str(conf)])
+    failure_logs.add({"cached (routing)": daemon.log})
+    daemon.start()
+    yield daemon
+    daemon.stop()
+
+
+def test_policy_routes_match_glance(
+    real_glance: GlanceServer, cached_routing: CachedDaemon
+) -> None:
+    """POST a metadef namespace in every spelling: cached applies add_metadef_namespace
+    exactly where Glance's router reaches it (an admin's POST to Glance directly creates it)."""
+    cached = cached_routing
+    mismatches = []
+    decided = {"rule": 0, "pass": 0, "unread": 0}
+    for n, (spelling, accept) in enumerate((s, a) for s in SPELLINGS for a in ACCEPTS):
+        target = spelling.format(t="metadefs/namespaces")
+        name = f"routing-{os.getpid()}-{n}"
+        body = json.dumps({"namespace": name}).encode()
+        extra = {"Content-Type": "application/json"}
+        status, _, _ = raw_http(
+            real_glance.url, "POST", target, _headers("admin-token", accept, **extra), body
+        )
+        routed = status == 201
+        if routed:
+            gone = http("DELETE", f"{real_glance.url}/v2/metadefs/namespaces/{name}", "admin-token")
+            assert gone[0] == 204
+        before = cached.output().count("refused by rule add_metadef_namespace")
+        status, _, answer = raw_http(
+            cached.url, "POST", target, _headers("token-p1", accept, **extra), body
+        )
+        if status == 400 and b"does not route" in answer:
+            decision = "unread"
+        elif cached.output().count("refused by rule add_metadef_namespace") > before:
+            decision = "rule"
+        else:
+            decision = "pass"
+        decided[decision] += 1
+        # cached never passes what Glance routes, never applies the rule where Glance does
+        # not route, and refuses unread only the media types it cannot read exactly.
+        want = "rule" if routed else "pass"
+        ok = decision == want or (decision == "unread" and accept in UNREAD)
+        if not ok:
+            mismatches.append(
+                (target, accept, "glance routed" if routed else "glance did not", decision)
+            )
+    assert mismatches == []
+    assert decided["rule"] >= 20 and decided["pass"] >= 20  # both sides were exercised
+
+
+def test_downloads_from_the_cache_match_glance(
+    real_glance: GlanceServer, cached_routing: CachedDaemon
+) -> None:
+    """GET an image's data in every spelling: cached answers as Glance does, and serves its
+    copy only where Glance serves the data."""
+    cached = cached_routing
+    data = os.urandom(300_000)
+    image_id = new_image(real_glance.url, "token-p1", data)
+    fill = http("GET", f"{cached.url}/v2/images/{image_id}/file", "token-p1")
+    assert fill[0] == 200 and fill[2] == data
+    assert wait_for(lambda: (cached.cache_dir / image_id).exists())
+    mismatches = []
+    hits = 0
+    for spelling in SPELLINGS:
+        for accept in ACCEPTS:
+            target = spelling.format(t=f"images/{image_id}/file")
+            theirs = raw_http(real_glance.url, "GET", target, _headers("token-p1", accept))
+            ours = raw_http(cached.url, "GET", target, _headers("token-p1", accept))
+            hit = "hit" in ours[1].get("cache-status", "")
+            hits += hit
+            if accept in UNREAD:
+                ok = not hit and ours[0] in (400, theirs[0])  # (/versions/...: the document)
+            else:
+                # (/versions/... is the version document, whose links name the host asked.)
+                ok = ours[0] == theirs[0] and (theirs[2] != data or ours[2] == data)
+                ok = ok and (theirs[0] == 200 or not hit)
+            if not ok:
+                mismatches.append((target, accept, theirs[0], ours[0], hit))
+    assert mismatches == []
+    assert hits >= 10  # the spellings Glance serves were served from the copy
+
+
+def test_changes_seen_in_every_spelling_match_glance(
+    real_glance: GlanceServer, cached_routing: CachedDaemon
+) -> None:
+    """Delete, deactivate or unshare an image in a sample of spellings: afterwards cached
+    (which remembers authorisations for 300 s) refuses the copy exactly when Glance refuses
+    the data."""
+    import random
+
+    cached = cached_routing
+    cases = [(s, a) for s in SPELLINGS for a in ACCEPTS if a not in UNREAD]
+    sample = random.Random(13).sample(cases, 12)
+    sample += [("/{t}", VND + "v2"), ("/{t}", VND + "v2.1"), ("/v2.8/{t}", None)]
+    changes = (
+        ("DELETE", "", "token-p1"),
+        ("POST", "/actions/deactivate", "admin-token"),
+        ("DELETE", "/members/p2", "token-p1"),
+    )
+    mismatches = []
+    for spelling, accept in sample:
+        for method, rest, token in changes:
+            data = os.urandom(50_000)
+            image_id = new_image(real_glance.url, "token-p1", data)
+            reader = "token-p1"
+            if rest.startswith("/members"):
+                reader = "token-p2"
+                shared = http(
+                    "PATCH", f"{real_glance.url}/v2/images/{image_id}", "token-p1",
+                    {"Content-Type": "application/openstack-images-v2.1-json-patch"},
+                    b'[{"op": "replace", "path": "/visibility", "value": "shared"}]',
+                )  # fmt: skip
+                assert shared[0] == 200, shared
+                member = http(
+                    "POST", f"{real_glance.url}/v2/images/{image_id}/members", "token-p1",
+                    {"Content-Type": "application/json"}, b'{"member": "p2"}',
+                )  # fmt: skip
+                assert member[0] == 200, member
+            path = f"/v2/images/{image_id}/file"
+            assert http("GET", cached.url + path, reader)[:3:2] == (200, data)
+            assert wait_for(lambda: (cached.cache_dir / image_id).exists())  # noqa: B023
+            assert http("GET", cached.url + path, reader)[0] == 200  # now remembered
+            target = spelling.format(t=f"images/{image_id}{rest}")
+            status, _, _ = raw_http(cached.url, method, target, _headers(token, accept))
+            theirs = http("GET", real_glance.url + path, reader)[0]
+            ours = http("GET", cached.url + path, reader)[0]
+            if ours != theirs:
+                mismatches.append((method, target, accept, status, theirs, ours))
+    assert mismatches == []

@@ -162,3 +162,81 @@ async def test_a_download_with_empty_segments_uses_the_cache(
     reply = await asyncio.to_thread(rawhttp.request, daemon.url, raw)
     assert reply.status == 200 and reply.body == image.data
     assert reply.headers["cache-status"] == "cached; fwd=uri-miss; stored"
+
+
+VND = "application/vnd.openstack.images-"
+CACHE = frozenset({"v2.14", "v2.16", "v2.18"})  # a Glance with a cache directory
+
+
+@pytest.mark.parametrize(
+    ("target", "accept", "expected"),
+    [
+        # URL versioning: the first segment is the version, stripped
+        ("/v2/metadefs/namespaces", [], ("api", "/v2/metadefs/namespaces", True)),
+        ("/v2.1/images", ["application/json"], ("api", "/v2/images", True)),
+        ("/v2.14/images", [], ("api", "/v2/images", True)),
+        ("/v2.8/images", [], ("choices", "", False)),  # multi-store only
+        ("/v2.19/images", [], ("choices", "", False)),
+        ("/V2/images", [], ("choices", "", False)),
+        ("/v2.01/images", [], ("choices", "", False)),
+        ("/metadefs/namespaces", [], ("choices", "", False)),
+        ("/", [], ("choices", "", False)),
+        ("/v2/images/", [], ("api", "/v2/images", False)),  # trailing '/': no route
+        ("/v2/images/x/..", [], ("api", "/v2/images", False)),
+        # media-type versioning: the path is not stripped
+        ("/metadefs/namespaces", [VND + "v2"], ("api", "/v2/metadefs/namespaces", True)),
+        ("//metadefs/./namespaces", [VND + "v2.17"], ("api", "/v2/metadefs/namespaces", True)),
+        ("/v2/images", [VND + "v2"], ("api", "/v2/v2/images", True)),
+        ("/images", [VND + "v2.19"], ("choices", "", False)),
+        ("/images", [VND + "v2.8"], ("choices", "", False)),
+        # what cached does not read exactly is refused, never guessed
+        ("/images", [VND + "v2;q=1"], ("unread", "", False)),
+        ("/images", [VND + "v2, */*"], ("unread", "", False)),
+        ("/images", ["*/*", VND + "v2"], ("unread", "", False)),
+        ("/images", ["APPLICATION/VND.OPENSTACK.IMAGES-v2"], ("unread", "", False)),
+        ("/images", [VND + "V2"], ("unread", "", False)),
+        # the version document, whatever the Accept
+        ("/versions/images", [VND + "v2;q=1"], ("versions", "", False)),
+    ],
+)
+def test_route_as_glance_negotiates_the_version(
+    target: str, accept: list[str], expected: tuple[str, str, bool]
+) -> None:
+    found = routes.route(target, accept, CACHE)
+    assert (found.kind.value, found.path, found.may_route) == expected
+
+
+def test_a_version_the_upstream_allows_only_with_options_is_unsure_until_known() -> None:
+    unsure = routes.route(f"/v2.14/images/{ID}/file", [], None)
+    assert unsure.kind is routes.Kind.API and not unsure.certain
+    assert unsure.download is None  # passed through, not served from the cache
+    assert unsure.image is not None  # a 2xx change on it still forgets the image
+    assert routes.route(f"/v2.14/images/{ID}/file", [], CACHE).download is not None
+    assert routes.route(f"/v2.14/images/{ID}/file", [], frozenset()).kind is routes.Kind.CHOICES
+
+
+async def test_upstream_versions_are_read_once_for_concurrent_callers() -> None:
+    calls = 0
+    gate = asyncio.Event()
+
+    async def fetch() -> list[str]:
+        nonlocal calls
+        calls += 1
+        await gate.wait()
+        return ["v2.18", "v2.16", "v2.14", "v2.9", "v2.0"]
+
+    known = routes.UpstreamVersions(fetch)
+    waiters = [asyncio.ensure_future(known.learn()) for _ in range(5)]
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(*waiters)
+    assert calls == 1 and known.known == CACHE
+
+
+async def test_upstream_versions_stay_unknown_while_unreachable() -> None:
+    async def fetch() -> list[str]:
+        raise OSError("unreachable")
+
+    known = routes.UpstreamVersions(fetch)
+    await known.learn()
+    assert known.known is None
