@@ -318,11 +318,11 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
     app.cleanup_ctx.append(resources)
 
     async def image_data(request: web.Request) -> web.StreamResponse:
-        found = routes.routed(request)
-        if found.path != routes.canonical(request.raw_path) or found.trailing or not found.certain:
-            # /v2/images/ID/file with a versioned media type is /v2/v2/...: not a download.
+        if routes.routed(request).by_media_type:
+            # /v2/images/ID/file with a versioned media type is /v2/v2/... (or the version
+            # choices): not a download.
             return await request.app[PROXY].forward(request)
-        return await request.app[PROXY].image_data(request)
+        return await request.app[PROXY].image_data(request)  # (a malformed id: 400 here)
 
     async def forward(request: web.Request) -> web.StreamResponse:
         route = routes.routed(request).download

@@ -180,7 +180,7 @@ def route(target: str, accept: Iterable[str], optional: frozenset[str] | None) -
             return Routed(Kind.UNREAD)
         ok = allowed(match.group(1), optional)
         if ok is False:
-            return Routed(Kind.CHOICES)
+            return Routed(Kind.CHOICES, by_media_type=True)
         routed = "/" + "/".join(["v2", *parts])
         return Routed(Kind.API, routed, trailing, ok is True, by_media_type=True)
     ok = allowed(parts[0] if parts else None, optional)
