@@ -664,7 +664,7 @@ def test_metadef_lockdown_at_the_proxy(
     name = f"cached-lockdown-{os.getpid()}"
     body = json.dumps({"namespace": name, "visibility": "public"}).encode()
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    for path in ("/v2/metadefs/namespaces", "/v2.1/metadefs/namespaces/"):
+    for path in ("/v2/metadefs/namespaces", "/v2.1//metadefs/./namespaces"):
         status, _, answer = http("POST", cached.url + path, "token-p1", headers, body)
         assert status == 403, answer
         assert json.loads(answer)["message"].startswith(
@@ -682,6 +682,9 @@ def test_metadef_lockdown_at_the_proxy(
         theirs[1]["content-type"],
         theirs[2],
     )
+    # A trailing '/' matches no route of Glance's: its 404, as from Glance directly.
+    trailing = http("POST", cached.url + "/v2.1/metadefs/namespaces/", "token-p1", headers, body)
+    assert trailing[0] == 404
     missing = http("GET", f"{real_glance.url}/v2/metadefs/namespaces/{name}", "admin-token")
     assert missing[0] == 404  # nothing reached Glance
     status, _, answer = http(
