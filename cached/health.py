@@ -11,6 +11,7 @@ daemon's resources are up and a reload replaces ``config``; all on the event loo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -25,7 +26,7 @@ from aiohttp import web
 from cached.config import Config
 from cached.lifecycle import ReloadStatus
 from cached.listeners import is_management
-from cached.metrics import CONTENT_TYPE, Metrics
+from cached.metrics import CONTENT_TYPE, CacheGauges, Metrics
 
 if TYPE_CHECKING:
     from cached.admin import AdminGuard
@@ -158,6 +159,41 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     return _json(503 if reasons else 200, body)
 
 
+# A scrape lists the prefetch queue for at most this long (a share may hang).
+QUEUE_LIST_TIMEOUT = 2.0
+
+
+async def cache_gauges(store: Store, filler: Filler | None) -> CacheGauges:
+    """The cache directory's gauges for a scrape. The queue is listed on the cache
+    directory's threads, only while its guard says it is ok (a hung share would hold the
+    scrape and a thread for as long as it hangs: the queue length keeps its last value)."""
+    complete = partial = present = total = 0
+    for entry in list(store.entries.values()):
+        if entry.complete:
+            complete += 1
+            total += entry.size
+        else:
+            partial += 1
+            got = entry.present_bytes()
+            present += got
+            total += got
+    queue_length = None
+    guard = filler.disk_guard if filler is not None else None
+    if guard is None or guard.ok:
+        with contextlib.suppress(OSError, TimeoutError):
+            queued = await asyncio.wait_for(store.run(store.queued), QUEUE_LIST_TIMEOUT)
+            queue_length = len(queued)
+    return CacheGauges(
+        complete=complete,
+        partial=partial,
+        invalid=len(store.invalid),
+        present_bytes=present,
+        total_bytes=total,
+        passing_through=filler is not None and filler.passing_through(),
+        queue_length=queue_length,
+    )
+
+
 async def metrics(request: web.Request) -> web.StreamResponse:
     ops = request.app[OPS]
     if ops.config.metrics_auth and ops.guard is not None:
@@ -168,7 +204,8 @@ async def metrics(request: web.Request) -> web.StreamResponse:
         if access is not Access.ADMIN:
             return _error(access.value, _DENIED[access])
     if ops.store is not None:
-        await ops.metrics.refresh(ops.store, ops.filler, ops.config.image_cache_max_size)
+        gauges = await cache_gauges(ops.store, ops.filler)
+        ops.metrics.set_cache(gauges, ops.config.image_cache_max_size)
     return web.Response(body=ops.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
 

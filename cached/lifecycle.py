@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
@@ -29,7 +29,21 @@ from cached.sdnotify import Notifier
 
 if TYPE_CHECKING:
     from cached.filler import Filler
-    from cached.health import Ops
+    from cached.metrics import Metrics
+    from cached.store import Store
+
+
+class Ops(Protocol):
+    """What the tick and the status line read of the daemon's state (cached/health.py's
+    ``Ops``; named here so that this module does not import the endpoints that use it)."""
+
+    config: Config
+    metrics: Metrics
+    store: Store | None
+    filler: Filler | None
+    draining: bool
+
+    def mode(self) -> str: ...
 
 log = logging.getLogger(__name__)
 

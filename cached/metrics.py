@@ -14,15 +14,14 @@ a token or a client address.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import os
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -35,11 +34,6 @@ from prometheus_client import (
 
 from cached import __version__
 from cached.errors import UpstreamError, UpstreamUnavailable
-
-if TYPE_CHECKING:
-    from cached.fill import Fill
-    from cached.filler import Filler
-    from cached.store import Store
 
 # The classic text format, which every Prometheus (and promtool) parses.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -63,6 +57,19 @@ CACHE_STATUS = {
 }
 
 
+@dataclass(frozen=True)
+class CacheGauges:
+    """The cache directory's state at a scrape, as counted by its owner."""
+
+    complete: int = 0
+    partial: int = 0
+    invalid: int = 0
+    present_bytes: int = 0  # of partial entries
+    total_bytes: int = 0
+    passing_through: bool = False  # the cache directory's guard says downloads pass through
+    queue_length: int | None = None
+
+
 def outcome_of(cache_status: str | None) -> str | None:
     """The outcome label of a download's Cache-Status (None: not a download)."""
     if not cache_status:
@@ -74,7 +81,6 @@ def outcome_of(cache_status: str | None) -> str | None:
 
 
 # Seconds a scrape waits for the prefetch queue's listing (then the last value stays).
-QUEUE_LIST_TIMEOUT = 2.0
 
 # How long the store counts as refusing writes after a failure (fill.STORE_RETRY_AFTER).
 PASS_THROUGH_SECONDS = 30.0
@@ -192,7 +198,7 @@ class Metrics:
         for result in FILL_RESULTS:
             self.fills_finished.labels(result)
             self.fill_seconds.labels(result)
-        self._fill_started: weakref.WeakKeyDictionary[Fill, float] = weakref.WeakKeyDictionary()
+        self._fill_started: weakref.WeakKeyDictionary[Hashable, float] = weakref.WeakKeyDictionary()
         # --- the cache
         self.cache_bytes = Gauge(
             "cached_cache_bytes", "Bytes held by the cache (complete + partial)", registry=r
@@ -277,34 +283,20 @@ class Metrics:
     def passing_through(self) -> bool:
         return time.monotonic() - self._refused_at < PASS_THROUGH_SECONDS
 
-    async def refresh(self, store: Store, filler: Filler | None, max_size: int) -> None:
-        """Set the gauges read at scrape time. The queue is listed on the cache directory's
-        threads, only while its guard says it is ok (a hung share would hold the scrape and
-        a thread for as long as it hangs: the queue length keeps its last value meanwhile)."""
-        complete = partial = present = total = 0
-        for entry in list(store.entries.values()):
-            if entry.complete:
-                complete += 1
-                total += entry.size
-            else:
-                partial += 1
-                got = entry.present_bytes()
-                present += got
-                total += got
-        self.cache_bytes.set(total)
-        self.partial_bytes.set(present)
+    def set_cache(self, gauges: CacheGauges, max_size: int) -> None:
+        """Set the gauges read at scrape time from what the scrape found (cached/health.py
+        gathers them: this module knows no entry, fill or store)."""
+        self.cache_bytes.set(gauges.total_bytes)
+        self.partial_bytes.set(gauges.present_bytes)
         self.cache_max.set(max_size)
-        self.cache_entries.labels("complete").set(complete)
-        self.cache_entries.labels("partial").set(partial)
-        self.cache_entries.labels("invalid").set(len(store.invalid))
-        guarded = filler is not None and filler.passing_through()
-        self.passthrough.labels(self.cache_dir).set(1 if self.passing_through or guarded else 0)
+        self.cache_entries.labels("complete").set(gauges.complete)
+        self.cache_entries.labels("partial").set(gauges.partial)
+        self.cache_entries.labels("invalid").set(gauges.invalid)
+        passing = self.passing_through or gauges.passing_through
+        self.passthrough.labels(self.cache_dir).set(1 if passing else 0)
         self.connections.set(self.count_connections())
-        guard = filler.disk_guard if filler is not None else None
-        if guard is None or guard.ok:
-            with contextlib.suppress(OSError, TimeoutError):
-                queued = await asyncio.wait_for(store.run(store.queued), QUEUE_LIST_TIMEOUT)
-                self.queue_length.set(len(queued))
+        if gauges.queue_length is not None:  # None: not listed (the queue keeps its value)
+            self.queue_length.set(gauges.queue_length)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -340,14 +332,14 @@ def sent(nbytes: int) -> None:
 
 
 # ---------------------------------------------------------------------- hooks
-def fill_started(fill: Fill) -> None:
+def fill_started(fill: Hashable) -> None:
     m = _active
     if m is not None:
         m.fills_started.inc()
         m._fill_started[fill] = time.monotonic()
 
 
-def fill_ended(fill: Fill, result: str) -> None:
+def fill_ended(fill: Hashable, result: str) -> None:
     """A fill reached ``result`` (a FillState value other than running)."""
     m = _active
     if m is not None and result in FILL_RESULTS:

@@ -11,7 +11,9 @@ image directory (an NFS store that fails, a file that cannot be read) is
 runs in a worker thread (the store guard's own, when there is one); the backend keeps no
 state that changes after construction.
 
-With a guard (:class:`cached.guard.Guard`, ``upstream_mount``), a store directory that is not
+With a guard (a :class:`DirectoryGuard`: the composition root hands in the mount guard of
+``upstream_mount``, cached/guard.py; this backend knows only what it asks of it), a store
+directory that is not
 ``ok`` answers 503 with Glance's JSON error page naming the state, for downloads, records and
 lists: a missing share is never "no image found", which Nova would take for a deleted image.
 """
@@ -27,11 +29,11 @@ import os
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from enum import Enum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from cached.errors import UpstreamError, UpstreamUnavailable
-from cached.guard import Guard
 from cached.ids import is_image_id
 from cached.upstream import (
     Authorization,
@@ -48,7 +50,28 @@ T = TypeVar("T")
 _Io = Callable[..., Awaitable[Any]]
 
 
-def _unavailable(guard: Guard) -> UpstreamError:
+class DirectoryGuard(Protocol):
+    """What the backend asks of the guard of its directory: whether it is usable (and its
+    state's name, for the 503), to run its I/O on the guard's own threads, and to look at
+    once after an error."""
+
+    @property
+    def ok(self) -> bool: ...
+
+    @property
+    def state(self) -> Enum: ...
+
+    @property
+    def probe_interval(self) -> float: ...
+
+    def report(self, exc: BaseException) -> None: ...
+
+    async def run_io(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+    async def check(self) -> Any: ...
+
+
+def _unavailable(guard: DirectoryGuard) -> UpstreamError:
     """Glance's JSON error page (webob's, ``Accept: application/json``) for a store directory
     that is not ok. It names the state; the reason (paths) goes to the log only."""
     message = (
@@ -128,7 +151,11 @@ class FileBackend:
     """Images are the files of one directory, named by image id."""
 
     def __init__(
-        self, directory: Path, access_tokens: tuple[str, ...] = (), *, guard: Guard | None = None
+        self,
+        directory: Path,
+        access_tokens: tuple[str, ...] = (),
+        *,
+        guard: DirectoryGuard | None = None,
     ):
         self.directory = Path(directory)
         self._tokens = frozenset(access_tokens)
