@@ -13,41 +13,36 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from cached import (
-    admin,
-    health,
-    identity,
-    jobs,
-    logs,
-    manage,
-    mounts,
-    reader,
-    replies,
-    routes,
-    tls,
-    versions,
-)
 from cached import metrics as metrics_module
-from cached import policy as request_policy
-from cached.auth import Authorizer
+from cached.cachedir import mounts
+from cached.cachedir.directories import Directories
+from cached.cachedir.reverify import Integrity
 from cached.config import Config
-from cached.directories import Directories
+from cached.download import reader
+from cached.download.proxy import Proxy
+from cached.edge import policy as request_policy
+from cached.edge import replies, routes, tls, versions
+from cached.edge.fileapi import FileApi
+from cached.edge.listeners import LISTENERS, Listeners, is_management
+from cached.edge.passthrough import GlancePassThrough, PassThrough
 from cached.errors import ConfigError
-from cached.fileapi import FileApi
-from cached.fill import FillSettings
-from cached.filler import Filler
-from cached.health import OPS, Ops
-from cached.lifecycle import RELOADABLES, Reloadables
-from cached.listeners import LISTENERS, Listeners, is_management
-from cached.metrics import MeteredBackend, MeteredPassThrough, Metrics
-from cached.passthrough import GlancePassThrough, PassThrough
-from cached.prefetch import Prefetcher
-from cached.proxy import Proxy
-from cached.scrub import Integrity
+from cached.fill.machine import FillSettings
+from cached.fill.registry import Filler
+from cached.identity import keystone as identity
+from cached.identity.authorizer import Authorizer
+from cached.jobs import schedule as jobs
+from cached.jobs.prefetch import Prefetcher
+from cached.manage import access as admin
+from cached.manage import api as manage
+from cached.metrics import Metrics
+from cached.ops import health, logs
+from cached.ops.health import OPS, Ops
+from cached.ops.lifecycle import RELOADABLES, Reloadables
 from cached.store import Store, xattrs
 from cached.upstream import Backend
 from cached.upstream.filestore import FileBackend
 from cached.upstream.glance import GlanceBackend
+from cached.upstream.metered import MeteredBackend, MeteredPassThrough
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +88,7 @@ def make_passthrough(backend: Backend) -> PassThrough:
 async def route_request(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Read how the upstream routes the request (cached/routes.py), once, before anything
+    """Read how the upstream routes the request (cached/edge/routes.py), once, before anything
     else judges it; refuse a versioned media type that cannot be read exactly."""
     known = request.app[UPSTREAM_VERSIONS]
     accept = request.headers.getall("Accept", [])
@@ -201,7 +196,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             policy = await asyncio.to_thread(request_policy.load, config.policy)
             active_policy.replace(policy, config.policy)
         directories = app[DIRECTORIES] = Directories.from_config(config)
-        app[reader.CACHE_GUARD] = directories.cache  # where hits are read (cached/reader.py)
+        app[reader.CACHE_GUARD] = directories.cache  # where hits are read (reader.py)
         raw_upstream = backend or make_backend(config, client_tls.upstream, directories)
         if isinstance(raw_upstream, GlanceBackend):
             glance = raw_upstream
@@ -348,7 +343,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
 
 
 # ------------------------------------------------------------------------------ reload
-# What a SIGHUP changes in the running parts (cached/lifecycle.py lists the live options).
+# What a SIGHUP changes in the running parts (cached/ops/lifecycle.py lists the live options).
 def _register_live(
     parts: Reloadables,
     app: web.Application,

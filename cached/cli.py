@@ -15,17 +15,26 @@ from typing import Any
 
 from aiohttp import web
 
-from cached import __version__, listeners, logs, policy, reloadcmd, tls
+from cached import __version__
 from cached import config as configuration
 from cached.app import FILLER, SCHEDULER, make_app, prepare_dirs
 from cached.config import Config
-from cached.connguard import GuardedRunner, Limits
+from cached.edge import listeners, policy, tls
+from cached.edge.connguard import GuardedRunner, Limits
+from cached.edge.loopback import is_loopback
 from cached.errors import ConfigError
-from cached.health import OPS
-from cached.lifecycle import RELOADABLES, Progress, Reloader, install_freeze_hook, status_text, tick
-from cached.logs import AccessLogger
-from cached.loopback import is_loopback
-from cached.sdnotify import Notifier
+from cached.ops import logs, reloadcmd
+from cached.ops.health import OPS
+from cached.ops.lifecycle import (
+    RELOADABLES,
+    Progress,
+    Reloader,
+    install_freeze_hook,
+    status_text,
+    tick,
+)
+from cached.ops.logs import AccessLogger
+from cached.ops.sdnotify import Notifier
 
 log = logging.getLogger("cached")
 
@@ -94,7 +103,7 @@ def _secrets(config: Config) -> list[str]:
 async def start_listeners(
     config: Config, runner: web.AppRunner, server_tls: tls.ServerTLS | None
 ) -> list[web.BaseSite]:
-    """Bind every address the daemon serves on (cached/listeners.py): the ``listen``
+    """Bind every address the daemon serves on (cached/edge/listeners.py): the ``listen``
     addresses and, when set, the management listener ``admin_listen``; log them. Returns the
     started sites."""
     sockets = await listeners.start(runner, config, server_tls)

@@ -119,9 +119,10 @@ class MountSpec:
     # Seconds between probes, and a probe's time limit before the directory counts as hung.
     probe_interval: float = 5.0
     probe_timeout: float = 10.0
-    # Cache only: where a hit's sendfile runs (cached/reader.py). ``loop``: on the event loop
-    # (fastest; a read that hangs freezes the daemon); ``thread``: on the cache's I/O threads;
-    # ``auto``: threads on network and FUSE filesystems (SHARE_FSTYPES), the loop elsewhere.
+    # Cache only: where a hit's sendfile runs (cached/download/reader.py). ``loop``: on the
+    # event loop (fastest; a read that hangs freezes the daemon); ``thread``: on the cache's
+    # I/O threads; ``auto``: threads on network and FUSE filesystems (SHARE_FSTYPES), the
+    # loop elsewhere.
     sendfile: str = "auto"
 
 
@@ -162,7 +163,7 @@ class Config:
     access_record_interval: float = 10.0
     # Largest request line/header field accepted from clients (longer: 400/431).
     max_header_size: int = 16384
-    # --- client connections (cached/connguard.py); 0 turns a limit off ---
+    # --- client connections (cached/edge/connguard.py); 0 turns a limit off ---
     # Seconds from a connection's opening, or a request's first byte, to the end of its
     # headers (then 408 and close).
     client_header_timeout: float = 30.0
@@ -174,7 +175,7 @@ class Config:
     # Open connections allowed from one client address (the next gets 503).
     max_connections_per_address: int = 128
     log_level: str = "INFO"
-    # --- cache management API and periodic jobs (cached/manage.py, cached/jobs.py) ---
+    # --- cache management API and periodic jobs (cached/manage/api.py, cached/jobs/schedule.py) ---
     # Seconds between clean runs (stalled partial entries and invalid/ entries).
     cache_clean_interval: int = 3600
     # Images fetched at once by the prefetcher.
@@ -213,17 +214,17 @@ class Config:
     worker_self_reference_url: str = ""
     # Other cached nodes asked by GET /v2/cache/nodes/{id} whether they hold the image.
     peers: tuple[str, ...] = ()
-    # --- integrity (cached/scrub.py) ---
+    # --- integrity (cached/cachedir/reverify.py) ---
     # Seconds between scrub passes: each re-reads every complete entry and checks its digest.
     scrub_interval: int = 86400
     # MiB/s a scrub pass reads at most (it also pauses while fills run).
     scrub_rate: float = 16.0
-    # --- operations (cached/health.py, cached/lifecycle.py) ---
+    # --- operations (cached/ops/health.py, cached/ops/lifecycle.py) ---
     # Apply the management API's admin rules to GET /metrics too.
     metrics_auth: bool = False
     # Seconds running downloads may take to finish after SIGTERM (keep below TimeoutStopSec).
     shutdown_grace: float = 30.0
-    # --- TLS, listeners, management access, request policy (cached/tls.py, listeners.py,
+    # --- TLS, listeners, management access, request policy (cached/edge/tls.py, listeners.py,
     # policy.py) ---
     # PEM certificate chain and key served on every TCP listener (both or neither).
     tls_cert_file: str = ""
@@ -242,7 +243,7 @@ class Config:
     admin_tls_client_ca: str = ""
     # Start even though a world-reachable listener would answer management without auth.
     allow_unauthenticated_management: bool = False
-    # YAML file of request rules checked before anything is proxied (cached/policy.py).
+    # YAML file of request rules checked before anything is proxied (cached/edge/policy.py).
     policy: str = ""
 
     @property
@@ -250,7 +251,7 @@ class Config:
         """The largest image the cache admits."""
         return int(self.image_cache_max_size * self.max_image_fraction)
 
-    # --- declared directories (cached/guard.py) ---
+    # --- declared directories (cached/cachedir/guard.py) ---
     image_cache_mount: MountSpec = MountSpec()
     # Only for a file:// upstream: its directory (e.g. an NFS share of Glance's images).
     upstream_mount: MountSpec = MountSpec(writable=False)

@@ -2,11 +2,12 @@
 
 Owns every metric of the daemon. One :class:`Metrics` is made per application
 (``app.make_app``) and *installed* as the process's active one while the application runs,
-so the download path (``fill.py``, ``reader.py``, ``auth.py``, ``jobs.py``, ``prefetch.py``)
-records with one-line module calls such as ``metrics.fill_started(fill)``; with none
-installed those calls do nothing. Everything here is changed on the event loop only (the
-hooks are called from coroutines and loop callbacks); the scrape also runs on the loop, after
-:meth:`Metrics.refresh` read the gauges that need the filesystem in a thread.
+so the download path (the fill, the reader, the authorizer, the jobs, the upstream's
+decorator ``cached/upstream/metered.py``) records with one-line module calls such as
+``metrics.fill_started(key)``; with none installed those calls do nothing. A leaf: it knows no
+fill, entry or store; what a scrape reports of the cache directory is counted by its owner
+(``cached/ops/health.py``) and handed to :meth:`Metrics.set_cache`. Everything here is
+changed on the event loop only (the hooks are called from coroutines and loop callbacks).
 
 Labels are small closed sets (outcome, kind, result, reason, directory): never an image id,
 a token or a client address.
@@ -14,12 +15,11 @@ a token or a client address.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import os
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,6 @@ from prometheus_client import (
 )
 
 from cached import __version__
-from cached.errors import UpstreamError, UpstreamUnavailable
 
 # The classic text format, which every Prometheus (and promtool) parses.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -284,7 +283,7 @@ class Metrics:
         return time.monotonic() - self._refused_at < PASS_THROUGH_SECONDS
 
     def set_cache(self, gauges: CacheGauges, max_size: int) -> None:
-        """Set the gauges read at scrape time from what the scrape found (cached/health.py
+        """Set the gauges read at scrape time from what the scrape found (cached/ops/health.py
         gathers them: this module knows no entry, fill or store)."""
         self.cache_bytes.set(gauges.total_bytes)
         self.partial_bytes.set(gauges.present_bytes)
@@ -380,117 +379,8 @@ def store_refused(exc: BaseException) -> None:
         _active.store_refused(os.strerror(code) if isinstance(code, int) else str(exc))
 
 
-# ---------------------------------------------------------------------- upstream
-class _CountingStream:
-    """A DataStream that counts the bytes read through it."""
-
-    def __init__(self, inner: Any, counter: Any) -> None:
-        self._inner = inner
-        self._counter = counter
-        self.start: int = inner.start
-
-    def _count(self, n: int) -> None:
-        self._counter.inc(n)
-        stats = _REQUEST.get()
-        if stats is not None:
-            stats.upstream += n
-
-    async def read(self, n: int) -> bytes:
-        data: bytes = await self._inner.read(n)
-        self._count(len(data))
-        return data
-
-    async def read_blocks(self, n: int) -> list[Any]:
-        blocks: list[Any] = await self._inner.read_blocks(n)
-        self._count(sum(len(memoryview(b)) for b in blocks))
-        return blocks
-
-
-async def _timed(m: Metrics, kind: str, call: Any) -> Any:
-    """Await ``call`` as one upstream request of ``kind``: counted, timed, its error counted."""
-    m.up_requests[kind].inc()
-    started = time.monotonic()
-    try:
-        result = await call
-    except Exception:
-        m.up_errors[kind].inc()
-        raise
-    m.up_latency[kind].observe(time.monotonic() - started)
-    return result
-
-
-class MeteredBackend:
-    """Wraps an upstream backend: requests, errors, latency and bytes by kind, probe results.
-
-    Implements :class:`cached.upstream.Backend` by delegation, so no backend knows metrics.
-    """
-
-    def __init__(self, inner: Any, metrics: Metrics) -> None:
-        self.inner = inner
-        self._m = metrics
-
-    async def _timed(self, kind: str, call: Any) -> Any:
-        return await _timed(self._m, kind, call)
-
-    async def authorize(self, image_id: str, creds: Any) -> Any:
-        try:
-            answer = await self._timed("probe", self.inner.authorize(image_id, creds))
-        except Exception:
-            self._m.probes["error"].inc()
-            raise
-        self._m.probes[answer.decision.value].inc()
-        return answer
-
-    async def record(self, image_id: str, creds: Any) -> Any:
-        return await self._timed("record", self.inner.record(image_id, creds))
-
-    @contextlib.asynccontextmanager
-    async def open_data(
-        self, image_id: str, creds: Any, start: int, end: int | None
-    ) -> AsyncIterator[Any]:
-        kind = "data" if end is None and start == 0 else "range"
-        m = self._m
-        m.up_requests[kind].inc()
-        started = time.monotonic()
-        try:
-            async with self.inner.open_data(image_id, creds, start, end) as stream:
-                m.up_latency[kind].observe(time.monotonic() - started)
-                yield _CountingStream(stream, m.up_bytes[kind])
-        except (UpstreamError, UpstreamUnavailable):
-            m.up_errors[kind].inc()
-            raise
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    def __getattr__(self, name: str) -> Any:  # anything else a backend offers
-        return getattr(self.inner, name)
-
-
-class MeteredPassThrough:
-    """Wraps a pass-through (``cached/passthrough.py``, ``cached/fileapi.py``): its answers,
-    the version document too, count as upstream requests of kind ``forward``, timed until
-    the status is known."""
-
-    def __init__(self, inner: Any, metrics: Metrics) -> None:
-        self.inner = inner
-        self._m = metrics
-
-    async def answer(self, request: Any, before_reply: Any = None) -> Any:
-        m = self._m
-        m.up_requests["forward"].inc()
-        started = time.monotonic()
-
-        async def timed_reply(response: Any) -> None:
-            m.up_latency["forward"].observe(time.monotonic() - started)
-            if before_reply is not None:
-                await before_reply(response)
-
-        try:
-            return await self.inner.answer(request, timed_reply)
-        except Exception:
-            m.up_errors["forward"].inc()
-            raise
-
-    async def versions(self, request: Any) -> Any:
-        return await _timed(self._m, "forward", self.inner.versions(request))
+def upstream_bytes(n: int) -> None:
+    """``n`` image bytes came from the upstream for the current request (its access log)."""
+    stats = _REQUEST.get()
+    if stats is not None:
+        stats.upstream += n

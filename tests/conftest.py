@@ -18,11 +18,11 @@ from blockbuster import BlockBusterFunction, blockbuster_ctx
 from fakeglance import FakeGlance
 
 from cached import config as configuration
-from cached import listeners, tls
 from cached.app import DIRECTORIES, FILLER, PROXY, STORE, make_app
-from cached.filler import Filler
-from cached.logs import AccessLogger
-from cached.proxy import Proxy
+from cached.download.proxy import Proxy
+from cached.edge import listeners, tls
+from cached.fill.registry import Filler
+from cached.ops.logs import AccessLogger
 from cached.store import Store
 
 TOKENS = {

@@ -26,7 +26,7 @@ from daemonproc import CachedProcess
 from fakeglance import FakeGlance
 from test_integrity import flip_byte
 
-from cached import jobs
+from cached.jobs import schedule as jobs
 from cached.store import xattrs
 
 MiB = 1 << 20

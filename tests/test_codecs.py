@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cached.prefetch import QueueStatus, parse_status, read_status, write_status
+from cached.jobs.prefetch import QueueStatus, parse_status, read_status, write_status
 from cached.store import Bitmap, State, chunk_size_for, codec, xattrs
 from cached.store import entry as entries
 from cached.store.chunks import MAX_CHUNKS, chunk_count

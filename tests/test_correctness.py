@@ -29,10 +29,10 @@ from conftest import (
 )
 from fakeglance import FakeGlance
 
-from cached.auth import Authorizer
 from cached.errors import UpstreamUnavailable
-from cached.fill import FillSettings, FillState
-from cached.filler import Filler
+from cached.fill.machine import FillSettings, FillState
+from cached.fill.registry import Filler
+from cached.identity.authorizer import Authorizer
 from cached.store import Entry, Store
 from cached.upstream import Authorization, Credentials, Decision, ImageRecord
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from cached.errors import FillAborted, UpstreamUnavailable
-from cached.fill import Fill, FillSettings, FillState
-from cached.filler import Filler
-from cached.jobs import prune
-from cached.pipeline import FEED_THREADS, SYNC_THREADS, WRITE_THREADS
+from cached.fill.machine import Fill, FillSettings, FillState
+from cached.fill.pipeline import FEED_THREADS, SYNC_THREADS, WRITE_THREADS
+from cached.fill.registry import Filler
+from cached.jobs.schedule import prune
 from cached.store import Bitmap, State, Store, xattrs
 from cached.upstream import Authorization, Credentials, Decision, ImageRecord
 

@@ -32,7 +32,7 @@ from daemonproc import CachedProcess
 from fakeglance import FakeGlance
 
 from cached.app import CONFIG, INTEGRITY, SCHEDULER
-from cached.lifecycle import LIVE, RELOADABLES
+from cached.ops.lifecycle import LIVE, RELOADABLES
 from cached.store import State, Store, xattrs
 from cached.store import entry as entries
 from cached.store.written import CTIME_SLACK_NS, WRITTEN

@@ -18,9 +18,9 @@ from fakeglance import FakeGlance
 from fakekeystone import FakeKeystone
 
 from cached import config as configuration
-from cached import identity
 from cached.app import MANAGER, SCHEDULER
-from cached.prefetch import STATUS_XATTR, Outcome, Prefetcher, QueueStatus, write_status
+from cached.identity import keystone as identity
+from cached.jobs.prefetch import STATUS_XATTR, Outcome, Prefetcher, QueueStatus, write_status
 from cached.store import xattrs
 
 MiB = 1 << 20

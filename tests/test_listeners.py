@@ -16,8 +16,8 @@ from daemonproc import CachedProcess, run_cached
 from fakeglance import FakeGlance
 
 from cached import config as configuration
+from cached.edge.listeners import LISTENERS, check_exposure
 from cached.errors import ConfigError
-from cached.listeners import LISTENERS, check_exposure
 
 
 async def test_several_addresses_including_ipv6(glance: FakeGlance, tmp_path: Path) -> None:

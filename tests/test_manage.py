@@ -19,9 +19,9 @@ from conftest import Daemon, start_daemon, stop_daemon, tree
 from fakeglance import FakeGlance
 from fakekeystone import FakeKeystone
 
-from cached.admin import Access, AdminGuard
 from cached.app import MANAGER
-from cached.listeners import LISTENERS, Listeners
+from cached.edge.listeners import LISTENERS, Listeners
+from cached.manage.access import Access, AdminGuard
 
 MiB = 1 << 20
 ADMIN_TOKEN = "token-admin"  # admin in the fake Glance too, so look-ups with it succeed

@@ -335,7 +335,7 @@ async def test_a_long_fill_reports_percent_and_rate(
 ) -> None:
     """Progress lines come at most every PROGRESS_EVERY seconds per fill (the clock is passed
     in: the tick's loop time in the daemon)."""
-    from cached.lifecycle import PROGRESS_EVERY, Progress
+    from cached.ops.lifecycle import PROGRESS_EVERY, Progress
 
     image = glance.add_image(os.urandom(24 * MiB), rate=4 * MiB)
     client = asyncio.ensure_future(daemon.get(image.id))

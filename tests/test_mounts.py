@@ -28,8 +28,8 @@ from daemonproc import CachedProcess
 from fakeglance import FakeGlance
 from faultfs import FaultFS
 
-from cached import mounts
-from cached.mounts import Identity, ProbeSpec, State
+from cached.cachedir import mounts
+from cached.cachedir.mounts import Identity, ProbeSpec, State
 
 MiB = 1 << 20
 LAYOUT = ["incomplete/", "invalid/", "queue/"]
@@ -681,7 +681,7 @@ async def test_a_fresh_filesystem_swapped_in_between_probes_is_rescanned(
     tmpfs the same mount id and device number, but the volume mark cached set on the old
     one is missing, so the index is forgotten and rebuilt from what is there now."""
     from cached import config as configuration
-    from cached.directories import Directories
+    from cached.cachedir.directories import Directories
     from cached.store import Store
 
     cache = mounted.tmpfs(tmp_path / "cache", "8m")

@@ -32,11 +32,11 @@ from daemonproc import CachedProcess, cached_command, run_cached
 from fakeglance import FakeGlance
 
 from cached import config as configuration
-from cached import reloadcmd
 from cached.app import CONFIG, MANAGER
 from cached.config import Config
-from cached.lifecycle import RELOADABLES, Reloadables, Reloader
-from cached.sdnotify import Notifier
+from cached.ops import reloadcmd
+from cached.ops.lifecycle import RELOADABLES, Reloadables, Reloader
+from cached.ops.sdnotify import Notifier
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent

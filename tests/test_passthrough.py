@@ -1,5 +1,5 @@
-"""What cached passes through (``cached/passthrough.py`` over ``GlanceBackend.send``, or
-``cached/fileapi.py`` over a file store): a reload's settings reach the requests relayed
+"""What cached passes through (``cached/edge/passthrough.py`` over ``GlanceBackend.send``, or
+``cached/edge/fileapi.py`` over a file store): a reload's settings reach the requests relayed
 after it (a real ``cached serve`` process), and the version document, like every other
 pass-through answer, counts as an upstream request."""
 

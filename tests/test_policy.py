@@ -1,4 +1,4 @@
-"""The request policy at the proxy (cached/policy.py): the shipped metadef lock-down in front
+"""The request policy at the proxy (cached/edge/policy.py): the shipped metadef lock-down in front
 of the fake Glance (path variants included), cached's own method + path rules, and the
 errors a bad policy file gets."""
 
@@ -18,7 +18,7 @@ from conftest import auth, start_daemon, stop_daemon
 from daemonproc import CachedProcess, run_cached
 from fakeglance import FakeGlance
 
-from cached import policy
+from cached.edge import policy
 from cached.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent

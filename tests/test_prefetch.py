@@ -13,7 +13,7 @@ from conftest import Daemon, auth, manage, start_daemon, stop_daemon
 from fakeglance import FakeGlance
 
 from cached.app import MANAGER
-from cached.prefetch import Outcome, Prefetcher
+from cached.jobs.prefetch import Outcome, Prefetcher
 
 MiB = 1 << 20
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cached import ranges
+from cached.edge import ranges
 from cached.store.chunks import MAX_CHUNKS, MIN_CHUNK, Bitmap, chunk_size_for
 
 EXAMPLES = int(os.environ.get("CACHED_FUZZ_EXAMPLES", "300"))

@@ -12,7 +12,7 @@ from conftest import Daemon, auth, data_gets, start_daemon, stop_daemon, wait_co
 from fakeglance import FakeGlance
 from yarl import URL
 
-from cached import routes
+from cached.edge import routes
 
 ID = "0b8e9b3a-5c1d-4f8e-9a3b-7c6d5e4f3a2b"
 

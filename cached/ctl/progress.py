@@ -1,4 +1,4 @@
-"""Fetch progress of queued images: cached's ``GET /v2/cache/progress`` (see cached/manage.py).
+"""Fetch progress of queued images: cached's ``GET /v2/cache/progress`` (see cached/manage/api.py).
 
 It answers ``{"progress": {"<image id>": {"state", "bytes_done", "size", "rate", ...}}}`` for
 every queued image and every image being filled. Glance has no such resource (404): then

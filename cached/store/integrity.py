@@ -1,7 +1,7 @@
 """What a file found in the cache directory is allowed to claim, and re-verifying one.
 
 The rules, applied when the index is built (:func:`load`) and by the re-verification of
-:mod:`cached.scrub`:
+:mod:`cached.cachedir.reverify`:
 
 1. **Complete entries** (``<root>/<id>``) are served without being re-read only while their
    file is what its commit record (:mod:`cached.store.written`) says. No record, or a record

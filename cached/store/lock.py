@@ -7,9 +7,9 @@ indexed: the kernel refuses the same name to a second daemon on the host, and fr
 the process ends, ``kill -9`` included. Nothing is written for it, and no descriptor is held
 open in the directory (an operator can still unmount a share under a running daemon).
 
-The :class:`cached.directories.Directories` of a daemon owns the socket: it hands its current
-claim to :func:`take`, which runs on the cache's I/O threads (it stats the directory) and
-returns the claim to keep; the loop stores it.
+The :class:`~cached.cachedir.directories.Directories` of a daemon owns the socket: it hands
+its current claim to :func:`take`, which runs on the cache's I/O threads (it stats the
+directory) and returns the claim to keep; the loop stores it.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 ``glance`` is an HTTP upstream (the real image API); ``file`` is a directory laid out like
 Glance's filesystem store. Only this package knows upstream HTTP. A backend only fetches:
 records, authorisation answers and image bytes (plus, for Glance, one raw request sent as
-given); answering a client's request is the proxy side's job (``cached/passthrough.py`` for
-Glance, ``cached/fileapi.py`` for a file store). Nothing here imports ``aiohttp.web``.
+given); answering a client's request is the proxy side's job (``cached/edge/passthrough.py`` for
+Glance, ``cached/edge/fileapi.py`` for a file store). Nothing here imports ``aiohttp.web``.
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ class Authorization:
     headers: Mapping[str, str] = field(default_factory=dict)
     request_id: str | None = None
     # ALLOW given by cached itself while the upstream failed (auth_stale_if_error): the
-    # caller's credentials were allowed this image within that window (cached/auth.py).
+    # caller's credentials were allowed this image within that window
+    # (cached/identity/authorizer.py).
     stale: bool = False
 
 

@@ -3,7 +3,7 @@
 There is no identity service behind it: it accepts everyone (the daemon then listens on
 loopback only) or the tokens listed in ``access_tokens``. It only fetches: records (as Glance
 would show them), authorisation answers, image bytes at any offset; the image API that
-clients call around a download is emulated on top of it by ``cached/fileapi.py``.
+clients call around a download is emulated on top of it by ``cached/edge/fileapi.py``.
 
 Errors are classified here: a missing image file is Glance's 404; any other ``OSError`` of the
 image directory (an NFS store that fails, a file that cannot be read) is
@@ -12,7 +12,7 @@ runs in a worker thread (the store guard's own, when there is one); the backend 
 state that changes after construction.
 
 With a guard (a :class:`DirectoryGuard`: the composition root hands in the mount guard of
-``upstream_mount``, cached/guard.py; this backend knows only what it asks of it), a store
+``upstream_mount``, cached/cachedir/guard.py; this backend knows only what it asks of it), a store
 directory that is not
 ``ok`` answers 503 with Glance's JSON error page naming the state, for downloads, records and
 lists: a missing share is never "no image found", which Nova would take for a deleted image.

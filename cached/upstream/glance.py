@@ -1,7 +1,7 @@
 """The ``glance`` backend: an HTTP upstream speaking the Glance v2 API.
 
 It fetches what the cache needs (authorisation probes, records, image bytes) and offers one
-raw primitive, :meth:`GlanceBackend.send`, for the pass-through (``cached/passthrough.py``),
+raw primitive, :meth:`GlanceBackend.send`, for the pass-through (``cached/edge/passthrough.py``),
 which owns every rule about relaying a client's request. aiohttp's client errors become
 :class:`UpstreamUnavailable` here, where they arise. The sessions are created with the
 backend and closed by :meth:`close`; only the event loop's tasks use them.

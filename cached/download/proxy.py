@@ -1,0 +1,478 @@
+"""The image API as compute nodes see it: authorised hits, misses through a fill, the rest
+passed through to the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from aiohttp import web
+
+from cached.cachedir.directories import Directories
+from cached.cachedir.reverify import Integrity
+from cached.download.reader import Progress, send_entry
+from cached.edge import ranges, replies, routes
+from cached.edge.passthrough import PassThrough
+from cached.errors import (
+    CachedError,
+    FillAborted,
+    NotAdmitted,
+    StoreUnavailable,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from cached.fill.machine import Fill
+from cached.fill.registry import Filler
+from cached.identity.authorizer import Authorizer
+from cached.ids import is_image_id
+from cached.store import Entry, State, Store, chunk_size_for
+from cached.store.integrity import SMALL_HIT
+from cached.upstream import Backend, Credentials, Decision, ImageRecord
+
+log = logging.getLogger("cached.proxy")
+
+_RELAY_PIECE = 1 << 20  # bytes per read when the rest of a download comes from the upstream
+
+
+class Outcome(enum.Enum):
+    """How a download was answered; also its RFC 9211 Cache-Status value."""
+
+    HIT = "cached; hit"
+    STALE_HIT = "cached; hit; detail=stale-auth"  # the upstream failed: auth_stale_if_error
+    MISS = "cached; fwd=uri-miss; stored"
+    COLLAPSED = "cached; fwd=uri-miss; collapsed"
+    PARTIAL = "cached; fwd=partial; stored"
+    BYPASS = "cached; fwd=bypass"
+
+
+@dataclass(frozen=True)
+class _Download:
+    """One download being answered from the cache."""
+
+    request: web.Request
+    entry: Entry
+    wanted: ranges.ByteRange | None  # None: the whole image
+    outcome: Outcome
+    request_id: str
+    creds: Credentials
+    record: ImageRecord | None
+
+    @property
+    def whole(self) -> bool:
+        return self.wanted is None
+
+    @property
+    def start(self) -> int:
+        return 0 if self.wanted is None else self.wanted.start
+
+    @property
+    def end(self) -> int:
+        return self.entry.size if self.wanted is None else self.wanted.end
+
+
+@dataclass
+class Proxy:
+    store: Store
+    filler: Filler
+    backend: Backend
+    authorizer: Authorizer
+    # Answers everything the cache does not (cached/edge/passthrough.py, cached/edge/fileapi.py).
+    passthrough: PassThrough
+    # Admission: images larger than this are never cached (streamed with detail=too-large).
+    max_entry_size: int | None = None
+    # Entered around opening a new fill with the bytes it will write: gives None, or why
+    # there is no room (cached/jobs/schedule.py Maintenance.admission).
+    admission: Callable[[int], AbstractAsyncContextManager[str | None]] | None = None
+    # Told of every image deleted through the proxy (e.g. the prefetch queue forgets it).
+    on_deleted: list[Callable[[str], Awaitable[object]]] = field(default_factory=list)
+    integrity: Integrity | None = None  # re-verifies a changed file before a hit (scrub.py)
+    directories: Directories | None = None  # None: the cache directory is not guarded
+    # Drops of deleted images still running (on a hung share); changed on the loop only.
+    _dropping: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def image_data(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v2/images/{id}/file``: authorise, then serve from the cache or fill it."""
+        image_id = routes.image_id(request)
+        if not is_image_id(image_id):
+            return _error(400, f"Image ID must be a UUID, got {image_id[:64]!r}.")
+        if (refused := await routes.refused_spelling(self.backend, request)) is not None:
+            return refused
+        creds = Credentials.from_headers(request.headers)
+        entry = self.store.get(image_id)
+        # Authorisation first and alone, cached or not: a refused caller takes the same path
+        # (and time) whether or not this node holds the image, so it learns nothing of it.
+        try:
+            auth = await self.authorizer.check(
+                image_id, creds, stale_ok=entry is not None and entry.complete
+            )
+        except UpstreamUnavailable as exc:
+            return replies.unreachable(request, exc)
+        if auth.decision is Decision.DENY:
+            return web.Response(status=auth.status, body=auth.body, headers=dict(auth.headers))
+        request_id = auth.request_id or f"req-{uuid.uuid4()}"
+        if auth.decision is Decision.NO_DATA:
+            return web.Response(status=204, headers={"x-openstack-request-id": request_id})
+        entry = self.store.get(image_id)
+        record: ImageRecord | None = None
+        if not auth.stale and (
+            entry is None or (not entry.complete and image_id not in self.filler.fills)
+        ):
+            try:
+                record = await self._record(image_id, creds)
+            except UpstreamUnavailable as exc:
+                return replies.unreachable(request, exc)
+            entry = self.store.get(image_id)
+        bypass = self.directories.cache_bypass(entry) if self.directories else None
+        if bypass is not None:  # the cache directory is not usable (cached/cachedir/directories.py)
+            return await self._bypass(request, bypass)
+        if auth.stale and (entry is None or not entry.complete):  # never a fill on it
+            return _error(503, "The image service is unavailable; try again later.")
+        if entry is None or not entry.complete:
+            if isinstance(record, ImageRecord) and (
+                record.status != "active" or record.size is None
+            ):
+                return await self._bypass(request)
+            if entry is None and not isinstance(record, ImageRecord):
+                return await self._bypass(request)
+        size = entry.size if entry is not None else record.size  # type: ignore[union-attr]
+        assert size is not None
+        if (entry is None or not entry.complete) and self._too_large(size):
+            return await self._bypass(request, "too-large")
+        try:
+            wanted = ranges.parse(request.headers.get("Range"), size)
+            if wanted is not None and "If-Range" in request.headers:
+                # RFC 9110 §13.1.5: we send no validators, so no If-Range can match.
+                wanted = None
+        except ranges.MultipleRanges:
+            return await self._bypass(request)
+        except ranges.MalformedRange as exc:
+            return _error(400, str(exc))
+        except ranges.RangeNotSatisfiable:
+            return web.Response(
+                status=416,
+                headers={"Content-Range": f"bytes */{size}", "x-openstack-request-id": request_id},
+            )
+        try:
+            fill, outcome = await self._attach(image_id, entry, record, creds, wanted)
+            if auth.stale:
+                outcome = Outcome.STALE_HIT
+        except (StoreUnavailable, FillAborted) as exc:
+            self._cache_failed(image_id, exc, exc.__cause__ or exc)
+            return await self._bypass(request)
+        except NotAdmitted as exc:
+            return await self._bypass(request, exc.detail)
+        entry = fill.entry if fill is not None else entry
+        assert entry is not None
+        return await self._send(
+            _Download(request, entry, wanted, outcome, request_id, creds, record), fill
+        )
+
+    def _too_large(self, size: int) -> bool:
+        return self.max_entry_size is not None and size > self.max_entry_size
+
+    async def _record(self, image_id: str, creds: Credentials) -> ImageRecord | None:
+        try:
+            return await self.backend.record(image_id, creds)
+        except UpstreamError:
+            return None  # the authorisation probe carries the answer the caller gets
+
+    async def _attach(
+        self,
+        image_id: str,
+        entry: Entry | None,
+        record: ImageRecord | None,
+        creds: Credentials,
+        wanted: ranges.ByteRange | None,
+    ) -> tuple[Fill | None, Outcome]:
+        if entry is not None and entry.complete:
+            return None, Outcome.HIT
+        fill = self.filler.get(image_id)
+        if fill is not None:
+            return fill, Outcome.COLLAPSED
+        if record is None:
+            assert entry is not None
+            record = _record_of(entry)
+        if self.admission is None:
+            fill, created = await self.filler.open(record, creds)
+        else:
+            # A new fill: make room for what it will write, or let it pass through. Its
+            # reservation is made by _send's demand, with no await between the two.
+            needed = _bytes_to_fetch(entry, record, wanted)
+            async with self.admission(needed) as refused:
+                if refused is not None:
+                    raise NotAdmitted("no-space", refused)
+                fill, created = await self.filler.open(record, creds)
+        if not created:
+            return fill, Outcome.COLLAPSED
+        return fill, Outcome.PARTIAL if len(fill.entry.present) else Outcome.MISS
+
+    async def _send(self, dl: _Download, fill: Fill | None) -> web.StreamResponse:
+        following = None
+        if fill is not None:
+            following = (fill, fill.demand(dl.start, dl.end, whole=dl.whole))
+        entry = dl.entry
+        # Count the reader before anything awaits: prune and delete skip entries in use.
+        entry.readers += 1
+        try:
+            try:
+                file = await self._open(dl, fill)
+            except FileNotFoundError:  # evicted between lookup and now
+                return await self._bypass(dl.request)
+            except OSError as exc:  # the cache directory's (EIO, ESTALE...): nothing sent yet
+                self._cache_failed(entry.image_id, exc, exc)
+                return await self._without_cache(dl)
+            if file is None:  # a hit whose file failed re-verification: now out of the index
+                return await self._without_cache(dl)
+            try:
+                return await self._stream(dl, file, following)
+            finally:
+                if not isinstance(file, bytes):
+                    await self._close(file)
+        finally:
+            entry.readers -= 1
+            self.filler.reader_left(entry)
+
+    def _cache_failed(self, image_id: str, exc: BaseException, cause: BaseException) -> None:
+        """A cache-directory error before anything was sent: log it, tell the guard now."""
+        log.warning("cache unavailable for %s, passing through: %s", image_id, exc)
+        if self.directories is not None:
+            self.directories.cache.report(cause)
+
+    async def _without_cache(self, dl: _Download) -> web.StreamResponse:
+        """A hit the cache cannot serve after all: from the upstream, unless the caller was
+        authorised only by a stale allowance (never a transfer on that)."""
+        if dl.outcome is Outcome.STALE_HIT:
+            return _error(503, "The image service is unavailable; try again later.")
+        return await self._bypass(dl.request)
+
+    async def _open(self, dl: _Download, fill: Fill | None) -> BinaryIO | bytes | None:
+        """The file to send from (a small hit: its bytes). A hit's file is checked against
+        its commit record as it is opened, and re-verified first if it changed
+        (cached/cachedir/reverify.py); None if it failed."""
+        if fill is None and self.integrity is not None:
+            small = dl.end - dl.start <= SMALL_HIT
+            return await self.integrity.open_hit(dl.entry, (dl.start, dl.end) if small else None)
+        # On the cache's own threads: a hung share holds those, not the default executor.
+        return await self.store.run(_open_unbuffered, dl.entry.path)
+
+    async def _close(self, file: BinaryIO) -> None:
+        """Close on a cache-I/O thread, without waiting for it: nothing depends on it, and a
+        hit saves the loop a wake-up."""
+        try:
+            self.store.io.submit(_close, file)
+        except RuntimeError:  # the executor is shut down (the daemon is stopping)
+            await asyncio.to_thread(_close, file)
+
+    async def _stream(
+        self, dl: _Download, file: BinaryIO | bytes, following: tuple[Fill, int] | None
+    ) -> web.StreamResponse:
+        entry, request = dl.entry, dl.request
+        response = web.StreamResponse(status=200 if dl.whole else 206)
+        response.content_type = "application/octet-stream"
+        response.content_length = dl.end - dl.start
+        if entry.checksum:
+            response.headers["Content-MD5"] = entry.checksum  # hex, as Glance sends it
+        if dl.wanted is not None:
+            response.headers["Content-Range"] = dl.wanted.content_range()
+        response.headers["x-openstack-request-id"] = dl.request_id
+        response.headers["Cache-Status"] = dl.outcome.value
+        try:
+            await response.prepare(request)
+        except ConnectionError:  # the client left before the headers went out
+            return response
+
+        async def ensure_fill(pos: int, stop: int) -> tuple[Fill | None, int]:
+            if entry.complete:
+                return None, 0
+            current = self.filler.fill_of(entry)
+            if current is None:
+                if entry.removed:
+                    raise FillAborted("entry deleted")
+                current, _ = await self.filler.open(dl.record or _record_of(entry), dl.creds)
+                if current.entry is not entry:
+                    raise FillAborted("entry deleted")  # and re-created since: not ours
+            return current, current.demand(pos, stop, whole=dl.whole)
+
+        progress = Progress(dl.start)
+        try:
+            try:
+                if isinstance(file, bytes):  # a small hit, read from the file as checked
+                    await _write_small(response, entry, file, dl.end - dl.start)
+                else:
+                    await send_entry(
+                        request,
+                        response,
+                        entry,
+                        file,
+                        dl.start,
+                        dl.end,
+                        lambda: self.filler.fill_of(entry),
+                        ensure_fill,
+                        progress,
+                        following,
+                    )
+            except FillAborted as exc:
+                if not isinstance(exc.__cause__, StoreUnavailable):
+                    raise
+                # The cache disk failed (full, read-only, I/O error), not the image: a cache
+                # problem never costs the client its download.
+                log.warning(
+                    "cache write failed while %s was sent (%s): the rest comes from the upstream",
+                    entry.image_id,
+                    exc.__cause__,
+                )
+                await self._relay(dl, response, progress.pos)
+        except (CachedError, ConnectionError, OSError) as exc:
+            # Content-Length is out: cutting the connection tells the client it is short.
+            log.info("download of %s cut short: %s", entry.image_id, exc)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        await response.write_eof()
+        if dl.outcome in (Outcome.HIT, Outcome.STALE_HIT):
+            await self.store.touch(entry, hit=True)
+        return response
+
+    async def _relay(self, dl: _Download, response: web.StreamResponse, pos: int) -> None:
+        """Send bytes ``[pos, end)`` of the download straight from the upstream."""
+        end = dl.end
+        async with self.backend.open_data(dl.entry.image_id, dl.creds, pos, end) as stream:
+            while pos < end:
+                blocks = await stream.read_blocks(min(_RELAY_PIECE, end - pos))
+                if not blocks:
+                    raise UpstreamUnavailable(f"upstream ended at {pos} of {end} bytes")
+                for block in blocks:
+                    await response.write(block)
+                    pos += len(memoryview(block))
+
+    async def _bypass(self, request: web.Request, detail: str | None = None) -> web.StreamResponse:
+        """A download the cache does not take part in (store unavailable, several ranges,
+        an image the admission rule keeps out)."""
+        status = Outcome.BYPASS.value + (f"; detail={detail}" if detail else "")
+
+        async def mark(response: web.StreamResponse) -> None:
+            response.headers["Cache-Status"] = status
+
+        try:
+            return await self.passthrough.answer(request, mark)
+        except UpstreamUnavailable as exc:
+            if request.transport is None or request.transport.is_closing():
+                raise
+            return replies.unreachable(request, exc)
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        """Everything else: pass through; a successful change forgets what it invalidates."""
+        hook = None
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            # As the upstream routes it, trailing '/' or an unsure version included: only a
+            # 2xx answer counts, and a path no route matches never gets one.
+            route = routes.routed(request).image
+            if route is not None:
+                image_id = route.image_id
+                deleted = request.method == "DELETE" and not route.rest
+
+                async def hook(response: web.StreamResponse) -> None:
+                    if 200 <= response.status < 300:
+                        await self.image_changed(image_id, deleted=deleted)
+
+        try:
+            return await self.passthrough.answer(request, hook)
+        except UpstreamUnavailable as exc:
+            if request.transport is None or request.transport.is_closing():
+                raise
+            return replies.unreachable(request, exc)
+
+    async def versions(self, request: web.Request) -> web.StreamResponse:
+        """``GET /`` and ``GET /versions``: the upstream's version document, advertising the
+        cache API (v2.14-v2.18, which cached answers itself) with links to the proxy.
+
+        python-glanceclient looks for v2.14 (v2.18 for clean/prune) before every cache call.
+        """
+        return await self.passthrough.versions(request)
+
+    async def image_changed(self, image_id: str, *, deleted: bool) -> None:
+        self.authorizer.forget(image_id)
+        if deleted:
+            # The upstream has answered: a cache share that hangs must not hold that answer.
+            # The drop goes on in the background (the entry is out of the index at once)
+            # and ends when the share answers again.
+            drop = asyncio.get_running_loop().create_task(self._drop(image_id))
+            self._dropping.add(drop)
+            drop.add_done_callback(self._dropped)
+            guard = self.directories.cache if self.directories is not None else None
+            await asyncio.wait({drop}, timeout=guard.probe_timeout if guard else None)
+
+    async def _drop(self, image_id: str) -> None:
+        await self.filler.remove(image_id)
+        for hook in self.on_deleted:
+            await hook(image_id)
+        log.info("image %s deleted upstream: dropped its cache entry", image_id)
+
+    def _dropped(self, task: asyncio.Task[None]) -> None:
+        self._dropping.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("dropping a deleted image's copy failed", exc_info=task.exception())
+
+
+def _bytes_to_fetch(
+    entry: Entry | None, record: ImageRecord, wanted: ranges.ByteRange | None
+) -> int:
+    """What a new fill for this download will write: the missing part of the image, or of
+    the chunks a range covers (a range reserves its chunks, never the whole image)."""
+    size = record.size or 0
+    chunk = entry.chunk_size if entry is not None else chunk_size_for(size)
+    if wanted is None:
+        return size - (entry.present_bytes() if entry is not None else 0)
+    first, last = wanted.start // chunk, (max(wanted.end, wanted.start + 1) - 1) // chunk
+    needed = 0
+    for c in range(first, last + 1):
+        if entry is None or c not in entry.present:
+            needed += min(size, (c + 1) * chunk) - c * chunk
+    return needed
+
+
+async def _write_small(response: web.StreamResponse, entry: Entry, data: bytes, count: int) -> None:
+    """Send a small hit's bytes (read as its file was opened and checked)."""
+    if entry.state is State.INVALID:  # found corrupt since (the scrub)
+        raise FillAborted(f"entry {entry.image_id} failed verification")
+    if len(data) != count:
+        raise FillAborted(f"file shorter than its entry: {len(data)} of {count} bytes")
+    await response.write(data)
+
+
+def _open_unbuffered(path: Path) -> BinaryIO:
+    return open(path, "rb", buffering=0)
+
+
+def _close(file: BinaryIO) -> None:
+    try:
+        file.close()
+    except OSError as exc:  # read-only: nothing was lost
+        log.debug("closing %s: %s", getattr(file, "name", file), exc)
+
+
+def _record_of(entry: Entry) -> ImageRecord:
+    return ImageRecord(
+        entry.image_id,
+        "active",
+        entry.size,
+        entry.checksum,
+        entry.os_hash_algo,
+        entry.os_hash_value,
+    )
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response(
+        {"error": {"code": status, "message": message}},
+        status=status,
+        headers={"x-openstack-request-id": f"req-{uuid.uuid4()}"},
+    )

@@ -1,0 +1,244 @@
+"""The daemon's sockets, and which one a request came in on.
+
+- Public listeners: every address of ``listen`` (``HOST:PORT``, ``[v6]:PORT``; an IPv6
+  wildcard is bound v6-only so ``0.0.0.0:P`` and ``[::]:P`` can both be listed), with TLS
+  when a certificate is configured.
+- The management listener (``admin_listen``): a Unix socket (``unix:/run/cached/admin.sock``,
+  mode 0600: the file's permissions are the credential) or ``HOST:PORT`` (TLS like the public
+  ones, and with ``admin_tls_client_ca`` only for clients presenting a certificate of that CA).
+  Requests on it are trusted without a token (:func:`is_management`); the same application
+  serves it.
+
+Loopback is not a credential (issue 9): a local TLS terminator or port forwarder makes every
+remote caller "loopback". :func:`check_exposure` refuses to start when a world-reachable
+listener would leave management without authentication.
+
+State: :class:`Listeners` is filled by :func:`start` on the event loop before the first
+request is served, and only read afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from cached.config import Config
+from cached.edge.loopback import is_loopback
+from cached.edge.tls import ServerTLS
+from cached.errors import ConfigError
+
+log = logging.getLogger("cached.listeners")
+
+_BACKLOG = 1024
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+@dataclass
+class Listeners:
+    """The sockets a daemon serves on.
+
+    Args:
+        loopback_trusted: ``allow_unauthenticated_management``: loopback callers on the
+            public listeners are operators too (the rule before issue 9).
+    """
+
+    loopback_trusted: bool = False
+    urls: list[str] = field(default_factory=list)  # the public listeners
+    sites: list[web.BaseSite] = field(default_factory=list)  # all, started
+    management_url: str = ""
+    _unix_paths: set[str] = field(default_factory=set)
+    _management_tcp: set[tuple[str, int]] = field(default_factory=set)
+
+    def is_management(self, request: web.Request) -> bool:
+        """Whether ``request`` came in on the management listener."""
+        if request.transport is None:
+            return False
+        sock = request.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            name = sock.getsockname()
+        except OSError:
+            return False
+        if sock.family == socket.AF_UNIX:
+            return isinstance(name, str) and name in self._unix_paths
+        host, port = name[0], name[1]
+        return any(port == p and (h == host or h in _WILDCARDS) for h, p in self._management_tcp)
+
+
+LISTENERS = web.AppKey("listeners", Listeners)
+
+
+def is_management(request: web.Request) -> bool:
+    """Whether ``request`` came in on the management listener (a Unix socket, or
+    ``admin_listen``): there, a caller without a token is an operator."""
+    listeners = request.config_dict.get(LISTENERS)
+    return listeners is not None and listeners.is_management(request)
+
+
+def trusted_operator(request: web.Request) -> bool:
+    """Whether ``request`` may manage without a token: it came in on the management listener,
+    or (``allow_unauthenticated_management`` only) from loopback."""
+    listeners = request.config_dict.get(LISTENERS)
+    if listeners is None:
+        return False
+    if listeners.loopback_trusted and is_loopback(request.remote):
+        return True
+    return listeners.is_management(request)
+
+
+def _url(scheme: str, host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{shown}:{port}"
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (blocking: call from a thread)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_unix(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path``, mode 0600 (blocking: call from a thread).
+
+    A stale socket file (nobody accepting on it) is replaced; any other file is an error.
+    """
+    if path.is_symlink() or path.exists():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ConfigError(f"option 'admin_listen': {path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale: left by a daemon that did not stop cleanly
+        else:
+            raise ConfigError(f"option 'admin_listen': another process listens on {path}")
+        finally:
+            probe.close()
+    if not path.parent.is_dir():
+        raise ConfigError(f"option 'admin_listen': directory {path.parent} does not exist")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def start(runner: web.AppRunner, config: Config, server_tls: ServerTLS | None) -> Listeners:
+    """Bind every configured socket and start serving ``runner``'s app on them.
+
+    Raises:
+        OSError: an address cannot be bound (in use, not local).
+        ConfigError: the Unix socket path is unusable.
+    """
+    listeners = runner.app[LISTENERS]
+    scheme = "https" if server_tls else "http"
+    for host, port in config.listen_addresses:
+        sock = await asyncio.to_thread(bind_tcp, host, port)
+        bound = sock.getsockname()
+        site = web.SockSite(runner, sock, ssl_context=server_tls.public if server_tls else None)
+        await site.start()
+        listeners.sites.append(site)
+        listeners.urls.append(_url(scheme, bound[0], bound[1]))
+    address = config.admin_address
+    if isinstance(address, Path):
+        sock = await asyncio.to_thread(bind_unix, address)
+        listeners._unix_paths.add(sock.getsockname())
+        site = web.SockSite(runner, sock)
+        await site.start()
+        listeners.sites.append(site)
+        listeners.management_url = f"unix:{address}"
+    elif address is not None:
+        sock = await asyncio.to_thread(bind_tcp, *address)
+        bound = sock.getsockname()
+        listeners._management_tcp.add((bound[0], bound[1]))
+        site = web.SockSite(runner, sock, ssl_context=server_tls.management if server_tls else None)
+        await site.start()
+        listeners.sites.append(site)
+        listeners.management_url = _url(scheme, bound[0], bound[1])
+    return listeners
+
+
+def remove_unix_socket(config: Config) -> None:
+    """Remove the management socket file after the daemon stopped (call from a thread)."""
+    address = config.admin_address
+    if isinstance(address, Path):
+        try:
+            if stat.S_ISSOCK(address.lstat().st_mode):
+                address.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def management_authenticated(config: Config) -> bool:
+    """Whether management has authentication of its own (``admin_tokens`` or Keystone)."""
+    return bool(config.admin_tokens or config.keystone_url)
+
+
+def check_exposure(config: Config, source: str) -> None:
+    """Refuse a configuration in which a world-reachable listener leaves the management API
+    without authentication (unless ``allow_unauthenticated_management``).
+
+    Unauthenticated management is safe on a Unix socket, a loopback management listener, or
+    one that requires client certificates; the public listeners then refuse it (403). A
+    public listener on a routable address with no management home at all is the set-up the
+    loopback rule used to "protect": refused too, since a forwarder makes anyone loopback.
+    """
+    if management_authenticated(config) or config.allow_unauthenticated_management:
+        return
+    address = config.admin_address
+    if isinstance(address, tuple) and not is_loopback(address[0]):
+        if not config.admin_tls_client_ca:
+            raise ConfigError(
+                f"{source}: option 'admin_listen': {config.admin_listen} is reachable from "
+                "other hosts and the management API has no authentication; set admin_tokens "
+                "or keystone_url, admin_tls_client_ca, a unix: admin_listen, or "
+                "allow_unauthenticated_management: true"
+            )
+        return
+    if address is None:
+        exposed = [h for h, _ in config.listen_addresses if not is_loopback(h)]
+        if exposed:
+            raise ConfigError(
+                f"{source}: option 'listen': {exposed[0] or '0.0.0.0'} is reachable from "
+                "other hosts and the management API has no authentication; set admin_tokens "
+                "or keystone_url, an admin_listen (e.g. unix:/run/cached/admin.sock), or "
+                "allow_unauthenticated_management: true"
+            )
+
+
+__all__ = [
+    "LISTENERS",
+    "Listeners",
+    "bind_tcp",
+    "bind_unix",
+    "check_exposure",
+    "is_management",
+    "remove_unix_socket",
+    "start",
+    "trusted_operator",
+]

@@ -1,0 +1,215 @@
+"""The registry of fills: at most one running fill per image, and the fills of deleted
+entries that still have readers.
+
+Owned by the event loop: ``fills``, ``orphans`` and the pass-through switch are changed only
+by coroutines and callbacks running there.
+
+Deleting an entry while it fills (``remove``) takes the fill out of the registry at once (a
+new request starts a new entry and fill) and *orphans* it: it goes on only while readers of
+the deleted entry still follow it, and is cancelled when the last one leaves. ``close``
+stops registered and orphaned fills alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from cached import metrics
+from cached.errors import FillAborted, StoreUnavailable
+from cached.fill.machine import DataCredentials, Fill, FillSettings, FillState
+from cached.store import Entry, Store
+from cached.upstream import Backend, Credentials, ImageRecord
+
+log = logging.getLogger("cached.filler")
+
+STORE_RETRY_AFTER = 30  # seconds of pass-through after the cache disk failed
+# Errors of the cache disk itself (not of one entry, not of the upstream): new fills are
+# refused for a while and downloads pass through instead of failing over and over.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+class DiskGuard(Protocol):
+    """What the filler needs of the cache directory's guard."""
+
+    @property
+    def ok(self) -> bool: ...
+
+    def report(self, exc: BaseException) -> None: ...
+
+
+class Filler:
+    """The registry of fills: at most one per image."""
+
+    def __init__(
+        self,
+        store: Store,
+        backend: Backend,
+        settings: FillSettings,
+        data_credentials: DataCredentials | None = None,
+    ):
+        self._store = store
+        self._backend = backend
+        self._settings = settings
+        self._data_credentials = data_credentials
+        self.fills: dict[str, Fill] = {}
+        self.orphans: set[Fill] = set()
+        self._store_failed_at = -float(STORE_RETRY_AFTER)
+        # The cache directory's guard (cached/cachedir/guard.py), when there is one: it decides when
+        # fills may run instead of the fixed pass-through above (kept only for a full disk);
+        # disk errors wake it.
+        self.disk_guard: DiskGuard | None = None
+        # Told whenever fills reserve space (the prune makes room).
+        self.on_reserve: Callable[[], None] | None = None
+        self._opening: dict[str, asyncio.Future[Fill]] = {}
+
+    def get(self, image_id: str) -> Fill | None:
+        """The running fill of ``image_id``, if any."""
+        fill = self.fills.get(image_id)
+        return fill if fill is not None and fill.state is FillState.RUNNING else None
+
+    def fill_of(self, entry: Entry) -> Fill | None:
+        """The active fill working on ``entry`` itself (registered or orphaned), if any."""
+        fill = self.fills.get(entry.image_id)
+        if fill is not None and fill.entry is entry and fill.state.active:
+            return fill
+        for orphan in self.orphans:
+            if orphan.entry is entry and orphan.state.active:
+                return orphan
+        return None
+
+    def passing_through(self) -> bool:
+        """Whether new fills are refused because the cache disk failed a moment ago."""
+        if self.disk_guard is not None and not self.disk_guard.ok:
+            return True
+        return time.monotonic() - self._store_failed_at < STORE_RETRY_AFTER
+
+    async def open(self, record: ImageRecord, creds: Credentials) -> tuple[Fill, bool]:
+        """The fill of ``record``'s image, creating its entry and fill if there are none.
+
+        Returns the fill and whether this call created it. Raises StoreUnavailable when the
+        cache disk cannot take it, FillAborted when the entry was deleted meanwhile.
+        """
+        image_id = record.id
+        while True:
+            fill = self.fills.get(image_id)
+            if fill is None:
+                break
+            if fill.state is FillState.RUNNING:
+                return fill, False
+            await fill.closed.wait()  # a fill that just ended is still flushing
+        opening = self._opening.get(image_id)
+        if opening is not None:
+            return await asyncio.shield(opening), False
+        if self.passing_through():
+            raise StoreUnavailable("the cache disk failed a moment ago")
+        future: asyncio.Future[Fill] = asyncio.get_running_loop().create_future()
+        self._opening[image_id] = future
+        try:
+            fill = await self._open(record, creds)
+            future.set_result(fill)
+            return fill, True
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters get it from their own await
+            raise
+        finally:
+            del self._opening[image_id]
+
+    def opening(self, image_id: str) -> bool:
+        """Whether a fill of ``image_id`` is being opened (its entry is in use)."""
+        return image_id in self._opening
+
+    async def _open(self, record: ImageRecord, creds: Credentials) -> Fill:
+        image_id = record.id
+        entry = self._store.get(image_id)
+        try:
+            if entry is None or entry.size != record.size:
+                assert record.size is not None
+                entry = await self._store.create(
+                    image_id,
+                    record.size,
+                    checksum=record.checksum,
+                    os_hash_algo=record.os_hash_algo,
+                    os_hash_value=record.os_hash_value,
+                )
+            fd = await self._store.run(os.open, entry.path, os.O_RDWR)
+        except FileNotFoundError as exc:  # deleted (or evicted) meanwhile: not a disk failure
+            raise FillAborted(f"entry of {image_id} deleted while opening it") from exc
+        except OSError as exc:
+            self._store_failed(StoreUnavailable(str(exc), exc.errno))
+            raise StoreUnavailable(f"cannot create a cache entry: {exc}", exc.errno) from exc
+        if entry.removed:
+            await self._store.run(os.close, fd)
+            raise FillAborted(f"entry of {image_id} deleted while opening it")
+        fill = Fill(
+            entry,
+            self._store,
+            self._backend,
+            creds,
+            self._settings,
+            self._closed,
+            fd,
+            self._data_credentials,
+        )
+        fill.on_reserve = self.reserved
+        self.fills[image_id] = fill
+        return fill
+
+    def reserved(self) -> None:
+        """A fill reserved space: let the prune make room."""
+        if self.on_reserve is not None:
+            self.on_reserve()
+
+    def _closed(self, fill: Fill) -> None:  # called by the fill when it lets go
+        if self.fills.get(fill.entry.image_id) is fill:
+            del self.fills[fill.entry.image_id]
+        self.orphans.discard(fill)
+        if isinstance(fill.error, StoreUnavailable):
+            self._store_failed(fill.error)
+
+    def _store_failed(self, exc: StoreUnavailable) -> None:
+        if self.disk_guard is not None:
+            self.disk_guard.report(exc)  # it decides about read-only, vanished, failing
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                return  # (a full disk is not the mount's fault: the pause below stays)
+        if exc.errno in DISK_ERRNOS:
+            log.error(
+                "the cache directory failed (%s): passing through for %ds",
+                exc,
+                STORE_RETRY_AFTER,
+            )
+            self._store_failed_at = time.monotonic()
+            metrics.store_refused(exc)
+
+    def reader_left(self, entry: Entry) -> None:
+        """A reader of ``entry`` finished: an orphaned fill nobody reads any more stops."""
+        for orphan in list(self.orphans):
+            if orphan.entry is entry:
+                orphan.reader_left()
+
+    async def remove(self, image_id: str) -> bool:
+        """Delete an image's entry, safely while it is being read or filled.
+
+        Readers that have the file open finish from it; a running fill goes on for them (and
+        only while they read) but never commits; the space is freed when the last of them
+        closes the file.
+        """
+        fill = self.fills.pop(image_id, None)
+        if fill is not None and fill.state.active:
+            self.orphans.add(fill)
+            fill.orphan()
+        removed = await self._store.remove(image_id)
+        return removed is not None or fill is not None
+
+    async def close(self) -> None:
+        """Stop every fill, keeping what was written and flushed for a resume."""
+        fills = [*self.fills.values(), *self.orphans]
+        for fill in fills:
+            fill.cancel()
+        await asyncio.gather(*(f.closed.wait() for f in fills))

@@ -1,0 +1,1 @@
+"""The periodic jobs: prune, clean, scrub and prefetch, and their schedule."""

@@ -1,0 +1,472 @@
+"""The cache management API, answered by the daemon itself (never proxied), admins only.
+
+Glance 33's v2 Cache API (python-glanceclient ``glance cache-*``), also under ``/v2.N/``:
+
+=============================  =======  ==================================================
+``GET /v2/cache``              200      ``{"cached_images": [...], "queued_images": [...]}``
+``DELETE /v2/cache``           204      header ``x-image-cache-clear-target``: cache|queue|
+``PUT /v2/cache/{id}``         202      queue it and start fetching now
+``DELETE /v2/cache/{id}``      204      drop it from the cache and the queue
+``POST /v2/cache/clean``       200      the clean job
+``POST /v2/cache/prune``       200      ``{"total_files_pruned": N, "total_bytes_pruned": N}``
+``GET /v2/cache/nodes/{id}``   200      ``["http://this-node:9292", <peers holding it>]``
+=============================  =======  ==================================================
+
+The legacy ``glance-cache-manage`` API under ``/v1/``, ``/v2/`` (and ``/v2.N/``):
+``GET|DELETE cached_images``, ``DELETE cached_images/{id}``, ``GET|DELETE queued_images``,
+``PUT|DELETE queued_images/{id}``; 200 with Glance's JSON bodies (``null`` for single-image
+actions, ``{"num_deleted": N}`` for the delete-all ones).
+
+cached's extension, ``GET /v2/cache/progress`` (kept out of ``GET /v2/cache``: glanceclient
+prints every top-level key of that document but ``cached_images`` as queued rows)::
+
+    {"progress": {"<image id>": {
+        "state": "fetching" | "waiting" | "queued" | "failed",
+        "bytes_done": 123, "size": 456 | null,      # bytes in the cache / image size
+        "rate": 1.5e7 | null,                       # bytes/s from the upstream, this fetch
+        "failures": 0, "last_error": null,           # queued images only:
+        "last_attempt": null, "next_attempt": null}}, # the prefetch record (epoch seconds)
+     "directories": [{"name": "cache" | "store", "directory": "/var/lib/cached",
+        "state": "ok" | "read_only" | "vanished" | "hung" | "failing", "reason": "...",
+        "since": "2026-01-01T00:00:00.000000Z", ...}]}   # cached/cachedir/guard.py Guard.status()
+
+Listed: every queued image, and every image being filled for a client (no ``failures``...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+from aiohttp import web
+
+from cached.cachedir.directories import Directories
+from cached.cachedir.mounts import State
+from cached.config import Config
+from cached.edge import replies
+from cached.errors import CachedError, StoreUnavailable, UpstreamError, UpstreamUnavailable
+from cached.fill.registry import Filler
+from cached.identity.keystone import ServiceAuth
+from cached.ids import is_image_id
+from cached.jobs.prefetch import Prefetcher
+from cached.jobs.schedule import Maintenance
+from cached.manage.access import Access, AdminGuard
+from cached.store import Store
+from cached.upstream import Backend, Credentials, ImageRecord
+
+log = logging.getLogger("cached.manage")
+T = TypeVar("T")
+
+_PEER_TIMEOUT = aiohttp.ClientTimeout(total=5)
+
+
+class ImageNotFound(CachedError):
+    """The image is unknown (to the upstream, for this caller) and not held here."""
+
+
+class ImageNotActive(CachedError):
+    """Only active images can be cached."""
+
+
+class BadRequest(CachedError):
+    """A body on a GET, a bad header, an id that is no UUID."""
+
+
+@dataclass
+class Manager:
+    """What the management handlers work with."""
+
+    config: Config
+    store: Store
+    filler: Filler
+    backend: Backend
+    guard: AdminGuard
+    prefetcher: Prefetcher
+    maintenance: Maintenance
+    session: aiohttp.ClientSession
+    service: ServiceAuth
+    directories: Directories | None = None
+
+    async def record(self, image_id: str, creds: Credentials) -> ImageRecord:
+        """The image record, asked with the caller's credentials (404 if unknown to them).
+
+        A caller admitted by a static admin token may hold no upstream identity at all: its
+        401 is retried with the daemon's own service credentials, when there are any.
+        """
+        try:
+            try:
+                return await self.backend.record(image_id, creds)
+            except UpstreamError as exc:
+                service = await self.service.credentials() if exc.status == 401 else None
+                if service is None:
+                    raise
+                return await self.backend.record(image_id, service)
+        except UpstreamError as exc:
+            if exc.status in (403, 404):
+                raise ImageNotFound(f"Image {image_id} not found.") from None
+            raise
+
+    async def io(self, fn: Callable[..., T], *args: Any, read: bool = False) -> T:
+        """Run a blocking call in the cache directory: refused at once (503, naming the state)
+        while the directory is vanished, hung or failing (a change also while it is read-only),
+        and on the cache guard's threads
+        so that a hung share never holds the default executor's. A ``read`` that takes
+        longer than the guard's probe timeout is answered with a 503 too (a change is
+        waited for: answering before it is done would misreport it)."""
+        guard = self.directories.cache if self.directories is not None else None
+        if guard is None:
+            return await asyncio.to_thread(fn, *args)
+        self.check_cache(change=not read)
+        if not read:
+            return await guard.run_io(fn, *args)
+        try:
+            return await asyncio.wait_for(guard.run_io(fn, *args), guard.probe_timeout)
+        except TimeoutError:
+            guard.report(TimeoutError(errno.ETIMEDOUT, "cache directory read timed out"))
+            raise StoreUnavailable(
+                f"The cache directory did not answer within {guard.probe_timeout:g}s"
+            ) from None
+
+    def check_cache(self, *, change: bool = False) -> None:
+        """Raise StoreUnavailable (a 503 naming the state) while the cache directory is
+        vanished, hung or failing: nothing there is read or changed meanwhile. A ``change``
+        is refused while it is read-only too: a delete that cannot unlink would drop the
+        entry from the index and leave its file behind, uncounted."""
+        guard = self.directories.cache if self.directories is not None else None
+        refused = {State.VANISHED, State.HUNG, State.FAILING}
+        if change:
+            refused.add(State.READ_ONLY)
+        if guard is not None and guard.state in refused:
+            raise StoreUnavailable(f"The cache directory is {guard.state.value}: {guard.reason}")
+
+    async def queued(self) -> list[str]:
+        return await self.io(self.store.queued, read=True)
+
+    async def held(self, image_id: str) -> bool:
+        """Whether the image is cached (even partly), queued or invalid here."""
+        if self.store.get(image_id) is not None or image_id in self.store.invalid:
+            return True
+        return await self.io((self.store.queue_dir / image_id).exists, read=True)
+
+    async def drop(self, image_id: str) -> bool:
+        """Delete the image's entry (safely while it is read or filled) and invalid copy."""
+        self.check_cache(change=True)
+        removed = await self.filler.remove(image_id)
+        if image_id in self.store.invalid:
+            removed |= await self.store.remove_invalid(image_id)
+        return removed
+
+    async def drop_all(self) -> int:
+        """Delete every entry, complete or partial; returns how many."""
+        self.check_cache(change=True)
+        count = 0
+        for image_id in list(self.store.entries):
+            count += await self.filler.remove(image_id)
+        return count
+
+    async def dequeue_all(self) -> int:
+        count = 0
+        for image_id in await self.queued():
+            count += await self.io(self.store.dequeue, image_id)
+        return count
+
+    async def enqueue(self, image_id: str) -> bool:
+        """Queue the image unless it is cached already (Glance's ``queue_image``).
+
+        Returns whether it is queued now.
+        """
+        entry = self.store.get(image_id)
+        if entry is not None and entry.complete:
+            return False
+        await self.io(self.store.enqueue, image_id)
+        return True
+
+    async def peers_holding(self, image_id: str, token: str | None) -> list[str]:
+        """The configured peers whose cache holds the image (asked with the caller's token)."""
+        headers = {"X-Auth-Token": token} if token else {}
+
+        async def ask(peer: str) -> bool:
+            try:
+                async with self.session.get(
+                    f"{peer}/v2/cache", headers=headers, timeout=_PEER_TIMEOUT
+                ) as resp:
+                    if resp.status != 200:
+                        log.warning("peer %s answered %d to GET /v2/cache", peer, resp.status)
+                        return False
+                    doc = await resp.json(content_type=None)
+            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+                log.warning("peer %s not reachable: %r", peer, exc)
+                return False
+            rows = doc.get("cached_images") if isinstance(doc, dict) else None
+            return any(isinstance(r, dict) and r.get("image_id") == image_id for r in rows or [])
+
+        found = await asyncio.gather(*(ask(p) for p in self.config.peers))
+        return [p for p, yes in zip(self.config.peers, found, strict=True) if yes]
+
+
+MANAGER = web.AppKey("manager", Manager)
+Handler = Callable[[Manager, web.Request], Awaitable[web.StreamResponse]]
+
+
+# ----------------------------------------------------------------------- responses
+def _request_id() -> dict[str, str]:
+    return {"x-openstack-request-id": f"req-{uuid.uuid4()}"}
+
+
+def _empty(status: int) -> web.Response:
+    # Glance's serializer leaves empty answers as text/html.
+    return web.Response(
+        status=status, content_type="text/html", charset="UTF-8", headers=_request_id()
+    )
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.json_response(body, status=status, headers=_request_id())
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """A webob-style plain text error page, like Glance's."""
+    response = replies.glance_error(status, message, _request_id()["x-openstack-request-id"])
+    response.headers.update(headers or {})
+    return response
+
+
+def _error_for(request: web.Request, exc: CachedError | OSError) -> web.Response:
+    """The one place where domain errors become HTTP answers."""
+    if isinstance(exc, StoreUnavailable):
+        return _error(503, str(exc))
+    if isinstance(exc, OSError):
+        log.error("cache directory error: %s", exc)
+        return _error(503, f"The cache directory is unavailable: {exc.strerror or exc}")
+    if isinstance(exc, ImageNotFound):
+        return _error(404, str(exc))
+    if isinstance(exc, ImageNotActive | BadRequest):
+        return _error(400, str(exc))
+    if isinstance(exc, UpstreamError):
+        return web.Response(status=exc.status, body=exc.body, headers=exc.headers)
+    if isinstance(exc, UpstreamUnavailable):
+        return replies.unreachable(request, exc)
+    return replies.internal(request, exc)
+
+
+_DENIED = {
+    Access.UNAUTHENTICATED: "This server could not verify that you are authorized to access "
+    "the document you requested.",
+    Access.FORBIDDEN: "You are not authorized to manage the image cache.",
+    Access.UNAVAILABLE: "The identity service could not be reached to check your token.",
+}
+
+
+# ------------------------------------------------------------------------ handlers
+def _image_id(request: web.Request, *, legacy: bool = False) -> str:
+    image_id = request.match_info["image_id"].lower()  # one cache key per image (routes.py)
+    if not is_image_id(image_id):
+        if legacy:  # glance-cache-manage checks UUIDs itself; Glance would queue anything
+            raise BadRequest(f"Image ID {image_id[:64]!r} is not a valid UUID.")
+        raise ImageNotFound(f"Image {image_id[:64]} not found.")
+    return image_id
+
+
+def _rows(store: Store) -> list[dict[str, Any]]:
+    entries = sorted(store.complete_entries(), key=lambda e: (e.last_modified, e.image_id))
+    return [
+        {
+            "id": n,
+            "image_id": e.image_id,
+            "hits": e.hits,
+            "last_accessed": e.last_accessed,
+            "last_modified": e.last_modified,
+            "size": e.size,
+            "checksum": None,
+        }
+        for n, e in enumerate(entries, 1)
+    ]
+
+
+async def cache_state(m: Manager, request: web.Request) -> web.StreamResponse:
+    return _json({"cached_images": _rows(m.store), "queued_images": await m.queued()})
+
+
+async def clear_cache(m: Manager, request: web.Request) -> web.StreamResponse:
+    target = request.headers.get("x-image-cache-clear-target", "").lower()
+    if target not in ("", "cache", "queue"):
+        raise BadRequest(
+            "If provided 'x-image-cache-clear-target' must be 'cache', 'queue' or empty string."
+        )
+    cached = await m.drop_all() if target in ("", "cache") else 0
+    queued = await m.dequeue_all() if target in ("", "queue") else 0
+    log.info("cache cleared (%s): %d entries, %d queued", target or "both", cached, queued)
+    return _empty(204)
+
+
+async def queue_image(m: Manager, request: web.Request) -> web.StreamResponse:
+    image_id = _image_id(request)
+    creds = Credentials.from_headers(request.headers)
+    record = await m.record(image_id, creds)
+    if record.status != "active" or record.size is None:
+        raise ImageNotActive("Only images with status active can be targeted for queueing")
+    if await m.enqueue(image_id):
+        m.prefetcher.start(image_id, creds, record)  # Glance 33: fetched at once
+    return _empty(202)
+
+
+async def delete_image(m: Manager, request: web.Request) -> web.StreamResponse:
+    image_id = _image_id(request)
+    m.check_cache(change=True)  # before the queue entry goes: all of it or nothing
+    if not await m.held(image_id):
+        await m.record(image_id, Credentials.from_headers(request.headers))
+    await m.prefetcher.forget(image_id)  # first: a running prefetch must not refill it
+    await m.drop(image_id)
+    log.info("deleted %s from the cache and the queue", image_id)
+    return _empty(204)
+
+
+async def clean(m: Manager, request: web.Request) -> web.StreamResponse:
+    await m.maintenance.clean()
+    return _empty(200)
+
+
+async def prune(m: Manager, request: web.Request) -> web.StreamResponse:
+    result = await m.maintenance.prune()
+    return _json({"total_files_pruned": result.files, "total_bytes_pruned": result.bytes})
+
+
+async def nodes(m: Manager, request: web.Request) -> web.StreamResponse:
+    image_id = _image_id(request)
+    if not await m.held(image_id):
+        await m.record(image_id, Credentials.from_headers(request.headers))
+    entry = m.store.get(image_id)
+    here = m.config.worker_self_reference_url or f"{request.scheme}://{request.host}"
+    holding = [here] if entry is not None and entry.complete else []
+    holding += await m.peers_holding(image_id, request.headers.get("X-Auth-Token"))
+    return _json(holding)
+
+
+async def progress(m: Manager, request: web.Request) -> web.StreamResponse:
+    if m.directories is None:
+        return _json({"progress": await m.prefetcher.progress()})
+    # Never wait on a hung share here, nor fail for want of the queue: this is where
+    # operators look to find out what is wrong with the directories.
+    progress: dict[str, Any] = {}
+    guard = m.directories.cache
+    if m.directories.cache_bypass(None) in (None, "read_only"):
+        try:
+            progress = await asyncio.wait_for(m.prefetcher.progress(), guard.probe_timeout)
+        except TimeoutError:  # hung: the guard says so within its own probe timeout
+            pass
+        except OSError as exc:
+            guard.report(exc)
+    document = {"progress": progress, "directories": m.directories.status()}
+    return _json(document)
+
+
+async def legacy_cached(m: Manager, request: web.Request) -> web.StreamResponse:
+    keys = ("image_id", "last_accessed", "last_modified", "size", "hits")
+    return _json({"cached_images": [{k: row[k] for k in keys} for row in _rows(m.store)]})
+
+
+async def legacy_delete_cached(m: Manager, request: web.Request) -> web.StreamResponse:
+    return _json({"num_deleted": await m.drop_all()})
+
+
+async def legacy_delete_one_cached(m: Manager, request: web.Request) -> web.StreamResponse:
+    await m.drop(_image_id(request, legacy=True))
+    return _json(None)
+
+
+async def legacy_queued(m: Manager, request: web.Request) -> web.StreamResponse:
+    return _json({"queued_images": await m.queued()})
+
+
+async def legacy_delete_queued(m: Manager, request: web.Request) -> web.StreamResponse:
+    return _json({"num_deleted": await m.dequeue_all()})
+
+
+async def legacy_queue_image(m: Manager, request: web.Request) -> web.StreamResponse:
+    image_id = _image_id(request, legacy=True)
+    # Like Glance: no look-up here; the prefetch records any failure on the queue entry.
+    if await m.enqueue(image_id) and m.config.legacy_queue_immediate:
+        m.prefetcher.start(image_id, Credentials.from_headers(request.headers))
+    return _json(None)
+
+
+async def legacy_delete_queued_image(m: Manager, request: web.Request) -> web.StreamResponse:
+    await m.io(m.store.dequeue, _image_id(request, legacy=True))
+    return _json(None)
+
+
+# -------------------------------------------------------------------------- routing
+@dataclass(frozen=True)
+class _Resource:
+    path: str
+    methods: dict[str, Handler]
+    allow: str  # Glance's Allow header for other methods
+    body_reject: bool = False  # Glance's ``body_reject=True``: a body on GET is a 400
+
+
+_CACHE_API = (
+    _Resource("/cache", {"GET": cache_state, "DELETE": clear_cache}, "GET, DELETE", True),
+    _Resource("/cache/clean", {"POST": clean}, "POST"),
+    _Resource("/cache/prune", {"POST": prune}, "POST"),
+    _Resource("/cache/progress", {"GET": progress}, "GET", True),
+    _Resource("/cache/nodes/{image_id}", {"GET": nodes}, "GET", True),
+    _Resource("/cache/{image_id}", {"PUT": queue_image, "DELETE": delete_image}, "DELETE, PUT"),
+    _Resource("/cache/{tail:.*}", {}, ""),  # anything else under /cache: ours, never proxied
+)
+_LEGACY_API = (
+    _Resource(
+        "/cached_images", {"GET": legacy_cached, "DELETE": legacy_delete_cached}, "GET, DELETE"
+    ),
+    _Resource("/cached_images/{image_id}", {"DELETE": legacy_delete_one_cached}, "DELETE"),
+    _Resource(
+        "/queued_images", {"GET": legacy_queued, "DELETE": legacy_delete_queued}, "GET, DELETE"
+    ),
+    _Resource(
+        "/queued_images/{image_id}",
+        {"PUT": legacy_queue_image, "DELETE": legacy_delete_queued_image},
+        "DELETE, PUT",
+    ),
+    _Resource("/cached_images/{tail:.*}", {}, ""),
+    _Resource("/queued_images/{tail:.*}", {}, ""),
+)
+_MINOR = r"/{api_version:v2\.\d+}"  # Glance's URL versioning: /v2.14/cache works too
+
+
+def _endpoint(resource: _Resource) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        m = request.app[MANAGER]
+        access = await m.guard.check(request)
+        if access is not Access.ADMIN:
+            log.info("management %s %s refused (%s)", request.method, request.path, access.name)
+            return _error(access.value, _DENIED[access])
+        if not resource.methods:
+            return _error(404, "The resource could not be found.")
+        handler = resource.methods.get(request.method)
+        if handler is None:
+            return _error(
+                405, "The method is not allowed for this resource.", {"Allow": resource.allow}
+            )
+        try:
+            if resource.body_reject and request.body_exists:
+                raise BadRequest("A body is not expected with this request.")
+            return await handler(m, request)
+        except (CachedError, OSError) as exc:
+            return _error_for(request, exc)
+
+    return handle
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the management API; call before any catch-all route (they must win)."""
+    for prefix in ("/v2", _MINOR):
+        for resource in _CACHE_API:
+            app.router.add_route("*", prefix + resource.path, _endpoint(resource))
+    for prefix in ("/v1", "/v2", _MINOR):
+        for resource in _LEGACY_API:
+            app.router.add_route("*", prefix + resource.path, _endpoint(resource))

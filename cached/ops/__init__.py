@@ -1,0 +1,3 @@
+"""Operations: health and metrics endpoints, the life under systemd (reload, tick, sd_notify),
+logging, the reload command.
+"""

@@ -1,0 +1,239 @@
+"""The daemon's own operational endpoints: ``/metrics``, ``/healthz``, ``/readyz``.
+
+Served by the daemon itself, never proxied: on the image API port, or only on the separate
+``admin_listen`` address when one is configured (then ``/metrics`` is not on the API port).
+``/metrics`` is open unless ``metrics_auth`` asks for the management API's admin rules.
+
+Owns :class:`Ops`, the state these endpoints read. ``app.make_app`` fills it in when the
+daemon's resources are up and a reload replaces ``config``; all on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from cached.config import Config
+from cached.edge.listeners import is_management
+from cached.metrics import CONTENT_TYPE, CacheGauges, Metrics
+from cached.ops.lifecycle import ReloadStatus
+
+if TYPE_CHECKING:
+    from cached.cachedir.guard import Guard
+    from cached.fill.registry import Filler
+    from cached.manage.access import AdminGuard
+    from cached.store import Store
+
+log = logging.getLogger("cached.health")
+
+UPSTREAM_CHECK_TTL = 10.0  # seconds a readiness look at the upstream is reused
+_UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=3)
+
+
+@dataclass
+class Ops:
+    """What the operational endpoints and the service manager are told about."""
+
+    metrics: Metrics
+    config: Config
+    store: Store | None = None  # set once the index is loaded
+    filler: Filler | None = None
+    guard: AdminGuard | None = None
+    store_guard: Guard | None = None  # a file upstream's directory guard: its verdict decides
+    session: aiohttp.ClientSession | None = None
+    draining: bool = False
+    reloads: ReloadStatus = field(default_factory=ReloadStatus)  # the Reloader's (SIGHUP)
+    _upstream: tuple[float, str | None] = (-float("inf"), None)
+    _checking: asyncio.Task[str | None] | None = field(default=None, repr=False)
+
+    @property
+    def passing_through(self) -> bool:
+        return self.metrics.passing_through or self.guard_problem() is not None
+
+    def guard_problem(self) -> str | None:
+        """Why the cache directory's guard says it is not usable (None: it is, or none)."""
+        guard = self.filler.disk_guard if self.filler is not None else None
+        if guard is None or guard.ok:
+            return None
+        state = getattr(guard, "state", None)
+        name = getattr(state, "value", state) or "not ok"
+        return f"cache directory {name}: {getattr(guard, 'reason', '')}".rstrip(": ")
+
+    def mode(self) -> str:
+        """``caching``, or ``pass-through (why)``."""
+        problem = self.guard_problem()
+        if problem is not None:
+            return f"pass-through ({problem})"
+        if self.metrics.passing_through:
+            return f"pass-through ({self.metrics.refused_reason})"
+        return "caching"
+
+    async def upstream_problem(self) -> str | None:
+        """Why the upstream looks unreachable, or None (the answer is reused a few seconds).
+        A ``file`` upstream's directory is judged by its guard (no call into a share that may
+        hang; a share gone under a directory that still exists is not "reachable")."""
+        if self.store_guard is not None:
+            guard = self.store_guard
+            return None if guard.ok else f"store directory {guard.state.value}: {guard.reason}"
+        checked, problem = self._upstream
+        if time.monotonic() - checked < UPSTREAM_CHECK_TTL:
+            return problem
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.get_running_loop().create_task(self._check_upstream())
+        problem = await asyncio.shield(self._checking)
+        self._upstream = (time.monotonic(), problem)
+        return problem
+
+    async def _check_upstream(self) -> str | None:
+        config = self.config
+        if config.upstream_kind == "file":
+            ok = await asyncio.to_thread(os.path.isdir, config.upstream_dir)
+            return None if ok else f"{config.upstream_dir} is not a directory"
+        if self.session is None:
+            return "not started"
+        try:
+            async with self.session.get(
+                config.upstream + "/versions", timeout=_UPSTREAM_TIMEOUT, allow_redirects=False
+            ) as resp:
+                if resp.status >= 500:
+                    return f"GET /versions answered {resp.status}"
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return f"unreachable: {exc!r}"
+        return None
+
+
+OPS = web.AppKey("ops", Ops)
+
+
+def _json(status: int, body: dict[str, Any]) -> web.Response:
+    return web.json_response(body, status=status, headers={"Cache-Control": "no-store"})
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    """Alive: the event loop answers (a stuck loop answers nothing). ``reload``: how many
+    reloads started and finished and the last one's result (``cached reload`` waits on it);
+    on the management listener also why (cached/ops/lifecycle.py ``ReloadStatus``)."""
+    ops = request.app[OPS]
+    lag = ops.metrics.last_lag
+    body = {"status": "alive", "event_loop_lag_seconds": round(lag, 6)}
+    return _json(200, {**body, "reload": ops.reloads.as_json(is_management(request))})
+
+
+async def readyz(request: web.Request) -> web.StreamResponse:
+    """Ready: index loaded, upstream reachable, cache writable or knowingly passed through."""
+    ops = request.app[OPS]
+    checks: dict[str, Any] = {}
+    reasons: list[str] = []
+    if ops.store is None:
+        reasons.append("cache index not loaded")
+        checks["index"] = "loading"
+    else:
+        checks["index"] = f"{len(ops.store.entries)} entries"
+    if ops.draining:
+        reasons.append("stopping")
+    problem = await ops.upstream_problem()
+    checks["upstream"] = problem or "reachable"
+    if problem:
+        reasons.append(f"upstream {problem}")
+    cache_dir: Path = ops.config.image_cache_dir
+    # With a guard, its verdict says it (os.access on a hung share would hang a thread).
+    guarded = ops.filler is not None and ops.filler.disk_guard is not None
+    writable = guarded or await asyncio.to_thread(os.access, cache_dir, os.W_OK)
+    checks["cache"] = ops.mode()
+    if not writable and not ops.passing_through:
+        reasons.append(f"cache directory {cache_dir} is not writable")
+        checks["cache"] = "not writable"
+    body: dict[str, Any] = {"status": "not ready" if reasons else "ready", "checks": checks}
+    if reasons:
+        body["reasons"] = reasons
+    return _json(503 if reasons else 200, body)
+
+
+# A scrape lists the prefetch queue for at most this long (a share may hang).
+QUEUE_LIST_TIMEOUT = 2.0
+
+
+async def cache_gauges(store: Store, filler: Filler | None) -> CacheGauges:
+    """The cache directory's gauges for a scrape. The queue is listed on the cache
+    directory's threads, only while its guard says it is ok (a hung share would hold the
+    scrape and a thread for as long as it hangs: the queue length keeps its last value)."""
+    complete = partial = present = total = 0
+    for entry in list(store.entries.values()):
+        if entry.complete:
+            complete += 1
+            total += entry.size
+        else:
+            partial += 1
+            got = entry.present_bytes()
+            present += got
+            total += got
+    queue_length = None
+    guard = filler.disk_guard if filler is not None else None
+    if guard is None or guard.ok:
+        with contextlib.suppress(OSError, TimeoutError):
+            queued = await asyncio.wait_for(store.run(store.queued), QUEUE_LIST_TIMEOUT)
+            queue_length = len(queued)
+    return CacheGauges(
+        complete=complete,
+        partial=partial,
+        invalid=len(store.invalid),
+        present_bytes=present,
+        total_bytes=total,
+        passing_through=filler is not None and filler.passing_through(),
+        queue_length=queue_length,
+    )
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    ops = request.app[OPS]
+    if ops.config.metrics_auth and ops.guard is not None:
+        from cached.manage.access import Access
+        from cached.manage.api import _DENIED, _error
+
+        access = await ops.guard.check(request)
+        if access is not Access.ADMIN:
+            return _error(access.value, _DENIED[access])
+    if ops.store is not None:
+        gauges = await cache_gauges(ops.store, ops.filler)
+        ops.metrics.set_cache(gauges, ops.config.image_cache_max_size)
+    return web.Response(body=ops.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _not_here(request: web.Request) -> web.StreamResponse:
+    return web.json_response(
+        {"error": {"code": 404, "message": "Metrics are served on the admin_listen address."}},
+        status=404,
+    )
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def add_routes(
+    app: web.Application,
+    *,
+    with_metrics: bool,
+    only_on: Callable[[web.Request], bool] | None = None,
+) -> None:
+    """Register the endpoints on ``app`` (before any catch-all route); ``only_on``: serve
+    /metrics only to requests it accepts (those on the management listener)."""
+    handler: Handler = metrics if with_metrics else _not_here
+    if with_metrics and only_on is not None:
+        accepts = only_on
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await (metrics if accepts(request) else _not_here)(request)
+
+    app.router.add_get("/metrics", handler, allow_head=False)
+    app.router.add_get("/healthz", healthz, allow_head=False)
+    app.router.add_get("/readyz", readyz, allow_head=False)
