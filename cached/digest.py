@@ -1,23 +1,19 @@
-"""Consumers of a fill's byte stream. The digest is the first; format inspectors can follow.
+"""The digest of an image: the first consumer of a fill's byte stream
+(cached/fill/consumers.py), and what re-verifies a file (cached/store/integrity.py).
 
-``feed`` runs in a worker thread, in stream order: hashlib releases the GIL on large buffers,
-so hashing proceeds beside the event loop's network I/O on another core.
+``feed`` and ``catch_up`` run in a worker thread, in stream order: hashlib releases the GIL
+on large buffers, so hashing proceeds beside the event loop's network I/O on another core.
+``matched`` is read on the loop once ``catch_up`` has run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import Protocol
 
 Buffer = bytes | memoryview
 
 _READ = 4 << 20
-
-
-class StreamConsumer(Protocol):
-    def feed(self, offset: int, data: Buffer) -> None:
-        """Take ``data`` found at ``offset``; called in order from one worker thread."""
 
 
 class Digest:
@@ -32,6 +28,7 @@ class Digest:
         self.algo = algo
         self.expected = expected.lower()
         self.position = 0
+        self.matched = False  # set by catch_up once every byte was hashed
         self._hash = hashlib.new(algo)
 
     @classmethod
@@ -50,15 +47,23 @@ class Digest:
             self._hash.update(data)
             self.position += len(memoryview(data))
 
-    def finish(self, fd: int, size: int) -> bool:
-        """Hash the bytes not seen in the stream from ``fd`` and compare. Call from a thread."""
+    def catch_up(self, fd: int, size: int) -> None:
+        """Hash the bytes not seen in the stream from ``fd``. Call from a thread."""
         while self.position < size:
             data = os.pread(fd, min(_READ, size - self.position), self.position)
             if not data:
-                return False
+                return  # the file is short: ``matched`` stays False
             self._hash.update(data)
             self.position += len(memoryview(data))
-        return self._hash.hexdigest() == self.expected
+        self.matched = self._hash.hexdigest() == self.expected
+
+    def finish(self, fd: int, size: int) -> bool:
+        """:meth:`catch_up`, then whether the digest matched. Call from a thread."""
+        self.catch_up(fd, size)
+        return self.matched
+
+    def report(self) -> None:
+        """Nothing to tell as it streams: the fill reads ``matched`` once caught up."""
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()

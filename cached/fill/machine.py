@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from cached import metrics
-from cached.digest import Digest, StreamConsumer
+from cached.digest import Digest
 from cached.errors import (
     CachedError,
     FillAborted,
@@ -52,7 +52,9 @@ from cached.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
+from cached.fill.consumers import StreamConsumer
 from cached.fill.pipeline import Flush, Pipeline
+from cached.fill.sources import ByteSource, OneSource, Sources, UpstreamSource
 from cached.store import Bitmap, Entry, Store
 from cached.upstream import Backend, Buffer, Credentials
 
@@ -100,6 +102,7 @@ class _Transfer:
     driver: bool
     chunks: set[int] = field(default_factory=set)
     inflight: int = 0  # pieces submitted and not yet written and fed
+    sent: int = 0  # bytes up to here were handed to the pipeline (a next source resumes here)
     error: BaseException | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -132,12 +135,15 @@ class Fill:
         on_close: Callable[[Fill], None],
         fd: int,
         data_credentials: DataCredentials | None = None,
+        sources: Sources | None = None,
     ):
         self.entry = entry
         self._store = store
         self._backend = backend
         self.creds = creds
         self._data_credentials = data_credentials
+        # Where each transfer takes its bytes (cached/fill/sources.py); today the upstream.
+        self.sources: Sources = sources or OneSource(UpstreamSource(backend, self._credentials))
         self._settings = settings
         self._on_close = on_close
         self.state = FillState.RUNNING
@@ -336,46 +342,34 @@ class Fill:
         return self.creds
 
     async def _transfer(self, start: int, end: int, claimed: set[int] | None) -> None:
-        """Stream ``[start, end)`` from the upstream into the file.
+        """Stream ``[start, end)`` from the sources (cached/fill/sources.py) into the file.
 
         With ``claimed=None`` (the driver) chunks are claimed one by one as the stream
         reaches them, and the transfer stops at the first chunk someone else has.
         """
         entry = self.entry
-        t = _Transfer(start, start, end, claimed is None, set(claimed or ()))
+        t = _Transfer(start, start, end, claimed is None, set(claimed or ()), sent=start)
         self._transfers.append(t)
         whole = start == 0 and end == entry.size
+        failed: list[ByteSource] = []
+        pos = start
         try:
-            self.upstream_requests += 1
-            log.debug("transfer %s [%d, %d)", entry.image_id, start, end)
-            creds = await self._credentials()
-            async with self._backend.open_data(
-                entry.image_id, creds, start, None if whole else end
-            ) as stream:
-                pos = start
-                while pos < end and self.state is FillState.RUNNING:
-                    c = pos // entry.chunk_size
-                    chunk_start, chunk_end = entry.chunk_bounds(c)
-                    if pos == chunk_start and claimed is None:
-                        if c in self.written or c in self._claimed:
-                            break  # taken by a range transfer: let the driver skip it
-                        self._claimed.add(c)
-                        self._lost.pop(c, None)
-                        t.chunks.add(c)
-                    n = min(PIECE, chunk_end - pos)
-                    try:
-                        blocks = await stream.read_blocks(n)
-                    except OSError as exc:  # the upstream's read (a file store), not ours
-                        raise UpstreamUnavailable(f"cannot read the image: {exc}") from exc
-                    got = sum(len(memoryview(b)) for b in blocks)
-                    if got != n:
-                        raise UpstreamUnavailable(
-                            f"upstream sent {pos - start + got} of {end - start} bytes"
-                        )
-                    self.upstream_bytes += n
-                    self._submit(t, pos, blocks, c if pos + n == chunk_end else -1)
-                    pos += n
-                    await t.settle(MAX_PENDING - 1)
+            while True:  # once per source: a source that hands over is replaced
+                source = await self.sources.pick(pos, end, failed)
+                if source is None:
+                    raise UpstreamUnavailable(f"no source left for {entry.image_id}")
+                try:
+                    pos = await self._stream(t, source, pos, end, whole and pos == 0)
+                    break
+                except (UpstreamError, UpstreamUnavailable) as exc:
+                    if not source.hands_over or self.state is not FillState.RUNNING:
+                        raise
+                    failed.append(source)
+                    log.warning(
+                        "%s failed at byte %d of %s: %s; the next source takes over",
+                        source.name, t.sent, entry.image_id, exc,
+                    )  # fmt: skip
+                    pos = t.sent  # the first byte the failed source did not deliver
             await t.settle(0)
         except BaseException as exc:
             if not t.driver and isinstance(exc, UpstreamError | UpstreamUnavailable):
@@ -390,6 +384,46 @@ class Fill:
             self._transfers.remove(t)
             self._claimed.difference_update(t.chunks - set(self.written))
             self._notify()
+
+    async def _stream(
+        self, t: _Transfer, source: ByteSource, pos: int, end: int, to_the_end: bool
+    ) -> int:
+        """Stream ``[pos, end)`` from ``source`` into the file; returns where it stopped.
+
+        ``t.sent`` follows each piece handed to the pipeline, so a failure leaves it at the
+        first byte not delivered (``t.pos``, what readers may read, follows the writes). A
+        driver (``t.driver``) claims chunks one by one as the stream reaches them, and stops
+        at the first chunk someone else has.
+        """
+        entry = self.entry
+        self.upstream_requests += 1
+        log.debug("transfer %s [%d, %d) from %s", entry.image_id, pos, end, source.name)
+        async with source.open(entry.image_id, pos, None if to_the_end else end) as stream:
+            while pos < end and self.state is FillState.RUNNING:
+                c = pos // entry.chunk_size
+                chunk_start, chunk_end = entry.chunk_bounds(c)
+                if pos == chunk_start and t.driver:
+                    if c in self.written or (c in self._claimed and c not in t.chunks):
+                        break  # taken by a range transfer: let the driver skip it
+                    self._claimed.add(c)
+                    self._lost.pop(c, None)
+                    t.chunks.add(c)
+                n = min(PIECE, chunk_end - pos)
+                try:
+                    blocks = await stream.read_blocks(n)
+                except OSError as exc:  # the source's read (a file store), not ours
+                    raise UpstreamUnavailable(f"cannot read the image: {exc}") from exc
+                got = sum(len(memoryview(b)) for b in blocks)
+                if got != n:
+                    raise UpstreamUnavailable(
+                        f"{source.name} sent {pos - t.start + got} of {end - t.start} bytes"
+                    )
+                self.upstream_bytes += n
+                self._submit(t, pos, blocks, c if pos + n == chunk_end else -1)
+                pos += n
+                t.sent = pos
+                await t.settle(MAX_PENDING - 1)
+        return pos
 
     def _submit(self, t: _Transfer, pos: int, blocks: list[Buffer], finished_chunk: int) -> None:
         """Hand a piece to the pipeline. It stays in flight (and in memory) until written and
@@ -482,10 +516,9 @@ class Fill:
         try:
             if not await self._sync():  # waits for one in flight, then flushes the rest
                 raise StoreUnavailable("cannot flush the cache file")
-            ok = True
-            if self.digest is not None:
-                assert self._pipe is not None
-                ok = await self._pipe.digest_finish(self.digest.finish, self.entry.size)
+            assert self._pipe is not None
+            await self._pipe.catch_up(self.entry.size)  # every consumer, digest or not
+            ok = self.digest is None or self.digest.matched
         except StoreUnavailable as exc:
             self._move(FillState.FAILED, exc)
             self._close_files()

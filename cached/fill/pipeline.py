@@ -1,6 +1,6 @@
 """The write side of a fill: pieces written into the entry's file and fed to the stream's
-consumers (the digest, later format inspectors), each on a thread of its own, and batched
-flushes that make written chunks durable.
+consumers (cached/fill/consumers.py: the digest, later format inspectors), each on a thread
+of its own, and batched flushes that make written chunks durable.
 
 Threads: each fill has three lanes, each running its jobs one at a time and in order: the
 writer (``pwritev``), the feeder (the consumers, in stream order) and the syncer
@@ -24,8 +24,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
-from cached.digest import StreamConsumer
 from cached.errors import StoreUnavailable
+from cached.fill.consumers import StreamConsumer
 from cached.store import entry as entries
 from cached.upstream import Buffer
 
@@ -118,6 +118,7 @@ class Pipeline:
         for consumer in self.consumers:
             fed = self._loop.run_in_executor(self._feeder, _feed, consumer, pos, blocks)
             fed.add_done_callback(part_done)
+            fed.add_done_callback(functools.partial(_reported, consumer))
         fut = self._loop.run_in_executor(self._writer, _pwrite_all, self.fd, blocks, pos)
         fut.add_done_callback(written)
         fut.add_done_callback(part_done)
@@ -137,12 +138,15 @@ class Pipeline:
         except OSError as exc:
             raise StoreUnavailable(f"cannot flush the cache file: {exc}", exc.errno) from exc
 
-    async def digest_finish(self, finish: Callable[[int, int], bool], size: int) -> bool:
-        """Run a digest's catch-up read and comparison on the feeder thread."""
-        try:
-            return await self._loop.run_in_executor(self._feeder, finish, self.fd, size)
-        except OSError as exc:
-            raise StoreUnavailable(f"cannot read the cache file: {exc}", exc.errno) from exc
+    async def catch_up(self, size: int) -> None:
+        """Every consumer reads back what the stream skipped, on the feeder lane, in order,
+        after the pieces already fed; each then reports on the loop."""
+        for consumer in self.consumers:
+            try:
+                await self._loop.run_in_executor(self._feeder, consumer.catch_up, self.fd, size)
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot read the cache file: {exc}", exc.errno) from exc
+            consumer.report()
 
     def close(self) -> None:
         """Close the file after the queued writes."""
@@ -169,6 +173,12 @@ def _pwrite_all(fd: int, blocks: list[Buffer], pos: int) -> int:
     except OSError as exc:  # the cache disk's error, classified here where it arises
         raise StoreUnavailable(f"cannot write the cache file: {exc}", exc.errno) from exc
     return total
+
+
+def _reported(consumer: StreamConsumer, fed: asyncio.Future[Any]) -> None:
+    """A feed job ended (on the loop): the consumer may tell what it found."""
+    if not fed.cancelled() and fed.exception() is None:
+        consumer.report()
 
 
 def _feed(consumer: StreamConsumer, pos: int, blocks: list[Buffer]) -> None:
