@@ -18,8 +18,11 @@ States, and who moves the fill between them (all on the event loop)::
 
 Transfers and their task callbacks move RUNNING → VERIFYING/FAILED/IDLE; ``_finish`` moves
 VERIFYING on; ``cancel`` (the registry, on delete or shutdown) moves RUNNING → CANCELLED.
-Every other state is final: the fill flushes, closes its file and leaves the registry
-(``closed`` is set); the next reader that needs bytes opens a new fill on the same entry.
+Every other state is final: the fill releases its reservation (in ``_move``, the one place
+that enters a final state, so no ending can keep phantom bytes counted against the cache),
+flushes, closes its file and leaves the registry (``closed`` is set; ``on_release`` tells
+the prune that space may be free again); the next reader that needs bytes opens a new fill
+on the same entry.
 
 A range transfer that fails does not fail the fill: its chunks are released and marked lost,
 and only readers that were waiting on them are cut (``check``); a later request fetches them
@@ -573,6 +576,10 @@ class Fill:
             raise AssertionError(f"fill of {self.entry.image_id}: {self.state} -> {state}")
         self.state = state
         self.error = error
+        if not state.active:
+            # A fill that ends reserves nothing: every final state, one rule (issue 14
+            # item 5: a failed final flush kept its reservation for good).
+            self.entry.reserved = 0
         metrics.fill_ended(self, state.value)
         self._notify()
 

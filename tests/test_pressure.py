@@ -1,0 +1,53 @@
+"""The cache under pressure (issue 14): reservations, admission, prune and the fill's last
+leaks, against the real store (real sparse files and xattrs in a tmp dir), the real fill and
+filler, and an in-memory upstream (tests/test_fill.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from test_fill import MemoryUpstream, finished
+
+from cached.errors import StoreUnavailable
+from cached.fill import FillSettings, FillState
+from cached.filler import Filler
+from cached.store import Store
+from cached.upstream import Credentials
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = Store(tmp_path)
+    await s.open()
+    yield s
+    s.close()
+
+
+# ------------------------------------------------------------------ item 5: reservations
+async def test_a_fill_whose_final_flush_fails_releases_its_reservation(store: Store) -> None:
+    """Issue 14 item 5: the final flush failed (``_finish``, StoreUnavailable) and the fill
+    ended FAILED keeping its reservation: the phantom bytes counted against admission and
+    prune for good, and a later range fill added to them."""
+    upstream = MemoryUpstream()
+    record = upstream.add(os.urandom(12 * MiB))
+
+    def flush(fd: int) -> None:  # the disk fails every flush (no flush before the last)
+        raise OSError(errno.EIO, "Input/output error")
+
+    settings = FillSettings(sync_bytes=1 << 40, sync_seconds=1e9, flush=flush)
+    filler = Filler(store, upstream, settings)  # type: ignore[arg-type]
+    fill, _ = await filler.open(record, Credentials())
+    fill.ensure_full()
+    assert await finished(fill) is FillState.FAILED
+    assert isinstance(fill.error, StoreUnavailable)
+    entry = store.get(record.id)
+    assert entry is not None and not entry.complete
+    assert entry.reserved == 0
+    assert store.total_size() == entry.present_bytes() == 0
