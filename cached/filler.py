@@ -115,7 +115,12 @@ class Filler:
             future.set_result(fill)
             return fill, True
         except BaseException as exc:
-            future.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                # The opener's own cancellation (its client left, a timeout) is not the
+                # waiters' (issue 14 item 8): they get FillAborted and retry or pass through.
+                future.set_exception(FillAborted(f"opening the fill of {image_id} was cancelled"))
+            else:
+                future.set_exception(exc)
             future.exception()  # mark retrieved: waiters get it from their own await
             raise
         finally:
