@@ -199,6 +199,21 @@ class Fill:
             self.ensure_range(start, end)
         return mark
 
+    def widening(self, start: int, end: int, *, whole: bool) -> int:
+        """Bytes a :meth:`demand` of ``[start, end)`` (the whole image if ``whole``) would
+        add to this fill's reservation now: what its admission must admit (issue 14 item 1:
+        a download joining a running fill widened its reservation unchecked)."""
+        if self.state is not FillState.RUNNING or not (self._driver is None or self._driver.done()):
+            return 0  # ended (a new fill will be admitted), or a driver reserved everything
+        entry = self.entry
+        if whole:
+            return max(0, entry.size - entry.present_bytes() - entry.reserved)
+        return sum(
+            entry.chunk_bounds(c)[1] - entry.chunk_bounds(c)[0]
+            for c in entry.chunks_of(start, end)
+            if c not in self.written and c not in self._claimed
+        )
+
     def check(self, pos: int, mark: int) -> None:
         """Raise FillAborted if the fill ended badly, or if the chunk at ``pos`` was lost by
         a failed range transfer after ``mark`` (see :meth:`demand`)."""

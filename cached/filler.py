@@ -64,7 +64,9 @@ class Filler:
         # fills may run instead of the fixed pass-through above (kept only for a full disk);
         # disk errors wake it.
         self.disk_guard: DiskGuard | None = None
-        # Told whenever fills reserve space (the prune makes room).
+        # Told whenever reservations change or entries are let go (a fill reserved space,
+        # a fill ended and released its reservation, the last reader of a partial entry
+        # left): the prune makes room, also after the entries in use are released.
         self.on_reserve: Callable[[], None] | None = None
         self._opening: dict[str, asyncio.Future[Fill]] = {}
 
@@ -177,6 +179,7 @@ class Filler:
         self.orphans.discard(fill)
         if isinstance(fill.error, StoreUnavailable):
             self._store_failed(fill.error)
+        self.reserved()  # its reservation is released and its entry evictable again
 
     def _store_failed(self, exc: StoreUnavailable) -> None:
         if self.disk_guard is not None:
@@ -197,6 +200,8 @@ class Filler:
         for orphan in list(self.orphans):
             if orphan.entry is entry:
                 orphan.reader_left()
+        if entry.readers == 0 and not entry.complete and not entry.removed:
+            self.reserved()  # a partial entry nobody reads may be evicted now
 
     async def remove(self, image_id: str) -> bool:
         """Delete an image's entry, safely while it is being read or filled.

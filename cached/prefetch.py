@@ -35,7 +35,7 @@ from typing import Any
 
 from cached import metrics
 from cached.config import Config
-from cached.errors import CachedError, FillAborted, UpstreamError
+from cached.errors import CachedError, FillAborted, NotAdmitted, UpstreamError
 from cached.fill import Fill, FillState
 from cached.filler import Filler
 from cached.identity import ServiceAuth
@@ -200,7 +200,9 @@ class Prefetcher:
         self._service = service
         self._slots = Slots(config.prefetch_concurrency)
         # Asked before a new fill with the bytes it will write: None, or why there is no room.
-        self.admission: Callable[[int], AbstractAsyncContextManager[str | None]] | None = None
+        self.admission: Callable[[int], AbstractAsyncContextManager[NotAdmitted | None]] | None = (
+            None
+        )
         self._retry = (config.prefetch_retry_initial, config.prefetch_retry_max)
         self._tasks: dict[str, asyncio.Task[Outcome]] = {}
         self._tracked: dict[str, _Tracked] = {}  # our fetches
@@ -338,10 +340,14 @@ class Prefetcher:
         if record.status != "active" or record.size is None:
             raise PrefetchFailed(f"image is {record.status}, not active")
         entry = self._store.get(image_id)
-        admission: AbstractAsyncContextManager[str | None] = contextlib.nullcontext(None)
-        if self.admission is not None and self._filler.get(image_id) is None:
-            present = entry.present_bytes() if entry is not None else 0
-            admission = self.admission(record.size - present)
+        admission: AbstractAsyncContextManager[NotAdmitted | None] = contextlib.nullcontext(None)
+        running = self._filler.get(image_id)
+        if self.admission is not None:
+            if running is None:
+                present = entry.present_bytes() if entry is not None else 0
+                admission = self.admission(record.size - present)
+            elif more := running.widening(0, record.size, whole=True):
+                admission = self.admission(more)  # a range fill asked for all: an admission
         async with admission as refused:
             if refused is not None:  # tried again on the next runs, with backoff
                 raise PrefetchFailed(f"no room in the cache: {refused}")

@@ -276,13 +276,18 @@ class Store:
         return entry
 
     async def evict(self, entry: Entry) -> bool:
-        """Drop ``entry`` if it is indexed and unused (prune, clean): out of the index at once
-        (new requests miss), then unlink; put back if the unlink failed.
+        """Drop ``entry`` if it is indexed (prune, clean): out of the index at once (new
+        requests miss), then unlink; put back if the unlink failed. A complete entry may be
+        being read: its readers keep their open file and finish from it (the blocks are
+        freed when the last closes it); a partial one being read is kept (its reader may
+        need a fill of this very entry next). The caller checks that no fill uses it.
 
         The unlink is atomic and the index is rebuilt from the files at start, so a crash at
         any point leaves either the whole entry or none of it.
         """
-        if self.entries.get(entry.image_id) is not entry or entry.readers or entry.removed:
+        if self.entries.get(entry.image_id) is not entry or entry.removed:
+            return False
+        if entry.readers and not entry.complete:
             return False
         del self.entries[entry.image_id]
         entry.removed = True
