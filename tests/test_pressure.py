@@ -10,6 +10,7 @@ import errno
 import os
 import subprocess
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -283,3 +284,49 @@ def _fill_file(path: Path, size: int) -> None:
 def _free(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+# ------------------------------------------------------------------ item 6: generations
+async def test_an_entry_created_while_the_index_is_rebuilt_is_never_indexed_or_committed(
+    tmp_path: Path,
+) -> None:
+    """Issue 14 item 6: ``Store.open`` replaced the index while ``Store.create`` ran on the
+    I/O thread; the created entry went into the new index (dead: its file belonged to the
+    index before), or the new index held the scan's own entry of the file while the fill
+    committed the old object, leaving the committed file unindexed. Whatever the order, the
+    entry created under the older index is not indexed and cannot be committed."""
+    for create_first in (True, False):
+        root = tmp_path / f"cache-{create_first}"
+        root.mkdir()
+        io = ThreadPoolExecutor(1)
+        store = Store(root, io=io)
+        await store.open()
+        image_id = str(uuid.uuid4())
+        hold = threading.Event()
+        held = asyncio.get_running_loop().run_in_executor(io, hold.wait)
+        try:
+            digests: dict[str, str | None] = {
+                "checksum": None,
+                "os_hash_algo": None,
+                "os_hash_value": None,
+            }
+            steps = [store.create(image_id, 5 * MiB, **digests), store.open()]
+            if not create_first:
+                steps.reverse()
+            tasks = []
+            for step in steps:  # queued on the one I/O thread in this order
+                tasks.append(asyncio.ensure_future(step))
+                for _ in range(5):
+                    await asyncio.sleep(0)
+            hold.set()
+            results = await asyncio.gather(*tasks)
+            created = results[0] if create_first else results[1]
+            assert created.removed and store.get(image_id) is not created
+            assert not await store.commit(created)
+            indexed = store.get(image_id)
+            if indexed is not None:  # the scan found the file: that entry is the one served
+                assert indexed.path == root / "incomplete" / image_id and indexed.path.exists()
+        finally:
+            hold.set()
+            await held
+            io.shutdown()

@@ -5,7 +5,8 @@ Layout (Glance's words): ``<root>/<id>`` complete and verified; ``<root>/incompl
 being filled (sparse, with a presence bitmap); ``<root>/invalid/<id>`` failed verification;
 ``<root>/queue/<id>`` empty markers of images queued for prefetch, in mtime order.
 
-Ownership: the event loop owns the index. ``Store.entries``, ``Store.invalid`` and these
+Ownership: the event loop owns the index. ``Store.entries``, ``Store.invalid``,
+``Store.generation`` (bumped by every rebuild or detach of the index) and these
 fields of an indexed :class:`Entry` are changed only by coroutines running on the loop:
 ``path``, ``state``, ``removed``, ``readers``, ``present``, ``reserved``, ``hits``,
 ``last_accessed``, ``last_modified``. Filesystem work runs on the store's executor
@@ -146,6 +147,9 @@ class Store:
         self.queue_dir = self.root / "queue"
         self.entries: dict[str, Entry] = {}
         self.invalid: set[str] = set()
+        # Which index this is: bumped whenever the index is rebuilt or forgotten (open,
+        # detach), so an entry created under an older one is never inserted into a newer.
+        self.generation = 0
         self._own_io = io is None
         self.io: Executor = io or ThreadPoolExecutor(IO_THREADS, thread_name_prefix="cache-io")
         self.access = AccessLog(self.run, access_interval, self._indexed)
@@ -158,6 +162,7 @@ class Store:
         """Rebuild the index from the files and their xattrs (replacing what it held);
         ``still_there``: see :func:`scan`."""
         found = await self.run(scan, self.root, still_there)
+        self._forget()  # entries of the index replaced are never committed or touched
         self.entries = {e.image_id: e for e in found.entries}
         self.invalid = found.invalid
         log.info(
@@ -174,12 +179,17 @@ class Store:
         another filesystem now), so no commit, invalidation or access record of an entry
         indexed before may reach whatever its path names later. Returns how many."""
         count = len(self.entries)
+        self._forget()
+        return count
+
+    def _forget(self) -> None:
+        """Start a new index generation: every entry indexed so far is removed."""
+        self.generation += 1
         for entry in self.entries.values():
             entry.removed = True
             entry.reserved = 0
         self.entries = {}
         self.invalid = set()
-        return count
 
     async def aclose(self) -> None:
         """Write the pending access history (a clean shutdown loses none), then :meth:`close`."""
@@ -206,7 +216,11 @@ class Store:
         os_hash_value: str | None,
     ) -> Entry:
         """Create a new partial entry in ``incomplete/`` (a sparse file of ``size`` bytes)
-        and index it, replacing any entry the image had."""
+        and index it, replacing any entry the image had.
+
+        If the index was rebuilt or forgotten while the file was created (the directory
+        vanished, or came back as another filesystem), the entry is returned ``removed`` and
+        not indexed: the rebuilt index is what the directory holds now (issue 14 item 6)."""
         self._check_id(image_id)
         digests = {
             "checksum": checksum,
@@ -216,7 +230,12 @@ class Store:
         old = self.entries.get(image_id)
         if old is not None:
             await self.remove(image_id)
+        generation = self.generation
         entry = await self.run(_create, self.incomplete_dir / image_id, image_id, size, digests)
+        if self.generation != generation:
+            log.warning("cache index rebuilt while %s was created: not indexed", image_id)
+            entry.removed = True
+            return entry
         replaced = self.entries.get(image_id)
         if replaced is not None:  # created by someone else meanwhile: theirs is indexed
             replaced.removed = True
@@ -227,10 +246,11 @@ class Store:
         """Make a verified entry servable: mark it complete and move it out of incomplete/.
 
         Returns False when the entry was deleted before or while this ran (it is then gone,
-        not re-created).
+        not re-created), or is not the indexed entry of its image (one of an index rebuilt
+        since: its path may name another file now).
         """
         async with entry.lock:
-            if entry.removed:
+            if entry.removed or self.entries.get(entry.image_id) is not entry:
                 return False
             entry.path = await self.run(_commit, entry.path, self.root, entry.image_id)
             entry.state = State.COMPLETE
