@@ -214,8 +214,24 @@ class Filler:
         if fill is not None and fill.state.active:
             self.orphans.add(fill)
             fill.orphan()
-        removed = await self._store.remove(image_id)
+        try:
+            removed = await self._store.remove(image_id)
+        except StoreUnavailable as exc:  # the disk's error: the guard hears of it now
+            if self.disk_guard is not None:
+                self.disk_guard.report(exc.__cause__ or exc)
+            raise
         return removed is not None or fill is not None
+
+    def detach(self) -> None:
+        """The index was forgotten (the cache directory vanished, or is another filesystem
+        now): every running fill is orphaned like a deleted entry's. It goes on only while
+        its readers follow it, never commits, and one nobody reads stops at once (issue 14
+        item 9: they went on fetching into a file no index would ever hold)."""
+        for image_id, fill in list(self.fills.items()):
+            del self.fills[image_id]
+            if fill.state.active:
+                self.orphans.add(fill)
+                fill.orphan()
 
     async def close(self) -> None:
         """Stop every fill, keeping what was written and flushed for a resume."""

@@ -149,6 +149,8 @@ async def clean(store: Store, filler: Filler, stall_time: float) -> CleanResult:
                 metrics.evicted("stalled", entry.present_bytes())
                 stalled += 1
                 log.info("removed stalled partial entry %s", entry.image_id)
+    if store.undeleted:
+        log.info("clean: removed %d files of deleted entries", await store.remove_undeleted())
     invalid = await store.run(_reap_invalid, store.invalid_dir)
     store.invalid.difference_update(invalid)
     metrics.evicted_invalid(len(invalid))

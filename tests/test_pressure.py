@@ -18,16 +18,18 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import auth, start_daemon, stop_daemon, wait_complete, wait_idle
+from conftest import auth, manage, start_daemon, stop_daemon, wait_complete, wait_idle
 from fakeglance import FakeGlance
+from faultfs import FaultFS
 from test_correctness import until
 from test_filebackend import _mount
 from test_fill import MemoryUpstream, finished
 
-from cached.app import CONFIG, MANAGER
+from cached.app import CONFIG, DIRECTORIES, MANAGER
 from cached.errors import FillAborted, StoreUnavailable
 from cached.fill import FillSettings, FillState
 from cached.filler import Filler
+from cached.jobs import CleanResult, clean
 from cached.store import Store
 from cached.upstream import Credentials
 
@@ -330,3 +332,84 @@ async def test_an_entry_created_while_the_index_is_rebuilt_is_never_indexed_or_c
             hold.set()
             await held
             io.shutdown()
+
+
+# ------------------------------------------------------------------ item 9: remove, detach
+@pytest.fixture
+def fault_fs(tmp_path: Path) -> Iterator[FaultFS]:
+    """A FUSE pass-through (tests/faultfs.py) at ``tmp_path/fuse``, switchable to EIO."""
+    try:
+        import fuse  # noqa: F401
+    except (ImportError, OSError) as exc:  # fusepy, or libfuse2 under it, missing
+        if os.environ.get("CACHED_MOUNT_REQUIRED"):
+            raise
+        pytest.skip(f"FUSE tests need fusepy and libfuse2 (see .ci/run): {exc}")
+    backing, point = tmp_path / "backing", tmp_path / "fuse"
+    backing.mkdir()
+    point.mkdir()
+    fs = FaultFS(backing, point, tmp_path / "faultfs.mode")
+    fs.mount()
+    try:
+        yield fs
+    finally:
+        fs.unmount()
+
+
+async def test_a_removed_entry_whose_unlink_fails_is_not_forgotten(fault_fs: FaultFS) -> None:
+    """Issue 14 item 9: ``Store.remove`` dropped the entry from the index though its unlink
+    failed with EIO: the file stayed, counted nowhere, and came back as a cached image at the
+    next start. Now the caller hears of it, the bytes still count, and clean removes it."""
+    store = Store(fault_fs.mountpoint)
+    await store.open()
+    try:
+        upstream = MemoryUpstream()
+        record = upstream.add(os.urandom(5 * MiB))
+        filler = Filler(store, upstream, FillSettings())  # type: ignore[arg-type]
+        fill, _ = await filler.open(record, Credentials())
+        fill.ensure_full()
+        assert await finished(fill) is FillState.VERIFIED
+        on_backing = fault_fs.backing / record.id
+        assert await asyncio.to_thread(on_backing.exists)
+        await asyncio.to_thread(fault_fs.set, "eio")
+        with pytest.raises(StoreUnavailable) as raised:
+            await filler.remove(record.id)
+        assert raised.value.errno == errno.EIO
+        assert store.get(record.id) is None  # never served again
+        assert store.total_size() == 5 * MiB  # but its bytes still count
+        await asyncio.to_thread(fault_fs.set, "ok")
+        result = await clean(store, filler, stall_time=86400)
+        assert result == CleanResult(0, 0)
+        assert not await asyncio.to_thread(on_backing.exists)
+        assert store.total_size() == 0
+    finally:
+        await asyncio.to_thread(fault_fs.set, "ok")
+        store.close()
+
+
+async def test_running_fills_stop_when_the_guard_forgets_the_index(
+    glance: FakeGlance, small_fs: Callable[..., Path]
+) -> None:
+    """Issue 14 item 9: when the cache directory vanished the index was forgotten, but fills
+    kept fetching into files no index would hold (nor commit). Now they are orphaned like a
+    deleted entry's fills: one nobody reads stops at once."""
+    cache = small_fs("size=64m")
+    d = await start_daemon(
+        cache, glance.url, image_cache_mount={"probe_interval": 0.2, "probe_timeout": 1.0}
+    )
+    try:
+        image = glance.add_image(os.urandom(16 * MiB))
+        image.pause()
+        queue = f"{d.admin_base}/v2/cache/{image.id}"
+        async with manage(d).put(queue, headers=auth("token-admin")) as resp:
+            assert resp.status == 202
+        await until(lambda: image.id in d.filler.fills, "the prefetch's fill runs")
+        fill = d.filler.fills[image.id]
+        assert fill.entry.readers == 0
+        await asyncio.to_thread(subprocess.run, ["umount", "-l", str(cache)], check=True)
+        await until(lambda: d.app[DIRECTORIES].cache.state.value == "vanished", "vanished")
+        await until(lambda: fill.closed.is_set(), "the fill stopped", within=10)
+        assert fill.state is FillState.CANCELLED
+        assert image.id not in d.filler.fills and fill not in d.filler.orphans
+    finally:
+        image.resume()
+        await stop_daemon(d)

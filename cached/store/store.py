@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from cached.errors import StoreUnavailable
 from cached.ids import is_image_id
 from cached.store import entry as entries
 from cached.store import integrity
@@ -147,6 +148,8 @@ class Store:
         self.queue_dir = self.root / "queue"
         self.entries: dict[str, Entry] = {}
         self.invalid: set[str] = set()
+        # Files of removed entries whose unlink failed, and their bytes (remove, clean).
+        self.undeleted: dict[Path, int] = {}
         # Which index this is: bumped whenever the index is rebuilt or forgotten (open,
         # detach), so an entry created under an older one is never inserted into a newer.
         self.generation = 0
@@ -190,6 +193,7 @@ class Store:
             entry.reserved = 0
         self.entries = {}
         self.invalid = set()
+        self.undeleted = {}
 
     async def aclose(self) -> None:
         """Write the pending access history (a clean shutdown loses none), then :meth:`close`."""
@@ -285,15 +289,37 @@ class Store:
             entry.path = target
 
     async def remove(self, image_id: str) -> Entry | None:
-        """Delete an entry (complete or partial). Open readers keep their file until they close."""
+        """Delete an entry (complete or partial). Open readers keep their file until they close.
+
+        The entry leaves the index at once (it is never served again). If its file cannot be
+        unlinked (``EIO``, a read-only disk) it is not forgotten: it is kept in
+        ``undeleted`` (counted in :meth:`total_size`, removed by the next ``clean``) and
+        StoreUnavailable is raised (issue 14 item 9: the file stayed, uncounted, and came
+        back as a cached image at the next start)."""
         entry = self.entries.pop(image_id, None)
         if entry is None:
             return None
         entry.removed = True
         entry.reserved = 0
         async with entry.lock:  # after a commit in progress: remove the file where it is now
-            await self.run(_unlink, entry.path)
+            try:
+                await self.run(_unlink_or_raise, entry.path)
+            except OSError as exc:
+                self.undeleted[entry.path] = entry.present_bytes()
+                raise StoreUnavailable(
+                    f"cannot remove {entry.path}: {exc.strerror or exc}", exc.errno
+                ) from exc
         return entry
+
+    async def remove_undeleted(self) -> int:
+        """Try again to unlink the files of entries whose removal failed; returns how many
+        are gone now (clean)."""
+        gone = 0
+        for path in list(self.undeleted):
+            if await self.run(_unlink, path):
+                self.undeleted.pop(path, None)
+                gone += 1
+        return gone
 
     async def evict(self, entry: Entry) -> bool:
         """Drop ``entry`` if it is indexed (prune, clean): out of the index at once (new
@@ -339,7 +365,7 @@ class Store:
     def total_size(self) -> int:
         """Bytes the cache holds or has promised: complete entries, the filled part of
         partial ones, and what running fills reserved beyond that."""
-        return sum(e.footprint() for e in self.entries.values())
+        return sum(e.footprint() for e in self.entries.values()) + sum(self.undeleted.values())
 
     # The prefetch queue: zero-byte marker files, ordered by mtime (Glance's queue/).
     def enqueue(self, image_id: str) -> bool:
@@ -372,6 +398,14 @@ class Store:
     def _check_id(image_id: str) -> None:
         if not is_image_id(image_id):
             raise ValueError(f"not an image id: {image_id!r}")
+
+
+def _unlink_or_raise(path: Path) -> None:
+    """Remove ``path`` (already gone counts as removed); any other error is raised."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _unlink_existing(path: Path) -> bool:
