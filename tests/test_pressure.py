@@ -413,3 +413,29 @@ async def test_running_fills_stop_when_the_guard_forgets_the_index(
     finally:
         image.resume()
         await stop_daemon(d)
+
+
+# ------------------------------------------------------------------ item 4: smaller
+async def test_a_tokenless_delete_of_an_image_not_held_answers_204(
+    glance: FakeGlance, cache_dir: Path
+) -> None:
+    """Issue 14 item 4: ``DELETE /v2/cache/{id}`` without a token on the management listener
+    (admin there) for an image this node does not hold asked the upstream about the image
+    with no credentials and relayed its 401; Glance answers 204 for an image it does not
+    cache. A held image is still deleted, and with a token the upstream's answer stands."""
+    d = await start_daemon(cache_dir, glance.url)
+    try:
+        image = glance.add_image(os.urandom(MiB))
+        async with manage(d).delete(f"{d.admin_base}/v2/cache/{image.id}") as resp:
+            assert resp.status == 204, await resp.text()
+        assert (await d.get(image.id))[0] == 200
+        await wait_complete(d, image.id)
+        async with manage(d).delete(f"{d.admin_base}/v2/cache/{image.id}") as resp:
+            assert resp.status == 204
+        assert d.store.get(image.id) is None
+        gone = str(uuid.uuid4())
+        url = f"{d.admin_base}/v2/cache/{gone}"
+        async with manage(d).delete(url, headers=auth("token-admin")) as resp:
+            assert resp.status == 404  # asked with a token: unknown everywhere
+    finally:
+        await stop_daemon(d)
