@@ -439,3 +439,22 @@ async def test_a_tokenless_delete_of_an_image_not_held_answers_204(
             assert resp.status == 404  # asked with a token: unknown everywhere
     finally:
         await stop_daemon(d)
+
+
+@pytest.mark.parametrize("status", [500, 503])
+async def test_a_failing_upstream_is_asked_once_per_download(
+    glance: FakeGlance, cache_dir: Path, status: int
+) -> None:
+    """Issue 14 item 4: when the upstream answered the authorisation probe with a 5xx, the
+    probe asked again without the Range (meant for stores that refuse ranges): every failed
+    download cost the failing upstream two requests. Now its answer is relayed at once."""
+    d = await start_daemon(cache_dir, glance.url)
+    try:
+        image = glance.add_image(os.urandom(MiB))
+        glance.fail_downloads = status
+        got, _, _ = await d.get(image.id)
+        assert got == status
+        assert len(glance.data_requests(image.id)) == 1
+    finally:
+        glance.fail_downloads = None
+        await stop_daemon(d)
