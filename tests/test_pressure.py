@@ -30,7 +30,7 @@ from cached.errors import FillAborted, StoreUnavailable
 from cached.fill import FillSettings, FillState
 from cached.filler import Filler
 from cached.jobs import CleanResult, clean
-from cached.store import Store
+from cached.store import Store, integrity
 from cached.upstream import Credentials
 
 MiB = 1 << 20
@@ -458,3 +458,36 @@ async def test_a_failing_upstream_is_asked_once_per_download(
     finally:
         glance.fail_downloads = None
         await stop_daemon(d)
+
+
+async def test_a_hit_that_opened_its_file_before_the_eviction_is_not_a_changed_file(
+    store: Store,
+) -> None:
+    """Found by the soak (issue 14 item 3): a hit opened its entry's file, prune evicted the
+    entry (unlinking the file, which moves its ctime), then the hit's fstat saw a ctime it
+    had not recorded: "changed since it was verified", re-verified, and an image without a
+    digest moved to invalid/, cutting every reader of it. The unlinked file is reopened here
+    through /proc (the same inode, opened after the unlink) to take that path every time."""
+    upstream = MemoryUpstream()
+    data = os.urandom(3 * MiB)
+    record = upstream.add(data)
+    filler = Filler(store, upstream, FillSettings())  # type: ignore[arg-type]
+    fill, _ = await filler.open(record, Credentials())
+    fill.ensure_full()
+    assert await finished(fill) is FillState.VERIFIED
+    entry = store.get(record.id)
+    assert entry is not None and entry.complete
+    await until(lambda: entry.identity is not None, "the commit record is written")
+    fd = await asyncio.to_thread(os.open, entry.path, os.O_RDONLY)
+    try:
+        assert await store.evict(entry)  # the unlink: the inode lives on through fd
+        entry.path = Path(f"/proc/self/fd/{fd}")
+        file, changed = await asyncio.to_thread(integrity.open_for_hit, entry)
+        assert not changed and not entry.suspect
+        assert not isinstance(file, bytes)
+        try:
+            assert await asyncio.to_thread(file.read) == data
+        finally:
+            await asyncio.to_thread(file.close)
+    finally:
+        await asyncio.to_thread(os.close, fd)
