@@ -279,6 +279,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         app[INTEGRITY] = integrity
         integrity.start()
         filler.disk_guard = directories.cache  # fills run while the cache directory is ok
+        directories.on_detached.append(filler.detach)  # and stop when its index is forgotten
         scheduler = app[SCHEDULER] = jobs.start_scheduler(
             config, prefetcher, maintenance, integrity
         )

@@ -48,8 +48,9 @@ class StoreUnavailable(CachedError):
 
 class NotAdmitted(CachedError):
     """The cache does not take this image now; ``detail`` is the Cache-Status detail
-    (``too-large``: never, by the admission rule; ``no-space``: not while entries in use
-    hold the space)."""
+    (``too-large``: never, by the admission rule; ``cache-full``: not while running fills
+    hold the cache's max size; ``no-space``: not while the filesystem is short of its
+    free-space floor)."""
 
     def __init__(self, detail: str, message: str):
         super().__init__(message)

@@ -385,7 +385,7 @@ async def test_concurrent_misses_are_admitted_within_the_max_size(
             assert [(a[0], a[2]) for a in answers] == [(200, i.data) for i in images]
             statuses = sorted(a[1]["Cache-Status"] for a in answers)
             assert statuses == [
-                "cached; fwd=bypass; detail=no-space",
+                "cached; fwd=bypass; detail=cache-full",
                 "cached; fwd=uri-miss; stored",
             ], statuses
             for image in images:  # an empty cache for the next round

@@ -61,6 +61,8 @@ class Directories:
     opened: bool = False  # the index was built from the directory as it is now
     # Called (on the loop) whenever the index was (re)built from an ok directory.
     on_indexed: list[Callable[[], None]] = field(default_factory=list)
+    # Called (on the loop) whenever the index was forgotten (the running fills stop).
+    on_detached: list[Callable[[], None]] = field(default_factory=list)
     _reopening: asyncio.Lock = field(default_factory=asyncio.Lock)
     _started: bool = False  # start() is done: a cache in use no longer stops the daemon
     _claim: socket.socket | None = None  # this daemon's claim on the cache (store/lock.py)
@@ -127,9 +129,12 @@ class Directories:
         """Whatever comes back at that path is scanned afresh; nothing indexed before may
         be committed or touched there (fills in flight finish for their readers only)."""
         self.opened = False
-        if self.index is not None and self.index.entries:
-            count = self.index.detach()
-            log.warning("cache index: forgot %d entries (%s)", count, why)
+        if self.index is not None:
+            count = self.index.detach()  # a new generation even when it held nothing
+            if count:
+                log.warning("cache index: forgot %d entries (%s)", count, why)
+        for callback in self.on_detached:
+            callback()
 
     async def _open(self) -> None:
         """Create the layout if missing and rebuild the index from the directory; then let

@@ -29,7 +29,7 @@ from cached.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from cached.fill.machine import Fill
+from cached.fill.machine import Fill, FillState
 from cached.fill.registry import Filler
 from cached.identity.authorizer import Authorizer
 from cached.ids import is_image_id
@@ -88,9 +88,9 @@ class Proxy:
     passthrough: PassThrough
     # Admission: images larger than this are never cached (streamed with detail=too-large).
     max_entry_size: int | None = None
-    # Entered around opening a new fill with the bytes it will write: gives None, or why
-    # there is no room (cached/jobs/schedule.py Maintenance.admission).
-    admission: Callable[[int], AbstractAsyncContextManager[str | None]] | None = None
+    # Entered around opening a new fill, or widening a running one, with the bytes it will
+    # write: gives None, or why there is no room (cached/jobs/schedule.py Maintenance.admission).
+    admission: Callable[[int], AbstractAsyncContextManager[NotAdmitted | None]] | None = None
     # Told of every image deleted through the proxy (e.g. the prefetch queue forgets it).
     on_deleted: list[Callable[[str], Awaitable[object]]] = field(default_factory=list)
     integrity: Integrity | None = None  # re-verifies a changed file before a hit (scrub.py)
@@ -196,7 +196,10 @@ class Proxy:
             return None, Outcome.HIT
         fill = self.filler.get(image_id)
         if fill is not None:
-            return fill, Outcome.COLLAPSED
+            if await self._widened(fill, wanted):
+                return fill, Outcome.COLLAPSED
+            if (fill := self.filler.get(image_id)) is not None:  # it ended; another began
+                return fill, Outcome.COLLAPSED  # (its bytes unadmitted only in this race)
         if record is None:
             assert entry is not None
             record = _record_of(entry)
@@ -208,11 +211,25 @@ class Proxy:
             needed = _bytes_to_fetch(entry, record, wanted)
             async with self.admission(needed) as refused:
                 if refused is not None:
-                    raise NotAdmitted("no-space", refused)
+                    raise refused
                 fill, created = await self.filler.open(record, creds)
         if not created:
             return fill, Outcome.COLLAPSED
         return fill, Outcome.PARTIAL if len(fill.entry.present) else Outcome.MISS
+
+    async def _widened(self, fill: Fill, wanted: ranges.ByteRange | None) -> bool:
+        """Admit what joining ``fill`` for ``wanted`` adds to its reservation (issue 14
+        item 1: a collapsed download widened it unadmitted and the cache ran past its
+        limits). Raises NotAdmitted; False if the fill ended meanwhile. The caller's demand
+        follows without an await, as for a new fill."""
+        start, end = (0, fill.entry.size) if wanted is None else (wanted.start, wanted.end)
+        more = fill.widening(start, end, whole=wanted is None)
+        if not more or self.admission is None:
+            return True
+        async with self.admission(more) as refused:
+            if refused is not None:
+                raise refused
+        return fill.state is FillState.RUNNING
 
     async def _send(self, dl: _Download, fill: Fill | None) -> web.StreamResponse:
         following = None
@@ -239,6 +256,34 @@ class Proxy:
         finally:
             entry.readers -= 1
             self.filler.reader_left(entry)
+
+    async def _reopen(self, dl: _Download, entry: Entry, pos: int, stop: int) -> Fill:
+        """A new fill of ``entry`` for a reader midway (the last one ended), admitted like
+        any other; refused, the rest of the download comes from the upstream."""
+        record = dl.record or _record_of(entry)
+        wanted = None if dl.whole else ranges.ByteRange(pos, stop, entry.size)
+        needed = _bytes_to_fetch(entry, record, wanted)
+        if self.admission is None:
+            fill, _ = await self.filler.open(record, dl.creds)
+        else:
+            async with self.admission(needed) as refused:
+                if refused is not None:
+                    raise FillAborted(f"no room to go on caching: {refused}") from (
+                        StoreUnavailable(str(refused))
+                    )
+                fill, _ = await self.filler.open(record, dl.creds)
+        if fill.entry is not entry:
+            raise FillAborted("entry deleted")  # and re-created since: not ours
+        return fill
+
+    async def _widened_midway(self, fill: Fill, dl: _Download, pos: int, stop: int) -> bool:
+        """:meth:`_widened` for a reader midway: refused, the rest comes from the upstream."""
+        try:
+            return await self._widened(
+                fill, None if dl.whole else ranges.ByteRange(pos, stop, dl.entry.size)
+            )
+        except NotAdmitted as exc:
+            raise FillAborted(f"no room to go on caching: {exc}") from StoreUnavailable(str(exc))
 
     def _cache_failed(self, image_id: str, exc: BaseException, cause: BaseException) -> None:
         """A cache-directory error before anything was sent: log it, tell the guard now."""
@@ -296,9 +341,9 @@ class Proxy:
             if current is None:
                 if entry.removed:
                     raise FillAborted("entry deleted")
-                current, _ = await self.filler.open(dl.record or _record_of(entry), dl.creds)
-                if current.entry is not entry:
-                    raise FillAborted("entry deleted")  # and re-created since: not ours
+                current = await self._reopen(dl, entry, pos, stop)
+            elif not await self._widened_midway(current, dl, pos, stop):
+                return await ensure_fill(pos, stop)  # it ended meanwhile: open the next
             return current, current.demand(pos, stop, whole=dl.whole)
 
         progress = Progress(dl.start)

@@ -157,7 +157,9 @@ async def _send(
             assert guard is not None
             data = await _read_in_threads(guard, file, piece, offset)
         else:
-            data = await asyncio.to_thread(os.pread, file.fileno(), piece, offset)
+            # The cache guard's threads when there is a guard (never the default executor).
+            executor = guard.executor if guard is not None else None
+            data = await loop.run_in_executor(executor, os.pread, file.fileno(), piece, offset)
         if not data:
             raise FillAborted("file shorter than its entry")
         await response.write(data)  # counted by the response writer (not sent by sendfile)

@@ -18,8 +18,11 @@ States, and who moves the fill between them (all on the event loop)::
 
 Transfers and their task callbacks move RUNNING → VERIFYING/FAILED/IDLE; ``_finish`` moves
 VERIFYING on; ``cancel`` (the registry, on delete or shutdown) moves RUNNING → CANCELLED.
-Every other state is final: the fill flushes, closes its file and leaves the registry
-(``closed`` is set); the next reader that needs bytes opens a new fill on the same entry.
+Every other state is final: the fill releases its reservation (in ``_move``, the one place
+that enters a final state, so no ending can keep phantom bytes counted against the cache),
+flushes, closes its file and leaves the registry (``closed`` is set; ``on_release`` tells
+the prune that space may be free again); the next reader that needs bytes opens a new fill
+on the same entry.
 
 A range transfer that fails does not fail the fill: its chunks are released and marked lost,
 and only readers that were waiting on them are cut (``check``); a later request fetches them
@@ -201,6 +204,21 @@ class Fill:
         else:
             self.ensure_range(start, end)
         return mark
+
+    def widening(self, start: int, end: int, *, whole: bool) -> int:
+        """Bytes a :meth:`demand` of ``[start, end)`` (the whole image if ``whole``) would
+        add to this fill's reservation now: what its admission must admit (issue 14 item 1:
+        a download joining a running fill widened its reservation unchecked)."""
+        if self.state is not FillState.RUNNING or not (self._driver is None or self._driver.done()):
+            return 0  # ended (a new fill will be admitted), or a driver reserved everything
+        entry = self.entry
+        if whole:
+            return max(0, entry.size - entry.present_bytes() - entry.reserved)
+        return sum(
+            entry.chunk_bounds(c)[1] - entry.chunk_bounds(c)[0]
+            for c in entry.chunks_of(start, end)
+            if c not in self.written and c not in self._claimed
+        )
 
     def check(self, pos: int, mark: int) -> None:
         """Raise FillAborted if the fill ended badly, or if the chunk at ``pos`` was lost by
@@ -606,6 +624,10 @@ class Fill:
             raise AssertionError(f"fill of {self.entry.image_id}: {self.state} -> {state}")
         self.state = state
         self.error = error
+        if not state.active:
+            # A fill that ends reserves nothing: every final state, one rule (issue 14
+            # item 5: a failed final flush kept its reservation for good).
+            self.entry.reserved = 0
         metrics.fill_ended(self, state.value)
         self._notify()
 

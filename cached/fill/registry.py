@@ -64,7 +64,9 @@ class Filler:
         # fills may run instead of the fixed pass-through above (kept only for a full disk);
         # disk errors wake it.
         self.disk_guard: DiskGuard | None = None
-        # Told whenever fills reserve space (the prune makes room).
+        # Told whenever reservations change or entries are let go (a fill reserved space,
+        # a fill ended and released its reservation, the last reader of a partial entry
+        # left): the prune makes room, also after the entries in use are released.
         self.on_reserve: Callable[[], None] | None = None
         self._opening: dict[str, asyncio.Future[Fill]] = {}
 
@@ -115,7 +117,12 @@ class Filler:
             future.set_result(fill)
             return fill, True
         except BaseException as exc:
-            future.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                # The opener's own cancellation (its client left, a timeout) is not the
+                # waiters' (issue 14 item 8): they get FillAborted and retry or pass through.
+                future.set_exception(FillAborted(f"opening the fill of {image_id} was cancelled"))
+            else:
+                future.set_exception(exc)
             future.exception()  # mark retrieved: waiters get it from their own await
             raise
         finally:
@@ -172,6 +179,7 @@ class Filler:
         self.orphans.discard(fill)
         if isinstance(fill.error, StoreUnavailable):
             self._store_failed(fill.error)
+        self.reserved()  # its reservation is released and its entry evictable again
 
     def _store_failed(self, exc: StoreUnavailable) -> None:
         if self.disk_guard is not None:
@@ -192,6 +200,8 @@ class Filler:
         for orphan in list(self.orphans):
             if orphan.entry is entry:
                 orphan.reader_left()
+        if entry.readers == 0 and not entry.complete and not entry.removed:
+            self.reserved()  # a partial entry nobody reads may be evicted now
 
     async def remove(self, image_id: str) -> bool:
         """Delete an image's entry, safely while it is being read or filled.
@@ -204,8 +214,24 @@ class Filler:
         if fill is not None and fill.state.active:
             self.orphans.add(fill)
             fill.orphan()
-        removed = await self._store.remove(image_id)
+        try:
+            removed = await self._store.remove(image_id)
+        except StoreUnavailable as exc:  # the disk's error: the guard hears of it now
+            if self.disk_guard is not None:
+                self.disk_guard.report(exc.__cause__ or exc)
+            raise
         return removed is not None or fill is not None
+
+    def detach(self) -> None:
+        """The index was forgotten (the cache directory vanished, or is another filesystem
+        now): every running fill is orphaned like a deleted entry's. It goes on only while
+        its readers follow it, never commits, and one nobody reads stops at once (issue 14
+        item 9: they went on fetching into a file no index would ever hold)."""
+        for image_id, fill in list(self.fills.items()):
+            del self.fills[image_id]
+            if fill.state.active:
+                self.orphans.add(fill)
+                fill.orphan()
 
     async def close(self) -> None:
         """Stop every fill, keeping what was written and flushed for a resume."""

@@ -15,8 +15,10 @@ A fetch whose cache entry is deleted while it runs (``DELETE /v2/cached_images/{
 cache clear) is not a failure: the image stays queued, without backoff, for the next run.
 
 Shared state (the task and progress maps, the fetch slots) is changed only by coroutines and
-callbacks on the event loop;
-the queue markers and their xattrs are touched in worker threads.
+callbacks on the event loop; the queue markers and their xattrs are touched only on the
+store's executor, the cache guard's bounded I/O threads (``Store.run``), never on the default
+executor: a hung share then holds those threads, not the ones a reload, pass-through or
+``/v2/cache/progress`` need (issue 14 item 7).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 
 from cached import metrics
 from cached.config import Config
-from cached.errors import CachedError, FillAborted, UpstreamError
+from cached.errors import CachedError, FillAborted, NotAdmitted, UpstreamError
 from cached.fill.machine import Fill, FillState
 from cached.fill.registry import Filler
 from cached.identity.keystone import ServiceAuth
@@ -200,7 +202,9 @@ class Prefetcher:
         self._service = service
         self._slots = Slots(config.prefetch_concurrency)
         # Asked before a new fill with the bytes it will write: None, or why there is no room.
-        self.admission: Callable[[int], AbstractAsyncContextManager[str | None]] | None = None
+        self.admission: Callable[[int], AbstractAsyncContextManager[NotAdmitted | None]] | None = (
+            None
+        )
         self._retry = (config.prefetch_retry_initial, config.prefetch_retry_max)
         self._tasks: dict[str, asyncio.Task[Outcome]] = {}
         self._tracked: dict[str, _Tracked] = {}  # our fetches
@@ -237,7 +241,7 @@ class Prefetcher:
 
     async def run(self) -> dict[Outcome, int]:
         """One prefetch run: start every queued image that is due, wait for them."""
-        queue = await asyncio.to_thread(self._queue_with_status)
+        queue = await self._store.run(self._queue_with_status)
         now = time.time()
         started, deferred = [], 0
         for image_id, status in queue:
@@ -287,7 +291,7 @@ class Prefetcher:
         self._tracked[image_id] = _Tracked()
         try:
             async with self._slots:
-                if not await asyncio.to_thread(self._is_queued, image_id):
+                if not await self._store.run(self._is_queued, image_id):
                     return Outcome.DROPPED
                 attempt = time.time()
                 self._tracked[image_id].active = True
@@ -301,11 +305,11 @@ class Prefetcher:
                     log.info("prefetch of %s stopped: %s", image_id, exc)
                     return Outcome.DELETED
                 except Exception as exc:  # every failure is recorded and retried later
-                    if not await asyncio.to_thread(self._is_queued, image_id):
+                    if not await self._store.run(self._is_queued, image_id):
                         log.info("prefetch of %s stopped: dequeued meanwhile (%s)", image_id, exc)
                         return Outcome.DROPPED
                     if isinstance(exc, UpstreamError) and exc.status in _PERMANENT:
-                        await asyncio.to_thread(self._store.dequeue, image_id)
+                        await self._store.run(self._store.dequeue, image_id)
                         log.warning(
                             "prefetch of %s: the upstream answered %d: dequeued, not retried",
                             image_id,
@@ -314,7 +318,7 @@ class Prefetcher:
                         return Outcome.REFUSED
                     await self._failed(image_id, attempt, exc)
                     return Outcome.FAILED
-                await asyncio.to_thread(self._store.dequeue, image_id)
+                await self._store.run(self._store.dequeue, image_id)
                 return Outcome.CACHED
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -338,10 +342,14 @@ class Prefetcher:
         if record.status != "active" or record.size is None:
             raise PrefetchFailed(f"image is {record.status}, not active")
         entry = self._store.get(image_id)
-        admission: AbstractAsyncContextManager[str | None] = contextlib.nullcontext(None)
-        if self.admission is not None and self._filler.get(image_id) is None:
-            present = entry.present_bytes() if entry is not None else 0
-            admission = self.admission(record.size - present)
+        admission: AbstractAsyncContextManager[NotAdmitted | None] = contextlib.nullcontext(None)
+        running = self._filler.get(image_id)
+        if self.admission is not None:
+            if running is None:
+                present = entry.present_bytes() if entry is not None else 0
+                admission = self.admission(record.size - present)
+            elif more := running.widening(0, record.size, whole=True):
+                admission = self.admission(more)  # a range fill asked for all: an admission
         async with admission as refused:
             if refused is not None:  # tried again on the next runs, with backoff
                 raise PrefetchFailed(f"no room in the cache: {refused}")
@@ -367,13 +375,13 @@ class Prefetcher:
 
     async def _failed(self, image_id: str, attempt: float, exc: Exception) -> None:
         marker = self._store.queue_dir / image_id
-        status = await asyncio.to_thread(read_status, marker)
+        status = await self._store.run(read_status, marker)
         status.failures += 1
         status.last_error = str(exc) or type(exc).__name__
         status.last_attempt = attempt
         initial, most = self._retry
         status.next_attempt = attempt + min(most, initial * 2 ** (status.failures - 1))
-        await asyncio.to_thread(write_status, marker, status)
+        await self._store.run(write_status, marker, status)
         log.warning(
             "prefetch of %s failed (%d in a row, retry after %.0fs): %s",
             image_id,
@@ -385,7 +393,7 @@ class Prefetcher:
 
     async def progress(self) -> dict[str, dict[str, Any]]:
         """Per image, queued or being filled: how far its fetch is (format: manage.py)."""
-        queue = await asyncio.to_thread(self._queue_with_status)
+        queue = await self._store.run(self._queue_with_status)
         for image_id in [i for i, b in self._seen.items() if self._filler.get(i) is not b.fill]:
             del self._seen[image_id]
         out: dict[str, dict[str, Any]] = {}

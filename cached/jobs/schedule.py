@@ -25,6 +25,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from cached import metrics
 from cached.cachedir.reverify import Integrity
 from cached.config import Config
+from cached.errors import NotAdmitted
 from cached.fill.registry import Filler
 from cached.jobs.prefetch import Prefetcher
 from cached.store import Entry, Store
@@ -46,9 +47,20 @@ class CleanResult:
 
 def _evictable(entry: Entry, store: Store, filler: Filler) -> bool:
     """Neither read nor filled (nor a fill being opened), and still the indexed entry of its
-    image."""
+    image (what ``clean`` may remove)."""
+    return entry.readers == 0 and _prunable(entry, store, filler)
+
+
+def _prunable(entry: Entry, store: Store, filler: Filler) -> bool:
+    """What prune may evict: any indexed entry no fill is working on (or being opened for),
+    read or not, except a partial entry being read (its reader may need a fill of it next).
+
+    A complete entry being read is evicted like any other (issue 14 item 3, as nginx and
+    Squid do): it leaves the index, its readers keep their open file and finish from it, and
+    its blocks are freed when the last one closes it. Refusing to evict entries in use made
+    most bytes bypass a busy cache."""
     return (
-        entry.readers == 0
+        (entry.complete or entry.readers == 0)
         and filler.fill_of(entry) is None
         and not filler.opening(entry.image_id)
         and store.get(entry.image_id) is entry
@@ -56,15 +68,17 @@ def _evictable(entry: Entry, store: Store, filler: Filler) -> bool:
     )
 
 
-async def prune(store: Store, filler: Filler, max_size: int) -> PruneResult:
-    """Evict least recently used entries until the cache holds at most ``max_size``.
+async def prune(store: Store, filler: Filler, max_size: int, disk_short: int = 0) -> PruneResult:
+    """Evict least recently used entries until the cache holds at most ``max_size`` and
+    ``disk_short`` bytes more are free on its filesystem (0: the free space is fine).
 
     Complete and partial entries alike (a partial one by when it was last written or read);
-    space reserved by running fills counts as used. Entries being read or filled are never
-    evicted (Glance's pruner, without its bugs).
+    space reserved by running fills counts as used. Entries being filled are never evicted;
+    entries being read are (see :func:`_prunable`), but their blocks are freed only once
+    nobody reads them: they count towards ``max_size``, not towards ``disk_short``.
     """
     total = store.total_size()
-    if total <= max_size:
+    if total <= max_size and disk_short <= 0:
         log.debug("prune: %d bytes cached, limit %d: nothing to do", total, max_size)
         return PruneResult()
     files = pruned = skipped = 0
@@ -75,29 +89,34 @@ async def prune(store: Store, filler: Filler, max_size: int) -> PruneResult:
         return used, e.image_id
 
     for entry in sorted(store.entries.values(), key=last_used):
-        if total <= max_size:
+        if total <= max_size and disk_short <= 0:
             break
-        if not _evictable(entry, store, filler):
-            skipped += 1
+        read = entry.readers > 0
+        if not _prunable(entry, store, filler) or (read and total <= max_size):
+            skipped += 1  # (only the disk is short: evicting what is read frees nothing now)
             continue
-        held = entry.footprint()
+        held, on_disk = entry.footprint(), entry.present_bytes()
         if await store.evict(entry):
             metrics.evicted("prune", held)
             files += 1
             pruned += held
             total -= held
+            if not read:
+                disk_short -= on_disk
             log.info(
-                "pruned %s (%d bytes, last accessed %.0f)",
+                "pruned %s (%d bytes%s, last accessed %.0f)",
                 entry.image_id,
                 held,
+                ", still read: freed when its readers finish" if read else "",
                 entry.last_accessed,
             )
     log.info(
-        "prune: removed %d entries, %d bytes; %d bytes cached (limit %d), %d in use skipped",
+        "prune: removed %d entries, %d bytes; %d bytes cached (limit %d)%s, %d in use skipped",
         files,
         pruned,
         total,
         max_size,
+        f", {disk_short} bytes short of the free-space floor" if disk_short > 0 else "",
         skipped,
     )
     return PruneResult(files, pruned)
@@ -130,6 +149,8 @@ async def clean(store: Store, filler: Filler, stall_time: float) -> CleanResult:
                 metrics.evicted("stalled", entry.present_bytes())
                 stalled += 1
                 log.info("removed stalled partial entry %s", entry.image_id)
+    if store.undeleted:
+        log.info("clean: removed %d files of deleted entries", await store.remove_undeleted())
     invalid = await store.run(_reap_invalid, store.invalid_dir)
     store.invalid.difference_update(invalid)
     metrics.evicted_invalid(len(invalid))
@@ -161,17 +182,33 @@ class Maintenance:
         self.min_free_space = config.min_free_space
         self._stall_time = config.image_cache_stall_time
 
-    async def prune(self, target: int | None = None) -> PruneResult:
-        """Run :func:`prune` down to ``target`` (default: the max size), after any run."""
+    async def prune(self, target: int | None = None, *, to_write: int = 0) -> PruneResult:
+        """Run :func:`prune` down to ``target`` (default: the max size) and back above the
+        free-space floor (with ``to_write`` more bytes to come), after any run."""
         async with self._prune_lock:
             limit = self._max_size if target is None else target
-            return await prune(self._store, self._filler, limit)
+            try:
+                short = await self._disk_short(to_write)
+            except OSError as exc:  # the guard hears of the directory's errors elsewhere
+                log.warning("prune: cannot see the free space: %s", exc.strerror or exc)
+                short = 0
+            return await prune(self._store, self._filler, limit, max(0, short))
+
+    async def _disk_short(self, to_write: int) -> int:
+        """Bytes the filesystem lacks to keep ``min_free_space`` free once every running fill
+        has written what it reserved and ``to_write`` more (negative: to spare)."""
+        st = await self._store.run(os.statvfs, self._store.root)
+        free = st.f_bavail * st.f_frsize
+        floor = self.min_free_space.bytes_of(st.f_blocks * st.f_frsize)
+        promised = sum(e.reserved for e in self._store.entries.values())
+        return floor - (free - promised - to_write)
 
     @contextlib.asynccontextmanager
-    async def admission(self, needed: int) -> AsyncIterator[str | None]:
-        """Admit a new fill that will write ``needed`` bytes: yields None when there is room
-        (after pruning for it if need be), else why not. The caller opens the fill and has
-        it reserve its bytes (``Fill.ensure_full``/``demand``) inside the block, or at once
+    async def admission(self, needed: int) -> AsyncIterator[NotAdmitted | None]:
+        """Admit a fill that will write ``needed`` more bytes (a new fill, or a running one
+        asked for more: widening a reservation is an admission too): yields None when there
+        is room (after pruning for it if need be), else why not. The caller has the fill
+        reserve its bytes (``Fill.ensure_full``/``demand``) inside the block, or at once
         after it without awaiting: until then the admitted bytes count for the admissions
         that follow. Before, two misses admitted at the same time each saw the other's bytes
         unreserved, and both ran past the max size.
@@ -186,37 +223,44 @@ class Maintenance:
             if refused is None:
                 self._admitted -= needed
 
-    async def _admit(self, needed: int) -> str | None:
+    async def _admit(self, needed: int) -> NotAdmitted | None:
         """Two limits: the cache's max size (what entries hold, running fills reserved and
         admitted fills will reserve), and the filesystem's free space, which must stay above
         ``min_free_space`` once all that and these are written (a watermark before ENOSPC,
-        not after). Without ``prune_on_fill`` the max size is left to the scheduled prune.
+        not after). Both are made by evicting (with ``prune_on_fill``; without it the max
+        size is left to the scheduled prune), so a fill is refused only when what is being
+        filled leaves no room: ``cache-full`` (the max size) or ``no-space`` (the disk).
         """
         needed_now = needed + self._admitted
         if self._prune_on_fill and self._store.total_size() + needed_now > self._max_size:
-            await self.prune(max(0, self._max_size - needed_now))
+            await self.prune(max(0, self._max_size - needed_now), to_write=needed_now)
             if self._store.total_size() + needed_now > self._max_size:
-                return "the cache is full of entries in use"
+                return NotAdmitted(
+                    "cache-full",
+                    f"{self._store.total_size()} bytes cached or being filled, {needed_now} "
+                    f"to be admitted, limit {self._max_size}",
+                )
         try:
-            st = await self._store.run(os.statvfs, self._store.root)
+            short = await self._disk_short(needed_now)
+            if short > 0 and self._prune_on_fill:
+                await self.prune(to_write=needed_now)
+                short = await self._disk_short(needed_now)
         except OSError as exc:
-            return f"cannot see the free space: {exc.strerror or exc}"
-        free = st.f_bavail * st.f_frsize
-        floor = self.min_free_space.bytes_of(st.f_blocks * st.f_frsize)
-        promised = sum(e.reserved for e in self._store.entries.values())
-        if free - promised - needed_now < floor:
-            to_write = promised + needed_now
-            return f"{free} bytes free, {to_write} to be written, {floor} kept free"
+            return NotAdmitted("no-space", f"cannot see the free space: {exc.strerror or exc}")
+        if short > 0:
+            return NotAdmitted(
+                "no-space", f"{short} bytes short of the free-space floor after {needed_now}"
+            )
         return None
 
     def make_room(self) -> None:
-        """Fills reserved space: prune now if the cache would go past its max size, rather
-        than let the disk fill up until the next scheduled run (a Glance complaint).
+        """Reservations changed (a fill reserved space, or ended and released it): prune now
+        if the cache is past its max size or the disk below its free-space floor, rather than
+        let the disk fill up until the next scheduled run (a Glance complaint), or stay over
+        the limit while idle once the entries in use are released (issue 14 item 1).
 
         Reservations count as used, so the prune stops at the max size and never evicts
         what an admitted image needs below it (admission keeps any one image smaller)."""
-        if self._store.total_size() <= self._max_size:
-            return
         if self._making_room is not None and not self._making_room.done():
             self._again = True
             return

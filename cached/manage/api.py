@@ -320,7 +320,16 @@ async def delete_image(m: Manager, request: web.Request) -> web.StreamResponse:
     image_id = _image_id(request)
     m.check_cache(change=True)  # before the queue entry goes: all of it or nothing
     if not await m.held(image_id):
-        await m.record(image_id, Credentials.from_headers(request.headers))
+        try:  # Glance: 404 only for an image unknown everywhere
+            await m.record(image_id, Credentials.from_headers(request.headers))
+        except UpstreamError as exc:
+            # A tokenless caller (the management listener's) that cached cannot ask about
+            # on its behalf (no service credentials): nothing here to delete, and Glance
+            # answers 204 for an image it does not cache (issue 14 item 4; it was 401).
+            if exc.status != 401 or "X-Auth-Token" in request.headers:
+                raise
+            log.info("DELETE of %s: not held here, and no credentials to look it up", image_id)
+            return _empty(204)
     await m.prefetcher.forget(image_id)  # first: a running prefetch must not refill it
     await m.drop(image_id)
     log.info("deleted %s from the cache and the queue", image_id)

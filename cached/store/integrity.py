@@ -30,6 +30,7 @@ entry touches it, except ``Entry.suspect``/``identity``, guarded by ``Entry.iden
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import errno
 import logging
@@ -271,7 +272,12 @@ def open_for_hit(
             if entry.suspect:
                 return file, True
             if entry.identity is not None:  # None: being committed, recorded with the commit
-                now = written.Identity.of(os.fstat(file.fileno()))
+                st = os.fstat(file.fileno())
+                now = written.Identity.of(st)
+                if st.st_nlink == 0 and now.ctime_ns != entry.identity.ctime_ns:
+                    # Unlinked since we opened it (evicted or deleted while this hit began;
+                    # its readers finish from the open file): the unlink itself moves ctime.
+                    now = dataclasses.replace(now, ctime_ns=entry.identity.ctime_ns)
                 if now != entry.identity:
                     entry.suspect = True
                     log.warning(

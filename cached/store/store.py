@@ -5,7 +5,8 @@ Layout (Glance's words): ``<root>/<id>`` complete and verified; ``<root>/incompl
 being filled (sparse, with a presence bitmap); ``<root>/invalid/<id>`` failed verification;
 ``<root>/queue/<id>`` empty markers of images queued for prefetch, in mtime order.
 
-Ownership: the event loop owns the index. ``Store.entries``, ``Store.invalid`` and these
+Ownership: the event loop owns the index. ``Store.entries``, ``Store.invalid``,
+``Store.generation`` (bumped by every rebuild or detach of the index) and these
 fields of an indexed :class:`Entry` are changed only by coroutines running on the loop:
 ``path``, ``state``, ``removed``, ``readers``, ``present``, ``reserved``, ``hits``,
 ``last_accessed``, ``last_modified``. Filesystem work runs on the store's executor
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from cached.errors import StoreUnavailable
 from cached.ids import is_image_id
 from cached.store import entry as entries
 from cached.store import integrity
@@ -146,6 +148,11 @@ class Store:
         self.queue_dir = self.root / "queue"
         self.entries: dict[str, Entry] = {}
         self.invalid: set[str] = set()
+        # Files of removed entries whose unlink failed, and their bytes (remove, clean).
+        self.undeleted: dict[Path, int] = {}
+        # Which index this is: bumped whenever the index is rebuilt or forgotten (open,
+        # detach), so an entry created under an older one is never inserted into a newer.
+        self.generation = 0
         self._own_io = io is None
         self.io: Executor = io or ThreadPoolExecutor(IO_THREADS, thread_name_prefix="cache-io")
         self.access = AccessLog(self.run, access_interval, self._indexed)
@@ -158,6 +165,7 @@ class Store:
         """Rebuild the index from the files and their xattrs (replacing what it held);
         ``still_there``: see :func:`scan`."""
         found = await self.run(scan, self.root, still_there)
+        self._forget()  # entries of the index replaced are never committed or touched
         self.entries = {e.image_id: e for e in found.entries}
         self.invalid = found.invalid
         log.info(
@@ -174,12 +182,18 @@ class Store:
         another filesystem now), so no commit, invalidation or access record of an entry
         indexed before may reach whatever its path names later. Returns how many."""
         count = len(self.entries)
+        self._forget()
+        return count
+
+    def _forget(self) -> None:
+        """Start a new index generation: every entry indexed so far is removed."""
+        self.generation += 1
         for entry in self.entries.values():
             entry.removed = True
             entry.reserved = 0
         self.entries = {}
         self.invalid = set()
-        return count
+        self.undeleted = {}
 
     async def aclose(self) -> None:
         """Write the pending access history (a clean shutdown loses none), then :meth:`close`."""
@@ -206,7 +220,11 @@ class Store:
         os_hash_value: str | None,
     ) -> Entry:
         """Create a new partial entry in ``incomplete/`` (a sparse file of ``size`` bytes)
-        and index it, replacing any entry the image had."""
+        and index it, replacing any entry the image had.
+
+        If the index was rebuilt or forgotten while the file was created (the directory
+        vanished, or came back as another filesystem), the entry is returned ``removed`` and
+        not indexed: the rebuilt index is what the directory holds now (issue 14 item 6)."""
         self._check_id(image_id)
         digests = {
             "checksum": checksum,
@@ -216,7 +234,12 @@ class Store:
         old = self.entries.get(image_id)
         if old is not None:
             await self.remove(image_id)
+        generation = self.generation
         entry = await self.run(_create, self.incomplete_dir / image_id, image_id, size, digests)
+        if self.generation != generation:
+            log.warning("cache index rebuilt while %s was created: not indexed", image_id)
+            entry.removed = True
+            return entry
         replaced = self.entries.get(image_id)
         if replaced is not None:  # created by someone else meanwhile: theirs is indexed
             replaced.removed = True
@@ -227,10 +250,11 @@ class Store:
         """Make a verified entry servable: mark it complete and move it out of incomplete/.
 
         Returns False when the entry was deleted before or while this ran (it is then gone,
-        not re-created).
+        not re-created), or is not the indexed entry of its image (one of an index rebuilt
+        since: its path may name another file now).
         """
         async with entry.lock:
-            if entry.removed:
+            if entry.removed or self.entries.get(entry.image_id) is not entry:
                 return False
             entry.path = await self.run(_commit, entry.path, self.root, entry.image_id)
             entry.state = State.COMPLETE
@@ -265,24 +289,51 @@ class Store:
             entry.path = target
 
     async def remove(self, image_id: str) -> Entry | None:
-        """Delete an entry (complete or partial). Open readers keep their file until they close."""
+        """Delete an entry (complete or partial). Open readers keep their file until they close.
+
+        The entry leaves the index at once (it is never served again). If its file cannot be
+        unlinked (``EIO``, a read-only disk) it is not forgotten: it is kept in
+        ``undeleted`` (counted in :meth:`total_size`, removed by the next ``clean``) and
+        StoreUnavailable is raised (issue 14 item 9: the file stayed, uncounted, and came
+        back as a cached image at the next start)."""
         entry = self.entries.pop(image_id, None)
         if entry is None:
             return None
         entry.removed = True
         entry.reserved = 0
         async with entry.lock:  # after a commit in progress: remove the file where it is now
-            await self.run(_unlink, entry.path)
+            try:
+                await self.run(_unlink_or_raise, entry.path)
+            except OSError as exc:
+                self.undeleted[entry.path] = entry.present_bytes()
+                raise StoreUnavailable(
+                    f"cannot remove {entry.path}: {exc.strerror or exc}", exc.errno
+                ) from exc
         return entry
 
+    async def remove_undeleted(self) -> int:
+        """Try again to unlink the files of entries whose removal failed; returns how many
+        are gone now (clean)."""
+        gone = 0
+        for path in list(self.undeleted):
+            if await self.run(_unlink, path):
+                self.undeleted.pop(path, None)
+                gone += 1
+        return gone
+
     async def evict(self, entry: Entry) -> bool:
-        """Drop ``entry`` if it is indexed and unused (prune, clean): out of the index at once
-        (new requests miss), then unlink; put back if the unlink failed.
+        """Drop ``entry`` if it is indexed (prune, clean): out of the index at once (new
+        requests miss), then unlink; put back if the unlink failed. A complete entry may be
+        being read: its readers keep their open file and finish from it (the blocks are
+        freed when the last closes it); a partial one being read is kept (its reader may
+        need a fill of this very entry next). The caller checks that no fill uses it.
 
         The unlink is atomic and the index is rebuilt from the files at start, so a crash at
         any point leaves either the whole entry or none of it.
         """
-        if self.entries.get(entry.image_id) is not entry or entry.readers or entry.removed:
+        if self.entries.get(entry.image_id) is not entry or entry.removed:
+            return False
+        if entry.readers and not entry.complete:
             return False
         del self.entries[entry.image_id]
         entry.removed = True
@@ -314,7 +365,7 @@ class Store:
     def total_size(self) -> int:
         """Bytes the cache holds or has promised: complete entries, the filled part of
         partial ones, and what running fills reserved beyond that."""
-        return sum(e.footprint() for e in self.entries.values())
+        return sum(e.footprint() for e in self.entries.values()) + sum(self.undeleted.values())
 
     # The prefetch queue: zero-byte marker files, ordered by mtime (Glance's queue/).
     def enqueue(self, image_id: str) -> bool:
@@ -347,6 +398,14 @@ class Store:
     def _check_id(image_id: str) -> None:
         if not is_image_id(image_id):
             raise ValueError(f"not an image id: {image_id!r}")
+
+
+def _unlink_or_raise(path: Path) -> None:
+    """Remove ``path`` (already gone counts as removed); any other error is raised."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _unlink_existing(path: Path) -> bool:

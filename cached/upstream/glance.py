@@ -188,10 +188,13 @@ class GlanceBackend:
             try:
                 ranged = {**headers, "Range": "bytes=0-0"}
                 async with self._session.get(url, headers=ranged) as resp:
-                    if resp.status != 400 and resp.status < 500:
+                    if resp.status != 400:
+                        # A 5xx is the upstream's answer to this download: relayed (or a
+                        # stale allowance), never asked again without the Range, which made
+                        # every failed download two upstream requests (issue 14 item 4).
                         return await self._decision(resp)
             except aiohttp.ServerDisconnectedError:
-                pass  # Glance 33 crashes on a Range GET of an image without data
+                pass  # Glance 33 (uWSGI) crashes on a Range GET of an image without data
             # Stores without random access refuse ranges (400): ask for the whole body and
             # hang up after the headers.
             async with self._session.get(url, headers=headers) as resp:
