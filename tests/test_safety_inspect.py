@@ -138,6 +138,13 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], bytes]:
             qemu_img("create", "-q", "-f", "qcow2", out, size)
         elif name in ("clean.vmdk", "clean.vdi", "clean.vhdx", "clean.qed"):
             qemu_img("create", "-q", "-f", name.split(".")[1], out, size)
+        elif name == "v1.qcow":
+            qemu_img("create", "-q", "-f", "qcow", out, size)
+        elif name == "unknown-bit.qcow2":
+            qemu_img("create", "-q", "-f", "qcow2", out, size)
+            data = bytearray(out.read_bytes())
+            data[72 + 6] |= 0x04  # incompatible feature bit 10: unknown to qemu and oslo
+            out.write_bytes(data)
         elif name == "clean.vhd":
             qemu_img("create", "-q", "-f", "vpc", out, size)
         elif name == "backing.qcow2":
@@ -188,6 +195,8 @@ MADE = [
     ("datafile.qcow2", "qcow2", Outcome.UNSAFE, ("data_file",), 64 * MiB),
     ("passwd.vmdk", "vmdk", Outcome.UNSAFE, ("descriptor",), None),  # flat: no size
     ("clean.qed", "qed", Outcome.UNSAFE, ("allowed_formats", "banned"), None),
+    ("v1.qcow", "qcow2", Outcome.UNSAFE, ("unknown_features",), 64 * MiB),
+    ("unknown-bit.qcow2", "qcow2", Outcome.UNSAFE, ("unknown_features",), 64 * MiB),
 ]
 
 
