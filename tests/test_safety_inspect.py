@@ -284,8 +284,8 @@ def test_119_byte_qcow2_is_what_qemu_img_opens(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("good", [True, False], ids=["footer-good", "footer-bad"])
-def test_vmdk_footer_is_read_from_the_end_in_whole_pieces(
-    images: Callable[[str], bytes], good: bool
+def test_vmdk_footer_is_read_from_the_end_of_the_stream(
+    images: Callable[[str], bytes], good: bool, tmp_path: Path
 ) -> None:
     data = _vmdk_with_footer(images("stream.vmdk"), good=good)
     want = (Outcome.SAFE, ()) if good else (Outcome.UNSAFE, ("footer",))
@@ -298,6 +298,17 @@ def test_vmdk_footer_is_read_from_the_end_in_whole_pieces(
     seen = inspector.finish(len(data))
     assert inspector.decided_at == len(data)
     assert judge(seen, Declared(), Policy()).outcome is want[0]
+    # A resumed fill: the rest comes from the file, of which only the end is read.
+    path = tmp_path / "entry"
+    path.write_bytes(data)
+    inspector = Inspector()
+    inspector.feed(0, data[: 256 * KiB])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        seen = inspector.catch_up(fd, len(data))
+    finally:
+        os.close(fd)
+    assert (judge(seen, Declared(), Policy()).outcome, seen.size) == (want[0], len(data))
 
 
 def test_stops_reading_once_decided(images: Callable[[str], bytes]) -> None:
