@@ -30,6 +30,8 @@ from cached.metrics import MeteredBackend, MeteredPassThrough, Metrics
 from cached.passthrough import GlancePassThrough, PassThrough
 from cached.prefetch import Prefetcher
 from cached.proxy import Proxy
+from cached.safety.audit import Safety
+from cached.safety.verdict import Policy as SafetyPolicy
 from cached.scrub import Integrity
 from cached.store import Store, xattrs
 from cached.upstream import Backend
@@ -185,6 +187,13 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             max_entry_size=config.max_entry_size,
             directories=directories,
         )
+        if config.image_safety_mode == "audit":
+            checks = SafetyPolicy(
+                frozenset(config.image_safety_allowed_formats),
+                frozenset(config.image_safety_nonfatal_checks),
+            )
+            safety = Safety(checks, file_backend=config.upstream_kind == "file", run=store.run)
+            filler.safety = proxy.safety = safety
         if config.upstream_kind == "glance" and not service.configured:
             log.warning(
                 "no service credentials (service_token or keystone_username): queued images "

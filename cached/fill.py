@@ -53,6 +53,7 @@ from cached.errors import (
     UpstreamUnavailable,
 )
 from cached.pipeline import Flush, Pipeline
+from cached.safety.audit import FillAudit
 from cached.store import Bitmap, Entry, Store
 from cached.upstream import Backend, Buffer, Credentials
 
@@ -132,6 +133,7 @@ class Fill:
         on_close: Callable[[Fill], None],
         fd: int,
         data_credentials: DataCredentials | None = None,
+        safety: FillAudit | None = None,
     ):
         self.entry = entry
         self._store = store
@@ -147,6 +149,7 @@ class Fill:
             self.written.add(0)  # an empty image has nothing to fetch, only to verify
         self.orphaned = False  # deleted while it ran: goes on only for its readers
         self.on_reserve: Callable[[], None] | None = None  # told when space is reserved
+        self.on_verdict: Callable[[Entry, FillAudit], None] | None = None  # told on commit
         self._claimed: set[int] = set()
         self._transfers: list[_Transfer] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -157,6 +160,10 @@ class Fill:
         self._progress: asyncio.Future[None] = self._loop.create_future()
         self.digest = Digest.for_record(entry.checksum, entry.os_hash_algo, entry.os_hash_value)
         self.consumers: list[StreamConsumer] = [self.digest] if self.digest else []
+        # The format inspector (image_safety_mode audit), a consumer after the digest.
+        self.safety = safety
+        if safety is not None:
+            self.consumers.append(safety.inspector)
         self._pipe: Pipeline | None = Pipeline(
             fd, entry.image_id[:8], self.consumers, settings.flush
         )
@@ -486,6 +493,9 @@ class Fill:
             if self.digest is not None:
                 assert self._pipe is not None
                 ok = await self._pipe.digest_finish(self.digest.finish, self.entry.size)
+            if ok and self.safety is not None:  # judged and stored before the commit record
+                assert self._pipe is not None
+                await self._pipe.digest_finish(self.safety.finish, self.entry.size)
         except StoreUnavailable as exc:
             self._move(FillState.FAILED, exc)
             self._close_files()
@@ -498,6 +508,8 @@ class Fill:
                 committed = await self._store.commit(entry)
             except OSError as exc:
                 log.error("cannot commit %s: %s", entry.image_id, exc)
+            if committed and self.safety is not None and self.on_verdict is not None:
+                self.on_verdict(entry, self.safety)
             log.info(
                 "%s %s: %d bytes, %s verified, %d upstream requests",
                 "cached" if committed else "verified (not kept)",

@@ -1,0 +1,199 @@
+"""Audit mode against a running daemon (issue 18): images made by qemu-img, served by the fake
+Glance (declared right and wrong) or by the ``file`` backend; the verdict lands in the entry's
+``user.cached.verdict`` before the commit record (the hit that follows is a plain hit, not a
+re-verification), hits carry ``Cached-Image-Verdict``, the bytes are served unchanged, and a
+restarted daemon reads the verdict back from the file. ``image_safety_mode: off`` does none
+of it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import Daemon, start_daemon, stop_daemon, wait_complete, wait_idle
+from fakeglance import FakeGlance
+from test_safety_inspect import qemu_img
+
+from cached.safety import record
+from cached.safety.verdict import Outcome
+
+MiB = 1 << 20
+HIT = "cached; hit"
+MISS = "cached; fwd=uri-miss; stored"
+
+
+def make(tmp_path: Path, kind: str) -> bytes:
+    """A qemu-img image: ``clean`` qcow2, ``backing`` (a qcow2 with a backing file) or
+    ``backing-big`` (the same, 12 MiB of data: three 4 MiB chunks)."""
+    out = tmp_path / f"{kind}-{uuid.uuid4().hex[:8]}.qcow2"
+    if kind == "clean":
+        qemu_img("create", "-q", "-f", "qcow2", out, "64M")
+    elif kind == "backing":
+        qemu_img("create", "-q", "-f", "raw", tmp_path / "base.raw", "1M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", tmp_path / "base.raw", "-F", "raw", out)
+    elif kind == "backing-big":
+        noise = tmp_path / "noise.raw"
+        noise.write_bytes(random.Random(3).randbytes(12 * MiB))
+        qemu_img("convert", "-f", "raw", "-O", "qcow2", noise, out)
+        qemu_img("rebase", "-u", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw", out)
+    else:
+        raise AssertionError(kind)
+    return out.read_bytes()
+
+
+def stored_verdict(daemon: Daemon, image_id: str) -> record.Verdict | None:
+    path = daemon.cache_dir / image_id
+    if record.NAME not in os.listxattr(path):
+        return None
+    return record.loads(os.getxattr(path, record.NAME))
+
+
+async def miss_then_hit(daemon: Daemon, image_id: str, data: bytes) -> dict[str, str]:
+    """GET twice: a miss that serves ``data``, then a hit that does; the hit's headers."""
+    status, headers, body = await daemon.get(image_id)
+    assert (status, headers["Cache-Status"], body == data) == (200, MISS, True)
+    assert "Cached-Image-Verdict" not in headers  # decided at the end of the fill
+    await wait_complete(daemon, image_id)
+    status, headers, body = await daemon.get(image_id)
+    assert (status, headers["Cache-Status"], body == data) == (200, HIT, True)
+    entry = daemon.store.get(image_id)
+    assert entry is not None and not entry.suspect  # the commit record covers the xattr
+    return headers
+
+
+@pytest.mark.parametrize(
+    ("kind", "disk_format", "container_format", "outcome", "header"),
+    [
+        ("clean", "qcow2", "bare", Outcome.SAFE, 'safe; detected="qcow2"; declared="qcow2"'),
+        ("clean", "vmdk", "bare", Outcome.MISMATCH,
+         'mismatch; detected="qcow2"; declared="vmdk"'),
+        ("clean", "raw", "bare", Outcome.MISMATCH, 'mismatch; detected="qcow2"; declared="raw"'),
+        # CVE-2024-40767: a "raw" image that is a qcow2 with a backing file
+        ("backing", "raw", "bare", Outcome.UNSAFE,
+         'unsafe; detected="qcow2"; declared="raw"; checks="backing_file"'),
+        # Glance does not inspect non-bare containers; the cache does
+        ("backing", "qcow2", "ovf", Outcome.UNSAFE,
+         'unsafe; detected="qcow2"; declared="qcow2"; checks="backing_file"'),
+    ],
+)  # fmt: skip
+async def test_audit_verdict_stored_and_sent_on_hits(
+    daemon: Daemon,
+    glance: FakeGlance,
+    tmp_path: Path,
+    kind: str,
+    disk_format: str,
+    container_format: str,
+    outcome: Outcome,
+    header: str,
+) -> None:
+    data = make(tmp_path, kind)
+    image = glance.add_image(data, disk_format=disk_format, container_format=container_format)
+    headers = await miss_then_hit(daemon, image.id, data)
+    assert headers["Cached-Image-Verdict"] == header
+    verdict = stored_verdict(daemon, image.id)
+    assert verdict is not None
+    assert (verdict.outcome, verdict.detected, verdict.declared) == (outcome, "qcow2", disk_format)
+    assert verdict.virtual_size == (MiB if kind == "backing" else 64 * MiB)
+
+
+async def test_restarted_daemon_reads_the_verdict_from_the_entry(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    data = make(tmp_path, "backing")
+    image = glance.add_image(data, disk_format="raw")
+    first = await start_daemon(cache, glance.url)
+    try:
+        await miss_then_hit(first, image.id, data)
+    finally:
+        await stop_daemon(first)
+    second = await start_daemon(cache, glance.url)
+    try:
+        status, headers, body = await second.get(image.id)
+        assert (status, headers["Cache-Status"], body == data) == (200, HIT, True)
+        assert headers["Cached-Image-Verdict"] == (
+            'unsafe; detected="qcow2"; declared="raw"; checks="backing_file"'
+        )
+    finally:
+        await stop_daemon(second)
+
+
+async def test_an_unparseable_verdict_is_no_verdict(glance: FakeGlance, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    data = make(tmp_path, "clean")
+    image = glance.add_image(data, disk_format="qcow2")
+    first = await start_daemon(cache, glance.url)
+    try:
+        await miss_then_hit(first, image.id, data)
+    finally:
+        await stop_daemon(first)
+    os.setxattr(cache / image.id, record.NAME, b'{"v":1,"verdict":"safe"}')  # a tamper
+    second = await start_daemon(cache, glance.url)
+    try:
+        status, headers, body = await second.get(image.id)
+        assert (status, body == data) == (200, True)
+        assert "Cached-Image-Verdict" not in headers
+    finally:
+        await stop_daemon(second)
+
+
+async def test_a_range_fill_then_the_rest_catches_the_inspector_up(
+    daemon: Daemon, glance: FakeGlance, tmp_path: Path
+) -> None:
+    """The first 4 MiB chunk comes in by a range fill; the full download after it streams from
+    the second chunk on, so the inspector reads the header back from the file at the end."""
+    data = make(tmp_path, "backing-big")
+    assert len(data) > 8 * MiB
+    image = glance.add_image(data, disk_format="qcow2")
+    status, _, body = await daemon.get(image.id, Range="bytes=0-99")
+    assert (status, body) == (206, data[:100])
+    await wait_idle(daemon, image.id)
+    headers = await miss_then_hit_after_partial(daemon, image.id, data)
+    assert headers["Cached-Image-Verdict"] == (
+        'unsafe; detected="qcow2"; declared="qcow2"; checks="backing_file"'
+    )
+
+
+async def miss_then_hit_after_partial(daemon: Daemon, image_id: str, data: bytes) -> dict[str, str]:
+    status, headers, body = await daemon.get(image_id)
+    assert (status, body == data) == (200, True)
+    await wait_complete(daemon, image_id)
+    status, headers, body = await daemon.get(image_id)
+    assert (status, headers["Cache-Status"], body == data) == (200, HIT, True)
+    return headers
+
+
+async def test_file_backend_raw_bare_is_no_declaration(tmp_path: Path) -> None:
+    images, cache = tmp_path / "images", tmp_path / "cache"
+    images.mkdir()
+    cache.mkdir()
+    data = make(tmp_path, "clean")
+    image_id = str(uuid.uuid4())
+    (images / image_id).write_bytes(data)
+    daemon = await start_daemon(cache, f"file://{images}")
+    try:
+        headers = await miss_then_hit(daemon, image_id, data)
+        assert headers["Cached-Image-Verdict"] == 'safe; detected="qcow2"'  # not a mismatch
+    finally:
+        await stop_daemon(daemon)
+
+
+async def test_mode_off_inspects_nothing(glance: FakeGlance, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    data = make(tmp_path, "backing")
+    image = glance.add_image(data, disk_format="raw")
+    daemon = await start_daemon(cache, glance.url, image_safety_mode="off")
+    try:
+        headers = await miss_then_hit(daemon, image.id, data)
+        assert "Cached-Image-Verdict" not in headers
+        assert stored_verdict(daemon, image.id) is None
+        assert record.NAME not in os.listxattr(cache / image.id)
+    finally:
+        await stop_daemon(daemon)
