@@ -1,4 +1,5 @@
-"""Audit mode against a running daemon (issue 18): images made by qemu-img, served by the fake
+"""Audit mode against a running daemon (issue 18; in-process on loopback, and one ``cached
+serve`` subprocess): images made by qemu-img, served by the fake
 Glance (declared right and wrong) or by the ``file`` backend; the verdict lands in the entry's
 ``user.cached.verdict`` before the commit record (the hit that follows is a plain hit, not a
 re-verification), hits carry ``Cached-Image-Verdict``, the bytes are served unchanged, and a
@@ -8,13 +9,24 @@ of it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import uuid
 from pathlib import Path
 
+import aiohttp
 import pytest
-from conftest import Daemon, start_daemon, stop_daemon, wait_complete, wait_idle
+from conftest import (
+    Daemon,
+    auth,
+    start_daemon,
+    stop_daemon,
+    wait_complete,
+    wait_idle,
+    wait_until,
+)
+from daemonproc import CachedProcess
 from fakeglance import FakeGlance
 from test_safety_inspect import qemu_img
 
@@ -197,3 +209,35 @@ async def test_mode_off_inspects_nothing(glance: FakeGlance, tmp_path: Path) -> 
         assert record.NAME not in os.listxattr(cache / image.id)
     finally:
         await stop_daemon(daemon)
+
+
+async def test_a_daemon_process_logs_stores_and_sends_the_verdict(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    """``cached serve`` as a real subprocess (the default configuration: audit)."""
+    data = make(tmp_path, "backing")
+    image = glance.add_image(data, disk_format="raw")
+    cache = tmp_path / "cache"
+    proc = CachedProcess(glance.url, cache, tmp_path / "cached.log")
+    url = await asyncio.to_thread(proc.start)
+    try:
+        async with aiohttp.ClientSession() as session:
+            file_url = f"{url}/v2/images/{image.id}/file"
+            async with session.get(file_url, headers=auth()) as resp:
+                assert (resp.status, resp.headers["Cache-Status"]) == (200, MISS)
+                assert await resp.read() == data
+            await wait_until(lambda: (cache / image.id).exists(), "the entry is committed")
+            async with session.get(file_url, headers=auth()) as resp:
+                assert (resp.status, resp.headers["Cache-Status"]) == (200, HIT)
+                assert resp.headers["Cached-Image-Verdict"] == (
+                    'unsafe; detected="qcow2"; declared="raw"; checks="backing_file"'
+                )
+                assert await resp.read() == data
+        verdict = record.loads(os.getxattr(cache / image.id, record.NAME))
+        assert (verdict.outcome, verdict.checks) == (Outcome.UNSAFE, ("backing_file",))
+        assert (
+            f"image {image.id} content unsafe: detected qcow2, declared raw, failed backing_file"
+            in proc.output()
+        )
+    finally:
+        assert await asyncio.to_thread(proc.stop) == 0

@@ -100,9 +100,9 @@ class Inspector:
         """Take ``data`` found at ``offset``; bytes not at :attr:`position` are ignored."""
         if self.phase is Phase.DONE or offset != self.position:
             return
-        view = memoryview(data).cast("B")
-        self.position += len(view)
         try:
+            view = memoryview(data).cast("B")
+            self.position += len(view)
             if self.phase is Phase.TAIL:
                 self._keep_tail(view)
                 return
