@@ -149,6 +149,8 @@ def test_virtual_size_of_raw_content_is_the_image_size() -> None:
         ("raw", "bare", False, Declared("raw", "bare")),
         ("", "", False, Declared()),
         (3, ["bare"], False, Declared()),  # not strings: nothing usable declared
+        ('qcow2"\r\nX-Injected: 1', "bare", False, Declared("?", "bare")),  # not a name
+        ("QCOW2", "BARE", False, Declared("?", "?")),
     ],
 )
 def test_declared_by(disk: object, container: object, file_backend: bool, want: Declared) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 from cached.safety import record
 from cached.safety.inspect import VERSION, Inspector
-from cached.safety.verdict import Declared, Policy, Verdict, declared_by, judge
+from cached.safety.verdict import NAME, Declared, Policy, Verdict, declared_by, judge
 from cached.store import xattrs
 from cached.store.entry import Entry
 from cached.upstream import ImageRecord
@@ -89,7 +89,9 @@ class Safety:
         self.policy = policy
         self._file_backend = file_backend
         self._run = run
-        self._known: dict[str, tuple[weakref.ref[Entry], Verdict | None]] = {}
+        self._fingerprint = policy.fingerprint()
+        # image id -> (its entry, the header of its current verdict or None); loop only
+        self._known: dict[str, tuple[weakref.ref[Entry], str | None]] = {}
         self._inserted = 0
 
     def for_record(self, image: ImageRecord) -> FillAudit:
@@ -123,35 +125,36 @@ class Safety:
         """The ``Cached-Image-Verdict`` value for a hit on ``entry``, or None if it has no
         current verdict (filled before inspection, by another oslo.utils or policy)."""
         known = self._known.get(entry.image_id)
-        if known is None or known[0]() is not entry:
-            try:
-                raw = await self._run(_read_verdict, entry.path)
-            except OSError as exc:
-                log.debug("cannot read the verdict of %s: %s", entry.image_id, exc)
-                return None
-            verdict = None
-            if raw is not None:
-                try:
-                    verdict = record.loads(raw)
-                except ValueError as exc:
-                    log.warning("unreadable verdict on %s: %s", entry.path, exc)
-            self._remember(entry, verdict)
-        else:
-            verdict = known[1]
-        if verdict is None or not self._current(verdict):
+        if known is not None and known[0]() is entry:
+            return known[1]
+        try:
+            raw = await self._run(_read_verdict, entry.path)
+        except OSError as exc:
+            log.debug("cannot read the verdict of %s: %s", entry.image_id, exc)
             return None
-        return header_value(verdict)
+        verdict = None
+        if raw is not None:
+            try:
+                verdict = record.loads(raw)
+            except ValueError as exc:
+                log.warning("unreadable verdict on %s: %s", entry.path, exc)
+        return self._remember(entry, verdict)
 
-    def _current(self, verdict: Verdict) -> bool:
-        return verdict.version == VERSION and verdict.policy == self.policy.fingerprint()
-
-    def _remember(self, entry: Entry, verdict: Verdict | None) -> None:
-        self._known[entry.image_id] = (weakref.ref(entry), verdict)
+    def _remember(self, entry: Entry, verdict: Verdict | None) -> str | None:
+        """Keep the header of ``entry``'s verdict (None: no current verdict); returns it."""
+        current = (
+            verdict is not None
+            and verdict.version == VERSION
+            and verdict.policy == self._fingerprint
+        )
+        header = header_value(verdict) if verdict is not None and current else None
+        self._known[entry.image_id] = (weakref.ref(entry), header)
         self._inserted += 1
         if self._inserted % _SWEEP_EVERY == 0:
             for image_id, (ref, _) in list(self._known.items()):
                 if ref() is None:
                     del self._known[image_id]
+        return header
 
 
 def header_value(verdict: Verdict) -> str:
@@ -159,12 +162,16 @@ def header_value(verdict: Verdict) -> str:
     with string parameters; absent values are left out)."""
     parts = [verdict.outcome.value]
     if verdict.detected is not None:
-        parts.append(f'detected="{verdict.detected}"')
+        parts.append(f'detected="{_shown(verdict.detected)}"')
     if verdict.declared is not None:
-        parts.append(f'declared="{verdict.declared}"')
+        parts.append(f'declared="{_shown(verdict.declared)}"')
     if verdict.checks:
-        parts.append(f'checks="{" ".join(verdict.checks)}"')
+        parts.append(f'checks="{" ".join(_shown(c) for c in verdict.checks)}"')
     return "; ".join(parts)
+
+
+def _shown(name: str) -> str:
+    return name if NAME.fullmatch(name) else "?"  # only plain names go into a header
 
 
 def _read_verdict(path: os.PathLike[str] | str) -> bytes | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from cached.safety.verdict import NAME as _NAME
 from cached.safety.verdict import Outcome, Verdict
 from cached.store import codec
 
@@ -31,7 +32,6 @@ MAX_SIZE = 1 << 63
 _KEYS = frozenset(
     ["v", "verdict", "detected", "declared", "checks", "ignored", "vsize", "oslo", "policy"]
 )
-_NAME = re.compile(r"[a-z0-9_+,.-]{1,48}")
 _VERSION = re.compile(r"[0-9A-Za-z.+-]{1,24}")
 _POLICY = re.compile(r"[0-9a-f]{8}")
 _MORE = "+more"  # stands for checks dropped to fit MAX_LEN

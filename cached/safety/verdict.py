@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
 from dataclasses import dataclass, field
 
 # The format names oslo.utils' inspector reports (format_inspector.ALL_FORMATS, 10.2.0).
@@ -42,6 +43,7 @@ DEFAULT_ALLOWED = INSPECTED_FORMATS - {"qed", "luks"}
 NOT_INSPECTABLE = frozenset(["ami", "aki", "ari", "ploop"])
 RAW_CONTENT = frozenset(["raw", "gpt"])
 KERNEL_FORMATS = frozenset(["aki", "ari"])  # Glance: the MBR check is never fatal for these
+NAME = re.compile(r"[a-z0-9_+,.-]{1,48}")  # format and check names as verdicts carry them
 
 # Check names of our own, beside oslo.utils' (backing_file, data_file, descriptor, ...).
 CHECK_FORMATS = "formats"  # several formats matched
@@ -126,13 +128,20 @@ def declared_by(disk_format: object, container_format: object, *, file_backend: 
     """The declaration of an image record's ``disk_format``/``container_format``.
 
     The ``file`` backend states ``raw``/``bare`` for every file it serves: no declaration.
-    Non-string or empty values count as absent.
+    Non-string or empty values count as absent; a value that is not a plain format name
+    (Glance's are lower-case words) is kept as ``"?"``: it never reaches a header or log
+    line as the upstream wrote it.
     """
-    disk = disk_format if isinstance(disk_format, str) and disk_format else None
-    container = container_format if isinstance(container_format, str) and container_format else None
+    disk, container = _name(disk_format), _name(container_format)
     if file_backend and (disk, container) in (("raw", "bare"), ("raw", None), (None, "bare")):
         return Declared()
     return Declared(disk, container)
+
+
+def _name(value: object) -> str | None:
+    if not isinstance(value, str) or not value:
+        return None
+    return value if NAME.fullmatch(value) else "?"
 
 
 def judge(seen: Observation, declared: Declared, policy: Policy) -> Verdict:
