@@ -28,6 +28,7 @@ from conftest import (
 )
 from daemonproc import CachedProcess
 from fakeglance import FakeGlance
+from scrapes import Delta, scrape
 from test_safety_inspect import qemu_img
 
 from cached.safety import record
@@ -107,8 +108,12 @@ async def test_audit_verdict_stored_and_sent_on_hits(
 ) -> None:
     data = make(tmp_path, kind)
     image = glance.add_image(data, disk_format=disk_format, container_format=container_format)
+    before = await scrape(daemon)
     headers = await miss_then_hit(daemon, image.id, data)
     assert headers["Cached-Image-Verdict"] == header
+    judged = Delta(before, await scrape(daemon))
+    assert judged("cached_image_verdicts_total", verdict=outcome.value) == 1
+    assert sum(judged("cached_image_verdicts_total", verdict=o.value) for o in Outcome) == 1
     verdict = stored_verdict(daemon, image.id)
     assert verdict is not None
     declared = disk_format if disk_format.isalnum() else "?"

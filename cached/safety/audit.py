@@ -27,6 +27,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from cached import metrics
 from cached.safety import record
 from cached.safety.inspect import VERSION, Inspector
 from cached.safety.verdict import NAME, Declared, Policy, Verdict, declared_by, judge
@@ -119,6 +120,7 @@ class Safety:
             f", failed {','.join(verdict.checks)}" if verdict.checks else "",
             verdict.version,
         )
+        metrics.image_judged(verdict.outcome.value)
         self._remember(entry, verdict)
 
     async def header_for(self, entry: Entry) -> str | None:
