@@ -116,7 +116,7 @@ class Safety:
             entry.image_id,
             verdict.outcome.value,
             verdict.detected,
-            verdict.declared,
+            verdict.declared or "nothing",
             f", failed {','.join(verdict.checks)}" if verdict.checks else "",
             verdict.version,
         )
