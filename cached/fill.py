@@ -149,7 +149,6 @@ class Fill:
             self.written.add(0)  # an empty image has nothing to fetch, only to verify
         self.orphaned = False  # deleted while it ran: goes on only for its readers
         self.on_reserve: Callable[[], None] | None = None  # told when space is reserved
-        self.on_verdict: Callable[[Entry, FillAudit], None] | None = None  # told on commit
         self._claimed: set[int] = set()
         self._transfers: list[_Transfer] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -508,8 +507,8 @@ class Fill:
                 committed = await self._store.commit(entry)
             except OSError as exc:
                 log.error("cannot commit %s: %s", entry.image_id, exc)
-            if committed and self.safety is not None and self.on_verdict is not None:
-                self.on_verdict(entry, self.safety)
+            if committed and self.safety is not None:
+                self.safety.committed(entry)
             log.info(
                 "%s %s: %d bytes, %s verified, %d upstream requests",
                 "cached" if committed else "verified (not kept)",

@@ -162,8 +162,6 @@ class Filler:
             self.safety.for_record(record) if self.safety is not None else None,
         )
         fill.on_reserve = self.reserved
-        if self.safety is not None:
-            fill.on_verdict = self.safety.report
         self.fills[image_id] = fill
         return fill
 

@@ -49,12 +49,19 @@ class Mode(enum.Enum):
 class FillAudit:
     """The inspection of one fill (see the module docstring for its threads)."""
 
-    def __init__(self, image_id: str, declared: Declared, policy: Policy):
+    def __init__(
+        self,
+        image_id: str,
+        declared: Declared,
+        policy: Policy,
+        on_commit: Callable[[Entry, FillAudit], None] | None = None,
+    ):
         self.image_id = image_id
         self.declared = declared
         self.policy = policy
         self.inspector = Inspector()
         self.verdict: Verdict | None = None
+        self._on_commit = on_commit
 
     def finish(self, fd: int, size: int) -> bool:
         """Catch up, judge, and store the verdict on the entry's file. Feeder thread only.
@@ -69,6 +76,11 @@ class FillAudit:
         except (OSError, ValueError) as exc:
             log.warning("cannot store the verdict of %s: %s", self.image_id, exc)
         return True
+
+    def committed(self, entry: Entry) -> None:
+        """The fill committed ``entry`` (after :meth:`finish`): report the verdict. Loop only."""
+        if self._on_commit is not None:
+            self._on_commit(entry, self)
 
 
 class Safety:
@@ -102,7 +114,7 @@ class Safety:
             image.raw.get("container_format"),
             file_backend=self._file_backend,
         )
-        return FillAudit(image.id, declared, self.policy)
+        return FillAudit(image.id, declared, self.policy, self.report)
 
     def report(self, entry: Entry, audit: FillAudit) -> None:
         """A fill committed ``entry``: log its verdict and remember it for hits. Loop only."""
