@@ -3,11 +3,17 @@ image's bytes as they pass, deciding the format and its safety checks from the h
 
 Ownership and threads: an :class:`Inspector` belongs to one fill. :meth:`Inspector.feed` and
 :meth:`Inspector.finish` are called from one thread at a time, in stream order (the fill's
-feeder lane); nothing else touches its state while a feed may run. The event loop learns the
-outcome through the feed job's done callback and reads :attr:`Inspector.observation` only
-after that job (or ``finish``) has completed. Nothing here blocks on the loop or raises: an
-exception of the library becomes an :class:`~cached.safety.verdict.Observation` with
-``error`` set (verdict ``error``).
+feeder lane); nothing else touches its state while a feed may run. The event loop reads
+:attr:`Inspector.observation` only once a job on that lane after the decision has completed
+(in audit mode the fill's finish job, :mod:`cached.safety.audit`). Nothing here runs on the
+loop or raises: an exception of the library becomes an
+:class:`~cached.safety.verdict.Observation` with ``error`` set (verdict ``error``).
+
+Besides the public API (``InspectWrapper.read``/``close``/``formats``, ``safety_check``), the
+decision of when to stop reads three attributes of oslo.utils 10.2 that are not public
+(``_inspectors``, ``_errored_inspectors``, ``_capture_regions``): the library has no call
+that says "decided". A release that renames them makes every inspection an ``error``
+verdict (tests/test_safety_inspect.py fails), never a wrong ``safe``.
 
 How the stream is cut matters to oslo.utils (a region sought one read late is never
 captured; a text VMDK descriptor is whatever the first read held), so until the format is
