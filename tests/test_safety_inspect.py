@@ -4,7 +4,9 @@ The images are made here by ``qemu-img`` (and ``xorriso`` for an ISO) or written
 where no tool makes them (a 119-byte qcow2, LUKS headers, a protective MBR, a VMDK footer).
 Each is fed in 4 KiB, 64 KiB, 1 MiB and 4 MiB pieces and in random cuts, and must give one
 verdict however it is cut. Without the tools the image tests skip, unless
-``$CACHED_TOOLS_REQUIRED`` (set by CI) says they must run.
+``$CACHED_TOOLS_REQUIRED`` (set by CI) says they must run. A hypothesis property feeds
+crafted bytes (format magics, odd header fields) whole and in random cuts: the same
+observation, never an exception (``$CACHED_FUZZ_EXAMPLES`` / 3 examples).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from oslo_utils.imageutils import format_inspector
 
 from cached.safety import inspect
@@ -386,3 +390,31 @@ def test_the_caller_reusing_its_buffer_after_feed_changes_nothing(
 def test_the_library_version_is_in_every_verdict() -> None:
     assert verdict_of(b"x" * 10).version == inspect.VERSION
     assert inspect.VERSION.split(".")[0].isdigit() and int(inspect.VERSION.split(".")[0]) >= 10
+
+
+# ------------------------------------------------------------------------- properties
+MAGICS = [b"QFI\xfb", b"KDMV", b"vhdxfile", b"conectix", b"LUKS\xba\xbe", b"QED\0", b"# Disk "]
+EXAMPLES = int(os.environ.get("CACHED_FUZZ_EXAMPLES", "300")) // 3 or 1
+
+
+@st.composite
+def crafted(draw: st.DrawFn) -> bytes:
+    """Bytes that start like an image format more often than random bytes do."""
+    head = draw(st.sampled_from([b"", *MAGICS]))
+    body = draw(st.binary(max_size=2048))
+    size = draw(st.sampled_from([0, 100, 4 * KiB, 70 * KiB, 300 * KiB]))
+    data = bytearray((head + body).ljust(size, b"\0"))
+    for _ in range(draw(st.integers(0, 8))):  # a few header fields set to odd values
+        at = draw(st.integers(0, max(0, len(data) - 8)))
+        data[at : at + 8] = draw(st.binary(min_size=8, max_size=8))[: len(data) - at]
+    return bytes(data)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(crafted(), st.integers(512, 128 * KiB), st.integers(0, 1 << 30))
+def test_any_bytes_give_one_verdict_and_no_exception(data: bytes, piece: int, seed: int) -> None:
+    whole = inspect_bytes(data, len(data) or 1).finish(len(data))
+    cut = inspect_bytes(data, (1, piece), seed).finish(len(data))
+    assert cut == whole
+    assert whole.error is None  # bad input is a verdict about the bytes, not a failure
+    judge(whole, Declared(), Policy())  # and the rules take every observation
