@@ -83,7 +83,8 @@ class Inspector:
         self.position = 0  # bytes of the image taken in order (fed or buffered)
         self.phase = Phase.HEAD
         self.observation: Observation | None = None  # set once decided
-        self.decided_at: int | None = None  # bytes of the image read when it was decided
+        self.decided_at: int | None = None  # bytes of the image it needed to decide
+        self._eaten = 0  # bytes handed to the library (padding included)
         self._source = _Piece()
         self._pending = bytearray()  # the unfed part of the current aligned block
         self._tail = bytearray()  # TAIL: the stream's last bytes, fed at the end
@@ -183,6 +184,7 @@ class Inspector:
         assert self._wrapper is not None
         self._source.data = chunk
         self._wrapper.read(len(chunk))
+        self._eaten += len(memoryview(chunk))
 
     def _advance(self) -> None:
         """After a block: stop when decided, or keep only the tail when only ends remain."""
@@ -231,9 +233,12 @@ class Inspector:
             except fi.ImageFormatError as exc:
                 unreadable = str(exc)[:200] or type(exc).__name__
             findings.append(Finding(str(inspector), failed, unreadable, _virtual_size(inspector)))
+        # After the tail: the whole stream; else what the library was handed (a piece's
+        # later blocks were never needed).
+        was_tail = self.phase is Phase.TAIL
+        self.decided_at = self.position if was_tail else min(self._eaten, self.position)
         self.phase = Phase.DONE
         self._pending = bytearray()
-        self.decided_at = self.position
         self.observation = Observation(
             tuple(findings), size if size is not None else self.position, VERSION
         )
