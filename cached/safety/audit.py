@@ -20,7 +20,6 @@ filled before inspection or under another oslo.utils version or policy, signatur
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import weakref
@@ -39,11 +38,6 @@ log = logging.getLogger(__name__)
 
 HEADER = "Cached-Image-Verdict"
 _SWEEP_EVERY = 1024  # insertions between sweeps of verdicts of entries that are gone
-
-
-class Mode(enum.Enum):
-    OFF = "off"
-    AUDIT = "audit"
 
 
 class FillAudit:
@@ -193,4 +187,4 @@ def _read_verdict(path: os.PathLike[str] | str) -> bytes | None:
     return xattrs.read_all(path).get(record.NAME)
 
 
-__all__ = ["HEADER", "FillAudit", "Mode", "Safety", "header_value"]
+__all__ = ["HEADER", "FillAudit", "Safety", "header_value"]
