@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import footprint, measure, procs, ranges, scenarios, tls
+from bench import footprint, measure, procs, ranges, safety, scenarios, tls
 from bench.env import Env, Settings, cached_command, parse_size
 from bench.report import Table, render, update_readme, write_json
 
@@ -31,6 +31,7 @@ SCENARIOS: dict[str, Callable[[Env], list[Table]]] = {
     "rss": footprint.rss,
     "startup": footprint.startup,
     "tls": tls.tls,
+    "safety": safety.safety,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -38,6 +38,8 @@ from cached.metrics import Metrics
 from cached.ops import health, logs
 from cached.ops.health import OPS, Ops
 from cached.ops.lifecycle import RELOADABLES, Reloadables
+from cached.safety.audit import Safety
+from cached.safety.verdict import Policy as SafetyPolicy
 from cached.store import Store, xattrs
 from cached.upstream import Backend
 from cached.upstream.filestore import FileBackend
@@ -237,6 +239,13 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             max_entry_size=config.max_entry_size,
             directories=directories,
         )
+        if config.image_safety_mode == "audit":
+            checks = SafetyPolicy(
+                frozenset(config.image_safety_allowed_formats),
+                frozenset(config.image_safety_nonfatal_checks),
+            )
+            safety = Safety(checks, file_backend=config.upstream_kind == "file", run=store.run)
+            filler.safety = proxy.safety = safety
         if config.upstream_kind == "glance" and not service.configured:
             log.warning(
                 "no service credentials (service_token or keystone_username): queued images "

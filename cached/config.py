@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from cached.errors import ConfigError
+from cached.safety.verdict import DEFAULT_ALLOWED, INSPECTED_FORMATS
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
@@ -245,6 +246,17 @@ class Config:
     allow_unauthenticated_management: bool = False
     # YAML file of request rules checked before anything is proxied (cached/edge/policy.py).
     policy: str = ""
+    # --- image content safety (cached/safety/) ---
+    # off: no inspection. audit: every image's content is inspected as it is cached (format
+    # detected against the declared disk_format, qemu-img hazards such as backing files,
+    # data files, VMDK extents naming host files); the verdict is stored with the entry,
+    # logged and sent in Cached-Image-Verdict on hits; nothing is refused. (enforce: not
+    # implemented yet.)
+    image_safety_mode: str = "audit"
+    # Formats an image may be detected as (oslo.utils' names); others are "unsafe".
+    image_safety_allowed_formats: tuple[str, ...] = tuple(sorted(DEFAULT_ALLOWED))
+    # Failed checks not counted against a gpt image (Glance's gpt_safety_checks_nonfatal).
+    image_safety_nonfatal_checks: tuple[str, ...] = ()
 
     @property
     def max_entry_size(self) -> int:
@@ -441,6 +453,22 @@ def _convert(name: str, value: Any) -> Any:
         return str(value).rstrip("/")
     if name in ("image_cache_mount", "upstream_mount"):
         return _mount_spec(name, value)
+    if name == "image_safety_mode":
+        if value == "enforce":
+            raise ValueError("enforce is not implemented yet (issue 18): use off or audit")
+        if value not in ("off", "audit"):
+            raise ValueError(f"must be off or audit, got {value!r}")
+        return value
+    if name == "image_safety_allowed_formats":
+        if not isinstance(value, list | tuple) or not all(v in INSPECTED_FORMATS for v in value):
+            raise ValueError(f"must be a list of {', '.join(sorted(INSPECTED_FORMATS))}")
+        return tuple(sorted(set(value)))
+    if name == "image_safety_nonfatal_checks":
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, str) and re.fullmatch(r"[a-z_]{1,32}", v) for v in value
+        ):
+            raise ValueError("must be a list of check names (mbr, gptmbr, ...)")
+        return tuple(sorted(set(value)))
     if name == "log_level":
         if str(value).upper() not in _LOG_LEVELS:
             raise ValueError(f"must be one of {sorted(_LOG_LEVELS)}, got {value!r}")

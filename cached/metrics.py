@@ -2,10 +2,10 @@
 
 Owns every metric of the daemon. One :class:`Metrics` is made per application
 (``app.make_app``) and *installed* as the process's active one while the application runs,
-so the download path (the fill, the reader, the authorizer, the jobs, the upstream's
-decorator ``cached/upstream/metered.py``) records with one-line module calls such as
-``metrics.fill_started(key)``; with none installed those calls do nothing. A leaf: it knows no
-fill, entry or store; what a scrape reports of the cache directory is counted by its owner
+so the download path (the fill, the reader, the authorizer, the jobs, the safety audit,
+the upstream's decorator ``cached/upstream/metered.py``) records with one-line module calls
+such as ``metrics.fill_started(key)``; with none installed those calls do nothing. A leaf: it
+knows no fill, entry or store; what a scrape reports of the cache directory is counted by its owner
 (``cached/ops/health.py``) and handed to :meth:`Metrics.set_cache`. Everything here is
 changed on the event loop only (the hooks are called from coroutines and loop callbacks).
 
@@ -40,6 +40,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OUTCOMES = ("hit", "miss", "collapsed", "partial", "bypass")
 UPSTREAM_KINDS = ("data", "range", "probe", "record", "forward")
 FILL_RESULTS = ("verified", "invalid", "failed", "cancelled", "idle")
+VERDICTS = ("safe", "mismatch", "unsafe", "not-inspectable", "error")  # cached/safety/verdict.py
 # Whole multi-GiB images take minutes; a hit of a small one takes milliseconds.
 DURATION_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200,
@@ -198,6 +199,14 @@ class Metrics:
             self.fills_finished.labels(result)
             self.fill_seconds.labels(result)
         self._fill_started: weakref.WeakKeyDictionary[Hashable, float] = weakref.WeakKeyDictionary()
+        self.verdicts = Counter(
+            "cached_image_verdicts",
+            "Content verdicts of images cached (image_safety_mode audit), by verdict",
+            ["verdict"],
+            registry=r,
+        )
+        for verdict in VERDICTS:
+            self.verdicts.labels(verdict)
         # --- the cache
         self.cache_bytes = Gauge(
             "cached_cache_bytes", "Bytes held by the cache (complete + partial)", registry=r
@@ -346,6 +355,13 @@ def fill_ended(fill: Hashable, result: str) -> None:
         started = m._fill_started.pop(fill, None)
         if started is not None:
             m.fill_seconds.labels(result).observe(time.monotonic() - started)
+
+
+def image_judged(verdict: str) -> None:
+    """A fill's content verdict was stored with its committed entry (cached/safety/audit.py)."""
+    m = _active
+    if m is not None and verdict in VERDICTS:
+        m.verdicts.labels(verdict).inc()
 
 
 def auth_reused() -> None:

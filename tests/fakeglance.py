@@ -77,6 +77,8 @@ class FakeImage:
     checksum: str | None = None
     os_hash_algo: str | None = "sha512"
     os_hash_value: str | None = None
+    disk_format: str | None = "raw"
+    container_format: str | None = "bare"
     created_at: str = field(default_factory=_now)
     updated_at: str = ""
     # knobs
@@ -143,8 +145,8 @@ class FakeImage:
             "checksum": self.checksum,
             "os_hash_algo": self.os_hash_algo,
             "os_hash_value": self.os_hash_value,
-            "disk_format": "raw",
-            "container_format": "bare",
+            "disk_format": self.disk_format,
+            "container_format": self.container_format,
             "protected": False,
             "tags": [],
             "created_at": self.created_at,

@@ -184,6 +184,9 @@ BAD_VALUES: dict[str, list[object]] = {
     "admin_tls_client_ca": [3],
     "allow_unauthenticated_management": ["true", 1],
     "policy": [["a"]],
+    "image_safety_mode": ["enforce", "on", True, 1],
+    "image_safety_allowed_formats": ["qcow2", ["qcow3"], [1]],
+    "image_safety_nonfatal_checks": ["mbr", ["MBR"], [""], [2]],
     "image_cache_mount": [
         True,
         {"require_mount": "yes"},

@@ -33,6 +33,8 @@ from cached.fill.machine import Fill, FillState
 from cached.fill.registry import Filler
 from cached.identity.authorizer import Authorizer
 from cached.ids import is_image_id
+from cached.safety.audit import HEADER as SAFETY_HEADER
+from cached.safety.audit import Safety
 from cached.store import Entry, State, Store, chunk_size_for
 from cached.store.integrity import SMALL_HIT
 from cached.upstream import Backend, Credentials, Decision, ImageRecord
@@ -95,6 +97,8 @@ class Proxy:
     on_deleted: list[Callable[[str], Awaitable[object]]] = field(default_factory=list)
     integrity: Integrity | None = None  # re-verifies a changed file before a hit (scrub.py)
     directories: Directories | None = None  # None: the cache directory is not guarded
+    # The content verdicts shown on hits (image_safety_mode audit; cached/safety/audit.py).
+    safety: Safety | None = None
     # Drops of deleted images still running (on a hung share); changed on the loop only.
     _dropping: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -329,6 +333,10 @@ class Proxy:
             response.headers["Content-Range"] = dl.wanted.content_range()
         response.headers["x-openstack-request-id"] = dl.request_id
         response.headers["Cache-Status"] = dl.outcome.value
+        if self.safety is not None and dl.outcome in (Outcome.HIT, Outcome.STALE_HIT):
+            verdict = await self.safety.header_for(entry)
+            if verdict is not None:
+                response.headers[SAFETY_HEADER] = verdict
         try:
             await response.prepare(request)
         except ConnectionError:  # the client left before the headers went out

@@ -30,8 +30,9 @@ class StreamConsumer(Protocol):
     def feed(self, offset: int, data: Buffer) -> None:
         """Take ``data`` found at ``offset`` (feeder lane, in stream order)."""
 
-    def catch_up(self, fd: int, size: int) -> None:
-        """Read what the stream skipped from ``fd`` (feeder lane, before the commit)."""
+    def catch_up(self, fd: int, size: int) -> object:
+        """Read what the stream skipped from ``fd`` (feeder lane, before the commit); what
+        it returns is ignored."""
 
     def report(self) -> None:
         """Tell the loop what was found so far (event loop)."""

@@ -58,6 +58,7 @@ from cached.errors import (
 from cached.fill.consumers import StreamConsumer
 from cached.fill.pipeline import Flush, Pipeline
 from cached.fill.sources import ByteSource, OneSource, Sources, UpstreamSource
+from cached.safety.audit import FillAudit
 from cached.store import Bitmap, Entry, Store
 from cached.upstream import Backend, Buffer, Credentials
 
@@ -139,6 +140,7 @@ class Fill:
         fd: int,
         data_credentials: DataCredentials | None = None,
         sources: Sources | None = None,
+        safety: FillAudit | None = None,
     ):
         self.entry = entry
         self._store = store
@@ -166,6 +168,10 @@ class Fill:
         self._progress: asyncio.Future[None] = self._loop.create_future()
         self.digest = Digest.for_record(entry.checksum, entry.os_hash_algo, entry.os_hash_value)
         self.consumers: list[StreamConsumer] = [self.digest] if self.digest else []
+        # The format inspector (image_safety_mode audit), a consumer after the digest.
+        self.safety = safety
+        if safety is not None:
+            self.consumers.append(safety.inspector)
         self._pipe: Pipeline | None = Pipeline(
             fd, entry.image_id[:8], self.consumers, settings.flush
         )
@@ -537,6 +543,8 @@ class Fill:
             assert self._pipe is not None
             await self._pipe.catch_up(self.entry.size)  # every consumer, digest or not
             ok = self.digest is None or self.digest.matched
+            if ok and self.safety is not None:  # judged and stored before the commit record
+                await self._pipe.on_feeder(self.safety.finish, self.entry.size)
         except StoreUnavailable as exc:
             self._move(FillState.FAILED, exc)
             self._close_files()
@@ -549,6 +557,8 @@ class Fill:
                 committed = await self._store.commit(entry)
             except OSError as exc:
                 log.error("cannot commit %s: %s", entry.image_id, exc)
+            if committed and self.safety is not None:
+                self.safety.committed(entry)
             log.info(
                 "%s %s: %d bytes, %s verified, %d upstream requests",
                 "cached" if committed else "verified (not kept)",

@@ -148,6 +148,14 @@ class Pipeline:
                 raise StoreUnavailable(f"cannot read the cache file: {exc}", exc.errno) from exc
             consumer.report()
 
+    async def on_feeder(self, job: Callable[[int, int], object], size: int) -> None:
+        """Run ``job(fd, size)`` on the feeder lane, after every consumer's pieces (a
+        consumer's final judgement before the commit, e.g. the format inspector's)."""
+        try:
+            await self._loop.run_in_executor(self._feeder, job, self.fd, size)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read the cache file: {exc}", exc.errno) from exc
+
     def close(self) -> None:
         """Close the file after the queued writes."""
         self._writer.submit(os.close, self.fd)

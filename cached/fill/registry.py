@@ -23,6 +23,7 @@ from typing import Protocol
 from cached import metrics
 from cached.errors import FillAborted, StoreUnavailable
 from cached.fill.machine import DataCredentials, Fill, FillSettings, FillState
+from cached.safety.audit import Safety
 from cached.store import Entry, Store
 from cached.upstream import Backend, Credentials, ImageRecord
 
@@ -69,6 +70,8 @@ class Filler:
         # left): the prune makes room, also after the entries in use are released.
         self.on_reserve: Callable[[], None] | None = None
         self._opening: dict[str, asyncio.Future[Fill]] = {}
+        # Audit-mode inspection (cached/safety/audit.py), when image_safety_mode is not off.
+        self.safety: Safety | None = None
 
     def get(self, image_id: str) -> Fill | None:
         """The running fill of ``image_id``, if any."""
@@ -163,6 +166,7 @@ class Filler:
             self._closed,
             fd,
             self._data_credentials,
+            safety=self.safety.for_record(record) if self.safety is not None else None,
         )
         fill.on_reserve = self.reserved
         self.fills[image_id] = fill
