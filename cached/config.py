@@ -528,11 +528,51 @@ def _check(config: Config, source: str) -> Config:
         raise ConfigError(
             f"{source}: option 'upstream_insecure': contradicts upstream_ca_file (set one)"
         )
+    _check_ports(config, source)
     if config.prefetch_retry_max < config.prefetch_retry_initial:
         raise ConfigError(
             f"{source}: option 'prefetch_retry_max': must be >= prefetch_retry_initial"
         )
     return config
+
+
+def _overlap(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Whether two TCP listen addresses would take the same connections: the same port, in
+    the same address family, the same host or one of them that family's wildcard."""
+    if a[1] != b[1] or a[1] == 0:  # port 0: the kernel picks a free port for each
+        return False
+    v6a, v6b = ":" in a[0], ":" in b[0]
+    if v6a != v6b:
+        return False  # an IPv6 wildcard is bound v6-only (cached/listeners.py)
+    wildcard = "::" if v6a else "0.0.0.0"
+    return a[0] == b[0] or wildcard in (a[0], b[0])
+
+
+def _check_ports(config: Config, source: str) -> None:
+    """Refuse listeners that share a port ambiguously (issue 13): two public addresses that
+    would take the same connections, and a TCP ``admin_listen`` on any public port (one port
+    that answers as management on one address and publicly on another is a trap)."""
+    public = config.listen_addresses
+    for i, a in enumerate(public):
+        for b in public[i + 1 :]:
+            if _overlap(a, b):
+                raise ConfigError(
+                    f"{source}: option 'listen': {_shown(a)} and {_shown(b)} overlap (the same "
+                    "port on the same address, or on that address family's wildcard)"
+                )
+    admin = config.admin_address
+    if isinstance(admin, tuple) and admin[1] != 0:
+        for a in public:
+            if a[1] == admin[1]:
+                raise ConfigError(
+                    f"{source}: option 'admin_listen': {_shown(admin)} shares port {admin[1]} "
+                    f"with the public listener {_shown(a)}; give management a port of its own"
+                )
+
+
+def _shown(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def read_yaml(path: str | Path) -> Any:
