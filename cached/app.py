@@ -180,7 +180,12 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             store,
             filler,
             upstream,
-            Authorizer(upstream, config.auth_cache_ttl, config.auth_stale_if_error),
+            Authorizer(
+                upstream,
+                config.auth_cache_ttl,
+                config.auth_stale_if_error,
+                config.auth_stale_after_failures,
+            ),
             MeteredPassThrough(make_passthrough(raw_upstream), metrics),
             max_entry_size=config.max_entry_size,
             directories=directories,

@@ -173,6 +173,11 @@ class Config:
     client_body_timeout: float = 60.0
     # Open connections allowed from one client address (the next gets 503).
     max_connections_per_address: int = 128
+    # --- shielding the upstream from clients (issue 13; cached/connguard.py, passthrough.py,
+    # upstream/glance.py, auth.py); 0 turns a limit off ---
+    # Authorisation probes failed in a row, across requests, before the upstream counts as
+    # down for auth_stale_if_error (a single failed probe is never an outage).
+    auth_stale_after_failures: int = 3
     log_level: str = "INFO"
     # --- cache management API and periodic jobs (cached/manage.py, cached/jobs.py) ---
     # Seconds between clean runs (stalled partial entries and invalid/ entries).
@@ -315,8 +320,21 @@ def _url(value: Any) -> str:
     return value.rstrip("/")
 
 
+def _convert_shielding(name: str, value: Any) -> Any:
+    """The options of the block "shielding the upstream from clients" (issue 13)."""
+    if name == "auth_stale_after_failures":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ValueError(
+                f"must be a whole number >= 2 (one failed probe is not an outage), got {value!r}"
+            )
+        return value
+    raise KeyError(name)
+
+
 def _convert(name: str, value: Any) -> Any:
     """Turn one raw value into the type of the field ``name``; raise ValueError if it is bad."""
+    if name in ("auth_stale_after_failures",):
+        return _convert_shielding(name, value)
     if name in ("image_cache_max_size", "fsync_interval_bytes", "max_header_size"):
         return parse_size(value)
     if name in (
