@@ -18,6 +18,7 @@ from cached import metrics as metrics_module
 from cached import policy as request_policy
 from cached.auth import Authorizer
 from cached.config import Config
+from cached.connguard import request_client
 from cached.directories import Directories
 from cached.errors import ConfigError
 from cached.fileapi import FileApi
@@ -34,7 +35,7 @@ from cached.scrub import Integrity
 from cached.store import Store, xattrs
 from cached.upstream import Backend
 from cached.upstream.filestore import FileBackend
-from cached.upstream.glance import GlanceBackend
+from cached.upstream.glance import GlanceBackend, Pools
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +63,26 @@ def make_backend(
         connect_timeout=config.upstream_connect_timeout,
         read_timeout=config.upstream_read_timeout,
         ssl_context=ssl_context,
+        pools=Pools(
+            config.upstream_relay_connections,
+            config.upstream_fetch_connections,
+            config.upstream_probe_connections,
+        ),
     )
 
 
-def make_passthrough(backend: Backend) -> PassThrough:
+def make_passthrough(backend: Backend, config: Config) -> PassThrough:
     """What answers the requests the cache does not, by the kind of upstream: a Glance is
     relayed to, a file store's image API is emulated."""
     if isinstance(backend, FileBackend):
         return FileApi(backend)
     if isinstance(backend, GlanceBackend):
-        return GlancePassThrough(backend)
+        return GlancePassThrough(
+            backend,
+            buffer_size=config.client_body_buffer_size,
+            per_client=config.max_upstream_requests_per_client,
+            client_key=request_client,
+        )
     raise TypeError(f"no pass-through for a {type(backend).__name__} upstream")
 
 
@@ -186,7 +197,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
                 config.auth_stale_if_error,
                 config.auth_stale_after_failures,
             ),
-            MeteredPassThrough(make_passthrough(raw_upstream), metrics),
+            MeteredPassThrough(make_passthrough(raw_upstream, config), metrics),
             max_entry_size=config.max_entry_size,
             directories=directories,
         )

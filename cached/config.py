@@ -175,6 +175,23 @@ class Config:
     max_connections_per_address: int = 128
     # --- shielding the upstream from clients (issue 13; cached/connguard.py, passthrough.py,
     # upstream/glance.py, auth.py); 0 turns a limit off ---
+    # Request bodies up to this size are read completely before the upstream is contacted
+    # (nginx's proxy_request_buffering): a slow client holds no upstream worker. Larger
+    # bodies (image uploads) are streamed.
+    client_body_buffer_size: int = 1 << 20
+    # Bytes per second a request body must average: after client_body_timeout's grace, each
+    # of these bytes buys one more second (time cached paused reading does not count).
+    client_body_min_rate: int = 32 << 10
+    # Pass-through requests one client (address, IPv6 /64) may have at the upstream at once;
+    # the next gets 503 and Retry-After.
+    max_upstream_requests_per_client: int = 16
+    # Connections to the upstream, per use (a request waits up to upstream_connect_timeout
+    # for a free one): pass-through requests (uploads, API calls, bypassed downloads), image
+    # transfers (fills, prefetch), and authorisation probes and records (never queued
+    # behind the others).
+    upstream_relay_connections: int = 32
+    upstream_fetch_connections: int = 64
+    upstream_probe_connections: int = 32
     # Authorisation probes failed in a row, across requests, before the upstream counts as
     # down for auth_stale_if_error (a single failed probe is never an outage).
     auth_stale_after_failures: int = 3
@@ -320,8 +337,23 @@ def _url(value: Any) -> str:
     return value.rstrip("/")
 
 
+_SHIELDING_SIZES = ("client_body_buffer_size", "client_body_min_rate")
+_SHIELDING_COUNTS = (
+    "max_upstream_requests_per_client",
+    "upstream_relay_connections",
+    "upstream_fetch_connections",
+    "upstream_probe_connections",
+)
+
+
 def _convert_shielding(name: str, value: Any) -> Any:
     """The options of the block "shielding the upstream from clients" (issue 13)."""
+    if name in _SHIELDING_SIZES:
+        return parse_size(value)  # client_body_min_rate: bytes per second (32K)
+    if name in _SHIELDING_COUNTS:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"must be a whole number >= 0 (0: no limit), got {value!r}")
+        return value
     if name == "auth_stale_after_failures":
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
             raise ValueError(
@@ -333,7 +365,7 @@ def _convert_shielding(name: str, value: Any) -> Any:
 
 def _convert(name: str, value: Any) -> Any:
     """Turn one raw value into the type of the field ``name``; raise ValueError if it is bad."""
-    if name in ("auth_stale_after_failures",):
+    if name in (*_SHIELDING_SIZES, *_SHIELDING_COUNTS, "auth_stale_after_failures"):
         return _convert_shielding(name, value)
     if name in ("image_cache_max_size", "fsync_interval_bytes", "max_header_size"):
         return parse_size(value)

@@ -13,6 +13,11 @@ Here every connection gets a :class:`GuardedHandler` (aiohttp's protocol plus ti
 - **body**: while a handler waits for a request body, the client must send something at
   least this often. Time during which cached itself stopped reading (backpressure from a
   slow upstream) does not count. On expiry the connection is cut.
+- **body rate** (``client_body_min_rate``; issue 13 item 2: a byte every few seconds kept
+  the inactivity timer from ever running out): a body must arrive at that average rate.
+  Its deadline starts ``client_body_timeout`` after its first byte could be sent and moves
+  one second later per ``client_body_min_rate`` bytes received (and by the time cached
+  paused reading), like Apache's ``mod_reqtimeout`` ``MinRate``. Past it, the cut.
 - **per address**: at most this many open connections from one client address; the next
   gets ``503`` and is closed.
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +61,7 @@ class Limits:
     keepalive_timeout: float = 75.0
     body_timeout: float = 60.0
     max_per_address: int = 128
+    body_min_rate: int = 32 << 10  # bytes per second
 
     @classmethod
     def of(cls, config: Config) -> Limits:
@@ -63,7 +70,39 @@ class Limits:
             config.client_keepalive_timeout,
             config.client_body_timeout,
             config.max_connections_per_address,
+            config.client_body_min_rate,
         )
+
+    @property
+    def body_check_interval(self) -> float:
+        """Seconds between two looks at a body's progress (0: never look)."""
+        intervals = [self.body_timeout / 2] if self.body_timeout > 0 else []
+        if self.body_min_rate > 0:
+            intervals.append(1.0)
+        return min(intervals, default=0.0)
+
+
+def client_key(address: str | None, ipv6_prefix: int = 64) -> str | None:
+    """The key a client is counted under: an IPv4 address as it is (an IPv4-mapped IPv6
+    one too), an IPv6 address by its ``/ipv6_prefix`` network (a host is given a /64, and
+    can use every address in it). None for a Unix-socket caller (never counted)."""
+    if not address:
+        return None
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        if ipv6_prefix < 128:
+            return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
+    return str(ip)
+
+
+def request_client(request: web.BaseRequest) -> str | None:
+    """The key the client of ``request`` is counted under (:func:`client_key`)."""
+    return client_key(request.remote)
 
 
 class _State(enum.Enum):
@@ -110,6 +149,8 @@ class GuardedHandler(web.RequestHandler):
         self._timer: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None
         self._last_data = 0.0
+        self._last_check = 0.0
+        self._body_deadline = 0.0  # the body's rate deadline (loop time)
 
     # -- asyncio protocol callbacks -------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -129,6 +170,8 @@ class GuardedHandler(web.RequestHandler):
         if data:
             if self._state is _State.IDLE:
                 self._start_headers()  # the first byte of the next request
+            elif self._body is not None and self.guard.limits.body_min_rate > 0:
+                self._body_deadline += len(data) / self.guard.limits.body_min_rate
             self._last_data = self._loop.time()
         super().data_received(data)
 
@@ -162,9 +205,17 @@ class GuardedHandler(web.RequestHandler):
         self._cancel()
         self._state = _State.ACTIVE
         self._body = payload
-        if self.guard.limits.body_timeout > 0 and not payload.is_eof():
-            self._last_data = self._loop.time()
-            self._schedule(self.guard.limits.body_timeout / 2, self._check_body)
+        interval = self.guard.limits.body_check_interval
+        if interval > 0 and not payload.is_eof():
+            now = self._loop.time()
+            self._last_data = self._last_check = now
+            # What came with the headers counts too (it is in the payload already).
+            received = payload.total_bytes
+            rate = self.guard.limits.body_min_rate
+            self._body_deadline = now + self.guard.limits.body_timeout
+            if rate > 0:
+                self._body_deadline += received / rate
+            self._schedule(interval, self._check_body)
 
     def request_handled(self) -> None:
         self._cancel()
@@ -210,17 +261,31 @@ class GuardedHandler(web.RequestHandler):
         if body.is_eof():
             return  # the whole body arrived
         now = self._loop.time()
+        limits = self.guard.limits
         if not transport.is_reading():
-            self._last_data = now  # cached paused the reading itself: not the client's fault
-        elif now - self._last_data >= self.guard.limits.body_timeout:
+            # cached paused the reading itself: not the client's fault
+            self._last_data = now
+            self._body_deadline += now - self._last_check
+        elif limits.body_timeout > 0 and now - self._last_data >= limits.body_timeout:
             log.info(
                 "cut a connection from %s: no request body for %gs",
                 self._address,
-                self.guard.limits.body_timeout,
+                limits.body_timeout,
             )
             transport.abort()
             return
-        self._schedule(self.guard.limits.body_timeout / 2, self._check_body)
+        elif limits.body_min_rate > 0 and now > self._body_deadline:
+            log.info(
+                "cut a connection from %s: its request body came slower than %d bytes/s "
+                "(client_body_min_rate) after %gs",
+                self._address,
+                limits.body_min_rate,
+                limits.body_timeout,
+            )
+            transport.abort()
+            return
+        self._last_check = now
+        self._schedule(limits.body_check_interval, self._check_body)
 
 
 def _timeout_page() -> bytes:
@@ -280,4 +345,4 @@ class GuardedRunner(web.AppRunner):
         return server
 
 
-__all__ = ["ConnectionGuard", "GuardedRunner", "Limits"]
+__all__ = ["ConnectionGuard", "GuardedRunner", "Limits", "client_key", "request_client"]
