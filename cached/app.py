@@ -17,8 +17,8 @@ from cached import admin, health, identity, jobs, logs, manage, mounts, reader, 
 from cached import metrics as metrics_module
 from cached import policy as request_policy
 from cached.auth import Authorizer
+from cached.clients import Clients
 from cached.config import Config
-from cached.connguard import request_client
 from cached.directories import Directories
 from cached.errors import ConfigError
 from cached.fileapi import FileApi
@@ -81,7 +81,7 @@ def make_passthrough(backend: Backend, config: Config) -> PassThrough:
             backend,
             buffer_size=config.client_body_buffer_size,
             per_client=config.max_upstream_requests_per_client,
-            client_key=request_client,
+            client_key=Clients.of(config).key_of,
         )
     raise TypeError(f"no pass-through for a {type(backend).__name__} upstream")
 

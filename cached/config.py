@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from cached.clients import parse_networks
 from cached.errors import ConfigError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -178,7 +179,7 @@ class Config:
     # Request bodies up to this size are read completely before the upstream is contacted
     # (nginx's proxy_request_buffering): a slow client holds no upstream worker. Larger
     # bodies (image uploads) are streamed.
-    client_body_buffer_size: int = 1 << 20
+    client_body_buffer_size: int = 256 << 10
     # Bytes per second a request body must average: after client_body_timeout's grace, each
     # of these bytes buys one more second (time cached paused reading does not count).
     client_body_min_rate: int = 32 << 10
@@ -195,6 +196,16 @@ class Config:
     # Authorisation probes failed in a row, across requests, before the upstream counts as
     # down for auth_stale_if_error (a single failed probe is never an outage).
     auth_stale_after_failures: int = 3
+    # Open client connections in all (the next gets 503); with the per-address cap it bounds
+    # what many addresses together can hold (e.g. client_body_buffer_size each).
+    max_connections: int = 4096
+    # IPv6 clients are counted (per-address and per-client caps) by this prefix: a host
+    # normally has a whole /64 to pick addresses from. 128: every address on its own.
+    client_ipv6_prefix: int = 64
+    # Load balancers / TLS terminators in front of cached (addresses or networks): their
+    # connections are not held to max_connections_per_address, and their requests count
+    # as the client X-Forwarded-For names (cached/clients.py). Empty: nobody is trusted.
+    trusted_proxies: tuple[str, ...] = ()
     log_level: str = "INFO"
     # --- cache management API and periodic jobs (cached/manage.py, cached/jobs.py) ---
     # Seconds between clean runs (stalled partial entries and invalid/ entries).
@@ -343,6 +354,14 @@ _SHIELDING_COUNTS = (
     "upstream_relay_connections",
     "upstream_fetch_connections",
     "upstream_probe_connections",
+    "max_connections",
+)
+_SHIELDING = (
+    *_SHIELDING_SIZES,
+    *_SHIELDING_COUNTS,
+    "auth_stale_after_failures",
+    "client_ipv6_prefix",
+    "trusted_proxies",
 )
 
 
@@ -360,12 +379,21 @@ def _convert_shielding(name: str, value: Any) -> Any:
                 f"must be a whole number >= 2 (one failed probe is not an outage), got {value!r}"
             )
         return value
+    if name == "client_ipv6_prefix":
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 128:
+            raise ValueError(f"must be a prefix length from 1 to 128, got {value!r}")
+        return value
+    if name == "trusted_proxies":
+        if not isinstance(value, list | tuple):
+            raise ValueError("must be a list of addresses or networks (10.0.0.5, 10.0.0.0/24)")
+        parse_networks(value)
+        return tuple(str(v).strip() for v in value)
     raise KeyError(name)
 
 
 def _convert(name: str, value: Any) -> Any:
     """Turn one raw value into the type of the field ``name``; raise ValueError if it is bad."""
-    if name in (*_SHIELDING_SIZES, *_SHIELDING_COUNTS, "auth_stale_after_failures"):
+    if name in _SHIELDING:
         return _convert_shielding(name, value)
     if name in ("image_cache_max_size", "fsync_interval_bytes", "max_header_size"):
         return parse_size(value)

@@ -18,21 +18,24 @@ Here every connection gets a :class:`GuardedHandler` (aiohttp's protocol plus ti
   Its deadline starts ``client_body_timeout`` after its first byte could be sent and moves
   one second later per ``client_body_min_rate`` bytes received (and by the time cached
   paused reading), like Apache's ``mod_reqtimeout`` ``MinRate``. Past it, the cut.
-- **per address**: at most this many open connections from one client address; the next
-  gets ``503`` and is closed.
+- **per address**: at most this many open connections from one client (an IPv6 client
+  counted by its /64, a trusted proxy not at all: ``cached/clients.py``); the next gets
+  ``503`` and is closed.
+- **in all** (``max_connections``; issue 13 item 6: 200 connections from ten loopback
+  addresses were all held under a per-address cap of 20): at most this many open
+  connections, whoever opened them; the next gets ``503`` and is closed.
 
 None of them applies to a response being sent: a slow but progressing multi-GiB download is
 never cut here (the client's TCP window paces it).
 
-All state (the per-address counts, each connection's timers) lives on the event loop and is
-changed only by the loop's protocol callbacks and the request handler tasks.
+All state (the counts, each connection's timers) lives on the event loop and is changed only
+by the loop's protocol callbacks and the request handler tasks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +45,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 
+from cached.clients import Clients
 from cached.config import Config
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,8 @@ class Limits:
     body_timeout: float = 60.0
     max_per_address: int = 128
     body_min_rate: int = 32 << 10  # bytes per second
+    max_connections: int = 4096
+    clients: Clients = Clients()
 
     @classmethod
     def of(cls, config: Config) -> Limits:
@@ -71,6 +77,8 @@ class Limits:
             config.client_body_timeout,
             config.max_connections_per_address,
             config.client_body_min_rate,
+            config.max_connections,
+            Clients.of(config),
         )
 
     @property
@@ -82,60 +90,57 @@ class Limits:
         return min(intervals, default=0.0)
 
 
-def client_key(address: str | None, ipv6_prefix: int = 64) -> str | None:
-    """The key a client is counted under: an IPv4 address as it is (an IPv4-mapped IPv6
-    one too), an IPv6 address by its ``/ipv6_prefix`` network (a host is given a /64, and
-    can use every address in it). None for a Unix-socket caller (never counted)."""
-    if not address:
-        return None
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        if ipv6_prefix < 128:
-            return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
-    return str(ip)
-
-
-def request_client(request: web.BaseRequest) -> str | None:
-    """The key the client of ``request`` is counted under (:func:`client_key`)."""
-    return client_key(request.remote)
-
-
 class _State(enum.Enum):
     HEADERS = "headers"  # waiting for (the rest of) a request's headers
     ACTIVE = "active"  # a handler runs
     IDLE = "idle"  # between requests (aiohttp's keep-alive timer runs)
 
 
+class Refusal(enum.Enum):
+    """Why a new connection was refused."""
+
+    IN_ALL = "too many open in all (max_connections)"
+    FROM_THERE = "too many open from there (max_connections_per_address)"
+
+
 class ConnectionGuard:
-    """The limits and the per-address connection counts of one server."""
+    """The limits and the connection counts of one server: in all, and per client key
+    (``cached/clients.py``)."""
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
+        self.open = 0  # connections admitted and not yet lost
         self.per_address: dict[str, int] = {}
 
-    def admit(self, address: str | None) -> bool:
-        """Count a new connection from ``address``; False if it is one too many."""
-        if address is None or self.limits.max_per_address <= 0:
-            return True
-        count = self.per_address.get(address, 0)
-        if count >= self.limits.max_per_address:
-            return False
-        self.per_address[address] = count + 1
-        return True
+    def admit(self, address: str | None) -> tuple[str | None, Refusal | None]:
+        """Count a new connection from ``address``: the key it was counted under (give it
+        back to :meth:`release`), or why it is one too many. Unix-socket callers (no
+        address) are counted in neither."""
+        if address is None:
+            return None, None
+        if 0 < self.limits.max_connections <= self.open:
+            return None, Refusal.IN_ALL
+        key = None
+        if self.limits.max_per_address > 0 and not self.limits.clients.is_trusted(address):
+            key = self.limits.clients.key(address)
+            count = self.per_address.get(key, 0) if key is not None else 0
+            if count >= self.limits.max_per_address:
+                return None, Refusal.FROM_THERE
+            if key is not None:
+                self.per_address[key] = count + 1
+        self.open += 1
+        return key, None
 
-    def release(self, address: str | None) -> None:
-        if address is None or self.limits.max_per_address <= 0:
+    def release(self, key: str | None) -> None:
+        """A connection admitted under ``key`` (what :meth:`admit` gave) was lost."""
+        self.open -= 1
+        if key is None:
             return
-        count = self.per_address.get(address, 0) - 1
+        count = self.per_address.get(key, 0) - 1
         if count > 0:
-            self.per_address[address] = count
+            self.per_address[key] = count
         else:
-            self.per_address.pop(address, None)
+            self.per_address.pop(key, None)
 
 
 class GuardedHandler(web.RequestHandler):
@@ -145,6 +150,8 @@ class GuardedHandler(web.RequestHandler):
         super().__init__(manager, **kwargs)
         self.guard = guard
         self._address: str | None = None
+        self._admitted = False
+        self._key: str | None = None  # what the guard counted this connection under
         self._state = _State.HEADERS
         self._timer: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None
@@ -157,12 +164,15 @@ class GuardedHandler(web.RequestHandler):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         address = peer[0] if isinstance(peer, tuple) and peer else None
-        if not self.guard.admit(address):
-            log.warning("refused a connection from %s: too many open from there", address)
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(_TOO_MANY)
-            self.force_close()
-            return
+        if address is not None:  # Unix-socket callers are counted in neither
+            key, refused = self.guard.admit(address)
+            if refused is not None:
+                log.warning("refused a connection from %s: %s", address, refused.value)
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(_TOO_MANY)
+                self.force_close()
+                return
+            self._admitted, self._key = True, key
         self._address = address
         self._start_headers()
 
@@ -177,7 +187,9 @@ class GuardedHandler(web.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel()
-        self.guard.release(self._address)
+        if self._admitted:
+            self.guard.release(self._key)
+            self._admitted = False
         self._address = None
         super().connection_lost(exc)
 
@@ -345,4 +357,4 @@ class GuardedRunner(web.AppRunner):
         return server
 
 
-__all__ = ["ConnectionGuard", "GuardedRunner", "Limits", "client_key", "request_client"]
+__all__ = ["ConnectionGuard", "GuardedRunner", "Limits"]

@@ -18,7 +18,8 @@ Shielding the upstream from slow clients (issue 13 item 2: eight connections tri
   before the upstream is contacted, like nginx's ``proxy_request_buffering``: while it
   trickles in, it holds a connection of cached's and nothing upstream. A larger body (an
   image upload) is streamed; ``cached/connguard.py`` holds it to a minimum rate;
-- one client (:func:`cached.connguard.client_key`) may have at most
+- one client (``cached/clients.py``: an address, an IPv6 /64, behind a trusted proxy the
+  client it names) may have at most
   ``max_upstream_requests_per_client`` requests at the upstream at once; the next gets
   ``503`` with ``Retry-After`` and is not sent;
 - the pass-through has its own bounded pool of upstream connections
@@ -110,7 +111,7 @@ class GlancePassThrough:
         self,
         backend: GlanceBackend,
         *,
-        buffer_size: int = 1 << 20,
+        buffer_size: int = 256 << 10,
         per_client: int = 16,
         client_key: Callable[[web.BaseRequest], str | None] = lambda r: r.remote,
     ):
