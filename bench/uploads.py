@@ -6,12 +6,12 @@ streamed. This measures, on loopback, in front of an upload sink (an aiohttp ser
 process that reads every body and answers 204):
 
 - **upload MB/s**, one client on one kept-alive connection, for bodies of several sizes:
-  straight to the sink, through cached with buffering (the default, 1 MiB), and through
+  straight to the sink, through cached with buffering (the default, 256 KiB), and through
   cached with ``client_body_buffer_size: 0`` (every body streamed, the behaviour before);
 - **memory per buffered connection**: the daemon's RSS before and after ``--connections``
-  clients each sent the headers of a ``PUT`` with ``Content-Length`` = the buffer size and
-  all of its body but one byte (the worst a buffering connection holds), and the same with
-  100-byte bodies (a trickle: what issue 13's attack costs now).
+  clients each sent the headers of a ``POST`` with ``Content-Length`` = the buffer size and
+  all of its body but one byte (the worst a buffering connection holds), the same with a
+  1 MiB buffer, and with 100-byte bodies (a trickle: what issue 13's attack costs now).
 
     python -m bench.uploads [--rounds 3] [--connections 200] [--large 256M]
 
@@ -125,6 +125,20 @@ def _read_head(sock: socket.socket) -> bytes:
     return got
 
 
+def _settled_rss(pid: int, within: float = 60.0) -> float:
+    """The daemon's RSS (MiB) once it stopped growing for a second (it has read what the
+    clients sent), or after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    last = measure.rss_mib([pid])
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = measure.rss_mib([pid])
+        if now <= last:
+            return now
+        last = now
+    return last
+
+
 def buffered_memory(proc: Proc, port: int, connections: int, length: int) -> float:
     """KiB of daemon RSS per connection holding a ``length``-byte body all but its last
     byte (read into cached's buffer, not yet sent upstream)."""
@@ -138,8 +152,7 @@ def buffered_memory(proc: Proc, port: int, connections: int, length: int) -> flo
                 b"Content-Length: %d\r\n\r\n" % length + b"x" * (length - 1)
             )
             socks.append(sock)
-        time.sleep(2.0)  # a measurement settling, not a test: let the daemon read it all
-        after = measure.rss_mib([proc.pid])
+        after = _settled_rss(proc.pid)
     finally:
         for sock in socks:
             sock.close()
@@ -153,24 +166,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=200)
     parser.add_argument("--large", default="256M", help="the largest body (streamed)")
     args = parser.parse_args(argv)
-    from cached.config import parse_size
+    from cached.config import Config, parse_size
 
     large = parse_size(args.large)
     sink = Sink()
     upstream = f"http://127.0.0.1:{sink.port}"
     work = Path(tempfile.mkdtemp(prefix="cached-bench-uploads-"))
-    sizes = [4 << 10, 64 << 10, 512 << 10, MiB, 4 * MiB, large]
+    sizes = [4 << 10, 64 << 10, 256 << 10, MiB, 4 * MiB, large]
     results: dict[str, Any] = {"sizes": sizes, "rates": {}, "memory_kib": {}}
     try:
         limits = {"max_connections_per_address": 0, "max_upstream_requests_per_client": 0}
         buffered = start_cached(work, "buffered", upstream, limits)
+        buffered_1m = start_cached(
+            work, "buffered-1M", upstream, {**limits, "client_body_buffer_size": MiB}
+        )
         streamed = start_cached(
             work, "streamed", upstream, {**limits, "client_body_buffer_size": 0}
         )
         targets = {
             "direct": sink.port,
-            "cached buffered": buffered.wait_listening(),
-            "cached streamed": streamed.wait_listening(),
+            "buffered 256K": buffered.wait_listening(),
+            "buffered 1M": buffered_1m.wait_listening(),
+            "streamed": streamed.wait_listening(),
         }
         for name in targets:
             results["rates"][name] = {str(s): [] for s in sizes}
@@ -179,19 +196,23 @@ def main(argv: list[str] | None = None) -> int:
                 for name, port in targets.items():  # interleaved, same conditions
                     rate, _count = upload_rate(port, size, args.seconds)
                     results["rates"][name][str(size)].append(rate)
-        for label, length in (("1 MiB body", MiB), ("100-byte body", 100)):
-            results["memory_kib"][label] = buffered_memory(
-                buffered, targets["cached buffered"], args.connections, length
-            )
+        full = Config().client_body_buffer_size
+        for label, proc, length in (  # the smallest first: the others grow the heap
+            ("100-byte body", buffered, 100),
+            (f"{full >> 10} KiB body (the default buffer, full)", buffered, full),
+            ("1 MiB body (client_body_buffer_size: 1M, full)", buffered_1m, MiB),
+        ):
+            port = proc.wait_listening()
+            results["memory_kib"][label] = buffered_memory(proc, port, args.connections, length)
     finally:
         stop_all()
     print(f"\nupload MB/s, one connection, median of {args.rounds} rounds of ~{args.seconds}s")
     names = list(results["rates"])
-    print(f"{'body':>10} | " + " | ".join(f"{n:>16}" for n in names))
+    print(f"{'body':>10} | " + " | ".join(f"{n:>14}" for n in names))
     for size in sizes:
         cells = [statistics.median(results["rates"][n][str(size)]) for n in names]
         label = f"{size // MiB} MiB" if size >= MiB else f"{size >> 10} KiB"
-        print(f"{label:>10} | " + " | ".join(f"{c:16.1f}" for c in cells))
+        print(f"{label:>10} | " + " | ".join(f"{c:14.1f}" for c in cells))
     print(f"\ndaemon RSS per connection holding a body ({args.connections} connections):")
     for label, kib in results["memory_kib"].items():
         print(f"  {label}: {kib:.0f} KiB")
