@@ -98,3 +98,24 @@ def test_a_traceback_quoting_client_input_stays_under_its_record() -> None:
     )
     assert rest and all(line.startswith("    ") for line in rest), rest
     assert "    2026-12-07 01:02:03,456 INFO cached: FORGED\\x0d" in rest
+
+
+def test_journal_lines_carry_their_priority_whatever_the_client_sent() -> None:
+    stream = io.StringIO()
+    logger = logging.getLogger("test.log_injection.journal")
+    logger.propagate = False
+    logger.addHandler(logs.make_handler(stream, journal=True))
+    try:
+        try:
+            raise ValueError("/x\n<3>cached: FORGED error")
+        except ValueError:
+            logger.warning(
+                "policy: DELETE %s refused", "/x\n<3>cached: FORGED\u2028", exc_info=True
+            )
+    finally:
+        logger.handlers.clear()
+    first, *rest = stream.getvalue().splitlines()
+    assert first == (
+        "<4>test.log_injection.journal: policy: DELETE /x\\x0a<3>cached: FORGED\\u2028 refused"
+    )
+    assert rest and all(line.startswith("<4>    ") for line in rest), rest
