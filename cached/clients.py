@@ -13,7 +13,8 @@
 
 :class:`Clients` is immutable, built once from the configuration and shared by the
 connection guard (``cached/connguard.py``) and the pass-through (``cached/passthrough.py``);
-any thread may read it.
+any thread may read it. Each of those two owns a :class:`Holdings` of its own (the counts
+per client), changed on the event loop only.
 """
 
 from __future__ import annotations
@@ -104,4 +105,28 @@ class Clients:
         return self.key(self.address_of(request))
 
 
-__all__ = ["Clients", "Network", "parse_networks"]
+class Holdings:
+    """How many of something (connections, upstream requests) each client key holds now.
+    Changed by one event loop's callbacks and tasks only."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def take(self, key: str, limit: int) -> bool:
+        """One more for ``key``; False (and nothing taken) if it holds ``limit`` already."""
+        count = self.counts.get(key, 0)
+        if count >= limit:
+            return False
+        self.counts[key] = count + 1
+        return True
+
+    def give(self, key: str) -> None:
+        """One fewer for ``key`` (forgotten at none)."""
+        count = self.counts.get(key, 0) - 1
+        if count > 0:
+            self.counts[key] = count
+        else:
+            self.counts.pop(key, None)
+
+
+__all__ = ["Clients", "Holdings", "Network", "parse_networks"]

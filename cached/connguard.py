@@ -45,7 +45,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 
-from cached.clients import Clients
+from cached.clients import Clients, Holdings
 from cached.config import Config
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class ConnectionGuard:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.open = 0  # connections admitted and not yet lost
-        self.per_address: dict[str, int] = {}
+        self.per_address = Holdings()
 
     def admit(self, address: str | None) -> tuple[str | None, Refusal | None]:
         """Count a new connection from ``address``: the key it was counted under (give it
@@ -123,24 +123,16 @@ class ConnectionGuard:
         key = None
         if self.limits.max_per_address > 0 and not self.limits.clients.is_trusted(address):
             key = self.limits.clients.key(address)
-            count = self.per_address.get(key, 0) if key is not None else 0
-            if count >= self.limits.max_per_address:
+            if key is not None and not self.per_address.take(key, self.limits.max_per_address):
                 return None, Refusal.FROM_THERE
-            if key is not None:
-                self.per_address[key] = count + 1
         self.open += 1
         return key, None
 
     def release(self, key: str | None) -> None:
         """A connection admitted under ``key`` (what :meth:`admit` gave) was lost."""
         self.open -= 1
-        if key is None:
-            return
-        count = self.per_address.get(key, 0) - 1
-        if count > 0:
-            self.per_address[key] = count
-        else:
-            self.per_address.pop(key, None)
+        if key is not None:
+            self.per_address.give(key)
 
 
 class GuardedHandler(web.RequestHandler):

@@ -41,6 +41,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from cached import replies, versions
+from cached.clients import Holdings
 from cached.errors import UpstreamUnavailable
 from cached.upstream.glance import GlanceBackend
 
@@ -119,7 +120,7 @@ class GlancePassThrough:
         self._buffer_size = buffer_size
         self._per_client = per_client
         self._client_key = client_key
-        self.held: dict[str, int] = {}  # client key -> its requests at the upstream now
+        self.held = Holdings()  # client key -> its requests at the upstream now
 
     async def answer(
         self, request: web.Request, before_reply: ReplyHook | None = None
@@ -128,54 +129,34 @@ class GlancePassThrough:
         try:
             body = await self._body(request)
         except Exception as exc:  # the client's side broke off while it was being read
-            rid = replies.request_id()
-            log.info(
-                "%s: %s %s: the request body broke off: %r",
-                rid,
-                request.method,
-                request.path[:200],
-                exc,
-            )
-            return replies.glance_error(400, "The request body did not arrive completely.", rid)
+            return _body_broke_off(request, exc)
         client = self._client_key(request)
-        if not self._take(client):
-            rid = replies.request_id()
-            log.warning(
-                "%s: %s %s refused: %s has %d requests at the upstream already "
-                "(max_upstream_requests_per_client)",
-                rid,
-                request.method,
-                request.path[:200],
-                client,
-                self._per_client,
-            )
-            refused = replies.glance_error(
-                503, "Too many requests of yours are at the image service; retry later.", rid
-            )
-            refused.headers["Retry-After"] = "1"
-            return refused
-        try:
-            return await self._relay(request, body, before_reply)
-        finally:
-            self._give(client)
+        if client is not None and self._per_client > 0:
+            if not self.held.take(client, self._per_client):
+                return self._too_many(request, client)
+            try:
+                return await self._relay(request, body, before_reply)
+            finally:
+                self.held.give(client)
+        return await self._relay(request, body, before_reply)
 
-    def _take(self, client: str | None) -> bool:
-        if client is None or self._per_client <= 0:
-            return True
-        held = self.held.get(client, 0)
-        if held >= self._per_client:
-            return False
-        self.held[client] = held + 1
-        return True
-
-    def _give(self, client: str | None) -> None:
-        if client is None or self._per_client <= 0:
-            return
-        held = self.held.get(client, 0) - 1
-        if held > 0:
-            self.held[client] = held
-        else:
-            self.held.pop(client, None)
+    def _too_many(self, request: web.Request, client: str) -> web.Response:
+        """``503``: ``client`` has ``max_upstream_requests_per_client`` at the upstream."""
+        rid = replies.request_id()
+        log.warning(
+            "%s: %s %s refused: %s has %d requests at the upstream already "
+            "(max_upstream_requests_per_client)",
+            rid,
+            request.method,
+            request.path[:200],
+            client,
+            self._per_client,
+        )
+        refused = replies.glance_error(
+            503, "Too many requests of yours are at the image service; retry later.", rid
+        )
+        refused.headers["Retry-After"] = "1"
+        return refused
 
     async def _body(self, request: web.Request) -> bytes | _ClientBody | None:
         """The request's body: read whole when it is at most ``buffer_size`` bytes, else a
@@ -224,15 +205,7 @@ class GlancePassThrough:
             if isinstance(body, _ClientBody) and body.error is not None:
                 # The client's side broke (it left, or was cut for sending nothing): not
                 # the upstream's failure, and no traceback.
-                rid = replies.request_id()
-                log.info(
-                    "%s: %s %s: the request body broke off: %r",
-                    rid,
-                    request.method,
-                    request.path[:200],
-                    body.error,
-                )
-                return replies.glance_error(400, "The request body did not arrive completely.", rid)
+                return _body_broke_off(request, body.error)
             log.warning(
                 "upstream unreachable for %s %s: %r", request.method, request.path, exc.__cause__
             )
@@ -306,6 +279,19 @@ class GlancePassThrough:
         doc = versions.with_cache_api(_relink(doc, self._backend.base_url, base), base)
         relay.pop("Content-Type", None)
         return web.json_response(doc, status=status, headers=relay)
+
+
+def _body_broke_off(request: web.Request, error: BaseException) -> web.Response:
+    """``400``: the client's body did not arrive (it left, or was cut for its pace)."""
+    rid = replies.request_id()
+    log.info(
+        "%s: %s %s: the request body broke off: %r",
+        rid,
+        request.method,
+        request.path[:200],
+        error,
+    )
+    return replies.glance_error(400, "The request body did not arrive completely.", rid)
 
 
 class _ClientBody:
