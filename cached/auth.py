@@ -53,12 +53,9 @@ class Authorizer:
         self._cleared_at = 0  # number of the change at which _changed_at was last cleared
         self.probes = 0
 
-    def configure(self, ttl: float, down_after: int | None = None) -> None:
+    def configure(self, ttl: float) -> None:
         """A new ``auth_cache_ttl`` (reload). Answers already remembered keep no longer than
-        the new TTL allows from when they were given; with 0 none is reused any more.
-        ``down_after``: a new ``auth_stale_after_failures``."""
-        if down_after is not None:
-            self._down_after = down_after
+        the new TTL allows from when they were given; with 0 none is reused any more."""
         if ttl == self._ttl:
             return
         now = time.monotonic()

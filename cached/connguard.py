@@ -112,12 +112,10 @@ class ConnectionGuard:
         self.open = 0  # connections admitted and not yet lost
         self.per_address = Holdings()
 
-    def admit(self, address: str | None) -> tuple[str | None, Refusal | None]:
-        """Count a new connection from ``address``: the key it was counted under (give it
-        back to :meth:`release`), or why it is one too many. Unix-socket callers (no
-        address) are counted in neither."""
-        if address is None:
-            return None, None
+    def admit(self, address: str) -> tuple[str | None, Refusal | None]:
+        """Count a new connection from ``address``: the key it was counted under per
+        client (give it back to :meth:`release`; None: counted in all only), or why it is
+        one too many."""
         if 0 < self.limits.max_connections <= self.open:
             return None, Refusal.IN_ALL
         key = None
