@@ -22,6 +22,7 @@ from cached.download import reader
 from cached.download.proxy import Proxy
 from cached.edge import policy as request_policy
 from cached.edge import replies, routes, tls, versions
+from cached.edge.clients import Clients
 from cached.edge.fileapi import FileApi
 from cached.edge.listeners import LISTENERS, Listeners, is_management
 from cached.edge.passthrough import GlancePassThrough, PassThrough
@@ -43,7 +44,7 @@ from cached.safety.verdict import Policy as SafetyPolicy
 from cached.store import Store, xattrs
 from cached.upstream import Backend
 from cached.upstream.filestore import FileBackend
-from cached.upstream.glance import GlanceBackend
+from cached.upstream.glance import GlanceBackend, Pools
 from cached.upstream.metered import MeteredBackend, MeteredPassThrough
 
 log = logging.getLogger(__name__)
@@ -73,16 +74,26 @@ def make_backend(
         connect_timeout=config.upstream_connect_timeout,
         read_timeout=config.upstream_read_timeout,
         ssl_context=ssl_context,
+        pools=Pools(
+            config.upstream_relay_connections,
+            config.upstream_fetch_connections,
+            config.upstream_probe_connections,
+        ),
     )
 
 
-def make_passthrough(backend: Backend) -> PassThrough:
+def make_passthrough(backend: Backend, config: Config) -> PassThrough:
     """What answers the requests the cache does not, by the kind of upstream: a Glance is
     relayed to, a file store's image API is emulated."""
     if isinstance(backend, FileBackend):
         return FileApi(backend)
     if isinstance(backend, GlanceBackend):
-        return GlancePassThrough(backend)
+        return GlancePassThrough(
+            backend,
+            buffer_size=config.client_body_buffer_size,
+            per_client=config.max_upstream_requests_per_client,
+            client_key=Clients.of(config).key_of,
+        )
     raise TypeError(f"no pass-through for a {type(backend).__name__} upstream")
 
 
@@ -234,8 +245,13 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             store,
             filler,
             upstream,
-            Authorizer(upstream, config.auth_cache_ttl, config.auth_stale_if_error),
-            MeteredPassThrough(make_passthrough(raw_upstream), metrics),
+            Authorizer(
+                upstream,
+                config.auth_cache_ttl,
+                config.auth_stale_if_error,
+                config.auth_stale_after_failures,
+            ),
+            MeteredPassThrough(make_passthrough(raw_upstream, config), metrics),
             max_entry_size=config.max_entry_size,
             directories=directories,
         )

@@ -9,9 +9,10 @@ operator can carry values over from ``glance-api.conf``.  Unknown keys and bad v
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,22 @@ from cached.safety.verdict import DEFAULT_ALLOWED, INSPECTED_FORMATS
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(values: Iterable[object]) -> tuple[Network, ...]:
+    """``10.0.0.5``, ``10.0.0.0/24``, ``fd00::/64`` as networks; ValueError naming a bad one."""
+    networks = []
+    for value in values:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a list of addresses or networks, got {value!r}")
+        try:
+            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"not an address or network: {value!r}") from None
+    return tuple(networks)
 
 
 def parse_size(value: object) -> int:
@@ -175,6 +192,38 @@ class Config:
     client_body_timeout: float = 60.0
     # Open connections allowed from one client address (the next gets 503).
     max_connections_per_address: int = 128
+    # --- shielding the upstream from clients (issue 13; cached/edge/connguard.py, passthrough.py,
+    # upstream/glance.py, auth.py); 0 turns a limit off ---
+    # Request bodies up to this size are read completely before the upstream is contacted
+    # (nginx's proxy_request_buffering): a slow client holds no upstream worker. Larger
+    # bodies (image uploads) are streamed.
+    client_body_buffer_size: int = 256 << 10
+    # Bytes per second a request body must average: after client_body_timeout's grace, each
+    # of these bytes buys one more second (time cached paused reading does not count).
+    client_body_min_rate: int = 32 << 10
+    # Pass-through requests one client (address, IPv6 /64) may have at the upstream at once;
+    # the next gets 503 and Retry-After.
+    max_upstream_requests_per_client: int = 16
+    # Connections to the upstream, per use (a request waits up to upstream_connect_timeout
+    # for a free one): pass-through requests (uploads, API calls, bypassed downloads), image
+    # transfers (fills, prefetch), and authorisation probes and records (never queued
+    # behind the others).
+    upstream_relay_connections: int = 32
+    upstream_fetch_connections: int = 64
+    upstream_probe_connections: int = 32
+    # Authorisation probes failed in a row, across requests, before the upstream counts as
+    # down for auth_stale_if_error (a single failed probe is never an outage).
+    auth_stale_after_failures: int = 3
+    # Open client connections in all (the next gets 503); with the per-address cap it bounds
+    # what many addresses together can hold (e.g. client_body_buffer_size each).
+    max_connections: int = 4096
+    # IPv6 clients are counted (per-address and per-client caps) by this prefix: a host
+    # normally has a whole /64 to pick addresses from. 128: every address on its own.
+    client_ipv6_prefix: int = 64
+    # Load balancers / TLS terminators in front of cached (addresses or networks): their
+    # connections are not held to max_connections_per_address, and their requests count
+    # as the client X-Forwarded-For names (cached/edge/clients.py). Empty: nobody is trusted.
+    trusted_proxies: tuple[str, ...] = ()
     log_level: str = "INFO"
     # --- cache management API and periodic jobs (cached/manage/api.py, cached/jobs/schedule.py) ---
     # Seconds between clean runs (stalled partial entries and invalid/ entries).
@@ -328,8 +377,53 @@ def _url(value: Any) -> str:
     return value.rstrip("/")
 
 
+_SHIELDING_SIZES = ("client_body_buffer_size", "client_body_min_rate")
+_SHIELDING_COUNTS = (
+    "max_upstream_requests_per_client",
+    "upstream_relay_connections",
+    "upstream_fetch_connections",
+    "upstream_probe_connections",
+    "max_connections",
+)
+_SHIELDING = (
+    *_SHIELDING_SIZES,
+    *_SHIELDING_COUNTS,
+    "auth_stale_after_failures",
+    "client_ipv6_prefix",
+    "trusted_proxies",
+)
+
+
+def _convert_shielding(name: str, value: Any) -> Any:
+    """The options of the block "shielding the upstream from clients" (issue 13)."""
+    if name in _SHIELDING_SIZES:
+        return parse_size(value)  # client_body_min_rate: bytes per second (32K)
+    if name in _SHIELDING_COUNTS:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"must be a whole number >= 0 (0: no limit), got {value!r}")
+        return value
+    if name == "auth_stale_after_failures":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ValueError(
+                f"must be a whole number >= 2 (one failed probe is not an outage), got {value!r}"
+            )
+        return value
+    if name == "client_ipv6_prefix":
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 128:
+            raise ValueError(f"must be a prefix length from 1 to 128, got {value!r}")
+        return value
+    if name == "trusted_proxies":
+        if not isinstance(value, list | tuple):
+            raise ValueError("must be a list of addresses or networks (10.0.0.5, 10.0.0.0/24)")
+        parse_networks(value)
+        return tuple(str(v).strip() for v in value)
+    raise KeyError(name)
+
+
 def _convert(name: str, value: Any) -> Any:
     """Turn one raw value into the type of the field ``name``; raise ValueError if it is bad."""
+    if name in _SHIELDING:
+        return _convert_shielding(name, value)
     if name in ("image_cache_max_size", "fsync_interval_bytes", "max_header_size"):
         return parse_size(value)
     if name in (
@@ -557,11 +651,51 @@ def _check(config: Config, source: str) -> Config:
         raise ConfigError(
             f"{source}: option 'upstream_insecure': contradicts upstream_ca_file (set one)"
         )
+    _check_ports(config, source)
     if config.prefetch_retry_max < config.prefetch_retry_initial:
         raise ConfigError(
             f"{source}: option 'prefetch_retry_max': must be >= prefetch_retry_initial"
         )
     return config
+
+
+def _overlap(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Whether two TCP listen addresses would take the same connections: the same port, in
+    the same address family, the same host or one of them that family's wildcard."""
+    if a[1] != b[1] or a[1] == 0:  # port 0: the kernel picks a free port for each
+        return False
+    v6a, v6b = ":" in a[0], ":" in b[0]
+    if v6a != v6b:
+        return False  # an IPv6 wildcard is bound v6-only (cached/edge/listeners.py)
+    wildcard = "::" if v6a else "0.0.0.0"
+    return a[0] == b[0] or wildcard in (a[0], b[0])
+
+
+def _check_ports(config: Config, source: str) -> None:
+    """Refuse listeners that share a port ambiguously (issue 13): two public addresses that
+    would take the same connections, and a TCP ``admin_listen`` on any public port (one port
+    that answers as management on one address and publicly on another is a trap)."""
+    public = config.listen_addresses
+    for i, a in enumerate(public):
+        for b in public[i + 1 :]:
+            if _overlap(a, b):
+                raise ConfigError(
+                    f"{source}: option 'listen': {_shown(a)} and {_shown(b)} overlap (the same "
+                    "port on the same address, or on that address family's wildcard)"
+                )
+    admin = config.admin_address
+    if isinstance(admin, tuple) and admin[1] != 0:
+        for a in public:
+            if a[1] == admin[1]:
+                raise ConfigError(
+                    f"{source}: option 'admin_listen': {_shown(admin)} shares port {admin[1]} "
+                    f"with the public listener {_shown(a)}; give management a port of its own"
+                )
+
+
+def _shown(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -23,6 +23,9 @@ SHORT = {
     "client_header_timeout": 1.0,
     "client_keepalive_timeout": 2.0,  # longer: aiohttp also runs it from the connection start
     "client_body_timeout": 1.0,
+    # The trickles below send ~20 bytes/s: above this minimum (the default, 32K, would cut
+    # them once client_body_timeout's grace is over).
+    "client_body_min_rate": 16,
 }
 
 

@@ -157,3 +157,96 @@ def test_which_configurations_are_refused(options: dict[str, object], refused: b
             check_exposure(config, "x")
     else:
         check_exposure(config, "x")
+
+
+def _port_free_on_both_families() -> int:
+    """A TCP port free on 0.0.0.0 and on [::1] at the time of asking."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket(socket.AF_INET) as v4:
+            v4.bind(("0.0.0.0", 0))
+            port = v4.getsockname()[1]
+            try:
+                with socket.socket(socket.AF_INET6) as v6:
+                    v6.bind(("::1", port))
+            except OSError:
+                continue
+            return int(port)
+    raise AssertionError("no port free on both families")
+
+
+async def test_the_listener_is_the_socket_that_accepted_not_the_address(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    """Issue 13 item 4: a public listener on [::1]:P and the management one on 0.0.0.0:P.
+    The configuration check refuses that now (below); here it is forced past the check to
+    show the listener is told by its socket: the public caller is refused management."""
+    import dataclasses
+    import logging
+
+    from aiohttp import web
+
+    from cached.app import make_app
+    from cached.edge import listeners
+    from cached.ops.logs import AccessLogger
+
+    port = _port_free_on_both_families()
+    cfg = configuration.build(
+        {"upstream": glance.url, "image_cache_dir": str(tmp_path), "listen": "127.0.0.1:0"}
+    )
+    cfg = dataclasses.replace(cfg, listen=f"[::1]:{port}", admin_listen=f"0.0.0.0:{port}")
+    runner = web.AppRunner(
+        make_app(cfg), access_log_class=AccessLogger, access_log=logging.getLogger("a")
+    )
+    await runner.setup()
+    try:
+        sockets = await listeners.start(runner, cfg, None)
+        assert sockets.urls == [f"http://[::1]:{port}"]
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://[::1]:{port}/v2/cache") as resp:
+                assert resp.status == 403  # was 200: tokenless management for anyone
+            async with session.get(f"http://127.0.0.1:{port}/v2/cache") as resp:
+                assert resp.status == 200  # the management listener itself
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"listen": "[::1]:9292", "admin_listen": "0.0.0.0:9292"},
+            "option 'admin_listen': 0.0.0.0:9292 shares port 9292 with the public listener "
+            "[::1]:9292; give management a port of its own",
+        ),
+        (
+            {"listen": "127.0.0.1:9292", "admin_listen": "127.0.0.2:9292"},
+            "option 'admin_listen': 127.0.0.2:9292 shares port 9292",
+        ),
+        (
+            {"listen": "0.0.0.0:9292,127.0.0.1:9292"},
+            "option 'listen': 0.0.0.0:9292 and 127.0.0.1:9292 overlap",
+        ),
+        ({"listen": "[::]:9292,[::1]:9292"}, "option 'listen': [::]:9292 and [::1]:9292 overlap"),
+    ],
+)
+def test_listeners_sharing_a_port_ambiguously_are_refused(
+    options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        configuration.build(options, "cached.yaml")
+    assert str(caught.value).startswith(f"cached.yaml: {message}")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"listen": "0.0.0.0:9292,[::]:9292"},  # one per family: v6-only
+        {"listen": "127.0.0.1:9292,127.0.0.2:9292"},
+        {"listen": "127.0.0.1:9292", "admin_listen": "127.0.0.1:9393"},
+        {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"},
+    ],
+)
+def test_listeners_on_distinct_ports_or_addresses_are_accepted(options: dict[str, object]) -> None:
+    configuration.build(options)

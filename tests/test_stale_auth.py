@@ -74,6 +74,9 @@ async def test_upstream_outage_serves_recent_allowances_only(tmp_path: Path) -> 
 
         await glance.close()  # the outage
         outage = time.monotonic()
+        # Known down only after auth_stale_after_failures (3) probes failed in a row.
+        for _ in range(2):
+            assert (await _get(session, url, image.id))[:2] == (502, None)
         status, cache_status, body = await _get(session, url, image.id)
         assert (status, cache_status, body) == (200, STALE, data)
         for image_id, token in (
@@ -119,6 +122,9 @@ async def test_upstream_5xx_serves_recent_allowances_and_a_4xx_never(
         assert (await d.get(image.id, "token-p2"))[0] == 404  # private: refused
 
         glance.fail_downloads = status
+        for _ in range(2):  # not known down before 3 failed probes in a row
+            got, headers, _ = await d.get(image.id)
+            assert (got, headers.get("Cache-Status")) == (status, None)
         got, headers, body = await d.get(image.id)
         assert (got, headers.get("Cache-Status"), body) == (200, STALE, data)
         for image_id, token in ((image.id, "token-p2"), (fresh_image.id, "token-p1")):
@@ -129,10 +135,43 @@ async def test_upstream_5xx_serves_recent_allowances_and_a_4xx_never(
         got, headers, _ = await d.get(image.id)
         assert (got, headers.get("Cache-Status")) == (403, None)
         glance.fail_downloads = status  # and it ended the allowance
-        assert (await d.get(image.id))[0] == status
+        for _ in range(4):  # known down again from the third on: still no stale hit
+            assert (await d.get(image.id))[0] == status
 
         glance.fail_downloads = None
         got, headers, body = await d.get(image.id)
         assert (got, headers.get("Cache-Status"), body) == (200, "cached; hit", data)
+    finally:
+        await stop_daemon(d)
+
+
+async def test_a_failed_probe_is_not_an_outage(glance: FakeGlance, tmp_path: Path) -> None:
+    """Issue 13 item 3: a member removed at Glance whose own probe fails (the issue forced
+    it with slow bodies that took every upstream worker) was served the image as a stale
+    hit. Failures count across requests and any answer restarts the count: the upstream is
+    known down only after 3 failed probes in a row."""
+    d = await start_daemon(tmp_path, glance.url, auth_stale_if_error=600)
+    try:
+        data, other = os.urandom(1 << 20), os.urandom(1000)
+        image = glance.add_image(data, visibility="shared", members={"p2"})
+        public = glance.add_image(other, visibility="public")
+        assert (await d.get(image.id, "token-p2"))[0] == 200  # allowed, and cached
+        await wait_complete(d, image.id)
+        assert (await d.get(image.id, "token-p1"))[0] == 200  # the owner, allowed too
+        image.members.discard("p2")  # removed at Glance
+
+        glance.fail_downloads = 503  # and the removed member's probe fails
+        got, headers, _ = await d.get(image.id, "token-p2")
+        assert (got, headers.get("Cache-Status")) == (503, None)  # was 200, stale-auth
+        # A failure, an answer (the upstream is up), two more: never 3 in a row.
+        glance.fail_downloads = None
+        assert (await d.get(public.id, "token-p1"))[0] == 200
+        glance.fail_downloads = 503
+        for token in ("token-p2", "token-p1"):
+            got, headers, _ = await d.get(image.id, token)
+            assert (got, headers.get("Cache-Status")) == (503, None), token
+        # The third in a row: the upstream is known down; the owner's allowance serves.
+        got, headers, body = await d.get(image.id, "token-p1")
+        assert (got, headers.get("Cache-Status"), body) == (200, STALE, data)
     finally:
         await stop_daemon(d)

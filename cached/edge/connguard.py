@@ -13,14 +13,23 @@ Here every connection gets a :class:`GuardedHandler` (aiohttp's protocol plus ti
 - **body**: while a handler waits for a request body, the client must send something at
   least this often. Time during which cached itself stopped reading (backpressure from a
   slow upstream) does not count. On expiry the connection is cut.
-- **per address**: at most this many open connections from one client address; the next
-  gets ``503`` and is closed.
+- **body rate** (``client_body_min_rate``; issue 13 item 2: a byte every few seconds kept
+  the inactivity timer from ever running out): a body must arrive at that average rate.
+  Its deadline starts ``client_body_timeout`` after its first byte could be sent and moves
+  one second later per ``client_body_min_rate`` bytes received (and by the time cached
+  paused reading), like Apache's ``mod_reqtimeout`` ``MinRate``. Past it, the cut.
+- **per address**: at most this many open connections from one client (an IPv6 client
+  counted by its /64, a trusted proxy not at all: ``cached/edge/clients.py``); the next gets
+  ``503`` and is closed.
+- **in all** (``max_connections``; issue 13 item 6: 200 connections from ten loopback
+  addresses were all held under a per-address cap of 20): at most this many open
+  connections, whoever opened them; the next gets ``503`` and is closed.
 
 None of them applies to a response being sent: a slow but progressing multi-GiB download is
 never cut here (the client's TCP window paces it).
 
-All state (the per-address counts, each connection's timers) lives on the event loop and is
-changed only by the loop's protocol callbacks and the request handler tasks.
+All state (the counts, each connection's timers) lives on the event loop and is changed only
+by the loop's protocol callbacks and the request handler tasks.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 
 from cached.config import Config
+from cached.edge.clients import Clients, Holdings
 
 log = logging.getLogger("cached.connguard")
 
@@ -55,6 +65,9 @@ class Limits:
     keepalive_timeout: float = 75.0
     body_timeout: float = 60.0
     max_per_address: int = 128
+    body_min_rate: int = 32 << 10  # bytes per second
+    max_connections: int = 4096
+    clients: Clients = Clients()
 
     @classmethod
     def of(cls, config: Config) -> Limits:
@@ -63,7 +76,18 @@ class Limits:
             config.client_keepalive_timeout,
             config.client_body_timeout,
             config.max_connections_per_address,
+            config.client_body_min_rate,
+            config.max_connections,
+            Clients.of(config),
         )
+
+    @property
+    def body_check_interval(self) -> float:
+        """Seconds between two looks at a body's progress (0: never look)."""
+        intervals = [self.body_timeout / 2] if self.body_timeout > 0 else []
+        if self.body_min_rate > 0:
+            intervals.append(1.0)
+        return min(intervals, default=0.0)
 
 
 class _State(enum.Enum):
@@ -72,31 +96,41 @@ class _State(enum.Enum):
     IDLE = "idle"  # between requests (aiohttp's keep-alive timer runs)
 
 
+class Refusal(enum.Enum):
+    """Why a new connection was refused."""
+
+    IN_ALL = "too many open in all (max_connections)"
+    FROM_THERE = "too many open from there (max_connections_per_address)"
+
+
 class ConnectionGuard:
-    """The limits and the per-address connection counts of one server."""
+    """The limits and the connection counts of one server: in all, and per client key
+    (``cached/edge/clients.py``)."""
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self.per_address: dict[str, int] = {}
+        self.open = 0  # connections admitted and not yet lost
+        self.per_address = Holdings()
 
-    def admit(self, address: str | None) -> bool:
-        """Count a new connection from ``address``; False if it is one too many."""
-        if address is None or self.limits.max_per_address <= 0:
-            return True
-        count = self.per_address.get(address, 0)
-        if count >= self.limits.max_per_address:
-            return False
-        self.per_address[address] = count + 1
-        return True
+    def admit(self, address: str) -> tuple[str | None, Refusal | None]:
+        """Count a new connection from ``address``: the key it was counted under per
+        client (give it back to :meth:`release`; None: counted in all only), or why it is
+        one too many."""
+        if 0 < self.limits.max_connections <= self.open:
+            return None, Refusal.IN_ALL
+        key = None
+        if self.limits.max_per_address > 0 and not self.limits.clients.is_trusted(address):
+            key = self.limits.clients.key(address)
+            if key is not None and not self.per_address.take(key, self.limits.max_per_address):
+                return None, Refusal.FROM_THERE
+        self.open += 1
+        return key, None
 
-    def release(self, address: str | None) -> None:
-        if address is None or self.limits.max_per_address <= 0:
-            return
-        count = self.per_address.get(address, 0) - 1
-        if count > 0:
-            self.per_address[address] = count
-        else:
-            self.per_address.pop(address, None)
+    def release(self, key: str | None) -> None:
+        """A connection admitted under ``key`` (what :meth:`admit` gave) was lost."""
+        self.open -= 1
+        if key is not None:
+            self.per_address.give(key)
 
 
 class GuardedHandler(web.RequestHandler):
@@ -106,22 +140,29 @@ class GuardedHandler(web.RequestHandler):
         super().__init__(manager, **kwargs)
         self.guard = guard
         self._address: str | None = None
+        self._admitted = False
+        self._key: str | None = None  # what the guard counted this connection under
         self._state = _State.HEADERS
         self._timer: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None
         self._last_data = 0.0
+        self._last_check = 0.0
+        self._body_deadline = 0.0  # the body's rate deadline (loop time)
 
     # -- asyncio protocol callbacks -------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         address = peer[0] if isinstance(peer, tuple) and peer else None
-        if not self.guard.admit(address):
-            log.warning("refused a connection from %s: too many open from there", address)
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(_TOO_MANY)
-            self.force_close()
-            return
+        if address is not None:  # Unix-socket callers are counted in neither
+            key, refused = self.guard.admit(address)
+            if refused is not None:
+                log.warning("refused a connection from %s: %s", address, refused.value)
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(_TOO_MANY)
+                self.force_close()
+                return
+            self._admitted, self._key = True, key
         self._address = address
         self._start_headers()
 
@@ -129,12 +170,16 @@ class GuardedHandler(web.RequestHandler):
         if data:
             if self._state is _State.IDLE:
                 self._start_headers()  # the first byte of the next request
+            elif self._body is not None and self.guard.limits.body_min_rate > 0:
+                self._body_deadline += len(data) / self.guard.limits.body_min_rate
             self._last_data = self._loop.time()
         super().data_received(data)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel()
-        self.guard.release(self._address)
+        if self._admitted:
+            self.guard.release(self._key)
+            self._admitted = False
         self._address = None
         super().connection_lost(exc)
 
@@ -162,9 +207,17 @@ class GuardedHandler(web.RequestHandler):
         self._cancel()
         self._state = _State.ACTIVE
         self._body = payload
-        if self.guard.limits.body_timeout > 0 and not payload.is_eof():
-            self._last_data = self._loop.time()
-            self._schedule(self.guard.limits.body_timeout / 2, self._check_body)
+        interval = self.guard.limits.body_check_interval
+        if interval > 0 and not payload.is_eof():
+            now = self._loop.time()
+            self._last_data = self._last_check = now
+            # What came with the headers counts too (it is in the payload already).
+            received = payload.total_bytes
+            rate = self.guard.limits.body_min_rate
+            self._body_deadline = now + self.guard.limits.body_timeout
+            if rate > 0:
+                self._body_deadline += received / rate
+            self._schedule(interval, self._check_body)
 
     def request_handled(self) -> None:
         self._cancel()
@@ -210,17 +263,31 @@ class GuardedHandler(web.RequestHandler):
         if body.is_eof():
             return  # the whole body arrived
         now = self._loop.time()
+        limits = self.guard.limits
         if not transport.is_reading():
-            self._last_data = now  # cached paused the reading itself: not the client's fault
-        elif now - self._last_data >= self.guard.limits.body_timeout:
+            # cached paused the reading itself: not the client's fault
+            self._last_data = now
+            self._body_deadline += now - self._last_check
+        elif limits.body_timeout > 0 and now - self._last_data >= limits.body_timeout:
             log.info(
                 "cut a connection from %s: no request body for %gs",
                 self._address,
-                self.guard.limits.body_timeout,
+                limits.body_timeout,
             )
             transport.abort()
             return
-        self._schedule(self.guard.limits.body_timeout / 2, self._check_body)
+        elif limits.body_min_rate > 0 and now > self._body_deadline:
+            log.info(
+                "cut a connection from %s: its request body came slower than %d bytes/s "
+                "(client_body_min_rate) after %gs",
+                self._address,
+                limits.body_min_rate,
+                limits.body_timeout,
+            )
+            transport.abort()
+            return
+        self._last_check = now
+        self._schedule(limits.body_check_interval, self._check_body)
 
 
 def _timeout_page() -> bytes:

@@ -9,12 +9,21 @@
   Requests on it are trusted without a token (:func:`is_management`); the same application
   serves it.
 
+Which listener a request came in on is decided by the listening socket that accepted its
+connection, never by comparing addresses (issue 13: ``listen: '[::1]:P'`` with
+``admin_listen: 0.0.0.0:P`` made every public caller an operator, since the wildcard's port
+matched). The management site's protocol factory marks each connection it accepts
+(:class:`ManagementConnection`); nothing else is. ``cached/config.py`` also refuses a
+management port shared with a public listener, so the operator cannot be confused either.
+
 Loopback is not a credential (issue 9): a local TLS terminator or port forwarder makes every
 remote caller "loopback". :func:`check_exposure` refuses to start when a world-reachable
 listener would leave management without authentication.
 
 State: :class:`Listeners` is filled by :func:`start` on the event loop before the first
-request is served, and only read afterwards.
+request is served, and only read afterwards. The mark of a connection is set by the
+management site's protocol factory (on the loop, as the connection is accepted) and never
+changed.
 """
 
 from __future__ import annotations
@@ -37,7 +46,48 @@ from cached.errors import ConfigError
 log = logging.getLogger("cached.listeners")
 
 _BACKLOG = 1024
-_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+class ManagementConnection:
+    """Mixed into the class of every connection (aiohttp's ``RequestHandler``) accepted by
+    the management listener: the mark :func:`is_management` looks for."""
+
+    __slots__ = ()
+
+
+_MARKED: dict[type, type] = {}
+
+
+def _marked_class(cls: type) -> type:
+    """``cls`` with :class:`ManagementConnection` mixed in (same layout: no new slots)."""
+    marked = _MARKED.get(cls)
+    if marked is None:
+        marked = _MARKED[cls] = type(
+            f"Management{cls.__name__}", (cls, ManagementConnection), {"__slots__": ()}
+        )
+    return marked
+
+
+class _ManagementSite(web.SockSite):
+    """A site whose every accepted connection is marked as the management listener's."""
+
+    __slots__ = ()
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with the runner
+        server = self._runner.server
+        assert server is not None
+
+        def accept() -> asyncio.BaseProtocol:
+            connection = server()
+            # The connection class the server builds (aiohttp's, or connguard's) is kept,
+            # with the mark mixed in: the same object layout, so the class can be swapped.
+            connection.__class__ = _marked_class(type(connection))
+            return connection
+
+        self._server = await asyncio.get_running_loop().create_server(
+            accept, sock=self._sock, ssl=self._ssl_context, backlog=self._backlog
+        )
 
 
 @dataclass
@@ -53,24 +103,12 @@ class Listeners:
     urls: list[str] = field(default_factory=list)  # the public listeners
     sites: list[web.BaseSite] = field(default_factory=list)  # all, started
     management_url: str = ""
-    _unix_paths: set[str] = field(default_factory=set)
-    _management_tcp: set[tuple[str, int]] = field(default_factory=set)
 
-    def is_management(self, request: web.Request) -> bool:
-        """Whether ``request`` came in on the management listener."""
-        if request.transport is None:
-            return False
-        sock = request.transport.get_extra_info("socket")
-        if sock is None:
-            return False
-        try:
-            name = sock.getsockname()
-        except OSError:
-            return False
-        if sock.family == socket.AF_UNIX:
-            return isinstance(name, str) and name in self._unix_paths
-        host, port = name[0], name[1]
-        return any(port == p and (h == host or h in _WILDCARDS) for h, p in self._management_tcp)
+    @staticmethod
+    def is_management(request: web.BaseRequest) -> bool:
+        """Whether ``request`` came in on the management listener: its connection was
+        accepted by that listener's socket (whatever address it was addressed to)."""
+        return isinstance(request.protocol, ManagementConnection)
 
 
 LISTENERS = web.AppKey("listeners", Listeners)
@@ -167,16 +205,16 @@ async def start(runner: web.AppRunner, config: Config, server_tls: ServerTLS | N
     address = config.admin_address
     if isinstance(address, Path):
         sock = await asyncio.to_thread(bind_unix, address)
-        listeners._unix_paths.add(sock.getsockname())
-        site = web.SockSite(runner, sock)
+        site = _ManagementSite(runner, sock)
         await site.start()
         listeners.sites.append(site)
         listeners.management_url = f"unix:{address}"
     elif address is not None:
         sock = await asyncio.to_thread(bind_tcp, *address)
         bound = sock.getsockname()
-        listeners._management_tcp.add((bound[0], bound[1]))
-        site = web.SockSite(runner, sock, ssl_context=server_tls.management if server_tls else None)
+        site = _ManagementSite(
+            runner, sock, ssl_context=server_tls.management if server_tls else None
+        )
         await site.start()
         listeners.sites.append(site)
         listeners.management_url = _url(scheme, bound[0], bound[1])
@@ -234,6 +272,7 @@ def check_exposure(config: Config, source: str) -> None:
 __all__ = [
     "LISTENERS",
     "Listeners",
+    "ManagementConnection",
     "bind_tcp",
     "bind_unix",
     "check_exposure",

@@ -9,8 +9,25 @@ advertise the cache API that cached answers itself. The upstream is reached only
 :meth:`cached.upstream.glance.GlanceBackend.send`.
 
 :class:`PassThrough` is what the proxy calls for anything it does not answer from the cache;
-``cached/edge/fileapi.py`` is the other implementation, for a ``file://`` store. Stateless after
-construction: called from request handlers on the event loop.
+``cached/edge/fileapi.py`` is the other implementation, for a ``file://`` store.
+
+Shielding the upstream from slow clients (issue 13 item 2: eight connections trickling a
+100-byte body held every worker of a uWSGI Glance, and every other caller got 502):
+
+- a body of at most ``client_body_buffer_size`` bytes (every JSON call) is read completely
+  before the upstream is contacted, like nginx's ``proxy_request_buffering``: while it
+  trickles in, it holds a connection of cached's and nothing upstream. A larger body (an
+  image upload) is streamed; ``cached/edge/connguard.py`` holds it to a minimum rate;
+- one client (``cached/edge/clients.py``: an address, an IPv6 /64, behind a trusted proxy the
+  client it names) may have at most
+  ``max_upstream_requests_per_client`` requests at the upstream at once; the next gets
+  ``503`` with ``Retry-After`` and is not sent;
+- the pass-through has its own bounded pool of upstream connections
+  (``cached/upstream/glance.py``), apart from the authorisation probes.
+
+State: the per-client counts of :class:`GlancePassThrough`, changed by request handlers on
+the event loop only (taken before the upstream is contacted, given back when its answer
+is released).
 """
 
 from __future__ import annotations
@@ -24,6 +41,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from cached.edge import replies, versions
+from cached.edge.clients import Holdings
 from cached.errors import UpstreamUnavailable
 from cached.upstream.glance import GlanceBackend
 
@@ -82,15 +100,87 @@ def end_to_end(headers: Any) -> CIMultiDict[str]:
 
 
 class GlancePassThrough:
-    """The pass-through to a Glance API reached through ``backend``."""
+    """The pass-through to a Glance API reached through ``backend``.
 
-    def __init__(self, backend: GlanceBackend):
+    Args:
+        buffer_size: bodies up to this size are read whole first (0: every body streamed).
+        per_client: upstream requests one client may hold at once (0: no limit).
+        client_key: the key a request's client is counted under.
+    """
+
+    def __init__(
+        self,
+        backend: GlanceBackend,
+        *,
+        buffer_size: int = 256 << 10,
+        per_client: int = 16,
+        client_key: Callable[[web.BaseRequest], str | None] = lambda r: r.remote,
+    ):
         self._backend = backend
+        self._buffer_size = buffer_size
+        self._per_client = per_client
+        self._client_key = client_key
+        self.held = Holdings()  # client key -> its requests at the upstream now
 
     async def answer(
         self, request: web.Request, before_reply: ReplyHook | None = None
     ) -> web.StreamResponse:
         """Relay ``request`` to the upstream and stream the answer back, both ways bounded."""
+        try:
+            body = await self._body(request)
+        except Exception as exc:  # the client's side broke off while it was being read
+            return _body_broke_off(request, exc)
+        client = self._client_key(request)
+        if client is not None and self._per_client > 0:
+            if not self.held.take(client, self._per_client):
+                return self._too_many(request, client)
+            try:
+                return await self._relay(request, body, before_reply)
+            finally:
+                self.held.give(client)
+        return await self._relay(request, body, before_reply)
+
+    def _too_many(self, request: web.Request, client: str) -> web.Response:
+        """``503``: ``client`` has ``max_upstream_requests_per_client`` at the upstream."""
+        rid = replies.request_id()
+        log.warning(
+            "%s: %s %s refused: %s has %d requests at the upstream already "
+            "(max_upstream_requests_per_client)",
+            rid,
+            request.method,
+            request.path[:200],
+            client,
+            self._per_client,
+        )
+        refused = replies.glance_error(
+            503, "Too many requests of yours are at the image service; retry later.", rid
+        )
+        refused.headers["Retry-After"] = "1"
+        return refused
+
+    async def _body(self, request: web.Request) -> bytes | _ClientBody | None:
+        """The request's body: read whole when it is at most ``buffer_size`` bytes, else a
+        stream (what was read already goes first). None without a body."""
+        if not request.body_exists:
+            return None
+        length = request.content_length
+        if self._buffer_size <= 0 or (length is not None and length > self._buffer_size):
+            return _ClientBody(request)
+        pieces: list[bytes] = []
+        size = 0
+        while piece := await request.content.readany():
+            pieces.append(piece)
+            size += len(piece)
+            if size > self._buffer_size:  # a chunked body, larger than the buffer
+                return _ClientBody(request, pieces)
+        return b"".join(pieces)
+
+    async def _relay(
+        self,
+        request: web.Request,
+        body: bytes | _ClientBody | None,
+        before_reply: ReplyHook | None,
+    ) -> web.StreamResponse:
         headers = end_to_end(request.headers)
         # The body's length as our parser framed it, never the client's header as sent: a
         # length that differs from the bytes relayed would desync the pooled connection.
@@ -104,27 +194,18 @@ class GlancePassThrough:
         headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
         headers.setdefault("X-Forwarded-Proto", request.scheme)
         headers.add("Via", f"{request.version.major}.{request.version.minor} cached")
-        body = _ClientBody(request) if request.body_exists else None
         try:
             upstream = await self._backend.send(
                 request.method,
                 request.path_qs,
                 headers,
-                body.pieces() if body is not None else None,
+                body.pieces() if isinstance(body, _ClientBody) else body,
             )
         except UpstreamUnavailable as exc:
-            if body is not None and body.error is not None:
+            if isinstance(body, _ClientBody) and body.error is not None:
                 # The client's side broke (it left, or was cut for sending nothing): not
                 # the upstream's failure, and no traceback.
-                rid = replies.request_id()
-                log.info(
-                    "%s: %s %s: the request body broke off: %r",
-                    rid,
-                    request.method,
-                    request.path[:200],
-                    body.error,
-                )
-                return replies.glance_error(400, "The request body did not arrive completely.", rid)
+                return _body_broke_off(request, body.error)
             log.warning(
                 "upstream unreachable for %s %s: %r", request.method, request.path, exc.__cause__
             )
@@ -200,14 +281,31 @@ class GlancePassThrough:
         return web.json_response(doc, status=status, headers=relay)
 
 
-class _ClientBody:
-    """A request body streamed to the upstream; remembers a failure on the client's side."""
+def _body_broke_off(request: web.Request, error: BaseException) -> web.Response:
+    """``400``: the client's body did not arrive (it left, or was cut for its pace)."""
+    rid = replies.request_id()
+    log.info(
+        "%s: %s %s: the request body broke off: %r",
+        rid,
+        request.method,
+        request.path[:200],
+        error,
+    )
+    return replies.glance_error(400, "The request body did not arrive completely.", rid)
 
-    def __init__(self, request: web.Request) -> None:
+
+class _ClientBody:
+    """A request body streamed to the upstream (``first``: its start, read already);
+    remembers a failure on the client's side."""
+
+    def __init__(self, request: web.Request, first: list[bytes] | None = None) -> None:
         self.request = request
+        self.first = first or []
         self.error: BaseException | None = None
 
     async def pieces(self) -> AsyncIterator[bytes]:
+        for piece in self.first:
+            yield piece
         try:
             while piece := await self.request.content.readany():
                 yield piece

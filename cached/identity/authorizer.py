@@ -7,12 +7,19 @@ once: an answer whose probe began before the latest change of its image is never
 Negative answers are never reused: the caller gets the upstream's answer every time.
 
 ``stale_if_error`` (``auth_stale_if_error``; RFC 5861's stale-if-error, for authorisation):
-while the upstream is unreachable or answers 5xx, a caller whose same credentials were
-allowed the same image within that many seconds is allowed again, marked ``stale``, but only
-when the caller (the proxy) says a complete entry is there to serve (``stale_ok``). A refusal
-(any 4xx) or a change of the image through the proxy forgets that, at once.
+while the upstream is known down, a caller whose same credentials were allowed the same
+image within that many seconds is allowed again, marked ``stale``, but only when the caller
+(the proxy) says a complete entry is there to serve (``stale_ok``). A refusal (any 4xx) or a
+change of the image through the proxy forgets that, at once.
 
-Owned by the event loop (``check`` and ``forget`` run there).
+Known down (issue 13 item 3): the last ``down_after`` probes (``auth_stale_after_failures``,
+across requests, callers and images) all failed, the current one included, with no answer
+from the upstream in between. A failure is no answer (refused, reset, timed out) or a 5xx;
+any other answer, a 4xx included, shows the upstream up and restarts the count. One probe
+that times out is never an outage: a caller who can slow its own probe down (or make the
+upstream fail it) must not be served on an allowance the upstream may have withdrawn.
+
+Owned by the event loop (``check`` and ``forget`` run there, and change the failure count).
 """
 
 from __future__ import annotations
@@ -30,10 +37,14 @@ _MAX_REMEMBERED = 100_000
 
 
 class Authorizer:
-    def __init__(self, backend: Backend, ttl: float, stale_if_error: float = 0.0):
+    def __init__(
+        self, backend: Backend, ttl: float, stale_if_error: float = 0.0, down_after: int = 3
+    ):
         self._backend = backend
         self._ttl = ttl
         self._stale = stale_if_error
+        self._down_after = down_after
+        self.failures = 0  # probes failed in a row (no answer, or 5xx), across requests
         # (credentials, image) -> when the upstream last allowed it (monotonic seconds)
         self._allowed_at: dict[tuple[str, str], float] = {}
         self._allowed: dict[tuple[str, str], tuple[float, Authorization]] = {}
@@ -75,13 +86,16 @@ class Authorizer:
         try:
             answer = await self._backend.authorize(image_id, creds)
         except UpstreamUnavailable as exc:
+            self.failures += 1
             stale = self._stale_allowance(key, stale_ok, str(exc))
             if stale is None:
                 raise
             return stale
         latest = max(self._changed_at.get(image_id, 0), self._cleared_at)
         changed = latest > asked_after
-        if answer.decision is Decision.DENY and answer.status >= 500:
+        failed = answer.decision is Decision.DENY and answer.status >= 500
+        self.failures = self.failures + 1 if failed else 0  # an answer: the upstream is up
+        if failed:
             stale = self._stale_allowance(key, stale_ok, f"it answered {answer.status}")
             if stale is not None:
                 return stale
@@ -110,6 +124,16 @@ class Authorizer:
             return None
         age = time.monotonic() - allowed_at
         if age > self._stale:
+            return None
+        if self.failures < self._down_after:
+            log.info(
+                "upstream failed a probe for image %s (%s): %d in a row, not known down "
+                "before %d (auth_stale_after_failures): no stale allowance",
+                key[1],
+                why,
+                self.failures,
+                self._down_after,
+            )
             return None
         log.warning(
             "upstream unavailable (%s): image %s served on an authorisation %.0fs old "

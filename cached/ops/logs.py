@@ -9,15 +9,28 @@ The access line counts the bytes really sent: aiohttp's own counter sees only wh
 response writer, and a sendfile download passes nothing but the headers through it, so the
 reader adds what ``sendfile`` sent to the request's :class:`cached.metrics.RequestStats`.
 Request headers (tokens) are never logged; configured secrets are masked from every line.
-All of it runs on the event loop thread (aiohttp calls the access logger there).
+
+No caller can forge or hide a log line (issue 13 item 5: a ``%0a`` in a path became a
+newline in the access log and the policy-refusal line). Every record's message passes
+:func:`escape` in the handler's filter, whoever logged it: control characters (C0, DEL, C1,
+U+2028/U+2029) become ``\\xNN``/``\\uNNNN``, so a record is one line. A traceback's lines
+(which may quote client input in an exception's message) are indented under their record
+(:class:`_Format`), so a line at column 0 always starts a record. The access line also
+escapes ``"`` and ``\\`` in the fields it quotes (as nginx does), so its fields stay
+parseable.
+
+The filter's secrets are set by ``cli`` at start and at a reload; everything else here is
+stateless. All of it runs on the event loop thread (aiohttp calls the access logger there).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable, Iterable
+from typing import TextIO
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -49,7 +62,38 @@ def to_journal(environ: dict[str, str] | None = None, fd: int = 2) -> bool:
     return st.st_dev == int(dev) and st.st_ino == int(ino)
 
 
-class _JournalFormatter(logging.Formatter):
+# Characters that could end, hide or rewrite a log line: C0 controls (newline, carriage
+# return, escape, NUL...), DEL, C1 controls (NEL), the Unicode line and paragraph
+# separators, and lone surrogates (undecodable bytes; they would not even encode).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_CONTROL_OR_QUOTE = re.compile(r'[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff"\\]')
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape(text: str) -> str:
+    """``text`` with every control character written as ``\\xNN`` (``\\uNNNN`` above
+    U+00FF): on one line, and nothing in it acts on a terminal."""
+    return _CONTROL.sub(_escaped, text)
+
+
+def escape_quoted(text: str) -> str:
+    """:func:`escape`, and ``"`` and ``\\`` too: for a field the access line quotes."""
+    return _CONTROL_OR_QUOTE.sub(_escaped, text)
+
+
+class _Format(logging.Formatter):
+    """A record's message on its first line; a traceback's lines indented under it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        first, *rest = super().format(record).split("\n")
+        return "\n".join([first, *("    " + escape(line) for line in rest)])
+
+
+class _JournalFormatter(_Format):
     def format(self, record: logging.LogRecord) -> str:
         prefix = f"<{_PRIORITY.get(record.levelno, 6)}>"
         # One entry per line in the journal: prefix each line of a traceback too.
@@ -57,34 +101,41 @@ class _JournalFormatter(logging.Formatter):
 
 
 class _Mask(logging.Filter):
-    """Replaces configured secrets in a record's final message (last line of defence)."""
+    """Replaces configured secrets in a record's final message (last line of defence), and
+    escapes the control characters in it (:func:`escape`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.secrets: tuple[str, ...] = ()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            message = record.getMessage()
-            masked = message
-            for secret in self.secrets:
-                masked = masked.replace(secret, "***")
-            if masked != message:
-                record.msg, record.args = masked, None
+        message = record.getMessage()
+        masked = escape(message)
+        for secret in self.secrets:
+            masked = masked.replace(secret, "***")
+        if masked != message:
+            record.msg, record.args = masked, None
         return True
 
 
 _mask = _Mask()
 
 
-def configure(level: str, secrets: Iterable[str] = ()) -> None:
-    """Log to stderr at ``level``: journald's format under systemd, timestamps otherwise."""
-    handler = logging.StreamHandler(sys.stderr)
-    if to_journal():
+def make_handler(stream: TextIO, journal: bool = False) -> logging.Handler:
+    """The daemon's handler on ``stream``: journald's format or timestamps, secrets masked
+    and control characters escaped."""
+    handler = logging.StreamHandler(stream)
+    if journal:
         handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_Format("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_mask)
+    return handler
+
+
+def configure(level: str, secrets: Iterable[str] = ()) -> None:
+    """Log to stderr at ``level``: journald's format under systemd, timestamps otherwise."""
+    handler = make_handler(sys.stderr, to_journal())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -165,16 +216,16 @@ class AccessLogger(AbstractAccessLogger):
         self.logger.info(
             '%s "%s %s HTTP/%d.%d" %d %d image=%s cache=%s upstream_bytes=%d duration=%.3f '
             "request_id=%s",
-            request.remote or "-",
-            request.method,
-            path,
+            escape_quoted(request.remote or "-"),
+            escape_quoted(request.method),
+            escape_quoted(path),
             request.version[0],
             request.version[1],
             response.status,
             nbytes,
-            image,
-            metrics_module.outcome_of(cache_status) or "-",
+            escape_quoted(image),
+            escape_quoted(metrics_module.outcome_of(cache_status) or "-"),
             upstream,
             time,
-            response.headers.get("x-openstack-request-id", "-"),
+            escape_quoted(response.headers.get("x-openstack-request-id", "-")),
         )

@@ -5,6 +5,12 @@ raw primitive, :meth:`GlanceBackend.send`, for the pass-through (``cached/edge/p
 which owns every rule about relaying a client's request. aiohttp's client errors become
 :class:`UpstreamUnavailable` here, where they arise. The sessions are created with the
 backend and closed by :meth:`close`; only the event loop's tasks use them.
+
+Three connection pools, each bounded (issue 13 item 2: they were unbounded, and a client's
+upload could take the connection a probe needed): authorisation probes and records (short,
+on the path of every hit), image transfers (fills), and the pass-through. A request waits
+for a free connection of its own pool for at most the connect timeout; probes never wait
+behind uploads or image transfers.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import aiohttp
 from multidict import CIMultiDict
@@ -97,9 +104,18 @@ class Relayed:
         self._response.release()
 
 
+@dataclass(frozen=True)
+class Pools:
+    """Connections to the upstream at most, per use (0: no bound)."""
+
+    relay: int = 32  # pass-through (cached/edge/passthrough.py)
+    fetch: int = 64  # image transfers
+    probe: int = 32  # authorisation probes and image records
+
+
 class GlanceBackend:
-    """Talks to a Glance API at ``base_url``: one ``ClientSession`` for fetches, one for the
-    requests sent as given (:meth:`send`)."""
+    """Talks to a Glance API at ``base_url``: one ``ClientSession`` for image transfers, one
+    for probes and records, one for the requests sent as given (:meth:`send`)."""
 
     def __init__(
         self,
@@ -108,13 +124,21 @@ class GlanceBackend:
         connect_timeout: float,
         read_timeout: float,
         ssl_context: ssl.SSLContext | bool = True,
+        pools: Pools = Pools(),
     ):
         self.base_url = base_url.rstrip("/")
+        self.pools = pools
         timeout = _timeout(connect_timeout, read_timeout)
+        self._probe = aiohttp.ClientSession(
+            auto_decompress=False,
+            timeout=timeout,
+            connector=aiohttp.TCPConnector(limit=pools.probe, force_close=False, ssl=ssl_context),
+            skip_auto_headers=("User-Agent",),
+        )
         self._session = aiohttp.ClientSession(
             auto_decompress=False,
             timeout=timeout,
-            connector=aiohttp.TCPConnector(limit=0, force_close=False, ssl=ssl_context),
+            connector=aiohttp.TCPConnector(limit=pools.fetch, force_close=False, ssl=ssl_context),
             # Image bodies are read 1 MiB at a time: a small read buffer would pause and resume
             # the socket a dozen times per read.
             read_bufsize=4 << 20,
@@ -126,7 +150,7 @@ class GlanceBackend:
         self._relay = aiohttp.ClientSession(
             auto_decompress=False,
             timeout=timeout,
-            connector=aiohttp.TCPConnector(limit=0, force_close=False, ssl=ssl_context),
+            connector=aiohttp.TCPConnector(limit=pools.relay, force_close=False, ssl=ssl_context),
             read_bufsize=_RELAY_BUFFER,
             skip_auto_headers=("User-Agent",),
         )
@@ -138,10 +162,12 @@ class GlanceBackend:
         # aiohttp has no setter; a session reads this attribute for every request.
         self._session._timeout = timeout
         self._relay._timeout = timeout
+        self._probe._timeout = timeout
 
     async def close(self) -> None:
         await self._session.close()
         await self._relay.close()
+        await self._probe.close()
 
     def _url(self, path: str) -> str:
         return self.base_url + path
@@ -151,13 +177,14 @@ class GlanceBackend:
         method: str,
         target: str,
         headers: CIMultiDict[str],
-        body: AsyncIterable[bytes] | None = None,
+        body: AsyncIterable[bytes] | bytes | None = None,
     ) -> Relayed:
         """Send one request to the upstream exactly as given (``target``: path and query;
         no redirect followed, no header added) and return the answer once its headers are in.
 
         It goes on the relay session, whose small read buffer lets the caller's pace of
-        reading pace the upstream. A failure to connect or to send (also one of ``body``)
+        reading pace the upstream. ``body``: all of it (a buffered request body), or its
+        pieces as they come. A failure to connect or to send (also one of ``body``)
         raises :class:`UpstreamUnavailable` with the cause chained.
         """
         try:
@@ -187,7 +214,7 @@ class GlanceBackend:
         try:
             try:
                 ranged = {**headers, "Range": "bytes=0-0"}
-                async with self._session.get(url, headers=ranged) as resp:
+                async with self._probe.get(url, headers=ranged) as resp:
                     if resp.status != 400:
                         # A 5xx is the upstream's answer to this download: relayed (or a
                         # stale allowance), never asked again without the Range, which made
@@ -197,7 +224,7 @@ class GlanceBackend:
                 pass  # Glance 33 (uWSGI) crashes on a Range GET of an image without data
             # Stores without random access refuse ranges (400): ask for the whole body and
             # hang up after the headers.
-            async with self._session.get(url, headers=headers) as resp:
+            async with self._probe.get(url, headers=headers) as resp:
                 return await self._decision(resp)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamUnavailable(f"authorisation probe failed: {exc!r}") from exc
@@ -221,7 +248,7 @@ class GlanceBackend:
 
     async def record(self, image_id: str, creds: Credentials) -> ImageRecord:
         try:
-            async with self._session.get(
+            async with self._probe.get(
                 self._url(f"/v2/images/{image_id}"), headers=dict(creds.headers)
             ) as resp:
                 if resp.status != 200:
@@ -263,9 +290,14 @@ class GlanceBackend:
 
 
 def _timeout(connect_timeout: float, read_timeout: float) -> aiohttp.ClientTimeout:
-    # No total: an image takes as long as it takes. A read timeout of 0 means none.
+    # No total: an image takes as long as it takes. A read timeout of 0 means none. The
+    # wait for a free connection of a (bounded) pool and the connect together take at most
+    # the connect timeout.
     return aiohttp.ClientTimeout(
-        total=None, sock_connect=connect_timeout, sock_read=read_timeout or None
+        total=None,
+        connect=connect_timeout or None,
+        sock_connect=connect_timeout,
+        sock_read=read_timeout or None,
     )
 
 
