@@ -50,11 +50,14 @@ from cached.edge.clients import Clients, Holdings
 
 log = logging.getLogger("cached.connguard")
 
-_TOO_MANY = (
-    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\n"
-    b"Content-Type: text/plain; charset=UTF-8\r\nContent-Length: 57\r\n\r\n"
-    b"503 Service Unavailable\n\nToo many connections from you.\n\n"
-)
+
+def _too_many_page(why: str) -> bytes:
+    body = f"503 Service Unavailable\n\n{why}\n\n".encode()
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\n"
+        b"Content-Type: text/plain; charset=UTF-8\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
 
 
 @dataclass(frozen=True)
@@ -97,10 +100,21 @@ class _State(enum.Enum):
 
 
 class Refusal(enum.Enum):
-    """Why a new connection was refused."""
+    """Why a new connection was refused (the log's words)."""
 
     IN_ALL = "too many open in all (max_connections)"
     FROM_THERE = "too many open from there (max_connections_per_address)"
+
+    @property
+    def page(self) -> bytes:
+        """The ``503`` the refused client is sent."""
+        return _PAGES[self]
+
+
+_PAGES = {
+    Refusal.IN_ALL: _too_many_page("Too many connections."),
+    Refusal.FROM_THERE: _too_many_page("Too many connections from you."),
+}
 
 
 class ConnectionGuard:
@@ -159,7 +173,7 @@ class GuardedHandler(web.RequestHandler):
             if refused is not None:
                 log.warning("refused a connection from %s: %s", address, refused.value)
                 assert isinstance(transport, asyncio.WriteTransport)
-                transport.write(_TOO_MANY)
+                transport.write(refused.page)
                 self.force_close()
                 return
             self._admitted, self._key = True, key
