@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import os
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -21,8 +23,10 @@ from conftest import (
     wait_complete,
     wait_until,
 )
-from fakeglance import FakeGlance
+from fakeglance import CHUNK, FakeGlance
 
+from cached.errors import NotAdmitted
+from cached.fill.machine import Fill, FillState
 from cached.store import xattrs
 
 MiB = 1 << 20
@@ -406,6 +410,75 @@ async def test_delete_during_a_fill_lets_readers_finish(glance: FakeGlance, daem
     await asyncio.wait_for(fill.closed.wait(), 10)  # the fill let go (and did not commit)
     assert daemon.store.get(image.id) is None
     assert tree(daemon.cache_dir) == ["incomplete/", "invalid/", "queue/"]  # not re-created
+
+
+async def test_a_reader_of_a_deleted_entry_finishes_when_its_fill_ends_while_it_asks_for_more(
+    glance: FakeGlance, daemon: Daemon
+) -> None:
+    """The flake of the test above, driven by gates instead of timing. A whole reader waits
+    at the end of what its fill wrote; the image was deleted, so the fill is orphaned; its
+    driver is done but the fill still runs (here a range transfer holds the last chunk; in
+    the flake, the few loop turns before ``_finish`` starts). The reader's ``ensure_fill``
+    asked ``Fill.widening`` what joining for the whole image adds: for a deleted entry (its
+    reservation zeroed, its bitmap no longer updated) the whole missing part, so it went
+    through admission, an await. The fill verified and left the registry meanwhile, and the
+    reader, looking for the next fill of its deleted entry, found none: "entry deleted",
+    the response cut (in the flake at the held-back last byte: 16777215 of 16777216)."""
+    data = os.urandom(12 * MiB)  # 3 chunks of 4 MiB
+    image = glance.add_image(data)
+    image.pause()  # downloads send their first piece, then wait on this event
+    last_chunk = asyncio.create_task(daemon.get(image.id, Range=f"bytes={8 * MiB}-{8 * MiB}"))
+    await wait_until(lambda: image.id in daemon.filler.fills, "the range fill runs")
+    fill = daemon.filler.fills[image.id]
+    # Its authorisation probe (1 byte), then the first piece of the range transfer: the
+    # fake Glance waits on image.flowing right after counting it.
+    sent = 1 + CHUNK
+    await wait_until(lambda: glance.bytes_sent.get(image.id, 0) == sent, "the range transfer began")
+    range_held = image.flowing  # the range transfer stays held on this one
+    image.flowing = asyncio.Event()  # the downloads from now on wait on a new one (held too)
+
+    admission = daemon.proxy.admission
+    assert admission is not None
+    admitted: list[int] = []
+
+    @contextlib.asynccontextmanager
+    async def slow_admission(needed: int) -> AsyncIterator[NotAdmitted | None]:
+        """Once the image is deleted, an admission lasts until the fill has ended."""
+        if fill.entry.removed:
+            admitted.append(needed)
+            await fill.closed.wait()
+        async with admission(needed) as refused:
+            yield refused
+
+    daemon.proxy.admission = slow_admission
+    asked = asyncio.Event()  # the reader asked, with the driver done, what joining adds
+
+    def widening(start: int, end: int, *, whole: bool) -> int:
+        if whole and fill.orphaned and fill._driver is not None and fill._driver.done():
+            asked.set()
+        return Fill.widening(fill, start, end, whole=whole)
+
+    fill.widening = widening  # type: ignore[method-assign]
+    reader = asyncio.create_task(daemon.get(image.id))
+    # The reader's probe, then the first piece of its driver transfer, held: the upstream
+    # serves it before the image is deleted there.
+    sent += 1 + CHUNK
+    await wait_until(lambda: glance.bytes_sent.get(image.id, 0) == sent, "the driver began")
+    async with daemon.session.delete(f"{daemon.url}/v2/images/{image.id}", headers=auth()) as r:
+        assert r.status == 204
+    assert fill.orphaned and fill.state is FillState.RUNNING
+    image.flowing.set()  # the driver fetches chunks 0 and 1, then ends (chunk 2 is claimed)
+    await asyncio.wait_for(asked.wait(), 10)
+    range_held.set()  # the range transfer writes the last chunk: the fill verifies, ends
+    status, _, body = await reader
+    assert status == 200 and body == data
+    await asyncio.wait_for(fill.closed.wait(), 10)
+    assert fill.state is FillState.VERIFIED
+    assert admitted == []  # a deleted entry's fill reserves nothing: nothing to admit
+    status, _, body = await last_chunk
+    assert status == 206 and body == data[8 * MiB : 8 * MiB + 1]
+    assert daemon.store.get(image.id) is None
+    assert tree(daemon.cache_dir) == ["incomplete/", "invalid/", "queue/"]
 
 
 async def test_api_passes_through_with_links_pointing_at_the_proxy(

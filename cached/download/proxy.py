@@ -350,8 +350,13 @@ class Proxy:
                 if entry.removed:
                     raise FillAborted("entry deleted")
                 current = await self._reopen(dl, entry, pos, stop)
-            elif not await self._widened_midway(current, dl, pos, stop):
-                return await ensure_fill(pos, stop)  # it ended meanwhile: open the next
+            else:
+                # If it ended while this reader was admitted, it is still the one to follow:
+                # send_entry reads how it ended (verified: the held-back last byte goes,
+                # failed: the response ends, idle: the next call opens a new fill). Looking
+                # for the next fill instead found none of an entry deleted meanwhile, and
+                # cut a reader of a verified image.
+                await self._widened_midway(current, dl, pos, stop)
             return current, current.demand(pos, stop, whole=dl.whole)
 
         progress = Progress(dl.start)

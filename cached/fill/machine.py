@@ -214,9 +214,18 @@ class Fill:
     def widening(self, start: int, end: int, *, whole: bool) -> int:
         """Bytes a :meth:`demand` of ``[start, end)`` (the whole image if ``whole``) would
         add to this fill's reservation now: what its admission must admit (issue 14 item 1:
-        a download joining a running fill widened its reservation unchecked)."""
+        a download joining a running fill widened its reservation unchecked).
+
+        Nothing for the fill of a deleted entry (orphaned, or its index forgotten): its
+        reservation was zeroed and counts nowhere (prune and admission sum indexed entries
+        only), and its bitmap is no longer updated, so ``size - present - reserved`` would
+        be the whole missing part. A reader following it was sent through admission, an
+        await in which the fill could verify and leave, and was then cut for want of a fill
+        of its deleted entry (one byte short of a verified image)."""
         if self.state is not FillState.RUNNING or not (self._driver is None or self._driver.done()):
             return 0  # ended (a new fill will be admitted), or a driver reserved everything
+        if self.entry.removed:
+            return 0  # deleted: goes on only for its readers, reserving nothing counted
         entry = self.entry
         if whole:
             return max(0, entry.size - entry.present_bytes() - entry.reserved)
