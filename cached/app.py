@@ -328,6 +328,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         await asyncio.sleep(0)  # the scheduler shuts down (and cancels its runs) on the loop
         await integrity.close()
         await prefetcher.close()
+        await maintenance.close()  # fills that end while they stop make no more room
         await filler.close()
         await session.close()
         await upstream.close()

@@ -172,6 +172,7 @@ class Maintenance:
         self._clean_lock = asyncio.Lock()
         self._making_room: asyncio.Task[PruneResult] | None = None
         self._again = False  # more space was reserved while a prune ran
+        self._closed = False  # the daemon stops: fills ending now make no room
         self._admitting = asyncio.Lock()  # one admission decides at a time
         self._admitted = 0  # bytes admitted whose fills have not reserved them yet
 
@@ -261,6 +262,8 @@ class Maintenance:
 
         Reservations count as used, so the prune stops at the max size and never evicts
         what an admitted image needs below it (admission keeps any one image smaller)."""
+        if self._closed:
+            return
         if self._making_room is not None and not self._making_room.done():
             self._again = True
             return
@@ -268,6 +271,13 @@ class Maintenance:
         task = asyncio.get_running_loop().create_task(self.prune())
         task.add_done_callback(self._room_made)
         self._making_room = task
+
+    async def close(self) -> None:
+        """The daemon stops: no more room is made when fills end (the store's threads go
+        next); a prune already running finishes first."""
+        self._closed = True
+        if self._making_room is not None:
+            await asyncio.wait({self._making_room})
 
     def _room_made(self, task: asyncio.Task[PruneResult]) -> None:
         _log_failure(task)
