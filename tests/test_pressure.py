@@ -30,7 +30,8 @@ from cached.errors import FillAborted, StoreUnavailable
 from cached.fill import FillSettings, FillState
 from cached.filler import Filler
 from cached.jobs import CleanResult, clean
-from cached.store import Store, integrity
+from cached.store import Entry, Store, integrity, xattrs
+from cached.store import entry as entries
 from cached.upstream import Credentials
 
 MiB = 1 << 20
@@ -491,3 +492,34 @@ async def test_a_hit_that_opened_its_file_before_the_eviction_is_not_a_changed_f
             await asyncio.to_thread(file.close)
     finally:
         await asyncio.to_thread(os.close, fd)
+
+
+async def test_an_evicted_entrys_access_record_never_lands_on_its_successor(store: Store) -> None:
+    """Found by the soak (issue 14 item 3): access records are written in batches on the
+    I/O threads; one for an entry evicted meanwhile, whose image was cached anew at the same
+    path, was written into the new entry's file. That moved the new file's ctime, so its next
+    hit took it for changed, and an image without a digest went to invalid/ (cutting its
+    readers). Now a record is written only to the file the entry last recorded."""
+    upstream = MemoryUpstream()
+    record = upstream.add(os.urandom(2 * MiB))
+    filler = Filler(store, upstream, FillSettings())  # type: ignore[arg-type]
+
+    async def cache_it() -> Entry:
+        fill, _ = await filler.open(record, Credentials())
+        fill.ensure_full()
+        assert await finished(fill) is FillState.VERIFIED
+        entry = store.get(record.id)
+        assert entry is not None and entry.complete
+        await until(lambda: entry.identity is not None, "the commit record is written")
+        return entry
+
+    old = await cache_it()
+    assert await store.evict(old)
+    new = await cache_it()
+    assert new is not old and new.path == old.path
+    values = entries.access_values(old, hit=True, now=1.0)
+    await asyncio.to_thread(integrity.write_access, old, old.path, values)
+    file, changed = await asyncio.to_thread(integrity.open_for_hit, new, (0, 10))
+    assert not changed and not new.suspect and isinstance(file, bytes)
+    attrs = await asyncio.to_thread(xattrs.read_all, new.path)
+    assert attrs.get(xattrs.LAST_ACCESSED) != b"1.0"
