@@ -30,6 +30,7 @@ from cached.errors import FillAborted, StoreUnavailable
 from cached.fill import FillSettings, FillState
 from cached.filler import Filler
 from cached.jobs import CleanResult, clean
+from cached.scrub import Integrity
 from cached.store import Entry, Store, integrity, xattrs
 from cached.store import entry as entries
 from cached.upstream import Credentials
@@ -523,3 +524,78 @@ async def test_an_evicted_entrys_access_record_never_lands_on_its_successor(stor
     assert not changed and not new.suspect and isinstance(file, bytes)
     attrs = await asyncio.to_thread(xattrs.read_all, new.path)
     assert attrs.get(xattrs.LAST_ACCESSED) != b"1.0"
+
+
+async def test_an_eviction_whose_unlink_runs_late_never_removes_the_next_entrys_file(
+    tmp_path: Path,
+) -> None:
+    """Found by the soak (issue 14 item 3): an evicted entry's unlink waited for an I/O
+    thread while the image was fetched again and its new entry committed (renamed to the
+    same path); the late unlink then removed the new entry's file: indexed, complete, and
+    every hit of it passed through. Now an unlink removes only its own entry's file."""
+    io = ThreadPoolExecutor(1)
+    store = Store(tmp_path, io=io)
+    await store.open()
+    try:
+        upstream = MemoryUpstream()
+        record = upstream.add(os.urandom(MiB))
+        filler = Filler(store, upstream, FillSettings())  # type: ignore[arg-type]
+        fill, _ = await filler.open(record, Credentials())
+        fill.ensure_full()
+        assert await finished(fill) is FillState.VERIFIED
+        old = store.get(record.id)
+        assert old is not None and old.complete
+        hold = threading.Event()
+        held = asyncio.get_running_loop().run_in_executor(io, hold.wait)
+        evicting = asyncio.ensure_future(store.evict(old))
+        await until(lambda: old.removed, "out of the index, its unlink waits for the thread")
+        # Meanwhile the next entry of the image is committed at the same path (as a commit's
+        # rename does: the new file replaces the old one there).
+        successor = tmp_path / "successor"
+        await asyncio.to_thread(successor.write_bytes, b"the next entry")
+        await asyncio.to_thread(os.rename, successor, old.path)
+        hold.set()
+        await held
+        assert await evicting
+        assert await asyncio.to_thread(old.path.read_bytes) == b"the next entry"
+    finally:
+        io.shutdown()
+
+
+async def test_a_hit_of_an_entry_evicted_before_its_file_opened_neither_serves_nor_judges(
+    store: Store,
+) -> None:
+    """Found by the soak (issue 14 item 3): a hit looked its entry up, the entry was evicted
+    and the image cached anew before the hit opened the file by its path: it opened the new
+    entry's file, found it unlike what the evicted entry recorded, and had the evicted entry
+    re-verified (an image without a digest: judged corrupt). Now such a hit passes through
+    (FileNotFoundError, as for an entry evicted before the open) and judges nothing."""
+    upstream = MemoryUpstream()
+    record = upstream.add(os.urandom(MiB))
+    record = replace(record, os_hash_algo=None, os_hash_value=None)  # nothing to verify with
+    filler = Filler(store, upstream, FillSettings())  # type: ignore[arg-type]
+
+    async def cache_it() -> Entry:
+        fill, _ = await filler.open(record, Credentials())
+        fill.ensure_full()
+        assert await finished(fill) is FillState.VERIFIED
+        entry = store.get(record.id)
+        assert entry is not None and entry.complete
+        await until(lambda: entry.identity is not None, "the commit record is written")
+        return entry
+
+    old = await cache_it()
+    assert await store.evict(old)
+    new = await cache_it()
+    invalidated: list[str] = []
+
+    async def invalidate(entry: Entry, reason: str) -> None:
+        invalidated.append(entry.image_id)
+
+    checker = Integrity(
+        store, filling=lambda: (), invalidate=invalidate, rate=1 << 30, interval=86400
+    )
+    with pytest.raises(FileNotFoundError):
+        await checker.open_hit(old)
+    assert not old.suspect and invalidated == []
+    assert not new.suspect and not new.removed and store.get(record.id) is new

@@ -61,6 +61,7 @@ def load(path: Path, area: State) -> Entry:
         attrs = xattrs.read_all(fd)
         st = os.fstat(fd)
         entry = entries.parse(path, attrs, st)
+        entry.token = attrs.get(xattrs.TOKEN)
         if entry.state is State.INVALID:
             raise ValueError(f"{path}: marked invalid ({entry.error})")
         if area is State.COMPLETE:
@@ -244,10 +245,16 @@ def write_access(entry: Entry, path: Path, values: dict[str, bytes]) -> None:
     try:
         with entry.identity_lock:
             vouched = entry.complete and not entry.suspect
-            if vouched and entry.identity is not None and written.current(fd) != entry.identity:
-                entry.suspect = True
-                log.warning("%s changed since it was verified: re-verifying", path)
-                return
+            if vouched and entry.identity is not None:
+                st = os.fstat(fd)
+                now = written.Identity.of(st)
+                if now != entry.identity:
+                    if (now.ino, now.dev) == (entry.identity.ino, entry.identity.dev) and (
+                        st.st_nlink > 0
+                    ):  # our file, changed behind our back
+                        entry.suspect = True
+                        log.warning("%s changed since it was verified: re-verifying", path)
+                    return  # (else: another file at that path now, or ours unlinked)
             xattrs.write_many(fd, values)
             if vouched:
                 entry.identity = written.record(fd)
