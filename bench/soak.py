@@ -7,8 +7,9 @@ LRU simulation of the same recorded trace and cache size.
     python -m bench.soak --tree /tmp/base     # the same soak against another build (baseline)
 
 What runs (all on loopback, every process stopped by its pid on any exit):
-- ``cached serve`` (this checkout: ``python -m cached.cli``) in front of a ``file://`` store of
-  random images (2-24 MiB, Zipf-distributed popularity, ``--factor`` times the cache in all);
+- ``cached serve`` (this checkout, or ``--tree``: ``python -P -m cached.cli``) in front of a
+  ``file://`` store of random images (2-24 MiB, Zipf-distributed popularity, ``--factor``
+  times the cache in all);
 - its cache directory on a tmpfs of ``--fs`` MiB (default: four times the cache and its
   free-space floor), so the free-space floor (``min_free_space``) is a real limit: entries evicted
   while still read keep their blocks until their readers finish;
@@ -369,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {"PYTHONPATH": str(args.tree.resolve())}
     daemon = Proc(
         "cached",
-        [sys.executable, "-m", "cached.cli", "serve", "-c", str(conf)],
+        # -P: the tree named by PYTHONPATH runs, not the one in the current directory.
+        [sys.executable, "-P", "-m", "cached.cli", "serve", "-c", str(conf)],
         work / "cached.log",
         env,
     )
