@@ -28,7 +28,7 @@ from cached.errors import (
     UpstreamUnavailable,
 )
 from cached.fill import Fill, FillState
-from cached.filler import Filler
+from cached.filler import CachedMeanwhile, Filler
 from cached.ids import is_image_id
 from cached.passthrough import PassThrough
 from cached.reader import Progress, send_entry
@@ -169,6 +169,10 @@ class Proxy:
             return await self._bypass(request)
         except NotAdmitted as exc:
             return await self._bypass(request, exc.detail)
+        if fill is None and (entry is None or not entry.complete):
+            entry = self.store.get(image_id)  # committed while this request waited
+            if entry is None or not entry.complete:  # and evicted at once: not this time
+                return await self._bypass(request)
         entry = fill.entry if fill is not None else entry
         assert entry is not None
         return await self._send(
@@ -203,16 +207,19 @@ class Proxy:
         if record is None:
             assert entry is not None
             record = _record_of(entry)
-        if self.admission is None:
-            fill, created = await self.filler.open(record, creds)
-        else:
-            # A new fill: make room for what it will write, or let it pass through. Its
-            # reservation is made by _send's demand, with no await between the two.
-            needed = _bytes_to_fetch(entry, record, wanted)
-            async with self.admission(needed) as refused:
-                if refused is not None:
-                    raise refused
+        try:
+            if self.admission is None:
                 fill, created = await self.filler.open(record, creds)
+            else:
+                # A new fill: make room for what it will write, or let it pass through. Its
+                # reservation is made by _send's demand, with no await between the two.
+                needed = _bytes_to_fetch(entry, record, wanted)
+                async with self.admission(needed) as refused:
+                    if refused is not None:
+                        raise refused
+                    fill, created = await self.filler.open(record, creds)
+        except CachedMeanwhile:
+            return None, Outcome.HIT  # (image_data takes the complete entry from the index)
         if not created:
             return fill, Outcome.COLLAPSED
         return fill, Outcome.PARTIAL if len(fill.entry.present) else Outcome.MISS
@@ -257,21 +264,27 @@ class Proxy:
             entry.readers -= 1
             self.filler.reader_left(entry)
 
-    async def _reopen(self, dl: _Download, entry: Entry, pos: int, stop: int) -> Fill:
+    async def _reopen(self, dl: _Download, entry: Entry, pos: int, stop: int) -> Fill | None:
         """A new fill of ``entry`` for a reader midway (the last one ended), admitted like
-        any other; refused, the rest of the download comes from the upstream."""
+        any other; refused, the rest of the download comes from the upstream. None: the
+        entry is complete now (nothing to fill)."""
         record = dl.record or _record_of(entry)
         wanted = None if dl.whole else ranges.ByteRange(pos, stop, entry.size)
         needed = _bytes_to_fetch(entry, record, wanted)
-        if self.admission is None:
-            fill, _ = await self.filler.open(record, dl.creds)
-        else:
-            async with self.admission(needed) as refused:
-                if refused is not None:
-                    raise FillAborted(f"no room to go on caching: {refused}") from (
-                        StoreUnavailable(str(refused))
-                    )
+        try:
+            if self.admission is None:
                 fill, _ = await self.filler.open(record, dl.creds)
+            else:
+                async with self.admission(needed) as refused:
+                    if refused is not None:
+                        raise FillAborted(f"no room to go on caching: {refused}") from (
+                            StoreUnavailable(str(refused))
+                        )
+                    fill, _ = await self.filler.open(record, dl.creds)
+        except CachedMeanwhile:
+            if entry.complete:
+                return None
+            raise FillAborted("entry deleted") from None  # and cached anew since: not ours
         if fill.entry is not entry:
             raise FillAborted("entry deleted")  # and re-created since: not ours
         return fill
@@ -342,6 +355,8 @@ class Proxy:
                 if entry.removed:
                     raise FillAborted("entry deleted")
                 current = await self._reopen(dl, entry, pos, stop)
+                if current is None:
+                    return None, 0
             elif not await self._widened_midway(current, dl, pos, stop):
                 return await ensure_fill(pos, stop)  # it ended meanwhile: open the next
             return current, current.demand(pos, stop, whole=dl.whole)

@@ -28,7 +28,7 @@ from test_fill import MemoryUpstream, finished
 from cached.app import CONFIG, DIRECTORIES, MANAGER
 from cached.errors import FillAborted, StoreUnavailable
 from cached.fill import FillSettings, FillState
-from cached.filler import Filler
+from cached.filler import CachedMeanwhile, Filler
 from cached.jobs import CleanResult, clean
 from cached.scrub import Integrity
 from cached.store import Entry, Store, integrity, xattrs
@@ -599,3 +599,24 @@ async def test_a_hit_of_an_entry_evicted_before_its_file_opened_neither_serves_n
         await checker.open_hit(old)
     assert not old.suspect and invalidated == []
     assert not new.suspect and not new.removed and store.get(record.id) is new
+
+
+async def test_no_fill_is_opened_on_an_entry_that_is_complete(store: Store) -> None:
+    """Found by the soak (issue 14 item 3): a miss that came while the image's fill verified
+    waited for that fill to end, then opened a second fill on the now complete entry, which
+    committed it again (its state written, its file renamed onto itself): the file changed
+    under its commit record, and an image without a digest went to invalid/ at its next
+    access, cutting its readers. Now the opener hears that it is cached."""
+    upstream = MemoryUpstream()
+    record = upstream.add(os.urandom(MiB))
+    filler = Filler(store, upstream, FillSettings())  # type: ignore[arg-type]
+    fill, _ = await filler.open(record, Credentials())
+    fill.ensure_full()
+    assert await finished(fill) is FillState.VERIFIED
+    entry = store.get(record.id)
+    assert entry is not None and entry.complete
+    await until(lambda: entry.identity is not None, "the commit record is written")
+    recorded = entry.identity
+    with pytest.raises(CachedMeanwhile):
+        await filler.open(record, Credentials())
+    assert record.id not in filler.fills and entry.identity == recorded and not entry.suspect
