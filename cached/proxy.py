@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -243,8 +244,12 @@ class Proxy:
         if fill is not None:
             following = (fill, fill.demand(dl.start, dl.end, whole=dl.whole))
         entry = dl.entry
-        # Count the reader before anything awaits: prune and delete skip entries in use.
+        # Count the reader before anything awaits: prune keeps a partial entry being read (a
+        # complete one it may evict: this reader then finishes from its open file).
         entry.readers += 1
+        # Used now, for prune's order (least recently *requested* first, as an LRU cache
+        # orders): stamped again, and written to the file, when a hit has been sent.
+        entry.last_accessed = max(entry.last_accessed, time.time())
         try:
             try:
                 file = await self._open(dl, fill)

@@ -620,3 +620,43 @@ async def test_no_fill_is_opened_on_an_entry_that_is_complete(store: Store) -> N
     with pytest.raises(CachedMeanwhile):
         await filler.open(record, Credentials())
     assert record.id not in filler.fills and entry.identity == recorded and not entry.suspect
+
+
+async def test_prune_orders_by_when_an_entry_was_last_requested(
+    glance: FakeGlance, cache_dir: Path
+) -> None:
+    """Issue 14 item 3 (the hit ratio beside LRU): an entry's last access was stamped when a
+    hit had been sent, so an image whose long download had just begun looked older than one
+    fetched once a while ago, and was evicted first. An LRU cache orders by requests: the
+    stamp is now also taken when a download begins."""
+    d = await start_daemon(cache_dir, glance.url, image_cache_max_size=64 * MiB)
+    try:
+        read = glance.add_image(os.urandom(24 * MiB))
+        other = glance.add_image(os.urandom(4 * MiB))
+        for image in (read, other):  # read is the older: cached first
+            assert (await d.get(image.id))[0] == 200
+            await wait_idle(d, image.id)
+        got = bytearray()
+        go_on = asyncio.Event()
+
+        async def slow_reader() -> int:
+            async with d.session.get(d.file_url(read.id), headers=auth()) as resp:
+                async for piece in resp.content.iter_chunked(1 << 16):
+                    got.extend(piece)
+                    if len(got) >= MiB:
+                        await go_on.wait()
+                return resp.status
+
+        reader = asyncio.create_task(slow_reader())
+        entry = d.store.get(read.id)
+        assert entry is not None
+        await until(lambda: len(got) >= MiB and entry.readers == 1, "the download has begun")
+        maintenance = d.app[MANAGER].maintenance
+        maintenance.configure(replace(d.app[CONFIG], image_cache_max_size=24 * MiB))
+        result = await maintenance.prune()
+        assert result.files == 1
+        assert d.store.get(other.id) is None and d.store.get(read.id) is entry
+        go_on.set()
+        assert await reader == 200 and bytes(got) == read.data
+    finally:
+        await stop_daemon(d)
