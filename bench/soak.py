@@ -7,10 +7,11 @@ LRU simulation of the same recorded trace and cache size.
     python -m bench.soak --tree /tmp/base     # the same soak against another build (baseline)
 
 What runs (all on loopback, every process stopped by its pid on any exit):
-- ``cached serve`` (this checkout: ``python -m cached.cli``) in front of a ``file://`` store of
-  random images (2-24 MiB, Zipf-distributed popularity, ``--factor`` times the cache in all);
-- its cache directory on a tmpfs of ``--fs`` MiB (default: twice the cache and its free-space
-  floor), so the free-space floor (``min_free_space``) is a real limit: entries evicted
+- ``cached serve`` (this checkout, or ``--tree``: ``python -P -m cached.cli``) in front of a
+  ``file://`` store of random images (2-24 MiB, Zipf-distributed popularity, ``--factor``
+  times the cache in all);
+- its cache directory on a tmpfs of ``--fs`` MiB (default: four times the cache and its
+  free-space floor), so the free-space floor (``min_free_space``) is a real limit: entries evicted
   while still read keep their blocks until their readers finish;
 - ``--clients`` client tasks, each downloading whole images back to back (``--think`` seconds
   apart), recording per request its start, image, size, status and ``Cache-Status``;
@@ -347,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     cache = work / "cache"
     # Room for the cache, its floor, and entries evicted while still read (their blocks are
-    # freed when their readers finish).
-    fs = args.fs or 2 * args.cache + args.floor
+    # freed when their readers finish: with 200 clients that can be several caches' worth).
+    fs = args.fs or 4 * args.cache + args.floor
     mounted = mount_tmpfs(cache, fs)
     conf = work / "soak.yaml"
     port = free_port()
@@ -369,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {"PYTHONPATH": str(args.tree.resolve())}
     daemon = Proc(
         "cached",
-        [sys.executable, "-m", "cached.cli", "serve", "-c", str(conf)],
+        # -P: the tree named by PYTHONPATH runs, not the one in the current directory.
+        [sys.executable, "-P", "-m", "cached.cli", "serve", "-c", str(conf)],
         work / "cached.log",
         env,
     )

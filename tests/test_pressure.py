@@ -26,11 +26,13 @@ from test_filebackend import _mount
 from test_fill import MemoryUpstream, finished
 
 from cached.app import CONFIG, DIRECTORIES, MANAGER
+from cached.cachedir.reverify import Integrity
 from cached.errors import FillAborted, StoreUnavailable
 from cached.fill.machine import FillSettings, FillState
-from cached.fill.registry import Filler
+from cached.fill.registry import CachedMeanwhile, Filler
 from cached.jobs.schedule import CleanResult, clean
-from cached.store import Store, integrity
+from cached.store import Entry, Store, integrity, xattrs
+from cached.store import entry as entries
 from cached.upstream import Credentials
 
 MiB = 1 << 20
@@ -491,3 +493,170 @@ async def test_a_hit_that_opened_its_file_before_the_eviction_is_not_a_changed_f
             await asyncio.to_thread(file.close)
     finally:
         await asyncio.to_thread(os.close, fd)
+
+
+async def test_an_evicted_entrys_access_record_never_lands_on_its_successor(store: Store) -> None:
+    """Found by the soak (issue 14 item 3): access records are written in batches on the
+    I/O threads; one for an entry evicted meanwhile, whose image was cached anew at the same
+    path, was written into the new entry's file. That moved the new file's ctime, so its next
+    hit took it for changed, and an image without a digest went to invalid/ (cutting its
+    readers). Now a record is written only to the file the entry last recorded."""
+    upstream = MemoryUpstream()
+    record = upstream.add(os.urandom(2 * MiB))
+    filler = Filler(store, upstream, FillSettings())  # type: ignore[arg-type]
+
+    async def cache_it() -> Entry:
+        fill, _ = await filler.open(record, Credentials())
+        fill.ensure_full()
+        assert await finished(fill) is FillState.VERIFIED
+        entry = store.get(record.id)
+        assert entry is not None and entry.complete
+        await until(lambda: entry.identity is not None, "the commit record is written")
+        return entry
+
+    old = await cache_it()
+    assert await store.evict(old)
+    new = await cache_it()
+    assert new is not old and new.path == old.path
+    values = entries.access_values(old, hit=True, now=1.0)
+    await asyncio.to_thread(integrity.write_access, old, old.path, values)
+    file, changed = await asyncio.to_thread(integrity.open_for_hit, new, (0, 10))
+    assert not changed and not new.suspect and isinstance(file, bytes)
+    attrs = await asyncio.to_thread(xattrs.read_all, new.path)
+    assert attrs.get(xattrs.LAST_ACCESSED) != b"1.0"
+
+
+async def test_an_eviction_whose_unlink_runs_late_never_removes_the_next_entrys_file(
+    tmp_path: Path,
+) -> None:
+    """Found by the soak (issue 14 item 3): an evicted entry's unlink waited for an I/O
+    thread while the image was fetched again and its new entry committed (renamed to the
+    same path); the late unlink then removed the new entry's file: indexed, complete, and
+    every hit of it passed through. Now an unlink removes only its own entry's file."""
+    io = ThreadPoolExecutor(1)
+    store = Store(tmp_path, io=io)
+    await store.open()
+    try:
+        upstream = MemoryUpstream()
+        record = upstream.add(os.urandom(MiB))
+        filler = Filler(store, upstream, FillSettings())  # type: ignore[arg-type]
+        fill, _ = await filler.open(record, Credentials())
+        fill.ensure_full()
+        assert await finished(fill) is FillState.VERIFIED
+        old = store.get(record.id)
+        assert old is not None and old.complete
+        hold = threading.Event()
+        held = asyncio.get_running_loop().run_in_executor(io, hold.wait)
+        evicting = asyncio.ensure_future(store.evict(old))
+        await until(lambda: old.removed, "out of the index, its unlink waits for the thread")
+        # Meanwhile the next entry of the image is committed at the same path (as a commit's
+        # rename does: the new file replaces the old one there).
+        successor = tmp_path / "successor"
+        await asyncio.to_thread(successor.write_bytes, b"the next entry")
+        await asyncio.to_thread(os.rename, successor, old.path)
+        hold.set()
+        await held
+        assert await evicting
+        assert await asyncio.to_thread(old.path.read_bytes) == b"the next entry"
+    finally:
+        io.shutdown()
+
+
+async def test_a_hit_of_an_entry_evicted_before_its_file_opened_neither_serves_nor_judges(
+    store: Store,
+) -> None:
+    """Found by the soak (issue 14 item 3): a hit looked its entry up, the entry was evicted
+    and the image cached anew before the hit opened the file by its path: it opened the new
+    entry's file, found it unlike what the evicted entry recorded, and had the evicted entry
+    re-verified (an image without a digest: judged corrupt). Now such a hit passes through
+    (FileNotFoundError, as for an entry evicted before the open) and judges nothing."""
+    upstream = MemoryUpstream()
+    record = upstream.add(os.urandom(MiB))
+    record = replace(record, os_hash_algo=None, os_hash_value=None)  # nothing to verify with
+    filler = Filler(store, upstream, FillSettings())  # type: ignore[arg-type]
+
+    async def cache_it() -> Entry:
+        fill, _ = await filler.open(record, Credentials())
+        fill.ensure_full()
+        assert await finished(fill) is FillState.VERIFIED
+        entry = store.get(record.id)
+        assert entry is not None and entry.complete
+        await until(lambda: entry.identity is not None, "the commit record is written")
+        return entry
+
+    old = await cache_it()
+    assert await store.evict(old)
+    new = await cache_it()
+    invalidated: list[str] = []
+
+    async def invalidate(entry: Entry, reason: str) -> None:
+        invalidated.append(entry.image_id)
+
+    checker = Integrity(
+        store, filling=lambda: (), invalidate=invalidate, rate=1 << 30, interval=86400
+    )
+    with pytest.raises(FileNotFoundError):
+        await checker.open_hit(old)
+    assert not old.suspect and invalidated == []
+    assert not new.suspect and not new.removed and store.get(record.id) is new
+
+
+async def test_no_fill_is_opened_on_an_entry_that_is_complete(store: Store) -> None:
+    """Found by the soak (issue 14 item 3): a miss that came while the image's fill verified
+    waited for that fill to end, then opened a second fill on the now complete entry, which
+    committed it again (its state written, its file renamed onto itself): the file changed
+    under its commit record, and an image without a digest went to invalid/ at its next
+    access, cutting its readers. Now the opener hears that it is cached."""
+    upstream = MemoryUpstream()
+    record = upstream.add(os.urandom(MiB))
+    filler = Filler(store, upstream, FillSettings())  # type: ignore[arg-type]
+    fill, _ = await filler.open(record, Credentials())
+    fill.ensure_full()
+    assert await finished(fill) is FillState.VERIFIED
+    entry = store.get(record.id)
+    assert entry is not None and entry.complete
+    await until(lambda: entry.identity is not None, "the commit record is written")
+    recorded = entry.identity
+    with pytest.raises(CachedMeanwhile):
+        await filler.open(record, Credentials())
+    assert record.id not in filler.fills and entry.identity == recorded and not entry.suspect
+
+
+async def test_prune_orders_by_when_an_entry_was_last_requested(
+    glance: FakeGlance, cache_dir: Path
+) -> None:
+    """Issue 14 item 3 (the hit ratio beside LRU): an entry's last access was stamped when a
+    hit had been sent, so an image whose long download had just begun looked older than one
+    fetched once a while ago, and was evicted first. An LRU cache orders by requests: the
+    stamp is now also taken when a download begins."""
+    d = await start_daemon(cache_dir, glance.url, image_cache_max_size=64 * MiB)
+    try:
+        read = glance.add_image(os.urandom(24 * MiB))
+        other = glance.add_image(os.urandom(4 * MiB))
+        for image in (read, other):  # read is the older: cached first
+            assert (await d.get(image.id))[0] == 200
+            await wait_idle(d, image.id)
+        got = bytearray()
+        go_on = asyncio.Event()
+
+        async def slow_reader() -> int:
+            async with d.session.get(d.file_url(read.id), headers=auth()) as resp:
+                async for piece in resp.content.iter_chunked(1 << 16):
+                    got.extend(piece)
+                    if len(got) >= MiB:
+                        await go_on.wait()
+                return resp.status
+
+        reader = asyncio.create_task(slow_reader())
+        entry = d.store.get(read.id)
+        assert entry is not None
+        await until(lambda: len(got) >= MiB and entry.readers == 1, "the download has begun")
+        maintenance = d.app[MANAGER].maintenance
+        maintenance.configure(replace(d.app[CONFIG], image_cache_max_size=24 * MiB))
+        result = await maintenance.prune()
+        assert result.files == 1
+        assert d.store.get(other.id) is None and d.store.get(read.id) is entry
+        go_on.set()
+        assert await reader == 200 and bytes(got) == read.data
+    finally:
+        await stop_daemon(d)

@@ -171,8 +171,10 @@ def test_create_writes_a_sparse_file_and_literal_xattrs(store: Store) -> None:
         "user.cached.last_modified",
         "user.cached.meta",
         "user.cached.state",
+        "user.cached.token",
         "user.hits",
     ]
+    assert attrs["user.cached.token"] == entry.token and len(entry.token) == 16
     assert attrs["user.cached.meta"] == (
         b'{"size":10485765,"chunk_size":4194304,"checksum":"c0ffee",'
         b'"os_hash_algo":"sha512","os_hash_value":"beef"}'

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -30,7 +31,7 @@ from cached.errors import (
     UpstreamUnavailable,
 )
 from cached.fill.machine import Fill, FillState
-from cached.fill.registry import Filler
+from cached.fill.registry import CachedMeanwhile, Filler
 from cached.identity.authorizer import Authorizer
 from cached.ids import is_image_id
 from cached.safety.audit import HEADER as SAFETY_HEADER
@@ -173,6 +174,10 @@ class Proxy:
             return await self._bypass(request)
         except NotAdmitted as exc:
             return await self._bypass(request, exc.detail)
+        if fill is None and (entry is None or not entry.complete):
+            entry = self.store.get(image_id)  # committed while this request waited
+            if entry is None or not entry.complete:  # and evicted at once: not this time
+                return await self._bypass(request)
         entry = fill.entry if fill is not None else entry
         assert entry is not None
         return await self._send(
@@ -207,16 +212,19 @@ class Proxy:
         if record is None:
             assert entry is not None
             record = _record_of(entry)
-        if self.admission is None:
-            fill, created = await self.filler.open(record, creds)
-        else:
-            # A new fill: make room for what it will write, or let it pass through. Its
-            # reservation is made by _send's demand, with no await between the two.
-            needed = _bytes_to_fetch(entry, record, wanted)
-            async with self.admission(needed) as refused:
-                if refused is not None:
-                    raise refused
+        try:
+            if self.admission is None:
                 fill, created = await self.filler.open(record, creds)
+            else:
+                # A new fill: make room for what it will write, or let it pass through. Its
+                # reservation is made by _send's demand, with no await between the two.
+                needed = _bytes_to_fetch(entry, record, wanted)
+                async with self.admission(needed) as refused:
+                    if refused is not None:
+                        raise refused
+                    fill, created = await self.filler.open(record, creds)
+        except CachedMeanwhile:
+            return None, Outcome.HIT  # (image_data takes the complete entry from the index)
         if not created:
             return fill, Outcome.COLLAPSED
         return fill, Outcome.PARTIAL if len(fill.entry.present) else Outcome.MISS
@@ -240,8 +248,12 @@ class Proxy:
         if fill is not None:
             following = (fill, fill.demand(dl.start, dl.end, whole=dl.whole))
         entry = dl.entry
-        # Count the reader before anything awaits: prune and delete skip entries in use.
+        # Count the reader before anything awaits: prune keeps a partial entry being read (a
+        # complete one it may evict: this reader then finishes from its open file).
         entry.readers += 1
+        # Used now, for prune's order (least recently *requested* first, as an LRU cache
+        # orders): stamped again, and written to the file, when a hit has been sent.
+        entry.last_accessed = max(entry.last_accessed, time.time())
         try:
             try:
                 file = await self._open(dl, fill)
@@ -261,21 +273,27 @@ class Proxy:
             entry.readers -= 1
             self.filler.reader_left(entry)
 
-    async def _reopen(self, dl: _Download, entry: Entry, pos: int, stop: int) -> Fill:
+    async def _reopen(self, dl: _Download, entry: Entry, pos: int, stop: int) -> Fill | None:
         """A new fill of ``entry`` for a reader midway (the last one ended), admitted like
-        any other; refused, the rest of the download comes from the upstream."""
+        any other; refused, the rest of the download comes from the upstream. None: the
+        entry is complete now (nothing to fill)."""
         record = dl.record or _record_of(entry)
         wanted = None if dl.whole else ranges.ByteRange(pos, stop, entry.size)
         needed = _bytes_to_fetch(entry, record, wanted)
-        if self.admission is None:
-            fill, _ = await self.filler.open(record, dl.creds)
-        else:
-            async with self.admission(needed) as refused:
-                if refused is not None:
-                    raise FillAborted(f"no room to go on caching: {refused}") from (
-                        StoreUnavailable(str(refused))
-                    )
+        try:
+            if self.admission is None:
                 fill, _ = await self.filler.open(record, dl.creds)
+            else:
+                async with self.admission(needed) as refused:
+                    if refused is not None:
+                        raise FillAborted(f"no room to go on caching: {refused}") from (
+                            StoreUnavailable(str(refused))
+                        )
+                    fill, _ = await self.filler.open(record, dl.creds)
+        except CachedMeanwhile:
+            if entry.complete:
+                return None
+            raise FillAborted("entry deleted") from None  # and cached anew since: not ours
         if fill.entry is not entry:
             raise FillAborted("entry deleted")  # and re-created since: not ours
         return fill
@@ -350,6 +368,8 @@ class Proxy:
                 if entry.removed:
                     raise FillAborted("entry deleted")
                 current = await self._reopen(dl, entry, pos, stop)
+                if current is None:
+                    return None, 0
             else:
                 # If it ended while this reader was admitted, it is still the one to follow:
                 # send_entry reads how it ended (verified: the held-back last byte goes,

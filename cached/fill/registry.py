@@ -35,6 +35,11 @@ STORE_RETRY_AFTER = 30  # seconds of pass-through after the cache disk failed
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
+class CachedMeanwhile(FillAborted):
+    """The image's entry is complete: there is nothing to fill (it was committed while the
+    caller waited for the fill before to end). Serve it as a hit."""
+
+
 class DiskGuard(Protocol):
     """What the filler needs of the cache directory's guard."""
 
@@ -98,7 +103,8 @@ class Filler:
         """The fill of ``record``'s image, creating its entry and fill if there are none.
 
         Returns the fill and whether this call created it. Raises StoreUnavailable when the
-        cache disk cannot take it, FillAborted when the entry was deleted meanwhile.
+        cache disk cannot take it, FillAborted when the entry was deleted meanwhile
+        (CachedMeanwhile, a FillAborted: the image's entry is complete, nothing to fill).
         """
         image_id = record.id
         while True:
@@ -138,6 +144,12 @@ class Filler:
     async def _open(self, record: ImageRecord, creds: Credentials) -> Fill:
         image_id = record.id
         entry = self._store.get(image_id)
+        if entry is not None and entry.complete and entry.size == record.size:
+            # Committed while we waited for its fill to end (a miss that came during the
+            # verification). A second fill of a complete entry committed it again (its state
+            # written, its file renamed onto itself): the file changed under its commit
+            # record and, without a digest, went to invalid/ (found by the issue 14 soak).
+            raise CachedMeanwhile(f"{image_id} was cached meanwhile")
         try:
             if entry is None or entry.size != record.size:
                 assert record.size is not None

@@ -39,7 +39,7 @@ from cached import metrics
 from cached.config import Config
 from cached.errors import CachedError, FillAborted, NotAdmitted, UpstreamError
 from cached.fill.machine import Fill, FillState
-from cached.fill.registry import Filler
+from cached.fill.registry import CachedMeanwhile, Filler
 from cached.identity.keystone import ServiceAuth
 from cached.store import Store, codec, xattrs
 from cached.upstream import Backend, Credentials, ImageRecord
@@ -353,7 +353,11 @@ class Prefetcher:
         async with admission as refused:
             if refused is not None:  # tried again on the next runs, with backoff
                 raise PrefetchFailed(f"no room in the cache: {refused}")
-            fill, _ = await self._filler.open(record, creds)
+            try:
+                fill, _ = await self._filler.open(record, creds)
+            except CachedMeanwhile:
+                log.info("prefetch: %s is already cached", image_id)
+                return
             fill.ensure_full()  # reserves what it admitted
         self._tracked[image_id].baseline = _Baseline.of(fill)
         log.info("prefetch: fetching %s (%d bytes)", image_id, record.size)

@@ -73,6 +73,10 @@ class Entry:
     identity: Identity | None = field(default=None, compare=False)
     # The file may have changed since it was verified: re-verify before serving it again.
     suspect: bool = field(default=False, compare=False)
+    # The file's own token (``user.cached.token``, set as it is created; None for a file
+    # from before it existed): a delete or an eviction unlinks this file only, never the
+    # image's next entry at the same path. (Not the inode: FUSE may renumber it.)
+    token: bytes | None = field(default=None, compare=False)
     identity_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     @property
@@ -132,6 +136,7 @@ def create(
     )
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)
     try:
+        entry.token = os.urandom(8).hex().encode()
         os.ftruncate(fd, size)
         meta = {
             "size": size,
@@ -149,6 +154,7 @@ def create(
                 xattrs.HITS: b"0",
                 xattrs.LAST_ACCESSED: repr(now).encode(),
                 xattrs.LAST_MODIFIED: repr(now).encode(),
+                xattrs.TOKEN: entry.token,
             },
         )
     except BaseException:
@@ -248,6 +254,11 @@ def write_states(target: int | Path, state: State, error: str | None = None) -> 
 def write_state(target: Path, state: State) -> None:
     """Record ``state`` on the file only (the caller updates the Entry when it is visible)."""
     xattrs.write(target, xattrs.STATE, state.value.encode())
+
+
+def read_token(target: Path) -> bytes | None:
+    """The file's entry token (``user.cached.token``), None if it has none."""
+    return xattrs.read(target, xattrs.TOKEN)
 
 
 def write_values(target: Path, values: dict[str, bytes]) -> None:

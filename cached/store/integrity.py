@@ -61,6 +61,7 @@ def load(path: Path, area: State) -> Entry:
         attrs = xattrs.read_all(fd)
         st = os.fstat(fd)
         entry = entries.parse(path, attrs, st)
+        entry.token = attrs.get(xattrs.TOKEN)
         if entry.state is State.INVALID:
             raise ValueError(f"{path}: marked invalid ({entry.error})")
         if area is State.COMPLETE:
@@ -229,21 +230,38 @@ def write_access(entry: Entry, path: Path, values: dict[str, bytes]) -> None:
 
     On a complete entry this is a metadata change of a verified file (it moves ctime), so
     the commit record is written again after it -- unless the file no longer is what we last
-    recorded, which marks the entry suspect instead (re-verified before its next hit).
+    recorded, which marks the entry suspect instead (re-verified before its next hit) and
+    writes nothing: the file at ``path`` may not be this entry's any more (evicted, and the
+    image cached anew at the same path: writing there moved the new file's ctime and its
+    next hit took it for changed; found by the issue 14 soak). The file is checked and
+    written through one descriptor, so what is checked is what is written.
     A write that fails (read-only, full, deleted meanwhile) is logged: a hit is still a hit.
     """
     try:
-        with entry.identity_lock:
-            vouched = entry.complete and not entry.suspect
-            if vouched and entry.identity is not None and written.current(path) != entry.identity:
-                vouched = False
-                entry.suspect = True
-                log.warning("%s changed since it was verified: re-verifying", path)
-            entries.write_values(path, values)
-            if vouched:
-                entry.identity = written.record(path)
+        fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
         log.debug("cannot record access to %s: %s", path, exc)
+        return
+    try:
+        with entry.identity_lock:
+            vouched = entry.complete and not entry.suspect
+            if vouched and entry.identity is not None:
+                st = os.fstat(fd)
+                now = written.Identity.of(st)
+                if now != entry.identity:
+                    if (now.ino, now.dev) == (entry.identity.ino, entry.identity.dev) and (
+                        st.st_nlink > 0
+                    ):  # our file, changed behind our back
+                        entry.suspect = True
+                        log.warning("%s changed since it was verified: re-verifying", path)
+                    return  # (else: another file at that path now, or ours unlinked)
+            xattrs.write_many(fd, values)
+            if vouched:
+                entry.identity = written.record(fd)
+    except OSError as exc:
+        log.debug("cannot record access to %s: %s", path, exc)
+    finally:
+        os.close(fd)
 
 
 # A hit of at most this many bytes is read by the thread that opens and checks its file, which

@@ -16,17 +16,23 @@ Hits and access stamps reach the entries' xattrs in batches (:mod:`cached.store.
 
 A commit, an invalidation and a delete of the same entry are serialised by the entry's
 ``lock``: a delete that races a commit removes whichever file exists when it runs, and a
-commit never resurrects a deleted entry. The queue methods (``enqueue``, ``dequeue``,
-``queued``) touch only ``queue/`` and block: call them from an executor.
+commit never resurrects a deleted entry. Across the entries of one image (an evicted one and
+the next), creating, committing, invalidating and unlinking files are serialised per image
+(``Store._path``), and an unlink removes only its entry's own file (its token, in
+``user.cached.token``): an eviction whose unlink
+ran late removed the next entry's freshly committed file (found by the issue 14 soak).
+The queue methods (``enqueue``, ``dequeue``, ``queued``) touch only ``queue/`` and block:
+call them from an executor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +130,26 @@ def _invalidate(entry_path: Path, target: Path, reason: str) -> None:
     os.rename(entry_path, target)
 
 
+def _ours(path: Path, token: bytes | None) -> bool:
+    """Whether the file at ``path`` is the entry's whose token is ``token`` (None: any file
+    is, for entries from before tokens). Raises OSError (FileNotFoundError: none there)."""
+    return token is None or entries.read_token(path) == token
+
+
+def _unlink_entry(path: Path, token: bytes | None) -> bool:
+    """Remove the entry's file at ``path``, if it still is its file (see :func:`_ours`).
+    Another file there is the image's next entry: ours is gone already."""
+    try:
+        if not _ours(path, token):
+            return True
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc)
+        return False
+    return _unlink(path)
+
+
 def _unlink(path: Path) -> bool:
     """Remove ``path`` (already gone counts as removed)."""
     try:
@@ -148,14 +174,35 @@ class Store:
         self.queue_dir = self.root / "queue"
         self.entries: dict[str, Entry] = {}
         self.invalid: set[str] = set()
+        # Per image: the lock of its paths and how many hold or wait for it (``_path``).
+        self._paths: dict[str, tuple[asyncio.Lock, int]] = {}
         # Files of removed entries whose unlink failed, and their bytes (remove, clean).
-        self.undeleted: dict[Path, int] = {}
+        self.undeleted: dict[Path, tuple[bytes | None, int]] = {}
         # Which index this is: bumped whenever the index is rebuilt or forgotten (open,
         # detach), so an entry created under an older one is never inserted into a newer.
         self.generation = 0
         self._own_io = io is None
         self.io: Executor = io or ThreadPoolExecutor(IO_THREADS, thread_name_prefix="cache-io")
         self.access = AccessLog(self.run, access_interval, self._indexed)
+
+    @contextlib.asynccontextmanager
+    async def _path(self, image_id: str) -> AsyncIterator[None]:
+        """Hold the image's paths: creating, committing, invalidating and unlinking its
+        entries' files happen one at a time per image, so an unlink that checked the file
+        is this entry's removes that file (not the next entry's renamed there meanwhile)."""
+        lock, users = self._paths.get(image_id, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._paths[image_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._paths[image_id]
+            if users == 1:
+                del self._paths[image_id]
+            else:
+                self._paths[image_id] = (lock, users - 1)
 
     async def run(self, func: Callable[..., T], *args: object) -> T:
         """Run blocking cache-directory work on the store's executor."""
@@ -235,7 +282,8 @@ class Store:
         if old is not None:
             await self.remove(image_id)
         generation = self.generation
-        entry = await self.run(_create, self.incomplete_dir / image_id, image_id, size, digests)
+        async with self._path(image_id):
+            entry = await self.run(_create, self.incomplete_dir / image_id, image_id, size, digests)
         if self.generation != generation:
             log.warning("cache index rebuilt while %s was created: not indexed", image_id)
             entry.removed = True
@@ -256,7 +304,8 @@ class Store:
         async with entry.lock:
             if entry.removed or self.entries.get(entry.image_id) is not entry:
                 return False
-            entry.path = await self.run(_commit, entry.path, self.root, entry.image_id)
+            async with self._path(entry.image_id):
+                entry.path = await self.run(_commit, entry.path, self.root, entry.image_id)
             entry.state = State.COMPLETE
             entry.reserved = 0
         if entry.removed:
@@ -282,7 +331,8 @@ class Store:
             # the id; one that runs before the rename finds no file and leaves both.
             self.invalid.add(entry.image_id)
             try:
-                await self.run(_invalidate, entry.path, target, reason)
+                async with self._path(entry.image_id):
+                    await self.run(_invalidate, entry.path, target, reason)
             except BaseException:
                 self.invalid.discard(entry.image_id)
                 raise
@@ -301,11 +351,11 @@ class Store:
             return None
         entry.removed = True
         entry.reserved = 0
-        async with entry.lock:  # after a commit in progress: remove the file where it is now
-            try:
-                await self.run(_unlink_or_raise, entry.path)
+        async with entry.lock, self._path(image_id):  # after a commit in progress: where
+            try:  # the file is now, and only if it is this entry's
+                await self.run(_unlink_or_raise, entry.path, entry.token)
             except OSError as exc:
-                self.undeleted[entry.path] = entry.present_bytes()
+                self.undeleted[entry.path] = (entry.token, entry.present_bytes())
                 raise StoreUnavailable(
                     f"cannot remove {entry.path}: {exc.strerror or exc}", exc.errno
                 ) from exc
@@ -315,10 +365,11 @@ class Store:
         """Try again to unlink the files of entries whose removal failed; returns how many
         are gone now (clean)."""
         gone = 0
-        for path in list(self.undeleted):
-            if await self.run(_unlink, path):
-                self.undeleted.pop(path, None)
-                gone += 1
+        for path, (token, _) in list(self.undeleted.items()):
+            async with self._path(path.name):
+                if await self.run(_unlink_entry, path, token):
+                    self.undeleted.pop(path, None)
+                    gone += 1
         return gone
 
     async def evict(self, entry: Entry) -> bool:
@@ -337,8 +388,8 @@ class Store:
             return False
         del self.entries[entry.image_id]
         entry.removed = True
-        async with entry.lock:
-            if await self.run(_unlink, entry.path):
+        async with entry.lock, self._path(entry.image_id):
+            if await self.run(_unlink_entry, entry.path, entry.token):
                 return True
         entry.removed = False
         self.entries.setdefault(entry.image_id, entry)
@@ -365,7 +416,8 @@ class Store:
     def total_size(self) -> int:
         """Bytes the cache holds or has promised: complete entries, the filled part of
         partial ones, and what running fills reserved beyond that."""
-        return sum(e.footprint() for e in self.entries.values()) + sum(self.undeleted.values())
+        held = sum(e.footprint() for e in self.entries.values())
+        return held + sum(b for _, b in self.undeleted.values())
 
     # The prefetch queue: zero-byte marker files, ordered by mtime (Glance's queue/).
     def enqueue(self, image_id: str) -> bool:
@@ -400,9 +452,12 @@ class Store:
             raise ValueError(f"not an image id: {image_id!r}")
 
 
-def _unlink_or_raise(path: Path) -> None:
-    """Remove ``path`` (already gone counts as removed); any other error is raised."""
+def _unlink_or_raise(path: Path, token: bytes | None) -> None:
+    """Remove the entry's file at ``path`` if it still is its file (see :func:`_ours`);
+    already gone counts as removed; any other error is raised."""
     try:
+        if not _ours(path, token):
+            return
         os.unlink(path)
     except FileNotFoundError:
         pass

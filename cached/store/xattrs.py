@@ -19,6 +19,9 @@ STATE = PREFIX + "state"
 BITMAP = PREFIX + "bitmap"
 LAST_ACCESSED = PREFIX + "last_accessed"
 LAST_MODIFIED = PREFIX + "last_modified"
+# A random token naming one entry's file (not its image): an unlink checks it first, so it
+# never removes the next entry of the image at the same path (cached/store/store.py).
+TOKEN = PREFIX + "token"
 
 
 def read_all(target: int | str | os.PathLike[str]) -> dict[str, bytes]:
@@ -37,6 +40,18 @@ def write(target: int | str | os.PathLike[str], name: str, value: bytes) -> None
 def write_many(target: int | str | os.PathLike[str], values: dict[str, bytes]) -> None:
     for name, value in values.items():
         write(target, name, value)
+
+
+def read(target: int | str | os.PathLike[str], name: str) -> bytes | None:
+    """One attribute (by fd or path); None if the file has none of that name."""
+    f = os.fspath(target) if not isinstance(target, int) else target
+    try:
+        value: bytes = xattr.getxattr(f, name)
+        return value
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            return None
+        raise
 
 
 def supported(directory: str | os.PathLike[str]) -> bool:
