@@ -164,6 +164,20 @@ BAD_VALUES: dict[str, list[object]] = {
     "min_free_space": ["100%", "-1%", "lots", True, 1.5, "5 %x", "1G max 2G", "5% max lots"],
     "admin_tokens": ["sha256:" + "0" * 64, ["plain-token"], ["sha256:abc"]],
     "admin_cache_ttl": [-1, "1m"],
+    "keystone_authtoken": [
+        "http://keystone:5000",
+        {"nope": 1},
+        {"auth_type": "kerberos"},
+        {"auth_url": "keystone:5000", "token": "t"},
+        {"username": ["a"]},
+        {"interface": "private"},
+        {"auth_url": "http://keystone:5000"},
+        {"auth_url": "http://keystone:5000", "auth_type": "password", "username": "u"},
+        {"auth_url": "http://k:5000", "username": "u", "password": "p"},
+        {"auth_type": "v3applicationcredential", "application_credential_id": "i"},
+        {"application_credential_id": "i", "application_credential_secret": "s"},
+        {"auth_type": "admin_token"},
+    ],
     "keystone_url": ["keystone:5000", "ftp://keystone", 5],
     "keystone_username": [5],
     "keystone_password": [["x"]],
@@ -427,4 +441,8 @@ def test_check_config_never_prints_secrets(tmp_path: Path) -> None:
     assert "tok-3f9a" not in res.stdout + res.stderr
     shown = dict(line.split(": ", 1) for line in res.stdout.splitlines())
     assert shown["keystone_password"] == "(set)" and shown["service_token"] == "(set)"
+    section = yaml.safe_load(shown["keystone_authtoken"])
+    assert section["password"] == "(set)" and section["token"] == "(set)"
+    assert section["auth_type"] == "admin_token" and section["username"] == "cached"
+    assert "is deprecated: write it as keystone_authtoken: {auth_url: ...}" in res.stderr
     assert shown["keystone_username"] == "cached"
