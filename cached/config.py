@@ -182,6 +182,27 @@ class KeystoneAuth:
 
 
 _KEYSTONE_KEYS = {f.name for f in dataclasses.fields(KeystoneAuth)}
+# Options of a [keystone_authtoken] section that only keystonemiddleware reads (how Glance
+# checks tokens): accepted so that a section can be copied whole, and ignored with a warning.
+_KEYSTONEMIDDLEWARE_ONLY = frozenset(
+    {
+        "www_authenticate_uri",
+        "auth_uri",
+        "auth_version",
+        "delay_auth_decision",
+        "http_connect_timeout",
+        "http_request_max_retries",
+        "include_service_catalog",
+        "memcached_servers",
+        "memcache_security_strategy",
+        "memcache_secret_key",
+        "memcache_use_advanced_pool",
+        "service_token_roles",
+        "service_token_roles_required",
+        "service_type",
+        "token_cache_time",
+    }
+)
 # The options of before keystone_authtoken: still read (a deprecation warning), mapped here.
 _LEGACY_KEYSTONE = {
     "keystone_url": "auth_url",
@@ -204,12 +225,18 @@ def _keystone_authtoken(value: Any) -> KeystoneAuth:
             "must be a mapping of [keystone_authtoken] options "
             f"({', '.join(sorted(_KEYSTONE_KEYS))})"
         )
-    unknown = sorted(set(value) - _KEYSTONE_KEYS)
+    for key in sorted(set(value) & _KEYSTONEMIDDLEWARE_ONLY):
+        log.warning(
+            "keystone_authtoken: %r ignored: it configures keystonemiddleware in Glance, "
+            "not the daemon's credentials",
+            key,
+        )
+    unknown = sorted(set(value) - _KEYSTONE_KEYS - _KEYSTONEMIDDLEWARE_ONLY)
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(_KEYSTONE_KEYS))})")
     opts: dict[str, str] = {}
     for key, item in value.items():
-        if item is None:
+        if item is None or key in _KEYSTONEMIDDLEWARE_ONLY:
             continue
         if not isinstance(item, str | int) or isinstance(item, bool):
             raise ValueError(f"{key}: must be a string, got {type(item).__name__}")

@@ -446,3 +446,70 @@ def test_check_config_never_prints_secrets(tmp_path: Path) -> None:
     assert section["auth_type"] == "admin_token" and section["username"] == "cached"
     assert "is deprecated: write it as keystone_authtoken: {auth_url: ...}" in res.stderr
     assert shown["keystone_username"] == "cached"
+
+
+def test_a_keystone_authtoken_section_copies_over_unchanged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The [keystone_authtoken] lines of a glance-api.conf, written as YAML: the options of
+    the daemon's credentials are read, keystonemiddleware's own ones ignored with a warning."""
+    path = write(
+        tmp_path,
+        """
+keystone_authtoken:
+  www_authenticate_uri: https://keystone.example:5000
+  auth_url: https://keystone.example:5000
+  memcached_servers: controller:11211
+  auth_type: password
+  project_domain_name: Default
+  user_domain_name: Default
+  project_name: service
+  username: glance
+  password: glance-secret
+  service_token_roles_required: true
+  cafile: /etc/pki/tls/certs/ca.pem
+  region_name: RegionOne
+  interface: internal
+""",
+    )
+    c = configuration.load(path)
+    auth = c.keystone_authtoken
+    assert (auth.auth_url, auth.auth_type, auth.username) == (
+        "https://keystone.example:5000",
+        "password",
+        "glance",
+    )
+    assert (auth.user_domain_name, auth.project_domain_name) == ("Default", "Default")
+    assert (auth.user_domain_id, auth.project_domain_id) == ("", "")
+    assert (auth.cafile, auth.region_name, auth.interface) == (
+        "/etc/pki/tls/certs/ca.pem",
+        "RegionOne",
+        "internal",
+    )
+    assert "'memcached_servers' ignored" in caplog.text
+    assert "'service_token_roles_required' ignored" in caplog.text
+    # the deprecated mirrors follow
+    assert (c.keystone_url, c.keystone_ca_file) == (auth.auth_url, auth.cafile)
+    assert auth.secrets() == ["glance-secret"]
+
+
+def test_application_credential_is_inferred_and_deprecated_names_conflict(
+    tmp_path: Path,
+) -> None:
+    c = configuration.build(
+        {
+            "keystone_authtoken": {
+                "auth_url": "http://keystone:5000",
+                "application_credential_id": "abc",
+                "application_credential_secret": "s3cret",
+            }
+        }
+    )
+    assert c.keystone_authtoken.auth_type == "v3applicationcredential"
+    with pytest.raises(ConfigError, match="also given as keystone_authtoken.auth_url"):
+        configuration.build(
+            {
+                "keystone_url": "http://a:5000",
+                "keystone_authtoken": {"auth_url": "http://b:5000", "token": "t"},
+            }
+        )
