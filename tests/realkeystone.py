@@ -5,6 +5,8 @@ What is here:
 * :func:`ensure_venv` - the virtualenv holding keystone 30 and gunicorn, created by
   ``.ci/keystone-venv.sh`` (a fast no-op when it is already complete). The path is
   ``$CACHED_KEYSTONE_VENV`` or ``~/.cache/cached-keystone-venv``.
+* :class:`KeystoneGlance` - the Glance 33 of tests/realglance.py against it, with
+  keystonemiddleware's token cache off.
 * :class:`KeystoneServer` - keystone 30 with SQLite and fernet tokens: ``keystone-manage
   db_sync``, ``fernet_setup``, ``credential_setup`` and ``bootstrap`` (admin user, the
   ``admin``/``member``/``reader`` roles, one identity endpoint for every interface), then
@@ -27,9 +29,12 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from realglance import GlanceServer
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_SCRIPT = REPO / ".ci" / "keystone-venv.sh"
@@ -169,6 +174,10 @@ log_file = {d}/logs/keystone.log
 [database]
 connection = sqlite:///{d}/keystone.sqlite
 
+[identity]
+# bcrypt's cheapest cost: every token issue hashes a password (production: 12)
+password_hash_rounds = 4
+
 [token]
 provider = fernet
 expiration = {self.token_expiration}
@@ -300,6 +309,19 @@ key_repository = {d}/credential-keys
         glance = self.create_user(self.service_user, self.service_password, service)
         self.grant(glance.id, service, "admin")
         self.grant(glance.id, service, "service")
+
+    def add_service(self, service_type: str, url: str) -> None:
+        """A catalog entry (public and internal endpoints): keystonemiddleware checks an
+        application credential's access rules only for a service type in the catalog."""
+        service = self.api("POST", "/v3/services", {"service": {"type": service_type}})
+        for interface in ("public", "internal"):
+            endpoint = {
+                "service_id": service["service"]["id"],
+                "interface": interface,
+                "url": url,
+                "region_id": "RegionOne",
+            }
+            self.api("POST", "/v3/endpoints", {"endpoint": endpoint})
 
     def stop(self) -> None:
         proc = self.proc
@@ -455,7 +477,94 @@ key_repository = {d}/credential-keys
         return str(cred["id"]), str(cred["secret"])
 
 
+class KeystoneGlance(GlanceServer):
+    """The tier's Glance, with keystonemiddleware's token cache off (``token_cache_time =
+    -1``): by default it reuses a token's validation for 300 s, so a revoked token or one of
+    a disabled project would keep working there (and so through cached, which asks Glance)
+    for up to five minutes. ``service_type = image`` lets it enforce application
+    credentials' access rules (without it, it refuses every token that has some)."""
+
+    def _configure(self) -> None:
+        super()._configure()
+        conf = self.etc / "glance-api.conf"
+        text = conf.read_text()
+        assert "[keystone_authtoken]\n" in text
+        conf.write_text(
+            text.replace(
+                "[keystone_authtoken]\n",
+                "[keystone_authtoken]\ntoken_cache_time = -1\nservice_type = image\n",
+            )
+        )
+
+    def _wait_ready(self, token: str, timeout: float) -> bool:
+        """Like GlanceServer's, but each probe with a current admin token (tokens may live
+        shorter than Glance takes to start)."""
+        keystone: KeystoneServer = self.keystone  # type: ignore[assignment]
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                if http("GET", self.url + "/v2/images", keystone.admin_token())[0] == 200:
+                    return True
+            except OSError:
+                pass  # not listening yet
+            time.sleep(0.25)
+        return False
+
+
+def http(
+    method: str,
+    url: str,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request; returns status, headers (lower-cased names) and the whole body."""
+    hdrs = dict(headers or {})
+    if token is not None:
+        hdrs["X-Auth-Token"] = token
+    req = urllib.request.Request(url, data=body, headers=hdrs, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def create_image(url: str, token: str, name: str, data: bytes) -> str:
+    """``POST /v2/images`` and ``PUT .../file`` at ``url`` (Glance or cached); the id."""
+    body = json.dumps({"name": name, "disk_format": "raw", "container_format": "bare"})
+    hdrs = {"Content-Type": "application/json"}
+    status, _, raw = http("POST", f"{url}/v2/images", token, hdrs, body.encode())
+    assert status == 201, raw
+    image_id = str(json.loads(raw)["id"])
+    hdrs = {"Content-Type": "application/octet-stream"}
+    put = http("PUT", f"{url}/v2/images/{image_id}/file", token, hdrs, data)
+    assert put[0] == 204, put
+    return image_id
+
+
+def file_url(base: str, image_id: str) -> str:
+    return f"{base}/v2/images/{image_id}/file"
+
+
 __all__ = [
+    "create_image",
+    "KeystoneGlance",
+    "file_url",
+    "http",
+    "wait_for",
     "KeystoneError",
     "KeystoneServer",
     "User",

@@ -19,18 +19,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import realglance
 import realkeystone
-from realglance import CachedDaemon, FailureLogs, GlanceCLI, GlanceServer
-from realkeystone import KeystoneServer, User
+from realglance import CachedDaemon, FailureLogs, GlanceCLI
+from realkeystone import (
+    KeystoneGlance,
+    KeystoneServer,
+    User,
+    create_image,
+    file_url,
+    http,
+    wait_for,
+)
 
 from cached import config as configuration
 from cached import identity
@@ -120,6 +125,7 @@ class World:
 @pytest.fixture(scope="module")
 def world(keystone: KeystoneServer) -> World:
     w = World(keystone)
+    keystone.add_service("image", "http://127.0.0.1:9292")  # for access rules
     w.projects["service"] = keystone.api("GET", "/v3/projects?name=service")["projects"][0]["id"]
     w.add("alice", "p1", "member", "reader")
     w.add("rita", "p1", "reader")
@@ -131,22 +137,6 @@ def world(keystone: KeystoneServer) -> World:
     return w
 
 
-class KeystoneGlance(GlanceServer):
-    """The tier's Glance, with keystonemiddleware's token cache off (``token_cache_time =
-    -1``): by default it reuses a token's validation for 300 s, so a revoked token or one of
-    a disabled project would keep working there (and so through cached, which asks Glance)
-    for up to five minutes."""
-
-    def _configure(self) -> None:
-        super()._configure()
-        conf = self.etc / "glance-api.conf"
-        text = conf.read_text()
-        assert "[keystone_authtoken]\n" in text
-        conf.write_text(
-            text.replace("[keystone_authtoken]\n", "[keystone_authtoken]\ntoken_cache_time = -1\n")
-        )
-
-
 @pytest.fixture(scope="module")
 def glance(
     venvs: tuple[Path, Path],
@@ -154,7 +144,7 @@ def glance(
     world: World,
     tmp_path_factory: pytest.TempPathFactory,
     failure_logs: FailureLogs,
-) -> Iterator[GlanceServer]:
+) -> Iterator[KeystoneGlance]:
     server = KeystoneGlance(venvs[1], tmp_path_factory.mktemp("glance"), keystone)  # type: ignore[arg-type]
     failure_logs.add(server.log_files())
     try:
@@ -187,7 +177,7 @@ def daemon_config(keystone: KeystoneServer, world: World) -> dict[str, object]:
 def cached(
     keystone: KeystoneServer,
     world: World,
-    glance: GlanceServer,
+    glance: KeystoneGlance,
     tmp_path_factory: pytest.TempPathFactory,
     failure_logs: FailureLogs,
 ) -> Iterator[CachedDaemon]:
@@ -206,67 +196,34 @@ def cached(
 # ---- helpers ----------------------------------------------------------------------------
 
 
-def http(
-    method: str,
-    url: str,
-    token: str | None = None,
-    headers: dict[str, str] | None = None,
-    body: bytes | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    """One request; returns status, headers (lower-cased names) and the whole body."""
-    hdrs = dict(headers or {})
-    if token is not None:
-        hdrs["X-Auth-Token"] = token
-    req = urllib.request.Request(url, data=body, headers=hdrs, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
-def upload(
-    cli: GlanceCLI, url: str, token: str, tmp_path: Path, name: str, size: int
-) -> tuple[str, bytes]:
+def upload(url: str, token: str, name: str, size: int) -> tuple[str, bytes]:
+    """A new image of ``size`` random bytes, uploaded through ``url``."""
     data = os.urandom(size)
-    (tmp_path / f"{name}.img").write_bytes(data)
-    return cli.create_image(url, token, tmp_path / f"{name}.img", name), data
+    return create_image(url, token, name, data), data
 
 
-def upload_and_fill(
-    cli: GlanceCLI, cached: CachedDaemon, world: World, tmp_path: Path, name: str
-) -> tuple[str, bytes]:
+def upload_and_fill(cached: CachedDaemon, world: World, name: str) -> tuple[str, bytes]:
     """Upload an image as alice (p1) through cached and download it once: it is cached."""
-    image_id, data = upload(cli, cached.url, world.token("alice"), tmp_path, name, 2 * MiB + 77)
-    out = tmp_path / f"{name}.fill"
-    cli.ok(cached.url, world.token("alice"), "image-download", "--file", str(out), image_id)
-    assert out.read_bytes() == data
+    image_id, data = upload(cached.url, world.token("alice"), name, 2 * MiB + 77)
+    assert http("GET", file_url(cached.url, image_id), world.token("alice"))[::2] == (200, data)
     entry = cached.cache_dir / image_id
     assert wait_for(entry.exists), f"{entry} did not appear after a full download"
     return image_id, data
 
 
-def file_url(base: str, image_id: str) -> str:
-    return f"{base}/v2/images/{image_id}/file"
+def action(url: str, token: str, image_id: str, verb: str) -> None:
+    status, _, body = http("POST", f"{url}/v2/images/{image_id}/actions/{verb}", token)
+    assert status == 204, body
 
 
 # ---- the tier itself: Keystone and Glance, without cached --------------------------------
 
 
 def test_glance_validates_real_keystone_tokens(
-    glance: GlanceServer, keystone: KeystoneServer, world: World, cli: GlanceCLI, tmp_path: Path
+    glance: KeystoneGlance, keystone: KeystoneServer, world: World
 ) -> None:
     """Baseline: Glance's keystonemiddleware and default policies on real tokens."""
-    image_id, data = upload(cli, glance.url, world.token("alice"), tmp_path, "direct", 100_000)
+    image_id, data = upload(glance.url, world.token("alice"), "direct", 100_000)
     record = realglance.image_json(glance.url, world.token("alice"), image_id)
     assert (record["owner"], record["status"]) == (world.projects["p1"], "active")
     url = file_url(glance.url, image_id)
@@ -405,9 +362,12 @@ async def test_refused_credentials_are_an_identity_error(keystone: KeystoneServe
 
 
 def test_miss_and_hit_through_cached_on_real_tokens(
-    glance: GlanceServer, cached: CachedDaemon, world: World, cli: GlanceCLI, tmp_path: Path
+    glance: KeystoneGlance, cached: CachedDaemon, world: World, cli: GlanceCLI, tmp_path: Path
 ) -> None:
-    image_id, data = upload(cli, cached.url, world.token("alice"), tmp_path, "three", 3 * MiB + 1)
+    data = os.urandom(3 * MiB + 1)
+    (tmp_path / "three.img").write_bytes(data)
+    # the real client, uploading and downloading through cached
+    image_id = cli.create_image(cached.url, world.token("alice"), tmp_path / "three.img", "three")
     first = tmp_path / "first"
     cli.ok(cached.url, world.token("alice"), "image-download", "--file", str(first), image_id)
     assert first.read_bytes() == data
@@ -427,15 +387,13 @@ def test_miss_and_hit_through_cached_on_real_tokens(
     [("bob", 404), ("rita", 403), ("dave", 404), (None, 401), ("gAAAAAbogus", 401)],
 )
 def test_isolation_on_a_hit_answers_as_glance(
-    glance: GlanceServer,
+    glance: KeystoneGlance,
     cached: CachedDaemon,
     world: World,
-    cli: GlanceCLI,
-    tmp_path: Path,
     who: str | None,
     expected: int,
 ) -> None:
-    image_id, data = upload_and_fill(cli, cached, world, tmp_path, f"isolated-{expected}")
+    image_id, data = upload_and_fill(cached, world, f"isolated-{expected}")
     token = world.token(who) if who in world.users else who
     for headers in ({}, {"Range": "bytes=0-1023"}):
         direct = http("GET", file_url(glance.url, image_id), token, headers)
@@ -446,14 +404,12 @@ def test_isolation_on_a_hit_answers_as_glance(
 
 
 def test_revoked_token_and_disabled_project_are_refused_on_a_hit(
-    glance: GlanceServer,
+    glance: KeystoneGlance,
     keystone: KeystoneServer,
     cached: CachedDaemon,
     world: World,
-    cli: GlanceCLI,
-    tmp_path: Path,
 ) -> None:
-    image_id, data = upload_and_fill(cli, cached, world, tmp_path, "revoked")
+    image_id, data = upload_and_fill(cached, world, "revoked")
     url = file_url(cached.url, image_id)
     token = world.fresh_token("alice")
     assert http("GET", url, token)[::2] == (200, data)
@@ -463,7 +419,7 @@ def test_revoked_token_and_disabled_project_are_refused_on_a_hit(
     # a token of a project disabled meanwhile
     world.add("erin", "p4", "member", "reader")
     erin = world.fresh_token("erin")
-    own, own_data = upload(cli, cached.url, erin, tmp_path, "erins", 300_000)
+    own, own_data = upload(cached.url, erin, "erins", 300_000)
     assert http("GET", file_url(cached.url, own), erin)[::2] == (200, own_data)
     assert wait_for((cached.cache_dir / own).exists)
     keystone.set_project_enabled(world.projects["p4"], False)
@@ -476,47 +432,88 @@ def test_revoked_token_and_disabled_project_are_refused_on_a_hit(
 
 
 def test_deactivation_through_cached_on_real_tokens(
-    glance: GlanceServer, cached: CachedDaemon, world: World, cli: GlanceCLI, tmp_path: Path
+    glance: KeystoneGlance, cached: CachedDaemon, world: World
 ) -> None:
-    image_id, data = upload_and_fill(cli, cached, world, tmp_path, "deactivated")
+    image_id, data = upload_and_fill(cached, world, "deactivated")
     url = file_url(cached.url, image_id)
-    cli.ok(cached.url, world.token("admin"), "image-deactivate", image_id)
+    action(cached.url, world.token("admin"), image_id, "deactivate")
     direct = http("GET", file_url(glance.url, image_id), world.token("alice"))
     proxied = http("GET", url, world.token("alice"))
     assert proxied[0] == direct[0] == 403 and data[:64] not in proxied[2]
     status, headers, body = http("GET", url, world.token("admin"))
     assert (status, body) == (200, data) and "hit" in headers.get("cache-status", "")
-    cli.ok(cached.url, world.token("admin"), "image-reactivate", image_id)
+    action(cached.url, world.token("admin"), image_id, "reactivate")
     assert http("GET", url, world.token("alice"))[::2] == (200, data)
 
 
 def test_deletion_through_cached_on_real_tokens(
-    glance: GlanceServer, cached: CachedDaemon, world: World, cli: GlanceCLI, tmp_path: Path
+    glance: KeystoneGlance, cached: CachedDaemon, world: World
 ) -> None:
-    image_id, _ = upload_and_fill(cli, cached, world, tmp_path, "doomed")
+    image_id, _ = upload_and_fill(cached, world, "doomed")
     assert http("DELETE", f"{cached.url}/v2/images/{image_id}", world.token("bob"))[0] == 404
     assert http("DELETE", f"{cached.url}/v2/images/{image_id}", world.token("rita"))[0] == 403
     assert (cached.cache_dir / image_id).exists()  # a refused delete keeps the copy
-    cli.ok(cached.url, world.token("alice"), "image-delete", image_id)
+    assert http("DELETE", f"{cached.url}/v2/images/{image_id}", world.token("alice"))[0] == 204
     assert wait_for(lambda: not (cached.cache_dir / image_id).exists())
     assert http("GET", f"{glance.url}/v2/images/{image_id}", world.token("alice"))[0] == 404
     assert http("GET", file_url(cached.url, image_id), world.token("alice"))[0] == 404
 
 
 def test_member_removal_through_cached_on_real_tokens(
-    glance: GlanceServer, cached: CachedDaemon, world: World, cli: GlanceCLI, tmp_path: Path
+    glance: KeystoneGlance, cached: CachedDaemon, world: World
 ) -> None:
-    image_id, data = upload_and_fill(cli, cached, world, tmp_path, "shared")
+    image_id, data = upload_and_fill(cached, world, "shared")
     p2 = world.projects["p2"]
-    cli.ok(cached.url, world.token("alice"), "member-create", image_id, p2)
-    cli.ok(cached.url, world.token("bob"), "member-update", image_id, p2, "accepted")
+    members = f"{cached.url}/v2/images/{image_id}/members"
+    json_type = {"Content-Type": "application/json"}
+    body = json.dumps({"member": p2}).encode()
+    assert http("POST", members, world.token("alice"), json_type, body)[0] == 200
+    body = json.dumps({"status": "accepted"}).encode()
+    assert http("PUT", f"{members}/{p2}", world.token("bob"), json_type, body)[0] == 200
     url = file_url(cached.url, image_id)
     status, headers, body = http("GET", url, world.token("bob"))
     assert (status, body) == (200, data) and "hit" in headers.get("cache-status", "")
-    cli.ok(cached.url, world.token("alice"), "member-delete", image_id, p2)
+    assert http("DELETE", f"{members}/{p2}", world.token("alice"))[0] == 204
     assert http("GET", file_url(glance.url, image_id), world.token("bob"))[0] == 404
     proxied = http("GET", url, world.token("bob"))
     assert proxied[0] == 404 and data[:64] not in proxied[2]
+
+
+def test_application_credential_access_rules_hold_through_cached(
+    glance: KeystoneGlance,
+    keystone: KeystoneServer,
+    cached: CachedDaemon,
+    world: World,
+) -> None:
+    """A token of an application credential restricted by access rules: keystonemiddleware
+    in Glance enforces them on each request, cached's included (its authorisation probe is a
+    GET of the image's file with the caller's token)."""
+    image_id, data = upload_and_fill(cached, world, "ruled")
+    alice = world.users["alice"][0]
+
+    def rule(method: str, path: str) -> dict[str, str]:
+        return {"service": "image", "method": method, "path": path}
+
+    download = keystone.create_app_credential(
+        alice,
+        "p1",
+        "alice-download-only",
+        access_rules=[rule("GET", "/v2/images/*"), rule("GET", "/v2/images/*/file")],
+    )
+    list_only = keystone.create_app_credential(
+        alice, "p1", "alice-list-only", access_rules=[rule("GET", "/v2/images")]
+    )
+    may = keystone.app_credential_token(*download)
+    may_not = keystone.app_credential_token(*list_only)
+    for token, expected in ((may, 200), (may_not, 401)):
+        direct = http("GET", file_url(glance.url, image_id), token)
+        proxied = http("GET", file_url(cached.url, image_id), token)
+        assert (direct[0], proxied[0]) == (expected, expected), proxied[1]
+        assert (proxied[2] == data) == (expected == 200)
+    # the list-only token still lists, through cached as directly
+    assert http("GET", f"{glance.url}/v2/images", may_not)[0] == 200
+    assert http("GET", f"{cached.url}/v2/images", may_not)[0] == 200
+    assert http("GET", f"{cached.url}/v2/images/{image_id}", may_not)[0] == 401
 
 
 # ---- item 3: management decisions from Keystone's answer about the caller's token --------
@@ -545,10 +542,10 @@ def test_revoked_admin_token_stops_working_within_admin_cache_ttl(
 
 
 def test_image_hash_matches_after_the_real_pair(
-    glance: GlanceServer, cached: CachedDaemon, world: World, cli: GlanceCLI, tmp_path: Path
+    glance: KeystoneGlance, cached: CachedDaemon, world: World, cli: GlanceCLI, tmp_path: Path
 ) -> None:
     """glanceclient verifies os_hash_value on download: through cached it still matches."""
-    image_id, data = upload_and_fill(cli, cached, world, tmp_path, "hashed")
+    image_id, data = upload_and_fill(cached, world, "hashed")
     record = realglance.image_json(glance.url, world.token("alice"), image_id)
     assert record["os_hash_value"] == hashlib.sha512(data).hexdigest()
     out = tmp_path / "again"
