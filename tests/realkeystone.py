@@ -26,6 +26,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -542,6 +543,76 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
     return predicate()
 
 
+class Relay:
+    """A TCP relay on 127.0.0.1 in front of a local port, that a test can cut (an outage of
+    the network path: new connections refused, open ones closed) and restore.
+
+    Its threads (one acceptor, two pumps per connection) own its sockets; ``cut`` and
+    ``restore`` are called from the test thread and take the lock.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.port = _free_port()
+        self._lock = threading.Lock()
+        self._server: socket.socket | None = None
+        self._open: set[socket.socket] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def restore(self) -> None:
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(64)
+        with self._lock:
+            self._server = server
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            server, self._server = self._server, None
+            conns, self._open = self._open, set()
+        for sock in (server, *conns):
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return  # cut
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=10)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                if self._server is not server:
+                    client.close()
+                    upstream.close()
+                    return
+                self._open |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
 def create_image(url: str, token: str, name: str, data: bytes) -> str:
     """``POST /v2/images`` and ``PUT .../file`` at ``url`` (Glance or cached); the id."""
     body = json.dumps({"name": name, "disk_format": "raw", "container_format": "bare"})
@@ -560,6 +631,7 @@ def file_url(base: str, image_id: str) -> str:
 
 
 __all__ = [
+    "Relay",
     "create_image",
     "KeystoneGlance",
     "file_url",

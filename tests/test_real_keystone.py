@@ -30,6 +30,7 @@ from realglance import CachedDaemon, FailureLogs, GlanceCLI
 from realkeystone import (
     KeystoneGlance,
     KeystoneServer,
+    Relay,
     User,
     create_image,
     file_url,
@@ -514,6 +515,48 @@ def test_application_credential_access_rules_hold_through_cached(
     assert http("GET", f"{glance.url}/v2/images", may_not)[0] == 200
     assert http("GET", f"{cached.url}/v2/images", may_not)[0] == 200
     assert http("GET", f"{cached.url}/v2/images/{image_id}", may_not)[0] == 401
+
+
+def test_auth_stale_if_error_on_real_tokens(
+    glance: KeystoneGlance,
+    keystone: KeystoneServer,
+    world: World,
+    tmp_path: Path,
+    failure_logs: FailureLogs,
+) -> None:
+    """During an outage of the path to Glance (a relay cut), a hit is served to the token
+    Glance allowed within ``auth_stale_if_error``; nobody else, and no miss."""
+    relay = Relay(glance.port)
+    relay.restore()
+    conf = tmp_path / "cached.yaml"
+    conf.write_text(json.dumps({**daemon_config(keystone, world), "auth_stale_if_error": 600}))
+    daemon = CachedDaemon(tmp_path, relay.url, tmp_path / "cache", ["-c", str(conf)])
+    failure_logs.add({"cached (stale)": daemon.log})
+    daemon.start()
+    try:
+        alice = world.token("alice")
+        image_id, data = upload(glance.url, alice, "stale", MiB + 3)
+        fresh_id, _ = upload(glance.url, alice, "never-cached", 1000)
+        assert http("GET", file_url(daemon.url, image_id), alice)[::2] == (200, data)
+        assert wait_for((daemon.cache_dir / image_id).exists)
+        assert http("GET", file_url(daemon.url, image_id), world.token("bob"))[0] == 404
+
+        relay.cut()
+        status, headers, body = http("GET", file_url(daemon.url, image_id), alice)
+        assert (status, body) == (200, data)
+        assert headers.get("cache-status") == "cached; hit; detail=stale-auth", headers
+        for image, token in ((image_id, world.token("bob")), (fresh_id, alice)):
+            status, headers, body = http("GET", file_url(daemon.url, image), token)
+            assert status == 502 and "cache-status" not in headers, (image, status, headers)
+
+        relay.restore()
+        status, headers, body = http("GET", file_url(daemon.url, image_id), alice)
+        assert (status, body) == (200, data)
+        assert headers.get("cache-status", "").startswith("cached; hit"), headers
+        assert "stale" not in headers.get("cache-status", "")
+    finally:
+        daemon.stop()
+        relay.cut()
 
 
 # ---- item 3: management decisions from Keystone's answer about the caller's token --------
