@@ -1,8 +1,9 @@
 """The daemon's own identity: its Keystone credentials (through keystoneauth1) and the check
 of callers' tokens against Keystone.
 
-Used by management (``admin.py``: validating a caller's token) and prefetch (``prefetch.py``:
-downloading queued images with the daemon's credentials). The credentials are the
+Used by management and the request policy's admin rule (``admin.py``: validating a caller's
+token) and by fills and prefetch (``fill.py``, ``prefetch.py``: image data fetched with the
+daemon's credentials). The credentials are the
 ``keystone_authtoken:`` options (cached/config.py :class:`KeystoneAuth`), named as in every
 OpenStack service's ``[keystone_authtoken]`` section and handed unchanged to keystoneauth1's
 plugin of that ``auth_type``: ``password``/``v3password``, ``v3applicationcredential``, or
@@ -12,12 +13,13 @@ check with 401 (the daemon's own token was revoked), fetches a new one and asks 
 Tokens are never logged.
 
 keystoneauth1 is synchronous (requests): every call into it runs in a worker thread
-(``asyncio.to_thread``), one at a time.
+(``asyncio.to_thread``), so a slow Keystone holds a thread, never the event loop.
 
-Shared state: :class:`Keystone` owns the keystoneauth1 session and plugin, which hold the
-current service token; only coroutines on the event loop call into them, one at a time under
-the ``asyncio.Lock`` (the worker thread that runs the call is the only one touching them
-meanwhile). :class:`ServiceAuth` holds nothing that changes.
+Shared state: :class:`Keystone` owns the keystoneauth1 session and plugin; the plugin holds
+the current service token and changes it only in the worker threads, under keystoneauth1's own
+lock (its identity plugins serialise fetching a token), so concurrent checks and fills get one
+new token between them. Coroutines on the event loop never touch either directly.
+:class:`ServiceAuth` holds nothing that changes.
 """
 
 from __future__ import annotations
@@ -102,20 +104,15 @@ class Keystone:
         self._session = session.Session(
             auth=self._plugin, verify=auth.cafile or True, timeout=timeout
         )
-        self._lock = asyncio.Lock()
-        self._static = auth.auth_type == "admin_token"
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        async with self._lock:
-            try:
-                return await asyncio.to_thread(fn, *args, **kwargs)
-            except ksa_exc.ClientException as exc:
-                raise IdentityUnavailable(f"Keystone: {type(exc).__name__}: {exc}") from exc
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except ksa_exc.ClientException as exc:
+            raise IdentityUnavailable(f"Keystone: {type(exc).__name__}: {exc}") from exc
 
-    async def service_token(self, *, renew: bool = False) -> str:
-        """The daemon's token (``renew``: drop the current one first, as after a 401)."""
-        if renew and not self._static:
-            await self._call(self._session.invalidate)
+    async def service_token(self) -> str:
+        """The daemon's token: the current one, or a new one when it nears its expiry."""
         token = await self._call(self._session.get_token)
         if not token:
             raise IdentityUnavailable(
@@ -181,11 +178,10 @@ class ServiceAuth:
     def configured(self) -> bool:
         return bool(self._static) or self._keystone is not None
 
-    async def credentials(self, *, renew: bool = False) -> Credentials | None:
-        """Credentials to send upstream; None when none are configured. ``renew``: the
-        upstream refused the last ones (401), get a new token first."""
+    async def credentials(self) -> Credentials | None:
+        """Credentials to send upstream; None when none are configured."""
         if self._keystone is not None:
-            return Credentials.token(await self._keystone.service_token(renew=renew))
+            return Credentials.token(await self._keystone.service_token())
         if self._static:
             return Credentials.token(self._static)
         return None

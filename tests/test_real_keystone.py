@@ -165,6 +165,7 @@ def daemon_config(keystone: KeystoneServer, world: World) -> dict[str, object]:
     cred_id, secret = world.app_credential
     return {
         "admin_cache_ttl": ADMIN_CACHE_TTL,
+        "policy": str(Path(__file__).resolve().parent.parent / "conf/policy-metadef-lockdown.yaml"),
         "keystone_authtoken": {
             "auth_url": keystone.url,
             "auth_type": "v3applicationcredential",
@@ -570,6 +571,31 @@ def test_management_roles_come_from_the_callers_token(cached: CachedDaemon, worl
     assert http("GET", url, world.token("rita"))[0] == 403  # reader
     assert http("GET", url, "gAAAAAbogus")[0] == 401
     assert http("GET", url, None)[0] == 401
+
+
+def test_policy_admin_rule_comes_from_the_callers_token(
+    glance: KeystoneGlance, cached: CachedDaemon, world: World
+) -> None:
+    """conf/policy-metadef-lockdown.yaml: metadef writes for admins only, admin as Keystone
+    says of the caller's token; reads for everyone."""
+    name = f"ks-lockdown-{os.getpid()}"
+    body = json.dumps({"namespace": name, "visibility": "public"}).encode()
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    url = cached.url + "/v2/metadefs/namespaces"
+    for who in ("alice", "rita"):
+        status, _, answer = http("POST", url, world.token(who), headers, body)
+        assert status == 403, answer
+        assert b"add_metadef_namespace" in answer
+    assert (
+        http("GET", f"{glance.url}/v2/metadefs/namespaces/{name}", world.token("admin"))[0] == 404
+    )
+    status, _, answer = http("POST", url, world.token("carol"), headers, body)  # admin of p2
+    assert status == 201, answer
+    try:
+        assert http("GET", f"{url}/{name}", world.token("rita"))[0] == 200  # reads pass
+        assert http("DELETE", f"{url}/{name}", world.token("alice"))[0] == 403
+    finally:
+        assert http("DELETE", f"{url}/{name}", world.token("carol"))[0] == 204
 
 
 def test_revoked_admin_token_stops_working_within_admin_cache_ttl(
