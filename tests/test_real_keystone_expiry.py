@@ -19,7 +19,15 @@ import pytest
 import realglance
 import realkeystone
 from realglance import CachedDaemon, FailureLogs
-from realkeystone import KeystoneGlance, KeystoneServer, User, file_url, http, wait_for
+from realkeystone import (
+    KeystoneGlance,
+    KeystoneServer,
+    User,
+    create_image,
+    file_url,
+    http,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.keystone, pytest.mark.glance, pytest.mark.timeout(600)]
 
@@ -127,16 +135,6 @@ def cached(
         daemon.stop()
 
 
-def upload(url: str, token: str, name: str) -> str:
-    """A new image record (no data yet) through ``url``; its id."""
-    body = json.dumps({"name": name, "disk_format": "raw", "container_format": "bare"})
-    status, _, raw = http(
-        "POST", f"{url}/v2/images", token, {"Content-Type": "application/json"}, body.encode()
-    )
-    assert status == 201, raw
-    return str(json.loads(raw)["id"])
-
-
 def test_expired_user_token_with_a_service_token_downloads_as_from_glance(
     keystone: KeystoneServer,
     users: dict[str, User],
@@ -147,16 +145,8 @@ def test_expired_user_token_with_a_service_token_downloads_as_from_glance(
     alice, nova = users["alice"], users["nova"]
     images: dict[str, bytes] = {}
     for name in ("hit", "miss"):
-        images[upload(cached.url, keystone.token_of(alice, "p1"), name)] = os.urandom(MiB + 5)
-    for image_id, data in images.items():
-        put = http(
-            "PUT",
-            file_url(cached.url, image_id),
-            keystone.token_of(alice, "p1"),
-            {"Content-Type": "application/octet-stream"},
-            data,
-        )
-        assert put[0] == 204, put
+        data = os.urandom(MiB + 5)
+        images[create_image(cached.url, keystone.token_of(alice, "p1"), name, data)] = data
     hit, miss = list(images)
     # The hit case: cached holds the image before the user's token expires.
     fresh = keystone.token_of(alice, "p1")
