@@ -347,6 +347,26 @@ async def test_revoked_service_token_is_replaced_once_and_the_check_retried(
     assert second != first and keystone.token_status(second) == 200
 
 
+async def test_token_checks_go_to_the_catalogs_identity_endpoint_of_interface(
+    keystone: KeystoneServer, world: World
+) -> None:
+    """With ``interface``/``region_name`` (copied from [keystone_authtoken]) the identity
+    endpoint for token checks comes from the catalog; a region without one is an error."""
+    cred_id, secret = world.app_credential
+    section = {"application_credential_id": cred_id, "application_credential_secret": secret}
+    ks, _ = identity.build(
+        _daemon_config(keystone, interface="internal", region_name="RegionOne", **section)
+    )
+    assert ks is not None
+    info = await ks.validate(world.token("rita"))
+    assert info is not None and info.roles == {"reader"}
+    assert await ks.validate("gAAAAAbogus") is None
+    nowhere, _ = identity.build(_daemon_config(keystone, region_name="Atlantis", **section))
+    assert nowhere is not None
+    with pytest.raises(identity.IdentityUnavailable, match="EndpointNotFound"):
+        await nowhere.validate(world.token("rita"))
+
+
 async def test_refused_credentials_are_an_identity_error(keystone: KeystoneServer) -> None:
     ks, _ = identity.build(
         _daemon_config(
