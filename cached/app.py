@@ -234,7 +234,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         )
         await directories.start(store)  # opens the index only in a directory that is ok
         settings = FillSettings(config.fsync_interval_bytes, config.fsync_interval_seconds)
-        keystone, service = identity.build(config, session, client_tls.keystone)
+        keystone, service = identity.build(config)
         guard = admin.build(config, session, keystone)
         # Data transfers use the daemon's own credentials when it has some: a caller's token
         # that expires mid-fill then cuts nobody (callers are still authorised one by one).
@@ -264,7 +264,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             filler.safety = proxy.safety = safety
         if config.upstream_kind == "glance" and not service.configured:
             log.warning(
-                "no service credentials (service_token or keystone_username): queued images "
+                "no service credentials (keystone_authtoken): queued images "
                 "cannot be prefetched on schedule; PUT /v2/cache/{id} uses the caller's token"
             )
         prefetcher = Prefetcher(store, filler, upstream, service, config)

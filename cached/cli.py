@@ -97,7 +97,7 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 def _secrets(config: Config) -> list[str]:
-    return [config.keystone_password, config.service_token, *config.access_tokens]
+    return [*config.keystone_authtoken.secrets(), config.service_token, *config.access_tokens]
 
 
 async def start_listeners(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import re
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -21,6 +22,8 @@ import yaml
 
 from cached.errors import ConfigError
 from cached.safety.verdict import DEFAULT_ALLOWED, INSPECTED_FORMATS
+
+log = logging.getLogger(__name__)
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
@@ -148,6 +151,241 @@ SENDFILE_MODES = ("auto", "loop", "thread")
 _MOUNT_KEYS = {f.name for f in dataclasses.fields(MountSpec)}
 
 
+# --- the daemon's Keystone credentials (cached/identity/keystone.py) ------------------------
+# Named as in the ``[keystone_authtoken]`` / ``[service_user]`` sections of every OpenStack
+# service, and handed to keystoneauth1's plugin of the same ``auth_type`` unchanged.
+
+KEYSTONE_AUTH_TYPES = ("password", "v3password", "v3applicationcredential", "admin_token")
+KEYSTONE_SECRET_KEYS = frozenset({"password", "application_credential_secret", "token"})
+
+
+@dataclass(frozen=True)
+class KeystoneAuth:
+    """The ``keystone_authtoken:`` mapping: where Keystone is and the daemon's credentials.
+
+    ``auth_type`` is a keystoneauth1 plugin name: ``password``/``v3password`` (a service
+    user), ``v3applicationcredential`` (what services are told to use), or ``admin_token``
+    (a static ``token``, sent as it is and never renewed). Empty: inferred from the options.
+    """
+
+    auth_url: str = ""
+    auth_type: str = ""
+    username: str = ""
+    user_id: str = ""
+    password: str = ""
+    user_domain_name: str = ""
+    user_domain_id: str = ""
+    project_name: str = ""
+    project_id: str = ""
+    project_domain_name: str = ""
+    project_domain_id: str = ""
+    application_credential_id: str = ""
+    application_credential_name: str = ""
+    application_credential_secret: str = ""
+    token: str = ""
+    # CA bundle verifying an https auth_url (empty: the system store).
+    cafile: str = ""
+    # Where the identity endpoint for token checks comes from: empty (both), the auth_url;
+    # else the catalog's identity endpoint of this interface (public/internal/admin) and region.
+    region_name: str = ""
+    interface: str = ""
+
+    @property
+    def configured(self) -> bool:
+        """Whether the daemon has credentials (a token or a Keystone to get one from)."""
+        return bool(self.auth_type)
+
+    def secrets(self) -> list[str]:
+        """The values never logged."""
+        return [getattr(self, k) for k in sorted(KEYSTONE_SECRET_KEYS) if getattr(self, k)]
+
+
+_KEYSTONE_KEYS = {f.name for f in dataclasses.fields(KeystoneAuth)}
+# Options of a [keystone_authtoken] section that only keystonemiddleware reads (how Glance
+# checks tokens): accepted so that a section can be copied whole, and ignored with a warning.
+_KEYSTONEMIDDLEWARE_ONLY = frozenset(
+    {
+        "www_authenticate_uri",
+        "auth_uri",
+        "auth_version",
+        "delay_auth_decision",
+        "http_connect_timeout",
+        "http_request_max_retries",
+        "include_service_catalog",
+        "memcached_servers",
+        "memcache_security_strategy",
+        "memcache_secret_key",
+        "memcache_use_advanced_pool",
+        "service_token_roles",
+        "service_token_roles_required",
+        "service_type",
+        "token_cache_time",
+    }
+)
+# The options of before keystone_authtoken: still read (a deprecation warning), mapped here.
+_LEGACY_KEYSTONE = {
+    "keystone_url": "auth_url",
+    "keystone_username": "username",
+    "keystone_password": "password",
+    "keystone_project_name": "project_name",
+    "keystone_user_domain_id": "user_domain_id",
+    "keystone_project_domain_id": "project_domain_id",
+    "keystone_ca_file": "cafile",
+    "service_token": "token",
+}
+
+# Their defaults, which the shipped file lists: not a use of a deprecated option.
+_LEGACY_DEFAULTS = {"keystone_user_domain_id": "default", "keystone_project_domain_id": "default"}
+
+
+def _keystone_authtoken(value: Any) -> KeystoneAuth:
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            "must be a mapping of [keystone_authtoken] options "
+            f"({', '.join(sorted(_KEYSTONE_KEYS))})"
+        )
+    for key in sorted(set(value) & _KEYSTONEMIDDLEWARE_ONLY):
+        log.warning(
+            "keystone_authtoken: %r ignored: it configures keystonemiddleware in Glance, "
+            "not the daemon's credentials",
+            key,
+        )
+    unknown = sorted(set(value) - _KEYSTONE_KEYS - _KEYSTONEMIDDLEWARE_ONLY)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(_KEYSTONE_KEYS))})")
+    opts: dict[str, str] = {}
+    for key, item in value.items():
+        if item is None or key in _KEYSTONEMIDDLEWARE_ONLY:
+            continue
+        if not isinstance(item, str | int) or isinstance(item, bool):
+            raise ValueError(f"{key}: must be a string, got {type(item).__name__}")
+        opts[key] = str(item)
+    if opts.get("auth_url"):
+        try:
+            opts["auth_url"] = _url(opts["auth_url"])
+        except ValueError as exc:
+            raise ValueError(f"auth_url: {exc}") from None
+    if opts.get("interface", "") not in ("", "public", "internal", "admin"):
+        raise ValueError(f"interface: must be public, internal or admin, got {opts['interface']!r}")
+    auth_type = opts.get("auth_type", "")
+    if auth_type and auth_type not in KEYSTONE_AUTH_TYPES:
+        raise ValueError(
+            f"auth_type: must be one of {', '.join(KEYSTONE_AUTH_TYPES)}, got {auth_type!r}"
+        )
+    if not auth_type:
+        if opts.get("application_credential_id") or opts.get("application_credential_name"):
+            auth_type = "v3applicationcredential"
+        elif opts.get("token"):
+            auth_type = "admin_token"
+        elif opts.get("username") or opts.get("user_id"):
+            auth_type = "password"
+    if auth_type in ("password", "v3password"):
+        opts.setdefault("user_domain_id", "" if opts.get("user_domain_name") else "default")
+        opts.setdefault("project_domain_id", "" if opts.get("project_domain_name") else "default")
+    opts["auth_type"] = auth_type
+    return KeystoneAuth(**opts)
+
+
+def _fold_legacy_keystone(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``values`` with the deprecated ``keystone_*``/``service_token`` options moved into
+    ``keystone_authtoken`` (each named in a warning); ConfigError if both name one value."""
+    for key in _LEGACY_KEYSTONE.keys() & values.keys():
+        if not isinstance(values[key], str):
+            raise ConfigError(
+                f"{source}: option {key!r}: must be a string, got {type(values[key]).__name__}"
+            )
+        if key == "keystone_url" and values[key]:
+            try:
+                _url(values[key])
+            except ValueError as exc:
+                raise ConfigError(f"{source}: option {key!r}: {exc}") from None
+    legacy = {
+        k: v
+        for k, v in values.items()
+        if k in _LEGACY_KEYSTONE and v not in ("", None, _LEGACY_DEFAULTS.get(k))
+    }
+    out = {k: v for k, v in values.items() if k not in _LEGACY_KEYSTONE}
+    if not legacy:
+        return out
+    section = dict(out.get("keystone_authtoken") or {})
+    if not isinstance(out.get("keystone_authtoken") or {}, Mapping):
+        return dict(values)  # _convert reports the bad section
+    if legacy.get("service_token"):
+        # Before: a static token was used as it is, even with password options set.
+        section.setdefault("auth_type", "admin_token")
+    elif legacy.get("keystone_username"):
+        section.setdefault("auth_type", "password")
+    for old, value in legacy.items():
+        new = _LEGACY_KEYSTONE[old]
+        if new in section and section[new] != value:
+            raise ConfigError(
+                f"{source}: option {old!r}: also given as keystone_authtoken.{new}; "
+                f"keep only keystone_authtoken.{new}"
+            )
+        section[new] = value
+        log.warning(
+            "%s: option %r is deprecated: write it as keystone_authtoken: {%s: ...}",
+            source,
+            old,
+            new,
+        )
+    out["keystone_authtoken"] = section
+    return out
+
+
+def _mirror_legacy_keystone(config: Config) -> Config:
+    """The deprecated fields, kept as read-only mirrors of ``keystone_authtoken`` for the
+    code that still reads them (the listeners' exposure check, TLS contexts, log redaction)."""
+    auth = config.keystone_authtoken
+    return dataclasses.replace(
+        config,
+        keystone_url=auth.auth_url,
+        keystone_username=auth.username,
+        keystone_password=auth.password,
+        keystone_project_name=auth.project_name,
+        keystone_user_domain_id=auth.user_domain_id or "default",
+        keystone_project_domain_id=auth.project_domain_id or "default",
+        keystone_ca_file=auth.cafile,
+        service_token=auth.token if auth.auth_type == "admin_token" else "",
+    )
+
+
+def _check_keystone(config: Config, source: str) -> None:
+    """The options each ``auth_type`` needs; the message names the one to set."""
+    auth = config.keystone_authtoken
+    where = f"{source}: option 'keystone_authtoken'"
+    if not auth.auth_type:
+        if auth.auth_url:
+            raise ConfigError(
+                f"{where}: auth_url needs credentials to check tokens with: username/password/"
+                "project_name, application_credential_id/application_credential_secret, or token"
+            )
+        return
+    needed: list[tuple[str, ...]] = []
+    if auth.auth_type in ("password", "v3password"):
+        needed = [("username", "user_id"), ("password",), ("project_name", "project_id")]
+    elif auth.auth_type == "v3applicationcredential":
+        needed = [
+            ("application_credential_id", "application_credential_name"),
+            ("application_credential_secret",),
+        ]
+        if auth.application_credential_name and not auth.application_credential_id:
+            needed.append(("username", "user_id"))
+    else:
+        needed = [("token",)]
+    for choice in needed:
+        if not any(getattr(auth, k) for k in choice):
+            raise ConfigError(f"{where}: auth_type {auth.auth_type} needs {' or '.join(choice)}")
+    if auth.auth_type != "admin_token" and not auth.auth_url:
+        raise ConfigError(f"{where}: auth_type {auth.auth_type} needs auth_url")
+    if (
+        auth.auth_type in ("password", "v3password")
+        and auth.project_name
+        and not (auth.project_domain_name or auth.project_domain_id)
+    ):
+        raise ConfigError(f"{where}: project_name needs project_domain_name or project_domain_id")
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the daemon reads from its configuration file and flags."""
@@ -251,14 +489,17 @@ class Config:
     # Seconds a positive admin answer from Keystone is reused for the same token.
     admin_cache_ttl: float = 60.0
     # Keystone (identity v3) used to check management callers' roles, and the daemon's own
-    # service credentials there (also used by the prefetcher).
+    # service credentials there (also used by the prefetcher): the options of the
+    # [keystone_authtoken] section of glance-api.conf, as a mapping (see KeystoneAuth).
+    keystone_authtoken: KeystoneAuth = KeystoneAuth()
+    # Deprecated (read into keystone_authtoken with a warning; kept as mirrors of it):
     keystone_url: str = ""
     keystone_username: str = ""
     keystone_password: str = ""
     keystone_project_name: str = ""
     keystone_user_domain_id: str = "default"
     keystone_project_domain_id: str = "default"
-    # A static token the daemon uses instead of Keystone password credentials.
+    # Deprecated: keystone_authtoken: {auth_type: admin_token, token: ...}.
     service_token: str = ""
     # This node's URL in GET /v2/cache/nodes/{id} (Glance's name); empty: from the request.
     worker_self_reference_url: str = ""
@@ -283,7 +524,7 @@ class Config:
     upstream_ca_file: str = ""
     # Do not verify the upstream's certificate (a warning is logged at every start).
     upstream_insecure: bool = False
-    # CA bundle that verifies an https keystone_url (empty: the system store).
+    # Deprecated: keystone_authtoken: {cafile: ...}.
     keystone_ca_file: str = ""
     # The management listener: "unix:/run/cached/admin.sock" or HOST:PORT; empty: none. It
     # serves the management API without a token, /metrics, /healthz and /readyz; with it set,
@@ -355,6 +596,12 @@ _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 def shown(key: str, value: Any) -> Any:
     """``value`` of option ``key`` as ``cached check-config`` prints it: secrets masked, and
     the password of a URL's ``user:password@`` part too."""
+    if isinstance(value, KeystoneAuth):
+        return {
+            k: ("(set)" if k in KEYSTONE_SECRET_KEYS else v)
+            for k, v in dataclasses.asdict(value).items()
+            if v
+        }
     if key in SECRETS:
         if not value:
             return value
@@ -491,29 +738,20 @@ def _convert(name: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"must be true or false, got {value!r}")
         return value
+    if name == "keystone_authtoken":
+        return _keystone_authtoken(value)
     if name == "admin_tokens":
         if not isinstance(value, list | tuple) or not all(
             isinstance(t, str) and _ADMIN_TOKEN_RE.match(t) for t in value
         ):
             raise ValueError('must be a list of "sha256:<64 hex digits>" (sha256 of the token)')
         return tuple(t.lower() for t in value)
-    if name in ("keystone_url", "worker_self_reference_url"):
+    if name == "worker_self_reference_url":
         return _url(value) if value else ""
     if name == "peers":
         if not isinstance(value, list | tuple):
             raise ValueError("must be a list of http(s)://host:port URLs")
         return tuple(_url(v) for v in value)
-    if name in (
-        "keystone_username",
-        "keystone_password",
-        "keystone_project_name",
-        "keystone_user_domain_id",
-        "keystone_project_domain_id",
-        "service_token",
-    ):
-        if not isinstance(value, str):
-            raise ValueError(f"must be a string, got {type(value).__name__}")
-        return value
     if name == "access_tokens":
         if not isinstance(value, list | tuple) or not all(isinstance(t, str) and t for t in value):
             raise ValueError("must be a list of non-empty strings")
@@ -533,7 +771,6 @@ def _convert(name: str, value: Any) -> Any:
         "tls_cert_file",
         "tls_key_file",
         "upstream_ca_file",
-        "keystone_ca_file",
         "admin_tls_client_ca",
         "policy",
     ):
@@ -604,6 +841,7 @@ def _mount_spec(name: str, value: Any) -> MountSpec:
 def build(values: Mapping[str, Any], source: str = "<flags>") -> Config:
     """Validate ``values`` (already parsed YAML or flags) into a :class:`Config`."""
     kwargs: dict[str, Any] = {}
+    values = _fold_legacy_keystone(values, source)
     for key, value in values.items():
         if key not in _FIELDS:
             raise ConfigError(f"{source}: unknown option {key!r}")
@@ -611,30 +849,12 @@ def build(values: Mapping[str, Any], source: str = "<flags>") -> Config:
             kwargs[key] = _convert(key, value)
         except ValueError as exc:
             raise ConfigError(f"{source}: option {key!r}: {exc}") from None
-    return _check(Config(**kwargs), source)
+    return _check(_mirror_legacy_keystone(Config(**kwargs)), source)
 
 
 def _check(config: Config, source: str) -> Config:
     """Rules between options; the message names the option to set."""
-    password = (config.keystone_username, config.keystone_password, config.keystone_project_name)
-    if any(password) and not all(password):
-        missing = [
-            k
-            for k, v in zip(
-                ("keystone_username", "keystone_password", "keystone_project_name"),
-                password,
-                strict=True,
-            )
-            if not v
-        ]
-        raise ConfigError(f"{source}: option {missing[0]!r}: needed with Keystone credentials")
-    if config.keystone_username and not config.keystone_url:
-        raise ConfigError(f"{source}: option 'keystone_url': needed with Keystone credentials")
-    if config.keystone_url and not (config.keystone_username or config.service_token):
-        raise ConfigError(
-            f"{source}: option 'keystone_url': needs keystone_username/keystone_password/"
-            "keystone_project_name or service_token to check tokens with"
-        )
+    _check_keystone(config, source)
     if bool(config.tls_cert_file) != bool(config.tls_key_file):
         absent = "tls_key_file" if config.tls_cert_file else "tls_cert_file"
         raise ConfigError(
@@ -736,6 +956,7 @@ def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) ->
 
 __all__ = [
     "Config",
+    "KeystoneAuth",
     "MountSpec",
     "build",
     "load",

@@ -175,6 +175,20 @@ BAD_VALUES: dict[str, list[object]] = {
     "min_free_space": ["100%", "-1%", "lots", True, 1.5, "5 %x", "1G max 2G", "5% max lots"],
     "admin_tokens": ["sha256:" + "0" * 64, ["plain-token"], ["sha256:abc"]],
     "admin_cache_ttl": [-1, "1m"],
+    "keystone_authtoken": [
+        "http://keystone:5000",
+        {"nope": 1},
+        {"auth_type": "kerberos"},
+        {"auth_url": "keystone:5000", "token": "t"},
+        {"username": ["a"]},
+        {"interface": "private"},
+        {"auth_url": "http://keystone:5000"},
+        {"auth_url": "http://keystone:5000", "auth_type": "password", "username": "u"},
+        {"auth_url": "http://k:5000", "username": "u", "password": "p"},
+        {"auth_type": "v3applicationcredential", "application_credential_id": "i"},
+        {"application_credential_id": "i", "application_credential_secret": "s"},
+        {"auth_type": "admin_token"},
+    ],
     "keystone_url": ["keystone:5000", "ftp://keystone", 5],
     "keystone_username": [5],
     "keystone_password": [["x"]],
@@ -441,4 +455,75 @@ def test_check_config_never_prints_secrets(tmp_path: Path) -> None:
     assert "tok-3f9a" not in res.stdout + res.stderr
     shown = dict(line.split(": ", 1) for line in res.stdout.splitlines())
     assert shown["keystone_password"] == "(set)" and shown["service_token"] == "(set)"
+    section = yaml.safe_load(shown["keystone_authtoken"])
+    assert section["password"] == "(set)" and section["token"] == "(set)"
+    assert section["auth_type"] == "admin_token" and section["username"] == "cached"
+    assert "is deprecated: write it as keystone_authtoken: {auth_url: ...}" in res.stderr
     assert shown["keystone_username"] == "cached"
+
+
+def test_a_keystone_authtoken_section_copies_over_unchanged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The [keystone_authtoken] lines of a glance-api.conf, written as YAML: the options of
+    the daemon's credentials are read, keystonemiddleware's own ones ignored with a warning."""
+    path = write(
+        tmp_path,
+        """
+keystone_authtoken:
+  www_authenticate_uri: https://keystone.example:5000
+  auth_url: https://keystone.example:5000
+  memcached_servers: controller:11211
+  auth_type: password
+  project_domain_name: Default
+  user_domain_name: Default
+  project_name: service
+  username: glance
+  password: glance-secret
+  service_token_roles_required: true
+  cafile: /etc/pki/tls/certs/ca.pem
+  region_name: RegionOne
+  interface: internal
+""",
+    )
+    c = configuration.load(path)
+    auth = c.keystone_authtoken
+    assert (auth.auth_url, auth.auth_type, auth.username) == (
+        "https://keystone.example:5000",
+        "password",
+        "glance",
+    )
+    assert (auth.user_domain_name, auth.project_domain_name) == ("Default", "Default")
+    assert (auth.user_domain_id, auth.project_domain_id) == ("", "")
+    assert (auth.cafile, auth.region_name, auth.interface) == (
+        "/etc/pki/tls/certs/ca.pem",
+        "RegionOne",
+        "internal",
+    )
+    assert "'memcached_servers' ignored" in caplog.text
+    assert "'service_token_roles_required' ignored" in caplog.text
+    # the deprecated mirrors follow
+    assert (c.keystone_url, c.keystone_ca_file) == (auth.auth_url, auth.cafile)
+    assert auth.secrets() == ["glance-secret"]
+
+
+def test_application_credential_is_inferred_and_deprecated_names_conflict(
+    tmp_path: Path,
+) -> None:
+    c = configuration.build(
+        {
+            "keystone_authtoken": {
+                "auth_url": "http://keystone:5000",
+                "application_credential_id": "abc",
+                "application_credential_secret": "s3cret",
+            }
+        }
+    )
+    assert c.keystone_authtoken.auth_type == "v3applicationcredential"
+    with pytest.raises(ConfigError, match="also given as keystone_authtoken.auth_url"):
+        configuration.build(
+            {
+                "keystone_url": "http://a:5000",
+                "keystone_authtoken": {"auth_url": "http://b:5000", "token": "t"},
+            }
+        )

@@ -370,11 +370,10 @@ async def test_service_credentials_from_keystone_password_auth() -> None:
             "keystone_project_name": "service",
         }
     )
-    async with aiohttp.ClientSession() as session:
-        _, service = identity.build(cfg, session)
-        creds = await service.credentials()
-        assert creds is not None and (await service.credentials()) == creds
-        token = creds.get("x-auth-token")
-        assert token is not None and token.startswith("gAAAA")
-        assert len(ks.recorded("POST", "/v3/auth/tokens")) == 1
+    _, service = identity.build(cfg)
+    creds = await service.credentials()
+    assert creds is not None and (await service.credentials()) == creds
+    token = creds.get("x-auth-token")
+    assert token is not None and token.startswith("gAAAA")
+    assert len(ks.recorded("POST", "/v3/auth/tokens")) == 1
     await ks.close()
