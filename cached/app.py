@@ -13,6 +13,7 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from cached import config as configuration
 from cached import metrics as metrics_module
 from cached.cachedir import mounts
 from cached.cachedir.directories import Directories
@@ -28,6 +29,7 @@ from cached.edge.passthrough import GlancePassThrough, PassThrough
 from cached.errors import ConfigError
 from cached.fill.machine import FillSettings
 from cached.fill.registry import Filler
+from cached.fleet import peers, serve, trust
 from cached.identity import keystone as identity
 from cached.identity.authorizer import Authorizer
 from cached.jobs import schedule as jobs
@@ -56,6 +58,7 @@ INTEGRITY = web.AppKey("integrity", Integrity)
 POLICY = web.AppKey("policy", request_policy.ActivePolicy)
 DIRECTORIES = web.AppKey("directories", Directories)
 UPSTREAM_VERSIONS = web.AppKey("upstream_versions", routes.UpstreamVersions)
+PEERS = web.AppKey("peers", serve.PeerService)  # with a fleet only
 
 
 def make_backend(
@@ -90,6 +93,8 @@ async def route_request(
 ) -> web.StreamResponse:
     """Read how the upstream routes the request (cached/edge/routes.py), once, before anything
     else judges it; refuse a versioned media type that cannot be read exactly."""
+    if _is_peer(request):
+        return await handler(request)  # a sibling's request (cached/fleet/serve.py)
     known = request.app[UPSTREAM_VERSIONS]
     accept = request.headers.getall("Accept", [])
     found = routes.route(request.raw_path, accept, known.known)
@@ -108,6 +113,12 @@ async def route_request(
     return await handler(request)
 
 
+def _is_peer(request: web.Request) -> bool:
+    """Whether the request is a sibling's, to a ``/cached-peer/v1/`` route."""
+    name = request.match_info.route.name
+    return name is not None and name.startswith(serve.ROUTE_PREFIX)
+
+
 # The routes whose paths are relayed to the upstream: the policy judges them as routed there.
 _RELAYED = frozenset({"relayed", "download"})
 
@@ -117,9 +128,10 @@ async def enforce_policy(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """The ``policy`` file's rules, before a request is handled or forwarded. Installed
-    always, so that a reload can add a policy; without one it only passes the request on."""
+    always, so that a reload can add a policy; without one it only passes the request on.
+    Siblings' requests (cached/fleet/serve.py) are exempt: their signature decides."""
     policy = request.app[POLICY].policy
-    if policy is not None:
+    if policy is not None and not _is_peer(request):
         guard = request.app[MANAGER].guard
 
         async def is_admin(r: web.Request) -> bool:
@@ -278,6 +290,34 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         )
         app[INTEGRITY] = integrity
         integrity.start()
+        peer_session: aiohttp.ClientSession | None = None
+        if config.fleet:  # peer fill (cached/fleet/): siblings serve and feed fills
+            keys = await asyncio.to_thread(_fleet_keys, config)
+            signer = trust.Trust(config.fleet_self, config.fleet_members, *keys)
+            peer_session = peers.Fleet.session_for(config, client_tls.upstream)
+            fleet = peers.Fleet(
+                signer,
+                peer_session,
+                peers.Timeouts(
+                    config.fleet_connect_timeout,
+                    config.fleet_headers_timeout,
+                    config.fleet_stall_timeout,
+                    config.fleet_lookup_timeout,
+                ),
+            )
+            filler.sources = fleet.sources_for
+            app[PEERS] = serve.PeerService(
+                signer,
+                store,
+                filler,
+                directories,
+                integrity,
+                config.fleet_max_peer_streams,
+                peers.fill_source,
+            )
+            log.info(
+                "fleet member %s of %s", config.fleet_self, ", ".join(fleet.siblings) or "none"
+            )
         filler.disk_guard = directories.cache  # fills run while the cache directory is ok
         directories.on_detached.append(filler.detach)  # and stop when its index is forgotten
         scheduler = app[SCHEDULER] = jobs.start_scheduler(
@@ -305,6 +345,8 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         await prefetcher.close()
         await filler.close()
         await session.close()
+        if peer_session is not None:
+            await peer_session.close()
         await upstream.close()
         await store.aclose()  # writes the pending access records
         await directories.close()
@@ -335,12 +377,25 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
     app.router.add_get("/versions", version_document, allow_head=False)
     app.router.add_get("/", version_document, allow_head=False)
     manage.add_routes(app)  # before the catch-all: management is never proxied
+    if config.fleet:  # siblings' requests, before the catch-all: never relayed
+        serve.add_routes(app, lambda: app[PEERS])
     # With admin_listen, /metrics is served on the management listener only.
     health.add_routes(
         app, with_metrics=True, only_on=is_management if config.admin_listen else None
     )
     app.router.add_route("*", "/{tail:.*}", forward, name="relayed")
     return app
+
+
+def _fleet_keys(config: Config) -> tuple[bytes, bytes | None]:
+    """The fleet key and the previous one (if set). Blocks: call from a thread."""
+    key = configuration.read_fleet_secret(config.fleet_secret_file, "fleet_secret_file")
+    previous = None
+    if config.fleet_previous_secret_file:
+        previous = configuration.read_fleet_secret(
+            config.fleet_previous_secret_file, "fleet_previous_secret_file"
+        )
+    return key, previous
 
 
 # ------------------------------------------------------------------------------ reload

@@ -145,8 +145,11 @@ class Fill:
         self._backend = backend
         self.creds = creds
         self._data_credentials = data_credentials
-        # Where each transfer takes its bytes (cached/fill/sources.py); today the upstream.
-        self.sources: Sources = sources or OneSource(UpstreamSource(backend, self._credentials))
+        # The upstream as a byte source, with this fill's credentials; and where each transfer
+        # takes its bytes (cached/fill/sources.py): the upstream alone unless the registry's
+        # ``sources`` (a fleet, cached/fleet/peers.py) replaces it before the first transfer.
+        self.upstream = UpstreamSource(backend, self._credentials)
+        self.sources: Sources = sources or OneSource(self.upstream)
         self._settings = settings
         self._on_close = on_close
         self.state = FillState.RUNNING

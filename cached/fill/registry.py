@@ -23,6 +23,7 @@ from typing import Protocol
 from cached import metrics
 from cached.errors import FillAborted, StoreUnavailable
 from cached.fill.machine import DataCredentials, Fill, FillSettings, FillState
+from cached.fill.sources import Sources
 from cached.store import Entry, Store
 from cached.upstream import Backend, Credentials, ImageRecord
 
@@ -69,6 +70,9 @@ class Filler:
         # left): the prune makes room, also after the entries in use are released.
         self.on_reserve: Callable[[], None] | None = None
         self._opening: dict[str, asyncio.Future[Fill]] = {}
+        # Chooses each new fill's byte sources (cached/fill/sources.py), given the fill; None:
+        # the upstream alone. Set once by the composition root (a fleet: cached/fleet/peers.py).
+        self.sources: Callable[[Fill], Sources] | None = None
 
     def get(self, image_id: str) -> Fill | None:
         """The running fill of ``image_id``, if any."""
@@ -165,6 +169,8 @@ class Filler:
             self._data_credentials,
         )
         fill.on_reserve = self.reserved
+        if self.sources is not None:
+            fill.sources = self.sources(fill)
         self.fills[image_id] = fill
         return fill
 

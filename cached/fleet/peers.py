@@ -1,0 +1,273 @@
+"""The client side of the fleet: siblings as byte sources of a fill.
+
+:class:`Fleet` (one per daemon) knows the siblings, signs requests to them and keeps their
+health. For each fill the registry asks it for a :class:`FleetSources` (cached/fill/sources.py
+``Sources``), which, per transfer, asks the healthy siblings in parallel (signed ``HEAD``)
+whether they hold a complete copy, within ``fleet_lookup_timeout``, and takes the first in
+the image's rendezvous order (cached/fleet/ring.py: the owner first) that does; otherwise the
+upstream. A sibling is used only when the fill has the upstream's digest to check its bytes
+against (``Fill._finish`` compares it before anything becomes a hit): an image whose record
+has no digest is always taken from the upstream.
+
+A sibling's transfer is a :class:`PeerSource`, which hands over (``hands_over``): when it
+fails (cannot connect in ``fleet_connect_timeout``, no headers in ``fleet_headers_timeout``,
+no byte for ``fleet_stall_timeout``, 401, 404, 5xx, a 200 to a Range, a wrong range or
+length, a short body) the fill asks again without it and resumes at the first byte it did
+not deliver, from another sibling or the upstream. The failed sibling is *down*: skipped for
+1 s, doubling per failure up to 30 s; the first request after that is the probe that, when
+it passes, makes it healthy again.
+
+Threads: the event loop only. ``PeerHealth._down`` is changed by lookups and transfers, both
+on the loop; ``FleetSources.current`` by its own ``pick``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from ssl import SSLContext
+
+import aiohttp
+
+from cached.config import Config, FleetMember
+from cached.errors import UpstreamError, UpstreamUnavailable
+from cached.fill.machine import Fill
+from cached.fill.sources import ByteSource
+from cached.fleet import ring
+from cached.fleet.serve import PREFIX, SIZE, STATE
+from cached.fleet.trust import Trust
+from cached.upstream import DataStream
+from cached.upstream.glance import GlanceStream
+
+log = logging.getLogger("cached.fleet")
+
+DOWN_INITIAL = 1.0  # seconds a failed sibling is skipped, doubling per failure ...
+DOWN_MAX = 30.0  # ... up to this
+
+
+class PeerHealth:
+    """Which siblings are down, and until when (monotonic seconds)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._down: dict[str, tuple[float, float]] = {}  # id -> (down until, last back-off)
+
+    def usable(self, member_id: str) -> bool:
+        until, _ = self._down.get(member_id, (0.0, 0.0))
+        return self._clock() >= until
+
+    def failed(self, member_id: str, why: object) -> None:
+        _, backoff = self._down.get(member_id, (0.0, 0.0))
+        backoff = min(DOWN_MAX, backoff * 2 if backoff else DOWN_INITIAL)
+        self._down[member_id] = (self._clock() + backoff, backoff)
+        log.warning("sibling %s is down for %.0fs: %s", member_id, backoff, why)
+
+    def passed(self, member_id: str) -> None:
+        if self._down.pop(member_id, None) is not None:
+            log.info("sibling %s answers again", member_id)
+
+    def down(self) -> list[str]:
+        return sorted(m for m in self._down if not self.usable(m))
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 1.0
+    headers: float = 5.0
+    stall: float = 10.0
+    lookup: float = 0.2
+
+
+@dataclass(frozen=True)
+class Holding:
+    """A sibling's answer to ``HEAD images/{id}``."""
+
+    state: str  # complete, filling; source=..., absent
+    size: int | None
+
+
+class Fleet:
+    """The siblings of this member: lookups, transfers and their health."""
+
+    def __init__(
+        self,
+        trust: Trust,
+        session: aiohttp.ClientSession,
+        timeouts: Timeouts,
+        health: PeerHealth | None = None,
+    ):
+        self.trust = trust
+        self._session = session
+        self.timeouts = timeouts
+        self.health = health or PeerHealth()
+        self.siblings = {m.id: m for m in trust.members if m.id != trust.self_id}
+
+    @staticmethod
+    def session_for(config: Config, ssl: SSLContext | bool) -> aiohttp.ClientSession:
+        """The session siblings are called with: no total time (an image takes what it
+        takes), the connect and stall timeouts of the configuration."""
+        return aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=config.fleet_connect_timeout,
+                sock_read=config.fleet_stall_timeout,
+            ),
+            connector=aiohttp.TCPConnector(ssl=ssl),  # verified like the upstream
+            auto_decompress=False,
+        )
+
+    def sources_for(self, fill: Fill) -> FleetSources:
+        """The byte sources of a new fill (the registry's hook, cached/fill/registry.py)."""
+        return FleetSources(
+            self, fill.entry.image_id, fill.entry.size, fill.upstream, fill.digest is not None
+        )
+
+    async def holding(self, member_id: str, image_id: str) -> Holding | None:
+        """What ``member_id`` says it holds of ``image_id``; None when it did not answer
+        properly (it is then down)."""
+        member = self.siblings[member_id]
+        path = f"{PREFIX}/images/{image_id}"
+        headers = self.trust.sign("HEAD", path, member_id)
+        try:
+            async with asyncio.timeout(self.timeouts.headers):
+                async with self._session.head(
+                    member.url + path, headers=headers, allow_redirects=False
+                ) as resp:
+                    if resp.status != 200:
+                        raise UpstreamUnavailable(f"HEAD answered {resp.status}")
+                    size = resp.headers.get(SIZE)
+                    answer = Holding(
+                        resp.headers.get(STATE, "absent"),
+                        int(size) if size and size.isdigit() else None,
+                    )
+        except (TimeoutError, aiohttp.ClientError, UpstreamUnavailable) as exc:
+            self.health.failed(member_id, f"HEAD {image_id}: {exc!r}")
+            return None
+        self.health.passed(member_id)
+        return answer
+
+    async def lookup(self, image_id: str, size: int, skip: set[str]) -> PeerSource | None:
+        """The first sibling in ``image_id``'s order (the owner first) that holds a complete
+        copy of ``size`` bytes, asked in parallel within the lookup timeout; None if none
+        did. Stops early once every sibling before a complete one has answered."""
+        candidates = [
+            m
+            for m in ring.order([*self.siblings, self.trust.self_id], image_id)
+            if m in self.siblings and m not in skip and self.health.usable(m)
+        ]
+        if not candidates:
+            return None
+        tasks = {m: asyncio.create_task(self.holding(m, image_id)) for m in candidates}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeouts.lookup
+
+        def complete(m: str) -> bool:
+            task = tasks[m]
+            if not task.done() or task.cancelled():
+                return False
+            answer = task.result()
+            return answer is not None and answer.state == "complete" and answer.size == size
+
+        try:
+            while True:
+                for m in candidates:
+                    if complete(m):
+                        return self.source(m, size)
+                    if not tasks[m].done():
+                        break  # one before the rest may still say complete
+                else:
+                    return None  # every sibling answered; none holds a copy
+                pending = [t for t in tasks.values() if not t.done()]
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            # The time is up: the best of those that answered.
+            return next((self.source(m, size) for m in candidates if complete(m)), None)
+        finally:
+            for task in tasks.values():
+                task.cancel()
+
+    def source(self, member_id: str, size: int) -> PeerSource:
+        return PeerSource(self, self.siblings[member_id], size)
+
+
+class PeerSource:
+    """A sibling's complete copy as a byte source (cached/fill/sources.py ``ByteSource``)."""
+
+    hands_over = True
+
+    def __init__(self, fleet: Fleet, member: FleetMember, size: int):
+        self._fleet = fleet
+        self.member = member
+        self._size = size
+        self.name = f"sibling {member.id}"
+
+    @asynccontextmanager
+    async def open(self, image_id: str, start: int, end: int | None) -> AsyncIterator[DataStream]:
+        fleet, member = self._fleet, self.member
+        stop = self._size if end is None else end
+        path = f"{PREFIX}/images/{image_id}"
+        range_ = f"bytes={start}-{stop - 1}"
+        headers = {"Range": range_, **fleet.trust.sign("GET", path, member.id, range_)}
+        try:
+            try:
+                async with asyncio.timeout(fleet.timeouts.headers):
+                    resp = await fleet._session.get(
+                        member.url + path, headers=headers, allow_redirects=False
+                    )
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise UpstreamUnavailable(f"{self.name}: {exc!r}") from exc
+            try:
+                expected = f"bytes {start}-{stop - 1}/{self._size}"
+                if resp.status != 206:
+                    raise UpstreamUnavailable(f"{self.name} answered {resp.status} to a Range")
+                if resp.headers.get("Content-Range") != expected:
+                    raise UpstreamUnavailable(
+                        f"{self.name} sent {resp.headers.get('Content-Range')!r}, not {expected!r}"
+                    )
+                yield GlanceStream(resp, start)
+            finally:
+                resp.close()
+        except (UpstreamError, UpstreamUnavailable) as exc:
+            fleet.health.failed(member.id, exc)
+            raise
+        fleet.health.passed(member.id)
+
+
+class FleetSources:
+    """One fill's sources: a sibling's complete copy when one answers, else the upstream."""
+
+    def __init__(
+        self, fleet: Fleet, image_id: str, size: int, upstream: ByteSource, checkable: bool
+    ):
+        self._fleet = fleet
+        self._image_id = image_id
+        self._size = size
+        self._upstream = upstream
+        # Only with the upstream's digest to check them are a sibling's bytes ever taken.
+        self._checkable = checkable
+        self.current = "upstream"  # "upstream" or "copy": what HEAD tells siblings
+
+    async def pick(self, start: int, end: int, failed: Sequence[ByteSource]) -> ByteSource | None:
+        if self._checkable and self._size > 0:
+            skip = {s.member.id for s in failed if isinstance(s, PeerSource)}
+            sibling = await self._fleet.lookup(self._image_id, self._size, skip)
+            if sibling is not None:
+                log.info("%s [%d, %d) from %s", self._image_id, start, end, sibling.name)
+                self.current = "copy"
+                return sibling
+        if self._upstream in failed:
+            return None
+        self.current = "upstream"
+        return self._upstream
+
+
+def fill_source(fill: Fill) -> str:
+    """Where ``fill`` takes its bytes now, as ``HEAD`` tells siblings: upstream or copy."""
+    sources = fill.sources
+    return sources.current if isinstance(sources, FleetSources) else "upstream"

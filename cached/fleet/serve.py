@@ -1,0 +1,217 @@
+"""What a member answers its siblings: the ``/cached-peer/v1/`` routes.
+
+- ``HEAD images/{id}``: whether this member holds the image, in ``X-Cached-Peer-State``:
+  ``complete`` (a verified copy; ``X-Cached-Peer-Size`` gives its size), ``filling;
+  source=upstream|copy`` (a fill is running, fed by the upstream or a sibling's copy) or
+  ``absent``.
+- ``GET images/{id}``: the bytes of a complete copy (``Range`` honoured: ``206``), sent by
+  the reader (cached/download/reader.py ``send_entry``) from the checked file. ``404`` when
+  there is no complete copy; ``503`` at once when the cache directory is not ok
+  (``read_only`` still serves complete copies), new fills are refused, or
+  ``fleet_max_peer_streams`` streams are running (then with ``Retry-After``).
+- ``GET health``: this member's id, list digest and cache state.
+
+Every request must be signed for this member (cached/fleet/trust.py): unsigned, badly
+signed, stale or misdirected requests get a bare ``401`` before anything is looked up, so
+they learn nothing. The routes are registered before the catch-all (never relayed to the
+upstream) and are exempt from the ``policy`` file's routes (cached/app.py).
+
+Threads: the event loop only. ``PeerService._streams`` (the running streams) is changed by
+the GET handler alone; the entries it reads are the store's (``readers`` counted like any
+reader's, so prune and delete skip them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from aiohttp import web
+
+from cached.cachedir.directories import Directories
+from cached.cachedir.reverify import Integrity
+from cached.download.reader import send_entry
+from cached.edge import ranges
+from cached.errors import CachedError, FillAborted
+from cached.fill.machine import Fill
+from cached.fill.registry import Filler
+from cached.fleet import trust as signing
+from cached.ids import is_image_id
+from cached.store import Entry, State, Store
+
+log = logging.getLogger("cached.fleet")
+
+PREFIX = "/cached-peer/v1"
+STATE = "X-Cached-Peer-State"
+SIZE = "X-Cached-Peer-Size"
+RETRY_AFTER = "1"  # seconds a sibling waits after a 503 (it takes another source meanwhile)
+ROUTE_PREFIX = "peer-"  # the names of these routes (cached/app.py exempts them from policy)
+
+
+class PeerService:
+    """The handlers of the peer routes, bound to this member's store and fills."""
+
+    def __init__(
+        self,
+        trust: signing.Trust,
+        store: Store,
+        filler: Filler,
+        directories: Directories,
+        integrity: Integrity | None,
+        max_streams: int,
+        fill_source: Callable[[Fill], str],
+    ):
+        self.trust = trust
+        self._store = store
+        self._filler = filler
+        self._directories = directories
+        self._integrity = integrity
+        self._max_streams = max_streams
+        self._fill_source = fill_source  # "upstream" or "copy": where a fill takes its bytes
+        self._streams = 0
+        self._disagreeing: set[str] = set()  # senders whose member list differs (logged once)
+
+    # ------------------------------------------------------------------ trust
+    def _refused(self, request: web.Request) -> web.Response | None:
+        """401 for a request not signed for this member by a sibling; None if it is."""
+        try:
+            sender = self.trust.verify(request.method, request.rel_url.raw_path, request.headers)
+        except signing.Refused as exc:
+            log.info("peer request %s %s refused: %s", request.method, request.path, exc)
+            return web.Response(status=401)
+        theirs = request.headers.get(signing.LIST, "")
+        if theirs != self.trust.digest and sender not in self._disagreeing:
+            self._disagreeing.add(sender)
+            log.warning(
+                "member %s has another fleet_members list (digest %s, ours %s): ownership "
+                "differs until the lists agree",
+                sender,
+                theirs[:16] or "none",
+                self.trust.digest,
+            )
+        return None
+
+    # ------------------------------------------------------------------ routes
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        return web.json_response(
+            {
+                "id": self.trust.self_id,
+                "list": self.trust.digest,
+                "cache": self._directories.cache.state.value,
+            }
+        )
+
+    async def head_image(self, request: web.Request) -> web.StreamResponse:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        image_id = request.match_info["image_id"]
+        if not is_image_id(image_id):
+            return web.Response(status=400)
+        entry = self._store.get(image_id)
+        if self._directories.cache_bypass(entry) is not None:
+            return web.Response(status=503, headers={"Retry-After": RETRY_AFTER})
+        headers = {STATE: "absent"}
+        if _complete(entry):
+            assert entry is not None
+            headers = {STATE: "complete", SIZE: str(entry.size)}
+        elif (fill := self._filler.get(image_id)) is not None:
+            headers = {STATE: f"filling; source={self._fill_source(fill)}"}
+        return web.Response(status=200, headers=headers)
+
+    async def get_image(self, request: web.Request) -> web.StreamResponse:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        image_id = request.match_info["image_id"]
+        if not is_image_id(image_id):
+            return web.Response(status=400)
+        entry = self._store.get(image_id)
+        busy = self._streams >= self._max_streams
+        if busy or self._directories.cache_bypass(entry) is not None:
+            return web.Response(status=503, headers={"Retry-After": RETRY_AFTER})
+        if self._filler.passing_through():
+            return web.Response(status=503, headers={"Retry-After": RETRY_AFTER})
+        if entry is None or not _complete(entry):
+            return web.Response(status=404)
+        try:
+            wanted = ranges.parse(request.headers.get("Range"), entry.size)
+        except (ranges.MalformedRange, ranges.MultipleRanges):
+            return web.Response(status=400)
+        except ranges.RangeNotSatisfiable:
+            return web.Response(status=416, headers={"Content-Range": f"bytes */{entry.size}"})
+        self._streams += 1
+        entry.readers += 1  # before any await: prune and delete skip entries in use
+        try:
+            return await self._send(request, entry, wanted)
+        finally:
+            entry.readers -= 1
+            self._filler.reader_left(entry)
+            self._streams -= 1
+
+    async def _send(
+        self, request: web.Request, entry: Entry, wanted: ranges.ByteRange | None
+    ) -> web.StreamResponse:
+        try:
+            if self._integrity is not None:
+                opened = await self._integrity.open_hit(entry)
+            else:
+                opened = await self._store.run(_open_unbuffered, entry.path)
+        except OSError:  # evicted meanwhile, or the directory failed: nothing sent yet
+            return web.Response(status=404)
+        if opened is None or isinstance(opened, bytes):  # failed re-verification
+            return web.Response(status=404)
+        file: BinaryIO = opened
+        try:
+            start, end = (wanted.start, wanted.end) if wanted else (0, entry.size)
+            response = web.StreamResponse(status=206 if wanted else 200)
+            response.content_type = "application/octet-stream"
+            response.content_length = end - start
+            if wanted is not None:
+                response.headers["Content-Range"] = wanted.content_range()
+            await response.prepare(request)
+
+            async def no_fill(pos: int, stop: int) -> tuple[Fill | None, int]:
+                raise FillAborted("a complete copy needs no fill")
+
+            try:
+                await send_entry(request, response, entry, file, start, end, lambda: None, no_fill)
+            except (CachedError, ConnectionError, OSError) as exc:
+                # Content-Length is out: cutting the connection tells the sibling it is short.
+                log.info("peer stream of %s to %s cut: %s", entry.image_id, request.remote, exc)
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+            await response.write_eof()
+            return response
+        finally:
+            await self._store.run(file.close)
+
+
+def _complete(entry: Entry | None) -> bool:
+    return entry is not None and entry.complete and entry.state is not State.INVALID
+
+
+def _open_unbuffered(path: Path) -> BinaryIO:
+    return open(path, "rb", buffering=0)
+
+
+def add_routes(app: web.Application, service: Callable[[], PeerService]) -> None:
+    """Register the peer routes (before the catch-all); ``service`` gives the handlers'
+    :class:`PeerService` once the application's resources are built."""
+
+    async def health(request: web.Request) -> web.StreamResponse:
+        return await service().health(request)
+
+    async def head_image(request: web.Request) -> web.StreamResponse:
+        return await service().head_image(request)
+
+    async def get_image(request: web.Request) -> web.StreamResponse:
+        return await service().get_image(request)
+
+    images = PREFIX + "/images/{image_id}"
+    app.router.add_route("HEAD", images, head_image, name=ROUTE_PREFIX + "head")
+    app.router.add_get(images, get_image, allow_head=False, name=ROUTE_PREFIX + "get")
+    app.router.add_get(PREFIX + "/health", health, allow_head=False, name=ROUTE_PREFIX + "health")
