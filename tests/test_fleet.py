@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import os
 import re
+import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class Relay:
     target: tuple[str, int] | None = None
     rate: int | None = None
     sent: int = 0
+    # Flip one byte once a connection has sent back this many bytes (then set to None).
+    corrupt_after: int | None = None
     server: asyncio.Server | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -65,10 +68,18 @@ class Relay:
             return
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, back: bool) -> None:
+            done = 0  # bytes sent back on this connection
             try:
                 while data := await src.read(64 * 1024):
                     if back and self.rate:
                         await asyncio.sleep(len(data) / self.rate)
+                    flip = self.corrupt_after
+                    if back and flip is not None and done <= flip < done + len(data):
+                        self.corrupt_after = None
+                        changed = bytearray(data)
+                        changed[flip - done] ^= 0xFF
+                        data = bytes(changed)
+                    done += len(data)
                     dst.write(data)
                     await dst.drain()
                     if back:
@@ -105,7 +116,10 @@ class Member:
 
 
 @contextlib.asynccontextmanager
-async def fleet(tmp_path: Path, glance: FakeGlance) -> AsyncIterator[dict[str, Member]]:
+async def fleet(
+    tmp_path: Path, glance: FakeGlance, extra: dict[str, dict[str, object]] | None = None
+) -> AsyncIterator[dict[str, Member]]:
+    """Three members (IDS); ``extra``: more configuration per member id."""
     key = tmp_path / "fleet.key"
     key.write_bytes(os.urandom(48).hex().encode())
     key.chmod(0o600)
@@ -123,6 +137,7 @@ async def fleet(tmp_path: Path, glance: FakeGlance) -> AsyncIterator[dict[str, M
                         "fleet_secret_file": str(key),
                         "fleet_lookup_timeout": 2.0,
                         "fleet_stall_timeout": 3.0,
+                        **(extra or {}).get(m, {}),
                     }
                 )
             )
@@ -214,7 +229,8 @@ async def test_a_sibling_killed_mid_stream_hands_over_to_the_upstream(tmp_path: 
     """A holds the image; B fills from A through a link paced at 4 MiB/s; A is killed
     (SIGKILL) once 8 MiB went out. B's fill goes on from the upstream at the first byte A
     did not deliver, and B's client gets the whole, correct body."""
-    async with fake_glance() as glance, fleet(tmp_path, glance) as members:
+    one_stream = {"ctl-a": {"fleet_max_peer_streams": 1}}
+    async with fake_glance() as glance, fleet(tmp_path, glance, one_stream) as members:
         data = os.urandom(32 * MiB)
         image = glance.add_image(data)
         a, b = members["ctl-a"], members["ctl-b"]
@@ -224,6 +240,12 @@ async def test_a_sibling_killed_mid_stream_hands_over_to_the_upstream(tmp_path: 
             a.relay.sent = 0
             fetch = asyncio.create_task(download(session, b.url, image.id))
             await until(lambda: a.relay.sent >= 8 * MiB, "A sent 8 MiB to B", within=30)
+            # Beyond fleet_max_peer_streams (1 here): 503 at once, with Retry-After.
+            key = (tmp_path / "fleet.key").read_bytes().strip()
+            as_c = trust.Trust("ctl-c", tuple(FleetMember(i, "x") for i in IDS), key)
+            path = f"/cached-peer/v1/images/{image.id}"
+            async with session.get(a.url + path, headers=as_c.sign("GET", path, "ctl-a")) as r:
+                assert (r.status, r.headers.get("Retry-After")) == (503, "1")
             killed_at = time.monotonic()
             await asyncio.to_thread(a.proc.kill)
             status, _, body = await fetch
@@ -245,10 +267,57 @@ async def test_a_sibling_killed_mid_stream_hands_over_to_the_upstream(tmp_path: 
             assert (await download(session, b.url, image.id))[:2] == (200, "cached; hit")
 
 
+async def test_a_stalled_sibling_is_left_after_the_stall_timeout(tmp_path: Path) -> None:
+    """A stops (SIGSTOP) in the middle of a stream to B: no byte for fleet_stall_timeout (3 s
+    here) fails the transfer, B goes on from the upstream and its client gets the body."""
+    async with fake_glance() as glance, fleet(tmp_path, glance) as members:
+        data = os.urandom(32 * MiB)
+        image = glance.add_image(data)
+        a, b = members["ctl-a"], members["ctl-b"]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            assert (await download(session, a.url, image.id))[2] == data
+            a.relay.rate = 4 * MiB
+            a.relay.sent = 0
+            fetch = asyncio.create_task(download(session, b.url, image.id))
+            await until(lambda: a.relay.sent >= 8 * MiB, "A sent 8 MiB to B", within=30)
+            a.proc.signal(signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            try:
+                status, _, body = await fetch
+                took = time.monotonic() - stopped_at
+            finally:
+                a.proc.signal(signal.SIGCONT)
+            assert status == 200 and hashlib.sha256(body).digest() == (
+                hashlib.sha256(data).digest()
+            )
+            out = b.proc.output()
+            assert "sibling ctl-a failed at byte" in out and "sibling ctl-a is down" in out
+            resumed = transfers(glance, image.id)
+            assert len(resumed) == 2 and resumed[1] is not None
+            print(f"A stopped: B's client done {took:.1f}s later (stall timeout 3 s)")
+
+
 async def test_peer_requests_must_be_signed_for_the_member(tmp_path: Path) -> None:
     """Unsigned, badly signed, stale and misdirected peer requests get a bare 401; a request
-    signed for the member is answered: HEAD says complete or absent, GET serves a range."""
-    async with fake_glance() as glance, fleet(tmp_path, glance) as members:
+    signed for the member is answered: HEAD says complete or absent, GET serves a range.
+    The policy file's routes do not apply to peer requests (a policy denying them to
+    everybody is in force and still denies what it names elsewhere); a member whose cache
+    directory is not ok answers 503 at once."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        yaml.safe_dump(
+            {
+                "routes": [
+                    {"method": ["GET", "HEAD"], "path": "/cached-peer/v1/images/*", "rule": "!"},
+                    {"method": ["GET"], "path": "/cached-peer/v1/health", "rule": "!"},
+                    {"method": ["DELETE"], "path": "/v2/images/*", "rule": "!"},
+                ]
+            }
+        )
+    )
+    extra: dict[str, dict[str, object]] = {m: {"policy": str(policy)} for m in IDS}
+    extra["ctl-c"]["image_cache_mount"] = {"require_mount": True}  # not mounted: not ok
+    async with fake_glance() as glance, fleet(tmp_path, glance, extra) as members:
         data = os.urandom(2 * MiB)
         image = glance.add_image(data)
         a = members["ctl-a"]
@@ -259,9 +328,7 @@ async def test_peer_requests_must_be_signed_for_the_member(tmp_path: Path) -> No
         async with aiohttp.ClientSession() as session:
 
             async def ask(method: str, headers: dict[str, str]) -> aiohttp.ClientResponse:
-                async with session.request(method, a.url + path, headers=headers) as resp:
-                    await resp.read()
-                    return resp
+                return await ask_at(session, a.url + path, method, headers)
 
             absent = await ask("HEAD", as_b.sign("HEAD", path, "ctl-a"))
             assert absent.status == 200 and absent.headers["X-Cached-Peer-State"] == "absent"
@@ -290,6 +357,76 @@ async def test_peer_requests_must_be_signed_for_the_member(tmp_path: Path) -> No
             health = "/cached-peer/v1/health"
             async with session.get(a.url + health, headers=as_b.sign("GET", health, "ctl-a")) as r:
                 assert r.status == 200 and (await r.json())["id"] == "ctl-a"
+            async with session.delete(f"{a.url}/v2/images/{image.id}", headers=auth()) as r:
+                assert r.status == 403  # the policy is in force for everything else
+            c = members["ctl-c"]
+            resp = await ask_at(session, c.url + path, "HEAD", as_b.sign("HEAD", path, "ctl-c"))
+            assert (resp.status, resp.headers.get("Retry-After")) == (503, "1")
+
+
+async def ask_at(
+    session: aiohttp.ClientSession, url: str, method: str, headers: dict[str, str]
+) -> aiohttp.ClientResponse:
+    async with session.request(method, url, headers=headers) as resp:
+        await resp.read()
+        return resp
+
+
+async def test_a_sibling_copy_is_used_only_with_a_digest_and_verified(tmp_path: Path) -> None:
+    """An image whose record has no digest is never taken from a sibling; bytes from a
+    sibling that do not match the upstream's digest never become a hit (the fill goes
+    invalid as any other, its client is cut), and the next fill is whole and verified.
+    HEAD tells a running fill from a complete copy."""
+    async with fake_glance() as glance, fleet(tmp_path, glance) as members:
+        a, b = members["ctl-a"], members["ctl-b"]
+        key = (tmp_path / "fleet.key").read_bytes().strip()
+        as_c = trust.Trust("ctl-c", tuple(FleetMember(i, "x") for i in IDS), key)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            # A running fill: "filling; source=upstream" (the upstream paced to 8 MiB/s).
+            data = os.urandom(16 * MiB)
+            slow = glance.add_image(data, rate=8 * MiB)
+            fetch = asyncio.create_task(download(session, a.url, slow.id))
+            path = f"/cached-peer/v1/images/{slow.id}"
+            await until(lambda: len(transfers(glance, slow.id)) == 1, "A's fill started")
+            # (the fill lasts 2 s at that pace: it is running while the upstream sends)
+            resp = await ask_at(session, a.url + path, "HEAD", as_c.sign("HEAD", path, "ctl-a"))
+            assert resp.headers.get("X-Cached-Peer-State") == "filling; source=upstream"
+            assert (await fetch)[2] == data
+
+            # No digest in the record: B takes the upstream although A holds a copy.
+            bare_data = os.urandom(4 * MiB)
+            bare = glance.add_image(bare_data)
+            bare.checksum = bare.os_hash_algo = bare.os_hash_value = None
+            assert (await download(session, a.url, bare.id))[2] == bare_data
+            assert (await download(session, b.url, bare.id))[2] == bare_data
+            assert transfers(glance, bare.id) == [None, None]
+            assert f"{bare.id} [0, " not in b.proc.output()
+
+            # A byte flipped between A and B: B's digest catches it; nothing is a hit.
+            good = os.urandom(8 * MiB)
+            image = glance.add_image(good)
+            assert (await download(session, a.url, image.id))[2] == good
+            a.relay.corrupt_after = 3 * MiB
+            status, _, body = await download_or_cut(session, b.url, image.id)
+            assert body != good  # cut short: never the whole body
+            assert f"image {image.id} failed verification" in b.proc.output()
+            status, cache_status, body = await download(session, b.url, image.id)
+            assert (status, body == good) == (200, True)
+            assert cache_status is not None and "hit" not in cache_status  # filled anew
+            assert (await download(session, b.url, image.id))[:2] == (200, "cached; hit")
+            assert transfers(glance, image.id) == [None]  # both B fills from A's copy
+
+
+async def download_or_cut(
+    session: aiohttp.ClientSession, url: str, image_id: str
+) -> tuple[int, str | None, bytes]:
+    """A download the server may cut: what arrived before the cut."""
+    async with session.get(f"{url}/v2/images/{image_id}/file", headers=auth()) as resp:
+        got = bytearray()
+        with contextlib.suppress(aiohttp.ClientPayloadError):
+            async for piece in resp.content.iter_any():
+                got += piece
+        return resp.status, resp.headers.get("Cache-Status"), bytes(got)
 
 
 pytestmark = pytest.mark.timeout(240)
