@@ -225,6 +225,38 @@ async def test_a_cold_image_leaves_the_upstream_once_per_fleet(tmp_path: Path) -
             print(f"upstream data GETs: 1; bytes sent between siblings: {served}")
 
 
+async def test_cold_clients_on_every_member_follow_one_upstream_fed_fill(tmp_path: Path) -> None:
+    """Eight cold clients on A, then (while A's fill, fed by the upstream at 16 MiB/s, still
+    runs) eight on B and eight on C: one upstream data GET in all, 24 identical bodies;
+    B and C follow A's running fill and each ends with its own verified copy."""
+    async with fake_glance() as glance, fleet(tmp_path, glance) as members:
+        data = os.urandom(32 * MiB)
+        image = glance.add_image(data, rate=16 * MiB)
+        a, b, c = (members[m] for m in IDS)
+        key = (tmp_path / "fleet.key").read_bytes().strip()
+        as_c = trust.Trust("ctl-c", tuple(FleetMember(i, "x") for i in IDS), key)
+        path = f"/cached-peer/v1/images/{image.id}"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
+            fetches = [asyncio.create_task(download(session, a.url, image.id)) for _ in range(8)]
+            await until(lambda: len(transfers(glance, image.id)) == 1, "A's fill started")
+            resp = await ask_at(session, a.url + path, "HEAD", as_c.sign("HEAD", path, "ctl-a"))
+            assert resp.headers.get("X-Cached-Peer-State") == "filling; source=upstream"
+            fetches += [
+                asyncio.create_task(download(session, m.url, image.id))
+                for m in (b, c)
+                for _ in range(8)
+            ]
+            results = await asyncio.gather(*fetches)
+            digest = hashlib.sha256(data).digest()
+            assert [(r[0], hashlib.sha256(r[2]).digest()) for r in results] == [(200, digest)] * 24
+            assert transfers(glance, image.id) == [None]
+            for member in (b, c):
+                out = member.proc.output()
+                assert re.search(rf"{image.id} \[0, {len(data)}\) from sibling ctl-a", out), out
+                assert f"cached {image.id}: {len(data)} bytes, sha512 verified" in out
+            print(f"24 cold clients on 3 members: {len(transfers(glance, image.id))} upstream GET")
+
+
 async def test_a_sibling_killed_mid_stream_hands_over_to_the_upstream(tmp_path: Path) -> None:
     """A holds the image; B fills from A through a link paced at 4 MiB/s; A is killed
     (SIGKILL) once 8 MiB went out. B's fill goes on from the upstream at the first byte A

@@ -4,10 +4,15 @@
 health. For each fill the registry asks it for a :class:`FleetSources` (cached/fill/sources.py
 ``Sources``), which, per transfer, asks the healthy siblings in parallel (signed ``HEAD``)
 whether they hold a complete copy, within ``fleet_lookup_timeout``, and takes the first in
-the image's rendezvous order (cached/fleet/ring.py: the owner first) that does; otherwise the
-upstream. A sibling is used only when the fill has the upstream's digest to check its bytes
-against (``Fill._finish`` compares it before anything becomes a hit): an image whose record
-has no digest is always taken from the upstream.
+the image's rendezvous order (cached/fleet/ring.py: the owner first) that does; else the
+first whose running fill is fed by the upstream (``filling; source=upstream``: followed at
+the upstream's pace); otherwise the upstream. A fill fed by a copy, or still choosing its
+source, says ``source=copy`` and is never followed: a chain of fills ends at the upstream
+within two hops and cannot loop (groupcache's A→B→A).
+
+A sibling is used only when the fill has the upstream's digest to check its bytes against
+(``Fill._finish`` compares it before anything becomes a hit): an image whose record has no
+digest is always taken from the upstream.
 
 A sibling's transfer is a :class:`PeerSource`, which hands over (``hands_over``): when it
 fails (cannot connect in ``fleet_connect_timeout``, no headers in ``fleet_headers_timeout``,
@@ -47,6 +52,8 @@ log = logging.getLogger("cached.fleet")
 
 DOWN_INITIAL = 1.0  # seconds a failed sibling is skipped, doubling per failure ...
 DOWN_MAX = 30.0  # ... up to this
+COMPLETE = "complete"  # what a sibling's HEAD says (cached/fleet/serve.py)
+FILLING_FROM_UPSTREAM = "filling; source=upstream"
 
 
 class PeerHealth:
@@ -152,8 +159,9 @@ class Fleet:
 
     async def lookup(self, image_id: str, size: int, skip: set[str]) -> PeerSource | None:
         """The first sibling in ``image_id``'s order (the owner first) that holds a complete
-        copy of ``size`` bytes, asked in parallel within the lookup timeout; None if none
-        did. Stops early once every sibling before a complete one has answered."""
+        copy of ``size`` bytes, else the first whose fill is fed by the upstream, asked in
+        parallel within the lookup timeout; None if none. Stops early once every sibling
+        before a complete one has answered."""
         candidates = [
             m
             for m in ring.order([*self.siblings, self.trust.self_id], image_id)
@@ -165,29 +173,34 @@ class Fleet:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeouts.lookup
 
-        def complete(m: str) -> bool:
+        def answer(m: str, state: str) -> bool:
             task = tasks[m]
             if not task.done() or task.cancelled():
                 return False
-            answer = task.result()
-            return answer is not None and answer.state == "complete" and answer.size == size
+            held = task.result()
+            return held is not None and held.state == state and held.size == size
 
         try:
             while True:
                 for m in candidates:
-                    if complete(m):
+                    if answer(m, COMPLETE):
                         return self.source(m, size)
                     if not tasks[m].done():
                         break  # one before the rest may still say complete
                 else:
-                    return None  # every sibling answered; none holds a copy
+                    break  # every sibling answered
                 pending = [t for t in tasks.values() if not t.done()]
                 left = deadline - loop.time()
                 if left <= 0:
                     break
                 await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-            # The time is up: the best of those that answered.
-            return next((self.source(m, size) for m in candidates if complete(m)), None)
+            # The best of those that answered: a complete copy, else a fill fed by the
+            # upstream (never one fed by a copy: chains end at the upstream, no loop forms).
+            for state in (COMPLETE, FILLING_FROM_UPSTREAM):
+                for m in candidates:
+                    if answer(m, state):
+                        return self.source(m, size)
+            return None
         finally:
             for task in tasks.values():
                 task.cancel()
@@ -251,10 +264,14 @@ class FleetSources:
         self._upstream = upstream
         # Only with the upstream's digest to check them are a sibling's bytes ever taken.
         self._checkable = checkable
-        self.current = "upstream"  # "upstream" or "copy": what HEAD tells siblings
+        # What HEAD tells siblings: "upstream" once a transfer takes the upstream; "copy"
+        # while one takes a sibling's bytes, and while the source is being chosen (so two
+        # fills looking at once never follow each other).
+        self.current = "copy"
 
     async def pick(self, start: int, end: int, failed: Sequence[ByteSource]) -> ByteSource | None:
         if self._checkable and self._size > 0:
+            self.current = "copy"
             skip = {s.member.id for s in failed if isinstance(s, PeerSource)}
             sibling = await self._fleet.lookup(self._image_id, self._size, skip)
             if sibling is not None:

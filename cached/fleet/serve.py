@@ -5,8 +5,10 @@
   source=upstream|copy`` (a fill is running, fed by the upstream or a sibling's copy) or
   ``absent``.
 - ``GET images/{id}``: the bytes of a complete copy (``Range`` honoured: ``206``), sent by
-  the reader (cached/download/reader.py ``send_entry``) from the checked file. ``404`` when
-  there is no complete copy; ``503`` at once when the cache directory is not ok
+  the reader (cached/download/reader.py ``send_entry``) from the checked file, or of a
+  running fill fed by the upstream (followed as a client's reader follows it; the last byte
+  of the image only once its digest matched). ``404`` otherwise (a sibling never makes this
+  member fetch anything); ``503`` at once when the cache directory is not ok
   (``read_only`` still serves complete copies), new fills are refused, or
   ``fleet_max_peer_streams`` streams are running (then with ``Retry-After``).
 - ``GET health``: this member's id, list digest and cache state.
@@ -119,7 +121,10 @@ class PeerService:
             assert entry is not None
             headers = {STATE: "complete", SIZE: str(entry.size)}
         elif (fill := self._filler.get(image_id)) is not None:
-            headers = {STATE: f"filling; source={self._fill_source(fill)}"}
+            headers = {
+                STATE: f"filling; source={self._fill_source(fill)}",
+                SIZE: str(fill.entry.size),
+            }
         return web.Response(status=200, headers=headers)
 
     async def get_image(self, request: web.Request) -> web.StreamResponse:
@@ -134,8 +139,17 @@ class PeerService:
             return web.Response(status=503, headers={"Retry-After": RETRY_AFTER})
         if self._filler.passing_through():
             return web.Response(status=503, headers={"Retry-After": RETRY_AFTER})
+        fill = None
         if entry is None or not _complete(entry):
-            return web.Response(status=404)
+            # A running fill fed by the upstream, whose driver fetches every byte, is
+            # followed (a sibling's fill runs at the upstream's pace); nothing else is: a
+            # fill fed by a copy is never followed, so no chain of fills loops.
+            fill = self._filler.get(image_id)
+            if fill is None or self._fill_source(fill) != "upstream":
+                return web.Response(status=404)
+            if fill.widening(0, fill.entry.size, whole=True) != 0:
+                return web.Response(status=404)  # a range fill: not every byte will come
+            entry = fill.entry
         try:
             wanted = ranges.parse(request.headers.get("Range"), entry.size)
         except (ranges.MalformedRange, ranges.MultipleRanges):
@@ -145,17 +159,21 @@ class PeerService:
         self._streams += 1
         entry.readers += 1  # before any await: prune and delete skip entries in use
         try:
-            return await self._send(request, entry, wanted)
+            return await self._send(request, entry, wanted, fill)
         finally:
             entry.readers -= 1
             self._filler.reader_left(entry)
             self._streams -= 1
 
     async def _send(
-        self, request: web.Request, entry: Entry, wanted: ranges.ByteRange | None
+        self,
+        request: web.Request,
+        entry: Entry,
+        wanted: ranges.ByteRange | None,
+        fill: Fill | None,
     ) -> web.StreamResponse:
         try:
-            if self._integrity is not None:
+            if self._integrity is not None and fill is None:
                 opened = await self._integrity.open_hit(entry)
             else:
                 opened = await self._store.run(_open_unbuffered, entry.path)
@@ -173,11 +191,31 @@ class PeerService:
                 response.headers["Content-Range"] = wanted.content_range()
             await response.prepare(request)
 
-            async def no_fill(pos: int, stop: int) -> tuple[Fill | None, int]:
-                raise FillAborted("a complete copy needs no fill")
+            def fill_of_entry() -> Fill | None:
+                return self._filler.fill_of(entry)
 
+            async def no_new_fill(pos: int, stop: int) -> tuple[Fill | None, int]:
+                # A sibling never makes this member fetch: the fill it follows, or nothing.
+                # (Mark 0: any range lost by that fill cuts this stream; the sibling then
+                # takes its next source.)
+                current = fill_of_entry()
+                if current is None and not entry.complete:
+                    raise FillAborted(f"the fill of {entry.image_id} ended")
+                return current, 0
+
+            following = (fill, 0) if fill is not None else None
             try:
-                await send_entry(request, response, entry, file, start, end, lambda: None, no_fill)
+                await send_entry(
+                    request,
+                    response,
+                    entry,
+                    file,
+                    start,
+                    end,
+                    fill_of_entry,
+                    no_new_fill,
+                    following=following,
+                )
             except (CachedError, ConnectionError, OSError) as exc:
                 # Content-Length is out: cutting the connection tells the sibling it is short.
                 log.info("peer stream of %s to %s cut: %s", entry.image_id, request.remote, exc)
