@@ -168,6 +168,19 @@ async def fake_glance() -> AsyncIterator[FakeGlance]:
         await glance.close()
 
 
+async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    """A member's /metrics, sample name with labels -> value."""
+    async with session.get(f"{url}/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
 def transfers(glance: FakeGlance, image_id: str) -> list[str | None]:
     """The Range of every data GET of ``image_id`` the upstream answered, the callers'
     authorisation probes (``bytes=0-0``) left out."""
@@ -223,6 +236,21 @@ async def test_a_cold_image_leaves_the_upstream_once_per_fleet(tmp_path: Path) -
             served = sum(m.relay.sent for m in members.values())
             assert served >= 2 * len(data)
             print(f"upstream data GETs: 1; bytes sent between siblings: {served}")
+            # /metrics: peer bytes, never upstream bytes; transfers by source; answers.
+            got = {m.id: await scrape(session, m.url) for m in (a, b, c)}
+            # (C took the copy of whichever of A and B comes first in the image's order.)
+            sent = sum(g['cached_fleet_peer_bytes_total{direction="sent"}'] for g in got.values())
+            assert sent == 2 * len(data)
+            served_count = sum(
+                g['cached_fleet_peer_requests_total{outcome="served"}'] for g in got.values()
+            )
+            assert served_count == 2
+            for m in ("ctl-b", "ctl-c"):
+                assert got[m]['cached_fleet_peer_bytes_total{direction="received"}'] == len(data)
+                assert got[m]['cached_fleet_transfers_total{source="copy"}'] == 1
+                assert got[m]['cached_fleet_transfers_total{source="upstream"}'] == 0
+                assert got[m].get('cached_upstream_bytes_total{kind="data"}', 0) == 0
+            assert got["ctl-a"]['cached_fleet_transfers_total{source="upstream"}'] == 1
 
 
 async def test_cold_clients_on_every_member_follow_one_upstream_fed_fill(tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ from ssl import SSLContext
 
 import aiohttp
 
+from cached import metrics
 from cached.config import Config, FleetMember
 from cached.errors import UpstreamError, UpstreamUnavailable
 from cached.fill.machine import Fill
@@ -45,7 +46,7 @@ from cached.fill.sources import ByteSource
 from cached.fleet import ring
 from cached.fleet.serve import PREFIX, SIZE, STATE
 from cached.fleet.trust import Trust
-from cached.upstream import DataStream
+from cached.upstream import Buffer, DataStream
 from cached.upstream.glance import GlanceStream
 
 log = logging.getLogger("cached.fleet")
@@ -199,14 +200,14 @@ class Fleet:
             for state in (COMPLETE, FILLING_FROM_UPSTREAM):
                 for m in candidates:
                     if answer(m, state):
-                        return self.source(m, size)
+                        return self.source(m, size, following=state != COMPLETE)
             return None
         finally:
             for task in tasks.values():
                 task.cancel()
 
-    def source(self, member_id: str, size: int) -> PeerSource:
-        return PeerSource(self, self.siblings[member_id], size)
+    def source(self, member_id: str, size: int, following: bool = False) -> PeerSource:
+        return PeerSource(self, self.siblings[member_id], size, following)
 
 
 class PeerSource:
@@ -214,10 +215,11 @@ class PeerSource:
 
     hands_over = True
 
-    def __init__(self, fleet: Fleet, member: FleetMember, size: int):
+    def __init__(self, fleet: Fleet, member: FleetMember, size: int, following: bool = False):
         self._fleet = fleet
         self.member = member
         self._size = size
+        self.following = following  # a running fill of the sibling's, not a complete copy
         self.name = f"sibling {member.id}"
 
     @asynccontextmanager
@@ -243,13 +245,29 @@ class PeerSource:
                     raise UpstreamUnavailable(
                         f"{self.name} sent {resp.headers.get('Content-Range')!r}, not {expected!r}"
                     )
-                yield GlanceStream(resp, start)
+                yield _Counted(GlanceStream(resp, start))
             finally:
                 resp.close()
         except (UpstreamError, UpstreamUnavailable) as exc:
             fleet.health.failed(member.id, exc)
             raise
         fleet.health.passed(member.id)
+
+
+class _Counted:
+    """A sibling's stream, its bytes counted as peer bytes (never as upstream bytes)."""
+
+    def __init__(self, stream: GlanceStream):
+        self._stream = stream
+        self.start = stream.start
+
+    async def read(self, n: int) -> bytes:
+        return b"".join(await self.read_blocks(n))
+
+    async def read_blocks(self, n: int) -> list[Buffer]:
+        blocks = await self._stream.read_blocks(n)
+        metrics.fleet_bytes("received", sum(len(memoryview(b)) for b in blocks))
+        return blocks
 
 
 class FleetSources:
@@ -276,10 +294,12 @@ class FleetSources:
             sibling = await self._fleet.lookup(self._image_id, self._size, skip)
             if sibling is not None:
                 log.info("%s [%d, %d) from %s", self._image_id, start, end, sibling.name)
+                metrics.fleet_transfer("fill" if sibling.following else "copy")
                 self.current = "copy"
                 return sibling
         if self._upstream in failed:
             return None
+        metrics.fleet_transfer("upstream")
         self.current = "upstream"
         return self._upstream
 

@@ -32,9 +32,10 @@ from typing import BinaryIO
 
 from aiohttp import web
 
+from cached import metrics
 from cached.cachedir.directories import Directories
 from cached.cachedir.reverify import Integrity
-from cached.download.reader import send_entry
+from cached.download.reader import Progress, send_entry
 from cached.edge import ranges
 from cached.errors import CachedError, FillAborted
 from cached.fill.machine import Fill
@@ -82,8 +83,11 @@ class PeerService:
             sender = self.trust.verify(request.method, request.rel_url.raw_path, request.headers)
         except signing.Refused as exc:
             log.info("peer request %s %s refused: %s", request.method, request.path, exc)
+            metrics.fleet_request("refused")
             return web.Response(status=401)
         theirs = request.headers.get(signing.LIST, "")
+        if theirs != self.trust.digest:
+            metrics.fleet_list_mismatch()
         if theirs != self.trust.digest and sender not in self._disagreeing:
             self._disagreeing.add(sender)
             log.warning(
@@ -99,6 +103,7 @@ class PeerService:
     async def health(self, request: web.Request) -> web.StreamResponse:
         if (refused := self._refused(request)) is not None:
             return refused
+        metrics.fleet_request("state")
         return web.json_response(
             {
                 "id": self.trust.self_id,
@@ -112,10 +117,11 @@ class PeerService:
             return refused
         image_id = request.match_info["image_id"]
         if not is_image_id(image_id):
-            return web.Response(status=400)
+            return _answer("bad", 400)
         entry = self._store.get(image_id)
         if self._directories.cache_bypass(entry) is not None:
-            return web.Response(status=503, headers={"Retry-After": RETRY_AFTER})
+            return _answer("unavailable", 503, {"Retry-After": RETRY_AFTER})
+        metrics.fleet_request("state")
         headers = {STATE: "absent"}
         if _complete(entry):
             assert entry is not None
@@ -132,13 +138,12 @@ class PeerService:
             return refused
         image_id = request.match_info["image_id"]
         if not is_image_id(image_id):
-            return web.Response(status=400)
+            return _answer("bad", 400)
         entry = self._store.get(image_id)
-        busy = self._streams >= self._max_streams
-        if busy or self._directories.cache_bypass(entry) is not None:
-            return web.Response(status=503, headers={"Retry-After": RETRY_AFTER})
-        if self._filler.passing_through():
-            return web.Response(status=503, headers={"Retry-After": RETRY_AFTER})
+        if self._streams >= self._max_streams:
+            return _answer("busy", 503, {"Retry-After": RETRY_AFTER})
+        if self._directories.cache_bypass(entry) is not None or self._filler.passing_through():
+            return _answer("unavailable", 503, {"Retry-After": RETRY_AFTER})
         fill = None
         if entry is None or not _complete(entry):
             # A running fill fed by the upstream, whose driver fetches every byte, is
@@ -146,16 +151,16 @@ class PeerService:
             # fill fed by a copy is never followed, so no chain of fills loops.
             fill = self._filler.get(image_id)
             if fill is None or self._fill_source(fill) != "upstream":
-                return web.Response(status=404)
+                return _answer("absent", 404)
             if fill.widening(0, fill.entry.size, whole=True) != 0:
-                return web.Response(status=404)  # a range fill: not every byte will come
+                return _answer("absent", 404)  # a range fill: not every byte will come
             entry = fill.entry
         try:
             wanted = ranges.parse(request.headers.get("Range"), entry.size)
         except (ranges.MalformedRange, ranges.MultipleRanges):
-            return web.Response(status=400)
+            return _answer("bad", 400)
         except ranges.RangeNotSatisfiable:
-            return web.Response(status=416, headers={"Content-Range": f"bytes */{entry.size}"})
+            return _answer("bad", 416, {"Content-Range": f"bytes */{entry.size}"})
         self._streams += 1
         entry.readers += 1  # before any await: prune and delete skip entries in use
         try:
@@ -178,9 +183,10 @@ class PeerService:
             else:
                 opened = await self._store.run(_open_unbuffered, entry.path)
         except OSError:  # evicted meanwhile, or the directory failed: nothing sent yet
-            return web.Response(status=404)
+            return _answer("absent", 404)
         if opened is None or isinstance(opened, bytes):  # failed re-verification
-            return web.Response(status=404)
+            return _answer("absent", 404)
+        metrics.fleet_request("served")
         file: BinaryIO = opened
         try:
             start, end = (wanted.start, wanted.end) if wanted else (0, entry.size)
@@ -204,6 +210,7 @@ class PeerService:
                 return current, 0
 
             following = (fill, 0) if fill is not None else None
+            progress = Progress(start)
             try:
                 await send_entry(
                     request,
@@ -214,7 +221,8 @@ class PeerService:
                     end,
                     fill_of_entry,
                     no_new_fill,
-                    following=following,
+                    progress,
+                    following,
                 )
             except (CachedError, ConnectionError, OSError) as exc:
                 # Content-Length is out: cutting the connection tells the sibling it is short.
@@ -222,10 +230,18 @@ class PeerService:
                 if request.transport is not None:
                     request.transport.abort()
                 return response
+            finally:
+                metrics.fleet_bytes("sent", progress.pos - start)
             await response.write_eof()
             return response
         finally:
             await self._store.run(file.close)
+
+
+def _answer(outcome: str, status: int, headers: dict[str, str] | None = None) -> web.Response:
+    """A bodiless answer, counted by ``outcome`` (cached/metrics.py FLEET_OUTCOMES)."""
+    metrics.fleet_request(outcome)
+    return web.Response(status=status, headers=headers)
 
 
 def _complete(entry: Entry | None) -> bool:
