@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import ssl
@@ -263,7 +264,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             filler.on_reserve = maintenance.make_room
         app[STORE], app[FILLER], app[PROXY] = store, filler, proxy
         app[MANAGER] = manage.Manager(
-            config,
+            _as_managed(config),
             store,
             filler,
             upstream,
@@ -387,6 +388,21 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
     return app
 
 
+def _as_managed(config: Config) -> Config:
+    """The configuration the management API reads: with a fleet, the members' urls are its
+    ``peers`` and this member's url its ``worker_self_reference_url`` (GET
+    /v2/cache/nodes/{id} lists the members holding an image)."""
+    if not config.fleet:
+        return config
+    return dataclasses.replace(
+        config,
+        peers=tuple(m.url for m in config.fleet_members if m.id != config.fleet_self),
+        worker_self_reference_url=next(
+            m.url for m in config.fleet_members if m.id == config.fleet_self
+        ),
+    )
+
+
 def _fleet_keys(config: Config) -> tuple[bytes, bytes | None]:
     """The fleet key and the previous one (if set). Blocks: call from a thread."""
     key = configuration.read_fleet_secret(config.fleet_secret_file, "fleet_secret_file")
@@ -410,7 +426,8 @@ def _register_live(
 ) -> None:
     def configs(old: Config, new: Config) -> None:
         ops.config = new
-        app[MANAGER].config = new  # peers, worker_self_reference_url, legacy_queue_immediate
+        # peers, worker_self_reference_url, legacy_queue_immediate
+        app[MANAGER].config = _as_managed(new)
 
     def log_level(old: Config, new: Config) -> None:
         if new.log_level != old.log_level:

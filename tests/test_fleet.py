@@ -38,6 +38,7 @@ from cached.fleet import trust
 
 MiB = 1 << 20
 IDS = ("ctl-a", "ctl-b", "ctl-c")
+ADMIN = f"sha256:{hashlib.sha256(b'token-admin').hexdigest()}"
 PEER_LINE = re.compile(r'"(?:HEAD|GET) /cached-peer/v1/')
 
 
@@ -109,6 +110,7 @@ class Member:
     proc: CachedProcess
     relay: Relay
     url: str = ""  # the member's own listener (clients call it)
+    member_url: str = ""  # its url in fleet_members (its relay)
 
     def peer_lines(self) -> list[str]:
         """Access-log lines of the peer requests this member answered in its current run."""
@@ -137,6 +139,7 @@ async def fleet(
                         "fleet_secret_file": str(key),
                         "fleet_lookup_timeout": 2.0,
                         "fleet_stall_timeout": 3.0,
+                        "admin_tokens": [ADMIN],
                         **(extra or {}).get(m, {}),
                     }
                 )
@@ -144,7 +147,7 @@ async def fleet(
             cache = tmp_path / f"cache-{m}"
             cache.mkdir()
             proc = CachedProcess(glance.url, cache, tmp_path / f"{m}.log", "-c", str(config))
-            members[m] = Member(m, proc, relays[m])
+            members[m] = Member(m, proc, relays[m], member_url=urls[m])
             members[m].url = await asyncio.to_thread(proc.start)
             port = int(members[m].url.rsplit(":", 1)[1])
             relays[m].target = ("127.0.0.1", port)
@@ -232,6 +235,11 @@ async def test_a_cold_image_leaves_the_upstream_once_per_fleet(tmp_path: Path) -
                 status, cache_status, body = await download(session, member.url, image.id)
                 assert (status, cache_status, body == data) == (200, "cached; hit", True)
             assert transfers(glance, image.id) == [None]
+            # cache-nodes-list: the members' urls (fleet_members), those holding a copy.
+            nodes = f"{b.url}/v2/cache/nodes/{image.id}"
+            async with session.get(nodes, headers=auth("token-admin")) as resp:
+                assert resp.status == 200
+                assert sorted(await resp.json()) == sorted(m.member_url for m in (a, b, c))
             # The copies served to siblings went through the members' relays.
             served = sum(m.relay.sent for m in members.values())
             assert served >= 2 * len(data)

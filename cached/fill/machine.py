@@ -553,7 +553,7 @@ class Fill:
             except OSError as exc:
                 log.error("cannot commit %s: %s", entry.image_id, exc)
             log.info(
-                "%s %s: %d bytes, %s verified, %d upstream requests",
+                "%s %s: %d bytes, %s verified, %d transfers",
                 "cached" if committed else "verified (not kept)",
                 entry.image_id,
                 entry.size,
