@@ -292,6 +292,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         app[INTEGRITY] = integrity
         integrity.start()
         peer_session: aiohttp.ClientSession | None = None
+        fleet: peers.Fleet | None = None
         if config.fleet:  # peer fill (cached/fleet/): siblings serve and feed fills
             keys = await asyncio.to_thread(_fleet_keys, config)
             signer = trust.Trust(config.fleet_self, config.fleet_members, *keys)
@@ -346,6 +347,9 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         await prefetcher.close()
         await filler.close()
         await session.close()
+        if fleet is not None:
+            await fleet.close()
+            await app[PEERS].close()
         if peer_session is not None:
             await peer_session.close()
         await upstream.close()

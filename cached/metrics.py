@@ -40,7 +40,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OUTCOMES = ("hit", "miss", "collapsed", "partial", "bypass")
 UPSTREAM_KINDS = ("data", "range", "probe", "record", "forward")
 FLEET_SOURCES = ("copy", "fill", "upstream")
-FLEET_OUTCOMES = ("served", "state", "refused", "busy", "unavailable", "absent", "bad")
+FLEET_OUTCOMES = ("served", "state", "suspect", "refused", "busy", "unavailable", "absent", "bad")
 FILL_RESULTS = ("verified", "invalid", "failed", "cancelled", "idle")
 # Whole multi-GiB images take minutes; a hit of a small one takes milliseconds.
 DURATION_BUCKETS = (
@@ -258,8 +258,8 @@ class Metrics:
         )
         self.fleet_requests = Counter(
             "cached_fleet_peer_requests",
-            "Peer requests answered, by outcome (served, state, refused, busy, unavailable, "
-            "absent, bad)",
+            "Peer requests answered, by outcome (served, state, suspect, refused, busy, "
+            "unavailable, absent, bad)",
             ["outcome"],
             registry=r,
         )

@@ -443,7 +443,8 @@ async def ask_at(
 async def test_a_sibling_copy_is_used_only_with_a_digest_and_verified(tmp_path: Path) -> None:
     """An image whose record has no digest is never taken from a sibling; bytes from a
     sibling that do not match the upstream's digest never become a hit (the fill goes
-    invalid as any other, its client is cut), and the next fill is whole and verified.
+    invalid as any other, its client is cut), the sibling is told to re-verify its copy,
+    and the next fill skips it.
     HEAD tells a running fill from a complete copy."""
     async with fake_glance() as glance, fleet(tmp_path, glance) as members:
         a, b = members["ctl-a"], members["ctl-b"]
@@ -478,11 +479,20 @@ async def test_a_sibling_copy_is_used_only_with_a_digest_and_verified(tmp_path: 
             status, _, body = await download_or_cut(session, b.url, image.id)
             assert body != good  # cut short: never the whole body
             assert f"image {image.id} failed verification" in b.proc.output()
+            # A is told its copy is suspect and re-verifies it (the flip was in transit).
+            await until(
+                lambda: f"re-verified {image.id}: good" in a.proc.output(),
+                "A re-verified its copy",
+                within=30,
+            )
+            # B's next fill skips A: from the upstream, whole and verified.
             status, cache_status, body = await download(session, b.url, image.id)
             assert (status, body == good) == (200, True)
             assert cache_status is not None and "hit" not in cache_status  # filled anew
             assert (await download(session, b.url, image.id))[:2] == (200, "cached; hit")
-            assert transfers(glance, image.id) == [None]  # both B fills from A's copy
+            assert transfers(glance, image.id) == [None, None]  # A's fill, B's second fill
+            got = await scrape(session, a.url)
+            assert got['cached_fleet_peer_requests_total{outcome="suspect"}'] == 1
 
 
 async def download_or_cut(

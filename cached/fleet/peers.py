@@ -41,7 +41,7 @@ import aiohttp
 from cached import metrics
 from cached.config import Config, FleetMember
 from cached.errors import UpstreamError, UpstreamUnavailable
-from cached.fill.machine import Fill
+from cached.fill.machine import Fill, FillState
 from cached.fill.sources import ByteSource
 from cached.fleet import ring
 from cached.fleet.serve import PREFIX, SIZE, STATE
@@ -113,6 +113,10 @@ class Fleet:
         self.timeouts = timeouts
         self.health = health or PeerHealth()
         self.siblings = {m.id: m for m in trust.members if m.id != trust.self_id}
+        # (member, image): that member's bytes of that image failed the digest; the next
+        # fill of the image skips it (taken by sources_for).
+        self._suspects: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # fill watchers, suspect notices
 
     @staticmethod
     def session_for(config: Config, ssl: SSLContext | bool) -> aiohttp.ClientSession:
@@ -130,9 +134,38 @@ class Fleet:
 
     def sources_for(self, fill: Fill) -> FleetSources:
         """The byte sources of a new fill (the registry's hook, cached/fill/registry.py)."""
-        return FleetSources(
+        sources = FleetSources(
             self, fill.entry.image_id, fill.entry.size, fill.upstream, fill.digest is not None
         )
+        sources.skip = {m for m, i in self._suspects if i == fill.entry.image_id}
+        self._suspects -= {(m, fill.entry.image_id) for m in sources.skip}
+        sources.watch(fill)
+        return sources
+
+    def suspect(self, member_id: str, image_id: str) -> None:
+        """``member_id``'s bytes of ``image_id`` failed the digest: the next fill of the image
+        skips it, and it is told to re-verify its copy (``POST .../suspect``)."""
+        self._suspects.add((member_id, image_id))
+        task = asyncio.get_running_loop().create_task(self._tell_suspect(member_id, image_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _tell_suspect(self, member_id: str, image_id: str) -> None:
+        member = self.siblings[member_id]
+        path = f"{PREFIX}/images/{image_id}/suspect"
+        headers = self.trust.sign("POST", path, member_id)
+        try:
+            async with asyncio.timeout(self.timeouts.headers):
+                async with self._session.post(member.url + path, headers=headers) as resp:
+                    if resp.status != 202:
+                        log.warning("sibling %s answered %d to suspect", member_id, resp.status)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            log.warning("cannot tell sibling %s its copy is suspect: %r", member_id, exc)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def holding(self, member_id: str, image_id: str) -> Holding | None:
         """What ``member_id`` says it holds of ``image_id``; None when it did not answer
@@ -286,16 +319,38 @@ class FleetSources:
         # while one takes a sibling's bytes, and while the source is being chosen (so two
         # fills looking at once never follow each other).
         self.current = "copy"
+        self.skip: set[str] = set()  # siblings this fill never takes (suspect copies)
+        self.used: set[str] = set()  # siblings it took bytes from
+
+    def watch(self, fill: Fill) -> None:
+        """When ``fill`` ends invalid (the digest did not match), the siblings it took bytes
+        from are suspect (:meth:`Fleet.suspect`)."""
+
+        async def watcher() -> None:
+            await fill.closed.wait()
+            if fill.state is FillState.INVALID:
+                for member_id in sorted(self.used):
+                    log.warning(
+                        "%s failed its digest with bytes from sibling %s: suspect",
+                        self._image_id,
+                        member_id,
+                    )
+                    self._fleet.suspect(member_id, self._image_id)
+
+        task = asyncio.get_running_loop().create_task(watcher())
+        self._fleet._tasks.add(task)
+        task.add_done_callback(self._fleet._tasks.discard)
 
     async def pick(self, start: int, end: int, failed: Sequence[ByteSource]) -> ByteSource | None:
         if self._checkable and self._size > 0:
             self.current = "copy"
-            skip = {s.member.id for s in failed if isinstance(s, PeerSource)}
+            skip = self.skip | {s.member.id for s in failed if isinstance(s, PeerSource)}
             sibling = await self._fleet.lookup(self._image_id, self._size, skip)
             if sibling is not None:
                 log.info("%s [%d, %d) from %s", self._image_id, start, end, sibling.name)
                 metrics.fleet_transfer("fill" if sibling.following else "copy")
                 self.current = "copy"
+                self.used.add(sibling.member.id)
                 return sibling
         if self._upstream in failed:
             return None

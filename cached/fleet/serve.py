@@ -11,6 +11,8 @@
   member fetch anything); ``503`` at once when the cache directory is not ok
   (``read_only`` still serves complete copies), new fills are refused, or
   ``fleet_max_peer_streams`` streams are running (then with ``Retry-After``).
+- ``POST images/{id}/suspect``: a sibling's fill with bytes from here failed the upstream's
+  digest: the copy is re-verified in the background (``202``).
 - ``GET health``: this member's id, list digest and cache state.
 
 Every request must be signed for this member (cached/fleet/trust.py): unsigned, badly
@@ -25,6 +27,7 @@ reader's, so prune and delete skip them).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -75,6 +78,7 @@ class PeerService:
         self._fill_source = fill_source  # "upstream" or "copy": where a fill takes its bytes
         self._streams = 0
         self._disagreeing: set[str] = set()  # senders whose member list differs (logged once)
+        self._checks: set[asyncio.Task[None]] = set()  # re-verifications siblings asked for
 
     # ------------------------------------------------------------------ trust
     def _refused(self, request: web.Request) -> web.Response | None:
@@ -132,6 +136,34 @@ class PeerService:
                 SIZE: str(fill.entry.size),
             }
         return web.Response(status=200, headers=headers)
+
+    async def suspect(self, request: web.Request) -> web.StreamResponse:
+        """A sibling's fill with this member's bytes failed the upstream's digest: re-verify
+        the copy (cached/cachedir/reverify.py; a bad one leaves the index). 202 at once."""
+        if (refused := self._refused(request)) is not None:
+            return refused
+        image_id = request.match_info["image_id"]
+        if not is_image_id(image_id):
+            return _answer("bad", 400)
+        entry = self._store.get(image_id)
+        if _complete(entry) and self._integrity is not None:
+            assert entry is not None
+            integrity = self._integrity
+            log.warning("a sibling found %s corrupt after a copy from here: re-verifying", image_id)
+
+            async def check() -> None:
+                good = await integrity.verify(entry)
+                log.warning("re-verified %s: %s", image_id, "good" if good else "corrupt, dropped")
+
+            task = asyncio.get_running_loop().create_task(check())
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+        return _answer("suspect", 202)
+
+    async def close(self) -> None:
+        for task in list(self._checks):
+            task.cancel()
+        await asyncio.gather(*self._checks, return_exceptions=True)
 
     async def get_image(self, request: web.Request) -> web.StreamResponse:
         if (refused := self._refused(request)) is not None:
@@ -265,7 +297,11 @@ def add_routes(app: web.Application, service: Callable[[], PeerService]) -> None
     async def get_image(request: web.Request) -> web.StreamResponse:
         return await service().get_image(request)
 
+    async def suspect(request: web.Request) -> web.StreamResponse:
+        return await service().suspect(request)
+
     images = PREFIX + "/images/{image_id}"
     app.router.add_route("HEAD", images, head_image, name=ROUTE_PREFIX + "head")
     app.router.add_get(images, get_image, allow_head=False, name=ROUTE_PREFIX + "get")
+    app.router.add_post(images + "/suspect", suspect, name=ROUTE_PREFIX + "suspect")
     app.router.add_get(PREFIX + "/health", health, allow_head=False, name=ROUTE_PREFIX + "health")
