@@ -471,6 +471,16 @@ async def test_a_sibling_copy_is_used_only_with_a_digest_and_verified(tmp_path: 
             assert transfers(glance, bare.id) == [None, None]
             assert f"{bare.id} [0, " not in b.proc.output()
 
+            # A cold range on B is taken from A's copy: the covering chunks only.
+            wide = os.urandom(24 * MiB)
+            ranged = glance.add_image(wide)
+            assert (await download(session, a.url, ranged.id))[2] == wide
+            want = {**auth(), "Range": f"bytes={9 * MiB + 5}-{10 * MiB + 6}"}
+            async with session.get(f"{b.url}/v2/images/{ranged.id}/file", headers=want) as r:
+                assert r.status == 206 and await r.read() == wide[9 * MiB + 5 : 10 * MiB + 7]
+            assert transfers(glance, ranged.id) == [None]  # A's fill only
+            assert re.search(rf"{ranged.id} \[\d+, \d+\) from sibling ctl-a", b.proc.output())
+
             # A byte flipped between A and B: B's digest catches it; nothing is a hit.
             good = os.urandom(8 * MiB)
             image = glance.add_image(good)
