@@ -305,6 +305,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
                     config.fleet_headers_timeout,
                     config.fleet_stall_timeout,
                     config.fleet_lookup_timeout,
+                    config.fleet_min_copy_rate * (1 << 20),
                 ),
             )
             filler.sources = fleet.sources_for

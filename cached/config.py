@@ -267,6 +267,9 @@ class Config:
     fleet_connect_timeout: float = 1.0
     fleet_headers_timeout: float = 5.0
     fleet_stall_timeout: float = 10.0
+    # MiB/s below which a sibling's complete copy (over 5 s) is left for the next source;
+    # 0: never (a sibling's running fill is never judged by its rate, only by stalls).
+    fleet_min_copy_rate: float = 50.0
 
     @property
     def fleet(self) -> bool:
@@ -529,6 +532,10 @@ def _fleet_convert(name: str, value: Any) -> Any:
     ):
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ValueError(f"must be a number of seconds > 0, got {value!r}")
+        return float(value)
+    if name == "fleet_min_copy_rate":
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ValueError(f"must be a number of MiB/s >= 0 (0: off), got {value!r}")
         return float(value)
     if name == "fleet_max_peer_streams":
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

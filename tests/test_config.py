@@ -201,6 +201,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "fleet_connect_timeout": [0, "1s"],
     "fleet_headers_timeout": [-5, None],
     "fleet_stall_timeout": [0, False],
+    "fleet_min_copy_rate": [-1, "50M", True],
     "image_cache_mount": [
         True,
         {"require_mount": "yes"},

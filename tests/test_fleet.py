@@ -139,6 +139,7 @@ async def fleet(
                         "fleet_secret_file": str(key),
                         "fleet_lookup_timeout": 2.0,
                         "fleet_stall_timeout": 3.0,
+                        "fleet_min_copy_rate": 0,  # links are paced here; one test sets it
                         "admin_tokens": [ADMIN],
                         **(extra or {}).get(m, {}),
                     }
@@ -363,6 +364,30 @@ async def test_a_stalled_sibling_is_left_after_the_stall_timeout(tmp_path: Path)
             resumed = transfers(glance, image.id)
             assert len(resumed) == 2 and resumed[1] is not None
             print(f"A stopped: B's client done {took:.1f}s later (stall timeout 3 s)")
+
+
+async def test_a_slow_complete_copy_is_left_for_the_upstream(tmp_path: Path) -> None:
+    """A's copy comes at 2 MiB/s, below B's fleet_min_copy_rate (4 MiB/s here) over 5 s: B
+    leaves it at the first byte not delivered and takes the rest from the upstream."""
+    slow_floor = {"ctl-b": {"fleet_min_copy_rate": 4}}
+    async with fake_glance() as glance, fleet(tmp_path, glance, slow_floor) as members:
+        data = os.urandom(32 * MiB)
+        image = glance.add_image(data)
+        a, b = members["ctl-a"], members["ctl-b"]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            assert (await download(session, a.url, image.id))[2] == data
+            a.relay.rate = 2 * MiB
+            status, _, body = await download(session, b.url, image.id)
+            assert status == 200 and hashlib.sha256(body).digest() == (
+                hashlib.sha256(data).digest()
+            )
+            out = b.proc.output()
+            assert "below fleet_min_copy_rate (4 MiB/s)" in out, out
+            resumed = transfers(glance, image.id)
+            assert len(resumed) == 2 and resumed[1] is not None
+            first = int(resumed[1].removeprefix("bytes=").split("-")[0])
+            print(f"slow copy left at byte {first} ({first / MiB:.1f} MiB after ~5 s)")
+            assert 0 < first < len(data)
 
 
 async def test_peer_requests_must_be_signed_for_the_member(tmp_path: Path) -> None:

@@ -16,8 +16,9 @@ digest is always taken from the upstream.
 
 A sibling's transfer is a :class:`PeerSource`, which hands over (``hands_over``): when it
 fails (cannot connect in ``fleet_connect_timeout``, no headers in ``fleet_headers_timeout``,
-no byte for ``fleet_stall_timeout``, 401, 404, 5xx, a 200 to a Range, a wrong range or
-length, a short body) the fill asks again without it and resumes at the first byte it did
+no byte for ``fleet_stall_timeout``, a complete copy slower than ``fleet_min_copy_rate``
+over RATE_WINDOW seconds, 401, 404, 5xx, a 200 to a Range, a wrong range or length, a short
+body) the fill asks again without it and resumes at the first byte it did
 not deliver, from another sibling or the upstream. The failed sibling is *down*: skipped for
 1 s, doubling per failure up to 30 s; the first request after that is the probe that, when
 it passes, makes it healthy again.
@@ -82,12 +83,16 @@ class PeerHealth:
         return sorted(m for m in self._down if not self.usable(m))
 
 
+RATE_WINDOW = 5.0  # seconds over which a complete copy's rate is judged
+
+
 @dataclass(frozen=True)
 class Timeouts:
     connect: float = 1.0
     headers: float = 5.0
     stall: float = 10.0
     lookup: float = 0.2
+    min_copy_rate: float = 50 * (1 << 20)  # bytes/s; 0: a slow copy is not left
 
 
 @dataclass(frozen=True)
@@ -278,7 +283,8 @@ class PeerSource:
                     raise UpstreamUnavailable(
                         f"{self.name} sent {resp.headers.get('Content-Range')!r}, not {expected!r}"
                     )
-                yield _Counted(GlanceStream(resp, start))
+                floor = 0.0 if self.following else fleet.timeouts.min_copy_rate
+                yield _Counted(GlanceStream(resp, start), self.name, floor)
             finally:
                 resp.close()
         except (UpstreamError, UpstreamUnavailable) as exc:
@@ -288,18 +294,36 @@ class PeerSource:
 
 
 class _Counted:
-    """A sibling's stream, its bytes counted as peer bytes (never as upstream bytes)."""
+    """A sibling's stream, its bytes counted as peer bytes (never as upstream bytes); one
+    slower than ``floor`` bytes/s over RATE_WINDOW seconds fails (a complete copy should
+    come at disk and network speed; 0: never judged)."""
 
-    def __init__(self, stream: GlanceStream):
+    def __init__(self, stream: GlanceStream, name: str, floor: float):
         self._stream = stream
         self.start = stream.start
+        self._name = name
+        self._floor = floor
+        self._since = time.monotonic()
+        self._got = 0  # bytes since _since
 
     async def read(self, n: int) -> bytes:
         return b"".join(await self.read_blocks(n))
 
     async def read_blocks(self, n: int) -> list[Buffer]:
         blocks = await self._stream.read_blocks(n)
-        metrics.fleet_bytes("received", sum(len(memoryview(b)) for b in blocks))
+        got = sum(len(memoryview(b)) for b in blocks)
+        metrics.fleet_bytes("received", got)
+        if self._floor:
+            self._got += got
+            elapsed = time.monotonic() - self._since
+            if elapsed >= RATE_WINDOW:
+                rate = self._got / elapsed
+                if rate < self._floor:
+                    raise UpstreamUnavailable(
+                        f"{self._name} sends {rate / (1 << 20):.1f} MiB/s, below "
+                        f"fleet_min_copy_rate ({self._floor / (1 << 20):.0f} MiB/s)"
+                    )
+                self._since, self._got = time.monotonic(), 0
         return blocks
 
 
