@@ -450,6 +450,14 @@ async def test_peer_requests_must_be_signed_for_the_member(tmp_path: Path) -> No
             health = "/cached-peer/v1/health"
             async with session.get(a.url + health, headers=as_b.sign("GET", health, "ctl-a")) as r:
                 assert r.status == 200 and (await r.json())["id"] == "ctl-a"
+            # Other methods and paths under the prefix: answered here, never relayed.
+            before = len(glance.requests)
+            for method, where in (("DELETE", path), ("PUT", path), ("GET", path + "/x")):
+                resp = await ask_at(session, a.url + where, method, {})
+                assert resp.status == 401
+                signed = as_b.sign(method, where, "ctl-a")
+                assert (await ask_at(session, a.url + where, method, signed)).status == 404
+            assert len(glance.requests) == before
             async with session.delete(f"{a.url}/v2/images/{image.id}", headers=auth()) as r:
                 assert r.status == 403  # the policy is in force for everything else
             c = members["ctl-c"]

@@ -160,6 +160,12 @@ class PeerService:
             task.add_done_callback(self._checks.discard)
         return _answer("suspect", 202)
 
+    async def other(self, request: web.Request) -> web.StreamResponse:
+        """A path or method under the prefix that this version does not answer."""
+        if (refused := self._refused(request)) is not None:
+            return refused
+        return _answer("bad", 404)
+
     async def close(self) -> None:
         for task in list(self._checks):
             task.cancel()
@@ -300,8 +306,13 @@ def add_routes(app: web.Application, service: Callable[[], PeerService]) -> None
     async def suspect(request: web.Request) -> web.StreamResponse:
         return await service().suspect(request)
 
+    async def other(request: web.Request) -> web.StreamResponse:
+        return await service().other(request)
+
     images = PREFIX + "/images/{image_id}"
     app.router.add_route("HEAD", images, head_image, name=ROUTE_PREFIX + "head")
     app.router.add_get(images, get_image, allow_head=False, name=ROUTE_PREFIX + "get")
     app.router.add_post(images + "/suspect", suspect, name=ROUTE_PREFIX + "suspect")
     app.router.add_get(PREFIX + "/health", health, allow_head=False, name=ROUTE_PREFIX + "health")
+    # Anything else under the prefix is answered here too (never relayed to the upstream).
+    app.router.add_route("*", PREFIX + "/{tail:.*}", other, name=ROUTE_PREFIX + "other")
