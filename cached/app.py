@@ -28,7 +28,7 @@ from cached.edge.fileapi import FileApi
 from cached.edge.listeners import LISTENERS, Listeners, is_management
 from cached.edge.passthrough import GlancePassThrough, PassThrough
 from cached.errors import ConfigError
-from cached.fill.machine import FillSettings
+from cached.fill.machine import Fill, FillSettings
 from cached.fill.registry import Filler
 from cached.fleet import peers, serve, trust
 from cached.identity import keystone as identity
@@ -307,8 +307,34 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
                     config.fleet_lookup_timeout,
                     config.fleet_min_copy_rate * (1 << 20),
                 ),
+                forwarding=service.configured,
             )
             filler.sources = fleet.sources_for
+
+            async def open_for_sibling(image_id: str) -> Fill | None:
+                """A fill of ``image_id`` from the upstream, for a sibling that found no copy
+                (cached/fleet/serve.py): the record and bytes with the service credentials,
+                admitted like a prefetch; None without credentials or room."""
+                creds = await service.credentials() if service.configured else None
+                if creds is None:
+                    return None
+                record = await upstream.record(image_id, creds)
+                if record.status != "active" or record.size is None:
+                    return None
+                if record.size > config.max_entry_size:
+                    return None
+                entry = store.get(image_id)
+                have = entry.present_bytes() if entry and entry.size == record.size else 0
+                async with maintenance.admission(record.size - have) as refused:
+                    if refused is not None:
+                        log.info("no room to fetch %s for a sibling: %s", image_id, refused)
+                        return None
+                    fill, created = await filler.open(record, creds)
+                    if created and isinstance(fill.sources, peers.FleetSources):
+                        fill.sources.forward = False  # never forwards what it was asked
+                    fill.demand(0, record.size, whole=True)
+                return fill
+
             app[PEERS] = serve.PeerService(
                 signer,
                 store,
@@ -317,6 +343,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
                 integrity,
                 config.fleet_max_peer_streams,
                 peers.fill_source,
+                open_for_sibling,
             )
             log.info(
                 "fleet member %s of %s", config.fleet_self, ", ".join(fleet.siblings) or "none"

@@ -34,7 +34,7 @@ from fakeglance import FakeGlance
 from test_correctness import until
 
 from cached.config import FleetMember
-from cached.fleet import trust
+from cached.fleet import ring, trust
 
 MiB = 1 << 20
 IDS = ("ctl-a", "ctl-b", "ctl-c")
@@ -292,6 +292,27 @@ async def test_cold_clients_on_every_member_follow_one_upstream_fed_fill(tmp_pat
                 assert re.search(rf"{image.id} \[0, {len(data)}\) from sibling ctl-a", out), out
                 assert f"cached {image.id}: {len(data)} bytes, sha512 verified" in out
             print(f"24 cold clients on 3 members: {len(transfers(glance, image.id))} upstream GET")
+
+
+async def test_a_cold_miss_on_a_non_owner_is_fetched_by_the_owner(tmp_path: Path) -> None:
+    """With service credentials, a cold image asked of a member that does not own it is
+    fetched by its owner (the first of its order), which keeps a verified copy; the third
+    member then takes a copy: one upstream data GET, every member holding the image."""
+    service = {m: {"service_token": "token-admin"} for m in IDS}
+    async with fake_glance() as glance, fleet(tmp_path, glance, service) as members:
+        data = os.urandom(16 * MiB)
+        image = glance.add_image(data)
+        owner, second, third = (members[m] for m in ring.order(IDS, image.id))
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            status, cache_status, body = await download(session, second.url, image.id)
+            assert status == 200 and body == data
+            assert transfers(glance, image.id) == [None]
+            assert f"sibling {owner.id} fetches it" in second.proc.output()
+            assert f"cached {image.id}: {len(data)} bytes, sha512 verified" in (owner.proc.output())
+            assert (await download(session, owner.url, image.id))[:2] == (200, "cached; hit")
+            status, _, body = await download(session, third.url, image.id)
+            assert status == 200 and body == data
+            assert transfers(glance, image.id) == [None]
 
 
 async def test_a_sibling_killed_mid_stream_hands_over_to_the_upstream(tmp_path: Path) -> None:

@@ -56,6 +56,7 @@ DOWN_INITIAL = 1.0  # seconds a failed sibling is skipped, doubling per failure 
 DOWN_MAX = 30.0  # ... up to this
 COMPLETE = "complete"  # what a sibling's HEAD says (cached/fleet/serve.py)
 FILLING_FROM_UPSTREAM = "filling; source=upstream"
+ABSENT = "absent"
 
 
 class PeerHealth:
@@ -112,8 +113,13 @@ class Fleet:
         session: aiohttp.ClientSession,
         timeouts: Timeouts,
         health: PeerHealth | None = None,
+        forwarding: bool = False,
     ):
         self.trust = trust
+        # Whether a fill that finds no copy asks the image's first member to fetch it: only
+        # with service credentials (configured alike on every member), with which a member
+        # fetches for a sibling; without, a cold image is fetched with the caller's token.
+        self.forwarding = forwarding
         self._session = session
         self.timeouts = timeouts
         self.health = health or PeerHealth()
@@ -142,6 +148,7 @@ class Fleet:
         sources = FleetSources(
             self, fill.entry.image_id, fill.entry.size, fill.upstream, fill.digest is not None
         )
+        sources.forward = self.forwarding
         sources.skip = {m for m, i in self._suspects if i == fill.entry.image_id}
         self._suspects -= {(m, fill.entry.image_id) for m in sources.skip}
         sources.watch(fill)
@@ -196,15 +203,16 @@ class Fleet:
         self.health.passed(member_id)
         return answer
 
-    async def lookup(self, image_id: str, size: int, skip: set[str]) -> PeerSource | None:
+    async def lookup(
+        self, image_id: str, size: int, skip: set[str], forward: bool = False
+    ) -> PeerSource | None:
         """The first sibling in ``image_id``'s order (the owner first) that holds a complete
         copy of ``size`` bytes, else the first whose fill is fed by the upstream, asked in
         parallel within the lookup timeout; None if none. Stops early once every sibling
         before a complete one has answered."""
+        ranked = ring.order([*self.siblings, self.trust.self_id], image_id)
         candidates = [
-            m
-            for m in ring.order([*self.siblings, self.trust.self_id], image_id)
-            if m in self.siblings and m not in skip and self.health.usable(m)
+            m for m in ranked if m in self.siblings and m not in skip and self.health.usable(m)
         ]
         if not candidates:
             return None
@@ -212,12 +220,20 @@ class Fleet:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeouts.lookup
 
+        def answered(m: str) -> bool:
+            task = tasks.get(m)
+            if task is None or not task.done() or task.cancelled():
+                return False
+            return task.result() is not None
+
         def answer(m: str, state: str) -> bool:
             task = tasks[m]
             if not task.done() or task.cancelled():
                 return False
             held = task.result()
-            return held is not None and held.state == state and held.size == size
+            if held is None or held.state != state:
+                return False
+            return state == ABSENT or held.size == size
 
         try:
             while True:
@@ -239,13 +255,22 @@ class Fleet:
                 for m in candidates:
                     if answer(m, state):
                         return self.source(m, size, following=state != COMPLETE)
-            return None
+            if not forward:
+                return None
+            # Nobody holds or fills it: the first member of the order that answered is asked
+            # to fetch it, unless that is this member (or it fills from a copy).
+            first = next(m for m in ranked if m == self.trust.self_id or answered(m))
+            if first == self.trust.self_id or not answer(first, ABSENT):
+                return None
+            return self.source(first, size, following=True, fetch=True)
         finally:
             for task in tasks.values():
                 task.cancel()
 
-    def source(self, member_id: str, size: int, following: bool = False) -> PeerSource:
-        return PeerSource(self, self.siblings[member_id], size, following)
+    def source(
+        self, member_id: str, size: int, following: bool = False, fetch: bool = False
+    ) -> PeerSource:
+        return PeerSource(self, self.siblings[member_id], size, following, fetch)
 
 
 class PeerSource:
@@ -253,18 +278,26 @@ class PeerSource:
 
     hands_over = True
 
-    def __init__(self, fleet: Fleet, member: FleetMember, size: int, following: bool = False):
+    def __init__(
+        self,
+        fleet: Fleet,
+        member: FleetMember,
+        size: int,
+        following: bool = False,
+        fetch: bool = False,
+    ):
         self._fleet = fleet
         self.member = member
         self._size = size
         self.following = following  # a running fill of the sibling's, not a complete copy
+        self.fetch = fetch  # the sibling is asked to fetch the image from the upstream
         self.name = f"sibling {member.id}"
 
     @asynccontextmanager
     async def open(self, image_id: str, start: int, end: int | None) -> AsyncIterator[DataStream]:
         fleet, member = self._fleet, self.member
         stop = self._size if end is None else end
-        path = f"{PREFIX}/images/{image_id}"
+        path = f"{PREFIX}/images/{image_id}" + ("/fetch" if self.fetch else "")
         range_ = f"bytes={start}-{stop - 1}"
         headers = {"Range": range_, **fleet.trust.sign("GET", path, member.id, range_)}
         try:
@@ -344,6 +377,9 @@ class FleetSources:
         # fills looking at once never follow each other).
         self.current = "copy"
         self.skip: set[str] = set()  # siblings this fill never takes (suspect copies)
+        # Whether a first transfer that finds no copy asks the image's first member to
+        # fetch it; False for a fill opened for a sibling (it never forwards).
+        self.forward = True
         self.used: set[str] = set()  # siblings it took bytes from
 
     def watch(self, fill: Fill) -> None:
@@ -369,10 +405,13 @@ class FleetSources:
         if self._checkable and self._size > 0:
             self.current = "copy"
             skip = self.skip | {s.member.id for s in failed if isinstance(s, PeerSource)}
-            sibling = await self._fleet.lookup(self._image_id, self._size, skip)
+            forward = self.forward and not failed  # after a failure: the upstream
+            sibling = await self._fleet.lookup(self._image_id, self._size, skip, forward)
             if sibling is not None:
                 log.info("%s [%d, %d) from %s", self._image_id, start, end, sibling.name)
                 metrics.fleet_transfer("fill" if sibling.following else "copy")
+                if sibling.fetch:
+                    log.info("%s: %s fetches it (first of its order)", self._image_id, sibling.name)
                 self.current = "copy"
                 self.used.add(sibling.member.id)
                 return sibling

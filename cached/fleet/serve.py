@@ -7,8 +7,12 @@
 - ``GET images/{id}``: the bytes of a complete copy (``Range`` honoured: ``206``), sent by
   the reader (cached/download/reader.py ``send_entry``) from the checked file, or of a
   running fill fed by the upstream (followed as a client's reader follows it; the last byte
-  of the image only once its digest matched). ``404`` otherwise (a sibling never makes this
-  member fetch anything); ``503`` at once when the cache directory is not ok
+  of the image only once its digest matched).
+- ``GET images/{id}/fetch``: the same, and when this member neither holds nor fills the image
+  (the caller found no copy and this member heads the image's order), a member with service
+  credentials opens a fill from the upstream for it, admitted like a prefetch, never taking
+  a sibling's bytes, and serves that.
+- Otherwise ``404``; ``503`` at once when the cache directory is not ok
   (``read_only`` still serves complete copies), new fills are refused, or
   ``fleet_max_peer_streams`` streams are running (then with ``Retry-After``).
 - ``POST images/{id}/suspect``: a sibling's fill with bytes from here failed the upstream's
@@ -29,7 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import weakref
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -68,6 +73,7 @@ class PeerService:
         integrity: Integrity | None,
         max_streams: int,
         fill_source: Callable[[Fill], str],
+        open_for_sibling: Callable[[str], Awaitable[Fill | None]] | None = None,
     ):
         self.trust = trust
         self._store = store
@@ -76,9 +82,16 @@ class PeerService:
         self._integrity = integrity
         self._max_streams = max_streams
         self._fill_source = fill_source  # "upstream" or "copy": where a fill takes its bytes
+        # Opens a fill of an image this member neither holds nor fills, for a sibling that
+        # asks it as the image's first healthy member (cached/app.py: the upstream's record
+        # and bytes with the service credentials, admitted like a prefetch); None: never.
+        self._open_for_sibling = open_for_sibling
         self._streams = 0
         self._disagreeing: set[str] = set()  # senders whose member list differs (logged once)
         self._checks: set[asyncio.Task[None]] = set()  # re-verifications siblings asked for
+        # Fills opened for siblings: followed whatever their source (they never follow a
+        # fill fed by a copy themselves: see FleetSources.fetching).
+        self._fetching: weakref.WeakSet[Fill] = weakref.WeakSet()
 
     # ------------------------------------------------------------------ trust
     def _refused(self, request: web.Request) -> web.Response | None:
@@ -188,7 +201,18 @@ class PeerService:
             # followed (a sibling's fill runs at the upstream's pace); nothing else is: a
             # fill fed by a copy is never followed, so no chain of fills loops.
             fill = self._filler.get(image_id)
-            if fill is None or self._fill_source(fill) != "upstream":
+            fetch = request.match_info.get("fetch") == "/fetch"
+            if fill is None and self._open_for_sibling is not None and fetch:
+                try:
+                    fill = await self._open_for_sibling(image_id)
+                except CachedError as exc:
+                    log.warning("cannot fetch %s for a sibling: %s", image_id, exc)
+                    fill = None
+                if fill is not None:
+                    self._fetching.add(fill)
+            if fill is None or (
+                self._fill_source(fill) != "upstream" and fill not in self._fetching
+            ):
                 return _answer("absent", 404)
             if fill.widening(0, fill.entry.size, whole=True) != 0:
                 return _answer("absent", 404)  # a range fill: not every byte will come
@@ -311,7 +335,9 @@ def add_routes(app: web.Application, service: Callable[[], PeerService]) -> None
 
     images = PREFIX + "/images/{image_id}"
     app.router.add_route("HEAD", images, head_image, name=ROUTE_PREFIX + "head")
-    app.router.add_get(images, get_image, allow_head=False, name=ROUTE_PREFIX + "get")
+    app.router.add_get(
+        images + "{fetch:(/fetch)?}", get_image, allow_head=False, name=ROUTE_PREFIX + "get"
+    )
     app.router.add_post(images + "/suspect", suspect, name=ROUTE_PREFIX + "suspect")
     app.router.add_get(PREFIX + "/health", health, allow_head=False, name=ROUTE_PREFIX + "health")
     # Anything else under the prefix is answered here too (never relayed to the upstream).
