@@ -315,6 +315,26 @@ async def test_a_cold_miss_on_a_non_owner_is_fetched_by_the_owner(tmp_path: Path
             assert transfers(glance, image.id) == [None]
 
 
+async def test_simultaneous_cold_clients_on_every_member(tmp_path: Path) -> None:
+    """3 x 8 cold clients started at once, with service credentials: the two non-owners
+    ask the owner to fetch (waiting while its own fill chooses its source), and it fills
+    from the upstream: one upstream data GET (measured 1 in every run so far); the bound
+    asserted is the issue's "at worst one extra fetch". 24 identical bodies."""
+    service = {m: {"service_token": "token-admin"} for m in IDS}
+    async with fake_glance() as glance, fleet(tmp_path, glance, service) as members:
+        data = os.urandom(32 * MiB)
+        image = glance.add_image(data, rate=32 * MiB)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
+            results = await asyncio.gather(
+                *(download(session, m.url, image.id) for m in members.values() for _ in range(8))
+            )
+            digest = hashlib.sha256(data).digest()
+            assert [(r[0], hashlib.sha256(r[2]).digest()) for r in results] == [(200, digest)] * 24
+            fetched = len(transfers(glance, image.id))
+            print(f"3 x 8 simultaneous cold clients: {fetched} upstream data GET(s)")
+            assert fetched <= 2
+
+
 async def test_a_sibling_killed_mid_stream_hands_over_to_the_upstream(tmp_path: Path) -> None:
     """A holds the image; B fills from A through a link paced at 4 MiB/s; A is killed
     (SIGKILL) once 8 MiB went out. B's fill goes on from the upstream at the first byte A

@@ -57,6 +57,7 @@ DOWN_MAX = 30.0  # ... up to this
 COMPLETE = "complete"  # what a sibling's HEAD says (cached/fleet/serve.py)
 FILLING_FROM_UPSTREAM = "filling; source=upstream"
 ABSENT = "absent"
+PENDING = "pending"  # a fill choosing its source: "filling; source=pending"
 
 
 class PeerHealth:
@@ -258,9 +259,13 @@ class Fleet:
             if not forward:
                 return None
             # Nobody holds or fills it: the first member of the order that answered is asked
-            # to fetch it, unless that is this member (or it fills from a copy).
+            # to fetch it, unless that is this member (or it fills from a copy). One still
+            # choosing (pending) is asked too: it answers once it chose (the first member
+            # of its own order, it takes the upstream).
             first = next(m for m in ranked if m == self.trust.self_id or answered(m))
-            if first == self.trust.self_id or not answer(first, ABSENT):
+            if first == self.trust.self_id:
+                return None
+            if not (answer(first, ABSENT) or answer(first, f"filling; source={PENDING}")):
                 return None
             return self.source(first, size, following=True, fetch=True)
         finally:
@@ -373,9 +378,11 @@ class FleetSources:
         # Only with the upstream's digest to check them are a sibling's bytes ever taken.
         self._checkable = checkable
         # What HEAD tells siblings: "upstream" once a transfer takes the upstream; "copy"
-        # while one takes a sibling's bytes, and while the source is being chosen (so two
-        # fills looking at once never follow each other).
-        self.current = "copy"
+        # while one takes a sibling's bytes; "pending" while the source is being chosen
+        # (never followed by a lookup, so two fills looking at once never follow each
+        # other; a sibling asking this member to fetch waits for the choice: ``settled``).
+        self.current = PENDING
+        self._decided = asyncio.Event()
         self.skip: set[str] = set()  # siblings this fill never takes (suspect copies)
         # Whether a first transfer that finds no copy asks the image's first member to
         # fetch it; False for a fill opened for a sibling (it never forwards).
@@ -401,9 +408,24 @@ class FleetSources:
         self._fleet._tasks.add(task)
         task.add_done_callback(self._fleet._tasks.discard)
 
+    async def settled(self, within: float) -> str:
+        """:attr:`current` once the source is chosen (waiting at most ``within`` s)."""
+        if self.current == PENDING:
+            try:
+                async with asyncio.timeout(within):
+                    await self._decided.wait()
+            except TimeoutError:
+                pass
+        return self.current
+
+    def _decide(self, current: str) -> None:
+        self.current = current
+        self._decided.set()
+
     async def pick(self, start: int, end: int, failed: Sequence[ByteSource]) -> ByteSource | None:
         if self._checkable and self._size > 0:
-            self.current = "copy"
+            self.current = PENDING
+            self._decided.clear()
             skip = self.skip | {s.member.id for s in failed if isinstance(s, PeerSource)}
             forward = self.forward and not failed  # after a failure: the upstream
             sibling = await self._fleet.lookup(self._image_id, self._size, skip, forward)
@@ -412,17 +434,27 @@ class FleetSources:
                 metrics.fleet_transfer("fill" if sibling.following else "copy")
                 if sibling.fetch:
                     log.info("%s: %s fetches it (first of its order)", self._image_id, sibling.name)
-                self.current = "copy"
+                self._decide("copy")
                 self.used.add(sibling.member.id)
                 return sibling
         if self._upstream in failed:
+            self._decide("copy")  # (the fill fails: nobody is to follow it)
             return None
         metrics.fleet_transfer("upstream")
-        self.current = "upstream"
+        self._decide("upstream")
         return self._upstream
 
 
+async def settled_source(fill: Fill, within: float) -> str:
+    """:func:`fill_source` once ``fill`` chose its source (waiting at most ``within`` s)."""
+    sources = fill.sources
+    if isinstance(sources, FleetSources):
+        return await sources.settled(within)
+    return "upstream"
+
+
 def fill_source(fill: Fill) -> str:
-    """Where ``fill`` takes its bytes now, as ``HEAD`` tells siblings: upstream or copy."""
+    """Where ``fill`` takes its bytes now, as ``HEAD`` tells siblings: upstream, copy or
+    pending (choosing)."""
     sources = fill.sources
     return sources.current if isinstance(sources, FleetSources) else "upstream"

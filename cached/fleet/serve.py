@@ -2,8 +2,8 @@
 
 - ``HEAD images/{id}``: whether this member holds the image, in ``X-Cached-Peer-State``:
   ``complete`` (a verified copy; ``X-Cached-Peer-Size`` gives its size), ``filling;
-  source=upstream|copy`` (a fill is running, fed by the upstream or a sibling's copy) or
-  ``absent``.
+  source=upstream|copy|pending`` (a fill is running, fed by the upstream or a sibling's
+  copy, or still choosing) or ``absent``.
 - ``GET images/{id}``: the bytes of a complete copy (``Range`` honoured: ``206``), sent by
   the reader (cached/download/reader.py ``send_entry``) from the checked file, or of a
   running fill fed by the upstream (followed as a client's reader follows it; the last byte
@@ -74,6 +74,7 @@ class PeerService:
         max_streams: int,
         fill_source: Callable[[Fill], str],
         open_for_sibling: Callable[[str], Awaitable[Fill | None]] | None = None,
+        settled_source: Callable[[Fill], Awaitable[str]] | None = None,
     ):
         self.trust = trust
         self._store = store
@@ -86,6 +87,9 @@ class PeerService:
         # asks it as the image's first healthy member (cached/app.py: the upstream's record
         # and bytes with the service credentials, admitted like a prefetch); None: never.
         self._open_for_sibling = open_for_sibling
+        # The source of a fill still choosing it, once chosen (bounded wait); for a sibling
+        # asking this member to fetch while its own fill of the image is choosing.
+        self._settled_source = settled_source
         self._streams = 0
         self._disagreeing: set[str] = set()  # senders whose member list differs (logged once)
         self._checks: set[asyncio.Task[None]] = set()  # re-verifications siblings asked for
@@ -210,9 +214,10 @@ class PeerService:
                     fill = None
                 if fill is not None:
                     self._fetching.add(fill)
-            if fill is None or (
-                self._fill_source(fill) != "upstream" and fill not in self._fetching
-            ):
+            source = self._fill_source(fill) if fill is not None else "none"
+            if fill is not None and source == "pending" and fetch and self._settled_source:
+                source = await self._settled_source(fill)
+            if fill is None or (source != "upstream" and fill not in self._fetching):
                 return _answer("absent", 404)
             if fill.widening(0, fill.entry.size, whole=True) != 0:
                 return _answer("absent", 404)  # a range fill: not every byte will come
