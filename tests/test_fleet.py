@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,7 +298,8 @@ async def test_cold_clients_on_every_member_follow_one_upstream_fed_fill(tmp_pat
 async def test_a_cold_miss_on_a_non_owner_is_fetched_by_the_owner(tmp_path: Path) -> None:
     """With service credentials, a cold image asked of a member that does not own it is
     fetched by its owner (the first of its order), which keeps a verified copy; the third
-    member then takes a copy: one upstream data GET, every member holding the image."""
+    member then takes a copy: one upstream data GET, every member holding the image. With
+    the owner killed, the next member of the order takes its place."""
     service = {m: {"service_token": "token-admin"} for m in IDS}
     async with fake_glance() as glance, fleet(tmp_path, glance, service) as members:
         data = os.urandom(16 * MiB)
@@ -313,6 +315,24 @@ async def test_a_cold_miss_on_a_non_owner_is_fetched_by_the_owner(tmp_path: Path
             status, _, body = await download(session, third.url, image.id)
             assert status == 200 and body == data
             assert transfers(glance, image.id) == [None]
+
+            # The owner of the next image is stopped (kill -9): its siblings skip it (down)
+            # and the next of the order fetches; clients on both get one upstream copy.
+            await asyncio.to_thread(owner.proc.kill)
+            orphan_id = next(
+                i
+                for i in (str(uuid.UUID(int=n, version=4)) for n in range(1, 1000))
+                if ring.order(IDS, i)[0] == owner.id
+            )
+            orphan_data = os.urandom(16 * MiB)
+            glance.add_image(orphan_data, image_id=orphan_id, rate=32 * MiB)
+            results = await asyncio.gather(
+                *(download(session, m.url, orphan_id) for m in (second, third) for _ in range(4))
+            )
+            assert all(r[0] == 200 and r[2] == orphan_data for r in results)
+            fetched = len(transfers(glance, orphan_id))
+            print(f"owner killed: {fetched} upstream data GET(s) for 2 x 4 cold clients")
+            assert fetched <= 2
 
 
 async def test_simultaneous_cold_clients_on_every_member(tmp_path: Path) -> None:
