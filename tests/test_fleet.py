@@ -316,6 +316,20 @@ async def test_a_cold_miss_on_a_non_owner_is_fetched_by_the_owner(tmp_path: Path
             assert status == 200 and body == data
             assert transfers(glance, image.id) == [None]
 
+            # A cold range on a non-owner asks nobody to fetch: the covering chunks come
+            # from the upstream (a sibling's driver would reach them only in its own time).
+            far = os.urandom(24 * MiB)
+            far_image = glance.add_image(far)
+            want = {**auth(), "Range": f"bytes={20 * MiB}-{21 * MiB - 1}"}
+            async with session.get(
+                f"{second.url}/v2/images/{far_image.id}/file", headers=want
+            ) as resp:
+                assert resp.status == 206 and await resp.read() == far[20 * MiB : 21 * MiB]
+            ranges_asked = transfers(glance, far_image.id)
+            assert len(ranges_asked) == 1 and ranges_asked[0] is not None
+            assert ranges_asked[0].startswith(f"bytes={20 * MiB}-")
+            assert f"{far_image.id}: sibling" not in second.proc.output()
+
             # The owner of the next image is stopped (kill -9): its siblings skip it (down)
             # and the next of the order fetches; clients on both get one upstream copy.
             await asyncio.to_thread(owner.proc.kill)

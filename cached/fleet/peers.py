@@ -205,7 +205,12 @@ class Fleet:
         return answer
 
     async def lookup(
-        self, image_id: str, size: int, skip: set[str], forward: bool = False
+        self,
+        image_id: str,
+        size: int,
+        skip: set[str],
+        forward: bool = False,
+        follow: bool = True,
     ) -> PeerSource | None:
         """The first sibling in ``image_id``'s order (the owner first) that holds a complete
         copy of ``size`` bytes, else the first whose fill is fed by the upstream, asked in
@@ -252,7 +257,7 @@ class Fleet:
                 await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
             # The best of those that answered: a complete copy, else a fill fed by the
             # upstream (never one fed by a copy: chains end at the upstream, no loop forms).
-            for state in (COMPLETE, FILLING_FROM_UPSTREAM):
+            for state in (COMPLETE, FILLING_FROM_UPSTREAM) if follow else (COMPLETE,):
                 for m in candidates:
                     if answer(m, state):
                         return self.source(m, size, following=state != COMPLETE)
@@ -427,8 +432,14 @@ class FleetSources:
             self.current = PENDING
             self._decided.clear()
             skip = self.skip | {s.member.id for s in failed if isinstance(s, PeerSource)}
-            forward = self.forward and not failed  # after a failure: the upstream
-            sibling = await self._fleet.lookup(self._image_id, self._size, skip, forward)
+            # A running fill is followed, and a member asked to fetch, only by a transfer that
+            # runs to the image's end (a driver): a range far ahead of a sibling's driver
+            # would wait for it; ranges take complete copies or the upstream.
+            to_the_end = end == self._size
+            forward = self.forward and not failed and start == 0 and to_the_end
+            sibling = await self._fleet.lookup(
+                self._image_id, self._size, skip, forward, follow=to_the_end
+            )
             if sibling is not None:
                 log.info("%s [%d, %d) from %s", self._image_id, start, end, sibling.name)
                 metrics.fleet_transfer("fill" if sibling.following else "copy")
