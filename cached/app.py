@@ -296,19 +296,15 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         if config.fleet:  # peer fill (cached/fleet/): siblings serve and feed fills
             keys = await asyncio.to_thread(_fleet_keys, config)
             signer = trust.Trust(config.fleet_self, config.fleet_members, *keys)
-            peer_session = peers.Fleet.session_for(config, client_tls.upstream)
-            fleet = peers.Fleet(
-                signer,
-                peer_session,
-                peers.Timeouts(
-                    config.fleet_connect_timeout,
-                    config.fleet_headers_timeout,
-                    config.fleet_stall_timeout,
-                    config.fleet_lookup_timeout,
-                    config.fleet_min_copy_rate * (1 << 20),
-                ),
-                forwarding=service.configured,
+            timeouts = peers.Timeouts(
+                config.fleet_connect_timeout,
+                config.fleet_headers_timeout,
+                config.fleet_stall_timeout,
+                config.fleet_lookup_timeout,
+                config.fleet_min_copy_rate * (1 << 20),
             )
+            peer_session = peers.Fleet.session_for(timeouts, client_tls.upstream)
+            fleet = peers.Fleet(signer, peer_session, timeouts, forwarding=service.configured)
             filler.sources = fleet.sources_for
 
             async def open_for_sibling(image_id: str) -> Fill | None:

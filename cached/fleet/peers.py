@@ -40,7 +40,7 @@ from ssl import SSLContext
 import aiohttp
 
 from cached import metrics
-from cached.config import Config, FleetMember
+from cached.config import FleetMember
 from cached.errors import UpstreamError, UpstreamUnavailable
 from cached.fill.machine import Fill, FillState
 from cached.fill.sources import ByteSource
@@ -131,14 +131,12 @@ class Fleet:
         self._tasks: set[asyncio.Task[None]] = set()  # fill watchers, suspect notices
 
     @staticmethod
-    def session_for(config: Config, ssl: SSLContext | bool) -> aiohttp.ClientSession:
+    def session_for(timeouts: Timeouts, ssl: SSLContext | bool) -> aiohttp.ClientSession:
         """The session siblings are called with: no total time (an image takes what it
-        takes), the connect and stall timeouts of the configuration."""
+        takes), the connect and stall timeouts (headers: per request, ``asyncio.timeout``)."""
         return aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=config.fleet_connect_timeout,
-                sock_read=config.fleet_stall_timeout,
+                total=None, sock_connect=timeouts.connect, sock_read=timeouts.stall
             ),
             connector=aiohttp.TCPConnector(ssl=ssl),  # verified like the upstream
             auto_decompress=False,
