@@ -35,7 +35,6 @@ import asyncio
 import logging
 import weakref
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import BinaryIO
 
 from aiohttp import web
@@ -70,7 +69,7 @@ class PeerService:
         store: Store,
         filler: Filler,
         directories: Directories,
-        integrity: Integrity | None,
+        integrity: Integrity,
         max_streams: int,
         fill_source: Callable[[Fill], str],
         open_for_sibling: Callable[[str], Awaitable[Fill | None]] | None = None,
@@ -163,7 +162,7 @@ class PeerService:
         if not is_image_id(image_id):
             return _answer("bad", 400)
         entry = self._store.get(image_id)
-        if _complete(entry) and self._integrity is not None:
+        if _complete(entry):
             assert entry is not None
             integrity = self._integrity
             log.warning("a sibling found %s corrupt after a copy from here: re-verifying", image_id)
@@ -245,10 +244,10 @@ class PeerService:
         fill: Fill | None,
     ) -> web.StreamResponse:
         try:
-            if self._integrity is not None and fill is None:
+            if fill is None:  # a hit's file, checked as it is opened (reverify.py)
                 opened = await self._integrity.open_hit(entry)
-            else:
-                opened = await self._store.run(_open_unbuffered, entry.path)
+            else:  # the file a fill writes (as the proxy's readers of a fill open it)
+                opened = await self._store.run(open, entry.path, "rb", 0)
         except OSError:  # evicted meanwhile, or the directory failed: nothing sent yet
             return _answer("absent", 404)
         if opened is None or isinstance(opened, bytes):  # failed re-verification
@@ -313,10 +312,6 @@ def _answer(outcome: str, status: int, headers: dict[str, str] | None = None) ->
 
 def _complete(entry: Entry | None) -> bool:
     return entry is not None and entry.complete and entry.state is not State.INVALID
-
-
-def _open_unbuffered(path: Path) -> BinaryIO:
-    return open(path, "rb", buffering=0)
 
 
 def add_routes(app: web.Application, service: Callable[[], PeerService]) -> None:
