@@ -199,6 +199,46 @@ async def download(
         return resp.status, resp.headers.get("Cache-Status"), await resp.read()
 
 
+def as_member(tmp_path: Path, member_id: str) -> trust.Trust:
+    """What signs requests as member ``member_id`` of the test fleet."""
+    key = (tmp_path / "fleet.key").read_bytes().strip()
+    return trust.Trust(member_id, tuple(FleetMember(i, "x") for i in IDS), key)
+
+
+async def held_by(
+    session: aiohttp.ClientSession, glance: FakeGlance, member: Member, size: int
+) -> tuple[str, bytes]:
+    """A new image of ``size`` random bytes, downloaded (and so cached) through ``member``."""
+    data = os.urandom(size)
+    image = glance.add_image(data)
+    assert (await download(session, member.url, image.id))[2] == data
+    return image.id, data
+
+
+async def fetch_through_paced_link(
+    session: aiohttp.ClientSession, holder: Member, member: Member, image_id: str
+) -> asyncio.Task[tuple[int, str | None, bytes]]:
+    """``member`` downloads ``image_id`` while ``holder``'s link runs at 4 MiB/s; returns
+    once 8 MiB went out (the download goes on in the task returned)."""
+    holder.relay.rate = 4 * MiB
+    holder.relay.sent = 0
+    fetch = asyncio.create_task(download(session, member.url, image_id))
+    await until(lambda: holder.relay.sent >= 8 * MiB, "8 MiB went out", within=30)
+    return fetch
+
+
+def resumed_at(glance: FakeGlance, image_id: str) -> int:
+    """Where the second upstream transfer of ``image_id`` (a handed-over rest) began."""
+    ranges_asked = transfers(glance, image_id)
+    assert len(ranges_asked) == 2 and ranges_asked[0] is None  # the holder's, then the rest
+    assert ranges_asked[1] is not None
+    return int(ranges_asked[1].removeprefix("bytes=").split("-")[0])
+
+
+def same(body: bytes, data: bytes) -> bool:
+    return hashlib.sha256(body).digest() == hashlib.sha256(data).digest()
+
+
 async def test_a_cold_image_leaves_the_upstream_once_per_fleet(tmp_path: Path) -> None:
     """A cold 32 MiB image downloaded from A, then from B and C: identical verified bodies,
     exactly one upstream data GET, B and C filled from a sibling's copy and each holding
@@ -271,8 +311,7 @@ async def test_cold_clients_on_every_member_follow_one_upstream_fed_fill(tmp_pat
         data = os.urandom(32 * MiB)
         image = glance.add_image(data, rate=16 * MiB)
         a, b, c = (members[m] for m in IDS)
-        key = (tmp_path / "fleet.key").read_bytes().strip()
-        as_c = trust.Trust("ctl-c", tuple(FleetMember(i, "x") for i in IDS), key)
+        as_c = as_member(tmp_path, "ctl-c")
         path = f"/cached-peer/v1/images/{image.id}"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
             fetches = [asyncio.create_task(download(session, a.url, image.id)) for _ in range(8)]
@@ -375,55 +414,40 @@ async def test_a_sibling_killed_mid_stream_hands_over_to_the_upstream(tmp_path: 
     did not deliver, and B's client gets the whole, correct body."""
     one_stream = {"ctl-a": {"fleet_max_peer_streams": 1}}
     async with fake_glance() as glance, fleet(tmp_path, glance, one_stream) as members:
-        data = os.urandom(32 * MiB)
-        image = glance.add_image(data)
         a, b = members["ctl-a"], members["ctl-b"]
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-            assert (await download(session, a.url, image.id))[2] == data
-            a.relay.rate = 4 * MiB
-            a.relay.sent = 0
-            fetch = asyncio.create_task(download(session, b.url, image.id))
-            await until(lambda: a.relay.sent >= 8 * MiB, "A sent 8 MiB to B", within=30)
+            image_id, data = await held_by(session, glance, a, 32 * MiB)
+            fetch = await fetch_through_paced_link(session, a, b, image_id)
             # Beyond fleet_max_peer_streams (1 here): 503 at once, with Retry-After.
-            key = (tmp_path / "fleet.key").read_bytes().strip()
-            as_c = trust.Trust("ctl-c", tuple(FleetMember(i, "x") for i in IDS), key)
-            path = f"/cached-peer/v1/images/{image.id}"
+            as_c = as_member(tmp_path, "ctl-c")
+            path = f"/cached-peer/v1/images/{image_id}"
             async with session.get(a.url + path, headers=as_c.sign("GET", path, "ctl-a")) as r:
                 assert (r.status, r.headers.get("Retry-After")) == (503, "1")
             killed_at = time.monotonic()
             await asyncio.to_thread(a.proc.kill)
             status, _, body = await fetch
             took = time.monotonic() - killed_at
-            assert status == 200 and len(body) == len(data)
-            assert hashlib.sha256(body).digest() == hashlib.sha256(data).digest()
+            assert status == 200 and same(body, data)
             out = b.proc.output()
             assert "sibling ctl-a failed at byte" in out and "the next source takes over" in out
-            resumed = transfers(glance, image.id)
-            assert len(resumed) == 2 and resumed[0] is None  # A's whole GET, then B's rest
-            assert resumed[1] is not None
-            first = int(resumed[1].removeprefix("bytes=").split("-")[0])
+            first = resumed_at(glance, image_id)
             assert 8 * MiB <= first < len(data)
             print(
                 f"A killed after {a.relay.sent} bytes relayed; B resumed at byte {first} "
                 f"from the upstream ({len(data) - first} bytes), client done {took:.1f}s later"
             )
             # B's copy is its own and verified: a hit.
-            assert (await download(session, b.url, image.id))[:2] == (200, "cached; hit")
+            assert (await download(session, b.url, image_id))[:2] == (200, "cached; hit")
 
 
 async def test_a_stalled_sibling_is_left_after_the_stall_timeout(tmp_path: Path) -> None:
     """A stops (SIGSTOP) in the middle of a stream to B: no byte for fleet_stall_timeout (3 s
     here) fails the transfer, B goes on from the upstream and its client gets the body."""
     async with fake_glance() as glance, fleet(tmp_path, glance) as members:
-        data = os.urandom(32 * MiB)
-        image = glance.add_image(data)
         a, b = members["ctl-a"], members["ctl-b"]
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-            assert (await download(session, a.url, image.id))[2] == data
-            a.relay.rate = 4 * MiB
-            a.relay.sent = 0
-            fetch = asyncio.create_task(download(session, b.url, image.id))
-            await until(lambda: a.relay.sent >= 8 * MiB, "A sent 8 MiB to B", within=30)
+            image_id, data = await held_by(session, glance, a, 32 * MiB)
+            fetch = await fetch_through_paced_link(session, a, b, image_id)
             a.proc.signal(signal.SIGSTOP)
             stopped_at = time.monotonic()
             try:
@@ -431,13 +455,10 @@ async def test_a_stalled_sibling_is_left_after_the_stall_timeout(tmp_path: Path)
                 took = time.monotonic() - stopped_at
             finally:
                 a.proc.signal(signal.SIGCONT)
-            assert status == 200 and hashlib.sha256(body).digest() == (
-                hashlib.sha256(data).digest()
-            )
+            assert status == 200 and same(body, data)
             out = b.proc.output()
             assert "sibling ctl-a failed at byte" in out and "sibling ctl-a is down" in out
-            resumed = transfers(glance, image.id)
-            assert len(resumed) == 2 and resumed[1] is not None
+            assert 8 * MiB <= resumed_at(glance, image_id) < len(data)
             print(f"A stopped: B's client done {took:.1f}s later (stall timeout 3 s)")
 
 
@@ -446,21 +467,15 @@ async def test_a_slow_complete_copy_is_left_for_the_upstream(tmp_path: Path) -> 
     leaves it at the first byte not delivered and takes the rest from the upstream."""
     slow_floor = {"ctl-b": {"fleet_min_copy_rate": 4}}
     async with fake_glance() as glance, fleet(tmp_path, glance, slow_floor) as members:
-        data = os.urandom(32 * MiB)
-        image = glance.add_image(data)
         a, b = members["ctl-a"], members["ctl-b"]
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-            assert (await download(session, a.url, image.id))[2] == data
+            image_id, data = await held_by(session, glance, a, 32 * MiB)
             a.relay.rate = 2 * MiB
-            status, _, body = await download(session, b.url, image.id)
-            assert status == 200 and hashlib.sha256(body).digest() == (
-                hashlib.sha256(data).digest()
-            )
+            status, _, body = await download(session, b.url, image_id)
+            assert status == 200 and same(body, data)
             out = b.proc.output()
             assert "below fleet_min_copy_rate (4 MiB/s)" in out, out
-            resumed = transfers(glance, image.id)
-            assert len(resumed) == 2 and resumed[1] is not None
-            first = int(resumed[1].removeprefix("bytes=").split("-")[0])
+            first = resumed_at(glance, image_id)
             print(f"slow copy left at byte {first} ({first / MiB:.1f} MiB after ~5 s)")
             assert 0 < first < len(data)
 
@@ -491,7 +506,7 @@ async def test_peer_requests_must_be_signed_for_the_member(tmp_path: Path) -> No
         a = members["ctl-a"]
         key = (tmp_path / "fleet.key").read_bytes().strip()
         fleet_list = tuple(FleetMember(i, "x") for i in IDS)
-        as_b = trust.Trust("ctl-b", fleet_list, key)
+        as_b = as_member(tmp_path, "ctl-b")
         path = f"/cached-peer/v1/images/{image.id}"
         async with aiohttp.ClientSession() as session:
 
@@ -556,8 +571,7 @@ async def test_a_sibling_copy_is_used_only_with_a_digest_and_verified(tmp_path: 
     HEAD tells a running fill from a complete copy."""
     async with fake_glance() as glance, fleet(tmp_path, glance) as members:
         a, b = members["ctl-a"], members["ctl-b"]
-        key = (tmp_path / "fleet.key").read_bytes().strip()
-        as_c = trust.Trust("ctl-c", tuple(FleetMember(i, "x") for i in IDS), key)
+        as_c = as_member(tmp_path, "ctl-c")
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             # A running fill: "filling; source=upstream" (the upstream paced to 8 MiB/s).
             data = os.urandom(16 * MiB)

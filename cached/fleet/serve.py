@@ -119,6 +119,14 @@ class PeerService:
             )
         return None
 
+    def _image_of(self, request: web.Request) -> str | web.Response:
+        """The image id of a request signed for this member by a sibling, else its answer:
+        401 (not signed for this member, before anything is looked up), 400 (a bad id)."""
+        if (refused := self._refused(request)) is not None:
+            return refused
+        image_id = request.match_info["image_id"]
+        return image_id if is_image_id(image_id) else _answer("bad", 400)
+
     # ------------------------------------------------------------------ routes
     async def health(self, request: web.Request) -> web.StreamResponse:
         if (refused := self._refused(request)) is not None:
@@ -133,11 +141,9 @@ class PeerService:
         )
 
     async def head_image(self, request: web.Request) -> web.StreamResponse:
-        if (refused := self._refused(request)) is not None:
-            return refused
-        image_id = request.match_info["image_id"]
-        if not is_image_id(image_id):
-            return _answer("bad", 400)
+        image_id = self._image_of(request)
+        if isinstance(image_id, web.Response):
+            return image_id  # 401 or 400
         entry = self._store.get(image_id)
         if self._directories.cache_bypass(entry) is not None:
             return _answer("unavailable", 503, {"Retry-After": RETRY_AFTER})
@@ -156,11 +162,9 @@ class PeerService:
     async def suspect(self, request: web.Request) -> web.StreamResponse:
         """A sibling's fill with this member's bytes failed the upstream's digest: re-verify
         the copy (cached/cachedir/reverify.py; a bad one leaves the index). 202 at once."""
-        if (refused := self._refused(request)) is not None:
-            return refused
-        image_id = request.match_info["image_id"]
-        if not is_image_id(image_id):
-            return _answer("bad", 400)
+        image_id = self._image_of(request)
+        if isinstance(image_id, web.Response):
+            return image_id  # 401 or 400
         entry = self._store.get(image_id)
         if _complete(entry):
             assert entry is not None
@@ -188,11 +192,9 @@ class PeerService:
         await asyncio.gather(*self._checks, return_exceptions=True)
 
     async def get_image(self, request: web.Request) -> web.StreamResponse:
-        if (refused := self._refused(request)) is not None:
-            return refused
-        image_id = request.match_info["image_id"]
-        if not is_image_id(image_id):
-            return _answer("bad", 400)
+        image_id = self._image_of(request)
+        if isinstance(image_id, web.Response):
+            return image_id  # 401 or 400
         entry = self._store.get(image_id)
         if self._streams >= self._max_streams:
             return _answer("busy", 503, {"Retry-After": RETRY_AFTER})
