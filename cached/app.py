@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import ssl
@@ -13,6 +14,7 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from cached import config as configuration
 from cached import metrics as metrics_module
 from cached.cachedir import mounts
 from cached.cachedir.directories import Directories
@@ -27,8 +29,9 @@ from cached.edge.fileapi import FileApi
 from cached.edge.listeners import LISTENERS, Listeners, is_management
 from cached.edge.passthrough import GlancePassThrough, PassThrough
 from cached.errors import ConfigError
-from cached.fill.machine import FillSettings
+from cached.fill.machine import Fill, FillSettings
 from cached.fill.registry import Filler
+from cached.fleet import peers, serve, trust
 from cached.identity import keystone as identity
 from cached.identity.authorizer import Authorizer
 from cached.jobs import schedule as jobs
@@ -59,6 +62,7 @@ INTEGRITY = web.AppKey("integrity", Integrity)
 POLICY = web.AppKey("policy", request_policy.ActivePolicy)
 DIRECTORIES = web.AppKey("directories", Directories)
 UPSTREAM_VERSIONS = web.AppKey("upstream_versions", routes.UpstreamVersions)
+PEERS = web.AppKey("peers", serve.PeerService)  # with a fleet only
 
 
 def make_backend(
@@ -103,6 +107,8 @@ async def route_request(
 ) -> web.StreamResponse:
     """Read how the upstream routes the request (cached/edge/routes.py), once, before anything
     else judges it; refuse a versioned media type that cannot be read exactly."""
+    if _is_peer(request):
+        return await handler(request)  # a sibling's request (cached/fleet/serve.py)
     known = request.app[UPSTREAM_VERSIONS]
     accept = request.headers.getall("Accept", [])
     found = routes.route(request.raw_path, accept, known.known)
@@ -121,6 +127,12 @@ async def route_request(
     return await handler(request)
 
 
+def _is_peer(request: web.Request) -> bool:
+    """Whether the request is a sibling's, to a ``/cached-peer/v1/`` route."""
+    name = request.match_info.route.name
+    return name is not None and name.startswith(serve.ROUTE_PREFIX)
+
+
 # The routes whose paths are relayed to the upstream: the policy judges them as routed there.
 _RELAYED = frozenset({"relayed", "download"})
 
@@ -130,9 +142,10 @@ async def enforce_policy(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """The ``policy`` file's rules, before a request is handled or forwarded. Installed
-    always, so that a reload can add a policy; without one it only passes the request on."""
+    always, so that a reload can add a policy; without one it only passes the request on.
+    Siblings' requests (cached/fleet/serve.py) are exempt: their signature decides."""
     policy = request.app[POLICY].policy
-    if policy is not None:
+    if policy is not None and not _is_peer(request):
         guard = request.app[MANAGER].guard
 
         async def is_admin(r: web.Request) -> bool:
@@ -276,7 +289,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             filler.on_reserve = maintenance.make_room
         app[STORE], app[FILLER], app[PROXY] = store, filler, proxy
         app[MANAGER] = manage.Manager(
-            config,
+            _as_managed(config),
             store,
             filler,
             upstream,
@@ -303,6 +316,60 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         )
         app[INTEGRITY] = integrity
         integrity.start()
+        peer_session: aiohttp.ClientSession | None = None
+        fleet: peers.Fleet | None = None
+        if config.fleet:  # peer fill (cached/fleet/): siblings serve and feed fills
+            keys = await asyncio.to_thread(_fleet_keys, config)
+            signer = trust.Trust(config.fleet_self, config.fleet_members, *keys)
+            timeouts = peers.Timeouts(
+                config.fleet_connect_timeout,
+                config.fleet_headers_timeout,
+                config.fleet_stall_timeout,
+                config.fleet_lookup_timeout,
+                config.fleet_min_copy_rate * (1 << 20),
+            )
+            peer_session = peers.Fleet.session_for(timeouts, client_tls.upstream)
+            fleet = peers.Fleet(signer, peer_session, timeouts, forwarding=service.configured)
+            filler.sources = fleet.sources_for
+
+            async def open_for_sibling(image_id: str) -> Fill | None:
+                """A fill of ``image_id`` from the upstream, for a sibling that found no copy
+                (cached/fleet/serve.py): the record and bytes with the service credentials,
+                admitted like a prefetch; None without credentials or room."""
+                creds = await service.credentials() if service.configured else None
+                if creds is None:
+                    return None
+                record = await upstream.record(image_id, creds)
+                if record.status != "active" or record.size is None:
+                    return None
+                if record.size > config.max_entry_size:
+                    return None
+                entry = store.get(image_id)
+                have = entry.present_bytes() if entry and entry.size == record.size else 0
+                async with maintenance.admission(record.size - have) as refused:
+                    if refused is not None:
+                        log.info("no room to fetch %s for a sibling: %s", image_id, refused)
+                        return None
+                    fill, created = await filler.open(record, creds)
+                    if created and isinstance(fill.sources, peers.FleetSources):
+                        fill.sources.forward = False  # never forwards what it was asked
+                    fill.demand(0, record.size, whole=True)
+                return fill
+
+            app[PEERS] = serve.PeerService(
+                signer,
+                store,
+                filler,
+                directories,
+                integrity,
+                config.fleet_max_peer_streams,
+                peers.fill_source,
+                open_for_sibling,
+                lambda fill: peers.settled_source(fill, config.fleet_lookup_timeout + 1.0),
+            )
+            log.info(
+                "fleet member %s of %s", config.fleet_self, ", ".join(fleet.siblings) or "none"
+            )
         filler.disk_guard = directories.cache  # fills run while the cache directory is ok
         directories.on_detached.append(filler.detach)  # and stop when its index is forgotten
         scheduler = app[SCHEDULER] = jobs.start_scheduler(
@@ -331,6 +398,11 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         await maintenance.close()  # fills that end while they stop make no more room
         await filler.close()
         await session.close()
+        if fleet is not None:
+            await fleet.close()
+            await app[PEERS].close()
+        if peer_session is not None:
+            await peer_session.close()
         await upstream.close()
         await store.aclose()  # writes the pending access records
         await directories.close()
@@ -361,12 +433,40 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
     app.router.add_get("/versions", version_document, allow_head=False)
     app.router.add_get("/", version_document, allow_head=False)
     manage.add_routes(app)  # before the catch-all: management is never proxied
+    if config.fleet:  # siblings' requests, before the catch-all: never relayed
+        serve.add_routes(app, lambda: app[PEERS])
     # With admin_listen, /metrics is served on the management listener only.
     health.add_routes(
         app, with_metrics=True, only_on=is_management if config.admin_listen else None
     )
     app.router.add_route("*", "/{tail:.*}", forward, name="relayed")
     return app
+
+
+def _as_managed(config: Config) -> Config:
+    """The configuration the management API reads: with a fleet, the members' urls are its
+    ``peers`` and this member's url its ``worker_self_reference_url`` (GET
+    /v2/cache/nodes/{id} lists the members holding an image)."""
+    if not config.fleet:
+        return config
+    return dataclasses.replace(
+        config,
+        peers=tuple(m.url for m in config.fleet_members if m.id != config.fleet_self),
+        worker_self_reference_url=next(
+            m.url for m in config.fleet_members if m.id == config.fleet_self
+        ),
+    )
+
+
+def _fleet_keys(config: Config) -> tuple[bytes, bytes | None]:
+    """The fleet key and the previous one (if set). Blocks: call from a thread."""
+    key = configuration.read_fleet_secret(config.fleet_secret_file, "fleet_secret_file")
+    previous = None
+    if config.fleet_previous_secret_file:
+        previous = configuration.read_fleet_secret(
+            config.fleet_previous_secret_file, "fleet_previous_secret_file"
+        )
+    return key, previous
 
 
 # ------------------------------------------------------------------------------ reload
@@ -381,7 +481,8 @@ def _register_live(
 ) -> None:
     def configs(old: Config, new: Config) -> None:
         ops.config = new
-        app[MANAGER].config = new  # peers, worker_self_reference_url, legacy_queue_immediate
+        # peers, worker_self_reference_url, legacy_queue_immediate
+        app[MANAGER].config = _as_managed(new)
 
     def log_level(old: Config, new: Config) -> None:
         if new.log_level != old.log_level:

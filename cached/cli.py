@@ -23,6 +23,7 @@ from cached.edge import listeners, policy, tls
 from cached.edge.connguard import GuardedRunner, Limits
 from cached.edge.loopback import is_loopback
 from cached.errors import ConfigError
+from cached.fleet import ring
 from cached.ops import logs, reloadcmd
 from cached.ops.health import OPS
 from cached.ops.lifecycle import (
@@ -72,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--cache-dir", metavar="DIR", dest="image_cache_dir")
         p.add_argument("--max-size", metavar="SIZE", dest="image_cache_max_size")
         p.add_argument("--log-level", metavar="LEVEL", dest="log_level")
+        if name == "check-config":
+            p.add_argument(
+                "--owner",
+                metavar="IMAGE_ID",
+                help="print the fleet member owning the image and the fallback order, only",
+            )
     return parser
 
 
@@ -94,6 +101,17 @@ def load_config(args: argparse.Namespace) -> Config:
     if config.policy:
         policy.load(config.policy)
     return config
+
+
+def _print_owner(config: Config, image_id: str) -> int:
+    """``check-config --owner``: the image's owner and fallback order (cached/fleet/ring.py)."""
+    if not config.fleet_members:
+        print("cached: configuration error: option 'fleet_members': no fleet", file=sys.stderr)
+        return 2
+    ranked = ring.order([m.id for m in config.fleet_members], image_id)
+    print(f"owner: {ranked[0]}")
+    print(f"order: {', '.join(ranked)}")
+    return 0
 
 
 def _secrets(config: Config) -> list[str]:
@@ -240,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cached: configuration error: {exc}", file=sys.stderr)
         return 2
     logs.configure(config.log_level, _secrets(config))
+    if args.command == "check-config" and args.owner is not None:
+        return _print_owner(config, args.owner)
     if args.command == "check-config":
         for key, value in vars(config).items():
             print(f"{key}: {configuration.shown(key, value)}")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+import os
 import re
+import stat
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -148,6 +150,7 @@ class MountSpec:
 
 
 SENDFILE_MODES = ("auto", "loop", "thread")
+
 _MOUNT_KEYS = {f.name for f in dataclasses.fields(MountSpec)}
 
 
@@ -548,6 +551,34 @@ class Config:
     # Failed checks not counted against a gpt image (Glance's gpt_safety_checks_nonfatal).
     image_safety_nonfatal_checks: tuple[str, ...] = ()
 
+    # --- fleet: peer fill between the caches of one control plane (cached/fleet/) ---
+    # This member's id in fleet_members; the fleet is on with two members or more. Fleet
+    # keys take effect after a restart (they are not in cached/ops/lifecycle.py LIVE).
+    fleet_self: str = ""
+    # Every member, this one too: [{id: ctl-1, url: "https://192.0.2.11:9292"}, ...]; the url
+    # is what siblings call. A fleet replaces peers and worker_self_reference_url.
+    fleet_members: tuple[FleetMember, ...] = ()
+    # The key peer requests are signed with: >= 32 random bytes, mode 0600.
+    fleet_secret_file: str = ""
+    # A key also accepted (during a key change); "" for none.
+    fleet_previous_secret_file: str = ""
+    # Seconds a fill waits for siblings to say whether they hold the image.
+    fleet_lookup_timeout: float = 0.2
+    # Streams to siblings served at once (the next gets 503 and Retry-After).
+    fleet_max_peer_streams: int = 16
+    # Per sibling: seconds to connect, to its response headers, and without a byte.
+    fleet_connect_timeout: float = 1.0
+    fleet_headers_timeout: float = 5.0
+    fleet_stall_timeout: float = 10.0
+    # MiB/s below which a sibling's complete copy (over 5 s) is left for the next source;
+    # 0: never (a sibling's running fill is never judged by its rate, only by stalls).
+    fleet_min_copy_rate: float = 50.0
+
+    @property
+    def fleet(self) -> bool:
+        """Whether peer fill is on: a fleet of two members or more."""
+        return len(self.fleet_members) >= 2
+
     @property
     def max_entry_size(self) -> int:
         """The largest image the cache admits."""
@@ -671,6 +702,8 @@ def _convert(name: str, value: Any) -> Any:
     """Turn one raw value into the type of the field ``name``; raise ValueError if it is bad."""
     if name in _SHIELDING:
         return _convert_shielding(name, value)
+    if name.startswith("fleet_"):
+        return _fleet_convert(name, value)
     if name in ("image_cache_max_size", "fsync_interval_bytes", "max_header_size"):
         return parse_size(value)
     if name in (
@@ -807,6 +840,120 @@ def _convert(name: str, value: Any) -> Any:
     return value
 
 
+# --- fleet (cached/fleet/): conversion and the rules between its keys -------------------
+FLEET_ID_RE = re.compile(r"^[a-z0-9-]{1,63}$")
+FLEET_SECRET_MIN = 32  # bytes of a fleet key
+
+
+@dataclass(frozen=True)
+class FleetMember:
+    """One cache of the fleet (``fleet_members``): its id and the URL siblings call."""
+
+    id: str
+    url: str
+
+    def __str__(self) -> str:
+        return f"{self.id}={self.url}"
+
+
+def _fleet_id(value: Any) -> str:
+    if not isinstance(value, str) or not FLEET_ID_RE.match(value):
+        raise ValueError(f"a member id is 1 to 63 of a-z, 0-9 and '-', got {value!r}")
+    return value
+
+
+def _fleet_convert(name: str, value: Any) -> Any:
+    if name == "fleet_self":
+        return _fleet_id(value) if value else ""
+    if name == "fleet_members":
+        if not isinstance(value, list | tuple):
+            raise ValueError("must be a list of {id: ..., url: http(s)://host:port}")
+        members: list[FleetMember] = []
+        for item in value:
+            if not isinstance(item, Mapping) or set(item) != {"id", "url"}:
+                raise ValueError(f"each member is {{id: ..., url: ...}}, got {item!r}")
+            member = FleetMember(_fleet_id(item["id"]), _url(item["url"]))
+            for seen in members:
+                if seen.id == member.id:
+                    raise ValueError(f"member id {member.id!r} is listed twice")
+                if seen.url == member.url:
+                    raise ValueError(f"url {member.url!r} is listed twice")
+            members.append(member)
+        return tuple(members)
+    if name in ("fleet_secret_file", "fleet_previous_secret_file"):
+        if not isinstance(value, str | Path):
+            raise ValueError(f"must be a file path, got {value!r}")
+        return str(value)
+    if name in (
+        "fleet_lookup_timeout",
+        "fleet_connect_timeout",
+        "fleet_headers_timeout",
+        "fleet_stall_timeout",
+    ):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ValueError(f"must be a number of seconds > 0, got {value!r}")
+        return float(value)
+    if name == "fleet_min_copy_rate":
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ValueError(f"must be a number of MiB/s >= 0 (0: off), got {value!r}")
+        return float(value)
+    if name == "fleet_max_peer_streams":
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"must be a positive whole number, got {value!r}")
+        return value
+    raise ValueError("unknown fleet option")  # (every fleet field is handled above)
+
+
+def read_fleet_secret(path: str, key: str) -> bytes:
+    """The fleet key in the file at ``path`` (option ``key``); ConfigError naming the option
+    when it is missing, shorter than FLEET_SECRET_MIN bytes or readable by group or others.
+    Blocks: call at start-up or from a thread."""
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            secret = f.read()
+    except OSError as exc:
+        raise ConfigError(f"option {key!r}: cannot read {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ConfigError(
+            f"option {key!r}: {path} is readable by group or others "
+            f"(mode {stat.S_IMODE(mode):04o}): chmod 0600 it"
+        )
+    if len(secret.strip()) < FLEET_SECRET_MIN:
+        raise ConfigError(
+            f"option {key!r}: {path} holds {len(secret.strip())} bytes, "
+            f"a fleet key needs at least {FLEET_SECRET_MIN}"
+        )
+    return secret.strip()
+
+
+def _check_fleet(config: Config, source: str) -> None:
+    """The fleet keys against each other and the options a fleet replaces."""
+    if not config.fleet_members and not config.fleet_self:
+        return
+    if not config.fleet_self:
+        raise ConfigError(f"{source}: option 'fleet_self': needed with fleet_members")
+    ids = [m.id for m in config.fleet_members]
+    if config.fleet_self not in ids:
+        raise ConfigError(
+            f"{source}: option 'fleet_self': {config.fleet_self!r} is not in fleet_members "
+            f"({', '.join(ids) or 'none'})"
+        )
+    if not config.fleet:
+        return  # one member: nothing to share, behaviour unchanged
+    for replaced in ("peers", "worker_self_reference_url"):
+        if getattr(config, replaced):
+            raise ConfigError(
+                f"{source}: option {replaced!r}: a fleet replaces it (the members' urls "
+                "are the peers); remove it"
+            )
+    if not config.fleet_secret_file:
+        raise ConfigError(f"{source}: option 'fleet_secret_file': needed with a fleet")
+    read_fleet_secret(config.fleet_secret_file, "fleet_secret_file")
+    if config.fleet_previous_secret_file:
+        read_fleet_secret(config.fleet_previous_secret_file, "fleet_previous_secret_file")
+
+
 def _mount_spec(name: str, value: Any) -> MountSpec:
     if not isinstance(value, Mapping):
         raise ValueError(f"must be a mapping of {', '.join(sorted(_MOUNT_KEYS))}")
@@ -876,6 +1023,7 @@ def _check(config: Config, source: str) -> Config:
         raise ConfigError(
             f"{source}: option 'prefetch_retry_max': must be >= prefetch_retry_initial"
         )
+    _check_fleet(config, source)
     return config
 
 
@@ -957,6 +1105,7 @@ def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) ->
 __all__ = [
     "Config",
     "KeystoneAuth",
+    "FleetMember",
     "MountSpec",
     "build",
     "load",
@@ -964,5 +1113,6 @@ __all__ = [
     "parse_listen",
     "parse_listen_list",
     "parse_size",
+    "read_fleet_secret",
     "shown",
 ]

@@ -39,6 +39,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 OUTCOMES = ("hit", "miss", "collapsed", "partial", "bypass")
 UPSTREAM_KINDS = ("data", "range", "probe", "record", "forward")
+FLEET_SOURCES = ("copy", "fill", "upstream")
+FLEET_OUTCOMES = ("served", "state", "suspect", "refused", "busy", "unavailable", "absent", "bad")
 FILL_RESULTS = ("verified", "invalid", "failed", "cancelled", "idle")
 VERDICTS = ("safe", "mismatch", "unsafe", "not-inspectable", "error")  # cached/safety/verdict.py
 # Whole multi-GiB images take minutes; a hit of a small one takes milliseconds.
@@ -255,6 +257,38 @@ class Metrics:
             registry=r,
         )
         self.last_lag = 0.0
+        # --- fleet (cached/fleet/): peer fill
+        self.fleet_sources = Counter(
+            "cached_fleet_transfers",
+            "Fill transfers by the source they took: a sibling's complete copy, a sibling's "
+            "upstream-fed fill, or the upstream",
+            ["source"],
+            registry=r,
+        )
+        self.fleet_requests = Counter(
+            "cached_fleet_peer_requests",
+            "Peer requests answered, by outcome (served, state, suspect, refused, busy, "
+            "unavailable, absent, bad)",
+            ["outcome"],
+            registry=r,
+        )
+        self.fleet_bytes = Counter(
+            "cached_fleet_peer_bytes",
+            "Image bytes between siblings: received by fills, sent to siblings",
+            ["direction"],
+            registry=r,
+        )
+        self.fleet_list_mismatch = Counter(
+            "cached_fleet_list_mismatches",
+            "Peer requests from a sibling whose fleet_members list differs from ours",
+            registry=r,
+        )
+        for source in FLEET_SOURCES:
+            self.fleet_sources.labels(source)
+        for outcome in FLEET_OUTCOMES:
+            self.fleet_requests.labels(outcome)
+        for direction in ("received", "sent"):
+            self.fleet_bytes.labels(direction)
         self.count_connections: Callable[[], int] = lambda: 0
 
     def loop_late(self, seconds: float) -> None:
@@ -400,3 +434,27 @@ def upstream_bytes(n: int) -> None:
     stats = _REQUEST.get()
     if stats is not None:
         stats.upstream += n
+
+
+# --- fleet (cached/fleet/) ------------------------------------------------------------------
+def fleet_transfer(source: str) -> None:
+    """A fill transfer took ``source``: copy, fill (a sibling's) or upstream."""
+    if _active is not None and source in FLEET_SOURCES:
+        _active.fleet_sources.labels(source).inc()
+
+
+def fleet_request(outcome: str) -> None:
+    """A peer request was answered with ``outcome`` (FLEET_OUTCOMES)."""
+    if _active is not None and outcome in FLEET_OUTCOMES:
+        _active.fleet_requests.labels(outcome).inc()
+
+
+def fleet_bytes(direction: str, n: int) -> None:
+    """``n`` image bytes ``received`` from a sibling or ``sent`` to one."""
+    if _active is not None and n:
+        _active.fleet_bytes.labels(direction).inc(n)
+
+
+def fleet_list_mismatch() -> None:
+    if _active is not None:
+        _active.fleet_list_mismatch.inc()

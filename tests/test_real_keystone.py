@@ -550,7 +550,15 @@ def test_auth_stale_if_error_on_real_tokens(
     relay = Relay(glance.port)
     relay.restore()
     conf = tmp_path / "cached.yaml"
-    conf.write_text(json.dumps({**daemon_config(keystone, world), "auth_stale_if_error": 600}))
+    conf.write_text(
+        json.dumps(
+            {
+                **daemon_config(keystone, world),
+                "auth_stale_if_error": 600,
+                "auth_stale_after_failures": 2,
+            }
+        )
+    )
     daemon = CachedDaemon(tmp_path, relay.url, tmp_path / "cache", ["-c", str(conf)])
     failure_logs.add({"cached (stale)": daemon.log})
     daemon.start()
@@ -563,6 +571,9 @@ def test_auth_stale_if_error_on_real_tokens(
         assert http("GET", file_url(daemon.url, image_id), world.token("bob"))[0] == 404
 
         relay.cut()
+        # One failed probe is not an outage (issue 13 item 3): the upstream is known down
+        # after auth_stale_after_failures (here 2) in a row.
+        assert http("GET", file_url(daemon.url, image_id), alice)[0] == 502
         status, headers, body = http("GET", file_url(daemon.url, image_id), alice)
         assert (status, body) == (200, data)
         assert headers.get("cache-status") == "cached; hit; detail=stale-auth", headers

@@ -147,8 +147,11 @@ class Fill:
         self._backend = backend
         self.creds = creds
         self._data_credentials = data_credentials
-        # Where each transfer takes its bytes (cached/fill/sources.py); today the upstream.
-        self.sources: Sources = sources or OneSource(UpstreamSource(backend, self._credentials))
+        # The upstream as a byte source, with this fill's credentials; and where each transfer
+        # takes its bytes (cached/fill/sources.py): the upstream alone unless the registry's
+        # ``sources`` (a fleet, cached/fleet/peers.py) replaces it before the first transfer.
+        self.upstream = UpstreamSource(backend, self._credentials)
+        self.sources: Sources = sources or OneSource(self.upstream)
         self._settings = settings
         self._on_close = on_close
         self.state = FillState.RUNNING
@@ -569,7 +572,7 @@ class Fill:
             if committed and self.safety is not None:
                 self.safety.committed(entry)
             log.info(
-                "%s %s: %d bytes, %s verified, %d upstream requests",
+                "%s %s: %d bytes, %s verified, %d transfers",
                 "cached" if committed else "verified (not kept)",
                 entry.image_id,
                 entry.size,

@@ -23,6 +23,7 @@ from typing import Protocol
 from cached import metrics
 from cached.errors import FillAborted, StoreUnavailable
 from cached.fill.machine import DataCredentials, Fill, FillSettings, FillState
+from cached.fill.sources import Sources
 from cached.safety.audit import Safety
 from cached.store import Entry, Store
 from cached.upstream import Backend, Credentials, ImageRecord
@@ -77,6 +78,9 @@ class Filler:
         self._opening: dict[str, asyncio.Future[Fill]] = {}
         # Audit-mode inspection (cached/safety/audit.py), when image_safety_mode is not off.
         self.safety: Safety | None = None
+        # Chooses each new fill's byte sources (cached/fill/sources.py), given the fill; None:
+        # the upstream alone. Set once by the composition root (a fleet: cached/fleet/peers.py).
+        self.sources: Callable[[Fill], Sources] | None = None
 
     def get(self, image_id: str) -> Fill | None:
         """The running fill of ``image_id``, if any."""
@@ -181,6 +185,8 @@ class Filler:
             safety=self.safety.for_record(record) if self.safety is not None else None,
         )
         fill.on_reserve = self.reserved
+        if self.sources is not None:
+            fill.sources = self.sources(fill)
         self.fills[image_id] = fill
         return fill
 

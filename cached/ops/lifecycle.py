@@ -48,7 +48,8 @@ class Ops(Protocol):
 
 log = logging.getLogger("cached.lifecycle")
 
-# Options a reload applies to the running daemon; any other change needs a restart.
+# Options a reload applies to the running daemon; any other change needs a restart (the
+# fleet_* keys too: who the members are and the key are read once, at start).
 LIVE = frozenset(
     {
         "image_cache_max_size",

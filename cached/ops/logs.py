@@ -167,6 +167,8 @@ def _route(path: str) -> str:
         return "image_data"
     if path in ("/metrics", "/healthz", "/readyz"):
         return "ops"
+    if path.startswith("/cached-peer/"):
+        return "peer"  # a sibling's request (cached/fleet/serve.py)
     if "/cache" in path or "cached_images" in path or "queued_images" in path:
         return "management"
     return "forward"
