@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import aiofiles.ospath
+
 from cached import metrics
 from cached.config import Config
 from cached.errors import CachedError, FillAborted, NotAdmitted, UpstreamError
@@ -282,8 +284,11 @@ class Prefetcher:
     def _queue_with_status(self) -> list[tuple[str, QueueStatus]]:
         return [(i, read_status(self._store.queue_dir / i)) for i in self._store.queued()]
 
-    def _is_queued(self, image_id: str) -> bool:
-        return (self._store.queue_dir / image_id).exists()
+    async def _is_queued(self, image_id: str) -> bool:
+        """Whether the image's marker is still in ``queue/``: aiofiles' stat, on the cache
+        directory's own threads (never the default executor, which a hung share would pin)."""
+        marker = self._store.queue_dir / image_id
+        return bool(await aiofiles.ospath.exists(marker, executor=self._store.io))
 
     async def _fetch(
         self, image_id: str, fallback: Credentials | None, record: ImageRecord | None
@@ -291,7 +296,7 @@ class Prefetcher:
         self._tracked[image_id] = _Tracked()
         try:
             async with self._slots:
-                if not await self._store.run(self._is_queued, image_id):
+                if not await self._is_queued(image_id):
                     return Outcome.DROPPED
                 attempt = time.time()
                 self._tracked[image_id].active = True
@@ -305,7 +310,7 @@ class Prefetcher:
                     log.info("prefetch of %s stopped: %s", image_id, exc)
                     return Outcome.DELETED
                 except Exception as exc:  # every failure is recorded and retried later
-                    if not await self._store.run(self._is_queued, image_id):
+                    if not await self._is_queued(image_id):
                         log.info("prefetch of %s stopped: dequeued meanwhile (%s)", image_id, exc)
                         return Outcome.DROPPED
                     if isinstance(exc, UpstreamError) and exc.status in _PERMANENT:
