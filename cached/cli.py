@@ -98,11 +98,8 @@ async def start_listeners(
     addresses and, when set, the management listener ``admin_listen``; log them. Returns the
     started sites."""
     sockets = await listeners.start(runner, config, server_tls)
-    if sockets.management_url:  # first: "listening on" tells tools the daemon is up
-        log.info(
-            "management API on %s (no token needed there; metrics and health too)",
-            sockets.management_url,
-        )
+    for url in sockets.management_urls:  # first: "listening on" tells tools the daemon is up
+        log.info("management API on %s (no token needed there; metrics and health too)", url)
     for url in sockets.urls:
         log.info(
             "listening on %s (upstream %s, cache %s)",

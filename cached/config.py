@@ -70,6 +70,19 @@ def parse_admin_listen(value: str) -> tuple[str, int] | Path:
     return parse_listen(value)
 
 
+def parse_admin_listen_list(value: object) -> tuple[tuple[str, int] | Path, ...]:
+    """Parse one management address, a comma-separated list or a YAML list of them (e.g. a
+    socket for the tools and a TCP address for Prometheus); each at most once."""
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    if not isinstance(value, list | tuple | str) or not items:
+        raise ValueError(f"must be unix:/path, HOST:PORT or a list of them, got {value!r}")
+    parsed = tuple(parse_admin_listen(str(item).strip()) for item in items)
+    for address in parsed:
+        if parsed.count(address) > 1:
+            raise ValueError(f"{address} is listed twice")
+    return parsed
+
+
 @dataclass(frozen=True)
 class FreeSpace:
     """A free-space watermark: a byte count, or a percentage of the filesystem."""
@@ -234,9 +247,10 @@ class Config:
     upstream_insecure: bool = False
     # CA bundle that verifies an https keystone_url (empty: the system store).
     keystone_ca_file: str = ""
-    # The management listener: "unix:/run/cached/admin.sock" or HOST:PORT; empty: none. It
-    # serves the management API without a token, /metrics, /healthz and /readyz; with it set,
-    # /metrics is only served there.
+    # The management listener(s): "unix:/run/cached/admin.sock", HOST:PORT, or several of
+    # them (a list, or comma-separated: a socket for the tools and a TCP address for
+    # Prometheus); empty: none. It serves the management API without a token, /metrics,
+    # /healthz and /readyz; with it set, /metrics is only served there.
     admin_listen: str = ""
     # CA bundle whose client certificates the TCP management listener requires.
     admin_tls_client_ca: str = ""
@@ -266,8 +280,14 @@ class Config:
 
     @property
     def admin_address(self) -> tuple[str, int] | Path | None:
-        """The management listener: (host, port), a Unix socket path, or None."""
-        return parse_admin_listen(self.admin_listen) if self.admin_listen else None
+        """The first management listener: (host, port), a Unix socket path, or None."""
+        addresses = self.admin_addresses
+        return addresses[0] if addresses else None
+
+    @property
+    def admin_addresses(self) -> tuple[tuple[str, int] | Path, ...]:
+        """Every management listener ((host, port) or a Unix socket path), in order."""
+        return parse_admin_listen_list(self.admin_listen) if self.admin_listen else ()
 
     @property
     def upstream_kind(self) -> str:
@@ -417,10 +437,13 @@ def _convert(name: str, value: Any) -> Any:
             return ",".join(str(v).strip() for v in value)
         return str(value)
     if name == "admin_listen":
+        if isinstance(value, list | tuple):
+            parse_admin_listen_list(value)
+            return ",".join(str(v).strip() for v in value)
         if not isinstance(value, str):
-            raise ValueError(f"must be unix:/path or HOST:PORT, got {value!r}")
+            raise ValueError(f"must be unix:/path, HOST:PORT or a list of them, got {value!r}")
         if value:
-            parse_admin_listen(value)
+            parse_admin_listen_list(value)
         return value
     if name in (
         "tls_cert_file",
@@ -518,7 +541,7 @@ def _check(config: Config, source: str) -> Config:
             f"{source}: option {absent!r}: tls_cert_file and tls_key_file go together"
         )
     if config.admin_tls_client_ca and not (
-        config.tls_cert_file and isinstance(config.admin_address, tuple)
+        config.tls_cert_file and any(isinstance(a, tuple) for a in config.admin_addresses)
     ):
         raise ConfigError(
             f"{source}: option 'admin_tls_client_ca': needs a HOST:PORT admin_listen and "
@@ -577,6 +600,7 @@ __all__ = [
     "build",
     "load",
     "parse_admin_listen",
+    "parse_admin_listen_list",
     "parse_listen",
     "parse_listen_list",
     "parse_size",
