@@ -37,8 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "reload",
         help="reload a running daemon (SIGHUP) and wait for the result",
-        description="Send SIGHUP to a running cached and wait until it has reloaded: exit 0 "
-        "when the configuration was applied, 1 with the reason when it was refused.",
+        description="Send SIGHUP to a running cached and wait until it has reloaded. Exit "
+        "status: 0 every change is in force; 1 refused, partly applied or no verdict (with "
+        "the reason); 2 usage; 3 the live changes are in force but options that need a "
+        "restart changed (named).",
     )
     p.add_argument("--pid", type=int, required=True, help="the daemon's process id ($MAINPID)")
     p.add_argument(

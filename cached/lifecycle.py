@@ -132,19 +132,21 @@ class ReloadStatus:
     restart_needed: tuple[str, ...] = ()  # options changed that take effect after a restart
 
     def as_json(self, detail: bool) -> dict[str, object]:
-        """``detail`` (the management listener only): also the process id, the message and
-        the options that need a restart; a refusal's message may quote the file's values."""
+        """``detail`` (the management listener only): also the process id and the message (a
+        refusal's message may quote the file's values). The names of the options that need
+        a restart are shown everywhere: ``cached reload`` must never call such a change
+        applied, whichever listener it could reach."""
         counters: dict[str, object] = {
             "started": self.started,
             "finished": self.finished,
             "result": self.result,
+            "restart_needed": list(self.restart_needed),
         }
         if not detail:
             return counters
         return counters | {
             "pid": os.getpid(),  # the process to signal (cached reload checks it)
             "message": self.message,
-            "restart_needed": list(self.restart_needed),
         }
 
 
