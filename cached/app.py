@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -95,13 +96,15 @@ async def enforce_policy(
     return await handler(request)
 
 
-def prepare_dirs(config: Config, embedded: bool) -> None:
+def prepare_dirs(config: Config, embedded: bool, create: bool = True) -> None:
     """Check (and where it is ours to do, create) the upstream and cache directories before
     the daemon starts; raises ConfigError naming the option. Blocks: call before the loop.
 
     ``embedded``: the built-in default configuration runs, which makes its own ./var dirs.
+    ``create=False`` (``cached check-config``): the same checks, nothing created; a missing
+    cache directory passes when its parent would let ``serve`` create it.
     """
-    if embedded:
+    if embedded and create:
         # The built-in default runs out of the box: it makes its own ./var directories.
         config.upstream_dir.mkdir(parents=True, exist_ok=True)
     if config.upstream_kind == "file" and not config.upstream_mount.require_mount:
@@ -122,6 +125,13 @@ def prepare_dirs(config: Config, embedded: bool) -> None:
     if not cache_dir.is_dir():
         if not cache_dir.parent.is_dir():
             raise ConfigError(f"option 'image_cache_dir': {cache_dir.parent} does not exist")
+        if not create:
+            if not os.access(cache_dir.parent, os.W_OK | os.X_OK):
+                raise ConfigError(
+                    f"option 'image_cache_dir': {cache_dir} does not exist and cannot be "
+                    f"created in {cache_dir.parent}: permission denied"
+                )
+            return
         cache_dir.mkdir()
     try:
         has_xattrs = xattrs.supported(cache_dir)

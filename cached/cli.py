@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -53,10 +54,27 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=60.0, help="seconds to wait for the verdict (60)"
     )
     for name, help_text in (
-        ("serve", "run the caching proxy"),
-        ("check-config", "validate the configuration and print the effective values"),
+        ("serve", "run the caching proxy (in the foreground)"),
+        (
+            "check-config",
+            "run every check serve runs short of binding its sockets (configuration, "
+            "directories, TLS files, policy, the management socket's directory) and print "
+            "the effective values; exit 0 when serve would start, 2 otherwise",
+        ),
     ):
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "check-config":
+            p.add_argument(
+                "--user",
+                metavar="USER",
+                help="run the checks as this user (e.g. the service's: cached); needs root",
+            )
+            p.add_argument(
+                "-q",
+                "--quiet",
+                action="store_true",
+                help="print only errors (the unit's ExecStartPre)",
+            )
         p.add_argument("-c", "--config", type=Path, help="YAML configuration file")
         p.add_argument(
             "--listen", metavar="HOST:PORT", help="address(es) to listen on, comma-separated"
@@ -220,10 +238,51 @@ async def _drain(server: web.Server, grace: float, hard_stop: asyncio.Event) -> 
         log.warning("shutdown_grace over: cut %d connections", len(server.connections))
 
 
+def preflight(config: Config, embedded: bool) -> None:
+    """``cached check-config``: what ``serve`` checks before it binds, creating nothing (as
+    ``nginx -t``): the directories (a cache directory that does not exist must be creatable;
+    one that exists gets the same xattr write probe), the listeners' certificate and key,
+    the CA bundles, and that each management socket's directory exists (the unit's
+    ``RuntimeDirectory=`` makes ``/run/cached``). The policy file was loaded with the
+    configuration. Raises ConfigError naming the option."""
+    prepare_dirs(config, embedded=embedded, create=False)
+    tls.server_tls(config)
+    tls.client_tls(config)
+    for address in config.admin_addresses:
+        if isinstance(address, Path) and not address.parent.is_dir():
+            raise ConfigError(f"option 'admin_listen': directory {address.parent} does not exist")
+
+
+def become(user: str) -> None:
+    """Take the identity (uid, gid, supplementary groups) of ``user`` for the rest of this
+    process; ConfigError when that is not possible."""
+    import grp
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"--user: no user {user!r}") from None
+    if os.geteuid() == entry.pw_uid:
+        return
+    if os.geteuid() != 0:
+        raise ConfigError(f"--user {user}: only root can check as another user")
+    groups = [g.gr_gid for g in grp.getgrall() if user in g.gr_mem]
+    os.setgroups(sorted({entry.pw_gid, *groups}))
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "reload":
         return reloadcmd.main(args.pid, args.url, args.timeout)
+    if args.command == "check-config" and args.user:
+        try:
+            become(args.user)
+        except ConfigError as exc:
+            print(f"cached: {exc}", file=sys.stderr)
+            return 2
     try:
         config = load_config(args)
     except ConfigError as exc:
@@ -231,8 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.configure(config.log_level, _secrets(config))
     if args.command == "check-config":
-        for key, value in vars(config).items():
-            print(f"{key}: {configuration.shown(key, value)}")
+        try:
+            preflight(config, embedded=args.config is None and args.upstream is None)
+        except ConfigError as exc:
+            print(f"cached: configuration error: {exc}", file=sys.stderr)
+            return 2
+        if not args.quiet:
+            for key, value in vars(config).items():
+                print(f"{key}: {configuration.shown(key, value)}")
         return 0
     try:
         prepare_dirs(config, embedded=args.config is None and args.upstream is None)

@@ -76,11 +76,13 @@ def parse_admin_listen_list(value: object) -> tuple[tuple[str, int] | Path, ...]
     items = value if isinstance(value, list | tuple) else str(value).split(",")
     if not isinstance(value, list | tuple | str) or not items:
         raise ValueError(f"must be unix:/path, HOST:PORT or a list of them, got {value!r}")
-    parsed = tuple(parse_admin_listen(str(item).strip()) for item in items)
-    for address in parsed:
-        if parsed.count(address) > 1:
-            raise ValueError(f"{address} is listed twice")
-    return parsed
+    parsed: list[tuple[str, int] | Path] = []
+    for item in items:
+        address = parse_admin_listen(str(item).strip())
+        if address in parsed:
+            raise ValueError(f"{str(item).strip()} is listed twice")
+        parsed.append(address)
+    return tuple(parsed)
 
 
 @dataclass(frozen=True)

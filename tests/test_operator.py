@@ -1,0 +1,183 @@
+"""The operator's path (issue 19): management addresses, ``check-config`` against what
+``serve`` refuses, and the tools finding the daemon. Real daemon subprocesses in front of a
+fake Glance on loopback; nothing outside the test's temporary directories."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from daemonproc import CachedProcess, cached_command, run_cached
+from fakeglance import FakeGlance
+
+ADMIN_RE = re.compile(r"management API on (\S+)")
+
+
+@pytest.fixture
+def procs() -> Iterator[list[CachedProcess]]:
+    made: list[CachedProcess] = []
+    yield made
+    for proc in made:
+        proc.kill()
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="cached-op-"))  # short: sun_path is 108 bytes
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def manage(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cached.ctl", *argv],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+        check=False,
+    )
+
+
+async def get(url: str, path: str, unix: str = "") -> tuple[int, str]:
+    connector = aiohttp.UnixConnector(unix) if unix else None
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.get((url if not unix else "http://localhost") + path) as resp,
+    ):
+        return resp.status, await resp.text()
+
+
+async def test_a_socket_for_the_tools_and_tcp_for_prometheus(
+    glance: FakeGlance, tmp_path: Path, socket_dir: Path, procs: list[CachedProcess]
+) -> None:
+    """Item 2: admin_listen takes several addresses. The socket serves cached-manage (no
+    host, no token: the configuration file names it), the TCP address serves /metrics."""
+    sock = socket_dir / "admin.sock"
+    conf = tmp_path / "cached.yaml"
+    conf.write_text(f'admin_listen: ["unix:{sock}", "127.0.0.1:0"]\n')
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    proc = CachedProcess(glance.url, cache, tmp_path / "cached.log", "-c", str(conf))
+    procs.append(proc)
+    public = await asyncio.to_thread(proc.start)
+    managers = ADMIN_RE.findall(proc.output())
+    assert managers[0] == f"unix:{sock}" and len(managers) == 2
+    tcp = managers[1]
+    assert tcp.startswith("http://127.0.0.1:")
+
+    status, body = await get(tcp, "/metrics")
+    assert status == 200 and "\ncached_cache_max_bytes " in body
+    assert (await get("", "/metrics", unix=str(sock)))[0] == 200
+    assert (await get(public, "/metrics"))[0] == 404  # not on the image API port
+
+    res = await asyncio.to_thread(manage, "-c", str(conf), "list-cached")
+    assert (res.returncode, res.stdout, res.stderr) == (0, "No cached images.\n", "")
+    res = await asyncio.to_thread(manage, "-H", tcp, "list-queued")
+    assert (res.returncode, res.stdout, res.stderr) == (0, "No queued images.\n", "")
+    assert await asyncio.to_thread(proc.stop) == 0
+    assert not sock.exists()  # removed at a clean stop
+
+
+def test_several_management_addresses_are_checked_each(tmp_path: Path) -> None:
+    """A routable TCP management address among several still needs authentication; the same
+    address twice is an error naming it."""
+    conf = tmp_path / "cached.yaml"
+    conf.write_text(f'admin_listen: ["unix:{tmp_path}/a.sock", "0.0.0.0:9293"]\n')
+    res = run_cached("check-config", "-c", str(conf))
+    assert res.returncode == 2
+    assert "option 'admin_listen': 0.0.0.0:9293 is reachable from other hosts" in res.stderr
+    conf.write_text('admin_listen: "127.0.0.1:9293, 127.0.0.1:9293"\n')
+    res = run_cached("check-config", "-c", str(conf))
+    assert res.returncode == 2 and "127.0.0.1:9293 is listed twice" in res.stderr
+
+
+def _config(path: Path, **options: object) -> Path:
+    conf = path / "cached.yaml"
+    conf.write_text("".join(f"{key}: {value}\n" for key, value in options.items()))
+    return conf
+
+
+@pytest.mark.parametrize("case", ["no-parent", "tls-files", "socket-dir", "read-only"])
+def test_check_config_refuses_what_serve_refuses(tmp_path: Path, case: str) -> None:
+    """Item 5: check-config runs serve's checks short of binding: same refusal, same exit."""
+    options: dict[str, object] = {
+        "listen": "127.0.0.1:0",
+        "upstream": "http://127.0.0.1:9",
+        "image_cache_dir": str(tmp_path / "cache"),
+    }
+    expected = ""
+    wrap: list[str] = []
+    if case == "no-parent":
+        options["image_cache_dir"] = str(tmp_path / "missing" / "cache")
+        expected = f"option 'image_cache_dir': {tmp_path / 'missing'} does not exist"
+    elif case == "tls-files":
+        options["tls_cert_file"] = str(tmp_path / "cert.pem")
+        options["tls_key_file"] = str(tmp_path / "key.pem")
+        expected = "tls_cert_file"
+    elif case == "socket-dir":
+        options["admin_listen"] = f"unix:{tmp_path / 'run' / 'admin.sock'}"
+        expected = f"option 'admin_listen': directory {tmp_path / 'run'} does not exist"
+    else:  # a read-only filesystem stops root too
+        if os.geteuid() != 0:
+            pytest.skip("a read-only mount needs root (CI runs as root)")
+        (tmp_path / "cache").mkdir()
+        cache = tmp_path / "cache"
+        mount = f'mount -t tmpfs -o ro tmpfs {cache} && exec "$@"'
+        wrap = ["unshare", "-m", "sh", "-c", mount, "-"]
+        expected = f"option 'image_cache_dir': {cache}: cannot write there: Read-only file system"
+    conf = _config(tmp_path, **options)
+    results = {}
+    for command in ("check-config", "serve"):
+        res = subprocess.run(
+            [*wrap, *cached_command(), command, "-c", str(conf)],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60, check=False,
+        )  # fmt: skip
+        results[command] = (res.returncode, res.stderr)
+        if command == "check-config":  # it creates nothing (serve may create the cache dir)
+            assert (tmp_path / "cache").exists() == (case == "read-only")
+    assert results["serve"][0] == 2 and expected in results["serve"][1], results
+    status, said = results["check-config"]
+    assert status == 2 and said.startswith("cached: configuration error: ")
+    assert said.strip() in results["serve"][1].splitlines()  # serve logged more before it
+
+
+def test_check_config_creates_nothing_and_checks_as_the_service_user(tmp_path: Path) -> None:
+    """A good file passes without the cache directory being created (serve creates it);
+    ``--user`` runs the checks as that user: a directory only root can write is refused."""
+    conf = _config(tmp_path, upstream="http://127.0.0.1:9", image_cache_dir=tmp_path / "cache")
+    res = run_cached("check-config", "-c", str(conf))
+    assert res.returncode == 0, res.stderr
+    assert "image_cache_dir: " + str(tmp_path / "cache") in res.stdout
+    assert not (tmp_path / "cache").exists()
+    if os.geteuid() != 0:
+        pytest.skip("--user needs root")
+    # A directory the service user may read (pytest's own are root's, mode 0700).
+    shared = Path(tempfile.mkdtemp(prefix="cached-user-"))
+    try:
+        shared.chmod(0o755)
+        (shared / "cache").mkdir(mode=0o755)  # root's: nobody may not write there
+        conf = _config(shared, upstream="http://127.0.0.1:9", image_cache_dir=shared / "cache")
+        conf.chmod(0o644)
+        assert run_cached("check-config", "-c", str(conf)).returncode == 0  # root may
+        res = run_cached("check-config", "--user", "nobody", "-c", str(conf))
+        assert res.returncode == 2
+        assert f"{shared / 'cache'}: cannot write there: Permission denied" in res.stderr
+        conf.chmod(0o600)  # the service user cannot even read the file
+        res = run_cached("check-config", "--user", "nobody", "-c", str(conf))
+        assert (res.returncode, res.stderr) == (
+            2, f"cached: configuration error: {conf}: cannot read: Permission denied\n"
+        )  # fmt: skip
+        res = run_cached("check-config", "--user", "no-such-user-here", "-c", str(conf))
+        assert (res.returncode, res.stderr) == (2, "cached: --user: no user 'no-such-user-here'\n")
+    finally:
+        shutil.rmtree(shared)
