@@ -48,8 +48,11 @@ def test_shipped_file_lists_every_option_with_its_default() -> None:
     assert configuration.load(SHIPPED) == Config()
 
 
-def test_check_config_accepts_the_shipped_file() -> None:
-    res = run_cached("check-config", "-c", str(SHIPPED), cwd=REPO)
+def test_check_config_accepts_the_shipped_file(tmp_path: Path) -> None:
+    # check-config checks the directories as serve does: the shipped file's store
+    # (file://./var/images) must exist where it is started; its cache would be created.
+    (tmp_path / "var" / "images").mkdir(parents=True)
+    res = run_cached("check-config", "-c", str(SHIPPED), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     shown = dict(line.split(": ", 1) for line in res.stdout.splitlines())
     assert sorted(shown) == sorted(f.name for f in dataclasses.fields(Config))
@@ -421,7 +424,8 @@ def test_check_config_never_prints_secrets(tmp_path: Path) -> None:
         "keystone_project_name: service\n"
         "service_token: tok-3f9a\n",
     )
-    res = run_cached("check-config", "-c", str(path))
+    (tmp_path / "var" / "images").mkdir(parents=True)  # the default store, as serve needs it
+    res = run_cached("check-config", "-c", str(path), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "hunter2-password" not in res.stdout + res.stderr
     assert "tok-3f9a" not in res.stdout + res.stderr
