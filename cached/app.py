@@ -17,6 +17,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from cached import admin, health, identity, jobs, logs, manage, mounts, reader, routes, tls
 from cached import metrics as metrics_module
 from cached import policy as request_policy
+from cached.adoption import Adopter
 from cached.auth import Authorizer
 from cached.config import Config
 from cached.directories import Directories
@@ -236,6 +237,11 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         )
         app[INTEGRITY] = integrity
         integrity.start()
+        # Glance's own cached files found in the directory (cached/adoption.py).
+        adopter = proxy.adopter = Adopter(
+            store, upstream, integrity, service.credentials if service.configured else None
+        )
+        adopter.start()
         filler.disk_guard = directories.cache  # fills run while the cache directory is ok
         scheduler = app[SCHEDULER] = jobs.start_scheduler(
             config, prefetcher, maintenance, integrity
@@ -258,6 +264,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         ops.store = None
         app[SCHEDULER].shutdown(wait=False)
         await asyncio.sleep(0)  # the scheduler shuts down (and cancels its runs) on the loop
+        await adopter.close()
         await integrity.close()
         await prefetcher.close()
         await filler.close()

@@ -17,6 +17,7 @@ from typing import BinaryIO
 from aiohttp import web
 
 from cached import ranges, replies, routes
+from cached.adoption import Adopter
 from cached.auth import Authorizer
 from cached.directories import Directories
 from cached.errors import (
@@ -94,6 +95,7 @@ class Proxy:
     # Told of every image deleted through the proxy (e.g. the prefetch queue forgets it).
     on_deleted: list[Callable[[str], Awaitable[object]]] = field(default_factory=list)
     integrity: Integrity | None = None  # re-verifies a changed file before a hit (scrub.py)
+    adopter: Adopter | None = None  # Glance's cached files, adopted (cached/adoption.py)
     directories: Directories | None = None  # None: the cache directory is not guarded
     # Drops of deleted images still running (on a hung share); changed on the loop only.
     _dropping: set[asyncio.Task[None]] = field(default_factory=set)
@@ -130,6 +132,8 @@ class Proxy:
             except UpstreamUnavailable as exc:
                 return replies.unreachable(request, exc)
             entry = self.store.get(image_id)
+            if entry is None and record is not None and self.adopter is not None:
+                entry = await self.adopter.adopt(record)  # Glance's file of it, verified
         bypass = self.directories.cache_bypass(entry) if self.directories else None
         if bypass is not None:  # the cache directory is not usable (cached/directories.py)
             return await self._bypass(request, bypass)

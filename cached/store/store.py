@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from cached.ids import is_image_id
+from cached.store import adopt, integrity
 from cached.store import entry as entries
-from cached.store import integrity
 from cached.store.access import AccessLog
 from cached.store.entry import Entry, State
 
@@ -51,6 +51,7 @@ class Scan:
     entries: list[Entry] = field(default_factory=list)
     invalid: set[str] = field(default_factory=set)
     seconds: float = 0.0
+    foreign: set[str] = field(default_factory=set)  # Glance's files (cached/store/adopt.py)
 
 
 def scan(root: Path, still_there: Callable[[Path], None] | None = None) -> Scan:
@@ -70,11 +71,15 @@ def scan(root: Path, still_there: Callable[[Path], None] | None = None) -> Scan:
         (root / d).mkdir(exist_ok=True)
     for name in os.listdir(root):
         if is_image_id(name):
+            if adopt.is_foreign(root / name):  # Glance's: adopted later, never quarantined
+                found.foreign.add(name)
+                continue
             entry = _load(root, root / name, State.COMPLETE)
             if entry is not None:
                 found.entries.append(entry)
+    adopt.warn_unknown(root)
     for name in os.listdir(root / "incomplete"):
-        if is_image_id(name):
+        if is_image_id(name) and not adopt.is_foreign(root / "incomplete" / name):
             entry = _load(root, root / "incomplete" / name, State.FILLING)
             if entry is not None:
                 found.entries.append(entry)
@@ -146,6 +151,8 @@ class Store:
         self.queue_dir = self.root / "queue"
         self.entries: dict[str, Entry] = {}
         self.invalid: set[str] = set()
+        # Glance's complete files not yet adopted (cached/adoption.py takes them out).
+        self.foreign: set[str] = set()
         self._own_io = io is None
         self.io: Executor = io or ThreadPoolExecutor(IO_THREADS, thread_name_prefix="cache-io")
         self.access = AccessLog(self.run, access_interval, self._indexed)
@@ -160,6 +167,7 @@ class Store:
         found = await self.run(scan, self.root, still_there)
         self.entries = {e.image_id: e for e in found.entries}
         self.invalid = found.invalid
+        self.foreign = found.foreign
         log.info(
             "cache index: %d complete, %d partial, %d invalid in %.3fs (%s)",
             sum(e.complete for e in found.entries),
@@ -179,6 +187,7 @@ class Store:
             entry.reserved = 0
         self.entries = {}
         self.invalid = set()
+        self.foreign = set()
         return count
 
     async def aclose(self) -> None:
