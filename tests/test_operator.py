@@ -8,6 +8,7 @@ import asyncio
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from conftest import start_daemon, stop_daemon
 from daemonproc import CachedProcess, cached_command, run_cached
 from fakeglance import FakeGlance
 
@@ -181,3 +183,51 @@ def test_check_config_creates_nothing_and_checks_as_the_service_user(tmp_path: P
         assert (res.returncode, res.stderr) == (2, "cached: --user: no user 'no-such-user-here'\n")
     finally:
         shutil.rmtree(shared)
+
+
+async def test_versions_during_an_upstream_outage(glance: FakeGlance, tmp_path: Path) -> None:
+    """Item 7: glanceclient asks GET /versions before every cache command. While Glance is
+    unreachable cached answers the last document it had (links to itself, the cache API
+    advertised), or its own, instead of a 502; the cache API itself stays up."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    d = await start_daemon(cache, glance.url)
+    try:
+        async with d.session.get(f"{d.url}/versions") as resp:
+            assert resp.status == 200
+            before = await resp.json()
+        await glance.close()  # the outage
+        for path, status in (("/versions", 200), ("/", 300)):
+            async with d.session.get(f"{d.url}{path}") as resp:
+                assert resp.status == status
+                doc = await resp.json()
+            assert [v["id"] for v in doc["versions"]] == [v["id"] for v in before["versions"]]
+            assert {"v2.14", "v2.18"} <= {v["id"] for v in doc["versions"]}
+            hrefs = {link["href"] for v in doc["versions"] for link in v["links"]}
+            assert hrefs == {f"{d.url}/v2/"}
+        session = d.admin_session
+        assert session is not None
+        async with session.get(f"{d.admin_base}/versions") as resp:
+            assert resp.status == 200
+        async with session.get(f"{d.admin_base}/v2/cache") as resp:
+            assert resp.status == 200  # what glance cache-list calls next
+    finally:
+        await stop_daemon(d)
+
+
+async def test_versions_before_any_answer_from_the_upstream(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    d = await start_daemon(cache, dead)
+    try:
+        async with d.session.get(f"{d.url}/versions") as resp:
+            assert resp.status == 200
+            assert resp.headers["Cache-Status"] == "cached; hit; detail=upstream-unavailable"
+            doc = await resp.json()
+        current = [v["id"] for v in doc["versions"] if v["status"] == "CURRENT"]
+        assert current == ["v2.18"]
+    finally:
+        await stop_daemon(d)
