@@ -22,7 +22,7 @@ from cached.app import FILLER, SCHEDULER, make_app, prepare_dirs
 from cached.config import Config
 from cached.connguard import GuardedRunner, Limits
 from cached.errors import ConfigError
-from cached.health import OPS
+from cached.health import OPS, Ops
 from cached.lifecycle import RELOADABLES, Progress, Reloader, install_freeze_hook, status_text, tick
 from cached.logs import AccessLogger
 from cached.loopback import is_loopback
@@ -196,6 +196,7 @@ async def _serve(
         install_freeze_hook(loop, signal.SIGUSR2)
         ticker = loop.create_task(tick(ops, notifier, Progress(app[FILLER])))
         notifier.ready(status_text(ops))
+        checked = loop.create_task(_check_upstream_at_start(ops))
         await stop.wait()
         ops.draining = True
         for site in sites:  # first: once STOPPING is out, new connections are refused
@@ -210,11 +211,24 @@ async def _serve(
         app[SCHEDULER].pause()
         await _drain(server, grace, hard_stop)
         ticker.cancel()
+        checked.cancel()
     finally:
         await runner.cleanup()  # closes fills (partial data stays for a resume), jobs, sessions
         await asyncio.to_thread(listeners.remove_unix_socket, config)
         notifier.close()
     log.info("stopped")
+
+
+async def _check_upstream_at_start(ops: Ops) -> None:
+    """Say at start, not only in /readyz, when the upstream does not answer as the image API
+    (a URL that is not the API's root answers 404 to everything) or cannot be reached."""
+    problem = await ops.upstream_problem()
+    if problem is not None:
+        log.warning(
+            "upstream %s: %s (/readyz says not ready until it answers as the image API)",
+            configuration.shown("upstream", ops.config.upstream),
+            problem,
+        )
 
 
 async def _drain(server: web.Server, grace: float, hard_stop: asyncio.Event) -> None:

@@ -306,6 +306,8 @@ class Config:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _ADMIN_TOKEN_RE = re.compile(r"^sha256:[0-9a-fA-F]{64}$")
+# An upstream path ending in an API version (/v1, /v2, /v2.18): the root was meant.
+_API_VERSION_RE = re.compile(r"/v[12](?:\.[0-9]+)?$")
 # Values never shown (``cached check-config``) or logged: credentials, and the admin token
 # digests (a digest of a weak token can be brute-forced offline).
 SECRETS = frozenset({"keystone_password", "service_token", "access_tokens", "admin_tokens"})
@@ -462,6 +464,13 @@ def _convert(name: str, value: Any) -> Any:
         parts = urllib.parse.urlsplit(str(value))
         if parts.scheme not in ("http", "https", "file") or not (parts.netloc or parts.path):
             raise ValueError(f"must be http(s)://host:port or file:///dir, got {value!r}")
+        if parts.scheme != "file" and _API_VERSION_RE.search(parts.path.rstrip("/")):
+            root = urllib.parse.urlunsplit(parts._replace(path=_API_VERSION_RE.sub(
+                "", parts.path.rstrip("/")), query="", fragment=""))  # fmt: skip
+            raise ValueError(
+                f"must be the image API's root URL, not a version's: {value!r} (every path "
+                f"cached sends starts with /v2 already; use {root!r})"
+            )
         return str(value).rstrip("/")
     if name in ("image_cache_mount", "upstream_mount"):
         return _mount_spec(name, value)

@@ -11,9 +11,11 @@ daemon's resources are up and a reload replaces ``config``; all on the event loo
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,15 +102,39 @@ class Ops:
             return None if ok else f"{config.upstream_dir} is not a directory"
         if self.session is None:
             return "not started"
+        path = urllib.parse.urlsplit(config.upstream).path + "/versions"
         try:
             async with self.session.get(
                 config.upstream + "/versions", timeout=_UPSTREAM_TIMEOUT, allow_redirects=False
             ) as resp:
                 if resp.status >= 500:
-                    return f"GET /versions answered {resp.status}"
+                    return f"GET {path} answered {resp.status}"
+                body = await resp.content.read(1 << 16)
+                status = resp.status
         except (TimeoutError, aiohttp.ClientError) as exc:
             return f"unreachable: {exc!r}"
+        if not is_version_document(status, body):
+            return (
+                f"GET {path} answered {status} without the image API's version document: "
+                "'upstream' must be the API's root URL (http://glance-api:9292, or a real "
+                "prefix such as http://host/image)"
+            )
         return None
+
+
+def is_version_document(status: int, body: bytes) -> bool:
+    """Whether ``status``/``body`` is an image API's answer to ``GET /versions`` (Glance:
+    200 or 300, ``{"versions": [{"id": "v2.N", ...}, ...]}``)."""
+    if status not in (200, 300):
+        return False
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return False
+    found = doc.get("versions") if isinstance(doc, dict) else None
+    return isinstance(found, list) and any(
+        isinstance(v, dict) and str(v.get("id", "")).startswith("v2") for v in found
+    )
 
 
 OPS = web.AppKey("ops", Ops)

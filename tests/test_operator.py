@@ -231,3 +231,38 @@ async def test_versions_before_any_answer_from_the_upstream(tmp_path: Path) -> N
         assert current == ["v2.18"]
     finally:
         await stop_daemon(d)
+
+
+def test_an_upstream_url_naming_an_api_version_is_refused(tmp_path: Path) -> None:
+    """Item 8: ``upstream: http://glance:9292/v2`` made every request a 404 (paths already
+    start with /v2) while /readyz said ready; it is a configuration error naming the root."""
+    res = run_cached("check-config", "--upstream", "http://127.0.0.1:9/v2", "--cache-dir",
+                     str(tmp_path / "cache"))  # fmt: skip
+    assert res.returncode == 2
+    assert "must be the image API's root URL" in res.stderr
+    assert "use 'http://127.0.0.1:9'" in res.stderr
+
+
+async def test_an_upstream_that_is_not_the_image_api_is_not_ready(
+    glance: FakeGlance, tmp_path: Path, procs: list[CachedProcess]
+) -> None:
+    """A path prefix that is not the API's root: said at start and in /readyz (503), though
+    the host answers. The same daemon at the root is ready."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    proc = CachedProcess(glance.url + "/not-glance", cache, tmp_path / "cached.log")
+    procs.append(proc)
+    url = await asyncio.to_thread(proc.start)
+    status, body = await get(url, "/readyz")
+    assert status == 503, body
+    assert "without the image API's version document" in body
+    deadline = asyncio.get_running_loop().time() + 20
+    while "/readyz says not ready until it answers as the image API" not in proc.output():
+        assert asyncio.get_running_loop().time() < deadline, proc.output()
+        await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(proc.stop) == 0
+    good = CachedProcess(glance.url, cache, tmp_path / "cached-2.log")
+    procs.append(good)
+    url = await asyncio.to_thread(good.start)
+    status, body = await get(url, "/readyz")
+    assert status == 200, body
