@@ -310,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cached: configuration error: {exc}", file=sys.stderr)
             return 2
         if not args.quiet:
-            for key, value in vars(config).items():
-                print(f"{key}: {configuration.shown(key, value)}")
+            print(configuration.as_yaml(config), end="")
         return 0
     try:
         prepare_dirs(config, embedded=args.config is None and args.upstream is None)

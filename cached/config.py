@@ -85,6 +85,25 @@ def parse_admin_listen_list(value: object) -> tuple[tuple[str, int] | Path, ...]
     return tuple(parsed)
 
 
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string with a unit, as sizes take one: ``90``, ``2.5``,
+    ``500ms``, ``30s``, ``5m``, ``1h``, ``1d``. Raises ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"not a duration: {value!r}")
+        return float(value)
+    match = _DURATION_RE.match(str(value)) if isinstance(value, str) else None
+    if not match:
+        raise ValueError(f"not a duration: {value!r} (use seconds or a unit: 30s, 5m, 1h, 1d)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
 @dataclass(frozen=True)
 class FreeSpace:
     """A free-space watermark: a byte count, or a percentage of the filesystem."""
@@ -332,6 +351,35 @@ def shown(key: str, value: Any) -> Any:
     return value
 
 
+def as_yaml(config: Config) -> str:
+    """``config`` as a YAML file that loads back into the same values (``cached
+    check-config``): every option, in the dataclass's order. Secrets that are set are
+    written as comments (never their values); URL passwords are masked."""
+    lines = []
+    for item in dataclasses.fields(config):
+        key = item.name
+        value = getattr(config, key)
+        if key in SECRETS and value:
+            lines.append(f"# {key}: {shown(key, value)} (not shown)")
+            continue
+        plain = _plain(shown(key, value))
+        if key == "upstream_mount":
+            plain.pop("sendfile")  # only the cache's directory takes one
+        lines.append(yaml.safe_dump({key: plain}, width=1 << 16).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    """A value YAML can write and :func:`build` reads back to the same thing."""
+    if isinstance(value, Path | FreeSpace):
+        return str(value)
+    if isinstance(value, MountSpec):
+        return dataclasses.asdict(value)  # (as_yaml drops upstream_mount's sendfile)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _url(value: Any) -> str:
     parts = urllib.parse.urlsplit(str(value))
     if not isinstance(value, str) or parts.scheme not in ("http", "https") or not parts.netloc:
@@ -350,9 +398,10 @@ def _convert(name: str, value: Any) -> Any:
         "cache_clean_interval",
         "scrub_interval",
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        seconds = parse_duration(value)
+        if seconds <= 0 or seconds != int(seconds):
             raise ValueError(f"must be a positive whole number of seconds, got {value!r}")
-        return value
+        return int(seconds)
     if name in (
         "auth_cache_ttl",
         "auth_stale_if_error",
@@ -367,9 +416,10 @@ def _convert(name: str, value: Any) -> Any:
         "client_body_timeout",
         "shutdown_grace",
     ):
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        seconds = parse_duration(value)
+        if seconds < 0:
             raise ValueError(f"must be a number of seconds >= 0, got {value!r}")
-        return float(value)
+        return seconds
     if name == "scrub_rate":
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e6:
             raise ValueError(f"must be a number of MiB/s > 0, got {value!r}")
@@ -387,9 +437,10 @@ def _convert(name: str, value: Any) -> Any:
             raise ValueError(f"must be a number > 0 and <= 1, got {value!r}")
         return float(value)
     if name == "client_keepalive_timeout":
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        seconds = parse_duration(value)
+        if seconds <= 0:
             raise ValueError(f"must be a number of seconds > 0, got {value!r}")
-        return float(value)
+        return seconds
     if name == "max_connections_per_address":
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"must be a whole number >= 0 (0: no cap), got {value!r}")
@@ -502,10 +553,13 @@ def _mount_spec(name: str, value: Any) -> MountSpec:
                 raise ValueError(
                     f"sendfile: must be one of {', '.join(SENDFILE_MODES)}, got {item!r}"
                 )
-        elif isinstance(item, bool) or not isinstance(item, int | float) or item <= 0:
-            raise ValueError(f"{key}: must be a number of seconds > 0, got {item!r}")
         else:
-            item = float(item)
+            try:
+                item = parse_duration(item)
+            except ValueError:
+                item = -1.0
+            if item <= 0:
+                raise ValueError(f"{key}: must be a number of seconds > 0, got {value[key]!r}")
         spec[key] = item
     if name == "image_cache_mount" and spec.get("writable") is False:
         raise ValueError("writable: the cache directory is always written to; leave it true")
@@ -577,9 +631,38 @@ def read_yaml(path: str | Path) -> Any:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+class _DuplicateKey(yaml.YAMLError):  # type: ignore[misc]
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML 1.2 says keys are
+    unique; PyYAML keeps the last silently, so a second ``listen:`` would win unseen)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        assert isinstance(node, yaml.MappingNode)
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first is not None:
+                raise _DuplicateKey(
+                    f"line {line}: option {key!r} given twice (first on line {first})"
+                )
+            seen[key] = line
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
 
 
 def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -612,8 +695,10 @@ __all__ = [
     "load",
     "parse_admin_listen",
     "parse_admin_listen_list",
+    "parse_duration",
     "parse_listen",
     "parse_listen_list",
     "parse_size",
+    "as_yaml",
     "shown",
 ]
