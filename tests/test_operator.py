@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 from conftest import start_daemon, stop_daemon
 from daemonproc import CachedProcess, cached_command, run_cached
 from fakeglance import FakeGlance
+from test_ops import NotifySocket
 
 ADMIN_RE = re.compile(r"management API on (\S+)")
 
@@ -266,3 +268,30 @@ async def test_an_upstream_that_is_not_the_image_api_is_not_ready(
     url = await asyncio.to_thread(good.start)
     status, body = await get(url, "/readyz")
     assert status == 200, body
+
+
+async def test_watchdog_pings_about_every_half_of_watchdogsec(
+    glance: FakeGlance, tmp_path: Path, procs: list[CachedProcess]
+) -> None:
+    """Item 15: sd_watchdog_enabled(3) advises a ping about every half of the timeout; cached
+    pinged every 0.5 s whatever WatchdogSec was. With 2 s, consecutive pings are at least
+    ~0.75 s apart (half, less half a tick of the loop that sends them), and keep coming.
+    (A lower bound only: the daemon cannot ping earlier than its rule, however loaded the
+    machine is.)"""
+    notify = NotifySocket()
+    try:
+        cache = tmp_path / "cache"
+        cache.mkdir()
+        env = {**notify.env, "WATCHDOG_USEC": "2000000"}
+        proc = CachedProcess(glance.url, cache, tmp_path / "cached.log", env=env)
+        procs.append(proc)
+        await asyncio.to_thread(proc.start)
+        pings: list[float] = []
+        while len(pings) < 4:
+            await asyncio.to_thread(notify.wait_for, "WATCHDOG", 20.0)
+            pings.append(time.monotonic())
+        gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+        assert min(gaps) >= 0.75, gaps
+        assert await asyncio.to_thread(proc.stop) == 0
+    finally:
+        notify.close()

@@ -2,8 +2,8 @@
 the ``systemctl`` the install test puts first in ``PATH`` while it runs the README's recipe.
 
 It does for ``systemd/cached.service`` what systemd does on start, from the unit file the
-recipe installed (``/etc/systemd/system/NAME``): ``RuntimeDirectory=`` (owned by ``User=``,
-``RuntimeDirectoryMode=``), each ``ExecStartPre=`` then ``ExecStart=`` as ``User=``/``Group=``
+recipe installed (``/etc/systemd/system/NAME``): ``RuntimeDirectory=`` and
+``StateDirectory=`` (owned by ``User=``, with their ``...Mode=``), each ``ExecStartPre=`` then ``ExecStart=`` as ``User=``/``Group=``
 (``setpriv``) with ``UMask=`` and a clean environment, ``Type=notify``: the service is
 *active* once the main process sent ``READY=1`` to ``$NOTIFY_SOCKET`` (a datagram socket at an
 abstract address, read by a manager process that stays with the service), *failed* if a
@@ -95,13 +95,14 @@ def manage(unit: Unit) -> int:
     config = unit.config()
     umask = int(config.get("UMask", ["0022"])[-1], 8)
     user = config.get("User", [""])[-1]
-    for name in config.get("RuntimeDirectory", []):
-        path = Path("/run") / name
-        path.mkdir(parents=True, exist_ok=True)
-        path.chmod(int(config.get("RuntimeDirectoryMode", ["0755"])[-1], 8))
-        if user:
-            entry = pwd.getpwnam(user)
-            os.chown(path, entry.pw_uid, entry.pw_gid)
+    for kind, base in (("Runtime", "/run"), ("State", "/var/lib")):
+        for name in config.get(f"{kind}Directory", []):
+            path = Path(base) / name
+            path.mkdir(parents=True, exist_ok=True)
+            path.chmod(int(config.get(f"{kind}DirectoryMode", ["0755"])[-1], 8))
+            if user:
+                entry = pwd.getpwnam(user)
+                os.chown(path, entry.pw_uid, entry.pw_gid)
     env = {"PATH": CLEAN_PATH, "LANG": "C.UTF-8"}
     out = unit.log.open("ab")
 
