@@ -3,8 +3,9 @@ the ``systemctl`` the install test puts first in ``PATH`` while it runs the READ
 
 It does for ``systemd/cached.service`` what systemd does on start, from the unit file the
 recipe installed (``/etc/systemd/system/NAME``): ``RuntimeDirectory=`` and
-``StateDirectory=`` (owned by ``User=``, with their ``...Mode=``), each ``ExecStartPre=`` then ``ExecStart=`` as ``User=``/``Group=``
-(``setpriv``) with ``UMask=`` and a clean environment, ``Type=notify``: the service is
+``StateDirectory=`` (owned by ``User=``, with their ``...Mode=``), each ``ExecStartPre=``
+then ``ExecStart=`` as ``User=``/``Group=`` (``setpriv``) with ``UMask=`` and a clean
+environment, ``Type=notify``: the service is
 *active* once the main process sent ``READY=1`` to ``$NOTIFY_SOCKET`` (a datagram socket at an
 abstract address, read by a manager process that stays with the service), *failed* if a
 command fails or the main process ends before, or no ``READY=1`` within ``TimeoutStartSec=``.
