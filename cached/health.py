@@ -28,6 +28,7 @@ from cached.config import Config
 from cached.lifecycle import ReloadStatus
 from cached.listeners import is_management
 from cached.metrics import CONTENT_TYPE, Metrics
+from cached.mounts import State as MountState
 
 if TYPE_CHECKING:
     from cached.admin import AdminGuard
@@ -195,7 +196,20 @@ async def metrics(request: web.Request) -> web.StreamResponse:
             return _error(access.value, _DENIED[access])
     if ops.store is not None:
         await ops.metrics.refresh(ops.store, ops.filler, ops.config.image_cache_max_size)
-    return web.Response(body=ops.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+    reloads = ops.reloads
+    if reloads.finished:
+        in_force = reloads.result == "applied" and not reloads.restart_needed
+        ops.metrics.reloaded(in_force, reloads.in_force_at)
+    states = tuple(s.value for s in MountState)
+    guards: list[object] = [ops.filler.disk_guard if ops.filler is not None else None]
+    guards.append(ops.store_guard)
+    for guard in guards:  # cached/guard.py Guard (the filler knows it as a DiskGuard)
+        directory, state = getattr(guard, "directory", None), getattr(guard, "state", None)
+        if directory is not None and isinstance(state, MountState):
+            ops.metrics.directory(str(directory), state.value, states)
+    # In a thread: the process collector reads /proc/self (a file read, off the loop).
+    body = await asyncio.to_thread(ops.metrics.exposition)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def _not_here(request: web.Request) -> web.StreamResponse:

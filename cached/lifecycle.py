@@ -130,6 +130,7 @@ class ReloadStatus:
     result: str = ""  # "applied", "partly applied" (a part failed) or "refused"; "" before any
     message: str = ""  # the refusal's reason, the failed parts, or what was applied
     restart_needed: tuple[str, ...] = ()  # options changed that take effect after a restart
+    in_force_at: float | None = None  # time.time() of the last reload that put it all in force
 
     def as_json(self, detail: bool) -> dict[str, object]:
         """``detail`` (the management listener only): also the process id and the message (a
@@ -229,6 +230,8 @@ class Reloader:
         finally:
             reloads.finished = number
             reloads.result, reloads.message, reloads.restart_needed = result, message, restart
+            if result == "applied" and not restart:
+                reloads.in_force_at = time.time()
             self._notifier.ready(self._status())
 
 

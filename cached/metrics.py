@@ -29,6 +29,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -93,6 +94,21 @@ class RequestStats:
 _REQUEST: contextvars.ContextVar[RequestStats | None] = contextvars.ContextVar(
     "cached_request", default=None
 )
+
+
+class _ProcessSeries:
+    """prometheus_client's process collector (``process_*``, read from ``/proc/self``),
+    registered without the registry reading ``/proc`` at once to learn its names (that read
+    would run on the event loop; a scrape collects in a thread, cached/health.py)."""
+
+    def __init__(self) -> None:
+        self._inner = ProcessCollector(registry=None)
+
+    def describe(self) -> list[Any]:
+        return []  # process_* names: none of ours can clash with them
+
+    def collect(self) -> Any:
+        return self._inner.collect()
 
 
 class Metrics:
@@ -234,6 +250,27 @@ class Metrics:
             "cached_prefetch_failures", "Queued images whose prefetch failed", registry=r
         )
         # --- the process
+        # process_open_fds / process_max_fds (the unit raises LimitNOFILE), CPU, memory.
+        r.register(_ProcessSeries())
+        self.reload_ok = Gauge(
+            "cached_config_last_reload_successful",
+            "1 when the last reload (or the start) put the whole file in force, else 0",
+            registry=r,
+        )
+        self.reload_ok.set(1)
+        self.reload_time = Gauge(
+            "cached_config_last_reload_success_timestamp_seconds",
+            "When the configuration was last put in force (the start, or a reload)",
+            registry=r,
+        )
+        self.reload_time.set_to_current_time()
+        self.directory_state = Gauge(
+            "cached_directory_state",
+            "1 for the state a declared directory is in (ok, read_only, vanished, hung, "
+            "failing), 0 for the others",
+            ["directory", "state"],
+            registry=r,
+        )
         self.connections = Gauge("cached_open_connections", "Client connections open", registry=r)
         self.loop_lag = Gauge(
             "cached_event_loop_lag_seconds",
@@ -305,6 +342,18 @@ class Metrics:
             with contextlib.suppress(OSError, TimeoutError):
                 queued = await asyncio.wait_for(store.run(store.queued), QUEUE_LIST_TIMEOUT)
                 self.queue_length.set(len(queued))
+
+    def reloaded(self, in_force: bool, at: float | None) -> None:
+        """The last reload's outcome (``cached reload``'s: refused, partly applied, or with
+        options waiting for a restart count as not successful) and the last success's time."""
+        self.reload_ok.set(1 if in_force else 0)
+        if at is not None:
+            self.reload_time.set(at)
+
+    def directory(self, path: str, state: str, states: tuple[str, ...]) -> None:
+        """A declared directory's state (cached/guard.py), one series per possible state."""
+        for name in states:
+            self.directory_state.labels(path, name).set(1 if name == state else 0)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,9 +5,11 @@ fake Glance on loopback; nothing outside the test's temporary directories."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -295,3 +297,56 @@ async def test_watchdog_pings_about_every_half_of_watchdogsec(
         assert await asyncio.to_thread(proc.stop) == 0
     finally:
         notify.close()
+
+
+def _series(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        head, _, number = line.rpartition(" ")
+        if head == (f"{name}{{{want}}}" if labels else name):
+            return float(number)
+    raise AssertionError(f"{name}{labels} not scraped")
+
+
+async def test_process_reload_and_directory_series(
+    glance: FakeGlance, tmp_path: Path, procs: list[CachedProcess]
+) -> None:
+    """Item 14: process_* series (open descriptors against LimitNOFILE), the last reload's
+    outcome and time as Prometheus has them for itself, the cache directory's state."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    conf = tmp_path / "cached.yaml"
+    conf.write_text("image_cache_max_size: 1G\n")
+    proc = CachedProcess(glance.url, cache, tmp_path / "cached.log", "-c", str(conf))
+    procs.append(proc)
+    url = await asyncio.to_thread(proc.start)
+    text = (await get(url, "/metrics"))[1]
+    assert _series(text, "process_open_fds") > 0
+    assert _series(text, "process_max_fds") > 0
+    assert _series(text, "cached_config_last_reload_successful") == 1
+    started = _series(text, "cached_config_last_reload_success_timestamp_seconds")
+    assert _series(text, "cached_directory_state", directory=str(cache), state="ok") == 1
+    assert _series(text, "cached_directory_state", directory=str(cache), state="hung") == 0
+
+    async def reload() -> str:
+        before = json.loads((await get(url, "/healthz"))[1])["reload"]["finished"]
+        assert proc.proc is not None
+        proc.proc.send_signal(signal.SIGHUP)
+        deadline = asyncio.get_running_loop().time() + 20
+        while json.loads((await get(url, "/healthz"))[1])["reload"]["finished"] == before:
+            assert asyncio.get_running_loop().time() < deadline, "the reload never finished"
+            await asyncio.sleep(0.05)
+        return (await get(url, "/metrics"))[1]
+
+    conf.write_text("image_cache_max_size: lots\n")
+    text = await reload()
+    assert _series(text, "cached_config_last_reload_successful") == 0
+    assert _series(text, "cached_config_last_reload_success_timestamp_seconds") == started
+    conf.write_text("image_cache_max_size: 2G\n")
+    text = await reload()
+    assert _series(text, "cached_config_last_reload_successful") == 1
+    assert _series(text, "cached_config_last_reload_success_timestamp_seconds") > started
+    conf.write_text("image_cache_max_size: 2G\nmax_header_size: 32K\n")  # needs a restart
+    text = await reload()
+    assert _series(text, "cached_config_last_reload_successful") == 0
+    assert await asyncio.to_thread(proc.stop) == 0
