@@ -262,6 +262,8 @@ def preflight(config: Config, embedded: bool) -> None:
     prepare_dirs(config, embedded=embedded, create=False)
     tls.server_tls(config)
     tls.client_tls(config)
+    if config.admin_socket_group:
+        listeners.socket_group_id(config.admin_socket_group)
     for address in config.admin_addresses:
         if isinstance(address, Path) and not address.parent.is_dir():
             raise ConfigError(f"option 'admin_listen': directory {address.parent} does not exist")

@@ -273,6 +273,8 @@ class Config:
     # Prometheus); empty: none. It serves the management API without a token, /metrics,
     # /healthz and /readyz; with it set, /metrics is only served there.
     admin_listen: str = ""
+    # The management socket's group (mode 0660 then; empty: 0600, only its owner and root).
+    admin_socket_group: str = ""
     # CA bundle whose client certificates the TCP management listener requires.
     admin_tls_client_ca: str = ""
     # Start even though a world-reachable listener would answer management without auth.
@@ -471,6 +473,10 @@ def _convert(name: str, value: Any) -> Any:
         if not isinstance(value, list | tuple):
             raise ValueError("must be a list of http(s)://host:port URLs")
         return tuple(_url(v) for v in value)
+    if name == "admin_socket_group":
+        if not isinstance(value, str) or any(c.isspace() or c in ":/" for c in value):
+            raise ValueError(f"must be a group name, got {value!r}")
+        return value
     if name in (
         "keystone_username",
         "keystone_password",

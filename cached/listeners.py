@@ -118,8 +118,9 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
-def bind_unix(path: Path) -> socket.socket:
-    """A listening Unix socket at ``path``, mode 0600 (blocking: call from a thread).
+def bind_unix(path: Path, group: str = "") -> socket.socket:
+    """A listening Unix socket at ``path``, mode 0600, or 0660 owned by ``group`` (the
+    operators' group, ``admin_socket_group``) (blocking: call from a thread).
 
     A stale socket file (nobody accepting on it) is replaced; any other file is an error.
     """
@@ -141,12 +142,25 @@ def bind_unix(path: Path) -> socket.socket:
     try:
         sock.bind(str(path))
         os.chmod(path, 0o600)
+        if group:
+            os.chown(path, -1, socket_group_id(group))
+            os.chmod(path, 0o660)
         sock.listen(_BACKLOG)
         sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def socket_group_id(group: str) -> int:
+    """The id of ``admin_socket_group``; ConfigError naming the option if there is none."""
+    import grp
+
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"option 'admin_socket_group': no group {group!r}") from None
 
 
 async def start(runner: web.AppRunner, config: Config, server_tls: ServerTLS | None) -> Listeners:
@@ -167,7 +181,7 @@ async def start(runner: web.AppRunner, config: Config, server_tls: ServerTLS | N
         listeners.urls.append(_url(scheme, bound[0], bound[1]))
     for address in config.admin_addresses:  # a socket and/or TCP addresses
         if isinstance(address, Path):
-            sock = await asyncio.to_thread(bind_unix, address)
+            sock = await asyncio.to_thread(bind_unix, address, config.admin_socket_group)
             listeners._unix_paths.add(sock.getsockname())
             site = web.SockSite(runner, sock)
             url = f"unix:{address}"

@@ -189,6 +189,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "upstream_insecure": ["yes", 1],
     "keystone_ca_file": [True],
     "admin_listen": ["unix:", "nope", "[::1", 9393, 9293, "host:99999", "::1:9293"],
+    "admin_socket_group": [5, "two words", "a:b"],
     "admin_tls_client_ca": [3],
     "allow_unauthenticated_management": ["true", 1],
     "policy": [["a"]],

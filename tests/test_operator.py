@@ -350,3 +350,33 @@ async def test_process_reload_and_directory_series(
     text = await reload()
     assert _series(text, "cached_config_last_reload_successful") == 0
     assert await asyncio.to_thread(proc.stop) == 0
+
+
+async def test_the_management_socket_can_belong_to_an_operator_group(
+    glance: FakeGlance, tmp_path: Path, socket_dir: Path, procs: list[CachedProcess]
+) -> None:
+    """Item 17: admin_socket_group makes the socket 0660 and that group's, so operators
+    other than root and the service user can manage; an unknown group is refused by
+    check-config and serve alike."""
+    if os.geteuid() != 0:
+        pytest.skip("chown to another group needs root (CI runs as root)")
+    import grp
+
+    group = grp.getgrgid(65534).gr_name  # nogroup (Debian), nobody elsewhere
+    sock = socket_dir / "admin.sock"
+    conf = tmp_path / "cached.yaml"
+    conf.write_text(f"admin_listen: unix:{sock}\nadmin_socket_group: {group}\n")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    proc = CachedProcess(glance.url, cache, tmp_path / "cached.log", "-c", str(conf))
+    procs.append(proc)
+    await asyncio.to_thread(proc.start)
+    st = sock.stat()
+    assert (st.st_mode & 0o777, st.st_gid) == (0o660, 65534)
+    assert await asyncio.to_thread(proc.stop) == 0
+    conf.write_text(f"admin_listen: unix:{sock}\nadmin_socket_group: no-such-group-here\n")
+    for command in ("check-config", "serve"):
+        res = run_cached(command, "-c", str(conf), "--cache-dir", str(cache), "--upstream",
+                         glance.url, "--listen", "127.0.0.1:0")  # fmt: skip
+        assert res.returncode == 2, (command, res.stderr)
+        assert "option 'admin_socket_group': no group 'no-such-group-here'" in res.stderr
