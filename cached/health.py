@@ -112,8 +112,10 @@ class Ops:
                     return f"GET {path} answered {resp.status}"
                 body = await resp.content.read(1 << 16)
                 status = resp.status
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return f"unreachable: {exc!r}"
+        except TimeoutError:
+            return f"unreachable: no answer within {_UPSTREAM_TIMEOUT.total:g} s"
+        except aiohttp.ClientError as exc:
+            return f"unreachable: {exc or type(exc).__name__}"
         if not is_version_document(status, body):
             return (
                 f"GET {path} answered {status} without the image API's version document: "
@@ -155,8 +157,22 @@ async def healthz(request: web.Request) -> web.StreamResponse:
     return _json(200, {**body, "reload": ops.reloads.as_json(is_management(request))})
 
 
+async def _operator(request: web.Request, ops: Ops) -> bool:
+    """Whether ``request`` may see details (upstream addresses, errors, directories): it came
+    in on the management listener, or carries an admin token (cached/admin.py)."""
+    if is_management(request):
+        return True
+    if ops.guard is None or not request.headers.get("X-Auth-Token"):
+        return False
+    from cached.admin import Access
+
+    return await ops.guard.check(request) is Access.ADMIN
+
+
 async def readyz(request: web.Request) -> web.StreamResponse:
-    """Ready: index loaded, upstream reachable, cache writable or knowingly passed through."""
+    """Ready: index loaded, upstream reachable, cache writable or knowingly passed through.
+    Everyone gets the state (200 or 503, ``{"status": ...}``); operators (the management
+    listener, an admin token) also the checks and the reasons."""
     ops = request.app[OPS]
     checks: dict[str, Any] = {}
     reasons: list[str] = []
@@ -179,9 +195,11 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     if not writable and not ops.passing_through:
         reasons.append(f"cache directory {cache_dir} is not writable")
         checks["cache"] = "not writable"
-    body: dict[str, Any] = {"status": "not ready" if reasons else "ready", "checks": checks}
-    if reasons:
-        body["reasons"] = reasons
+    body: dict[str, Any] = {"status": "not ready" if reasons else "ready"}
+    if await _operator(request, ops):
+        body["checks"] = checks
+        if reasons:
+            body["reasons"] = reasons
     return _json(503 if reasons else 200, body)
 
 

@@ -5,6 +5,7 @@ fake Glance on loopback; nothing outside the test's temporary directories."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -254,12 +255,23 @@ async def test_an_upstream_that_is_not_the_image_api_is_not_ready(
     the host answers. The same daemon at the root is ready."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    proc = CachedProcess(glance.url + "/not-glance", cache, tmp_path / "cached.log")
+    conf = tmp_path / "cached.yaml"
+    conf.write_text(f"admin_tokens: ['sha256:{hashlib.sha256(b'op-token').hexdigest()}']\n")
+    proc = CachedProcess(
+        glance.url + "/not-glance", cache, tmp_path / "cached.log", "-c", str(conf)
+    )
     procs.append(proc)
     url = await asyncio.to_thread(proc.start)
     status, body = await get(url, "/readyz")
-    assert status == 503, body
-    assert "without the image API's version document" in body
+    assert (status, json.loads(body)) == (503, {"status": "not ready"})  # item 13: no details
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{url}/readyz", headers={"X-Auth-Token": "op-token"}) as resp,
+    ):
+        assert resp.status == 503
+        detail = await resp.json()  # an operator's token: the reason
+    assert "without the image API's version document" in detail["checks"]["upstream"], detail
+    assert glance.url not in json.dumps(detail)  # the path only, never the address
     deadline = asyncio.get_running_loop().time() + 20
     while "/readyz says not ready until it answers as the image API" not in proc.output():
         assert asyncio.get_running_loop().time() < deadline, proc.output()
