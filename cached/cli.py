@@ -222,6 +222,7 @@ async def _serve(
 async def _check_upstream_at_start(ops: Ops) -> None:
     """Say at start, not only in /readyz, when the upstream does not answer as the image API
     (a URL that is not the API's root answers 404 to everything) or cannot be reached."""
+    await ops.check_space()  # warns when no image could ever be cached
     problem = await ops.upstream_problem()
     if problem is not None:
         log.warning(

@@ -55,6 +55,9 @@ class Ops:
     session: aiohttp.ClientSession | None = None
     draining: bool = False
     reloads: ReloadStatus = field(default_factory=ReloadStatus)  # the Reloader's (SIGHUP)
+    # Why no image can ever be cached with the free space there is (min_free_space above
+    # it), or None; set by check_space (the tick, /readyz, the start), read by STATUS=.
+    space_warning: str | None = None
     _upstream: tuple[float, str | None] = (-float("inf"), None)
     _checking: asyncio.Task[str | None] | None = field(default=None, repr=False)
 
@@ -79,6 +82,32 @@ class Ops:
         if self.metrics.passing_through:
             return f"pass-through ({self.metrics.refused_reason})"
         return "caching"
+
+    async def check_space(self) -> str | None:
+        """Whether the cache can ever fill: the free space on its filesystem, plus what its
+        own entries hold (a prune frees that), must be above ``min_free_space``. Sets and
+        returns :attr:`space_warning`. Skipped (keeps the last answer) while the cache
+        directory is not usable; the ``statvfs`` runs on its threads, at most 2 s."""
+        store = self.store
+        if store is None or self.guard_problem() is not None:
+            return self.space_warning
+        try:
+            st = await asyncio.wait_for(store.run(os.statvfs, store.root), 2)
+        except (OSError, TimeoutError):
+            return self.space_warning
+        free = st.f_bavail * st.f_frsize
+        floor = self.config.min_free_space.bytes_of(st.f_blocks * st.f_frsize)
+        room = free + store.total_size() - floor
+        warning = None
+        if room <= 0:
+            warning = (
+                f"no image can be cached: min_free_space keeps {_size(floor)} free on "
+                f"{store.root}, which has {_size(free)} free"
+            )
+        if warning != self.space_warning and warning is not None:
+            log.warning("%s (every download passes through; lower min_free_space)", warning)
+        self.space_warning = warning
+        return warning
 
     async def upstream_problem(self) -> str | None:
         """Why the upstream looks unreachable, or None (the answer is reused a few seconds).
@@ -140,6 +169,14 @@ def is_version_document(status: int, body: bytes) -> bool:
     )
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
 OPS = web.AppKey("ops", Ops)
 
 
@@ -195,11 +232,15 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     if not writable and not ops.passing_through:
         reasons.append(f"cache directory {cache_dir} is not writable")
         checks["cache"] = "not writable"
+    space = await ops.check_space()
+    checks["space"] = space or "ok"
     body: dict[str, Any] = {"status": "not ready" if reasons else "ready"}
     if await _operator(request, ops):
         body["checks"] = checks
         if reasons:
             body["reasons"] = reasons
+        if space:  # still ready: downloads are answered (passed through)
+            body["warnings"] = [space]
     return _json(503 if reasons else 200, body)
 
 

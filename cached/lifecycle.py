@@ -257,6 +257,8 @@ def status_text(ops: Ops) -> str:
         f"{ops.mode()}; {len(entries) - partial} images cached, {partial} partial; "
         f"{_size(used)} of {_size(ops.config.image_cache_max_size)} used; {fills} filling"
     )
+    if ops.space_warning:
+        text += f"; {ops.space_warning}"
     return ("draining: " + text) if ops.draining else text
 
 
@@ -319,6 +321,7 @@ async def tick(ops: Ops, notifier: Notifier, progress: Progress | None) -> None:
         try:
             if now - status_at >= STATUS_EVERY:
                 status_at = now
+                await ops.check_space()
                 text = status_text(ops)
                 if text != last_status and notifier.status(text):
                     last_status = text

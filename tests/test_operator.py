@@ -392,3 +392,44 @@ async def test_the_management_socket_can_belong_to_an_operator_group(
                          glance.url, "--listen", "127.0.0.1:0")  # fmt: skip
         assert res.returncode == 2, (command, res.stderr)
         assert "option 'admin_socket_group': no group 'no-such-group-here'" in res.stderr
+
+
+async def test_a_cache_that_can_never_fill_says_so(
+    glance: FakeGlance, tmp_path: Path, procs: list[CachedProcess]
+) -> None:
+    """Item 9: min_free_space above the free space: every download passes through, and the
+    daemon says so at start, in STATUS= and in /readyz (still ready: downloads are
+    answered)."""
+    notify = NotifySocket()
+    try:
+        cache = tmp_path / "cache"
+        cache.mkdir()
+        conf = tmp_path / "cached.yaml"
+        digest = hashlib.sha256(b"op-token").hexdigest()
+        conf.write_text(f"min_free_space: 1P\nadmin_tokens: ['sha256:{digest}']\n")
+        proc = CachedProcess(
+            glance.url, cache, tmp_path / "cached.log", "-c", str(conf), env=notify.env
+        )
+        procs.append(proc)
+        url = await asyncio.to_thread(proc.start)
+        said = "no image can be cached: min_free_space keeps 1.0 PiB free on"
+        deadline = asyncio.get_running_loop().time() + 20
+        while said not in proc.output():
+            assert asyncio.get_running_loop().time() < deadline, proc.output()
+            await asyncio.sleep(0.05)
+
+        def status_says() -> None:
+            while said not in notify.wait_for("STATUS", 20.0)["STATUS"]:
+                pass
+
+        await asyncio.to_thread(status_says)
+        assert (await get(url, "/readyz"))[0] == 200
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{url}/readyz", headers={"X-Auth-Token": "op-token"}) as resp,
+        ):
+            body = await resp.json()
+        assert resp.status == 200 and body["warnings"][0].startswith(said), body
+        assert await asyncio.to_thread(proc.stop) == 0
+    finally:
+        notify.close()
