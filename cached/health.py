@@ -109,6 +109,15 @@ class Ops:
         self.space_warning = warning
         return warning
 
+    @property
+    def known_upstream_problem(self) -> str | None:
+        """What the last look at the upstream found (None: fine, or not looked at yet),
+        without looking again: for STATUS=, which must not wait on the network."""
+        if self.store_guard is not None:
+            guard = self.store_guard
+            return None if guard.ok else f"store directory {guard.state.value}: {guard.reason}"
+        return self._upstream[1]
+
     async def upstream_problem(self) -> str | None:
         """Why the upstream looks unreachable, or None (the answer is reused a few seconds).
         A ``file`` upstream's directory is judged by its guard (no call into a share that may

@@ -257,6 +257,9 @@ def status_text(ops: Ops) -> str:
         f"{ops.mode()}; {len(entries) - partial} images cached, {partial} partial; "
         f"{_size(used)} of {_size(ops.config.image_cache_max_size)} used; {fills} filling"
     )
+    upstream = ops.known_upstream_problem
+    if upstream:  # downloads fail (or a file store's answer 503) meanwhile: say so
+        text += f"; upstream {upstream}"
     if ops.space_warning:
         text += f"; {ops.space_warning}"
     return ("draining: " + text) if ops.draining else text

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import start_daemon, stop_daemon
+from conftest import Daemon, start_daemon, stop_daemon
 from daemonproc import CachedProcess, cached_command, run_cached
 from fakeglance import FakeGlance
 from test_ops import NotifySocket
 
 ADMIN_RE = re.compile(r"management API on (\S+)")
+DASHBOARD = Path(__file__).resolve().parent.parent / "conf" / "grafana-dashboard.json"
 
 
 @pytest.fixture
@@ -430,6 +431,59 @@ async def test_a_cache_that_can_never_fill_says_so(
         ):
             body = await resp.json()
         assert resp.status == 200 and body["warnings"][0].startswith(said), body
+        assert await asyncio.to_thread(proc.stop) == 0
+    finally:
+        notify.close()
+
+
+async def test_every_dashboard_panel_has_one_unit_and_real_series(daemon: Daemon) -> None:
+    """Item 14: the dashboard's panels each have one unit for their one axis (no seconds and
+    counts on one axis), include evictions, the prefetch queue and partial bytes, and query
+    only series the daemon really exposes (a misspelt name draws an empty panel)."""
+    dashboard = json.loads(DASHBOARD.read_text())  # noqa: ASYNC240 (a small file, once)
+    titles = " / ".join(p["title"] for p in dashboard["panels"])
+    for wanted in ("Evictions", "Prefetch queue", "Partial entries' bytes", "Event-loop lag"):
+        assert wanted in titles, titles
+    session = daemon.admin_session
+    assert session is not None
+    async with session.get(f"{daemon.admin_base}/metrics") as resp:
+        scrape = await resp.text()
+    exposed = {
+        line.split("{")[0].split(" ")[0]
+        for line in scrape.splitlines()
+        if line and not line.startswith("#")
+    }
+    for panel in dashboard["panels"]:
+        assert isinstance(panel["fieldConfig"]["defaults"].get("unit"), str), panel["title"]
+        for target in panel["targets"]:
+            for name in re.findall(r"\b((?:cached|process)_[a-z_]+)\b", target["expr"]):
+                assert name in exposed, (panel["title"], name)
+
+
+async def test_status_says_when_the_upstream_is_unreachable(
+    tmp_path: Path, procs: list[CachedProcess]
+) -> None:
+    """Item 14: STATUS= (systemctl status) no longer says only "caching" while Glance is
+    unreachable."""
+    notify = NotifySocket()
+    try:
+        cache = tmp_path / "cache"
+        cache.mkdir()
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+        proc = CachedProcess(dead, cache, tmp_path / "cached.log", env=notify.env)
+        procs.append(proc)
+        await asyncio.to_thread(proc.start)
+
+        def status_says() -> str:
+            while True:
+                status = notify.wait_for("STATUS", 20.0)["STATUS"]
+                if "upstream unreachable" in status:
+                    return status
+
+        status = await asyncio.to_thread(status_says)
+        assert status.startswith("caching; 0 images cached"), status
         assert await asyncio.to_thread(proc.stop) == 0
     finally:
         notify.close()
