@@ -173,7 +173,7 @@ class AccessLogger(AbstractAccessLogger):
             response.status,
             nbytes,
             image,
-            metrics_module.outcome_of(cache_status) or "-",
+            metrics_module.log_outcome(cache_status),  # bypass:<reason> for a bypass
             upstream,
             time,
             response.headers.get("x-openstack-request-id", "-"),

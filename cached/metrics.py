@@ -74,6 +74,30 @@ def outcome_of(cache_status: str | None) -> str | None:
     return outcome
 
 
+# Why a download bypassed the cache (Cache-Status "fwd=bypass; detail=..."): the admission
+# rule, the free space, the cache directory's state (cached/directories.py); anything
+# else (several ranges, a store failure, an image that is not active) is "other".
+BYPASS_REASONS = ("too-large", "no-space", "read_only", "vanished", "hung", "failing", "other")
+
+
+def bypass_reason(cache_status: str | None) -> str | None:
+    """The reason label of a bypassed download (None: not a bypass); a bounded set."""
+    if outcome_of(cache_status) != "bypass":
+        return None
+    assert cache_status is not None
+    _, _, detail = cache_status.partition("detail=")
+    detail = detail.split(";")[0].strip()
+    return detail if detail in BYPASS_REASONS else "other"
+
+
+def log_outcome(cache_status: str | None) -> str:
+    """The access log's ``cache=`` value: the outcome, ``bypass:<reason>`` for a bypass."""
+    reason = bypass_reason(cache_status)
+    if reason is not None:
+        return f"bypass:{reason}"
+    return outcome_of(cache_status) or "-"
+
+
 # Seconds a scrape waits for the prefetch queue's listing (then the last value stays).
 QUEUE_LIST_TIMEOUT = 2.0
 
@@ -139,6 +163,14 @@ class Metrics:
             registry=r,
         )
         self._req = {o: self.requests.labels(o) for o in OUTCOMES}
+        self.bypasses = Counter(
+            "cached_bypass",
+            "Downloads that bypassed the cache (counted in cached_requests_total "
+            '{outcome="bypass"} too), by reason',
+            ["reason"],
+            registry=r,
+        )
+        self._bypass = {reason: self.bypasses.labels(reason) for reason in BYPASS_REASONS}
         self._served = {o: self.served.labels(o) for o in OUTCOMES}
         self._dl = {o: self.download_seconds.labels(o) for o in OUTCOMES}
         self.responses = Counter(
@@ -304,6 +336,7 @@ class Metrics:
             self.joins.inc()
         elif outcome == "bypass":  # every byte sent was read from the upstream
             self.up_bytes["forward"].inc(nbytes)
+            self._bypass[bypass_reason(cache_status) or "other"].inc()
 
     # ------------------------------------------------------------------ store state
     def store_refused(self, reason: str) -> None:

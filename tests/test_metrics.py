@@ -208,6 +208,7 @@ async def test_pass_through_of_a_read_only_cache(
         # gauge is compared with 0 from before the remount, not as a delta.
         assert value(await scrape(daemon), "cached_passthrough", directory=str(cache)) == 1
         assert d("cached_requests_total", outcome="bypass") == 1
+        assert d("cached_bypass_total", reason="read_only") == 1  # why (issue 19 item 10)
         assert d("cached_served_bytes_total", outcome="bypass") == len(data)
         assert d("cached_upstream_requests_total", kind="forward") == 1
         async with manage(daemon).get(f"{daemon.admin_base}/readyz") as resp:
@@ -325,9 +326,11 @@ async def test_a_bypass_with_a_detail_counts_as_bypass(
         # Every byte of it came from the upstream: "bandwidth saved" (served - upstream,
         # README) must not count it (it did: no upstream bytes were counted for a bypass).
         assert d("cached_upstream_bytes_total", kind="forward") == len(data)
+        # The reason too, a bounded set (issue 19 item 10): too-large, no-space, a state...
+        assert d("cached_bypass_total", reason="too-large") == 1
         assert (
-            f" 200 {len(data)} image={image.id} cache=bypass upstream_bytes={len(data)} "
-            in (lines[0])
+            f" 200 {len(data)} image={image.id} cache=bypass:too-large "
+            f"upstream_bytes={len(data)} " in (lines[0])
         )
     finally:
         await stop_daemon(daemon)
