@@ -487,3 +487,29 @@ async def test_status_says_when_the_upstream_is_unreachable(
         assert await asyncio.to_thread(proc.stop) == 0
     finally:
         notify.close()
+
+
+async def test_cacheds_own_errors_speak_json_to_json_clients(tmp_path: Path) -> None:
+    """Item 12: cached's own 502 is Glance's JSON error for a client that accepts JSON (the
+    text page otherwise), and says when to retry."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    d = await start_daemon(cache, dead)
+    try:
+        headers = {"X-Auth-Token": "token-p1", "Accept": "application/json"}
+        async with d.session.get(f"{d.url}/v2/images", headers=headers) as resp:
+            assert resp.status == 502
+            assert resp.headers["Retry-After"] == "10"
+            assert await resp.json() == {
+                "code": "502 Bad Gateway",
+                "title": "Bad Gateway",
+                "message": "The image service is unreachable.<br /><br />\n\n\n",
+            }
+        async with d.session.get(f"{d.url}/v2/images", headers={"X-Auth-Token": "t"}) as resp:
+            assert resp.status == 502 and resp.headers["Retry-After"] == "10"
+            assert resp.headers["Content-Type"] == "text/plain; charset=UTF-8"
+    finally:
+        await stop_daemon(d)
