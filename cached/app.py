@@ -323,7 +323,7 @@ def _register_live(
     def timeouts(old: Config, new: Config) -> None:
         if isinstance(upstream, GlanceBackend):
             upstream.set_timeouts(new.upstream_connect_timeout, new.upstream_read_timeout)
-        authorizer.configure(new.auth_cache_ttl)
+        authorizer.configure(new.auth_cache_ttl, new.auth_stale_if_error)
 
     def admin_tokens(old: Config, new: Config) -> None:
         guard.configure(new.admin_tokens, new.admin_cache_ttl)
@@ -361,6 +361,8 @@ def _register_live_jobs(
 ) -> None:
     def limits(old: Config, new: Config) -> None:
         maintenance.configure(new)
+        if new.image_cache_max_size < old.image_cache_max_size:
+            maintenance.make_room()  # prune at once, not at the next scheduled run
         proxy.max_entry_size = new.max_entry_size  # admission follows the max size
         prefetcher.configure(
             new.prefetch_concurrency, new.prefetch_retry_initial, new.prefetch_retry_max

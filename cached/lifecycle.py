@@ -47,6 +47,7 @@ LIVE = frozenset(
         "upstream_connect_timeout",
         "upstream_read_timeout",
         "auth_cache_ttl",
+        "auth_stale_if_error",
         "prefetch_concurrency",
         "prefetch_retry_initial",
         "prefetch_retry_max",

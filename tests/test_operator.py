@@ -513,3 +513,55 @@ async def test_cacheds_own_errors_speak_json_to_json_clients(tmp_path: Path) -> 
             assert resp.headers["Content-Type"] == "text/plain; charset=UTF-8"
     finally:
         await stop_daemon(d)
+
+
+async def test_reload_prunes_at_once_and_takes_auth_stale_if_error(
+    glance: FakeGlance, tmp_path: Path, procs: list[CachedProcess]
+) -> None:
+    """Item 20: lowering image_cache_max_size by reload prunes at once (it waited for the
+    next scheduled prune: STATUS read "70.0 MiB of 60.0 MiB"); auth_stale_if_error is
+    reloadable (a restart forgot the allowances it depends on)."""
+    images = [glance.add_image(os.urandom(3 << 20)) for _ in range(3)]
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    conf = tmp_path / "cached.yaml"
+    base = "max_image_fraction: 1.0\ncache_prune_interval: 1h\n"
+    conf.write_text(base + "image_cache_max_size: 12M\nauth_stale_if_error: 60\n")
+    proc = CachedProcess(glance.url, cache, tmp_path / "cached.log", "-c", str(conf))
+    procs.append(proc)
+    url = await asyncio.to_thread(proc.start)
+    assert proc.proc is not None
+    async with aiohttp.ClientSession() as session:
+        for image in images:
+            async with session.get(
+                f"{url}/v2/images/{image.id}/file", headers={"X-Auth-Token": "token-p1"}
+            ) as resp:
+                assert resp.status == 200 and await resp.read() == image.data
+
+    async def cache_bytes() -> float:
+        return _series((await get(url, "/metrics"))[1], "cached_cache_bytes")
+
+    deadline = asyncio.get_running_loop().time() + 20
+    while await cache_bytes() < 9 << 20:  # the three fills commit
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    conf.write_text(base + "image_cache_max_size: 5M\nauth_stale_if_error: 120\n")
+    pid = str(proc.proc.pid)
+    res = await asyncio.to_thread(run_cached, "reload", "--pid", pid, "--timeout", "20")
+    assert (res.returncode, res.stderr) == (0, ""), res.stderr  # both applied, in force
+    deadline = asyncio.get_running_loop().time() + 20
+    while await cache_bytes() > 5 << 20:
+        assert asyncio.get_running_loop().time() < deadline, "never pruned"
+        await asyncio.sleep(0.05)
+    kept = [i for i in images if (cache / i.id).exists()]
+    assert len(kept) == 1
+    await glance.close()  # an outage: the allowance from before the reload still counts
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"{url}/v2/images/{kept[0].id}/file", headers={"X-Auth-Token": "token-p1"}
+        ) as resp,
+    ):
+        assert resp.status == 200 and await resp.read() == kept[0].data
+        assert resp.headers["Cache-Status"] == "cached; hit; detail=stale-auth"
+    assert await asyncio.to_thread(proc.stop) == 0
