@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from cached import __version__
+
 ROOT = Path(__file__).resolve().parent.parent
 WHEELHOUSE = Path(os.environ.get("CACHED_WHEELHOUSE", ROOT / ".ci" / "wheelhouse"))
 # What the recipe makes (each must be as it was after the test).
@@ -82,6 +84,9 @@ bash -euo pipefail -x "$recipe"
 echo "=== checks"
 systemctl is-active cached
 cached-manage list-cached > "$out/list-cached"
+cached --version > "$out/version"
+/opt/cached/bin/python -c 'import importlib.metadata as m; print(m.version("cached"))' \
+    > "$out/dist-version"
 curl -sf http://127.0.0.1:9293/metrics > "$out/metrics"
 cp "$ov/unitrun/cached.service.json" "$out/state.json"
 systemctl stop cached
@@ -123,6 +128,9 @@ def test_the_readme_install_recipe_ends_in_a_managed_scrapeable_service(
     assert "Active: active (running)" in res.stdout, report
     assert "=== checks\nactive\n" in res.stdout, report
     assert (out / "list-cached").read_text() == "No cached images.\n"
+    # The installed package says its version, the one its metadata has (item 21).
+    assert (out / "version").read_text() == f"cached {__version__}\n"
+    assert (out / "dist-version").read_text() == f"{__version__}\n"
     metrics = (out / "metrics").read_text()
     assert "\ncached_cache_max_bytes 2.147483648e+11\n" in metrics, metrics
     assert res.stdout.rstrip().endswith("inactive"), report  # stopped cleanly at the end
