@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -91,6 +92,9 @@ def configure(level: str, secrets: Iterable[str] = ()) -> None:
     root.addHandler(handler)
     set_level(level)
     set_secrets(secrets)
+    # apscheduler narrates every job it adds and its own start at INFO; cached logs what
+    # matters of that itself ("prune runs every 600 s").
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 def set_level(level: str) -> None:
@@ -138,6 +142,23 @@ def body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
     return written + (stats.sent if stats is not None else 0)
 
 
+# Answered many times a minute to monitoring: not access-logged unless they fail.
+_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# Query parameters whose values are never logged (a token in a URL is still a token).
+_SECRET_PARAM = re.compile(r"token|password|passwd|secret|signature|sig|key", re.IGNORECASE)
+
+
+def _path_and_query(request: web.BaseRequest) -> str:
+    """The path with its query string, the values of credential-like parameters masked."""
+    if not request.query_string:
+        return request.path
+    parts = []
+    for item in request.query_string.split("&"):
+        name, sep, _ = item.partition("=")
+        parts.append(f"{name}=***" if sep and _SECRET_PARAM.search(name) else item)
+    return f"{request.path}?{'&'.join(parts)}"
+
+
 class AccessLogger(AbstractAccessLogger):
     """One line per request; also feeds the request metrics (whatever the log level)."""
 
@@ -153,6 +174,8 @@ class AccessLogger(AbstractAccessLogger):
             metrics.request_done(_route(path), response.status, cache_status, nbytes, time)
         if not self.logger.isEnabledFor(logging.INFO):
             return
+        if path in _QUIET_PATHS and response.status < 400:
+            return  # health polls and scrapes, every few seconds: counted, not logged
         stats: RequestStats | None = request.get(STATS)
         upstream = stats.upstream if stats is not None else 0
         if metrics_module.outcome_of(cache_status) == "bypass":  # with a detail too
@@ -162,12 +185,14 @@ class AccessLogger(AbstractAccessLogger):
         except AssertionError:  # a request refused before routing (malformed) has none
             match_info = None
         image = match_info.get("image_id", "-") if match_info else "-"
+        content = getattr(request, "content", None)
+        received = getattr(content, "total_bytes", 0) if content is not None else 0
         self.logger.info(
             '%s "%s %s HTTP/%d.%d" %d %d image=%s cache=%s upstream_bytes=%d duration=%.3f '
-            "request_id=%s",
+            "request_id=%s%s",
             request.remote or "-",
             request.method,
-            path,
+            _path_and_query(request),
             request.version[0],
             request.version[1],
             response.status,
@@ -177,4 +202,5 @@ class AccessLogger(AbstractAccessLogger):
             upstream,
             time,
             response.headers.get("x-openstack-request-id", "-"),
+            f" received={received}" if received else "",  # an upload's bytes
         )

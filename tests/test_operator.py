@@ -565,3 +565,44 @@ async def test_reload_prunes_at_once_and_takes_auth_stale_if_error(
         assert resp.status == 200 and await resp.read() == kept[0].data
         assert resp.headers["Cache-Status"] == "cached; hit; detail=stale-auth"
     assert await asyncio.to_thread(proc.stop) == 0
+
+
+async def test_the_log_an_operator_reads(
+    glance: FakeGlance, tmp_path: Path, procs: list[CachedProcess]
+) -> None:
+    """Item 18: apscheduler's start-up chatter is gone; health polls and scrapes are not
+    access-logged (failures are); the query string is logged with tokens masked; an upload
+    logs the bytes received."""
+    image = glance.add_image(None)  # queued: it takes an upload
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    proc = CachedProcess(glance.url, cache, tmp_path / "cached.log")
+    procs.append(proc)
+    url = await asyncio.to_thread(proc.start)
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert (await get(url, path))[0] == 200
+    upload = os.urandom(70_000)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(
+            f"{url}/v2/images?limit=5&token=very-secret&marker=x",
+            headers={"X-Auth-Token": "token-p1"},
+        ) as resp:
+            assert resp.status == 200
+        async with session.put(
+            f"{url}/v2/images/{image.id}/file",
+            data=upload,
+            headers={"X-Auth-Token": "token-p1", "Content-Type": "application/octet-stream"},
+        ) as resp:
+            assert resp.status == 204
+    deadline = asyncio.get_running_loop().time() + 20
+    while f"PUT /v2/images/{image.id}/file" not in proc.output():
+        assert asyncio.get_running_loop().time() < deadline, proc.output()
+        await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(proc.stop) == 0
+    log = proc.output()
+    assert "apscheduler" not in log
+    assert "GET /healthz" not in log and "GET /readyz" not in log and "GET /metrics" not in log
+    assert '"GET /v2/images?limit=5&token=***&marker=x HTTP/1.1" 200' in log
+    assert "very-secret" not in log
+    put = next(line for line in log.splitlines() if f"PUT /v2/images/{image.id}/file" in line)
+    assert '" 204 0 ' in put and put.endswith(f" received={len(upload)}"), put
