@@ -5,7 +5,10 @@ Served by the daemon itself, never proxied: on the image API port, or only on th
 ``/metrics`` is open unless ``metrics_auth`` asks for the management API's admin rules.
 
 Owns :class:`Ops`, the state these endpoints read. ``app.make_app`` fills it in when the
-daemon's resources are up and a reload replaces ``config``; all on the event loop.
+daemon's resources are up and a reload replaces ``config``; ``space_warning`` and the last
+upstream verdict are set by its own checks (the tick, ``/readyz``, the start); all on the
+event loop. ``/readyz`` gives details only to operators (the management listener, an admin
+token); everyone gets the state.
 """
 
 from __future__ import annotations

@@ -197,9 +197,10 @@ def this_node(config: configuration.Config) -> str:
         if isinstance(address, Path):
             return f"unix:{address}"
     for address in addresses:
-        host, port = address  # type: ignore[misc]
-        scheme = "https" if config.tls_cert_file else "http"
-        return Target(_wildcard_to_loopback(host), port, scheme).url
+        if isinstance(address, tuple):
+            host, port = address
+            scheme = "https" if config.tls_cert_file else "http"
+            return Target(_wildcard_to_loopback(host), port, scheme).url
     if config.worker_self_reference_url:
         return config.worker_self_reference_url
     host, port = config.listen_address
