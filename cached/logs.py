@@ -92,13 +92,14 @@ def configure(level: str, secrets: Iterable[str] = ()) -> None:
     root.addHandler(handler)
     set_level(level)
     set_secrets(secrets)
-    # apscheduler narrates every job it adds and its own start at INFO; cached logs what
-    # matters of that itself ("prune runs every 600 s").
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 def set_level(level: str) -> None:
     logging.getLogger().setLevel(level)
+    # apscheduler narrates every job it adds and its own start at INFO; cached logs what
+    # matters of that itself ("prune runs every 600 s"). At DEBUG everything is shown.
+    quiet = logging.getLogger().getEffectiveLevel() > logging.DEBUG
+    logging.getLogger("apscheduler").setLevel(logging.WARNING if quiet else logging.NOTSET)
 
 
 def set_secrets(secrets: Iterable[str]) -> None:
