@@ -111,8 +111,19 @@ def set_secrets(secrets: Iterable[str]) -> None:
 async def observe(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Give the request its byte counters (reader and upstream streams add to them)."""
-    request[STATS] = metrics_module.begin_request()
+    """Give the request its byte counters (reader and upstream streams add to them), and
+    count the payload the response writer is given: a chunked response's ``body_length``
+    includes the chunk framing (41,948,166 bytes logged for a 41,943,040-byte image)."""
+    stats = request[STATS] = metrics_module.begin_request()
+    writer = request.writer
+    if getattr(writer, "on_body_write", 0) is None:  # aiohttp's hook, and nobody uses it
+        stats.payload = 0
+
+        def counted(body: int, _output: int) -> None:
+            assert stats.payload is not None
+            stats.payload += body
+
+        writer.on_body_write = counted
     return await handler(request)
 
 
@@ -137,6 +148,8 @@ def _header_size(response: web.StreamResponse, version: tuple[int, int]) -> int:
 def body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
     """Bytes of the body that went out: through the response writer and by sendfile."""
     stats: RequestStats | None = request.get(STATS)
+    if stats is not None and stats.payload:
+        return stats.payload + stats.sent  # the payload, without any chunk framing
     written = response.body_length
     if written:
         written = max(0, written - _header_size(response, request.version))

@@ -112,6 +112,9 @@ class RequestStats:
 
     sent: int = 0
     upstream: int = 0
+    # Body bytes given to the response writer, before any chunked framing (None: the
+    # writer cannot tell, aiohttp < 3.13; cached/logs.py counts them for the access log).
+    payload: int | None = None
 
 
 # The stats of the request being handled; fill tasks started by it inherit it.

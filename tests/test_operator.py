@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -606,3 +607,32 @@ async def test_the_log_an_operator_reads(
     assert "very-secret" not in log
     put = next(line for line in log.splitlines() if f"PUT /v2/images/{image.id}/file" in line)
     assert '" 204 0 ' in put and put.endswith(f" received={len(upload)}"), put
+
+
+async def test_a_chunked_relay_logs_its_payload_bytes(
+    glance: FakeGlance, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Item 11: a passed-through answer without Content-Length (chunked, as Glance's cache
+    middleware sends a miss) counted its chunk framing as bytes sent: the access log and
+    cached_served_bytes_total now count the payload."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    d = await start_daemon(cache, glance.url, image_cache_max_size="8M", max_image_fraction=0.5)
+    try:
+        data = os.urandom(5 << 20)  # over half the cache: passed through, as Glance sends it
+        image = glance.add_image(data, no_content_length=True)
+        with caplog.at_level(logging.INFO, logger="cached.access"):
+            status, headers, body = await d.get(image.id)
+            assert (status, body) == (200, data)
+            assert "Content-Length" not in headers  # relayed chunked
+            deadline = asyncio.get_running_loop().time() + 10
+            while not (
+                lines := [r.getMessage() for r in caplog.records if image.id in r.getMessage()]
+            ):
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.02)
+        assert (
+            f'/file HTTP/1.1" 200 {len(data)} image={image.id} cache=bypass:too-large' in lines[0]
+        )
+    finally:
+        await stop_daemon(d)
