@@ -636,3 +636,29 @@ async def test_a_chunked_relay_logs_its_payload_bytes(
         )
     finally:
         await stop_daemon(d)
+
+
+async def test_downloads_of_an_image_without_data_stop_crashing_glance(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    """Item 19: the authorisation probe's Range GET of an image without data (queued,
+    uploading, importing) makes Glance 33 crash (a traceback each time) where a plain GET
+    answers 204. After one such answer, that image is probed without Range: the client
+    still gets 204, Glance no more tracebacks; once the data is there, it is a download."""
+    glance.range_crash = True
+    image = glance.add_image(None)  # queued
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    d = await start_daemon(cache, glance.url)
+    try:
+        for _ in range(4):
+            status, _, body = await d.get(image.id)
+            assert (status, body) == (204, b"")
+        assert glance.range_crashes == 1  # the first probe only (it was one per download)
+        data = os.urandom(100_000)
+        image.data, image.status = data, "active"  # the upload finished
+        image.checksum = hashlib.md5(data).hexdigest()
+        status, _, body = await d.get(image.id)
+        assert (status, body) == (200, data)
+    finally:
+        await stop_daemon(d)
