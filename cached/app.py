@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import logging
+import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -17,6 +18,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from cached import config as configuration
 from cached import metrics as metrics_module
 from cached.cachedir import mounts
+from cached.cachedir.adoption import Adopter
 from cached.cachedir.directories import Directories
 from cached.cachedir.reverify import Integrity
 from cached.config import Config
@@ -163,13 +165,15 @@ async def enforce_policy(
     return await handler(request)
 
 
-def prepare_dirs(config: Config, embedded: bool) -> None:
+def prepare_dirs(config: Config, embedded: bool, create: bool = True) -> None:
     """Check (and where it is ours to do, create) the upstream and cache directories before
     the daemon starts; raises ConfigError naming the option. Blocks: call before the loop.
 
     ``embedded``: the built-in default configuration runs, which makes its own ./var dirs.
+    ``create=False`` (``cached check-config``): the same checks, nothing created; a missing
+    cache directory passes when its parent would let ``serve`` create it.
     """
-    if embedded:
+    if embedded and create:
         # The built-in default runs out of the box: it makes its own ./var directories.
         config.upstream_dir.mkdir(parents=True, exist_ok=True)
     if config.upstream_kind == "file" and not config.upstream_mount.require_mount:
@@ -190,6 +194,13 @@ def prepare_dirs(config: Config, embedded: bool) -> None:
     if not cache_dir.is_dir():
         if not cache_dir.parent.is_dir():
             raise ConfigError(f"option 'image_cache_dir': {cache_dir.parent} does not exist")
+        if not create:
+            if not os.access(cache_dir.parent, os.W_OK | os.X_OK):
+                raise ConfigError(
+                    f"option 'image_cache_dir': {cache_dir} does not exist and cannot be "
+                    f"created in {cache_dir.parent}: permission denied"
+                )
+            return
         cache_dir.mkdir()
     try:
         has_xattrs = xattrs.supported(cache_dir)
@@ -370,6 +381,11 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             log.info(
                 "fleet member %s of %s", config.fleet_self, ", ".join(fleet.siblings) or "none"
             )
+        # Glance's own cached files found in the directory (cached/cachedir/adoption.py).
+        adopter = proxy.adopter = Adopter(
+            store, upstream, integrity, service.credentials if service.configured else None
+        )
+        adopter.start()
         filler.disk_guard = directories.cache  # fills run while the cache directory is ok
         directories.on_detached.append(filler.detach)  # and stop when its index is forgotten
         scheduler = app[SCHEDULER] = jobs.start_scheduler(
@@ -393,6 +409,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         ops.store = None
         app[SCHEDULER].shutdown(wait=False)
         await asyncio.sleep(0)  # the scheduler shuts down (and cancels its runs) on the loop
+        await adopter.close()
         await integrity.close()
         await prefetcher.close()
         await maintenance.close()  # fills that end while they stop make no more room
@@ -491,7 +508,7 @@ def _register_live(
     def timeouts(old: Config, new: Config) -> None:
         if isinstance(upstream, GlanceBackend):
             upstream.set_timeouts(new.upstream_connect_timeout, new.upstream_read_timeout)
-        authorizer.configure(new.auth_cache_ttl)
+        authorizer.configure(new.auth_cache_ttl, new.auth_stale_if_error)
 
     def admin_tokens(old: Config, new: Config) -> None:
         guard.configure(new.admin_tokens, new.admin_cache_ttl)
@@ -529,6 +546,8 @@ def _register_live_jobs(
 ) -> None:
     def limits(old: Config, new: Config) -> None:
         maintenance.configure(new)
+        if new.image_cache_max_size < old.image_cache_max_size:
+            maintenance.make_room()  # prune at once, not at the next scheduled run
         proxy.max_entry_size = new.max_entry_size  # admission follows the max size
         prefetcher.configure(
             new.prefetch_concurrency, new.prefetch_retry_initial, new.prefetch_retry_max

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from cached.edge.loopback import is_loopback
 from cached.errors import ConfigError
 from cached.fleet import ring
 from cached.ops import logs, reloadcmd
-from cached.ops.health import OPS
+from cached.ops.health import OPS, Ops
 from cached.ops.lifecycle import (
     RELOADABLES,
     Progress,
@@ -47,8 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "reload",
         help="reload a running daemon (SIGHUP) and wait for the result",
-        description="Send SIGHUP to a running cached and wait until it has reloaded: exit 0 "
-        "when the configuration was applied, 1 with the reason when it was refused.",
+        description="Send SIGHUP to a running cached and wait until it has reloaded. Exit "
+        "status: 0 every change is in force; 1 refused, partly applied or no verdict (with "
+        "the reason); 2 usage; 3 the live changes are in force but options that need a "
+        "restart changed (named).",
     )
     p.add_argument("--pid", type=int, required=True, help="the daemon's process id ($MAINPID)")
     p.add_argument(
@@ -61,10 +64,27 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=60.0, help="seconds to wait for the verdict (60)"
     )
     for name, help_text in (
-        ("serve", "run the caching proxy"),
-        ("check-config", "validate the configuration and print the effective values"),
+        ("serve", "run the caching proxy (in the foreground)"),
+        (
+            "check-config",
+            "run every check serve runs short of binding its sockets (configuration, "
+            "directories, TLS files, policy, the management socket's directory) and print "
+            "the effective values; exit 0 when serve would start, 2 otherwise",
+        ),
     ):
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "check-config":
+            p.add_argument(
+                "--user",
+                metavar="USER",
+                help="run the checks as this user (e.g. the service's: cached); needs root",
+            )
+            p.add_argument(
+                "-q",
+                "--quiet",
+                action="store_true",
+                help="print only errors (the unit's ExecStartPre)",
+            )
         p.add_argument("-c", "--config", type=Path, help="YAML configuration file")
         p.add_argument(
             "--listen", metavar="HOST:PORT", help="address(es) to listen on, comma-separated"
@@ -125,11 +145,8 @@ async def start_listeners(
     addresses and, when set, the management listener ``admin_listen``; log them. Returns the
     started sites."""
     sockets = await listeners.start(runner, config, server_tls)
-    if sockets.management_url:  # first: "listening on" tells tools the daemon is up
-        log.info(
-            "management API on %s (no token needed there; metrics and health too)",
-            sockets.management_url,
-        )
+    for url in sockets.management_urls:  # first: "listening on" tells tools the daemon is up
+        log.info("management API on %s (no token needed there; metrics and health too)", url)
     for url in sockets.urls:
         log.info(
             "listening on %s (upstream %s, cache %s)",
@@ -206,6 +223,7 @@ async def _serve(
         install_freeze_hook(loop, signal.SIGUSR2)
         ticker = loop.create_task(tick(ops, notifier, Progress(app[FILLER])))
         notifier.ready(status_text(ops))
+        checked = loop.create_task(_check_upstream_at_start(ops))
         await stop.wait()
         ops.draining = True
         for site in sites:  # first: once STOPPING is out, new connections are refused
@@ -220,11 +238,25 @@ async def _serve(
         app[SCHEDULER].pause()
         await _drain(server, grace, hard_stop)
         ticker.cancel()
+        checked.cancel()
     finally:
         await runner.cleanup()  # closes fills (partial data stays for a resume), jobs, sessions
         await asyncio.to_thread(listeners.remove_unix_socket, config)
         notifier.close()
     log.info("stopped")
+
+
+async def _check_upstream_at_start(ops: Ops) -> None:
+    """Say at start, not only in /readyz, when the upstream does not answer as the image API
+    (a URL that is not the API's root answers 404 to everything) or cannot be reached."""
+    await ops.check_space()  # warns when no image could ever be cached
+    problem = await ops.upstream_problem()
+    if problem is not None:
+        log.warning(
+            "upstream %s: %s (/readyz says not ready until it answers as the image API)",
+            configuration.shown("upstream", ops.config.upstream),
+            problem,
+        )
 
 
 async def _drain(server: web.Server, grace: float, hard_stop: asyncio.Event) -> None:
@@ -248,10 +280,53 @@ async def _drain(server: web.Server, grace: float, hard_stop: asyncio.Event) -> 
         log.warning("shutdown_grace over: cut %d connections", len(server.connections))
 
 
+def preflight(config: Config, embedded: bool) -> None:
+    """``cached check-config``: what ``serve`` checks before it binds, creating nothing (as
+    ``nginx -t``): the directories (a cache directory that does not exist must be creatable;
+    one that exists gets the same xattr write probe), the listeners' certificate and key,
+    the CA bundles, and that each management socket's directory exists (the unit's
+    ``RuntimeDirectory=`` makes ``/run/cached``). The policy file was loaded with the
+    configuration. Raises ConfigError naming the option."""
+    prepare_dirs(config, embedded=embedded, create=False)
+    tls.server_tls(config)
+    tls.client_tls(config)
+    if config.admin_socket_group:
+        listeners.socket_group_id(config.admin_socket_group)
+    for address in config.admin_addresses:
+        if isinstance(address, Path) and not address.parent.is_dir():
+            raise ConfigError(f"option 'admin_listen': directory {address.parent} does not exist")
+
+
+def become(user: str) -> None:
+    """Take the identity (uid, gid, supplementary groups) of ``user`` for the rest of this
+    process; ConfigError when that is not possible."""
+    import grp
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"--user: no user {user!r}") from None
+    if os.geteuid() == entry.pw_uid:
+        return
+    if os.geteuid() != 0:
+        raise ConfigError(f"--user {user}: only root can check as another user")
+    groups = [g.gr_gid for g in grp.getgrall() if user in g.gr_mem]
+    os.setgroups(sorted({entry.pw_gid, *groups}))
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "reload":
         return reloadcmd.main(args.pid, args.url, args.timeout)
+    if args.command == "check-config" and args.user:
+        try:
+            become(args.user)
+        except ConfigError as exc:
+            print(f"cached: {exc}", file=sys.stderr)
+            return 2
     try:
         config = load_config(args)
     except ConfigError as exc:
@@ -261,8 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config" and args.owner is not None:
         return _print_owner(config, args.owner)
     if args.command == "check-config":
-        for key, value in vars(config).items():
-            print(f"{key}: {configuration.shown(key, value)}")
+        try:
+            preflight(config, embedded=args.config is None and args.upstream is None)
+        except ConfigError as exc:
+            print(f"cached: configuration error: {exc}", file=sys.stderr)
+            return 2
+        if not args.quiet:
+            print(configuration.as_yaml(config), end="")
         return 0
     try:
         prepare_dirs(config, embedded=args.config is None and args.upstream is None)

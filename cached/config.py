@@ -93,6 +93,40 @@ def parse_admin_listen(value: str) -> tuple[str, int] | Path:
     return parse_listen(value)
 
 
+def parse_admin_listen_list(value: object) -> tuple[tuple[str, int] | Path, ...]:
+    """Parse one management address, a comma-separated list or a YAML list of them (e.g. a
+    socket for the tools and a TCP address for Prometheus); each at most once."""
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    if not isinstance(value, list | tuple | str) or not items:
+        raise ValueError(f"must be unix:/path, HOST:PORT or a list of them, got {value!r}")
+    parsed: list[tuple[str, int] | Path] = []
+    for item in items:
+        address = parse_admin_listen(str(item).strip())
+        if address in parsed:
+            raise ValueError(f"{str(item).strip()} is listed twice")
+        parsed.append(address)
+    return tuple(parsed)
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string with a unit, as sizes take one: ``90``, ``2.5``,
+    ``500ms``, ``30s``, ``5m``, ``1h``, ``1d``. Raises ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"not a duration: {value!r}")
+        return float(value)
+    match = _DURATION_RE.match(str(value)) if isinstance(value, str) else None
+    if not match:
+        raise ValueError(f"not a duration: {value!r} (use seconds or a unit: 30s, 5m, 1h, 1d)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
 @dataclass(frozen=True)
 class FreeSpace:
     """A free-space watermark: a byte count, or a percentage of the filesystem."""
@@ -529,10 +563,13 @@ class Config:
     upstream_insecure: bool = False
     # Deprecated: keystone_authtoken: {cafile: ...}.
     keystone_ca_file: str = ""
-    # The management listener: "unix:/run/cached/admin.sock" or HOST:PORT; empty: none. It
-    # serves the management API without a token, /metrics, /healthz and /readyz; with it set,
-    # /metrics is only served there.
+    # The management listener(s): "unix:/run/cached/admin.sock", HOST:PORT, or several of
+    # them (a list, or comma-separated: a socket for the tools and a TCP address for
+    # Prometheus); empty: none. It serves the management API without a token, /metrics,
+    # /healthz and /readyz; with it set, /metrics is only served there.
     admin_listen: str = ""
+    # The management socket's group (mode 0660 then; empty: 0600, only its owner and root).
+    admin_socket_group: str = ""
     # CA bundle whose client certificates the TCP management listener requires.
     admin_tls_client_ca: str = ""
     # Start even though a world-reachable listener would answer management without auth.
@@ -600,8 +637,14 @@ class Config:
 
     @property
     def admin_address(self) -> tuple[str, int] | Path | None:
-        """The management listener: (host, port), a Unix socket path, or None."""
-        return parse_admin_listen(self.admin_listen) if self.admin_listen else None
+        """The first management listener: (host, port), a Unix socket path, or None."""
+        addresses = self.admin_addresses
+        return addresses[0] if addresses else None
+
+    @property
+    def admin_addresses(self) -> tuple[tuple[str, int] | Path, ...]:
+        """Every management listener ((host, port) or a Unix socket path), in order."""
+        return parse_admin_listen_list(self.admin_listen) if self.admin_listen else ()
 
     @property
     def upstream_kind(self) -> str:
@@ -618,6 +661,8 @@ class Config:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _ADMIN_TOKEN_RE = re.compile(r"^sha256:[0-9a-fA-F]{64}$")
+# An upstream path ending in an API version (/v1, /v2, /v2.18): the root was meant.
+_API_VERSION_RE = re.compile(r"/v[12](?:\.[0-9]+)?$")
 # Values never shown (``cached check-config``) or logged: credentials, and the admin token
 # digests (a digest of a weak token can be brute-forced offline).
 SECRETS = frozenset({"keystone_password", "service_token", "access_tokens", "admin_tokens"})
@@ -645,6 +690,35 @@ def shown(key: str, value: Any) -> Any:
             host = parts.netloc.rpartition("@")[2]
             netloc = f"{parts.username}:***@{host}"
             return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return value
+
+
+def as_yaml(config: Config) -> str:
+    """``config`` as a YAML file that loads back into the same values (``cached
+    check-config``): every option, in the dataclass's order. Secrets that are set are
+    written as comments (never their values); URL passwords are masked."""
+    lines = []
+    for item in dataclasses.fields(config):
+        key = item.name
+        value = getattr(config, key)
+        if key in SECRETS and value:
+            lines.append(f"# {key}: {shown(key, value)} (not shown)")
+            continue
+        plain = _plain(shown(key, value))
+        if key == "upstream_mount":
+            plain.pop("sendfile")  # only the cache's directory takes one
+        lines.append(yaml.safe_dump({key: plain}, width=1 << 16).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    """A value YAML can write and :func:`build` reads back to the same thing."""
+    if isinstance(value, Path | FreeSpace):
+        return str(value)
+    if isinstance(value, MountSpec):
+        return dataclasses.asdict(value)  # (as_yaml drops upstream_mount's sendfile)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
     return value
 
 
@@ -713,9 +787,10 @@ def _convert(name: str, value: Any) -> Any:
         "cache_clean_interval",
         "scrub_interval",
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        seconds = parse_duration(value)
+        if seconds <= 0 or seconds != int(seconds):
             raise ValueError(f"must be a positive whole number of seconds, got {value!r}")
-        return value
+        return int(seconds)
     if name in (
         "auth_cache_ttl",
         "auth_stale_if_error",
@@ -730,9 +805,10 @@ def _convert(name: str, value: Any) -> Any:
         "client_body_timeout",
         "shutdown_grace",
     ):
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        seconds = parse_duration(value)
+        if seconds < 0:
             raise ValueError(f"must be a number of seconds >= 0, got {value!r}")
-        return float(value)
+        return seconds
     if name == "scrub_rate":
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e6:
             raise ValueError(f"must be a number of MiB/s > 0, got {value!r}")
@@ -750,9 +826,10 @@ def _convert(name: str, value: Any) -> Any:
             raise ValueError(f"must be a number > 0 and <= 1, got {value!r}")
         return float(value)
     if name == "client_keepalive_timeout":
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        seconds = parse_duration(value)
+        if seconds <= 0:
             raise ValueError(f"must be a number of seconds > 0, got {value!r}")
-        return float(value)
+        return seconds
     if name == "max_connections_per_address":
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"must be a whole number >= 0 (0: no cap), got {value!r}")
@@ -785,6 +862,21 @@ def _convert(name: str, value: Any) -> Any:
         if not isinstance(value, list | tuple):
             raise ValueError("must be a list of http(s)://host:port URLs")
         return tuple(_url(v) for v in value)
+    if name == "admin_socket_group":
+        if not isinstance(value, str) or any(c.isspace() or c in ":/" for c in value):
+            raise ValueError(f"must be a group name, got {value!r}")
+        return value
+    if name in (
+        "keystone_username",
+        "keystone_password",
+        "keystone_project_name",
+        "keystone_user_domain_id",
+        "keystone_project_domain_id",
+        "service_token",
+    ):
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string, got {type(value).__name__}")
+        return value
     if name == "access_tokens":
         if not isinstance(value, list | tuple) or not all(isinstance(t, str) and t for t in value):
             raise ValueError("must be a list of non-empty strings")
@@ -795,10 +887,13 @@ def _convert(name: str, value: Any) -> Any:
             return ",".join(str(v).strip() for v in value)
         return str(value)
     if name == "admin_listen":
+        if isinstance(value, list | tuple):
+            parse_admin_listen_list(value)
+            return ",".join(str(v).strip() for v in value)
         if not isinstance(value, str):
-            raise ValueError(f"must be unix:/path or HOST:PORT, got {value!r}")
+            raise ValueError(f"must be unix:/path, HOST:PORT or a list of them, got {value!r}")
         if value:
-            parse_admin_listen(value)
+            parse_admin_listen_list(value)
         return value
     if name in (
         "tls_cert_file",
@@ -814,6 +909,13 @@ def _convert(name: str, value: Any) -> Any:
         parts = urllib.parse.urlsplit(str(value))
         if parts.scheme not in ("http", "https", "file") or not (parts.netloc or parts.path):
             raise ValueError(f"must be http(s)://host:port or file:///dir, got {value!r}")
+        if parts.scheme != "file" and _API_VERSION_RE.search(parts.path.rstrip("/")):
+            root = urllib.parse.urlunsplit(parts._replace(path=_API_VERSION_RE.sub(
+                "", parts.path.rstrip("/")), query="", fragment=""))  # fmt: skip
+            raise ValueError(
+                f"must be the image API's root URL, not a version's: {value!r} (every path "
+                f"cached sends starts with /v2 already; use {root!r})"
+            )
         return str(value).rstrip("/")
     if name in ("image_cache_mount", "upstream_mount"):
         return _mount_spec(name, value)
@@ -975,10 +1077,13 @@ def _mount_spec(name: str, value: Any) -> MountSpec:
                 raise ValueError(
                     f"sendfile: must be one of {', '.join(SENDFILE_MODES)}, got {item!r}"
                 )
-        elif isinstance(item, bool) or not isinstance(item, int | float) or item <= 0:
-            raise ValueError(f"{key}: must be a number of seconds > 0, got {item!r}")
         else:
-            item = float(item)
+            try:
+                item = parse_duration(item)
+            except ValueError:
+                item = -1.0
+            if item <= 0:
+                raise ValueError(f"{key}: must be a number of seconds > 0, got {value[key]!r}")
         spec[key] = item
     if name == "image_cache_mount" and spec.get("writable") is False:
         raise ValueError("writable: the cache directory is always written to; leave it true")
@@ -1008,7 +1113,7 @@ def _check(config: Config, source: str) -> Config:
             f"{source}: option {absent!r}: tls_cert_file and tls_key_file go together"
         )
     if config.admin_tls_client_ca and not (
-        config.tls_cert_file and isinstance(config.admin_address, tuple)
+        config.tls_cert_file and any(isinstance(a, tuple) for a in config.admin_addresses)
     ):
         raise ConfigError(
             f"{source}: option 'admin_tls_client_ca': needs a HOST:PORT admin_listen and "
@@ -1074,9 +1179,38 @@ def read_yaml(path: str | Path) -> Any:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+class _DuplicateKey(yaml.YAMLError):  # type: ignore[misc]
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML 1.2 says keys are
+    unique; PyYAML keeps the last silently, so a second ``listen:`` would win unseen)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        assert isinstance(node, yaml.MappingNode)
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first is not None:
+                raise _DuplicateKey(
+                    f"line {line}: option {key!r} given twice (first on line {first})"
+                )
+            seen[key] = line
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
 
 
 def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -1110,9 +1244,12 @@ __all__ = [
     "build",
     "load",
     "parse_admin_listen",
+    "parse_admin_listen_list",
+    "parse_duration",
     "parse_listen",
     "parse_listen_list",
     "parse_size",
     "read_fleet_secret",
+    "as_yaml",
     "shown",
 ]

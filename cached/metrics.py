@@ -28,6 +28,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -82,6 +83,30 @@ def outcome_of(cache_status: str | None) -> str | None:
     return outcome
 
 
+# Why a download bypassed the cache (Cache-Status "fwd=bypass; detail=..."): the admission
+# rule, the free space, the cache directory's state (cached/cachedir/directories.py); anything
+# else (several ranges, a store failure, an image that is not active) is "other".
+BYPASS_REASONS = ("too-large", "no-space", "read_only", "vanished", "hung", "failing", "other")
+
+
+def bypass_reason(cache_status: str | None) -> str | None:
+    """The reason label of a bypassed download (None: not a bypass); a bounded set."""
+    if outcome_of(cache_status) != "bypass":
+        return None
+    assert cache_status is not None
+    _, _, detail = cache_status.partition("detail=")
+    detail = detail.split(";")[0].strip()
+    return detail if detail in BYPASS_REASONS else "other"
+
+
+def log_outcome(cache_status: str | None) -> str:
+    """The access log's ``cache=`` value: the outcome, ``bypass:<reason>`` for a bypass."""
+    reason = bypass_reason(cache_status)
+    if reason is not None:
+        return f"bypass:{reason}"
+    return outcome_of(cache_status) or "-"
+
+
 # Seconds a scrape waits for the prefetch queue's listing (then the last value stays).
 
 # How long the store counts as refusing writes after a failure (fill.STORE_RETRY_AFTER).
@@ -95,12 +120,30 @@ class RequestStats:
 
     sent: int = 0
     upstream: int = 0
+    # Body bytes given to the response writer, before any chunked framing (None: the
+    # writer cannot tell, aiohttp < 3.13; cached/ops/logs.py counts them for the access log).
+    payload: int | None = None
 
 
 # The stats of the request being handled; fill tasks started by it inherit it.
 _REQUEST: contextvars.ContextVar[RequestStats | None] = contextvars.ContextVar(
     "cached_request", default=None
 )
+
+
+class _ProcessSeries:
+    """prometheus_client's process collector (``process_*``, read from ``/proc/self``),
+    registered without the registry reading ``/proc`` at once to learn its names (that read
+    would run on the event loop; a scrape collects in a thread, cached/ops/health.py)."""
+
+    def __init__(self) -> None:
+        self._inner = ProcessCollector(registry=None)
+
+    def describe(self) -> list[Any]:
+        return []  # process_* names: none of ours can clash with them
+
+    def collect(self) -> Any:
+        return self._inner.collect()
 
 
 class Metrics:
@@ -131,6 +174,14 @@ class Metrics:
             registry=r,
         )
         self._req = {o: self.requests.labels(o) for o in OUTCOMES}
+        self.bypasses = Counter(
+            "cached_bypass",
+            "Downloads that bypassed the cache (counted in cached_requests_total "
+            '{outcome="bypass"} too), by reason',
+            ["reason"],
+            registry=r,
+        )
+        self._bypass = {reason: self.bypasses.labels(reason) for reason in BYPASS_REASONS}
         self._served = {o: self.served.labels(o) for o in OUTCOMES}
         self._dl = {o: self.download_seconds.labels(o) for o in OUTCOMES}
         self.responses = Counter(
@@ -250,6 +301,27 @@ class Metrics:
             "cached_prefetch_failures", "Queued images whose prefetch failed", registry=r
         )
         # --- the process
+        # process_open_fds / process_max_fds (the unit raises LimitNOFILE), CPU, memory.
+        r.register(_ProcessSeries())
+        self.reload_ok = Gauge(
+            "cached_config_last_reload_successful",
+            "1 when the last reload (or the start) put the whole file in force, else 0",
+            registry=r,
+        )
+        self.reload_ok.set(1)
+        self.reload_time = Gauge(
+            "cached_config_last_reload_success_timestamp_seconds",
+            "When the configuration was last put in force (the start, or a reload)",
+            registry=r,
+        )
+        self.reload_time.set_to_current_time()
+        self.directory_state = Gauge(
+            "cached_directory_state",
+            "1 for the state a declared directory is in (ok, read_only, vanished, hung, "
+            "failing), 0 for the others",
+            ["directory", "state"],
+            registry=r,
+        )
         self.connections = Gauge("cached_open_connections", "Client connections open", registry=r)
         self.loop_lag = Gauge(
             "cached_event_loop_lag_seconds",
@@ -315,6 +387,7 @@ class Metrics:
             self.joins.inc()
         elif outcome == "bypass":  # every byte sent was read from the upstream
             self.up_bytes["forward"].inc(nbytes)
+            self._bypass[bypass_reason(cache_status) or "other"].inc()
 
     # ------------------------------------------------------------------ store state
     def store_refused(self, reason: str) -> None:
@@ -339,6 +412,18 @@ class Metrics:
         self.connections.set(self.count_connections())
         if gauges.queue_length is not None:  # None: not listed (the queue keeps its value)
             self.queue_length.set(gauges.queue_length)
+
+    def reloaded(self, in_force: bool, at: float | None) -> None:
+        """The last reload's outcome (``cached reload``'s: refused, partly applied, or with
+        options waiting for a restart count as not successful) and the last success's time."""
+        self.reload_ok.set(1 if in_force else 0)
+        if at is not None:
+            self.reload_time.set(at)
+
+    def directory(self, path: str, state: str, states: tuple[str, ...]) -> None:
+        """A declared directory's state (cached/cachedir/guard.py), one series per state."""
+        for name in states:
+            self.directory_state.labels(path, name).set(1 if name == state else 0)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

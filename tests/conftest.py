@@ -65,6 +65,22 @@ def _nonblocking_fd(fd: object, *_: object, **__: object) -> bool:
 
 
 @pytest.fixture(autouse=True)
+def no_machine_wide_paths(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cached-manage`` run in-process never finds the host's own daemon: its default
+    configuration file and management socket (``/etc/cached/cached.yaml``,
+    ``/run/cached/admin.sock``) point into an empty temporary directory. A test that wants
+    them sets them there itself; the install test reaches the real paths only inside a
+    private mount namespace (tests/test_install.py)."""
+    from cached.ctl import cli as ctl_cli
+
+    home = tmp_path_factory.mktemp("machine-paths")
+    monkeypatch.setattr(ctl_cli, "DEFAULT_CONFIG", home / "etc-cached" / "cached.yaml")
+    monkeypatch.setattr(ctl_cli, "DEFAULT_SOCKET", str(home / "run-cached" / "admin.sock"))
+
+
+@pytest.fixture(autouse=True)
 def no_blocking_calls_on_the_loop() -> Iterator[None]:
     """Fail any test whose event loop makes a blocking file or socket call (STYLE habit 2).
 

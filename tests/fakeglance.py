@@ -223,6 +223,10 @@ class FakeGlance:
         self.images: dict[str, FakeImage] = {}
         self.tokens: dict[str, Token] = {}
         self.requests: list[Request] = []
+        # Answer a Range GET of an image without data with 500, as Glance 33 does (its Range
+        # handling raises); counted in range_crashes.
+        self.range_crash = False
+        self.range_crashes = 0
         self.bytes_sent: dict[str, int] = {}
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -539,6 +543,10 @@ class FakeGlance:
                 text="You are not authorized to complete download_image action."
             )
         if image.data is None or image.status == "queued":
+            if self.range_crash and "Range" in request.headers:
+                # Glance 33's Range handling on an image without data: a traceback, 500.
+                self.range_crashes += 1
+                raise web.HTTPInternalServerError(text="Internal Server Error")
             raise web.HTTPNoContent()
         size = len(image.data)
         range_header = request.headers.get("Range")

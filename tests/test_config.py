@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -48,13 +49,20 @@ def test_shipped_file_lists_every_option_with_its_default() -> None:
     assert configuration.load(SHIPPED) == Config()
 
 
-def test_check_config_accepts_the_shipped_file() -> None:
-    res = run_cached("check-config", "-c", str(SHIPPED), cwd=REPO)
+def test_check_config_accepts_the_shipped_file(tmp_path: Path) -> None:
+    # check-config checks the directories as serve does: the shipped file's store
+    # (file://./var/images) must exist where it is started; its cache would be created.
+    (tmp_path / "var" / "images").mkdir(parents=True)
+    res = run_cached("check-config", "-c", str(SHIPPED), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    shown = dict(line.split(": ", 1) for line in res.stdout.splitlines())
+    shown = yaml.safe_load(res.stdout)
     assert sorted(shown) == sorted(f.name for f in dataclasses.fields(Config))
-    assert shown["image_cache_max_size"] == str(10 * GiB)
+    assert shown["image_cache_max_size"] == 10 * GiB
     assert shown["listen"] == "127.0.0.1:9292"
+    # What it prints is a configuration file: read back, the same values (issue 19 item 16).
+    again = tmp_path / "again.yaml"
+    again.write_text(res.stdout)
+    assert configuration.load(again) == configuration.load(SHIPPED)
 
 
 def test_every_option_loads_from_a_file(tmp_path: Path) -> None:
@@ -135,21 +143,21 @@ BAD_VALUES: dict[str, list[object]] = {
     "upstream": ["ftp://glance", "glance:9292", "http://", ""],
     "image_cache_dir": ["", 5, None, ["a"]],
     "image_cache_max_size": ["lots", "-1G", "10X", True, -5, None, "1.5.5G"],
-    "image_cache_stall_time": [0, -1, "1h", 1.5, True, None],
-    "cache_prefetcher_interval": [0, "5m", False],
-    "cache_prune_interval": [-600, 60.5, "10"],
-    "auth_cache_ttl": [-1, "30s", True, None],
-    "auth_stale_if_error": [-1, "1h", False],
+    "image_cache_stall_time": [0, -1, "1 hour", 1.5, True, None, "1.5s"],
+    "cache_prefetcher_interval": [0, "5 mins", False],
+    "cache_prune_interval": [-600, 60.5, "10 parsecs"],
+    "auth_cache_ttl": [-1, "30sec", True, None],
+    "auth_stale_if_error": [-1, "1hr", False],
     "access_tokens": ["token", [""], [1], {"a": 1}],
     "upstream_connect_timeout": [-0.1, "fast", None],
     "upstream_read_timeout": [True, "x"],
     "fsync_interval_bytes": ["1 Z", "lots", -1],
-    "fsync_interval_seconds": [-0.5, "1s"],
-    "access_record_interval": [-1, "10s", True],
+    "fsync_interval_seconds": [-0.5, "1w"],
+    "access_record_interval": [-1, "10 s s", True],
     "max_header_size": ["big", -1],
-    "client_header_timeout": [-1, "30s", True, None],
-    "client_keepalive_timeout": [0, -1, "75", None],
-    "client_body_timeout": [-0.5, "1m"],
+    "client_header_timeout": [-1, "30y", True, None],
+    "client_keepalive_timeout": [0, -1, "0s", None],
+    "client_body_timeout": [-0.5, "m1"],
     "max_connections_per_address": [-1, 1.5, "128", True],
     # shielding the upstream from clients (issue 13)
     "client_body_buffer_size": [-1, "lots", True],
@@ -163,18 +171,18 @@ BAD_VALUES: dict[str, list[object]] = {
     "client_ipv6_prefix": [0, 129, "64", True],
     "trusted_proxies": ["10.0.0.1", ["nope"], [1], True],
     "log_level": ["LOUD", 3, "trace"],
-    "cache_clean_interval": [0, "1h"],
-    "scrub_interval": [0, -1, "1d", 1.5, True],
+    "cache_clean_interval": [0, "0h"],
+    "scrub_interval": [0, -1, "1 day", 1.5, True],
     "scrub_rate": [0, -5, "16M", True, None, float("nan"), float("inf")],
     "prefetch_concurrency": [0, -1, 1.5, True],
-    "prefetch_retry_initial": [-1, "5m"],
+    "prefetch_retry_initial": [-1, "-5m"],
     "prefetch_retry_max": [-1, "x"],
     "legacy_queue_immediate": ["yes", 1, None],
     "prune_on_fill": ["no", 0],
     "max_image_fraction": [0, 1.5, -0.1, "half", True],
     "min_free_space": ["100%", "-1%", "lots", True, 1.5, "5 %x", "1G max 2G", "5% max lots"],
     "admin_tokens": ["sha256:" + "0" * 64, ["plain-token"], ["sha256:abc"]],
-    "admin_cache_ttl": [-1, "1m"],
+    "admin_cache_ttl": [-1, "1 m!"],
     "keystone_authtoken": [
         "http://keystone:5000",
         {"nope": 1},
@@ -199,13 +207,14 @@ BAD_VALUES: dict[str, list[object]] = {
     "worker_self_reference_url": ["node1:9292"],
     "peers": ["http://node2:9292", ["node2:9292"]],
     "metrics_auth": ["yes", 1, None],
-    "shutdown_grace": [-1, "30s", True, None],
+    "shutdown_grace": [-1, "30 seconds", True, None],
     "tls_cert_file": [5, ["a"]],
     "tls_key_file": [None],
     "upstream_ca_file": [1],
     "upstream_insecure": ["yes", 1],
     "keystone_ca_file": [True],
     "admin_listen": ["unix:", "nope", "[::1", 9393, 9293, "host:99999", "::1:9293"],
+    "admin_socket_group": [5, "two words", "a:b"],
     "admin_tls_client_ca": [3],
     "allow_unauthenticated_management": ["true", 1],
     "policy": [["a"]],
@@ -237,7 +246,7 @@ BAD_VALUES: dict[str, list[object]] = {
         {"fstype": "nfs 4"},
         {"writable": False},
         {"probe_interval": 0},
-        {"probe_timeout": "10s"},
+        {"probe_timeout": "10 secs"},
         {"sendfile": "threads"},
         {"sendfile": True},
     ],
@@ -312,10 +321,10 @@ def test_cli_flags_override_the_file(tmp_path: Path) -> None:
         "http://glance:9292",
     )
     assert res.returncode == 0, res.stderr
-    shown = dict(line.split(": ", 1) for line in res.stdout.splitlines())
+    shown = yaml.safe_load(res.stdout)
     assert shown["listen"] == "127.0.0.1:2222"
     assert shown["image_cache_dir"] == str(tmp_path / "c")
-    assert shown["image_cache_max_size"] == str(500 * MiB)
+    assert shown["image_cache_max_size"] == 500 * MiB
     assert shown["log_level"] == "WARNING"
     assert shown["upstream"] == "http://glance:9292"
 
@@ -467,17 +476,66 @@ def test_check_config_never_prints_secrets(tmp_path: Path) -> None:
         "keystone_project_name: service\n"
         "service_token: tok-3f9a\n",
     )
-    res = run_cached("check-config", "-c", str(path))
+    (tmp_path / "var" / "images").mkdir(parents=True)  # the default store, as serve needs it
+    res = run_cached("check-config", "-c", str(path), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "hunter2-password" not in res.stdout + res.stderr
     assert "tok-3f9a" not in res.stdout + res.stderr
-    shown = dict(line.split(": ", 1) for line in res.stdout.splitlines())
-    assert shown["keystone_password"] == "(set)" and shown["service_token"] == "(set)"
-    section = yaml.safe_load(shown["keystone_authtoken"])
-    assert section["password"] == "(set)" and section["token"] == "(set)"
-    assert section["auth_type"] == "admin_token" and section["username"] == "cached"
-    assert "is deprecated: write it as keystone_authtoken: {auth_url: ...}" in res.stderr
+    shown = yaml.safe_load(res.stdout)
+    assert "keystone_password" not in shown and "service_token" not in shown
+    assert "# keystone_password: (set) (not shown)\n" in res.stdout
+    assert "# service_token: (set) (not shown)\n" in res.stdout
     assert shown["keystone_username"] == "cached"
+
+
+# ---- issue 19 item 16: duplicates, durations, check-config's YAML --------------------------
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path: Path) -> None:
+    path = write(tmp_path, "listen: 0.0.0.0:9292\nlog_level: INFO\nlisten: 127.0.0.1:9292\n")
+    with pytest.raises(
+        ConfigError, match=r"line 3: option 'listen' given twice \(first on line 1\)"
+    ):
+        configuration.load(path)
+    nested = write(tmp_path, "image_cache_mount:\n  fstype: nfs4\n  fstype: xfs\n")
+    with pytest.raises(ConfigError, match="option 'fstype' given twice"):
+        configuration.load(nested)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("cache_prune_interval", "5m", 300),
+        ("image_cache_stall_time", "1d", 86400),
+        ("scrub_interval", "12h", 43200),
+        ("shutdown_grace", "45s", 45.0),
+        ("upstream_read_timeout", "1.5m", 90.0),
+        ("client_header_timeout", "500ms", 0.5),
+        ("auth_stale_if_error", 30, 30.0),
+    ],
+)
+def test_durations_take_units(option: str, value: object, expected: float) -> None:
+    assert getattr(configuration.build({option: value}), option) == expected
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("cache_prune_interval", "1500ms", "positive whole number of seconds"),
+        ("cache_prune_interval", "5 minutes", "not a duration: '5 minutes'"),
+        ("shutdown_grace", "soon", "not a duration: 'soon'"),
+        ("shutdown_grace", "-5s", "not a duration"),
+    ],
+)
+def test_bad_durations_are_refused(option: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        configuration.build({option: value})
+
+
+def test_durations_in_mount_specs(tmp_path: Path) -> None:
+    path = write(tmp_path, "image_cache_mount: {probe_interval: 2s, probe_timeout: 1m}\n")
+    spec = configuration.load(path).image_cache_mount
+    assert (spec.probe_interval, spec.probe_timeout) == (2.0, 60.0)
 
 
 def test_a_keystone_authtoken_section_copies_over_unchanged(

@@ -26,6 +26,7 @@ from aiohttp import web
 from conftest import start_daemon, stop_daemon
 from fakeglance import FakeGlance
 
+from cached.ctl import cli as ctl_cli
 from cached.ctl import main
 from cached.ctl.client import Target, parse_target
 from cached.ctl.render import human_size, iso_time, table
@@ -50,8 +51,13 @@ class FakeManage:
     """
 
     def __init__(
-        self, prefix: str = "/v2", delay: float = 0.0, gate: asyncio.Barrier | None = None
+        self,
+        prefix: str = "/v2",
+        delay: float = 0.0,
+        gate: asyncio.Barrier | None = None,
+        unix: str = "",
     ) -> None:
+        self.unix = unix  # listen on this Unix socket instead of a loopback port
         self.prefix = prefix
         self.delay = delay
         self.gate = gate
@@ -79,6 +85,10 @@ class FakeManage:
         app.router.add_get("/v2/cache/progress", self._progress)
         self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self.runner.setup()
+        if self.unix:
+            await web.UnixSite(self.runner, self.unix).start()
+            self.url = f"unix:{self.unix}"
+            return
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
         host, port = self.runner.addresses[0][:2]
@@ -597,6 +607,63 @@ async def test_default_host_comes_from_the_config(
     conf.write_text("listen: [nonsense\n")
     assert await ctl("-c", str(conf), "list-queued") == 2
     assert "configuration error" in capsys.readouterr().err
+
+
+async def test_port_alone_means_loopback_not_the_default_socket(
+    fakes: Callable[..., Awaitable[FakeManage]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Another daemon's management socket at the default place, and a configuration file
+    # naming it: "-p PORT" alone is 127.0.0.1:PORT (glance-cache-manage), never that daemon.
+    other = await fakes(unix=str(tmp_path / "other.sock"))
+    mine = await fakes()
+    other.cached = [cached_image(A, 10)]
+    mine.cached = [cached_image(B, 20)]
+    monkeypatch.setattr(ctl_cli, "DEFAULT_SOCKET", other.unix)
+    conf = tmp_path / "cached.yaml"
+    conf.write_text(f"admin_listen: unix:{other.unix}\n")
+    monkeypatch.setattr(ctl_cli, "DEFAULT_CONFIG", conf)
+    port = mine.label.rpartition(":")[2]
+    assert await ctl("-p", port, "--os-auth-token", ADMIN, "--json", "list-cached") == 0
+    assert [r["image_id"] for r in json.loads(capsys.readouterr().out)["cached_images"]] == [B]
+    assert other.calls() == []
+    assert await ctl("-f", "-p", port, "--os-auth-token", ADMIN, "delete-all-cached-images") == 0
+    assert other.cached == [cached_image(A, 10)] and mine.cached == []
+
+
+async def test_no_host_reads_the_nodes_configuration_file(
+    fakes: Callable[..., Awaitable[FakeManage]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The node's file names a socket and a TCP address for management: the socket is used.
+    # A stray socket at the default place is not consulted while the file exists.
+    node = await fakes(unix=str(tmp_path / "node.sock"))
+    stray = await fakes(unix=str(tmp_path / "stray.sock"))
+    node.queued = [A]
+    stray.queued = [B]
+    monkeypatch.setattr(ctl_cli, "DEFAULT_SOCKET", stray.unix)
+    conf = tmp_path / "etc" / "cached.yaml"
+    conf.parent.mkdir()
+    conf.write_text(
+        f"listen: 0.0.0.0:{dead_port()}\nadmin_tokens: ['sha256:{'0' * 64}']\n"
+        f"admin_listen: ['unix:{node.unix}', '0.0.0.0:{dead_port()}']\n"
+    )
+    monkeypatch.setattr(ctl_cli, "DEFAULT_CONFIG", conf)
+    assert await ctl("--os-auth-token", ADMIN, "--json", "list-queued") == 0
+    assert [r["image_id"] for r in json.loads(capsys.readouterr().out)["queued_images"]] == [A]
+    assert stray.calls() == []
+    # Without the file: the default socket.
+    conf.unlink()
+    assert await ctl("--os-auth-token", ADMIN, "--json", "list-queued") == 0
+    assert [r["image_id"] for r in json.loads(capsys.readouterr().out)["queued_images"]] == [B]
+    # A broken file is an error naming it, never skipped for a guess.
+    conf.write_text("listen: [nonsense\n")
+    assert await ctl("list-queued") == 2
+    assert f"configuration error: {conf}" in capsys.readouterr().err
 
 
 async def test_console_script_streams_and_status(host: FakeManage) -> None:

@@ -187,7 +187,7 @@ async def test_pass_through_of_a_read_only_cache(
     try:
         before = await scrape(daemon)
         assert value(before, "cached_passthrough", directory=str(cache)) == 0
-        async with daemon.session.get(f"{daemon.url}/readyz") as resp:
+        async with manage(daemon).get(f"{daemon.admin_base}/readyz") as resp:
             assert resp.status == 200
             assert (await resp.json())["checks"]["cache"] == "caching"
         await remount_read_only(cache)
@@ -208,9 +208,10 @@ async def test_pass_through_of_a_read_only_cache(
         # gauge is compared with 0 from before the remount, not as a delta.
         assert value(await scrape(daemon), "cached_passthrough", directory=str(cache)) == 1
         assert d("cached_requests_total", outcome="bypass") == 1
+        assert d("cached_bypass_total", reason="read_only") == 1  # why (issue 19 item 10)
         assert d("cached_served_bytes_total", outcome="bypass") == len(data)
         assert d("cached_upstream_requests_total", kind="forward") == 1
-        async with daemon.session.get(f"{daemon.url}/readyz") as resp:
+        async with manage(daemon).get(f"{daemon.admin_base}/readyz") as resp:
             body = await resp.json()
             # knowingly passing through: still ready, and it says why
             assert resp.status == 200, body
@@ -223,11 +224,14 @@ async def test_health_endpoints_are_never_proxied(glance: FakeGlance, daemon: Da
     async with daemon.session.get(f"{daemon.url}/healthz") as resp:
         assert resp.status == 200
         assert (await resp.json())["status"] == "alive"
-    async with daemon.session.get(f"{daemon.url}/readyz") as resp:
+    async with manage(daemon).get(f"{daemon.admin_base}/readyz") as resp:
         body = await resp.json()
         assert resp.status == 200, body
         assert body["status"] == "ready"
         assert body["checks"]["upstream"] == "reachable"
+    async with daemon.session.get(f"{daemon.url}/readyz") as resp:
+        # The public listener says the state only (issue 19 item 13: no upstream address).
+        assert (resp.status, await resp.json()) == (200, {"status": "ready"})
     assert not [r for r in glance.requests if r.path in ("/metrics", "/healthz", "/readyz")]
 
 
@@ -236,7 +240,7 @@ async def test_readyz_503_when_the_upstream_is_unreachable(tmp_path: Path) -> No
     cache.mkdir()
     daemon = await start_daemon(cache, "http://127.0.0.1:9")  # discard port: refused
     try:
-        async with daemon.session.get(f"{daemon.url}/readyz") as resp:
+        async with manage(daemon).get(f"{daemon.admin_base}/readyz") as resp:
             body = await resp.json()
             assert resp.status == 503
             assert body["status"] == "not ready"
@@ -322,9 +326,11 @@ async def test_a_bypass_with_a_detail_counts_as_bypass(
         # Every byte of it came from the upstream: "bandwidth saved" (served - upstream,
         # README) must not count it (it did: no upstream bytes were counted for a bypass).
         assert d("cached_upstream_bytes_total", kind="forward") == len(data)
+        # The reason too, a bounded set (issue 19 item 10): too-large, no-space, a state...
+        assert d("cached_bypass_total", reason="too-large") == 1
         assert (
-            f" 200 {len(data)} image={image.id} cache=bypass upstream_bytes={len(data)} "
-            in (lines[0])
+            f" 200 {len(data)} image={image.id} cache=bypass:too-large "
+            f"upstream_bytes={len(data)} " in (lines[0])
         )
     finally:
         await stop_daemon(daemon)

@@ -450,7 +450,7 @@ async def test_store_share_gone_is_503_never_404(
             assert "vanished" in body["message"] and str(images) not in body["message"]
     assert tree(images) == []
     # /readyz: the upstream (the store) is not reachable; before it said "reachable", 200.
-    async with node.session.get(node.proc.url + "/readyz") as resp:
+    async with node.session.get(node.proc.url + "/readyz", headers=auth("token-admin")) as resp:
         ready = await resp.json()
         assert resp.status == 503, ready
         assert "vanished" in ready["checks"]["upstream"], ready
@@ -459,7 +459,7 @@ async def test_store_share_gone_is_503_never_404(
     await node.wait_state("ok", "store")
     status, _, body = await node.get(image_id)
     assert (status, body) == (200, data)
-    async with node.session.get(node.proc.url + "/readyz") as resp:
+    async with node.session.get(node.proc.url + "/readyz", headers=auth("token-admin")) as resp:
         ready = await resp.json()
         assert (resp.status, ready["checks"]["upstream"]) == (200, "reachable"), ready
 

@@ -291,7 +291,7 @@ def test_open_moves_partial_files_without_usable_metadata_to_invalid(store: Stor
     (incomplete / garbage).write_bytes(b"x" * 1000)
     xattrs.write(incomplete / garbage, "user.cached.meta", b"{not json")
     xattrs.write(incomplete / garbage, "user.cached.state", b"filling")
-    (incomplete / bare).write_bytes(b"y" * 1000)  # no xattrs at all
+    (incomplete / bare).write_bytes(b"y" * 1000)  # no xattrs at all: Glance's, left alone
     e = run(store.create(short, 8 * MiB, checksum=None, os_hash_algo=None, os_hash_value=None))
     os.truncate(e.path, MiB)  # the file lost its tail
     run(store.create(good, MiB, checksum=None, os_hash_algo=None, os_hash_value=None))
@@ -303,9 +303,9 @@ def test_open_moves_partial_files_without_usable_metadata_to_invalid(store: Stor
     again = Store(store.root)
     run(again.open())
     assert list(again.entries) == [good]
-    unusable = sorted([garbage, bare, short, wrong])
+    unusable = sorted([garbage, short, wrong])
     assert tree(again.root) == sorted(
-        ["incomplete/", f"incomplete/{good}", "invalid/", "queue/"]
+        ["incomplete/", f"incomplete/{good}", f"incomplete/{bare}", "invalid/", "queue/"]
         + [f"invalid/{i}" for i in unusable]
     )
     assert again.invalid == set(unusable)  # the clean job removes them
@@ -326,6 +326,9 @@ def test_open_ignores_foreign_files_and_invalidates_unusable_image_files(store: 
     (root / "queue" / "notes.txt").write_text("")
     bad_complete = new_id()  # an image id in the root without usable metadata
     (root / bad_complete).write_bytes(b"z" * 10)
+    xattrs.write(root / bad_complete, "user.cached.meta", b"{not json")
+    glance_file = new_id()  # no cached xattr at all: Glance's, left for adoption
+    (root / glance_file).write_bytes(b"g" * 10)
     filling_in_root = new_id()
     run(store.create(filling_in_root, 10, checksum=None, os_hash_algo=None, os_hash_value=None))
     os.rename(root / "incomplete" / filling_in_root, root / filling_in_root)
@@ -339,6 +342,7 @@ def test_open_ignores_foreign_files_and_invalidates_unusable_image_files(store: 
     # (before: ignored forever, never counted, never cleaned).
     assert tree(root) == sorted(foreign + [f"invalid/{bad_complete}", f"invalid/{filling_in_root}"])
     assert again.invalid == {bad_complete, filling_in_root}
+    assert again.foreign == {glance_file} and again.get(glance_file) is None
     assert xattrs.read_all(root / "invalid" / bad_complete)["user.cached.state"] == b"invalid"
 
 

@@ -41,7 +41,10 @@ from cached.errors import ConfigError
 
 OK, FAILED, USAGE = 0, 1, 2
 DEFAULT_PORT = 9292
-# The management socket cached-manage uses when no host is given (admin_listen: unix:...).
+# Where cached-manage looks when neither -H, -c nor -p says where the daemon is: the node's
+# configuration file (its management address), else this management socket. Module
+# constants so the tests point them into a temporary directory (never the host's own).
+DEFAULT_CONFIG = Path("/etc/cached/cached.yaml")
 DEFAULT_SOCKET = "/run/cached/admin.sock"
 
 
@@ -119,17 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="HOST[:PORT]|URL",
         help=(
-            "daemon to manage: HOST[:PORT], URL or unix:/PATH (default: the management socket "
-            f"{DEFAULT_SOCKET} if it exists, else 127.0.0.1); repeat for several"
+            "daemon to manage: HOST[:PORT], URL or unix:/PATH (default: the management "
+            f"address in {DEFAULT_CONFIG} if it exists, else the socket {DEFAULT_SOCKET} if "
+            "it exists, else 127.0.0.1); repeat for several"
         ),
     )
     p.add_argument(
         "-p",
         "--port",
         type=int,
-        default=DEFAULT_PORT,
         metavar="PORT",
-        help="port of hosts given without one (default %(default)s)",
+        help=(
+            f"port of hosts given without one (default {DEFAULT_PORT}); alone, without -H "
+            "or -c, the daemon on 127.0.0.1:PORT (as glance-cache-manage)"
+        ),
     )
     p.add_argument(
         "--all-hosts",
@@ -178,43 +184,66 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_targets(args: argparse.Namespace) -> list[Target]:
-    """The hosts to ask, from ``-H``, ``--all-hosts`` and ``-c``.
+def _wildcard_to_loopback(host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
-    With ``-c``, this node is its management listener (``admin_listen``) if it has one, else
-    its ``worker_self_reference_url``, else its ``listen`` address (a wildcard meaning
-    loopback); ``--all-hosts`` adds its ``peers``. Without ``-H`` or ``-c``: the management
-    socket at :data:`DEFAULT_SOCKET` if it exists, else 127.0.0.1.
+
+def this_node(config: configuration.Config) -> str:
+    """Where ``config``'s daemon answers management on this node: its management socket,
+    else its TCP management listener, else ``worker_self_reference_url``, else its first
+    ``listen`` address (a wildcard meaning loopback)."""
+    addresses = config.admin_addresses
+    for address in addresses:
+        if isinstance(address, Path):
+            return f"unix:{address}"
+    for address in addresses:
+        if isinstance(address, tuple):
+            host, port = address
+            scheme = "https" if config.tls_cert_file else "http"
+            return Target(_wildcard_to_loopback(host), port, scheme).url
+    if config.worker_self_reference_url:
+        return config.worker_self_reference_url
+    host, port = config.listen_address
+    return Target(_wildcard_to_loopback(host), port).label
+
+
+def resolve_targets(args: argparse.Namespace) -> list[Target]:
+    """The hosts to ask, from ``-H``, ``-p``, ``--all-hosts`` and ``-c``.
+
+    - ``-H`` names hosts (``-p`` is the port of those given without one).
+    - ``-c FILE``: this node is :func:`this_node` of that file; ``--all-hosts`` adds its
+      ``peers``.
+    - ``-p PORT`` alone (no ``-H``, no ``-c``): ``127.0.0.1:PORT``, as glance-cache-manage
+      reads it; nothing else is consulted.
+    - Nothing at all: the node's configuration file :data:`DEFAULT_CONFIG` if it exists (a
+      file that does not load is an error, never silently skipped), else the management
+      socket :data:`DEFAULT_SOCKET` if it exists, else ``127.0.0.1:9292``.
 
     Raises:
         ValueError: a bad host or no host for ``--all-hosts`` (usage).
         ConfigError: the config file is unreadable or invalid.
     """
     names: list[str] = list(args.host or [])
-    if args.config is not None:
-        config = configuration.load(args.config)
-        admin = config.admin_address
-        here = config.worker_self_reference_url
-        if isinstance(admin, Path):
-            here = f"unix:{admin}"
-        elif admin is not None:
-            host, port = admin
-            host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-            scheme = "https" if config.tls_cert_file else "http"
-            here = Target(host, port, scheme).url
-        if not here:
-            host, port = config.listen_address
-            host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-            here = Target(host, port).label
+    port = args.port if args.port is not None else DEFAULT_PORT
+    config_file = args.config
+    port_alone = args.port is not None and not names and config_file is None
+    if config_file is None and not names and not port_alone and DEFAULT_CONFIG.is_file():
+        config_file = DEFAULT_CONFIG
+    if config_file is not None:
+        config = configuration.load(config_file)
+        here = this_node(config)
         if args.all_hosts:
             names += [here, *config.peers]
         elif not names:
             names = [here]
     if not names:
-        if args.all_hosts:
+        if port_alone:
+            names = [f"127.0.0.1:{port}"]
+        elif args.all_hosts:
             raise ValueError("--all-hosts: no hosts (give -c CONFIG, or -H once per host)")
-        names = [f"unix:{DEFAULT_SOCKET}" if is_socket(DEFAULT_SOCKET) else "127.0.0.1"]
-    targets = [parse_target(name, args.port) for name in names]
+        else:
+            names = [f"unix:{DEFAULT_SOCKET}" if is_socket(DEFAULT_SOCKET) else "127.0.0.1"]
+    targets = [parse_target(name, port) for name in names]
     return list(dict.fromkeys(targets))  # once each, in order
 
 

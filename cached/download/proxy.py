@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 from aiohttp import web
 
+from cached.cachedir.adoption import Adopter
 from cached.cachedir.directories import Directories
 from cached.cachedir.reverify import Integrity
 from cached.download.reader import Progress, send_entry
@@ -97,6 +98,7 @@ class Proxy:
     # Told of every image deleted through the proxy (e.g. the prefetch queue forgets it).
     on_deleted: list[Callable[[str], Awaitable[object]]] = field(default_factory=list)
     integrity: Integrity | None = None  # re-verifies a changed file before a hit (scrub.py)
+    adopter: Adopter | None = None  # Glance's cached files, adopted (cached/cachedir/adoption.py)
     directories: Directories | None = None  # None: the cache directory is not guarded
     # The content verdicts shown on hits (image_safety_mode audit; cached/safety/audit.py).
     safety: Safety | None = None
@@ -135,6 +137,8 @@ class Proxy:
             except UpstreamUnavailable as exc:
                 return replies.unreachable(request, exc)
             entry = self.store.get(image_id)
+            if entry is None and record is not None and self.adopter is not None:
+                entry = await self.adopter.adopt(record)  # Glance's file of it, verified
         bypass = self.directories.cache_bypass(entry) if self.directories else None
         if bypass is not None:  # the cache directory is not usable (cached/cachedir/directories.py)
             return await self._bypass(request, bypass)

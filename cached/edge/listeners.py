@@ -102,7 +102,10 @@ class Listeners:
     loopback_trusted: bool = False
     urls: list[str] = field(default_factory=list)  # the public listeners
     sites: list[web.BaseSite] = field(default_factory=list)  # all, started
-    management_url: str = ""
+    management_url: str = ""  # the first of management_urls
+    management_urls: list[str] = field(default_factory=list)
+    _unix_paths: set[str] = field(default_factory=set)
+    _management_tcp: set[tuple[str, int]] = field(default_factory=set)
 
     @staticmethod
     def is_management(request: web.BaseRequest) -> bool:
@@ -155,8 +158,9 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
-def bind_unix(path: Path) -> socket.socket:
-    """A listening Unix socket at ``path``, mode 0600 (blocking: call from a thread).
+def bind_unix(path: Path, group: str = "") -> socket.socket:
+    """A listening Unix socket at ``path``, mode 0600, or 0660 owned by ``group`` (the
+    operators' group, ``admin_socket_group``) (blocking: call from a thread).
 
     A stale socket file (nobody accepting on it) is replaced; any other file is an error.
     """
@@ -178,12 +182,25 @@ def bind_unix(path: Path) -> socket.socket:
     try:
         sock.bind(str(path))
         os.chmod(path, 0o600)
+        if group:
+            os.chown(path, -1, socket_group_id(group))
+            os.chmod(path, 0o660)
         sock.listen(_BACKLOG)
         sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def socket_group_id(group: str) -> int:
+    """The id of ``admin_socket_group``; ConfigError naming the option if there is none."""
+    import grp
+
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"option 'admin_socket_group': no group {group!r}") from None
 
 
 async def start(runner: web.AppRunner, config: Config, server_tls: ServerTLS | None) -> Listeners:
@@ -202,34 +219,35 @@ async def start(runner: web.AppRunner, config: Config, server_tls: ServerTLS | N
         await site.start()
         listeners.sites.append(site)
         listeners.urls.append(_url(scheme, bound[0], bound[1]))
-    address = config.admin_address
-    if isinstance(address, Path):
-        sock = await asyncio.to_thread(bind_unix, address)
-        site = _ManagementSite(runner, sock)
+    for address in config.admin_addresses:  # a socket and/or TCP addresses
+        if isinstance(address, Path):
+            sock = await asyncio.to_thread(bind_unix, address, config.admin_socket_group)
+            listeners._unix_paths.add(sock.getsockname())
+            site = _ManagementSite(runner, sock)
+            url = f"unix:{address}"
+        else:
+            sock = await asyncio.to_thread(bind_tcp, *address)
+            bound = sock.getsockname()
+            listeners._management_tcp.add((bound[0], bound[1]))
+            tls_context = server_tls.management if server_tls else None
+            site = _ManagementSite(runner, sock, ssl_context=tls_context)
+            url = _url(scheme, bound[0], bound[1])
         await site.start()
         listeners.sites.append(site)
-        listeners.management_url = f"unix:{address}"
-    elif address is not None:
-        sock = await asyncio.to_thread(bind_tcp, *address)
-        bound = sock.getsockname()
-        site = _ManagementSite(
-            runner, sock, ssl_context=server_tls.management if server_tls else None
-        )
-        await site.start()
-        listeners.sites.append(site)
-        listeners.management_url = _url(scheme, bound[0], bound[1])
+        listeners.management_urls.append(url)
+        listeners.management_url = listeners.management_url or url
     return listeners
 
 
 def remove_unix_socket(config: Config) -> None:
     """Remove the management socket file after the daemon stopped (call from a thread)."""
-    address = config.admin_address
-    if isinstance(address, Path):
-        try:
-            if stat.S_ISSOCK(address.lstat().st_mode):
-                address.unlink()
-        except FileNotFoundError:
-            pass
+    for address in config.admin_addresses:
+        if isinstance(address, Path):
+            try:
+                if stat.S_ISSOCK(address.lstat().st_mode):
+                    address.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def management_authenticated(config: Config) -> bool:
@@ -248,17 +266,18 @@ def check_exposure(config: Config, source: str) -> None:
     """
     if management_authenticated(config) or config.allow_unauthenticated_management:
         return
-    address = config.admin_address
-    if isinstance(address, tuple) and not is_loopback(address[0]):
-        if not config.admin_tls_client_ca:
-            raise ConfigError(
-                f"{source}: option 'admin_listen': {config.admin_listen} is reachable from "
-                "other hosts and the management API has no authentication; set admin_tokens "
-                "or keystone_url, admin_tls_client_ca, a unix: admin_listen, or "
-                "allow_unauthenticated_management: true"
-            )
-        return
-    if address is None:
+    addresses = config.admin_addresses
+    for address in addresses:
+        if isinstance(address, tuple) and not is_loopback(address[0]):
+            if not config.admin_tls_client_ca:
+                shown = f"[{address[0]}]" if ":" in address[0] else address[0]
+                raise ConfigError(
+                    f"{source}: option 'admin_listen': {shown}:{address[1]} is reachable "
+                    "from other hosts and the management API has no authentication; set "
+                    "admin_tokens or keystone_url, admin_tls_client_ca, a unix: admin_listen, "
+                    "or allow_unauthenticated_management: true"
+                )
+    if not addresses:
         exposed = [h for h, _ in config.listen_addresses if not is_loopback(h)]
         if exposed:
             raise ConfigError(

@@ -121,6 +121,7 @@ class GlancePassThrough:
         self._per_client = per_client
         self._client_key = client_key
         self.held = Holdings()  # client key -> its requests at the upstream now
+        self.last_versions = versions.LastGood()  # for /versions in an outage (loop-owned)
 
     async def answer(
         self, request: web.Request, before_reply: ReplyHook | None = None
@@ -261,9 +262,13 @@ class GlancePassThrough:
                 body = await upstream.read()
             finally:
                 upstream.release()
-        except UpstreamUnavailable as exc:
-            return replies.unreachable(request, exc.__cause__ or exc)
+        except UpstreamUnavailable as exc:  # the last good document (cached/edge/versions.py)
+            return self.last_versions.answer(
+                request, exc.__cause__ or exc, _relink, self._backend.base_url
+            )
         status = upstream.status
+        if status >= 500:
+            return self.last_versions.answer(request, f"{status}", _relink, self._backend.base_url)
         relay = {
             h: upstream.headers[h]
             for h in ("Content-Type", "x-openstack-request-id")
@@ -275,6 +280,7 @@ class GlancePassThrough:
             doc = None
         if not isinstance(doc, dict):
             return web.Response(status=status, body=body, headers=relay)
+        self.last_versions.remember(doc)
         base = f"{request.scheme}://{request.host}"
         doc = versions.with_cache_api(_relink(doc, self._backend.base_url, base), base)
         relay.pop("Content-Type", None)

@@ -19,15 +19,34 @@ def request_id() -> str:
     return f"req-{uuid.uuid4()}"
 
 
-def glance_error(status: int, message: str, request_id: str) -> web.Response:
-    """A webob-style plain text error page, as Glance sends its errors."""
+# Seconds a client is told to wait before trying again after cached's own 502/503.
+RETRY_AFTER = 10
+
+
+def glance_error(status: int, message: str, request_id: str, accept: str = "") -> web.Response:
+    """An error as Glance (webob) sends it: JSON when the client's ``Accept`` names
+    ``application/json`` (``code``, ``title``, ``message``, with the line breaks of webob's
+    template), else a plain text page; ``Retry-After`` on 502 and 503."""
     reason = web.Response(status=status).reason
+    headers = {"x-openstack-request-id": request_id}
+    if status in (502, 503):
+        headers["Retry-After"] = str(RETRY_AFTER)
+    if "application/json" in accept:
+        return web.json_response(
+            {
+                "message": f"{message}<br /><br />\n\n\n",
+                "code": f"{status} {reason}",
+                "title": reason,
+            },
+            status=status,
+            headers=headers,
+        )
     return web.Response(
         status=status,
         text=f"{status} {reason}\n\n{message}\n\n   ",
         content_type="text/plain",
         charset="UTF-8",
-        headers={"x-openstack-request-id": request_id},
+        headers=headers,
     )
 
 
@@ -41,7 +60,8 @@ def unreachable(request: web.Request, exc: BaseException) -> web.Response:
         request.path[:200],
         exc,
     )
-    return glance_error(502, "The image service is unreachable.", rid)
+    accept = request.headers.get("Accept", "")
+    return glance_error(502, "The image service is unreachable.", rid, accept)
 
 
 def internal(request: web.Request, exc: BaseException) -> web.Response:
@@ -52,4 +72,5 @@ def internal(request: web.Request, exc: BaseException) -> web.Response:
         500,
         "The server has either erred or is incapable of performing the requested operation.",
         rid,
+        request.headers.get("Accept", ""),
     )

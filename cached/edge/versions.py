@@ -1,13 +1,26 @@
-"""Glance's API version document (``GET /versions``), as Glance 33 builds it with a cache."""
+"""Glance's API version document (``GET /versions``), as Glance 33 builds it with a cache,
+and the last good one an upstream gave, for answering while it is unreachable.
+
+State: :class:`LastGood` belongs to the pass-through that relays ``/versions``; it is read
+and replaced on the event loop only.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
 from multidict import CIMultiDict
 
 from cached.upstream.glance import GlanceBackend
+
+log = logging.getLogger("cached.versions")
 
 # Glance 33 with image_cache_dir set: 2.14-2.18 are the cache API microversions that
 # python-glanceclient probes for before any ``glance cache-*`` command.
@@ -87,3 +100,49 @@ async def upstream_ids(backend: GlanceBackend) -> list[str] | None:
         return [str(v["id"]) for v in doc["versions"] if isinstance(v, dict) and "id" in v]
     except (ValueError, TypeError, KeyError):
         return None
+
+
+@dataclass
+class LastGood:
+    """The last version document the upstream answered (as it sent it: its own links), to
+    answer ``GET /versions`` while the upstream is unreachable or failing (5xx):
+    python-glanceclient asks for it before every ``glance cache-*`` call, and cached's own
+    cache API is up during a Glance outage. Never seen one: cached's own document."""
+
+    doc: dict[str, Any] | None = None
+    warned_at: float = -float("inf")
+
+    def remember(self, doc: dict[str, Any]) -> None:
+        self.doc = copy.deepcopy(doc)
+
+    def answer(
+        self, request: web.Request, why: object, relink: Any, upstream_base: str
+    ) -> web.Response:
+        """The remembered document (relinked to the caller's base URL by ``relink``, the
+        cache API added), or cached's own; logged at most once a minute."""
+        base = f"{request.scheme}://{request.host}"
+        if self.doc is not None:
+            doc = with_cache_api(relink(copy.deepcopy(self.doc), upstream_base, base), base)
+        else:
+            doc = document(base)
+        # Glance's rule (glance/api/versions.py): 200 when asked by name, 300 at the root.
+        status = 200 if request.path.rstrip("/").endswith("/versions") else 300
+        now = time.monotonic()
+        if now - self.warned_at > 60:
+            self.warned_at = now
+            log.warning(
+                "GET %s: the upstream is unavailable (%s): answered with %s version document",
+                request.path,
+                why,
+                "its last" if self.doc is not None else "cached's own",
+            )
+        return web.Response(
+            status=status,
+            body=json.dumps(doc),
+            content_type="application/json",
+            headers={
+                "x-openstack-request-id": f"req-{uuid.uuid4()}",
+                # RFC 9211: not from the origin now; a stored answer, the origin failing.
+                "Cache-Status": "cached; hit; detail=upstream-unavailable",
+            },
+        )

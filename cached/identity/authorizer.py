@@ -53,9 +53,13 @@ class Authorizer:
         self._cleared_at = 0  # number of the change at which _changed_at was last cleared
         self.probes = 0
 
-    def configure(self, ttl: float) -> None:
+    def configure(self, ttl: float, stale_if_error: float | None = None) -> None:
         """A new ``auth_cache_ttl`` (reload). Answers already remembered keep no longer than
-        the new TTL allows from when they were given; with 0 none is reused any more."""
+        the new TTL allows from when they were given; with 0 none is reused any more.
+        ``stale_if_error`` (reload too): the allowances already recorded stay and count
+        under the new window (turned on from 0, recording starts now)."""
+        if stale_if_error is not None:
+            self._stale = stale_if_error
         if ttl == self._ttl:
             return
         now = time.monotonic()

@@ -5,16 +5,21 @@ Served by the daemon itself, never proxied: on the image API port, or only on th
 ``/metrics`` is open unless ``metrics_auth`` asks for the management API's admin rules.
 
 Owns :class:`Ops`, the state these endpoints read. ``app.make_app`` fills it in when the
-daemon's resources are up and a reload replaces ``config``; all on the event loop.
+daemon's resources are up and a reload replaces ``config``; ``space_warning`` and the last
+upstream verdict are set by its own checks (the tick, ``/readyz``, the start); all on the
+event loop. ``/readyz`` gives details only to operators (the management listener, an admin
+token); everyone gets the state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from cached.cachedir.mounts import State as MountState
 from cached.config import Config
 from cached.edge.listeners import is_management
 from cached.metrics import CONTENT_TYPE, CacheGauges, Metrics
@@ -53,6 +59,9 @@ class Ops:
     session: aiohttp.ClientSession | None = None
     draining: bool = False
     reloads: ReloadStatus = field(default_factory=ReloadStatus)  # the Reloader's (SIGHUP)
+    # Why no image can ever be cached with the free space there is (min_free_space above
+    # it), or None; set by check_space (the tick, /readyz, the start), read by STATUS=.
+    space_warning: str | None = None
     _upstream: tuple[float, str | None] = (-float("inf"), None)
     _checking: asyncio.Task[str | None] | None = field(default=None, repr=False)
 
@@ -78,6 +87,41 @@ class Ops:
             return f"pass-through ({self.metrics.refused_reason})"
         return "caching"
 
+    async def check_space(self) -> str | None:
+        """Whether the cache can ever fill: the free space on its filesystem, plus what its
+        own entries hold (a prune frees that), must be above ``min_free_space``. Sets and
+        returns :attr:`space_warning`. Skipped (keeps the last answer) while the cache
+        directory is not usable; the ``statvfs`` runs on its threads, at most 2 s."""
+        store = self.store
+        if store is None or self.guard_problem() is not None:
+            return self.space_warning
+        try:
+            st = await asyncio.wait_for(store.run(os.statvfs, store.root), 2)
+        except (OSError, TimeoutError):
+            return self.space_warning
+        free = st.f_bavail * st.f_frsize
+        floor = self.config.min_free_space.bytes_of(st.f_blocks * st.f_frsize)
+        room = free + store.total_size() - floor
+        warning = None
+        if room <= 0:
+            warning = (
+                f"no image can be cached: min_free_space keeps {_size(floor)} free on "
+                f"{store.root}, which has {_size(free)} free"
+            )
+        if warning != self.space_warning and warning is not None:
+            log.warning("%s (every download passes through; lower min_free_space)", warning)
+        self.space_warning = warning
+        return warning
+
+    @property
+    def known_upstream_problem(self) -> str | None:
+        """What the last look at the upstream found (None: fine, or not looked at yet),
+        without looking again: for STATUS=, which must not wait on the network."""
+        if self.store_guard is not None:
+            guard = self.store_guard
+            return None if guard.ok else f"store directory {guard.state.value}: {guard.reason}"
+        return self._upstream[1]
+
     async def upstream_problem(self) -> str | None:
         """Why the upstream looks unreachable, or None (the answer is reused a few seconds).
         A ``file`` upstream's directory is judged by its guard (no call into a share that may
@@ -101,15 +145,49 @@ class Ops:
             return None if ok else f"{config.upstream_dir} is not a directory"
         if self.session is None:
             return "not started"
+        path = urllib.parse.urlsplit(config.upstream).path + "/versions"
         try:
             async with self.session.get(
                 config.upstream + "/versions", timeout=_UPSTREAM_TIMEOUT, allow_redirects=False
             ) as resp:
                 if resp.status >= 500:
-                    return f"GET /versions answered {resp.status}"
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return f"unreachable: {exc!r}"
+                    return f"GET {path} answered {resp.status}"
+                body = await resp.content.read(1 << 16)
+                status = resp.status
+        except TimeoutError:
+            return f"unreachable: no answer within {_UPSTREAM_TIMEOUT.total:g} s"
+        except aiohttp.ClientError as exc:
+            return f"unreachable: {exc or type(exc).__name__}"
+        if not is_version_document(status, body):
+            return (
+                f"GET {path} answered {status} without the image API's version document: "
+                "'upstream' must be the API's root URL (http://glance-api:9292, or a real "
+                "prefix such as http://host/image)"
+            )
         return None
+
+
+def is_version_document(status: int, body: bytes) -> bool:
+    """Whether ``status``/``body`` is an image API's answer to ``GET /versions`` (Glance:
+    200 or 300, ``{"versions": [{"id": "v2.N", ...}, ...]}``)."""
+    if status not in (200, 300):
+        return False
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return False
+    found = doc.get("versions") if isinstance(doc, dict) else None
+    return isinstance(found, list) and any(
+        isinstance(v, dict) and str(v.get("id", "")).startswith("v2") for v in found
+    )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
 
 
 OPS = web.AppKey("ops", Ops)
@@ -129,8 +207,22 @@ async def healthz(request: web.Request) -> web.StreamResponse:
     return _json(200, {**body, "reload": ops.reloads.as_json(is_management(request))})
 
 
+async def _operator(request: web.Request, ops: Ops) -> bool:
+    """Whether ``request`` may see details (upstream addresses, errors, directories): it came
+    in on the management listener, or carries an admin token (cached/manage/access.py)."""
+    if is_management(request):
+        return True
+    if ops.guard is None or not request.headers.get("X-Auth-Token"):
+        return False
+    from cached.manage.access import Access
+
+    return await ops.guard.check(request) is Access.ADMIN
+
+
 async def readyz(request: web.Request) -> web.StreamResponse:
-    """Ready: index loaded, upstream reachable, cache writable or knowingly passed through."""
+    """Ready: index loaded, upstream reachable, cache writable or knowingly passed through.
+    Everyone gets the state (200 or 503, ``{"status": ...}``); operators (the management
+    listener, an admin token) also the checks and the reasons."""
     ops = request.app[OPS]
     checks: dict[str, Any] = {}
     reasons: list[str] = []
@@ -153,9 +245,15 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     if not writable and not ops.passing_through:
         reasons.append(f"cache directory {cache_dir} is not writable")
         checks["cache"] = "not writable"
-    body: dict[str, Any] = {"status": "not ready" if reasons else "ready", "checks": checks}
-    if reasons:
-        body["reasons"] = reasons
+    space = await ops.check_space()
+    checks["space"] = space or "ok"
+    body: dict[str, Any] = {"status": "not ready" if reasons else "ready"}
+    if await _operator(request, ops):
+        body["checks"] = checks
+        if reasons:
+            body["reasons"] = reasons
+        if space:  # still ready: downloads are answered (passed through)
+            body["warnings"] = [space]
     return _json(503 if reasons else 200, body)
 
 
@@ -206,7 +304,20 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     if ops.store is not None:
         gauges = await cache_gauges(ops.store, ops.filler)
         ops.metrics.set_cache(gauges, ops.config.image_cache_max_size)
-    return web.Response(body=ops.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+    reloads = ops.reloads
+    if reloads.finished:
+        in_force = reloads.result == "applied" and not reloads.restart_needed
+        ops.metrics.reloaded(in_force, reloads.in_force_at)
+    states = tuple(s.value for s in MountState)
+    guards: list[object] = [ops.filler.disk_guard if ops.filler is not None else None]
+    guards.append(ops.store_guard)
+    for guard in guards:  # cached/cachedir/guard.py Guard (the filler knows it as a DiskGuard)
+        directory, state = getattr(guard, "directory", None), getattr(guard, "state", None)
+        if directory is not None and isinstance(state, MountState):
+            ops.metrics.directory(str(directory), state.value, states)
+    # In a thread: the process collector reads /proc/self (a file read, off the loop).
+    body = await asyncio.to_thread(ops.metrics.exposition)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def _not_here(request: web.Request) -> web.StreamResponse:

@@ -42,8 +42,14 @@ class Ops(Protocol):
     store: Store | None
     filler: Filler | None
     draining: bool
+    space_warning: str | None
 
     def mode(self) -> str: ...
+
+    @property
+    def known_upstream_problem(self) -> str | None: ...
+
+    async def check_space(self) -> str | None: ...
 
 
 log = logging.getLogger("cached.lifecycle")
@@ -63,6 +69,7 @@ LIVE = frozenset(
         "upstream_connect_timeout",
         "upstream_read_timeout",
         "auth_cache_ttl",
+        "auth_stale_if_error",
         "prefetch_concurrency",
         "prefetch_retry_initial",
         "prefetch_retry_max",
@@ -146,21 +153,24 @@ class ReloadStatus:
     result: str = ""  # "applied", "partly applied" (a part failed) or "refused"; "" before any
     message: str = ""  # the refusal's reason, the failed parts, or what was applied
     restart_needed: tuple[str, ...] = ()  # options changed that take effect after a restart
+    in_force_at: float | None = None  # time.time() of the last reload that put it all in force
 
     def as_json(self, detail: bool) -> dict[str, object]:
-        """``detail`` (the management listener only): also the process id, the message and
-        the options that need a restart; a refusal's message may quote the file's values."""
+        """``detail`` (the management listener only): also the process id and the message (a
+        refusal's message may quote the file's values). The names of the options that need
+        a restart are shown everywhere: ``cached reload`` must never call such a change
+        applied, whichever listener it could reach."""
         counters: dict[str, object] = {
             "started": self.started,
             "finished": self.finished,
             "result": self.result,
+            "restart_needed": list(self.restart_needed),
         }
         if not detail:
             return counters
         return counters | {
             "pid": os.getpid(),  # the process to signal (cached reload checks it)
             "message": self.message,
-            "restart_needed": list(self.restart_needed),
         }
 
 
@@ -243,6 +253,8 @@ class Reloader:
         finally:
             reloads.finished = number
             reloads.result, reloads.message, reloads.restart_needed = result, message, restart
+            if result == "applied" and not restart:
+                reloads.in_force_at = time.time()
             self._notifier.ready(self._status())
 
 
@@ -268,6 +280,11 @@ def status_text(ops: Ops) -> str:
         f"{ops.mode()}; {len(entries) - partial} images cached, {partial} partial; "
         f"{_size(used)} of {_size(ops.config.image_cache_max_size)} used; {fills} filling"
     )
+    upstream = ops.known_upstream_problem
+    if upstream:  # downloads fail (or a file store's answer 503) meanwhile: say so
+        text += f"; upstream {upstream}"
+    if ops.space_warning:
+        text += f"; {ops.space_warning}"
     return ("draining: " + text) if ops.draining else text
 
 
@@ -316,16 +333,21 @@ async def tick(ops: Ops, notifier: Notifier, progress: Progress | None) -> None:
     period = min(0.5, watchdog / 3) if watchdog else 0.5
     last_status, status_at = "", -STATUS_EVERY
     expected = loop.time() + period
+    pinged = -float("inf")
     while True:
         await asyncio.sleep(period)
         now = loop.time()
         ops.metrics.loop_late(max(0.0, now - expected))
         expected = now + period
-        if watchdog:
+        # About every half of WatchdogSec (sd_watchdog_enabled(3)'s advice), not every tick:
+        # the tick runs more often to measure the loop's lag.
+        if watchdog and now - pinged >= watchdog / 2 - period / 2:
+            pinged = now
             notifier.watchdog()
         try:
             if now - status_at >= STATUS_EVERY:
                 status_at = now
+                await ops.check_space()
                 text = status_text(ops)
                 if text != last_status and notifier.status(text):
                     last_status = text

@@ -146,6 +146,10 @@ def configure(level: str, secrets: Iterable[str] = ()) -> None:
 
 def set_level(level: str) -> None:
     logging.getLogger().setLevel(level)
+    # apscheduler narrates every job it adds and its own start at INFO; cached logs what
+    # matters of that itself ("prune runs every 600 s"). At DEBUG everything is shown.
+    quiet = logging.getLogger().getEffectiveLevel() > logging.DEBUG
+    logging.getLogger("apscheduler").setLevel(logging.WARNING if quiet else logging.NOTSET)
 
 
 def set_secrets(secrets: Iterable[str]) -> None:
@@ -157,8 +161,19 @@ def set_secrets(secrets: Iterable[str]) -> None:
 async def observe(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Give the request its byte counters (reader and upstream streams add to them)."""
-    request[STATS] = metrics_module.begin_request()
+    """Give the request its byte counters (reader and upstream streams add to them), and
+    count the payload the response writer is given: a chunked response's ``body_length``
+    includes the chunk framing (41,948,166 bytes logged for a 41,943,040-byte image)."""
+    stats = request[STATS] = metrics_module.begin_request()
+    writer = request.writer
+    if getattr(writer, "on_body_write", 0) is None:  # aiohttp's hook, and nobody uses it
+        stats.payload = 0
+
+        def counted(body: int, _output: int) -> None:
+            assert stats.payload is not None
+            stats.payload += body
+
+        writer.on_body_write = counted
     return await handler(request)
 
 
@@ -185,10 +200,29 @@ def _header_size(response: web.StreamResponse, version: tuple[int, int]) -> int:
 def body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
     """Bytes of the body that went out: through the response writer and by sendfile."""
     stats: RequestStats | None = request.get(STATS)
+    if stats is not None and stats.payload:
+        return stats.payload + stats.sent  # the payload, without any chunk framing
     written = response.body_length
     if written:
         written = max(0, written - _header_size(response, request.version))
     return written + (stats.sent if stats is not None else 0)
+
+
+# Answered many times a minute to monitoring: not access-logged unless they fail.
+_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# Query parameters whose values are never logged (a token in a URL is still a token).
+_SECRET_PARAM = re.compile(r"token|password|passwd|secret|signature|sig|key", re.IGNORECASE)
+
+
+def _path_and_query(request: web.BaseRequest) -> str:
+    """The path with its query string, the values of credential-like parameters masked."""
+    if not request.query_string:
+        return request.path
+    parts = []
+    for item in request.query_string.split("&"):
+        name, sep, _ = item.partition("=")
+        parts.append(f"{name}=***" if sep and _SECRET_PARAM.search(name) else item)
+    return f"{request.path}?{'&'.join(parts)}"
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -206,6 +240,8 @@ class AccessLogger(AbstractAccessLogger):
             metrics.request_done(_route(path), response.status, cache_status, nbytes, time)
         if not self.logger.isEnabledFor(logging.INFO):
             return
+        if path in _QUIET_PATHS and response.status < 400:
+            return  # health polls and scrapes, every few seconds: counted, not logged
         stats: RequestStats | None = request.get(STATS)
         upstream = stats.upstream if stats is not None else 0
         if metrics_module.outcome_of(cache_status) == "bypass":  # with a detail too
@@ -215,19 +251,22 @@ class AccessLogger(AbstractAccessLogger):
         except AssertionError:  # a request refused before routing (malformed) has none
             match_info = None
         image = match_info.get("image_id", "-") if match_info else "-"
+        content = getattr(request, "content", None)
+        received = getattr(content, "total_bytes", 0) if content is not None else 0
         self.logger.info(
             '%s "%s %s HTTP/%d.%d" %d %d image=%s cache=%s upstream_bytes=%d duration=%.3f '
-            "request_id=%s",
+            "request_id=%s%s",
             escape_quoted(request.remote or "-"),
             escape_quoted(request.method),
-            escape_quoted(path),
+            escape_quoted(_path_and_query(request)),
             request.version[0],
             request.version[1],
             response.status,
             nbytes,
             escape_quoted(image),
-            escape_quoted(metrics_module.outcome_of(cache_status) or "-"),
+            escape_quoted(metrics_module.log_outcome(cache_status)),  # bypass:<reason>
             upstream,
             time,
             escape_quoted(response.headers.get("x-openstack-request-id", "-")),
+            f" received={received}" if received else "",  # an upload's bytes
         )

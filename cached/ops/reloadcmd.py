@@ -3,14 +3,24 @@
 ``ExecReload=kill -HUP $MAINPID`` returns before the daemon has read its file, so
 ``systemctl reload`` cannot report a refused configuration (systemd 252, Debian 12;
 ``Type=notify-reload`` needs 253). This command reads the daemon's reload counters on
-``/healthz``, sends ``SIGHUP``, waits until the reload it caused has finished and exits
-0 when the configuration was applied, 1 with the daemon's reason when it was refused (or
-partly applied, or the daemon did not answer in time).
+``/healthz``, sends ``SIGHUP``, waits until the reload it caused has finished and reports.
 
-Where to ask: the daemon's own listening sockets, found from ``/proc/PID`` (its management
-Unix socket first, else its first TCP listener), so a file whose ``listen`` changed (which
-takes effect only after a restart) does not send us elsewhere; ``--url`` overrides it. Only
-the management listener tells the reason of a refusal (elsewhere it is in the daemon's log).
+Exit status (what ``systemctl reload`` sees; every non-zero one fails the reload job):
+
+- ``0``: the file was read and every change in it is in force.
+- ``1``: refused (the daemon runs on what it had), partly applied (a part failed), or no
+  verdict (no such process, no answer in time).
+- ``2``: usage (a bad ``--url``).
+- ``3``: the changes that apply live are in force, but options that need a restart changed
+  (named in the message): the running daemon is not what the file says until
+  ``systemctl restart cached``.
+
+Where to ask: the daemon's own listening sockets, found from ``/proc/PID`` (so a file whose
+``listen`` or ``admin_listen`` changed, which takes effect only after a restart, does not
+send us elsewhere). Every one is asked and the management listener (``admin_listen``: a
+socket or a TCP address; it answers with its process id) is preferred, since only it tells
+the reason of a refusal; a public listener is used when there is no management listener
+this command can reach (the reason is then in the daemon's log). ``--url`` overrides it.
 
 A command-line program: synchronous, no event loop, no shared state.
 """
@@ -178,27 +188,37 @@ def health(address: Address, timeout: float) -> dict[str, Any]:
 
 
 def find(pid: int, timeout: float) -> tuple[Address, dict[str, Any]]:
-    """The first of the daemon's sockets that answers ``/healthz``, and its answer (a TCP
-    listener is tried with plain HTTP, then with TLS)."""
+    """The daemon's management listener and its ``/healthz`` answer, else the first of its
+    public listeners that answers (a TCP listener is tried with plain HTTP, then TLS).
+    The management listener is the one whose answer carries the process id."""
     problems = []
+    public: tuple[Address, dict[str, Any]] | None = None
     for address in daemon_addresses(pid):
         candidates = [address]
         if not address.socket:
             candidates.append(Address(host=address.host, port=address.port, scheme="https"))
         for candidate in candidates:
             try:
-                return candidate, health(candidate, timeout)
+                answer = health(candidate, timeout)
             except ReloadError as exc:
                 problems.append(str(exc))
+                continue
+            if answer["pid"] is not None:
+                return candidate, answer
+            public = public or (candidate, answer)
+            break
+    if public is not None:
+        return public
     if not problems:
         raise ReloadError(f"process {pid} listens on no socket")
     raise ReloadError("; ".join(problems))
 
 
 # --------------------------------------------------------------------------- reload
-def reload(pid: int, url: str | None, timeout: float) -> tuple[bool, str]:
-    """SIGHUP to ``pid``; wait for the verdict of the reload it caused. Returns (applied,
-    what to tell the operator); raises ReloadError when there is no verdict."""
+def reload(pid: int, url: str | None, timeout: float) -> tuple[int, str]:
+    """SIGHUP to ``pid``; wait for the verdict of the reload it caused. Returns the exit
+    status and what to tell the operator (:func:`verdict`); raises ReloadError when there is
+    no verdict."""
     deadline = time.monotonic() + timeout
     request_timeout = min(5.0, timeout)
     if url:
@@ -223,23 +243,50 @@ def reload(pid: int, url: str | None, timeout: float) -> tuple[bool, str]:
         if time.monotonic() > deadline:
             raise ReloadError(f"process {pid} did not finish its reload within {timeout:g} s")
         time.sleep(POLL_INTERVAL)
-    applied = status["result"] == "applied"
-    text = status["message"]
-    if text is None:  # not the management listener: details are only in the daemon's log
-        if applied:
-            return True, "applied"
-        return False, f"{status['result']} (why: the daemon's log; admin_listen shows it here)"
-    if status["restart_needed"]:
-        text += "; takes effect after a restart: " + ", ".join(status["restart_needed"])
-    return applied, f"{status['result']}: {text}"
+    return verdict(status)
+
+
+APPLIED, FAILED, USAGE, RESTART_NEEDED = 0, 1, 2, 3
+
+
+def verdict(status: dict[str, Any]) -> tuple[int, str]:
+    """The exit status and the line for the operator, from the daemon's reload status.
+    Never "applied" while an option that changed waits for a restart."""
+    result = status["result"]
+    text = status["message"]  # None: not the management listener
+    restart = status["restart_needed"]
+    if result == "applied" and not restart:
+        return APPLIED, f"reload applied: {text}" if text else "reload applied"
+    if result == "applied":
+        done = f"{text}; " if text else ""
+        names = ", ".join(restart)
+        return RESTART_NEEDED, (
+            f"reload incomplete: {done}not in force until a restart (systemctl restart "
+            f"cached): {names}"
+        )
+    if text is None:
+        return FAILED, (
+            f"reload {result} (the reason is in the daemon's log; only a management "
+            "listener, admin_listen, reports it here)"
+        )
+    if restart:
+        text += "; not in force until a restart: " + ", ".join(restart)
+    return FAILED, f"reload {result}: {text}"
 
 
 def main(pid: int, url: str | None, timeout: float) -> int:
-    """Exit status: 0 applied, 1 refused, partly applied or no verdict."""
+    """Exit status: see the module's docstring (0 in force, 1 refused or no verdict, 2 usage,
+    3 in force except options that need a restart)."""
+    if url is not None:
+        try:
+            parse_url(url)
+        except ValueError as exc:
+            print(f"cached: reload: {exc}", file=sys.stderr)
+            return USAGE
     try:
-        applied, text = reload(pid, url, timeout)
-    except (ReloadError, ValueError) as exc:
+        status, text = reload(pid, url, timeout)
+    except ReloadError as exc:
         print(f"cached: reload: {exc}", file=sys.stderr)
-        return 1
-    print(f"cached: reload {text}", file=sys.stdout if applied else sys.stderr)
-    return 0 if applied else 1
+        return FAILED
+    print(f"cached: {text}", file=sys.stdout if status == APPLIED else sys.stderr)
+    return status

@@ -40,8 +40,8 @@ from typing import TypeVar
 
 from cached.errors import StoreUnavailable
 from cached.ids import is_image_id
+from cached.store import adopt, integrity
 from cached.store import entry as entries
-from cached.store import integrity
 from cached.store.access import AccessLog
 from cached.store.entry import Entry, State
 
@@ -59,6 +59,7 @@ class Scan:
     entries: list[Entry] = field(default_factory=list)
     invalid: set[str] = field(default_factory=set)
     seconds: float = 0.0
+    foreign: set[str] = field(default_factory=set)  # Glance's files (cached/store/adopt.py)
 
 
 def scan(root: Path, still_there: Callable[[Path], None] | None = None) -> Scan:
@@ -78,11 +79,15 @@ def scan(root: Path, still_there: Callable[[Path], None] | None = None) -> Scan:
         (root / d).mkdir(exist_ok=True)
     for name in os.listdir(root):
         if is_image_id(name):
+            if adopt.is_foreign(root / name):  # Glance's: adopted later, never quarantined
+                found.foreign.add(name)
+                continue
             entry = _load(root, root / name, State.COMPLETE)
             if entry is not None:
                 found.entries.append(entry)
+    adopt.warn_unknown(root)
     for name in os.listdir(root / "incomplete"):
-        if is_image_id(name):
+        if is_image_id(name) and not adopt.is_foreign(root / "incomplete" / name):
             entry = _load(root, root / "incomplete" / name, State.FILLING)
             if entry is not None:
                 found.entries.append(entry)
@@ -181,6 +186,8 @@ class Store:
         # Which index this is: bumped whenever the index is rebuilt or forgotten (open,
         # detach), so an entry created under an older one is never inserted into a newer.
         self.generation = 0
+        # Glance's complete files not yet adopted (cached/cachedir/adoption.py takes them out).
+        self.foreign: set[str] = set()
         self._own_io = io is None
         self.io: Executor = io or ThreadPoolExecutor(IO_THREADS, thread_name_prefix="cache-io")
         self.access = AccessLog(self.run, access_interval, self._indexed)
@@ -215,6 +222,7 @@ class Store:
         self._forget()  # entries of the index replaced are never committed or touched
         self.entries = {e.image_id: e for e in found.entries}
         self.invalid = found.invalid
+        self.foreign = found.foreign
         log.info(
             "cache index: %d complete, %d partial, %d invalid in %.3fs (%s)",
             sum(e.complete for e in found.entries),
@@ -241,6 +249,7 @@ class Store:
         self.entries = {}
         self.invalid = set()
         self.undeleted = {}
+        self.foreign = set()
 
     async def aclose(self) -> None:
         """Write the pending access history (a clean shutdown loses none), then :meth:`close`."""

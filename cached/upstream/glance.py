@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -39,6 +40,10 @@ _RELAY_ERROR_HEADERS = ("content-type", "www-authenticate", "x-openstack-request
 _MAX_ERROR_BODY = 64 << 10
 _PIECE = 1 << 20
 _RELAY_BUFFER = 64 << 10
+# How long an image that answered 204 (no data yet) is probed without Range, and how many
+# such images are remembered (issue 19 item 19: Glance 33 crashes on a Range GET of one).
+_NO_DATA_MEMORY = 300.0
+_NO_DATA_MAX = 10_000
 
 
 class GlanceStream:
@@ -155,6 +160,9 @@ class GlanceBackend:
             skip_auto_headers=("User-Agent",),
         )
 
+        # Images whose download answered 204 (no data yet) -> when (monotonic); loop-owned.
+        self._no_data: dict[str, float] = {}
+
     def set_timeouts(self, connect_timeout: float, read_timeout: float) -> None:
         """New timeouts for the requests made from now on (a reload), fetches and
         pass-through alike."""
@@ -212,6 +220,15 @@ class GlanceBackend:
         url = self._url(f"/v2/images/{image_id}/file")
         headers = dict(creds.headers)
         try:
+            if self._without_data(image_id):
+                # Seen without data a moment ago (queued, uploading, importing): a plain GET
+                # answers 204 as Glance does, where a Range GET makes Glance 33 crash (a
+                # traceback each time). If the data arrived meanwhile, this hangs up after
+                # the headers, as the fallback below does.
+                async with self._session.get(url, headers=headers) as resp:
+                    decision = await self._decision(resp)
+                    self._no_data_seen(image_id, decision.decision is Decision.NO_DATA)
+                    return decision
             try:
                 ranged = {**headers, "Range": "bytes=0-0"}
                 async with self._probe.get(url, headers=ranged) as resp:
@@ -225,9 +242,25 @@ class GlanceBackend:
             # Stores without random access refuse ranges (400): ask for the whole body and
             # hang up after the headers.
             async with self._probe.get(url, headers=headers) as resp:
-                return await self._decision(resp)
+                decision = await self._decision(resp)
+                self._no_data_seen(image_id, decision.decision is Decision.NO_DATA)
+                return decision
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamUnavailable(f"authorisation probe failed: {exc!r}") from exc
+
+    def _without_data(self, image_id: str) -> bool:
+        seen = self._no_data.get(image_id)
+        return seen is not None and time.monotonic() - seen < _NO_DATA_MEMORY
+
+    def _no_data_seen(self, image_id: str, no_data: bool) -> None:
+        """Remember (for ``_NO_DATA_MEMORY`` s; at most ``_NO_DATA_MAX`` images) which images
+        answered 204; loop-owned."""
+        if not no_data:
+            self._no_data.pop(image_id, None)
+            return
+        if len(self._no_data) >= _NO_DATA_MAX:
+            self._no_data.clear()
+        self._no_data[image_id] = time.monotonic()
 
     async def _decision(self, resp: aiohttp.ClientResponse) -> Authorization:
         request_id = resp.headers.get("x-openstack-request-id")
