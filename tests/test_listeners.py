@@ -250,3 +250,32 @@ def test_listeners_sharing_a_port_ambiguously_are_refused(
 )
 def test_listeners_on_distinct_ports_or_addresses_are_accepted(options: dict[str, object]) -> None:
     configuration.build(options)
+
+
+async def test_a_routable_management_address_needs_a_token_when_tokens_are_set(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    """Found with issue 19: ``admin_listen: 0.0.0.0:P`` with ``admin_tokens`` passed the
+    start-up check, and every tokenless caller reaching that port was admin. A routable TCP
+    management address is a credential only with client certificates; on loopback and the
+    Unix socket a tokenless caller stays the operator."""
+    import hashlib
+
+    token = "routable-admin-token"
+    digest = "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+    port = _port_free_on_both_families()
+    for admin_listen, tokenless in ((f"0.0.0.0:{port}", 401), ("127.0.0.1:0", 200)):
+        cache = tmp_path / str(tokenless)
+        cache.mkdir()
+        d = await start_daemon(cache, glance.url, admin_listen=admin_listen, admin_tokens=[digest])
+        try:
+            url = d.admin_url.replace("0.0.0.0", "127.0.0.1") + "/v2/cache"
+            async with aiohttp.ClientSession() as session:
+                async with session.get(url) as resp:
+                    assert resp.status == tokenless, admin_listen
+                async with session.get(url, headers={"X-Auth-Token": token}) as resp:
+                    assert resp.status == 200
+                async with session.get(url, headers={"X-Auth-Token": "wrong"}) as resp:
+                    assert resp.status in (401, 403)
+        finally:
+            await stop_daemon(d)

@@ -526,7 +526,7 @@ async def test_reload_prunes_at_once_and_takes_auth_stale_if_error(
     cache = tmp_path / "cache"
     cache.mkdir()
     conf = tmp_path / "cached.yaml"
-    base = "max_image_fraction: 1.0\ncache_prune_interval: 1h\n"
+    base = "max_image_fraction: 1.0\ncache_prune_interval: 1h\nauth_stale_after_failures: 2\n"
     conf.write_text(base + "image_cache_max_size: 12M\nauth_stale_if_error: 60\n")
     proc = CachedProcess(glance.url, cache, tmp_path / "cached.log", "-c", str(conf))
     procs.append(proc)
@@ -557,11 +557,14 @@ async def test_reload_prunes_at_once_and_takes_auth_stale_if_error(
     kept = [i for i in images if (cache / i.id).exists()]
     assert len(kept) == 1
     await glance.close()  # an outage: the allowance from before the reload still counts
+    file_url = f"{url}/v2/images/{kept[0].id}/file"
+    async with aiohttp.ClientSession() as session:
+        # Known down after auth_stale_after_failures (2) failed probes in a row (issue 13).
+        async with session.get(file_url, headers={"X-Auth-Token": "token-p1"}) as resp:
+            assert resp.status == 502
     async with (
         aiohttp.ClientSession() as session,
-        session.get(
-            f"{url}/v2/images/{kept[0].id}/file", headers={"X-Auth-Token": "token-p1"}
-        ) as resp,
+        session.get(file_url, headers={"X-Auth-Token": "token-p1"}) as resp,
     ):
         assert resp.status == 200 and await resp.read() == kept[0].data
         assert resp.headers["Cache-Status"] == "cached; hit; detail=stale-auth"
@@ -654,7 +657,9 @@ async def test_downloads_of_an_image_without_data_stop_crashing_glance(
         for _ in range(4):
             status, _, body = await d.get(image.id)
             assert (status, body) == (204, b"")
-        assert glance.range_crashes == 1  # the first probe only (it was one per download)
+        # The first download's probe only (it was one per download); the client may send it
+        # twice, retrying once on a kept-alive connection the server hung up on.
+        assert 1 <= glance.range_crashes <= 2
         data = os.urandom(100_000)
         image.data, image.status = data, "active"  # the upload finished
         image.checksum = hashlib.md5(data).hexdigest()

@@ -32,9 +32,11 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -55,23 +57,39 @@ class ManagementConnection:
     __slots__ = ()
 
 
-_MARKED: dict[type, type] = {}
+class OperatorConnection(ManagementConnection):
+    """The mark of a management connection that is a credential by itself: accepted on the
+    Unix socket, on a loopback address, or with a client certificate of
+    ``admin_tls_client_ca``. A routable TCP management address without client certificates
+    is not one: there, with management authentication configured, a token is needed."""
+
+    __slots__ = ()
 
 
-def _marked_class(cls: type) -> type:
-    """``cls`` with :class:`ManagementConnection` mixed in (same layout: no new slots)."""
-    marked = _MARKED.get(cls)
+_MARKED: dict[tuple[type, type], type] = {}
+
+
+def _marked_class(cls: type, mark: type) -> type:
+    """``cls`` with ``mark`` mixed in (same layout: no new slots)."""
+    marked = _MARKED.get((cls, mark))
     if marked is None:
-        marked = _MARKED[cls] = type(
-            f"Management{cls.__name__}", (cls, ManagementConnection), {"__slots__": ()}
+        marked = _MARKED[(cls, mark)] = type(
+            f"{mark.__name__.removesuffix('Connection')}{cls.__name__}",
+            (cls, mark),
+            {"__slots__": ()},
         )
     return marked
 
 
 class _ManagementSite(web.SockSite):
-    """A site whose every accepted connection is marked as the management listener's."""
+    """A site whose every accepted connection is marked as the management listener's
+    (as an operator's when ``operator``: see :class:`OperatorConnection`)."""
 
-    __slots__ = ()
+    __slots__ = ("_mark",)
+
+    def __init__(self, *args: Any, operator: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._mark = OperatorConnection if operator else ManagementConnection
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with the runner
@@ -82,7 +100,7 @@ class _ManagementSite(web.SockSite):
             connection = server()
             # The connection class the server builds (aiohttp's, or connguard's) is kept,
             # with the mark mixed in: the same object layout, so the class can be swapped.
-            connection.__class__ = _marked_class(type(connection))
+            connection.__class__ = _marked_class(type(connection), self._mark)
             return connection
 
         self._server = await asyncio.get_running_loop().create_server(
@@ -122,6 +140,11 @@ def is_management(request: web.Request) -> bool:
     ``admin_listen``): there, a caller without a token is an operator."""
     listeners = request.config_dict.get(LISTENERS)
     return listeners is not None and listeners.is_management(request)
+
+
+def operator_connection(request: web.Request) -> bool:
+    """Whether ``request``'s connection is a credential by itself (:class:`OperatorConnection`)."""
+    return isinstance(request.protocol, OperatorConnection)
 
 
 def trusted_operator(request: web.Request) -> bool:
@@ -223,14 +246,18 @@ async def start(runner: web.AppRunner, config: Config, server_tls: ServerTLS | N
         if isinstance(address, Path):
             sock = await asyncio.to_thread(bind_unix, address, config.admin_socket_group)
             listeners._unix_paths.add(sock.getsockname())
-            site = _ManagementSite(runner, sock)
+            site = _ManagementSite(runner, sock, operator=True)
             url = f"unix:{address}"
         else:
             sock = await asyncio.to_thread(bind_tcp, *address)
             bound = sock.getsockname()
             listeners._management_tcp.add((bound[0], bound[1]))
             tls_context = server_tls.management if server_tls else None
-            site = _ManagementSite(runner, sock, ssl_context=tls_context)
+            # A routable address is a credential only with client certificates required.
+            operator = is_loopback(bound[0]) or (
+                tls_context is not None and tls_context.verify_mode == ssl.CERT_REQUIRED
+            )
+            site = _ManagementSite(runner, sock, ssl_context=tls_context, operator=operator)
             url = _url(scheme, bound[0], bound[1])
         await site.start()
         listeners.sites.append(site)

@@ -33,7 +33,7 @@ import aiohttp
 from aiohttp import web
 
 from cached.config import Config
-from cached.edge.listeners import trusted_operator
+from cached.edge.listeners import is_management, operator_connection, trusted_operator
 from cached.identity.keystone import IdentityUnavailable, Keystone
 
 log = logging.getLogger("cached.admin")
@@ -117,7 +117,10 @@ class AdminGuard:
         # no token needed there. Loopback is not a credential (cached/edge/listeners.py).
         operator = trusted_operator(request)
         if operator and not request.headers.get("X-Auth-Token"):
-            return Access.ADMIN
+            # With tokens or Keystone configured, a routable TCP management address without
+            # client certificates is not a credential: anyone reaching it would be admin.
+            if not self.configured or operator_connection(request) or not is_management(request):
+                return Access.ADMIN
         if not self.configured:
             if not operator:
                 return Access.FORBIDDEN
