@@ -263,7 +263,12 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         # Data transfers use the daemon's own credentials when it has some: a caller's token
         # that expires mid-fill then cuts nobody (callers are still authorised one by one).
         filler = Filler(
-            store, upstream, settings, service.credentials if service.configured else None
+            store,
+            upstream,
+            settings,
+            service.credentials if service.configured else None,
+            # A service token the upstream refuses (401) is renewed once (keystoneauth1).
+            service.renew if service.configured else None,
         )
         proxy = Proxy(
             store,

@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Daemon, manage, start_daemon, stop_daemon, tree
+from conftest import Daemon, manage, start_daemon, stop_daemon, tree, wait_complete
 from fakeglance import FakeGlance
 from fakekeystone import FakeKeystone
 
@@ -377,3 +377,51 @@ async def test_service_credentials_from_keystone_password_auth() -> None:
     assert token is not None and token.startswith("gAAAA")
     assert len(ks.recorded("POST", "/v3/auth/tokens")) == 1
     await ks.close()
+
+
+async def test_a_fill_renews_a_service_token_the_upstream_refuses(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    """Issue 16: the upstream answers 401 to the daemon's own token (revoked at Keystone):
+    the fill forgets it, keystoneauth1 fetches a new one, and the transfer is tried once more;
+    the client's download completes and the image is cached."""
+    from fakeglance import Token
+
+    ks = FakeKeystone()
+    await ks.start()
+    known = glance.tokens
+
+    class Issued(dict[str, Token]):
+        """Glance's view: the first token Keystone issued is revoked, later ones are good."""
+
+        def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+            if key in known:
+                return known[key]
+            issued = [t for t in ks._tokens if t.startswith("gAAAA")]
+            return Token("service", ("admin", "service")) if key in issued[1:] else default
+
+    glance.tokens = Issued()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    d = await start_daemon(
+        cache,
+        glance.url,
+        keystone_authtoken={
+            "auth_url": ks.url,
+            "auth_type": "password",
+            "username": "glance",
+            "password": "glance-secret",
+            "project_name": "service",
+            "user_domain_name": "Default",
+            "project_domain_name": "Default",
+        },
+    )
+    try:
+        image = glance.add_image(os.urandom(3 << 20))
+        status, _, body = await d.get(image.id)
+        assert (status, body) == (200, image.data)
+        await wait_complete(d, image.id)
+        assert len(ks.recorded("POST", "/v3/auth/tokens")) == 2  # the first one, renewed
+    finally:
+        await stop_daemon(d)
+        await ks.close()

@@ -140,6 +140,7 @@ class Fill:
         fd: int,
         data_credentials: DataCredentials | None = None,
         sources: Sources | None = None,
+        renew_credentials: Callable[[], Awaitable[bool]] | None = None,
         safety: FillAudit | None = None,
     ):
         self.entry = entry
@@ -150,7 +151,8 @@ class Fill:
         # The upstream as a byte source, with this fill's credentials; and where each transfer
         # takes its bytes (cached/fill/sources.py): the upstream alone unless the registry's
         # ``sources`` (a fleet, cached/fleet/peers.py) replaces it before the first transfer.
-        self.upstream = UpstreamSource(backend, self._credentials)
+        self._renew_credentials = renew_credentials
+        self.upstream = UpstreamSource(backend, self._credentials, self._renew)
         self.sources: Sources = sources or OneSource(self.upstream)
         self._settings = settings
         self._on_close = on_close
@@ -376,6 +378,17 @@ class Fill:
             if service is not None:
                 return service
         return self.creds
+
+    async def _renew(self, used: Credentials) -> bool:
+        """The upstream refused ``used``: True when they were the daemon's own and fresher
+        ones are to be had (the opener's token is the caller's: never renewed)."""
+        if used is self.creds or self._renew_credentials is None:
+            return False
+        try:
+            return bool(await self._renew_credentials())
+        except CachedError as exc:  # Keystone down: the transfer fails with the 401
+            log.warning("cannot renew the service credentials: %s", exc)
+            return False
 
     async def _transfer(self, start: int, end: int, claimed: set[int] | None) -> None:
         """Stream ``[start, end)`` from the sources (cached/fill/sources.py) into the file.

@@ -17,7 +17,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from cached import metrics
@@ -59,8 +59,10 @@ class Filler:
         backend: Backend,
         settings: FillSettings,
         data_credentials: DataCredentials | None = None,
+        renew_credentials: Callable[[], Awaitable[bool]] | None = None,
     ):
         self._store = store
+        self._renew_credentials = renew_credentials
         self._backend = backend
         self._settings = settings
         self._data_credentials = data_credentials
@@ -183,6 +185,7 @@ class Filler:
             fd,
             self._data_credentials,
             safety=self.safety.for_record(record) if self.safety is not None else None,
+            renew_credentials=self._renew_credentials,
         )
         fill.on_reserve = self.reserved
         if self.sources is not None:

@@ -17,11 +17,16 @@ source keeps no state the fill shares: ``pick`` may be called for several transf
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
+from cached.errors import UpstreamError
 from cached.upstream import Backend, Credentials, DataStream
+
+log = logging.getLogger("cached.fill")
 
 
 class ByteSource(Protocol):
@@ -52,19 +57,42 @@ class Sources(Protocol):
 
 
 class UpstreamSource:
-    """The upstream backend, opened with the credentials the fill gives it."""
+    """The upstream backend, opened with the credentials the fill gives it.
+
+    ``renew(creds)`` is asked when the upstream answers 401 to ``creds`` before any byte: True
+    means fresher credentials are to be had (the daemon's own token was revoked or expired
+    early), and the open is tried once more with them; a caller's token is never renewed.
+    """
 
     name = "upstream"
     hands_over = False
 
-    def __init__(self, backend: Backend, credentials: Callable[[], Awaitable[Credentials]]):
+    def __init__(
+        self,
+        backend: Backend,
+        credentials: Callable[[], Awaitable[Credentials]],
+        renew: Callable[[Credentials], Awaitable[bool]] | None = None,
+    ):
         self._backend = backend
         self._credentials = credentials
+        self._renew = renew
 
     @asynccontextmanager
     async def open(self, image_id: str, start: int, end: int | None) -> AsyncIterator[DataStream]:
         creds = await self._credentials()
-        async with self._backend.open_data(image_id, creds, start, end) as stream:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                stream = await stack.enter_async_context(
+                    self._backend.open_data(image_id, creds, start, end)
+                )
+            except UpstreamError as exc:
+                if exc.status != 401 or self._renew is None or not await self._renew(creds):
+                    raise
+                log.warning("the upstream refused the service token for %s: renewed", image_id)
+                creds = await self._credentials()
+                stream = await stack.enter_async_context(
+                    self._backend.open_data(image_id, creds, start, end)
+                )
             yield stream
 
 

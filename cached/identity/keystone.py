@@ -111,6 +111,11 @@ class Keystone:
         except ksa_exc.ClientException as exc:
             raise IdentityUnavailable(f"Keystone: {type(exc).__name__}: {exc}") from exc
 
+    async def invalidate(self) -> bool:
+        """Forget the daemon's token (the upstream refused it: revoked); the next
+        :meth:`service_token` fetches a new one. False when the plugin cannot."""
+        return bool(await self._call(self._session.invalidate))
+
     async def service_token(self) -> str:
         """The daemon's token: the current one, or a new one when it nears its expiry."""
         token = await self._call(self._session.get_token)
@@ -177,6 +182,14 @@ class ServiceAuth:
     @property
     def configured(self) -> bool:
         return bool(self._static) or self._keystone is not None
+
+    async def renew(self) -> bool:
+        """The upstream refused the daemon's token (401): forget it so that the next
+        :meth:`credentials` are fresh. False when there is nothing to renew (a static token,
+        or none configured)."""
+        if self._keystone is None:
+            return False
+        return await self._keystone.invalidate()
 
     async def credentials(self) -> Credentials | None:
         """Credentials to send upstream; None when none are configured."""
