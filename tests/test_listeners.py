@@ -121,7 +121,7 @@ def test_serve_refuses_a_world_reachable_listener_without_management_auth(
     assert res.stderr == (
         "cached: configuration error: command line: option 'listen': 0.0.0.0 is reachable "
         "from other hosts and the management API has no authentication; set admin_tokens or "
-        "keystone_url, an admin_listen (e.g. unix:/run/cached/admin.sock), or "
+        "keystone_authtoken, an admin_listen (e.g. unix:/run/cached/admin.sock), or "
         "allow_unauthenticated_management: true\n"
     )
 

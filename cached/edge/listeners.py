@@ -301,8 +301,8 @@ def check_exposure(config: Config, source: str) -> None:
                 raise ConfigError(
                     f"{source}: option 'admin_listen': {shown}:{address[1]} is reachable "
                     "from other hosts and the management API has no authentication; set "
-                    "admin_tokens or keystone_url, admin_tls_client_ca, a unix: admin_listen, "
-                    "or allow_unauthenticated_management: true"
+                    "admin_tokens or keystone_authtoken, admin_tls_client_ca, a unix: "
+                    "admin_listen, or allow_unauthenticated_management: true"
                 )
     if not addresses:
         exposed = [h for h, _ in config.listen_addresses if not is_loopback(h)]
@@ -310,7 +310,7 @@ def check_exposure(config: Config, source: str) -> None:
             raise ConfigError(
                 f"{source}: option 'listen': {exposed[0] or '0.0.0.0'} is reachable from "
                 "other hosts and the management API has no authentication; set admin_tokens "
-                "or keystone_url, an admin_listen (e.g. unix:/run/cached/admin.sock), or "
+                "or keystone_authtoken, an admin_listen (e.g. unix:/run/cached/admin.sock), or "
                 "allow_unauthenticated_management: true"
             )
 
