@@ -70,6 +70,25 @@ def add_standard_tokens(keystone: FakeKeystone) -> None:
         keystone.add_token(token, project, roles)
 
 
+def http(
+    method: str,
+    url: str,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request; returns status, headers (lower-cased names) and the whole body."""
+    hdrs = dict(headers or {})
+    if token is not None:
+        hdrs["X-Auth-Token"] = token
+    req = urllib.request.Request(url, data=body, headers=hdrs, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
 def tail(path: Path, lines: int = 60) -> str:
     """The last ``lines`` lines of a text file ('' if it does not exist)."""
     try:

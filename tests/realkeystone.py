@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from realglance import GlanceServer
+from realglance import GlanceServer, http
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_SCRIPT = REPO / ".ci" / "keystone-venv.sh"
@@ -524,25 +524,6 @@ class KeystoneGlance(GlanceServer):
                 pass  # not listening yet
             time.sleep(0.25)
         return False
-
-
-def http(
-    method: str,
-    url: str,
-    token: str | None = None,
-    headers: dict[str, str] | None = None,
-    body: bytes | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    """One request; returns status, headers (lower-cased names) and the whole body."""
-    hdrs = dict(headers or {})
-    if token is not None:
-        hdrs["X-Auth-Token"] = token
-    req = urllib.request.Request(url, data=body, headers=hdrs, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:

@@ -20,8 +20,6 @@ import hashlib
 import json
 import os
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from realglance import (
     add_standard_tokens,
     default_venv,
     ensure_venv,
+    http,
     image_json,
 )
 
@@ -141,25 +140,6 @@ def cached_over_glance_cache(
 
 
 # ---- helpers ----------------------------------------------------------------------------
-
-
-def http(
-    method: str,
-    url: str,
-    token: str | None = None,
-    headers: dict[str, str] | None = None,
-    body: bytes | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    """One request; returns status, headers (lower-cased names) and the whole body."""
-    hdrs = dict(headers or {})
-    if token is not None:
-        hdrs["X-Auth-Token"] = token
-    req = urllib.request.Request(url, data=body, headers=hdrs, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
