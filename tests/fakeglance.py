@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import json
 import re
+import socket
 import ssl
 import uuid
 from dataclasses import dataclass, field
@@ -312,12 +313,20 @@ class FakeGlance:
         return app
 
     async def start(
-        self, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        sock: socket.socket | None = None,
     ) -> str:
-        """Serve on `host:port` (0 = any free port); returns and sets `url`."""
+        """Serve on `host:port` (0 = any free port), or on the listening `sock` (one made in
+        another network namespace); returns and sets `url`."""
         self._runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port, ssl_context=ssl_context).start()
+        if sock is not None:
+            await web.SockSite(self._runner, sock, ssl_context=ssl_context).start()
+        else:
+            await web.TCPSite(self._runner, host, port, ssl_context=ssl_context).start()
         bound_host, bound_port = self._runner.addresses[0][:2]
         bound_host = f"[{bound_host}]" if ":" in bound_host else bound_host
         scheme = "https" if ssl_context else "http"
