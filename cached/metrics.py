@@ -355,6 +355,12 @@ class Metrics:
             "Peer requests from a sibling whose fleet_members list differs from ours",
             registry=r,
         )
+        self.fleet_sibling_failures = Counter(
+            "cached_fleet_sibling_failures",
+            "Lookups and transfers to a sibling that failed (refused connection or TLS "
+            "certificate, timeout, bad answer); the sibling is then down for a while",
+            registry=r,
+        )
         for source in FLEET_SOURCES:
             self.fleet_sources.labels(source)
         for outcome in FLEET_OUTCOMES:
@@ -543,3 +549,9 @@ def fleet_bytes(direction: str, n: int) -> None:
 def fleet_list_mismatch() -> None:
     if _active is not None:
         _active.fleet_list_mismatch.inc()
+
+
+def fleet_sibling_failed() -> None:
+    """A lookup or transfer to a sibling failed (cached/fleet/peers.py PeerHealth.failed)."""
+    if _active is not None:
+        _active.fleet_sibling_failures.inc()

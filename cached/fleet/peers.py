@@ -75,6 +75,7 @@ class PeerHealth:
         _, backoff = self._down.get(member_id, (0.0, 0.0))
         backoff = min(DOWN_MAX, backoff * 2 if backoff else DOWN_INITIAL)
         self._down[member_id] = (self._clock() + backoff, backoff)
+        metrics.fleet_sibling_failed()
         log.warning("sibling %s is down for %.0fs: %s", member_id, backoff, why)
 
     def passed(self, member_id: str) -> None:
