@@ -16,19 +16,26 @@ import asyncio
 import contextlib
 import os
 import re
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
 import aiohttp
+import pytest
 import trustme
 import yaml
+from conftest import auth
 from daemonproc import CachedProcess
+from fakeglance import FakeGlance, Request
+from test_correctness import until
 from test_fleet import (
     ADMIN,
     Member,
     Relay,
+    as_member,
+    ask_at,
     download,
     fake_glance,
     same,
@@ -36,6 +43,8 @@ from test_fleet import (
     transfers,
 )
 from test_tls import trusting, write_ca, write_pair
+
+from cached.fleet import ring
 
 MiB = 1 << 20
 IDS = ("ctl-a", "ctl-b", "ctl-c")
@@ -205,3 +214,205 @@ async def test_siblings_over_https_verified_with_the_upstream_ca(tmp_path: Path)
         assert failures >= 1
         assert got['cached_fleet_transfers_total{source="upstream"}'] == 2  # image, by_c
         print(f"https fleet: 1 upstream GET for 3 members; C refused {failures:.0f} time(s) by A")
+
+
+def data_gets(glance: FakeGlance, image_id: str) -> list[Request]:
+    """The upstream data GETs of ``image_id`` (transfers), callers' probes left out."""
+    return [r for r in glance.data_requests(image_id) if r.range != "bytes=0-0"]
+
+
+def token_of(request: Request) -> str | None:
+    return next((v for k, v in request.headers.items() if k.lower() == "x-auth-token"), None)
+
+
+def no_tokens_reached_siblings(fleet: Fleet) -> None:
+    """What siblings sent every member (peer requests) carries no token, no X-Auth-Token."""
+    heard = {m: bytes(relay.heard) for m, relay in fleet.relays.items()}
+    assert any(b"/cached-peer/v1/" in h for h in heard.values())  # peer requests were seen
+    assert {m: tokens_in(h) for m, h in heard.items()} == {m: [] for m in heard}
+
+
+# ------------------------------------------------------------ 2. no service credentials
+async def test_without_service_credentials_nobody_fills_for_a_sibling(tmp_path: Path) -> None:
+    """No service credentials anywhere: a cold image on a non-owner is fetched by that member
+    with its caller's token (nobody is asked to fetch it); a member asked to fetch answers
+    404 without touching the upstream; holders' copies are used. Cold clients on every
+    member at once (a different caller's token on each, the image public): at most one
+    upstream data GET per member, each with the token of a caller of that member."""
+    async with (
+        fake_glance() as glance,
+        fleet_of(tmp_path, glance.url) as fleet,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+    ):
+        members = await fleet.start(IDS)
+        data = os.urandom(16 * MiB)
+        image = glance.add_image(data)
+        owner, second, third = (members[m] for m in ring.order(IDS, image.id))
+        status, _, body = await download(session, second.url, image.id)
+        assert status == 200 and same(body, data)
+        assert [(r.range, token_of(r)) for r in data_gets(glance, image.id)] == [(None, "token-p1")]
+        assert "fetches it" not in second.proc.output()
+
+        # Asked (signed) to fetch an image it neither holds nor fills: 404, no upstream call.
+        other = glance.add_image(os.urandom(MiB))
+        path = f"/cached-peer/v1/images/{other.id}/fetch"
+        signed = as_member(tmp_path, second.id).sign("GET", path, owner.id)
+        assert (await ask_at(session, owner.url + path, "GET", signed)).status == 404
+        assert [r for r in glance.requests if other.id in r.path] == []
+
+        # The holder's copy is used by the owner and the third member: still one GET.
+        for member in (owner, third):
+            status, _, body = await download(session, member.url, image.id)
+            assert status == 200 and same(body, data)
+            assert re.search(rf"{image.id} \[0, {len(data)}\) from sibling", member.proc.output())
+        assert len(data_gets(glance, image.id)) == 1
+
+        # Cold clients on every member at once, 4 each, a caller's token per member.
+        callers = dict(zip(IDS, ("token-p1", "token-p2", "token-admin"), strict=True))
+        cold_data = os.urandom(16 * MiB)
+        cold = glance.add_image(cold_data, visibility="public", rate=16 * MiB)
+        before = {m: await scrape(session, members[m].url) for m in IDS}
+        results = await asyncio.gather(
+            *(download(session, members[m].url, cold.id, callers[m]) for m in IDS for _ in range(4))
+        )
+        assert all(r[0] == 200 and same(r[2], cold_data) for r in results)
+        gets = data_gets(glance, cold.id)
+        assert 1 <= len(gets) <= len(IDS)
+        assert all(token_of(r) in callers.values() for r in gets)
+        went = []
+        for m in IDS:
+            after = await scrape(session, members[m].url)
+            key = 'cached_fleet_transfers_total{source="upstream"}'
+            upstream = after[key] - before[m][key]
+            assert upstream <= 1  # one upstream GET per cold member at most
+            if upstream:
+                went.append(m)
+        # Each upstream GET carried the token of a caller of a member that went upstream.
+        assert sorted(token_of(r) or "" for r in gets) == sorted(callers[m] for m in went)
+        print(
+            f"no service credentials, 3 x 4 cold clients: {len(gets)} upstream data GET(s), "
+            f"by {', '.join(went)} (each fill chose its source while the others still chose theirs)"
+        )
+        no_tokens_reached_siblings(fleet)
+
+
+# ------------------------------------------------------------- 3. stale allowances
+async def test_a_stale_allowance_never_starts_a_fill_from_a_sibling(tmp_path: Path) -> None:
+    """auth_stale_if_error: with the upstream failing every download (503), a caller allowed
+    before gets a stale hit for an image its member holds; an image its member holds only a
+    range of (the caller was allowed it there) is not filled from the sibling holding it
+    whole: 503, and no peer request at all."""
+    common: dict[str, object] = {"auth_stale_if_error": 300, "auth_stale_after_failures": 2}
+    async with (
+        fake_glance() as glance,
+        fleet_of(tmp_path, glance.url, common) as fleet,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+    ):
+        members = await fleet.start(IDS)
+        a, b, c = (members[m] for m in IDS)
+        held_data, part_data = os.urandom(8 * MiB), os.urandom(16 * MiB)
+        held, part = glance.add_image(held_data), glance.add_image(part_data)
+        for member in (a, b):
+            assert (await download(session, member.url, held.id))[2] == held_data
+        assert (await download(session, a.url, part.id))[2] == part_data
+        want = {**auth(), "Range": f"bytes={MiB}-{2 * MiB - 1}"}  # B: a range of it only
+        async with session.get(f"{b.url}/v2/images/{part.id}/file", headers=want) as resp:
+            assert resp.status == 206 and await resp.read() == part_data[MiB : 2 * MiB]
+        assert len(data_gets(glance, part.id)) == 1  # A's fill; B's range from A's copy
+
+        glance.fail_downloads = 503
+        # Known down after two failed probes in a row (the caller's included): a stale hit.
+        got = [await download(session, b.url, held.id) for _ in range(2)]
+        assert got[0][:2] == (503, None)
+        assert (got[1][0], got[1][1], got[1][2] == held_data) == (200, STALE, True)
+        peers_before = {m.id: len(m.peer_lines()) for m in (a, b, c)}
+        sibling_fills = len(re.findall(rf"{part.id} \[\d+, \d+\) from sibling", b.proc.output()))
+        for member, headers in (
+            (b, auth()),  # the whole image
+            (b, {**auth(), "Range": f"bytes={MiB}-{2 * MiB - 1}"}),  # even bytes B has
+            (c, auth()),  # a member never asked for it
+        ):
+            url = f"{member.url}/v2/images/{part.id}/file"
+            async with session.get(url, headers=headers) as resp:
+                await resp.read()
+                assert (resp.status, resp.headers.get("Cache-Status")) == (503, None)
+        assert {m.id: len(m.peer_lines()) for m in (a, b, c)} == peers_before
+        after = len(re.findall(rf"{part.id} \[\d+, \d+\) from sibling", b.proc.output()))
+        assert after == sibling_fills
+        assert len(data_gets(glance, part.id)) == 1
+
+
+# ------------------------------------------------------------ 4. a member-list change
+async def test_a_non_owners_copy_is_used_after_a_member_list_change(tmp_path: Path) -> None:
+    """The members are restarted with a fourth one, ctl-d, which owns the image under the
+    new list; only the old owner holds it. D's miss takes the old owner's copy, and so does
+    the other old member's: one upstream data GET in all. (With service credentials: a
+    member that found no copy would ask D to fetch it.)"""
+    ids4 = (*IDS, "ctl-d")
+    image_id = next(
+        i
+        for i in (str(uuid.UUID(int=n, version=4)) for n in range(1, 10_000))
+        if ring.order(ids4, i)[0] == "ctl-d"
+    )
+    holder_id = ring.order(IDS, image_id)[0]
+    common: dict[str, object] = {"service_token": "token-admin"}
+    async with (
+        fake_glance() as glance,
+        fleet_of(tmp_path, glance.url, common) as fleet,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+    ):
+        members = await fleet.start(IDS)
+        data = os.urandom(16 * MiB)
+        glance.add_image(data, image_id=image_id)
+        holder = members[holder_id]
+        assert (await download(session, holder.url, image_id))[2] == data
+        assert len(data_gets(glance, image_id)) == 1
+
+        await fleet.stop()
+        members = await fleet.start(ids4)
+        d = members["ctl-d"]
+        status, cache_status, body = await download(session, d.url, image_id)
+        assert status == 200 and same(body, data) and cache_status != "cached; hit"
+        assert re.search(
+            rf"{image_id} \[0, {len(data)}\) from sibling {holder_id}", d.proc.output()
+        )
+        assert "fetches it" not in d.proc.output()
+        other = next(m for m in IDS if m != holder_id)
+        assert (await download(session, members[other].url, image_id))[2] == data
+        assert len(data_gets(glance, image_id)) == 1
+        assert (await download(session, d.url, image_id))[:2] == (200, "cached; hit")
+        print(f"after the list change: {len(data_gets(glance, image_id))} upstream data GET")
+
+
+# ------------------------------------------------- 5. callers' tokens stay with the member
+async def test_callers_tokens_never_reach_siblings(tmp_path: Path) -> None:
+    """Everything siblings send each other (captured by the relays in front of the members)
+    carries no caller's token, nor the service token, nor any X-Auth-Token: not in lookups,
+    copies, follows of an upstream-fed fill, nor a request to fetch for a sibling."""
+    common: dict[str, object] = {"service_token": "token-admin"}
+    async with (
+        fake_glance() as glance,
+        fleet_of(tmp_path, glance.url, common) as fleet,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+    ):
+        members = await fleet.start(IDS)
+        data = os.urandom(8 * MiB)
+        image = glance.add_image(data, rate=8 * MiB)
+        owner, second, third = (members[m] for m in ring.order(IDS, image.id))
+        # A cold miss on a non-owner: the owner is asked to fetch it, and followed while it
+        # fills from the upstream (8 MiB/s); the third member follows that fill too.
+        first = asyncio.create_task(download(session, second.url, image.id))
+        await until(lambda: len(data_gets(glance, image.id)) == 1, "the owner's fill started")
+        status, _, body = await download(session, third.url, image.id)
+        assert status == 200 and same(body, data)
+        assert (await first)[2] == data
+        assert f"sibling {owner.id} fetches it" in second.proc.output()
+        for member in (second, third):
+            assert f"{image.id} [0, {len(data)}) from sibling {owner.id}" in member.proc.output()
+        assert [token_of(r) for r in data_gets(glance, image.id)] == ["token-admin"]
+        no_tokens_reached_siblings(fleet)
+        # The owner's access log: the peer requests it answered (HEAD and GET).
+        assert any('"GET /cached-peer/v1/images/' in line for line in owner.peer_lines())
+
+
+pytestmark = pytest.mark.timeout(240)
