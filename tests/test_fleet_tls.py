@@ -48,7 +48,13 @@ from cached.fleet import ring
 
 MiB = 1 << 20
 IDS = ("ctl-a", "ctl-b", "ctl-c")
-STALE = "cached; hit; detail=stale-auth"
+
+
+def says(cache_status: str | None, what: str) -> bool:
+    """Whether ``Cache-Status`` is this member's ``what`` ("hit", ...), the cache named
+    ``cached`` or ``cached-<id>``."""
+    pattern = rf"cached(-[a-z0-9-]+)?; {re.escape(what)}"
+    return cache_status is not None and re.fullmatch(pattern, cache_status) is not None
 
 
 class _Heard:
@@ -71,6 +77,8 @@ class Tap(Relay):
     heard: bytearray = field(default_factory=bytearray)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Members start at once: a sibling may call before this member said where it listens.
+        await until(lambda: self.target is not None, "the member listens", within=60)
         await super()._serve(cast(asyncio.StreamReader, _Heard(reader, self.heard)), writer)
 
 
@@ -102,6 +110,7 @@ class Fleet:
                 self.relays[m] = Tap()
                 url = await self.relays[m].start()
                 self.urls[m] = url.replace("http://", f"{self.scheme}://")
+        procs = {}
         for m in ids:
             config = self.tmp_path / f"{m}.yaml"
             settings = {
@@ -118,16 +127,18 @@ class Fleet:
             cache = self.tmp_path / f"cache-{m}"
             cache.mkdir(exist_ok=True)
             log = self.tmp_path / f"{m}.log"
-            proc = CachedProcess(self.glance_url, cache, log, "-c", str(config))
-            member = Member(m, proc, self.relays[m], member_url=self.urls[m])
-            self.members[m] = member
-            member.url = await asyncio.to_thread(proc.start)
-            self.relays[m].target = ("127.0.0.1", int(member.url.rsplit(":", 1)[1]))
+            procs[m] = CachedProcess(self.glance_url, cache, log, "-c", str(config))
+            self.members[m] = Member(m, procs[m], self.relays[m], member_url=self.urls[m])
+        # All at once: the urls siblings call (the relays) are known before any starts.
+        listening = await asyncio.gather(*(asyncio.to_thread(p.start) for p in procs.values()))
+        for m, url in zip(procs, listening, strict=True):
+            self.members[m].url = url
+            self.relays[m].target = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
         return {m: self.members[m] for m in ids}
 
     async def stop(self) -> None:
-        for member in self.members.values():
-            await asyncio.to_thread(member.proc.stop)
+        running = [m.proc for m in self.members.values() if m.proc.proc is not None]
+        await asyncio.gather(*(asyncio.to_thread(p.stop) for p in running))
 
     async def close(self) -> None:
         await self.stop()
@@ -300,8 +311,8 @@ async def test_without_service_credentials_nobody_fills_for_a_sibling(tmp_path: 
 async def test_a_stale_allowance_never_starts_a_fill_from_a_sibling(tmp_path: Path) -> None:
     """auth_stale_if_error: with the upstream failing every download (503), a caller allowed
     before gets a stale hit for an image its member holds; an image its member holds only a
-    range of (the caller was allowed it there) is not filled from the sibling holding it
-    whole: 503, and no peer request at all."""
+    range of, or dropped (the caller was allowed it there), is not filled from the sibling
+    holding it whole: 503, and no peer request at all."""
     common: dict[str, object] = {"auth_stale_if_error": 300, "auth_stale_after_failures": 2}
     async with (
         fake_glance() as glance,
@@ -319,18 +330,25 @@ async def test_a_stale_allowance_never_starts_a_fill_from_a_sibling(tmp_path: Pa
         async with session.get(f"{b.url}/v2/images/{part.id}/file", headers=want) as resp:
             assert resp.status == 206 and await resp.read() == part_data[MiB : 2 * MiB]
         assert len(data_gets(glance, part.id)) == 1  # A's fill; B's range from A's copy
+        # C held it whole (a copy of A's) and dropped it: cold there, the caller allowed.
+        assert (await download(session, c.url, part.id))[2] == part_data
+        drop = f"{c.url}/v2/cache/{part.id}"
+        async with session.delete(drop, headers=auth("token-admin")) as resp:
+            assert resp.status == 204
+        assert len(data_gets(glance, part.id)) == 1
 
         glance.fail_downloads = 503
         # Known down after two failed probes in a row (the caller's included): a stale hit.
         got = [await download(session, b.url, held.id) for _ in range(2)]
         assert got[0][:2] == (503, None)
-        assert (got[1][0], got[1][1], got[1][2] == held_data) == (200, STALE, True)
+        assert got[1][0] == 200 and got[1][2] == held_data
+        assert says(got[1][1], "hit; detail=stale-auth")
         peers_before = {m.id: len(m.peer_lines()) for m in (a, b, c)}
         sibling_fills = len(re.findall(rf"{part.id} \[\d+, \d+\) from sibling", b.proc.output()))
         for member, headers in (
             (b, auth()),  # the whole image
             (b, {**auth(), "Range": f"bytes={MiB}-{2 * MiB - 1}"}),  # even bytes B has
-            (c, auth()),  # a member never asked for it
+            (c, auth()),  # a member that dropped its copy
         ):
             url = f"{member.url}/v2/images/{part.id}/file"
             async with session.get(url, headers=headers) as resp:
@@ -372,7 +390,7 @@ async def test_a_non_owners_copy_is_used_after_a_member_list_change(tmp_path: Pa
         members = await fleet.start(ids4)
         d = members["ctl-d"]
         status, cache_status, body = await download(session, d.url, image_id)
-        assert status == 200 and same(body, data) and cache_status != "cached; hit"
+        assert status == 200 and same(body, data) and not says(cache_status, "hit")
         assert re.search(
             rf"{image_id} \[0, {len(data)}\) from sibling {holder_id}", d.proc.output()
         )
@@ -380,7 +398,13 @@ async def test_a_non_owners_copy_is_used_after_a_member_list_change(tmp_path: Pa
         other = next(m for m in IDS if m != holder_id)
         assert (await download(session, members[other].url, image_id))[2] == data
         assert len(data_gets(glance, image_id)) == 1
-        assert (await download(session, d.url, image_id))[:2] == (200, "cached; hit")
+        status, cache_status, _ = await download(session, d.url, image_id)
+        assert status == 200 and says(cache_status, "hit")  # its own verified copy
+        mismatches = [
+            (await scrape(session, m.url))["cached_fleet_list_mismatches_total"]
+            for m in members.values()
+        ]
+        assert mismatches == [0] * len(ids4)  # every member restarted with the same list
         print(f"after the list change: {len(data_gets(glance, image_id))} upstream data GET")
 
 
