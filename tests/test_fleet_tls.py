@@ -29,6 +29,7 @@ import yaml
 from conftest import auth
 from daemonproc import CachedProcess
 from fakeglance import FakeGlance, Request
+from fakekeystone import FakeKeystone
 from test_correctness import until
 from test_fleet import (
     ADMIN,
@@ -305,6 +306,61 @@ async def test_without_service_credentials_nobody_fills_for_a_sibling(tmp_path: 
             f"by {', '.join(went)} (each fill chose its source while the others still chose theirs)"
         )
         no_tokens_reached_siblings(fleet)
+
+
+async def test_a_member_that_cannot_fetch_for_a_sibling_is_not_down(tmp_path: Path) -> None:
+    """Service credentials configured (a Keystone service user) but refused by Keystone: the
+    members have none to fetch with. A non-owner's cold miss asks the owner to fetch (the
+    credentials are configured); the owner declines (404) and the fill takes the upstream
+    with the caller's token. Declining is no failure: the owner is not down, and its copy
+    of the next image is taken at once. (Before, the 404 to a fetch made the owner down, as a
+    broken sibling: skipped by every lookup for 1 s, doubling to 30 s.)"""
+    keystone = FakeKeystone()
+    await keystone.start()
+    common: dict[str, object] = {
+        "keystone_authtoken": {
+            "auth_url": keystone.url,
+            "auth_type": "password",
+            "username": "glance",
+            "password": "not-the-password",  # Keystone refuses the service user
+            "project_name": "service",
+            "user_domain_name": "Default",
+            "project_domain_name": "Default",
+        }
+    }
+    try:
+        async with (
+            fake_glance() as glance,
+            fleet_of(tmp_path, glance.url, common) as fleet,
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+        ):
+            members = await fleet.start(IDS)
+            data = os.urandom(8 * MiB)
+            image = glance.add_image(data)
+            owner, second, _ = (members[m] for m in ring.order(IDS, image.id))
+            status, _, body = await download(session, second.url, image.id)
+            assert status == 200 and same(body, data)
+            assert [token_of(r) for r in data_gets(glance, image.id)] == ["token-p1"]
+            assert f"cannot fetch {image.id} for a sibling" in owner.proc.output()
+            out = second.proc.output()
+            assert f"sibling {owner.id} fetches it" in out  # asked, and declined
+            assert f"sibling {owner.id} is down" not in out
+            got = await scrape(session, second.url)
+            assert got["cached_fleet_sibling_failures_total"] == 0
+
+            # The owner's copy of another image it owns: taken by the second member.
+            next_id = next(
+                i
+                for i in (str(uuid.UUID(int=n, version=4)) for n in range(1, 10_000))
+                if ring.order(IDS, i)[0] == owner.id
+            )
+            glance.add_image(data, image_id=next_id)
+            assert (await download(session, owner.url, next_id))[2] == data
+            assert (await download(session, second.url, next_id))[2] == data
+            assert len(data_gets(glance, next_id)) == 1
+            assert f"{next_id} [0, {len(data)}) from sibling {owner.id}" in (second.proc.output())
+    finally:
+        await keystone.close()
 
 
 # ------------------------------------------------------------- 3. stale allowances

@@ -21,7 +21,9 @@ over RATE_WINDOW seconds, 401, 404, 5xx, a 200 to a Range, a wrong range or leng
 body) the fill asks again without it and resumes at the first byte it did
 not deliver, from another sibling or the upstream. The failed sibling is *down*: skipped for
 1 s, doubling per failure up to 30 s; the first request after that is the probe that, when
-it passes, makes it healthy again.
+it passes, makes it healthy again. A member asked to fetch the image that answers 404 declines
+(no service credentials at the moment, no room, not active upstream: nobody fills for a
+sibling then): the fill takes its next source, but that member is not down.
 
 Threads: the event loop only. ``PeerHealth._down`` is changed by lookups and transfers, both
 on the loop; ``FleetSources.current`` by its own ``pick``.
@@ -319,6 +321,8 @@ class PeerSource:
                 raise UpstreamUnavailable(f"{self.name}: {exc!r}") from exc
             try:
                 expected = f"bytes {start}-{stop - 1}/{self._size}"
+                if resp.status == 404 and self.fetch:
+                    raise _Declined(f"{self.name} does not fetch it (404)")
                 if resp.status != 206:
                     raise UpstreamUnavailable(f"{self.name} answered {resp.status} to a Range")
                 if resp.headers.get("Content-Range") != expected:
@@ -329,10 +333,16 @@ class PeerSource:
                 yield _Counted(GlanceStream(resp, start), self.name, floor)
             finally:
                 resp.close()
+        except _Declined:
+            raise  # it answered as it should: not down
         except (UpstreamError, UpstreamUnavailable) as exc:
             fleet.health.failed(member.id, exc)
             raise
         fleet.health.passed(member.id)
+
+
+class _Declined(UpstreamUnavailable):
+    """A member asked to fetch an image answered that it does not (404)."""
 
 
 class _Counted:
