@@ -1,7 +1,8 @@
 """Peer fill (issue 17) where trust and credentials decide: siblings over https verified with
 ``upstream_ca_file`` (one refused for a certificate the CA did not sign), a fleet without
-service credentials, stale allowances (``auth_stale_if_error``), a member-list change, and
-callers' tokens that never reach a sibling.
+service credentials (or with credentials Keystone refuses), stale allowances
+(``auth_stale_if_error``), a member-list change, and callers' tokens that never reach a
+sibling.
 
 Real ``cached serve`` processes (a cache directory each) and the fake Glance, as in
 tests/test_fleet.py, whose helpers are reused. Each member's url in ``fleet_members`` is a
@@ -83,7 +84,7 @@ class Tap(Relay):
         await super()._serve(cast(asyncio.StreamReader, _Heard(reader, self.heard)), writer)
 
 
-class Fleet:
+class Members:
     """The members of a test fleet, which may be restarted with another ``fleet_members``;
     ``common``: configuration every member gets; ``scheme``: of the member urls."""
 
@@ -150,8 +151,8 @@ class Fleet:
 @contextlib.asynccontextmanager
 async def fleet_of(
     tmp_path: Path, glance_url: str, common: dict[str, object] | None = None, scheme: str = "http"
-) -> AsyncIterator[Fleet]:
-    fleet = Fleet(tmp_path, glance_url, common or {}, scheme)
+) -> AsyncIterator[Members]:
+    fleet = Members(tmp_path, glance_url, common or {}, scheme)
     try:
         yield fleet
     finally:
@@ -165,8 +166,20 @@ def tokens_in(heard: bytes) -> list[str]:
     return found + (["x-auth-token"] if b"x-auth-token" in low else [])
 
 
-def upstream_tokens(glance_requests: list[object]) -> list[str | None]:
-    return [getattr(r, "headers", {}).get("X-Auth-Token") for r in glance_requests]
+def data_gets(glance: FakeGlance, image_id: str) -> list[Request]:
+    """The upstream data GETs of ``image_id`` (transfers), callers' probes left out."""
+    return [r for r in glance.data_requests(image_id) if r.range != "bytes=0-0"]
+
+
+def token_of(request: Request) -> str | None:
+    return next((v for k, v in request.headers.items() if k.lower() == "x-auth-token"), None)
+
+
+def no_tokens_reached_siblings(fleet: Members) -> None:
+    """What siblings sent every member (peer requests) carries no token, no X-Auth-Token."""
+    heard = {m: bytes(relay.heard) for m, relay in fleet.relays.items()}
+    assert any(b"/cached-peer/v1/" in h for h in heard.values())  # peer requests were seen
+    assert {m: tokens_in(h) for m, h in heard.items()} == {m: [] for m in heard}
 
 
 # ------------------------------------------------------------------- 1. https between siblings
@@ -226,22 +239,6 @@ async def test_siblings_over_https_verified_with_the_upstream_ca(tmp_path: Path)
         assert failures >= 1
         assert got['cached_fleet_transfers_total{source="upstream"}'] == 2  # image, by_c
         print(f"https fleet: 1 upstream GET for 3 members; C refused {failures:.0f} time(s) by A")
-
-
-def data_gets(glance: FakeGlance, image_id: str) -> list[Request]:
-    """The upstream data GETs of ``image_id`` (transfers), callers' probes left out."""
-    return [r for r in glance.data_requests(image_id) if r.range != "bytes=0-0"]
-
-
-def token_of(request: Request) -> str | None:
-    return next((v for k, v in request.headers.items() if k.lower() == "x-auth-token"), None)
-
-
-def no_tokens_reached_siblings(fleet: Fleet) -> None:
-    """What siblings sent every member (peer requests) carries no token, no X-Auth-Token."""
-    heard = {m: bytes(relay.heard) for m, relay in fleet.relays.items()}
-    assert any(b"/cached-peer/v1/" in h for h in heard.values())  # peer requests were seen
-    assert {m: tokens_in(h) for m, h in heard.items()} == {m: [] for m in heard}
 
 
 # ------------------------------------------------------------ 2. no service credentials
