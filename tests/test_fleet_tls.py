@@ -300,7 +300,8 @@ async def test_without_service_credentials_nobody_fills_for_a_sibling(tmp_path: 
         assert sorted(token_of(r) or "" for r in gets) == sorted(callers[m] for m in went)
         print(
             f"no service credentials, 3 x 4 cold clients: {len(gets)} upstream data GET(s), "
-            f"by {', '.join(went)} (each fill chose its source while the others still chose theirs)"
+            f"by {', '.join(went)}; the others followed an upstream-fed fill (a fill still "
+            "choosing its source when a sibling looks is not followed: then it fetches too)"
         )
         no_tokens_reached_siblings(fleet)
 
