@@ -329,6 +329,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             session,
             service,
             directories,
+            filler.safety,
         )
         integrity = Integrity(
             store,
