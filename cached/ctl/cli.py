@@ -477,7 +477,7 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> V
             parser.error("--timeout must be positive")
         return Verb("safety", action.help, "", "", action.failure)
     if args.extra is not None:
-        parser.error(f"command '{args.command}' takes one image ID at most")
+        parser.error(f"unrecognized arguments: {args.extra}")
     verb = VERBS[args.command]
     if verb.takes_id:
         if args.image_id is None:
