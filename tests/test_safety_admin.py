@@ -418,4 +418,3 @@ async def test_promtool_checks_the_verdict_metrics(
         check=False,
     )
     assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
-
