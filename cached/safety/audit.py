@@ -3,19 +3,28 @@ it streams, its verdict is stored with the entry (``user.cached.verdict``, befor
 record), logged, and sent in ``Cached-Image-Verdict`` on hits. Nothing is refused: images are
 served as they would be without inspection.
 
+Entries without a *current* verdict (none: filled before inspection or with ``off``; or one
+made by another oslo.utils version or under another policy, :meth:`Safety.current`) are
+inspected again from their file (:mod:`cached.safety.reinspect`): on their first hit
+(:meth:`Safety.header_for`), by the ``audit`` job (:meth:`Safety.audit`, scheduled in
+``cached/jobs/schedule.py``), and by an admin's recheck (:meth:`Safety.recheck`). Admins'
+overrides (:mod:`cached.safety.overrides`) are bound to an image id and its
+``os_hash_value``; :meth:`Safety.overridden` is what ``enforce`` asks.
+
 Ownership and threads:
 
 - :class:`Safety`, one per daemon (built by ``app.py``), belongs to the event loop: its map of
-  known verdicts is read and changed on the loop only. Reading a verdict from an entry's
-  xattr (the first hit of an entry this daemon did not fill) runs on the store's I/O threads.
+  known verdicts, its running inspections and audit, and its map of overrides are read and
+  changed on the loop only. Reading verdicts from xattrs, inspecting a file again, writing
+  the new verdict (with the commit record renewed) and reading or writing override files run
+  on the store's I/O threads (``Store.run``), never on the loop.
 - :class:`FillAudit`, one per fill, belongs to that fill. Its :class:`Inspector` is a stream
   consumer fed on the fill's feeder lane; :meth:`FillAudit.finish` runs on the same lane after
   the last feed (it catches up on bytes the stream skipped, judges, and writes the xattr
   through the fill's file descriptor); the loop reads :attr:`FillAudit.verdict` after that job
   is done and reports it with :meth:`Safety.report`.
 
-Not here yet (issue 18): ``enforce`` (refusing unsafe images), re-inspection of entries
-filled before inspection or under another oslo.utils version or policy, signatures.
+Not here yet (issue 18): ``enforce`` (refusing unsafe images), signatures.
 """
 
 from __future__ import annotations
