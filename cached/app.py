@@ -579,9 +579,10 @@ def _register_live_jobs(
             ("prune", "cache_prune_interval"),
             ("clean", "cache_clean_interval"),
             ("scrub", "scrub_interval"),
+            ("audit", "image_safety_audit_interval"),  # (none with image_safety_mode off)
         ):
             seconds = getattr(new, key)
-            if seconds != getattr(old, key):
+            if seconds != getattr(old, key) and scheduler.get_job(name) is not None:
                 scheduler.reschedule_job(
                     name, trigger=IntervalTrigger(seconds=seconds, timezone=dt.UTC)
                 )

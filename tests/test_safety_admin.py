@@ -14,6 +14,7 @@ running daemon (in-process on loopback, fake Glance, real files and xattrs):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,7 +33,8 @@ from scrapes import scrape, value
 from test_ctl import ctl
 from test_safety_audit import HIT, make, miss_then_hit, stored_verdict
 
-from cached.app import SCHEDULER
+from cached.app import CONFIG, SCHEDULER
+from cached.ops.lifecycle import LIVE, RELOADABLES
 from cached.safety import record
 from cached.safety.audit import Safety
 from cached.safety.inspect import VERSION
@@ -142,7 +144,12 @@ async def test_entries_cached_without_inspection_get_a_verdict_from_the_audit(
     second = await start_daemon(cache, glance.url, service_token="token-admin")
     try:
         scheduler = second.app[SCHEDULER]
-        assert scheduler.get_job("audit") is not None  # beside scrub
+        assert scheduler.get_job("audit").trigger.interval.total_seconds() == 3600  # beside scrub
+        old = second.app[CONFIG]  # a reload reschedules it
+        assert "image_safety_audit_interval" in LIVE
+        new = dataclasses.replace(old, image_safety_audit_interval=600)
+        assert second.app[RELOADABLES].apply(old, new) == []
+        assert scheduler.get_job("audit").trigger.interval.total_seconds() == 600
         status, answer = await admin(second, "POST", "/v2/cache/safety/audit")
         assert (status, answer["started"]) == (202, True)
         safety = safety_of(second)
