@@ -425,3 +425,44 @@ async def test_promtool_checks_the_verdict_metrics(
         check=False,
     )
     assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
+
+
+async def test_cached_manage_safety_on_all_hosts(
+    glance: FakeGlance, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make(tmp_path, "clean")
+    image = glance.add_image(data, disk_format="raw")  # a qcow2 declared raw
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    token = "sha256:" + hashlib.sha256(b"token-admin").hexdigest()
+    a = await start_daemon(tmp_path / "a", glance.url, admin_tokens=[token])
+    b = await start_daemon(tmp_path / "b", glance.url, admin_tokens=[token])
+    try:
+        await miss_then_hit(a, image.id, data)
+        conf = tmp_path / "cached.yaml"
+        conf.write_text(f"listen: {a.url.removeprefix('http://')}\npeers: [{b.url}]\n")
+        argv = ("--all-hosts", "-c", str(conf), "--os-auth-token", "token-admin")
+        assert await ctl(*argv, "safety", "list") == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == "Found 1 cached images on 2 hosts..."
+        cells = [c.strip() for c in lines[4].split("|")[1:-1]]
+        assert cells == [
+            a.url.removeprefix("http://"),
+            image.id,
+            "mismatch",
+            "qcow2",
+            "raw",
+            "-",
+            "-",
+        ]
+        assert await ctl(*argv, "--json", "safety", "show", image.id) == 1  # not cached on b
+        answer = json.loads(capsys.readouterr().out)
+        assert [(v["host"], v["verdict"]) for v in answer["verdicts"]] == [
+            (a.url.removeprefix("http://"), "mismatch")
+        ]
+        assert [(e["host"], e["status"]) for e in answer["errors"]] == [
+            (b.url.removeprefix("http://"), 404)
+        ]
+    finally:
+        await stop_daemon(a)
+        await stop_daemon(b)
