@@ -35,7 +35,7 @@ from test_safety_audit import HIT, make, miss_then_hit, stored_verdict
 
 from cached.app import CONFIG, SCHEDULER
 from cached.ops.lifecycle import LIVE, RELOADABLES
-from cached.safety import record
+from cached.safety import overrides, record
 from cached.safety.audit import Safety
 from cached.safety.inspect import VERSION
 from cached.safety.verdict import Outcome, Policy, Verdict
@@ -466,3 +466,34 @@ async def test_cached_manage_safety_on_all_hosts(
     finally:
         await stop_daemon(a)
         await stop_daemon(b)
+
+
+def test_override_files_are_parsed_strictly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = overrides.Override(str(uuid.uuid4()), "ab" * 64, 1765080000.5, "vendor image")
+    overrides.write(tmp_path, good)
+    assert overrides.load_all(tmp_path) == {good.image_id: good}
+    directory = tmp_path / overrides.DIRNAME
+    assert sorted(os.listdir(directory)) == [good.image_id]  # no temporary file left
+    assert json.loads((directory / good.image_id).read_bytes()) == {
+        "v": 1,
+        "image_id": good.image_id,
+        "os_hash_value": "ab" * 64,
+        "at": 1765080000.5,
+        "reason": "vendor image",
+    }
+    tampered = {
+        str(uuid.uuid4()): b"not json",
+        str(uuid.uuid4()): overrides.dumps(good),  # another image's file under this name
+        str(uuid.uuid4()): b'{"v":1,"image_id":"x","os_hash_value":"zz","at":1,"reason":""}',
+    }
+    for name, raw in tampered.items():
+        (directory / name).write_bytes(raw)
+    (directory / ".half-written.tmp").write_bytes(b"{")
+    caplog.set_level(logging.WARNING, "cached.safety.overrides")
+    assert overrides.load_all(tmp_path) == {good.image_id: good}  # the rest: no override
+    assert sum("ignoring the safety override" in r.getMessage() for r in caplog.records) == 3
+    assert overrides.remove(tmp_path, good.image_id) is True
+    assert overrides.remove(tmp_path, good.image_id) is False
+    assert overrides.clean_reason("a\x1b[31mb\nc" + "x" * 300) == "a?[31mb?c" + "x" * 191
