@@ -387,9 +387,13 @@ async def test_cached_manage_safety(
         capsys.readouterr()
         hash_value = image.os_hash_value or ""
         argv = ("safety", "override", image.id, "--hash", hash_value, "--reason", "ok")
-        assert await ctl(*host, *argv) == 0
+        assert await ctl(*host, *argv, stdin="n\n") == 0  # asked first: nothing done
+        assert capsys.readouterr().out == f"Override the verdict of image {image.id}? [y/N] "
+        assert safety_of(d).override_of(image.id) is None
+        assert await ctl(*host, *argv, stdin="y\n") == 0
         assert "(applies; ok)" in capsys.readouterr().out
-        assert await ctl(*host, "safety", "override", image.id, "--remove") == 0
+        assert safety_of(d).overridden(image.id, hash_value)
+        assert await ctl(*host, "-f", "safety", "override", image.id, "--remove") == 0
         assert not safety_of(d).overridden(image.id, hash_value)
         assert await ctl(*host, "-H", d.admin_url, "safety", "audit") == 0  # (one host, once)
         assert capsys.readouterr().out.splitlines()[-1] in (

@@ -322,7 +322,7 @@ class Run:
 
     async def _execute(self, clients: list[Client]) -> int:
         if self.action is not None:
-            return await safety.execute(self.action, self.args, clients)
+            return await safety.execute(self.action, self.args, clients, confirm)
         if self.verb.name == "list-cached":
             return await self.list_cached(clients)
         if self.verb.name == "list-queued":

@@ -20,6 +20,7 @@ import json
 import re
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,9 +105,23 @@ def _request(action: Action, args: argparse.Namespace) -> tuple[str, str, dict[s
     return "PUT", f"{path}/override", {"os_hash_value": args.hash.lower(), "reason": args.reason}
 
 
-async def execute(action: Action, args: argparse.Namespace, clients: list[Client]) -> int:
-    """Run ``action`` on every host at once and print the answers."""
+async def execute(
+    action: Action,
+    args: argparse.Namespace,
+    clients: list[Client],
+    confirm: Callable[[str, bool], bool],
+) -> int:
+    """Run ``action`` on every host at once and print the answers. An override (made or
+    withdrawn) is confirmed first unless ``-f`` (``confirm(question, to_stderr)``, the
+    glance-cache-manage prompt)."""
     multi = args.all_hosts or len(clients) > 1
+    if action.name == "override" and not args.force:
+        what = "Withdraw the safety override of" if args.remove else "Override the verdict of"
+        question = f"{what} image {args.image_id}"
+        if multi:
+            question += f" on {', '.join(c.target.label for c in clients)}"
+        if not confirm(question + "?", args.json):
+            return OK
     method, path, body = _request(action, args)
     rows: list[dict[str, Any]] = []
     errors: list[HostError] = []
