@@ -297,23 +297,21 @@ class Safety:
         self, entry: Entry, previous: Verdict | None, lookup: Lookup | None
     ) -> Declared | None:
         """What the image declares, for judging it again: the ``file`` backend declares
-        nothing; else what its last verdict recorded; else its record, looked up (the
-        caller's ``lookup``, then the daemon's own). None: not known."""
+        nothing; else what its last verdict recorded; else its record, looked up with
+        ``lookup`` (a hit: the caller's credentials, none on a stale hit; the audit: the
+        daemon's own). None: not known."""
         if self._file_backend:
             return Declared()
         if previous is not None:
             return Declared(previous.declared, previous.container)
-        for ask in (lookup, self._lookup):
-            if ask is None:
-                continue
-            try:
-                image = await ask(entry.image_id)
-            except CachedError as exc:
-                log.debug("cannot look %s up: %s", entry.image_id, exc)
-                continue
-            if image is not None:
-                return self._declared_by(image)
-        return None
+        if lookup is None:
+            return None
+        try:
+            image = await lookup(entry.image_id)
+        except CachedError as exc:
+            log.debug("cannot look %s up: %s", entry.image_id, exc)
+            return None
+        return self._declared_by(image) if image is not None else None
 
     async def _reinspect(
         self,
@@ -467,7 +465,7 @@ class Safety:
                 await asyncio.shield(self._inspecting[key])
                 inspected += 1
                 continue
-            declared = await self._declaration(entry, verdict, None)
+            declared = await self._declaration(entry, verdict, self._lookup)
             done: Inspected = await self._run(
                 inspect_entry, entry, declared or Declared(), self.policy, declared is not None
             )
