@@ -195,15 +195,19 @@ async def test_without_credentials_an_undeclared_entry_is_judged_but_not_stored(
     try:
         safety = safety_of(second)
         result = await safety.audit(second.store.complete_entries, lambda e: False)
-        assert result.inspected == 1
+        assert (result.inspected, result.undeclared) == (1, 1)
         assert stored_verdict(second, image.id) is None  # declaration unknown: not stored
-        # The first hit looks its record up with the caller's token, and stores it.
+        # The first hit looks its record up with the caller's token, and stores it: a qcow2
+        # declared raw (on its content alone it was "safe").
         status, headers, _ = await second.get(image.id)
-        assert status == 200 and "Cached-Image-Verdict" in headers
-        result = await safety.audit(second.store.complete_entries, lambda e: False)
+        assert (status, headers["Cached-Image-Verdict"]) == (
+            200,
+            'mismatch; detected="qcow2"; declared="raw"',
+        )
         verdict = stored_verdict(second, image.id)
-        assert verdict is not None and verdict.outcome is Outcome.SAFE  # (content alone)
-        assert result.inspected == 1  # the audit judges it again, with no declaration still
+        assert verdict is not None and verdict.outcome is Outcome.MISMATCH
+        result = await safety.audit(second.store.complete_entries, lambda e: False)
+        assert (result.inspected, result.current, result.undeclared) == (0, 1, 0)
     finally:
         await stop_daemon(second)
 

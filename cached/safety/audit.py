@@ -113,6 +113,7 @@ class AuditResult:
     inspect_cpu_seconds: float = 0.0  # their CPU time
     started_at: float = 0.0  # epoch seconds
     every: bool = False  # every entry was inspected, current verdicts too
+    undeclared: int = 0  # inspected without a known declaration (not stored)
 
     @property
     def ms_per_entry(self) -> float | None:
@@ -130,6 +131,7 @@ class AuditResult:
             "inspected": self.inspected,
             "skipped": self.skipped,
             "every": self.every,
+            "undeclared": self.undeclared,
             "ms_per_entry": None if per is None else round(per, 3),
             "cpu_ms_per_entry": None if cpu is None else round(cpu, 3),
         }
@@ -142,6 +144,7 @@ class _Known:
     entry: weakref.ref[Entry]
     verdict: Verdict | None  # None: the entry has none (or one that does not parse)
     declared_known: bool = True  # False: judged without knowing the declaration (not stored)
+    looked_up: bool = False  # (declared_known False) a hit tried to look the record up
 
 
 Lookup = Callable[[str], Awaitable[ImageRecord | None]]
@@ -178,7 +181,7 @@ class Safety:
         # image id -> what is known of its entry's verdict; loop only
         self._known: dict[str, _Known] = {}
         self._inserted = 0
-        self._inspecting: dict[int, asyncio.Future[Verdict]] = {}  # id(entry) -> its inspection
+        self._inspecting: dict[int, asyncio.Future[Inspected]] = {}  # id(entry) -> its inspection
         self._overrides: dict[str, Override] = {}  # image id -> its override; loop only
         self._auditing: asyncio.Task[AuditResult] | None = None
         self.last_audit: AuditResult | None = None
@@ -263,10 +266,13 @@ class Safety:
             return None
         verdict = await self.stored(entry)
         if self.current(verdict) and not again:
-            # (one judged without its declaration is judged again by the audit, which can
-            # look the record up: not on every hit)
-            return verdict
-        return await self._inspect(entry, verdict, lookup, again=again)
+            known = self._known.get(entry.image_id)
+            if lookup is None or known is None or known.declared_known or known.looked_up:
+                return verdict
+            # Judged without its declaration (no credentials in the audit): this hit's
+            # caller may look the record up. Once: a failing look-up is not every hit's.
+            known.looked_up = True
+        return (await self._inspect(entry, verdict, lookup)).verdict
 
     def _declared_known(self, entry: Entry) -> bool:
         known = self._known.get(entry.image_id)
@@ -278,11 +284,11 @@ class Safety:
         previous: Verdict | None,
         lookup: Lookup | None,
         *,
-        again: bool,
         declared: Declared | None = None,
         why: str = "",
-    ) -> Verdict:
-        """Inspect ``entry`` from its file (one inspection per entry at a time)."""
+    ) -> Inspected:
+        """Inspect ``entry`` from its file (one inspection per entry at a time: a hit, the
+        audit and a recheck of the same entry share it)."""
         key = id(entry)  # the entry stays referenced by its task while it is a key
         running = self._inspecting.get(key)
         if running is None:
@@ -302,7 +308,7 @@ class Safety:
         daemon's own). None: not known."""
         if self._file_backend:
             return Declared()
-        if previous is not None:
+        if previous is not None and self._declared_known(entry):
             return Declared(previous.declared, previous.container)
         if lookup is None:
             return None
@@ -320,7 +326,7 @@ class Safety:
         lookup: Lookup | None,
         declared: Declared | None,
         why: str,
-    ) -> Verdict:
+    ) -> Inspected:
         if declared is None:
             declared = await self._declaration(entry, previous, lookup)
         known = declared is not None
@@ -332,13 +338,13 @@ class Safety:
         if previous is None or previous.outcome != verdict.outcome or not self.current(previous):
             self._log(entry.image_id, verdict, f" ({why})")
         if not known:
-            log.info(
+            log.debug(
                 "%s: declared format unknown (no record, no credentials to look it up): "
                 "judged on its content alone, not stored",
                 entry.image_id,
             )
         self._remember(entry, verdict, declared_known=known)
-        return verdict
+        return done
 
     def _parsed(self, entry: Entry, raw: bytes | None) -> Verdict | None:
         if raw is None:
@@ -353,7 +359,11 @@ class Safety:
         self, entry: Entry, verdict: Verdict | None, *, declared_known: bool = True
     ) -> Verdict | None:
         """Keep ``entry``'s verdict (None: it has none); returns it."""
-        self._known[entry.image_id] = _Known(weakref.ref(entry), verdict, declared_known)
+        old = self._known.get(entry.image_id)
+        looked_up = old is not None and old.entry() is entry and old.looked_up
+        self._known[entry.image_id] = _Known(
+            weakref.ref(entry), verdict, declared_known, looked_up and not declared_known
+        )
         self._inserted += 1
         if self._inserted % _SWEEP_EVERY == 0:
             for image_id, known in list(self._known.items()):
@@ -368,9 +378,8 @@ class Safety:
             return None
         previous = await self.stored(entry)
         declared = self._declared_by(image) if image is not None else None
-        return await self._inspect(
-            entry, previous, None, again=True, declared=declared, why="rechecked"
-        )
+        done = await self._inspect(entry, previous, None, declared=declared, why="rechecked")
+        return done.verdict
 
     async def verdicts(self, entries: list[Entry]) -> list[tuple[Entry, Verdict | None]]:
         """The stored verdicts of ``entries`` (as known, else read in one I/O job); never
@@ -451,7 +460,7 @@ class Safety:
     ) -> AuditResult:
         started, at = time.monotonic(), time.time()
         todo = sorted(entries(), key=lambda e: e.image_id)
-        current = inspected = skipped = 0
+        current = inspected = skipped = undeclared = 0
         took = cpu = 0.0
         for entry, verdict in await self.verdicts(todo):
             if entry.removed or not entry.complete or busy(entry):
@@ -460,22 +469,11 @@ class Safety:
             if not every and self.current(verdict) and self._declared_known(entry):
                 current += 1
                 continue
-            key = id(entry)
-            if key in self._inspecting:  # a hit is inspecting it now
-                await asyncio.shield(self._inspecting[key])
-                inspected += 1
-                continue
-            declared = await self._declaration(entry, verdict, self._lookup)
-            done: Inspected = await self._run(
-                inspect_entry, entry, declared or Declared(), self.policy, declared is not None
-            )
+            done = await self._inspect(entry, verdict, self._lookup, why="audit")
             inspected += 1
+            undeclared += not self._declared_known(entry)
             took += done.seconds
             cpu += done.cpu_seconds
-            metrics.image_reinspected(done.verdict.outcome.value, done.seconds)
-            if not self.current(verdict) or verdict is None or verdict != done.verdict:
-                self._log(entry.image_id, done.verdict, " (audit)")
-            self._remember(entry, done.verdict, declared_known=declared is not None)
         result = AuditResult(
             len(todo),
             current,
@@ -486,16 +484,21 @@ class Safety:
             cpu,
             at,
             every,
+            undeclared,
         )
         per = result.ms_per_entry
         log.info(
-            "safety audit: %d entries, %d current, %d inspected again%s, %d skipped in %.1fs",
+            "safety audit: %d entries, %d current, %d inspected again%s, %d skipped in %.1fs%s",
             result.entries,
             current,
             inspected,
             f" ({per:.2f} ms each)" if per is not None else "",
             skipped,
             result.seconds,
+            f"; {undeclared} without a known declaration (judged on content, not stored: no "
+            "service credentials to look their records up)"
+            if undeclared
+            else "",
         )
         metrics.safety_audited(result.seconds)
         self.last_audit = result

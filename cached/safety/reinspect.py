@@ -38,7 +38,7 @@ class Inspected:
     verdict: Verdict
     seconds: float  # wall time: open, reads, inspection, judging, the xattr write
     cpu_seconds: float  # the thread's CPU time for the same
-    stored: bool  # the verdict was written to the entry's file
+    stored: bool  # the verdict was written (or, the file changed meanwhile, left) to the file
 
 
 def inspect_entry(entry: Entry, declared: Declared, policy: Policy, store: bool) -> Inspected:
@@ -47,6 +47,9 @@ def inspect_entry(entry: Entry, declared: Declared, policy: Policy, store: bool)
 
     Read errors become an ``error`` verdict (never raised); such a verdict is not stored (the
     next hit or audit tries again). Blocking.
+
+    Returns: the verdict and its cost; ``stored`` False when ``store`` was False or the
+    verdict is an ``error`` of reading the file.
     """
     started, cpu = time.perf_counter(), time.thread_time()
     try:
