@@ -3,7 +3,8 @@
 The verbs, options, prompts, tables and error messages are those of Glance's
 ``glance-cache-manage`` (``glance/cmd/cache_manage.py``), so operators and their scripts can
 switch; on top: ``--json``, human sizes, fetch progress in ``list-queued`` and ``--all-hosts``
-(one table for every controller, queried at once).
+(one table for every controller, queried at once), and cached's own ``safety`` command (the
+content verdicts, :mod:`cached.ctl.safety`).
 """
 
 from __future__ import annotations
