@@ -47,7 +47,7 @@ from cached.ops.lifecycle import RELOADABLES, Reloadables
 from cached.safety.audit import Safety
 from cached.safety.verdict import Policy as SafetyPolicy
 from cached.store import Store, xattrs
-from cached.upstream import Backend
+from cached.upstream import Backend, ImageRecord
 from cached.upstream.filestore import FileBackend
 from cached.upstream.glance import GlanceBackend, Pools
 from cached.upstream.metered import MeteredBackend, MeteredPassThrough
@@ -289,7 +289,21 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
                 frozenset(config.image_safety_allowed_formats),
                 frozenset(config.image_safety_nonfatal_checks),
             )
-            safety = Safety(checks, file_backend=config.upstream_kind == "file", run=store.run)
+
+            async def lookup(image_id: str) -> ImageRecord | None:
+                """An image's record with the daemon's own credentials (re-inspection of an
+                entry that kept no declaration); None without credentials."""
+                creds = await service.credentials() if service.configured else None
+                return None if creds is None else await upstream.record(image_id, creds)
+
+            safety = Safety(
+                checks,
+                file_backend=config.upstream_kind == "file",
+                run=store.run,
+                root=store.root,
+                lookup=lookup,
+            )
+            await safety.load_overrides()
             filler.safety = proxy.safety = safety
         if config.upstream_kind == "glance" and not service.configured:
             log.warning(
@@ -315,6 +329,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             session,
             service,
             directories,
+            filler.safety,
         )
         integrity = Integrity(
             store,
@@ -394,7 +409,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         filler.disk_guard = directories.cache  # fills run while the cache directory is ok
         directories.on_detached.append(filler.detach)  # and stop when its index is forgotten
         scheduler = app[SCHEDULER] = jobs.start_scheduler(
-            config, prefetcher, maintenance, integrity
+            config, prefetcher, maintenance, integrity, filler.safety
         )
         # The jobs leave a cache directory that is not ok alone; the prefetch queue resumes
         # at once when it is ok (and indexed) again.
@@ -564,9 +579,10 @@ def _register_live_jobs(
             ("prune", "cache_prune_interval"),
             ("clean", "cache_clean_interval"),
             ("scrub", "scrub_interval"),
+            ("audit", "image_safety_audit_interval"),  # (none with image_safety_mode off)
         ):
             seconds = getattr(new, key)
-            if seconds != getattr(old, key):
+            if seconds != getattr(old, key) and scheduler.get_job(name) is not None:
                 scheduler.reschedule_job(
                     name, trigger=IntervalTrigger(seconds=seconds, timezone=dt.UTC)
                 )

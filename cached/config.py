@@ -587,6 +587,10 @@ class Config:
     image_safety_allowed_formats: tuple[str, ...] = tuple(sorted(DEFAULT_ALLOWED))
     # Failed checks not counted against a gpt image (Glance's gpt_safety_checks_nonfatal).
     image_safety_nonfatal_checks: tuple[str, ...] = ()
+    # Seconds (or 30m, 1h, 1d) between passes of the audit job: complete entries without a
+    # verdict of the running oslo.utils version and policy are inspected again from their
+    # file (1-6 ms each; the first hit of such an entry does it too).
+    image_safety_audit_interval: int = 3600
 
     # --- fleet: peer fill between the caches of one control plane (cached/fleet/) ---
     # This member's id in fleet_members; the fleet is on with two members or more. Fleet
@@ -786,6 +790,7 @@ def _convert(name: str, value: Any) -> Any:
         "cache_prune_interval",
         "cache_clean_interval",
         "scrub_interval",
+        "image_safety_audit_interval",
     ):
         seconds = parse_duration(value)
         if seconds <= 0 or seconds != int(seconds):

@@ -260,6 +260,39 @@ class Metrics:
         )
         for verdict in VERDICTS:
             self.verdicts.labels(verdict)
+        self.reinspections = Counter(
+            "cached_image_reinspections",
+            "Cached images inspected again from their file (no verdict of this oslo.utils "
+            "version and policy: first hit, audit job, admin recheck), by new verdict",
+            ["verdict"],
+            registry=r,
+        )
+        for verdict in VERDICTS:
+            self.reinspections.labels(verdict)
+        self.reinspection_seconds = Histogram(
+            "cached_image_reinspection_duration_seconds",
+            "Time one re-inspection took in its I/O thread (reads, inspection, xattr write)",
+            buckets=(0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.25, 1, 4),
+            registry=r,
+        )
+        self.entries_by_verdict = Gauge(
+            "cached_image_entries_by_verdict",
+            "Complete entries by their current content verdict (unknown: none of this "
+            "oslo.utils version and policy known to the daemon yet)",
+            ["verdict"],
+            registry=r,
+        )
+        for verdict in (*VERDICTS, "unknown"):
+            self.entries_by_verdict.labels(verdict)
+        self.safety_audits = Counter(
+            "cached_image_safety_audits", "Passes of the safety audit job", registry=r
+        )
+        self.safety_audit_seconds = Histogram(
+            "cached_image_safety_audit_duration_seconds",
+            "Time a pass of the safety audit job took",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
         # --- the cache
         self.cache_bytes = Gauge(
             "cached_cache_bytes", "Bytes held by the cache (complete + partial)", registry=r
@@ -419,6 +452,12 @@ class Metrics:
         if gauges.queue_length is not None:  # None: not listed (the queue keeps its value)
             self.queue_length.set(gauges.queue_length)
 
+    def set_verdicts(self, counts: dict[str, int]) -> None:
+        """Complete entries by current verdict, counted at a scrape by their owner
+        (cached/safety/audit.py ``Safety.counts``); other labels are ignored."""
+        for verdict in (*VERDICTS, "unknown"):
+            self.entries_by_verdict.labels(verdict).set(counts.get(verdict, 0))
+
     def reloaded(self, in_force: bool, at: float | None) -> None:
         """The last reload's outcome (``cached reload``'s: refused, partly applied, or with
         options waiting for a restart count as not successful) and the last success's time."""
@@ -487,6 +526,22 @@ def image_judged(verdict: str) -> None:
     m = _active
     if m is not None and verdict in VERDICTS:
         m.verdicts.labels(verdict).inc()
+
+
+def image_reinspected(verdict: str, seconds: float) -> None:
+    """A cached image was inspected again from its file (cached/safety/audit.py)."""
+    m = _active
+    if m is not None and verdict in VERDICTS:
+        m.reinspections.labels(verdict).inc()
+        m.reinspection_seconds.observe(seconds)
+
+
+def safety_audited(seconds: float) -> None:
+    """A pass of the safety audit job ended (cached/safety/audit.py)."""
+    m = _active
+    if m is not None:
+        m.safety_audits.inc()
+        m.safety_audit_seconds.observe(seconds)
 
 
 def auth_reused() -> None:

@@ -194,6 +194,8 @@ class GlanceServer:
             image cache; its cache misses are close-delimited, without Content-Length).
         threads: uWSGI threads of the single worker process.
         debug: glance-api's debug logging.
+        image_format: options of glance-api.conf's ``[image_format]`` section (e.g.
+            ``require_image_format_match``).
     """
 
     def __init__(
@@ -205,6 +207,7 @@ class GlanceServer:
         cache_middleware: bool = False,
         threads: int = 8,
         debug: bool = False,
+        image_format: dict[str, str] | None = None,
     ) -> None:
         self.venv = venv
         self.dir = workdir
@@ -212,6 +215,7 @@ class GlanceServer:
         self.flavor = "keystone+cachemanagement" if cache_middleware else "keystone"
         self.threads = threads
         self.debug = debug
+        self.image_format = dict(image_format or {})
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.etc = workdir / "etc"
@@ -235,6 +239,7 @@ class GlanceServer:
         # The glance wheel installs its sample configs as data_files under <venv>/etc.
         shutil.copy(self.venv / "etc/glance/glance-api-paste.ini", self.etc)
         d = self.dir
+        image_format = "".join(f"{k} = {v}\n" for k, v in self.image_format.items())
         (self.etc / "glance-api.conf").write_text(
             f"""\
 [DEFAULT]
@@ -270,7 +275,9 @@ http_connect_timeout = 10
 
 [oslo_concurrency]
 lock_path = {d}/locks
-"""
+
+[image_format]
+{image_format}"""
         )
 
     def _write_uwsgi_ini(self) -> Path:

@@ -347,12 +347,13 @@ async def test_scheduler_jobs(glance: FakeGlance, cache_dir: Path) -> None:
     )
     try:
         jobs = {j.id: j for j in d.app[SCHEDULER].get_jobs()}
-        assert sorted(jobs) == ["clean", "prefetch", "prune", "scrub"]
+        assert sorted(jobs) == ["audit", "clean", "prefetch", "prune", "scrub"]
         assert {n: j.trigger.interval.total_seconds() for n, j in jobs.items()} == {
             "prefetch": 7,
             "prune": 8,
             "clean": 3600,
             "scrub": 86400,
+            "audit": 3600,  # image_safety_audit_interval (cached/safety/audit.py)
         }
         assert all(j.max_instances == 1 and j.coalesce for j in jobs.values())
     finally:

@@ -145,11 +145,13 @@ async def test_restarted_daemon_reads_the_verdict_from_the_entry(
         await stop_daemon(second)
 
 
-async def test_an_unparseable_verdict_is_no_verdict(glance: FakeGlance, tmp_path: Path) -> None:
+async def test_an_unparseable_verdict_is_no_verdict_and_the_first_hit_inspects_again(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
-    data = make(tmp_path, "clean")
-    image = glance.add_image(data, disk_format="qcow2")
+    data = make(tmp_path, "backing")
+    image = glance.add_image(data, disk_format="raw")
     first = await start_daemon(cache, glance.url)
     try:
         await miss_then_hit(first, image.id, data)
@@ -159,8 +161,17 @@ async def test_an_unparseable_verdict_is_no_verdict(glance: FakeGlance, tmp_path
     second = await start_daemon(cache, glance.url)
     try:
         status, headers, body = await second.get(image.id)
-        assert (status, body == data) == (200, True)
-        assert "Cached-Image-Verdict" not in headers
+        assert (status, headers["Cache-Status"], body == data) == (200, HIT, True)
+        # No verdict kept: the hit inspected the file again, its declaration looked up with
+        # the caller's token (the tamper kept none), and stored the new verdict.
+        assert headers["Cached-Image-Verdict"] == (
+            'unsafe; detected="qcow2"; declared="raw"; checks="backing_file"'
+        )
+        verdict = stored_verdict(second, image.id)
+        assert verdict is not None and verdict.checks == ("backing_file",)
+        assert verdict.container == "bare"
+        entry = second.store.get(image.id)
+        assert entry is not None and not entry.suspect  # the commit record was written again
     finally:
         await stop_daemon(second)
 

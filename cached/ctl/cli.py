@@ -3,7 +3,8 @@
 The verbs, options, prompts, tables and error messages are those of Glance's
 ``glance-cache-manage`` (``glance/cmd/cache_manage.py``), so operators and their scripts can
 switch; on top: ``--json``, human sizes, fetch progress in ``list-queued`` and ``--all-hosts``
-(one table for every controller, queried at once).
+(one table for every controller, queried at once), and cached's own ``safety`` command (the
+content verdicts, :mod:`cached.ctl.safety`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import aiohttp
 
 from cached import __version__
 from cached import config as configuration
-from cached.ctl import render
+from cached.ctl import render, safety
 from cached.ctl.client import (
     Client,
     Forbidden,
@@ -103,6 +104,10 @@ def _commands_help() -> str:
     lines = ["commands:"]
     lines += [f"  {'help [<command>]':<26}Output help for one of the commands below"]
     lines += [f"  {v.name + (' <ID>' if v.takes_id else ''):<26}{v.help}" for v in VERBS.values()]
+    lines += [f"  {'safety <ACTION> [<ID>]':<26}Content verdicts (cached's own):"]
+    for action in safety.ACTIONS.values():
+        name = action.name + (" <ID>" if action.takes_id else "")
+        lines += [f"    {name:<24}{action.help}"]
     return "\n".join(lines)
 
 
@@ -114,8 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_commands_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("command", choices=["help", *VERBS], metavar="COMMAND", help="see below")
+    p.add_argument(
+        "command", choices=["help", *VERBS, "safety"], metavar="COMMAND", help="see below"
+    )
     p.add_argument("image_id", nargs="?", metavar="ID", help="image ID (a UUID)")
+    p.add_argument("extra", nargs="?", help=argparse.SUPPRESS)  # safety ACTION ID
     p.add_argument(
         "-H",
         "--host",
@@ -180,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="per request and host (default %(default)s)",
     )
+    safety.add_options(p)
     p.add_argument("--version", action="version", version=f"cached-manage {__version__}")
     return p
 
@@ -263,9 +272,16 @@ def confirm(question: str, to_stderr: bool) -> bool:
 class Run:
     """One invocation: the parsed arguments, the hosts, and what went to stdout/stderr."""
 
-    def __init__(self, args: argparse.Namespace, verb: Verb, targets: list[Target]) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        verb: Verb,
+        targets: list[Target],
+        action: safety.Action | None = None,
+    ) -> None:
         self.args = args
         self.verb = verb
+        self.action = action  # cached-manage safety ACTION
         self.targets = targets
         self.multi = args.all_hosts or len(targets) > 1
 
@@ -306,6 +322,8 @@ class Run:
             return await self._execute(clients)
 
     async def _execute(self, clients: list[Client]) -> int:
+        if self.action is not None:
+            return await safety.execute(self.action, self.args, clients, confirm)
         if self.verb.name == "list-cached":
             return await self.list_cached(clients)
         if self.verb.name == "list-queued":
@@ -447,9 +465,20 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> V
             verb = VERBS[args.image_id]
             print(f"cached-manage {verb.name}{' <ID>' if verb.takes_id else ''} [options]")
             print(f"\n    {verb.help}.")
+        elif args.image_id == "safety":
+            print(f"cached-manage {safety.HELP} [options]")
+            for action in safety.ACTIONS.values():
+                print(f"\n    {action.name}: {action.help}.")
         else:
             parser.error(f"{args.image_id!r} is not a valid command")
         return None
+    if args.command == "safety":
+        action = safety.check_usage(parser, args)
+        if args.timeout <= 0:
+            parser.error("--timeout must be positive")
+        return Verb("safety", action.help, "", "", action.failure)
+    if args.extra is not None:
+        parser.error(f"unrecognized arguments: {args.extra}")
     verb = VERBS[args.command]
     if verb.takes_id:
         if args.image_id is None:
@@ -486,8 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cached-manage: configuration error: {exc}", file=sys.stderr)
         return USAGE
     start = time.monotonic()
+    action = safety.ACTIONS[args.extra_action] if verb.name == "safety" else None
     try:
-        status = asyncio.run(_run(Run(args, verb, targets)))
+        status = asyncio.run(_run(Run(args, verb, targets, action)))
     except KeyboardInterrupt:
         return FAILED
     except Exception as exc:

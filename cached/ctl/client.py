@@ -186,11 +186,31 @@ class Client:
         except ValueError:
             return status, None
 
-    async def _send(self, method: str, path: str) -> tuple[int, bytes]:
+    async def request_json(self, method: str, path: str, body: Any = None) -> Any:
+        """``METHOD path`` (absolute, one prefix: cached's own endpoints such as
+        ``/v2/cache/safety``) with an optional JSON body; the JSON answer (None if empty).
+
+        Raises:
+            HostError: a refusal or failure, worded for the operator (a 404 names what the
+                daemon said: an image not cached there, safety off).
+        """
+        status, answer = await self._send(method, path, body)
+        if status == 403:
+            raise Forbidden(self.target, "Not authorized to make this request.", status)
+        if not 200 <= status < 300:
+            detail = " ".join(answer.decode("utf-8", "replace").split())[:200]
+            raise HostError(self.target, f"HTTP {status}: {detail}".rstrip(": "), status)
+        return self._json(answer)
+
+    async def _send(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
         timeout = aiohttp.ClientTimeout(total=self.timeout)
         try:
             async with self.session.request(
-                method, self.target.url + path, headers=self.headers, timeout=timeout
+                method,
+                self.target.url + path,
+                headers=self.headers,
+                timeout=timeout,
+                json=body,
             ) as resp:
                 return resp.status, await resp.read()
         except TimeoutError:
@@ -217,6 +237,21 @@ async def gather_hosts(
     async def one(client: Client) -> Any | HostError:
         try:
             return await client.call(method, path)
+        except HostError as exc:
+            return exc
+
+    answers = await asyncio.gather(*(one(c) for c in clients))
+    return list(zip(clients, answers, strict=True))
+
+
+async def gather_json(
+    clients: list[Client], method: str, path: str, body: Any = None
+) -> list[tuple[Client, Any | HostError]]:
+    """:meth:`Client.request_json` on every host at once; each answer or error, in order."""
+
+    async def one(client: Client) -> Any | HostError:
+        try:
+            return await client.request_json(method, path, body)
         except HostError as exc:
             return exc
 

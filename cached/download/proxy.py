@@ -356,7 +356,17 @@ class Proxy:
         response.headers["x-openstack-request-id"] = dl.request_id
         response.headers["Cache-Status"] = dl.outcome.value
         if self.safety is not None and dl.outcome in (Outcome.HIT, Outcome.STALE_HIT):
-            verdict = await self.safety.header_for(entry)
+            # An entry without a current verdict is inspected again here, from its file (on
+            # the store's threads); one that kept no declaration has its record looked up with
+            # the caller's credentials (not on a stale hit: the upstream is down).
+            creds = dl.creds
+
+            async def lookup(image_id: str) -> ImageRecord | None:
+                return await self._record(image_id, creds)
+
+            verdict = await self.safety.header_for(
+                entry, lookup if dl.outcome is Outcome.HIT else None
+            )
             if verdict is not None:
                 response.headers[SAFETY_HEADER] = verdict
         try:

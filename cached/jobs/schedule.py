@@ -1,5 +1,6 @@
 """The periodic jobs Glance ran as separate processes: prune, clean (and prefetch, whose
-state lives in :mod:`cached.jobs.prefetch`).
+state lives in :mod:`cached.jobs.prefetch`); cached's own scrub (:mod:`cached.cachedir.reverify`)
+and content audit (:mod:`cached.safety.audit`) are scheduled here too.
 
 ``prune`` and ``clean`` are plain async functions with explicit arguments; the apscheduler
 wiring (:func:`start_scheduler`) is a few lines at the end. They change the index only
@@ -15,7 +16,7 @@ import datetime as dt
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from cached.config import Config
 from cached.errors import NotAdmitted
 from cached.fill.registry import Filler
 from cached.jobs.prefetch import Prefetcher
+from cached.safety.audit import AuditResult, Safety
 from cached.store import Entry, Store
 
 log = logging.getLogger("cached.jobs")
@@ -158,6 +160,30 @@ async def clean(store: Store, filler: Filler, stall_time: float) -> CleanResult:
     return CleanResult(stalled, len(invalid))
 
 
+def audit_busy(store: Store, filler: Filler) -> Callable[[Entry], bool]:
+    """What the content audit leaves alone now: entries being filled, no longer indexed, or
+    suspect (re-verified by digest before anything reads them)."""
+
+    def busy(entry: Entry) -> bool:
+        return (
+            entry.suspect
+            or store.get(entry.image_id) is not entry
+            or filler.fill_of(entry) is not None
+        )
+
+    return busy
+
+
+def audit_job(safety: Safety, store: Store, filler: Filler) -> Callable[[], Awaitable[AuditResult]]:
+    """The ``audit`` job: :meth:`Safety.audit` over the complete entries."""
+    busy = audit_busy(store, filler)
+
+    async def audit() -> AuditResult:
+        return await safety.audit(store.complete_entries, busy)
+
+    return audit
+
+
 class Maintenance:
     """``prune`` and ``clean`` with this daemon's settings; one run of each at a time, whether
     the schedule or the API (``POST /v2/cache/prune``, ``/clean``) starts it. Also the
@@ -175,6 +201,14 @@ class Maintenance:
         self._closed = False  # the daemon stops: fills ending now make no room
         self._admitting = asyncio.Lock()  # one admission decides at a time
         self._admitted = 0  # bytes admitted whose fills have not reserved them yet
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    @property
+    def filler(self) -> Filler:
+        return self._filler
 
     def configure(self, config: Config) -> None:
         """Take ``image_cache_max_size``, ``min_free_space`` and ``image_cache_stall_time``
@@ -297,9 +331,14 @@ def _log_failure(task: asyncio.Task[PruneResult]) -> None:
 
 # ------------------------------------------------------------------------------- schedule
 def start_scheduler(
-    config: Config, prefetcher: Prefetcher, maintenance: Maintenance, integrity: Integrity
+    config: Config,
+    prefetcher: Prefetcher,
+    maintenance: Maintenance,
+    integrity: Integrity,
+    safety: Safety | None = None,
 ) -> AsyncIOScheduler:
-    """Run prefetch, prune and clean on their intervals (never overlapping themselves)."""
+    """Run prefetch, prune, clean, scrub (and, with a ``safety``, the content audit) on their
+    intervals (never overlapping themselves)."""
     # UTC: interval jobs need no local zone, and looking it up reads files on the loop.
     scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop(), timezone=dt.UTC)
     jobs = [
@@ -308,6 +347,14 @@ def start_scheduler(
         ("clean", config.cache_clean_interval, maintenance.clean),
         ("scrub", config.scrub_interval, integrity.scrub),  # cached/cachedir/reverify.py
     ]
+    if safety is not None:  # cached/safety/audit.py: entries without a current verdict
+        jobs.append(
+            (
+                "audit",
+                config.image_safety_audit_interval,
+                audit_job(safety, maintenance.store, maintenance.filler),
+            )
+        )
     for name, interval, func in jobs:
         scheduler.add_job(
             func,

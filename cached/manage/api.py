@@ -31,6 +31,34 @@ prints every top-level key of that document but ``cached_images`` as queued rows
         "since": "2026-01-01T00:00:00.000000Z", ...}]}   # cached/cachedir/guard.py Guard.status()
 
 Listed: every queued image, and every image being filled for a client (no ``failures``...).
+
+cached's content-safety endpoints (issue 18; cached/safety/audit.py), JSON, beside the other
+extensions under ``/v2/cache/`` (``GET /v2/cache`` itself stays Glance's document):
+
+=============================================  ====  ========================================
+``GET /v2/cache/safety``                       200   every complete entry's verdict, the
+                                                     overrides, the last audit
+``GET /v2/cache/safety/{id}``                  200   one image's verdict (404: not cached and
+                                                     no override)
+``POST /v2/cache/safety/{id}/recheck``         200   inspect it again from its file now
+``POST /v2/cache/safety/audit``                202   start an audit pass (``?every=true``:
+                                                     current verdicts too)
+``PUT /v2/cache/safety/{id}/override``         200   ``{"os_hash_value": H, "reason": "..."}``
+``DELETE /v2/cache/safety/{id}/override``      204   withdraw it (404: there was none)
+=============================================  ====  ========================================
+
+A verdict row::
+
+    {"image_id": "...", "cached": true, "size": 123, "os_hash_value": "ab12..." | null,
+     "verdict": "unsafe" | null, "current": true, "detected": "qcow2", "declared": "raw",
+     "container": "bare", "checks": ["backing_file"], "ignored": [], "virtual_size": 1048576,
+     "oslo_utils": "10.2.0", "policy": "1f0c9a2e",
+     "override": {"os_hash_value": "...", "at": 1765080000.0, "reason": "..."} | null,
+     "overridden": false}          # the override applies to the cached bytes' hash value
+
+``verdict`` null: the entry has none (filled before inspection, or with ``off``);
+``current`` false: made by another oslo.utils version or policy (inspected again on its next
+hit or audit). With ``image_safety_mode: off`` every safety endpoint answers 404.
 """
 
 from __future__ import annotations
@@ -55,9 +83,13 @@ from cached.fill.registry import Filler
 from cached.identity.keystone import ServiceAuth
 from cached.ids import is_image_id
 from cached.jobs.prefetch import Prefetcher
-from cached.jobs.schedule import Maintenance
+from cached.jobs.schedule import Maintenance, audit_busy
 from cached.manage.access import Access, AdminGuard
-from cached.store import Store
+from cached.safety.audit import Safety
+from cached.safety.inspect import VERSION as INSPECTOR_VERSION
+from cached.safety.overrides import HASH
+from cached.safety.verdict import Verdict
+from cached.store import Entry, Store
 from cached.upstream import Backend, Credentials, ImageRecord
 
 log = logging.getLogger("cached.manage")
@@ -78,6 +110,10 @@ class BadRequest(CachedError):
     """A body on a GET, a bad header, an id that is no UUID."""
 
 
+class SafetyOff(CachedError):
+    """``image_safety_mode: off``: no verdicts to show (a 404)."""
+
+
 @dataclass
 class Manager:
     """What the management handlers work with."""
@@ -92,6 +128,7 @@ class Manager:
     session: aiohttp.ClientSession
     service: ServiceAuth
     directories: Directories | None = None
+    safety: Safety | None = None  # image_safety_mode audit (cached/safety/audit.py)
 
     async def record(self, image_id: str, creds: Credentials) -> ImageRecord:
         """The image record, asked with the caller's credentials (404 if unknown to them).
@@ -244,7 +281,7 @@ def _error_for(request: web.Request, exc: CachedError | OSError) -> web.Response
     if isinstance(exc, OSError):
         log.error("cache directory error: %s", exc)
         return _error(503, f"The cache directory is unavailable: {exc.strerror or exc}")
-    if isinstance(exc, ImageNotFound):
+    if isinstance(exc, ImageNotFound | SafetyOff):
         return _error(404, str(exc))
     if isinstance(exc, ImageNotActive | BadRequest):
         return _error(400, str(exc))
@@ -410,6 +447,143 @@ async def legacy_delete_queued_image(m: Manager, request: web.Request) -> web.St
     return _json(None)
 
 
+# ------------------------------------------------------------------ content safety
+def _safety(m: Manager) -> Safety:
+    if m.safety is None:
+        raise SafetyOff("Image content safety is off here (image_safety_mode: off).")
+    return m.safety
+
+
+def _verdict_row(
+    safety: Safety, image_id: str, entry: Entry | None, verdict: Verdict | None
+) -> dict[str, Any]:
+    """One image's verdict as the safety endpoints show it (see the module docstring)."""
+    override = safety.override_of(image_id)
+    hash_value = entry.os_hash_value if entry is not None else None
+    row: dict[str, Any] = {
+        "image_id": image_id,
+        "cached": entry is not None,
+        "size": entry.size if entry is not None else None,
+        "os_hash_value": hash_value,
+        "verdict": verdict.outcome.value if verdict is not None else None,
+        "current": safety.current(verdict),
+        "detected": None,
+        "declared": None,
+        "container": None,
+        "checks": [],
+        "ignored": [],
+        "virtual_size": None,
+        "oslo_utils": None,
+        "policy": None,
+    }
+    if verdict is not None:
+        row |= {
+            "detected": verdict.detected,
+            "declared": verdict.declared,
+            "container": verdict.container,
+            "checks": list(verdict.checks),
+            "ignored": list(verdict.ignored),
+            "virtual_size": verdict.virtual_size,
+            "oslo_utils": verdict.version,
+            "policy": verdict.policy,
+        }
+    found = override.to_json() if override is not None else None
+    if found is not None:
+        del found["image_id"]
+    row["override"] = found
+    row["overridden"] = safety.overridden(image_id, hash_value)
+    return row
+
+
+def _audit_state(safety: Safety) -> dict[str, Any]:
+    last = safety.last_audit
+    return {"running": safety.auditing, "last": last.to_json() if last is not None else None}
+
+
+async def safety_list(m: Manager, request: web.Request) -> web.StreamResponse:
+    safety = _safety(m)
+    m.check_cache()
+    entries = sorted(m.store.complete_entries(), key=lambda e: e.image_id)
+    rows = [_verdict_row(safety, e.image_id, e, v) for e, v in await safety.verdicts(entries)]
+    return _json(
+        {
+            "verdicts": rows,
+            "overrides": [o.to_json() for o in safety.overrides()],
+            "oslo_utils": INSPECTOR_VERSION,
+            "policy": safety.fingerprint,
+            "audit": _audit_state(safety),
+        }
+    )
+
+
+def _cached(m: Manager, image_id: str) -> Entry | None:
+    entry = m.store.get(image_id)
+    return entry if entry is not None and entry.complete else None
+
+
+async def safety_show(m: Manager, request: web.Request) -> web.StreamResponse:
+    safety, image_id = _safety(m), _image_id(request)
+    entry = _cached(m, image_id)
+    if entry is None:
+        if safety.override_of(image_id) is None:
+            raise ImageNotFound(f"Image {image_id} is not cached here.")
+        return _json(_verdict_row(safety, image_id, None, None))
+    m.check_cache()
+    return _json(_verdict_row(safety, image_id, entry, await safety.stored(entry)))
+
+
+async def safety_recheck(m: Manager, request: web.Request) -> web.StreamResponse:
+    safety, image_id = _safety(m), _image_id(request)
+    entry = _cached(m, image_id)
+    if entry is None:
+        raise ImageNotFound(f"Image {image_id} is not cached here.")
+    m.check_cache(change=True)
+    image: ImageRecord | None = None
+    try:  # its declaration as the upstream states it now; else the one its verdict kept
+        image = await m.record(image_id, Credentials.from_headers(request.headers))
+    except CachedError as exc:
+        log.info("recheck of %s without its record (%s): the kept declaration", image_id, exc)
+    verdict = await safety.recheck(entry, image)
+    log.info("safety recheck of %s by an admin: %s", image_id, verdict and verdict.outcome.value)
+    return _json(_verdict_row(safety, image_id, entry, verdict))
+
+
+async def safety_audit(m: Manager, request: web.Request) -> web.StreamResponse:
+    safety = _safety(m)
+    m.check_cache(change=True)
+    every = request.query.get("every", "").lower() in ("1", "true", "yes")
+    started = safety.start_audit(
+        m.store.complete_entries, audit_busy(m.store, m.filler), every=every
+    )
+    log.info("safety audit %s by an admin", "started" if started else "already running")
+    return _json({"started": started, "audit": _audit_state(safety)}, status=202)
+
+
+async def safety_override(m: Manager, request: web.Request) -> web.StreamResponse:
+    safety, image_id = _safety(m), _image_id(request)
+    if request.method == "DELETE":
+        m.check_cache(change=True)
+        if not await safety.remove_override(image_id):
+            raise ImageNotFound(f"Image {image_id} has no safety override.")
+        return _empty(204)
+    try:
+        body = await request.json() if request.body_exists else None
+    except ValueError:
+        raise BadRequest("The body is not JSON.") from None
+    hash_value = body.get("os_hash_value") if isinstance(body, dict) else None
+    if not isinstance(hash_value, str) or not HASH.fullmatch(hash_value.lower()):
+        raise BadRequest(
+            'Give {"os_hash_value": "<the image\'s os_hash_value, hex>"}: an override applies '
+            "to those bytes only."
+        )
+    m.check_cache(change=True)
+    reason = body.get("reason", "") if isinstance(body, dict) else ""
+    await safety.override(image_id, hash_value.lower(), reason if isinstance(reason, str) else "")
+    entry = _cached(m, image_id)
+    verdict = await safety.stored(entry) if entry is not None else None
+    return _json(_verdict_row(safety, image_id, entry, verdict))
+
+
 # -------------------------------------------------------------------------- routing
 @dataclass(frozen=True)
 class _Resource:
@@ -425,6 +599,15 @@ _CACHE_API = (
     _Resource("/cache/prune", {"POST": prune}, "POST"),
     _Resource("/cache/progress", {"GET": progress}, "GET", True),
     _Resource("/cache/nodes/{image_id}", {"GET": nodes}, "GET", True),
+    _Resource("/cache/safety", {"GET": safety_list}, "GET", True),
+    _Resource("/cache/safety/audit", {"POST": safety_audit}, "POST"),
+    _Resource("/cache/safety/{image_id}", {"GET": safety_show}, "GET", True),
+    _Resource("/cache/safety/{image_id}/recheck", {"POST": safety_recheck}, "POST"),
+    _Resource(
+        "/cache/safety/{image_id}/override",
+        {"PUT": safety_override, "DELETE": safety_override},
+        "DELETE, PUT",
+    ),
     _Resource("/cache/{image_id}", {"PUT": queue_image, "DELETE": delete_image}, "DELETE, PUT"),
     _Resource("/cache/{tail:.*}", {}, ""),  # anything else under /cache: ours, never proxied
 )

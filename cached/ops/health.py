@@ -304,6 +304,9 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     if ops.store is not None:
         gauges = await cache_gauges(ops.store, ops.filler)
         ops.metrics.set_cache(gauges, ops.config.image_cache_max_size)
+        safety = ops.filler.safety if ops.filler is not None else None
+        if safety is not None:  # (from memory: no xattr is read for a scrape)
+            ops.metrics.set_verdicts(safety.counts(ops.store.complete_entries()))
     reloads = ops.reloads
     if reloads.finished:
         in_force = reloads.result == "applied" and not reloads.restart_needed

@@ -82,6 +82,7 @@ LIVE = frozenset(
         "shutdown_grace",
         "scrub_interval",
         "scrub_rate",
+        "image_safety_audit_interval",
         "policy",
     }
 )

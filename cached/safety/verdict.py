@@ -117,6 +117,7 @@ class Verdict:
     version: str = ""  # oslo.utils' version
     policy: str = ""  # Policy.fingerprint() of the policy that judged
     reason: str | None = field(default=None, compare=False)  # the error's text, for logs
+    container: str | None = None  # the declared container_format (None: nothing declared)
 
     @property
     def allowed(self) -> bool:
@@ -166,6 +167,7 @@ def judge(seen: Observation, declared: Declared, policy: Policy) -> Verdict:
             seen.version,
             policy.fingerprint(),
             reason,
+            declared.container_format,
         )
 
     if seen.error is not None or not seen.findings:
