@@ -41,7 +41,12 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OUTCOMES = ("hit", "miss", "collapsed", "partial", "bypass")
 UPSTREAM_KINDS = ("data", "range", "probe", "record", "forward")
 FLEET_SOURCES = ("copy", "fill", "upstream")
-FLEET_OUTCOMES = ("served", "state", "suspect", "refused", "busy", "unavailable", "absent", "bad")
+FLEET_OUTCOMES = (
+    "served", "state", "suspect", "refused", "busy", "unavailable", "absent", "bad",
+    "deleted", "forgotten",
+)  # fmt: skip
+FLEET_NOTICES = ("delete", "forget")  # what a member tells every sibling (fleet/notices.py)
+FLEET_NOTICE_RESULTS = ("done", "retried", "given-up", "dropped")
 FILL_RESULTS = ("verified", "invalid", "failed", "cancelled", "idle")
 VERDICTS = ("safe", "mismatch", "unsafe", "not-inspectable", "error")  # cached/safety/verdict.py
 # Whole multi-GiB images take minutes; a hit of a small one takes milliseconds.
@@ -340,7 +345,7 @@ class Metrics:
         self.fleet_requests = Counter(
             "cached_fleet_peer_requests",
             "Peer requests answered, by outcome (served, state, suspect, refused, busy, "
-            "unavailable, absent, bad)",
+            "unavailable, absent, bad, deleted, forgotten)",
             ["outcome"],
             registry=r,
         )
@@ -355,6 +360,24 @@ class Metrics:
             "Peer requests from a sibling whose fleet_members list differs from ours",
             registry=r,
         )
+        self.fleet_notices_pending = Gauge(
+            "cached_fleet_notices_pending",
+            "Image deletes and forgets this member still has to tell a sibling (retried "
+            "for up to 10 min), per sibling and image",
+            ["action"],
+            registry=r,
+        )
+        self.fleet_notices = Counter(
+            "cached_fleet_notices",
+            "Notices to siblings (image deleted, allowances to forget) by result: done, "
+            "retried (one more attempt), given-up (10 min passed), dropped (too many pending)",
+            ["action", "result"],
+            registry=r,
+        )
+        for action in FLEET_NOTICES:
+            self.fleet_notices_pending.labels(action)
+            for result in FLEET_NOTICE_RESULTS:
+                self.fleet_notices.labels(action, result)
         for source in FLEET_SOURCES:
             self.fleet_sources.labels(source)
         for outcome in FLEET_OUTCOMES:
@@ -543,3 +566,15 @@ def fleet_bytes(direction: str, n: int) -> None:
 def fleet_list_mismatch() -> None:
     if _active is not None:
         _active.fleet_list_mismatch.inc()
+
+
+def fleet_notice_pending(action: str, change: int) -> None:
+    """A notice to a sibling (``delete``, ``forget``) became pending (+1) or ended (-1)."""
+    if _active is not None and action in FLEET_NOTICES:
+        _active.fleet_notices_pending.labels(action).inc(change)
+
+
+def fleet_notice(action: str, result: str) -> None:
+    """A notice attempt's ``result`` (FLEET_NOTICE_RESULTS)."""
+    if _active is not None and action in FLEET_NOTICES and result in FLEET_NOTICE_RESULTS:
+        _active.fleet_notices.labels(action, result).inc()

@@ -542,7 +542,7 @@ async def test_peer_requests_must_be_signed_for_the_member(tmp_path: Path) -> No
                 assert r.status == 200 and (await r.json())["id"] == "ctl-a"
             # Other methods and paths under the prefix: answered here, never relayed.
             before = len(glance.requests)
-            for method, where in (("DELETE", path), ("PUT", path), ("GET", path + "/x")):
+            for method, where in (("DELETE", path + "/x"), ("PUT", path), ("GET", path + "/x")):
                 resp = await ask_at(session, a.url + where, method, {})
                 assert resp.status == 401
                 signed = as_b.sign(method, where, "ctl-a")

@@ -97,6 +97,9 @@ class Proxy:
     admission: Callable[[int], AbstractAsyncContextManager[NotAdmitted | None]] | None = None
     # Told of every image deleted through the proxy (e.g. the prefetch queue forgets it).
     on_deleted: list[Callable[[str], Awaitable[object]]] = field(default_factory=list)
+    # Told of every change the upstream accepted through this proxy, ``deleted`` or not,
+    # after it is applied here (cached/fleet/notices.py tells the siblings).
+    on_changed: list[Callable[[str, bool], None]] = field(default_factory=list)
     integrity: Integrity | None = None  # re-verifies a changed file before a hit (scrub.py)
     adopter: Adopter | None = None  # Glance's cached files, adopted (cached/cachedir/adoption.py)
     directories: Directories | None = None  # None: the cache directory is not guarded
@@ -481,6 +484,15 @@ class Proxy:
         return await self.passthrough.versions(request)
 
     async def image_changed(self, image_id: str, *, deleted: bool) -> None:
+        """The upstream accepted a change of ``image_id`` through this proxy: apply it here
+        (:meth:`apply_change`), then tell ``on_changed`` (the fleet's siblings)."""
+        await self.apply_change(image_id, deleted=deleted)
+        for hook in self.on_changed:
+            hook(image_id, deleted)
+
+    async def apply_change(self, image_id: str, *, deleted: bool) -> None:
+        """Forget the allowances remembered for ``image_id`` and, when it was ``deleted``,
+        drop its copy (also on a sibling's notice, cached/fleet/serve.py)."""
         self.authorizer.forget(image_id)
         if deleted:
             # The upstream has answered: a cache share that hangs must not hold that answer.

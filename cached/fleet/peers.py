@@ -61,11 +61,13 @@ PENDING = "pending"  # a fill choosing its source: "filling; source=pending"
 
 
 class PeerHealth:
-    """Which siblings are down, and until when (monotonic seconds)."""
+    """Which siblings are down, and until when (monotonic seconds); the last failure of each
+    (for the member's state, cached/fleet/serve.py ``GET state``)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self._down: dict[str, tuple[float, float]] = {}  # id -> (down until, last back-off)
+        self.last_error: dict[str, tuple[float, str]] = {}  # id -> (wall-clock time, why)
 
     def usable(self, member_id: str) -> bool:
         until, _ = self._down.get(member_id, (0.0, 0.0))
@@ -75,6 +77,7 @@ class PeerHealth:
         _, backoff = self._down.get(member_id, (0.0, 0.0))
         backoff = min(DOWN_MAX, backoff * 2 if backoff else DOWN_INITIAL)
         self._down[member_id] = (self._clock() + backoff, backoff)
+        self.last_error[member_id] = (time.time(), str(why)[:300])
         log.warning("sibling %s is down for %.0fs: %s", member_id, backoff, why)
 
     def passed(self, member_id: str) -> None:
@@ -84,8 +87,22 @@ class PeerHealth:
     def down(self) -> list[str]:
         return sorted(m for m in self._down if not self.usable(m))
 
+    def view(self, member_id: str) -> dict[str, object]:
+        """What this member knows of ``member_id``'s health."""
+        until, backoff = self._down.get(member_id, (0.0, 0.0))
+        at, why = self.last_error.get(member_id, (None, None))
+        return {
+            "up": self.usable(member_id),
+            "down_for": round(max(0.0, until - self._clock()), 3),
+            "backoff": backoff,
+            "last_error": why,
+            "last_error_at": at,
+        }
+
 
 RATE_WINDOW = 5.0  # seconds over which a complete copy's rate is judged
+SUSPECTS_MAX = 1024  # (sibling, image) pairs remembered as suspect ...
+SUSPECT_FOR = 600.0  # ... for at most this many seconds
 
 
 @dataclass(frozen=True)
@@ -125,9 +142,13 @@ class Fleet:
         self.timeouts = timeouts
         self.health = health or PeerHealth()
         self.siblings = {m.id: m for m in trust.members if m.id != trust.self_id}
-        # (member, image): that member's bytes of that image failed the digest; the next
-        # fill of the image skips it (taken by sources_for).
-        self._suspects: set[tuple[str, str]] = set()
+        # (member, image) -> when (monotonic): that member's bytes of that image failed the
+        # digest; the next fill of the image skips it (taken by sources_for). Bounded: at most
+        # SUSPECTS_MAX, each for SUSPECT_FOR seconds (the sibling re-verifies meanwhile).
+        self._suspects: dict[tuple[str, str], float] = {}
+        # Image bytes exchanged with each sibling: received by fills, sent to it.
+        self.bytes_from: dict[str, int] = dict.fromkeys(self.siblings, 0)
+        self.bytes_to: dict[str, int] = dict.fromkeys(self.siblings, 0)
         self._tasks: set[asyncio.Task[None]] = set()  # fill watchers, suspect notices
 
     @staticmethod
@@ -148,18 +169,45 @@ class Fleet:
             self, fill.entry.image_id, fill.entry.size, fill.upstream, fill.digest is not None
         )
         sources.forward = self.forwarding
+        self._expire_suspects()
         sources.skip = {m for m, i in self._suspects if i == fill.entry.image_id}
-        self._suspects -= {(m, fill.entry.image_id) for m in sources.skip}
+        for m in sources.skip:
+            del self._suspects[(m, fill.entry.image_id)]
         sources.watch(fill)
         return sources
 
     def suspect(self, member_id: str, image_id: str) -> None:
         """``member_id``'s bytes of ``image_id`` failed the digest: the next fill of the image
         skips it, and it is told to re-verify its copy (``POST .../suspect``)."""
-        self._suspects.add((member_id, image_id))
+        self._expire_suspects()
+        self._suspects.pop((member_id, image_id), None)
+        while len(self._suspects) >= SUSPECTS_MAX:
+            del self._suspects[next(iter(self._suspects))]  # the oldest
+        self._suspects[(member_id, image_id)] = time.monotonic()
         task = asyncio.get_running_loop().create_task(self._tell_suspect(member_id, image_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _expire_suspects(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, at in self._suspects.items() if now - at > SUSPECT_FOR]:
+            del self._suspects[key]
+
+    def suspects(self) -> int:
+        self._expire_suspects()
+        return len(self._suspects)
+
+    async def signed(self, method: str, member_id: str, path: str) -> int:
+        """Send a bodiless signed request to ``member_id``; its status (within the headers
+        timeout). Raises TimeoutError or aiohttp.ClientError when it does not answer."""
+        member = self.siblings[member_id]
+        headers = self.trust.sign(method, path, member_id)
+        async with asyncio.timeout(self.timeouts.headers):
+            async with self._session.request(
+                method, member.url + path, headers=headers, allow_redirects=False
+            ) as resp:
+                await resp.read()
+                return resp.status
 
     async def _tell_suspect(self, member_id: str, image_id: str) -> None:
         member = self.siblings[member_id]
@@ -325,7 +373,11 @@ class PeerSource:
                         f"{self.name} sent {resp.headers.get('Content-Range')!r}, not {expected!r}"
                     )
                 floor = 0.0 if self.following else fleet.timeouts.min_copy_rate
-                yield _Counted(GlanceStream(resp, start), self.name, floor)
+                counted = _Counted(GlanceStream(resp, start), self.name, floor)
+                try:
+                    yield counted
+                finally:
+                    fleet.bytes_from[member.id] = fleet.bytes_from.get(member.id, 0) + counted.total
             finally:
                 resp.close()
         except (UpstreamError, UpstreamUnavailable) as exc:
@@ -346,6 +398,7 @@ class _Counted:
         self._floor = floor
         self._since = time.monotonic()
         self._got = 0  # bytes since _since
+        self.total = 0  # bytes read
 
     async def read(self, n: int) -> bytes:
         return b"".join(await self.read_blocks(n))
@@ -354,6 +407,7 @@ class _Counted:
         blocks = await self._stream.read_blocks(n)
         got = sum(len(memoryview(b)) for b in blocks)
         metrics.fleet_bytes("received", got)
+        self.total += got
         if self._floor:
             self._got += got
             elapsed = time.monotonic() - self._since

@@ -1,0 +1,193 @@
+"""Fleet-wide changes and management (issue 17), on loopback with three real ``cached serve``
+processes and a fake Glance (the fixtures of tests/test_fleet.py): a delete through one
+member drops every copy, a deactivation through one is seen by all, ``cache-nodes-list``
+names exactly the holders (and the members that did not answer), each member's view of
+the fleet, ``Cache-Status`` names, ``fleet_listen``, and ``cached-manage``'s fleet verbs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import auth
+from test_correctness import until
+from test_fleet import IDS, Member, as_member, ask_at, download, fake_glance, fleet, scrape
+
+MiB = 1 << 20
+
+
+async def cached_ids(session: aiohttp.ClientSession, member: Member) -> set[str]:
+    """The images ``member`` lists as cached (its management API)."""
+    async with session.get(f"{member.url}/v2/cache", headers=auth("token-admin")) as resp:
+        assert resp.status == 200
+        return {row["image_id"] for row in (await resp.json())["cached_images"]}
+
+
+async def on_every_member(
+    session: aiohttp.ClientSession, glance: Any, members: dict[str, Member], size: int
+) -> tuple[str, bytes]:
+    """A new image, downloaded through every member (each then holds a verified copy)."""
+    data = bytes(range(256)) * (size // 256)
+    image = glance.add_image(data)
+    for member in members.values():
+        status, _, body = await download(session, member.url, image.id)
+        assert status == 200 and body == data
+    for member in members.values():
+        assert image.id in await cached_ids(session, member)
+    return image.id, data
+
+
+async def test_a_delete_through_one_member_drops_every_copy(tmp_path: Path) -> None:
+    """An image on all three members is deleted through A while C is stopped: A and B drop
+    their copies at once; C, started again on its cache directory (where its copy still
+    is), gets A's retried notice and drops its copy too. The management API's delete is
+    node-local (glance-cache-manage's meaning): it drops one member's copy only."""
+    async with fake_glance() as glance, fleet(tmp_path, glance) as members:
+        a, b, c = (members[m] for m in IDS)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            image_id, _ = await on_every_member(session, glance, members, 2 * MiB)
+            await asyncio.to_thread(c.proc.stop)
+            async with session.delete(f"{a.url}/v2/images/{image_id}", headers=auth()) as r:
+                assert r.status == 204
+            assert image_id not in await cached_ids(session, a)
+            await until(lambda: "deleted through sibling ctl-a" in b.proc.output(), "B told")
+            assert image_id not in await cached_ids(session, b)
+            await until(
+                lambda: "sibling ctl-c did not take the delete" in a.proc.output(), "C missed it"
+            )
+            c.url = await asyncio.to_thread(c.proc.start)
+            c.relay.target = ("127.0.0.1", int(c.url.rsplit(":", 1)[1]))
+            await until(
+                lambda: "deleted through sibling ctl-a" in c.proc.output(), "C told", within=40
+            )
+            assert image_id not in await cached_ids(session, c)
+            got = await scrape(session, a.url)
+            assert got['cached_fleet_notices_total{action="delete",result="done"}'] == 2
+            assert got['cached_fleet_notices_total{action="delete",result="retried"}'] >= 1
+            assert got['cached_fleet_notices_pending{action="delete"}'] == 0
+
+            # The management API's delete is node-local.
+            image_id, _ = await on_every_member(session, glance, members, 1 * MiB)
+            async with session.delete(
+                f"{a.url}/v2/cache/{image_id}", headers=auth("token-admin")
+            ) as r:
+                assert r.status == 204
+            assert image_id not in await cached_ids(session, a)
+            for member in (b, c):
+                assert image_id in await cached_ids(session, member)
+
+
+async def test_a_deactivation_through_one_member_is_seen_by_all(tmp_path: Path) -> None:
+    """With auth_cache_ttl 30, each member remembers that token-p1 may download the image.
+    Deactivated through B, A and C are told to forget: their next download re-checks with
+    Glance and is refused (as B's is), though they keep their copies; reactivated through
+    C, every member serves it again from its copy."""
+    ttl = {m: {"auth_cache_ttl": 30} for m in IDS}
+    async with fake_glance() as glance, fleet(tmp_path, glance, ttl) as members:
+        a, b, c = (members[m] for m in IDS)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            image_id, data = await on_every_member(session, glance, members, 1 * MiB)
+            action = f"/v2/images/{image_id}/actions/deactivate"
+            async with session.post(b.url + action, headers=auth("token-admin")) as r:
+                assert r.status == 204
+            for member in (a, c):
+                await until(
+                    lambda m=member: "changed through sibling ctl-b" in m.proc.output(),  # type: ignore[misc]
+                    f"{member.id} told",
+                )
+            for member in (a, b, c):
+                status, _, _ = await download(session, member.url, image_id)
+                assert status == 403, member.id
+                assert image_id in await cached_ids(session, member)  # the copy stays
+            action = f"/v2/images/{image_id}/actions/reactivate"
+            async with session.post(c.url + action, headers=auth("token-admin")) as r:
+                assert r.status == 204
+            for member in (a, b):
+                await until(
+                    lambda m=member: "changed through sibling ctl-c" in m.proc.output(),  # type: ignore[misc]
+                    f"{member.id} told",
+                )
+            before = len(glance.data_requests(image_id))
+            for member in (a, b, c):
+                status, cache_status, body = await download(session, member.url, image_id)
+                assert (status, body == data) == (200, True)
+                assert cache_status is not None and cache_status.endswith("; hit")
+            probes = [r.range for r in glance.data_requests(image_id)[before:]]
+            assert probes == ["bytes=0-0"] * 3  # re-checked each, no data fetched
+            got = await scrape(session, a.url)
+            assert got['cached_fleet_peer_requests_total{outcome="forgotten"}'] == 2
+
+
+async def nodes_of(
+    session: aiohttp.ClientSession, member: Member, image_id: str
+) -> tuple[list[str], str | None]:
+    url = f"{member.url}/v2/cache/nodes/{image_id}"
+    async with session.get(url, headers=auth("token-admin")) as resp:
+        assert resp.status == 200
+        return await resp.json(), resp.headers.get("x-cached-unreachable")
+
+
+async def test_cache_nodes_list_names_the_holders_and_the_silent(tmp_path: Path) -> None:
+    """``GET /v2/cache/nodes/{id}`` lists exactly the members holding a verified copy,
+    asked by signed HEAD; with B stopped (SIGSTOP) it still answers, within the bound
+    (0.8 s here), without B and naming B's url in x-cached-unreachable."""
+    async with fake_glance() as glance, fleet(tmp_path, glance) as members:
+        a, b, c = (members[m] for m in IDS)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            data = bytes(range(256)) * 4096
+            image = glance.add_image(data)
+            for member in (a, b):
+                assert (await download(session, member.url, image.id))[2] == data
+            for member in (a, b, c):
+                holders, silent = await nodes_of(session, member, image.id)
+                assert (sorted(holders), silent) == (sorted([a.member_url, b.member_url]), None)
+            b.proc.signal(signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                holders, silent = await nodes_of(session, c, image.id)
+                took = time.monotonic() - started
+            finally:
+                b.proc.signal(signal.SIGCONT)
+            assert (holders, silent) == ([a.member_url], b.member_url)
+            print(f"cache-nodes-list with a member stopped: answered in {took * 1000:.0f} ms")
+
+
+async def test_each_member_tells_its_view_of_the_fleet(tmp_path: Path) -> None:
+    """``GET /cached-peer/v1/state`` (signed) and ``GET /v2/cache/fleet`` (the operator's
+    token): the member's id, list digest, cache state, counts and its siblings' health and
+    bytes; unsigned: 401; a daemon without a fleet answers 404 to /v2/cache/fleet."""
+    async with fake_glance() as glance, fleet(tmp_path, glance) as members:
+        a, b, _ = (members[m] for m in IDS)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            data = bytes(range(256)) * 8192
+            image = glance.add_image(data)
+            for member in (a, b):
+                assert (await download(session, member.url, image.id))[2] == data
+            path = "/cached-peer/v1/state"
+            assert (await ask_at(session, a.url + path, "GET", {})).status == 401
+            signed = as_member(tmp_path, "ctl-c").sign("GET", path, "ctl-a")
+            async with session.get(a.url + path, headers=signed) as resp:
+                assert resp.status == 200
+                state = await resp.json()
+            async with session.get(f"{b.url}/v2/cache/fleet", headers=auth("token-admin")) as r:
+                assert r.status == 200
+                view = await r.json()
+            async with session.get(f"{b.url}/v2/cache/fleet", headers=auth("token-p1")) as r:
+                assert r.status == 403
+        assert state["id"] == "ctl-a" and view["id"] == "ctl-b"
+        assert state["list"] == view["list"] and state["members"] == list(IDS)
+        assert state["cache"] == "ok" and state["counts"]["complete"] == 1
+        assert set(view["siblings"]) == {"ctl-a", "ctl-c"}
+        sent = state["siblings"]["ctl-b"]["bytes_sent"]
+        received = view["siblings"]["ctl-a"]["bytes_received"]
+        assert sent == received == len(data)  # B filled from A's copy
+        assert view["siblings"]["ctl-a"]["up"] is True
+
+
+pytestmark = pytest.mark.timeout(180)
