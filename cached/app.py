@@ -28,7 +28,7 @@ from cached.edge import policy as request_policy
 from cached.edge import replies, routes, tls, versions
 from cached.edge.clients import Clients
 from cached.edge.fileapi import FileApi
-from cached.edge.listeners import LISTENERS, Listeners, is_management
+from cached.edge.listeners import LISTENERS, Listeners, is_fleet, is_management
 from cached.edge.passthrough import GlancePassThrough, PassThrough
 from cached.errors import ConfigError
 from cached.fill.machine import Fill, FillSettings
@@ -111,6 +111,10 @@ async def route_request(
 ) -> web.StreamResponse:
     """Read how the upstream routes the request (cached/edge/routes.py), once, before anything
     else judges it; refuse a versioned media type that cannot be read exactly."""
+    if request.app[CONFIG].fleet_listen:
+        # The fleet listener answers siblings' requests only, and only it answers them.
+        if _is_peer(request) != is_fleet(request):
+            return web.Response(status=404)
     if _is_peer(request):
         return await handler(request)  # a sibling's request (cached/fleet/serve.py)
     known = request.app[UPSTREAM_VERSIONS]
@@ -387,6 +391,17 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
                 told.tell(image_id, fleet_notices.DELETE if deleted else fleet_notices.FORGET)
 
             proxy.on_changed.append(tell)
+            # Cache-Status (RFC 9211) names this member, and a sibling feeding a fill first.
+            proxy.cache_name = peers.cache_name(config.fleet_self)
+            if isinstance(proxy.passthrough, MeteredPassThrough):
+                relayed = proxy.passthrough.inner
+                if isinstance(relayed, GlancePassThrough):
+                    relayed.last_versions.cache_name = proxy.cache_name
+
+            async def upstream_side(fill: Fill) -> str | None:
+                return await peers.upstream_side(fill, config.fleet_lookup_timeout + 0.1)
+
+            proxy.upstream_side = upstream_side
             service_ = app[PEERS] = serve.PeerService(
                 signer,
                 store,

@@ -55,14 +55,27 @@ DURATION_BUCKETS = (
     1800, 3600, 7200,
 )  # fmt: skip
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-# The Cache-Status value of a download (RFC 9211, proxy.Outcome) -> its outcome label.
+# The parameters of cached's own Cache-Status member of a download (RFC 9211,
+# download/proxy.py Outcome) -> its outcome label. The member is named "cached", or
+# "cached-<id>" in a fleet, and is the last of the list (the cache nearest the client).
 CACHE_STATUS = {
-    "cached; hit": "hit",
-    "cached; fwd=uri-miss; stored": "miss",
-    "cached; fwd=uri-miss; collapsed": "collapsed",
-    "cached; fwd=partial; stored": "partial",
-    "cached; fwd=bypass": "bypass",
+    "hit": "hit",
+    "fwd=uri-miss; stored": "miss",
+    "fwd=uri-miss; collapsed": "collapsed",
+    "fwd=partial; stored": "partial",
+    "fwd=bypass": "bypass",
 }
+
+
+def own_status(cache_status: str) -> str | None:
+    """The parameters of cached's own member of a Cache-Status list (the last one, named
+    ``cached`` or ``cached-<id>``), e.g. ``fwd=uri-miss; stored``; None if it is not ours."""
+    last = cache_status.rsplit(",", 1)[-1].strip()
+    name, _, params = last.partition(";")
+    name = name.strip()
+    if name != "cached" and not (name.startswith("cached-") and len(name) > len("cached-")):
+        return None
+    return params.strip()
 
 
 @dataclass(frozen=True)
@@ -82,8 +95,11 @@ def outcome_of(cache_status: str | None) -> str | None:
     """The outcome label of a download's Cache-Status (None: not a download)."""
     if not cache_status:
         return None
-    outcome = CACHE_STATUS.get(cache_status)
-    if outcome is None and cache_status.startswith("cached; fwd=bypass"):
+    params = own_status(cache_status)
+    if params is None:
+        return None
+    outcome = CACHE_STATUS.get(params)
+    if outcome is None and params.startswith("fwd=bypass"):
         return "bypass"  # with a detail (e.g. too large to be admitted)
     return outcome
 
@@ -99,7 +115,7 @@ def bypass_reason(cache_status: str | None) -> str | None:
     if outcome_of(cache_status) != "bypass":
         return None
     assert cache_status is not None
-    _, _, detail = cache_status.partition("detail=")
+    _, _, detail = (own_status(cache_status) or "").partition("detail=")
     detail = detail.split(";")[0].strip()
     return detail if detail in BYPASS_REASONS else "other"
 

@@ -445,6 +445,9 @@ class FleetSources:
         # fetch it; False for a fill opened for a sibling (it never forwards).
         self.forward = True
         self.used: set[str] = set()  # siblings it took bytes from
+        # The sibling's RFC 9211 Cache-Status member for the source chosen last (None: the
+        # upstream): what a client's Cache-Status names before this member's own.
+        self.via: str | None = None
 
     def watch(self, fill: Fill) -> None:
         """When ``fill`` ends invalid (the digest did not match), the siblings it took bytes
@@ -497,6 +500,13 @@ class FleetSources:
                 metrics.fleet_transfer("fill" if sibling.following else "copy")
                 if sibling.fetch:
                     log.info("%s: %s fetches it (first of its order)", self._image_id, sibling.name)
+                if not sibling.following:
+                    how = "hit"  # its complete copy
+                elif sibling.fetch:
+                    how = "fwd=uri-miss; stored"  # it fills for this member
+                else:
+                    how = "fwd=uri-miss; collapsed"  # its fill, fed by the upstream
+                self.via = f"{cache_name(sibling.member.id)}; {how}"
                 self._decide("copy")
                 self.used.add(sibling.member.id)
                 return sibling
@@ -504,8 +514,26 @@ class FleetSources:
             self._decide("copy")  # (the fill fails: nobody is to follow it)
             return None
         metrics.fleet_transfer("upstream")
+        self.via = None
         self._decide("upstream")
         return self._upstream
+
+
+def cache_name(member_id: str) -> str:
+    """A member's name in Cache-Status (RFC 9211 §2): ``cached-<id>``."""
+    return f"cached-{member_id}"
+
+
+async def upstream_side(fill: Fill, within: float) -> str | None:
+    """The Cache-Status member of the sibling ``fill`` takes its bytes from (once it chose
+    its source, waiting at most ``within`` s), e.g. ``cached-ctl-1; hit``; None: the
+    upstream (or still choosing)."""
+    sources = fill.sources
+    if not isinstance(sources, FleetSources):
+        return None
+    if await sources.settled(within) != "copy":
+        return None
+    return sources.via
 
 
 async def settled_source(fill: Fill, within: float) -> str:
