@@ -8,6 +8,7 @@ the fleet, ``Cache-Status`` names, ``fleet_listen``, and ``cached-manage``'s fle
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 from pathlib import Path
@@ -17,7 +18,19 @@ import aiohttp
 import pytest
 from conftest import auth
 from test_correctness import until
-from test_fleet import IDS, Member, as_member, ask_at, download, fake_glance, fleet, scrape
+from test_fleet import (
+    IDS,
+    Member,
+    as_member,
+    ask_at,
+    download,
+    fake_glance,
+    fleet,
+    scrape,
+    transfers,
+)
+
+from cached import metrics
 
 MiB = 1 << 20
 
@@ -188,6 +201,76 @@ async def test_each_member_tells_its_view_of_the_fleet(tmp_path: Path) -> None:
         received = view["siblings"]["ctl-a"]["bytes_received"]
         assert sent == received == len(data)  # B filled from A's copy
         assert view["siblings"]["ctl-a"]["up"] is True
+
+
+async def test_fleet_listen_takes_the_peer_routes_and_only_them(tmp_path: Path) -> None:
+    """With ``fleet_listen``, each member's url in fleet_members names its fleet listener:
+    peer fill goes through it (B's miss names A's hit first in Cache-Status, RFC 9211);
+    the peer routes answer 404 on the public listener, and the fleet listener answers
+    nothing but them (404, never relayed to the upstream)."""
+    extra: dict[str, dict[str, object]] = {m: {"fleet_listen": "127.0.0.1:0"} for m in IDS}
+    async with fake_glance() as glance, fleet(tmp_path, glance, extra) as members:
+        fleet_urls = {}
+        for member in members.values():
+            found = re.search(r"fleet listener on (http://\S+)", member.proc.output())
+            assert found is not None, member.proc.output()
+            fleet_urls[member.id] = found[1]
+            member.relay.target = ("127.0.0.1", int(found[1].rsplit(":", 1)[1]))
+        a, b, _ = (members[m] for m in IDS)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            data = bytes(range(256)) * 8192
+            image = glance.add_image(data)
+            status, cache_status, body = await download(session, a.url, image.id)
+            assert (status, cache_status, body == data) == (
+                200,
+                "cached-ctl-a; fwd=uri-miss; stored",
+                True,
+            )
+            status, cache_status, body = await download(session, b.url, image.id)
+            assert (status, body == data) == (200, True)
+            assert cache_status == "cached-ctl-a; hit, cached-ctl-b; fwd=uri-miss; stored"
+            assert transfers(glance, image.id) == [None]  # A's fill only
+            path = f"/cached-peer/v1/images/{image.id}"
+            signed = as_member(tmp_path, "ctl-c").sign("HEAD", path, "ctl-a")
+            on_fleet = await ask_at(session, fleet_urls["ctl-a"] + path, "HEAD", signed)
+            assert on_fleet.status == 200
+            assert on_fleet.headers["X-Cached-Peer-State"] == "complete"
+            assert (await ask_at(session, a.url + path, "HEAD", signed)).status == 404
+            before = len(glance.requests)
+            for where in ("/v2/cache", "/versions", f"/v2/images/{image.id}/file", "/healthz"):
+                resp = await ask_at(
+                    session, fleet_urls["ctl-a"] + where, "GET", auth("token-admin")
+                )
+                assert resp.status == 404, where
+            assert len(glance.requests) == before
+
+
+@pytest.mark.parametrize(
+    ("cache_status", "outcome", "logged"),
+    [
+        ("cached; hit", "hit", "hit"),
+        ("cached-ctl-2; hit", "hit", "hit"),
+        ("cached-ctl-1; hit, cached-ctl-2; fwd=uri-miss; stored", "miss", "miss"),
+        (
+            "cached-ctl-1; fwd=uri-miss; stored, cached-ctl-2; fwd=uri-miss; collapsed",
+            "collapsed",
+            "collapsed",
+        ),
+        ("cached-ctl-2; fwd=partial; stored", "partial", "partial"),
+        ("cached-ctl-2; fwd=bypass; detail=too-large", "bypass", "bypass:too-large"),
+        ("cached-ctl-2; fwd=bypass", "bypass", "bypass:other"),
+        ("cached-ctl-1; hit, other-cache; hit", None, "-"),  # not ours, last
+        ("cached-; hit", None, "-"),
+        ("cachedx; hit", None, "-"),
+    ],
+)
+def test_outcomes_follow_the_member_names(
+    cache_status: str, outcome: str | None, logged: str
+) -> None:
+    """metrics.outcome_of and the access log's cache= read cached's own Cache-Status member
+    (the last of the list, named cached or cached-<id>), whoever came before it."""
+    assert metrics.outcome_of(cache_status) == outcome
+    assert metrics.log_outcome(cache_status) == logged
 
 
 pytestmark = pytest.mark.timeout(180)
