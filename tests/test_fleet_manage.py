@@ -8,14 +8,17 @@ the fleet, ``Cache-Status`` names, ``fleet_listen``, and ``cached-manage``'s fle
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from conftest import auth
 from test_correctness import until
 from test_fleet import (
@@ -31,6 +34,7 @@ from test_fleet import (
 )
 
 from cached import metrics
+from cached.fleet import ring
 
 MiB = 1 << 20
 
@@ -243,6 +247,93 @@ async def test_fleet_listen_takes_the_peer_routes_and_only_them(tmp_path: Path) 
                 )
                 assert resp.status == 404, where
             assert len(glance.requests) == before
+
+
+async def manage(*argv: str) -> tuple[int, str, str]:
+    """``cached-manage ARGV`` (a subprocess); its status, stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cached.ctl",
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_cached_manage_sees_the_whole_fleet(tmp_path: Path) -> None:
+    """From A's configuration (fleet_members, no peers), ``--all-hosts`` asks every member:
+    ``list-cached --by-image`` gives one row per image with the hosts holding it;
+    ``queue-image`` queues on the image's owner only, which fetches it; ``fleet-status``
+    shows every member, that their lists agree, and the bytes between them; a stopped
+    member is reported down (exit status 1)."""
+    async with fake_glance() as glance, fleet(tmp_path, glance) as members:
+        a, b, c = (members[m] for m in IDS)
+        conf = tmp_path / "manage.yaml"
+        conf.write_text(
+            yaml.safe_dump(
+                {
+                    "listen": a.url.removeprefix("http://"),
+                    "fleet_self": "ctl-a",
+                    "fleet_members": [{"id": m.id, "url": m.member_url} for m in (a, b, c)],
+                    "fleet_secret_file": str(tmp_path / "fleet.key"),
+                    "admin_tokens": ["sha256:" + "0" * 64],
+                }
+            )
+        )
+        common = ("-c", str(conf), "--all-hosts", "--os-auth-token", "token-admin")
+        label = {
+            m.id: (m.url if m is a else m.member_url).removeprefix("http://") for m in (a, b, c)
+        }
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            both = glance.add_image(bytes(range(256)) * 4096)
+            alone = glance.add_image(bytes(range(256)) * 2048)
+            for member in (a, b):
+                assert (await download(session, member.url, both.id))[0] == 200
+            assert (await download(session, c.url, alone.id))[0] == 200
+
+            status, out, err = await manage(*common, "--json", "list-cached", "--by-image")
+            assert (status, err) == (0, "")
+            rows = {r["image_id"]: r for r in json.loads(out)["images"]}
+            assert sorted(rows[both.id]["hosts"]) == sorted([label["ctl-a"], label["ctl-b"]])
+            assert rows[alone.id]["hosts"] == [label["ctl-c"]]
+            status, out, err = await manage(*common, "list-cached", "--by-image")
+            assert status == 0 and out.startswith("Found 2 cached images on 3 hosts...\n"), out
+            assert "2/3" in out and "1/3" in out
+
+            queued = glance.add_image(bytes(range(256)) * 1024)
+            owner = members[ring.order(IDS, queued.id)[0]]
+            status, out, err = await manage(*common, "-f", "-v", "queue-image", queued.id)
+            assert status == 0, err
+            assert f"queued on the image's owner {owner.id} only" in err
+            for member in members.values():  # (fetched at the owner's next prefetch run)
+                assert (queued.id in await queued_ids(session, member)) == (member is owner)
+
+            status, out, err = await manage(*common, "--json", "fleet-status")
+            assert (status, err) == (0, "")
+            doc = json.loads(out)
+            assert doc["lists_agree"] is True and doc["errors"] == []
+            views = {v["id"]: v for v in doc["members"]}
+            assert set(views) == set(IDS)
+            assert views["ctl-b"]["siblings"]["ctl-a"]["bytes_received"] == len(both.data or b"")
+            status, out, err = await manage(*common, "fleet-status")
+            assert status == 0 and "member lists agree" in out, out
+
+            await asyncio.to_thread(c.proc.stop)
+            status, out, err = await manage(*common, "fleet-status", "--timeout", "3")
+            assert status == 1
+            assert "ctl-c: down (unreachable" in out, out
+            print(out)
+
+
+async def queued_ids(session: aiohttp.ClientSession, member: Member) -> set[str]:
+    """The images ``member`` has queued (its management API)."""
+    async with session.get(f"{member.url}/v2/cache", headers=auth("token-admin")) as resp:
+        assert resp.status == 200
+        return set((await resp.json())["queued_images"])
 
 
 @pytest.mark.parametrize(
