@@ -11,6 +11,7 @@ import asyncio
 import json
 import re
 import signal
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -18,12 +19,15 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 import yaml
 from conftest import auth
+from daemonproc import CachedProcess
 from test_correctness import until
 from test_fleet import (
     IDS,
     Member,
+    Relay,
     as_member,
     ask_at,
     download,
@@ -247,6 +251,74 @@ async def test_fleet_listen_takes_the_peer_routes_and_only_them(tmp_path: Path) 
                 )
                 assert resp.status == 404, where
             assert len(glance.requests) == before
+
+
+async def test_fleet_listen_speaks_tls_like_the_public_listener(tmp_path: Path) -> None:
+    """With tls_cert_file, the fleet listener speaks TLS with the same certificate, and
+    siblings verify it like the upstream (upstream_ca_file): B fills from A's copy through
+    A's fleet listener over https; the public listener still serves clients over https."""
+    ca = trustme.CA()
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    leaf = ca.issue_cert("127.0.0.1")
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(ca.cert_pem.bytes())
+    secret = tmp_path / "fleet.key"
+    secret.write_bytes(b"s" * 48)
+    secret.chmod(0o600)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    ids = ("ctl-a", "ctl-b")
+    relays = {m: Relay() for m in ids}
+    urls = {m: (await r.start()).replace("http://", "https://") for m, r in relays.items()}
+    procs: dict[str, CachedProcess] = {}
+    async with fake_glance() as glance:
+        try:
+            public = {}
+            for m in ids:
+                conf = tmp_path / f"{m}.yaml"
+                conf.write_text(
+                    yaml.safe_dump(
+                        {
+                            "fleet_self": m,
+                            "fleet_members": [{"id": i, "url": urls[i]} for i in ids],
+                            "fleet_secret_file": str(secret),
+                            "fleet_listen": "127.0.0.1:0",
+                            "fleet_lookup_timeout": 2.0,
+                            "tls_cert_file": str(cert),
+                            "tls_key_file": str(key),
+                            "upstream_ca_file": str(ca_file),
+                            "admin_tokens": ["sha256:" + "0" * 64],
+                        }
+                    )
+                )
+                (tmp_path / f"cache-{m}").mkdir()
+                procs[m] = CachedProcess(
+                    glance.url, tmp_path / f"cache-{m}", tmp_path / f"{m}.log", "-c", str(conf)
+                )
+                public[m] = await asyncio.to_thread(procs[m].start)
+                found = re.search(r"fleet listener on (https://\S+)", procs[m].output())
+                assert found is not None, procs[m].output()
+                relays[m].target = ("127.0.0.1", int(found[1].rsplit(":", 1)[1]))
+            assert public["ctl-a"].startswith("https://")
+            data = bytes(range(256)) * 8192
+            image = glance.add_image(data)
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=client),
+                timeout=aiohttp.ClientTimeout(total=60),
+            ) as session:
+                assert (await download(session, public["ctl-a"], image.id))[2] == data
+                status, cache_status, body = await download(session, public["ctl-b"], image.id)
+            assert (status, body == data) == (200, True)
+            assert cache_status == "cached-ctl-a; hit, cached-ctl-b; fwd=uri-miss; stored"
+            assert transfers(glance, image.id) == [None]
+            assert relays["ctl-a"].sent >= len(data)  # through A's fleet listener
+        finally:
+            for proc in procs.values():
+                await asyncio.to_thread(proc.stop)
+            for relay in relays.values():
+                await relay.close()
 
 
 async def manage(*argv: str) -> tuple[int, str, str]:
