@@ -505,11 +505,12 @@ class Proxy:
         return await self.passthrough.versions(request)
 
     async def image_changed(self, image_id: str, *, deleted: bool) -> None:
-        """The upstream accepted a change of ``image_id`` through this proxy: apply it here
-        (:meth:`apply_change`), then tell ``on_changed`` (the fleet's siblings)."""
-        await self.apply_change(image_id, deleted=deleted)
+        """The upstream accepted a change of ``image_id`` through this proxy: tell
+        ``on_changed`` (the fleet's siblings, in the background), and apply it here
+        (:meth:`apply_change`)."""
         for hook in self.on_changed:
             hook(image_id, deleted)
+        await self.apply_change(image_id, deleted=deleted)
 
     async def apply_change(self, image_id: str, *, deleted: bool) -> None:
         """Forget the allowances remembered for ``image_id`` and, when it was ``deleted``,
