@@ -157,8 +157,10 @@ async def nodes_of(
 async def test_cache_nodes_list_names_the_holders_and_the_silent(tmp_path: Path) -> None:
     """``GET /v2/cache/nodes/{id}`` lists exactly the members holding a verified copy,
     asked by signed HEAD; with B stopped (SIGSTOP) it still answers, within the bound
-    (0.8 s here), without B and naming B's url in x-cached-unreachable."""
-    async with fake_glance() as glance, fleet(tmp_path, glance) as members:
+    (0.5 s with the default fleet_lookup_timeout), without B and naming B's url in
+    x-cached-unreachable."""
+    default_lookup: dict[str, dict[str, object]] = {m: {"fleet_lookup_timeout": 0.2} for m in IDS}
+    async with fake_glance() as glance, fleet(tmp_path, glance, default_lookup) as members:
         a, b, c = (members[m] for m in IDS)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             data = bytes(range(256)) * 4096
