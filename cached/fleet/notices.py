@@ -19,6 +19,10 @@ one beyond that drops the oldest (logged, counted). A delete replaces a forget o
 image for the same sibling; a forget adds nothing to a pending one.
 
 A sibling answering ``404`` does not know the route (an older version): the notice is done.
+A sibling that does not answer at all is *down* for every request (cached/fleet/peers.py
+``PeerHealth``: 1 s doubling to 30 s): its other pending notices make no attempt meanwhile,
+so a thousand pending notices to a stopped sibling cost one request per down period, not a
+thousand.
 
 Threads: the event loop only. :class:`Notices` owns ``_pending``; each notice is one task
 kept there until it is done, given up, or dropped.
@@ -110,15 +114,25 @@ class Notices:
         key = (member_id, image_id)
         await asyncio.sleep(0)  # registered in _pending first
         backoff = self._initial
+        health = self._fleet.health
         while (notice := self._pending.get(key)) is not None:
-            notice.attempts += 1
             delete = notice.action == DELETE
             path = f"{PREFIX}/images/{image_id}" + ("" if delete else "/forget")
-            try:
-                status = await self._fleet.signed("DELETE" if delete else "POST", member_id, path)
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                notice.last_error = repr(exc)
+            if not health.usable(member_id):
+                # Down (it did not answer this or another request): no attempt until its
+                # down time passed; then one request is the probe (cached/fleet/peers.py).
+                status = None
             else:
+                notice.attempts += 1
+                try:
+                    status = await self._fleet.signed(
+                        "DELETE" if delete else "POST", member_id, path
+                    )
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    notice.last_error = repr(exc)
+                    health.failed(member_id, f"{notice.action} {image_id}: {exc!r}")
+                    status = None
+            if status is not None:
                 if status < 300 or status == 404:
                     if status == 404:
                         log.warning("sibling %s does not take %s notices", member_id, notice.action)
