@@ -178,6 +178,10 @@ async def test_cache_nodes_list_names_the_holders_and_the_silent(tmp_path: Path)
             finally:
                 b.proc.signal(signal.SIGCONT)
             assert (holders, silent) == ([a.member_url], b.member_url)
+            # Asked by signed HEAD, never through the siblings' GET /v2/cache.
+            for member in (a, b, c):
+                assert '"GET /v2/cache ' not in member.proc.output()
+                assert '"HEAD /cached-peer/v1/images/' in member.proc.output()
             print(f"cache-nodes-list with a member stopped: answered in {took * 1000:.0f} ms")
 
 
