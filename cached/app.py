@@ -28,12 +28,14 @@ from cached.edge import policy as request_policy
 from cached.edge import replies, routes, tls, versions
 from cached.edge.clients import Clients
 from cached.edge.fileapi import FileApi
-from cached.edge.listeners import LISTENERS, Listeners, is_management
+from cached.edge.listeners import LISTENERS, Listeners, is_fleet, is_management
 from cached.edge.passthrough import GlancePassThrough, PassThrough
 from cached.errors import ConfigError
 from cached.fill.machine import Fill, FillSettings
 from cached.fill.registry import Filler
+from cached.fleet import notices as fleet_notices
 from cached.fleet import peers, serve, trust
+from cached.fleet.state import member_view
 from cached.identity import keystone as identity
 from cached.identity.authorizer import Authorizer
 from cached.jobs import schedule as jobs
@@ -109,6 +111,10 @@ async def route_request(
 ) -> web.StreamResponse:
     """Read how the upstream routes the request (cached/edge/routes.py), once, before anything
     else judges it; refuse a versioned media type that cannot be read exactly."""
+    if request.app[CONFIG].fleet_listen:
+        # The fleet listener answers siblings' requests only, and only it answers them.
+        if _is_peer(request) != is_fleet(request):
+            return web.Response(status=404)
     if _is_peer(request):
         return await handler(request)  # a sibling's request (cached/fleet/serve.py)
     known = request.app[UPSTREAM_VERSIONS]
@@ -349,6 +355,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         integrity.start()
         peer_session: aiohttp.ClientSession | None = None
         fleet: peers.Fleet | None = None
+        notices: fleet_notices.Notices | None = None
         if config.fleet:  # peer fill (cached/fleet/): siblings serve and feed fills
             keys = await asyncio.to_thread(_fleet_keys, config)
             signer = trust.Trust(config.fleet_self, config.fleet_members, *keys)
@@ -387,7 +394,30 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
                     fill.demand(0, record.size, whole=True)
                 return fill
 
-            app[PEERS] = serve.PeerService(
+            async def deleted_by_sibling(image_id: str) -> None:
+                await proxy.apply_change(image_id, deleted=True)
+
+            # A change the upstream accepted through this member: every sibling is told
+            # (a delete drops every copy, any other change makes them re-check callers).
+            notices = fleet_notices.Notices(fleet)
+            told = notices
+
+            def tell(image_id: str, deleted: bool) -> None:
+                told.tell(image_id, fleet_notices.DELETE if deleted else fleet_notices.FORGET)
+
+            proxy.on_changed.append(tell)
+            # Cache-Status (RFC 9211) names this member, and a sibling feeding a fill first.
+            proxy.cache_name = peers.cache_name(config.fleet_self)
+            if isinstance(proxy.passthrough, MeteredPassThrough):
+                relayed = proxy.passthrough.inner
+                if isinstance(relayed, GlancePassThrough):
+                    relayed.last_versions.cache_name = proxy.cache_name
+
+            async def upstream_side(fill: Fill) -> str | None:
+                return await peers.upstream_side(fill, config.fleet_lookup_timeout + 0.1)
+
+            proxy.upstream_side = upstream_side
+            service_ = app[PEERS] = serve.PeerService(
                 signer,
                 store,
                 filler,
@@ -397,7 +427,17 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
                 peers.fill_source,
                 open_for_sibling,
                 lambda fill: peers.settled_source(fill, config.fleet_lookup_timeout + 1.0),
+                deleted=deleted_by_sibling,
+                changed=proxy.authorizer.forget,
             )
+            member = fleet
+
+            def view() -> dict[str, object]:
+                return member_view(member, told, service_, store, filler, directories)
+
+            service_.view = view
+            app[MANAGER].fleet = fleet
+            app[MANAGER].fleet_view = view
             log.info(
                 "fleet member %s of %s", config.fleet_self, ", ".join(fleet.siblings) or "none"
             )
@@ -435,6 +475,8 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         await maintenance.close()  # fills that end while they stop make no more room
         await filler.close()
         await session.close()
+        if notices is not None:
+            await notices.close()
         if fleet is not None:
             await fleet.close()
             await app[PEERS].close()

@@ -147,6 +147,8 @@ async def start_listeners(
     sockets = await listeners.start(runner, config, server_tls)
     for url in sockets.management_urls:  # first: "listening on" tells tools the daemon is up
         log.info("management API on %s (no token needed there; metrics and health too)", url)
+    if sockets.fleet_url:
+        log.info("fleet listener on %s (siblings' requests only)", sockets.fleet_url)
     for url in sockets.urls:
         log.info(
             "listening on %s (upstream %s, cache %s)",

@@ -614,6 +614,16 @@ class Config:
     # MiB/s below which a sibling's complete copy (over 5 s) is left for the next source;
     # 0: never (a sibling's running fill is never judged by its rate, only by stalls).
     fleet_min_copy_rate: float = 50.0
+    # HOST:PORT of a listener of its own for siblings' requests (TLS like the public
+    # listeners when tls_cert_file is set): the /cached-peer/v1/ routes are answered there
+    # only (404 on the public listeners), and nothing else is answered there. "" : the
+    # peer routes are on the public listeners. Members' urls then name this address.
+    fleet_listen: str = ""
+
+    @property
+    def fleet_address(self) -> tuple[str, int] | None:
+        """The fleet listener's address (``fleet_listen``), or None."""
+        return parse_listen(self.fleet_listen) if self.fleet_listen else None
 
     @property
     def fleet(self) -> bool:
@@ -1004,6 +1014,12 @@ def _fleet_convert(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ValueError(f"must be a number of MiB/s >= 0 (0: off), got {value!r}")
         return float(value)
+    if name == "fleet_listen":
+        if not isinstance(value, str):
+            raise ValueError(f"must be HOST:PORT, got {value!r}")
+        if value:
+            parse_listen(value)
+        return value
     if name == "fleet_max_peer_streams":
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"must be a positive whole number, got {value!r}")
@@ -1047,7 +1063,21 @@ def _check_fleet(config: Config, source: str) -> None:
             f"({', '.join(ids) or 'none'})"
         )
     if not config.fleet:
+        if config.fleet_listen:
+            raise ConfigError(
+                f"{source}: option 'fleet_listen': needs a fleet (two fleet_members or more)"
+            )
         return  # one member: nothing to share, behaviour unchanged
+    fleet = config.fleet_address
+    if fleet is not None and fleet[1] != 0:
+        admin = config.admin_address
+        others = [*config.listen_addresses, *([admin] if isinstance(admin, tuple) else [])]
+        for other in others:
+            if other[1] == fleet[1]:
+                raise ConfigError(
+                    f"{source}: option 'fleet_listen': {_shown(fleet)} shares port {fleet[1]} "
+                    f"with the listener {_shown(other)}; give the fleet a port of its own"
+                )
     for replaced in ("peers", "worker_self_reference_url"):
         if getattr(config, replaced):
             raise ConfigError(

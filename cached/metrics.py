@@ -41,7 +41,12 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OUTCOMES = ("hit", "miss", "collapsed", "partial", "bypass")
 UPSTREAM_KINDS = ("data", "range", "probe", "record", "forward")
 FLEET_SOURCES = ("copy", "fill", "upstream")
-FLEET_OUTCOMES = ("served", "state", "suspect", "refused", "busy", "unavailable", "absent", "bad")
+FLEET_OUTCOMES = (
+    "served", "state", "suspect", "refused", "busy", "unavailable", "absent", "bad",
+    "deleted", "forgotten",
+)  # fmt: skip
+FLEET_NOTICES = ("delete", "forget")  # what a member tells every sibling (fleet/notices.py)
+FLEET_NOTICE_RESULTS = ("done", "retried", "given-up", "dropped")
 FILL_RESULTS = ("verified", "invalid", "failed", "cancelled", "idle")
 VERDICTS = ("safe", "mismatch", "unsafe", "not-inspectable", "error")  # cached/safety/verdict.py
 # Whole multi-GiB images take minutes; a hit of a small one takes milliseconds.
@@ -50,14 +55,27 @@ DURATION_BUCKETS = (
     1800, 3600, 7200,
 )  # fmt: skip
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-# The Cache-Status value of a download (RFC 9211, proxy.Outcome) -> its outcome label.
+# The parameters of cached's own Cache-Status member of a download (RFC 9211,
+# download/proxy.py Outcome) -> its outcome label. The member is named "cached", or
+# "cached-<id>" in a fleet, and is the last of the list (the cache nearest the client).
 CACHE_STATUS = {
-    "cached; hit": "hit",
-    "cached; fwd=uri-miss; stored": "miss",
-    "cached; fwd=uri-miss; collapsed": "collapsed",
-    "cached; fwd=partial; stored": "partial",
-    "cached; fwd=bypass": "bypass",
+    "hit": "hit",
+    "fwd=uri-miss; stored": "miss",
+    "fwd=uri-miss; collapsed": "collapsed",
+    "fwd=partial; stored": "partial",
+    "fwd=bypass": "bypass",
 }
+
+
+def own_status(cache_status: str) -> str | None:
+    """The parameters of cached's own member of a Cache-Status list (the last one, named
+    ``cached`` or ``cached-<id>``), e.g. ``fwd=uri-miss; stored``; None if it is not ours."""
+    last = cache_status.rsplit(",", 1)[-1].strip()
+    name, _, params = last.partition(";")
+    name = name.strip()
+    if name != "cached" and not (name.startswith("cached-") and len(name) > len("cached-")):
+        return None
+    return params.strip()
 
 
 @dataclass(frozen=True)
@@ -77,8 +95,11 @@ def outcome_of(cache_status: str | None) -> str | None:
     """The outcome label of a download's Cache-Status (None: not a download)."""
     if not cache_status:
         return None
-    outcome = CACHE_STATUS.get(cache_status)
-    if outcome is None and cache_status.startswith("cached; fwd=bypass"):
+    params = own_status(cache_status)
+    if params is None:
+        return None
+    outcome = CACHE_STATUS.get(params)
+    if outcome is None and params.startswith("fwd=bypass"):
         return "bypass"  # with a detail (e.g. too large to be admitted)
     return outcome
 
@@ -94,7 +115,7 @@ def bypass_reason(cache_status: str | None) -> str | None:
     if outcome_of(cache_status) != "bypass":
         return None
     assert cache_status is not None
-    _, _, detail = cache_status.partition("detail=")
+    _, _, detail = (own_status(cache_status) or "").partition("detail=")
     detail = detail.split(";")[0].strip()
     return detail if detail in BYPASS_REASONS else "other"
 
@@ -373,7 +394,7 @@ class Metrics:
         self.fleet_requests = Counter(
             "cached_fleet_peer_requests",
             "Peer requests answered, by outcome (served, state, suspect, refused, busy, "
-            "unavailable, absent, bad)",
+            "unavailable, absent, bad, deleted, forgotten)",
             ["outcome"],
             registry=r,
         )
@@ -394,6 +415,24 @@ class Metrics:
             "certificate, timeout, bad answer); the sibling is then down for a while",
             registry=r,
         )
+        self.fleet_notices_pending = Gauge(
+            "cached_fleet_notices_pending",
+            "Image deletes and forgets this member still has to tell a sibling (retried "
+            "for up to 10 min), per sibling and image",
+            ["action"],
+            registry=r,
+        )
+        self.fleet_notices = Counter(
+            "cached_fleet_notices",
+            "Notices to siblings (image deleted, allowances to forget) by result: done, "
+            "retried (one more attempt), given-up (10 min passed), dropped (too many pending)",
+            ["action", "result"],
+            registry=r,
+        )
+        for action in FLEET_NOTICES:
+            self.fleet_notices_pending.labels(action)
+            for result in FLEET_NOTICE_RESULTS:
+                self.fleet_notices.labels(action, result)
         for source in FLEET_SOURCES:
             self.fleet_sources.labels(source)
         for outcome in FLEET_OUTCOMES:
@@ -610,3 +649,15 @@ def fleet_sibling_failed() -> None:
     """A lookup or transfer to a sibling failed (cached/fleet/peers.py PeerHealth.failed)."""
     if _active is not None:
         _active.fleet_sibling_failures.inc()
+
+
+def fleet_notice_pending(action: str, change: int) -> None:
+    """A notice to a sibling (``delete``, ``forget``) became pending (+1) or ended (-1)."""
+    if _active is not None and action in FLEET_NOTICES:
+        _active.fleet_notices_pending.labels(action).inc(change)
+
+
+def fleet_notice(action: str, result: str) -> None:
+    """A notice attempt's ``result`` (FLEET_NOTICE_RESULTS)."""
+    if _active is not None and action in FLEET_NOTICES and result in FLEET_NOTICE_RESULTS:
+        _active.fleet_notices.labels(action, result).inc()

@@ -240,6 +240,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "fleet_headers_timeout": [-5, None],
     "fleet_stall_timeout": [0, False],
     "fleet_min_copy_rate": [-1, "50M", True],
+    "fleet_listen": ["nowhere", 9293, "[::1:9293"],
     "image_cache_mount": [
         True,
         {"require_mount": "yes"},

@@ -266,7 +266,12 @@ async def test_a_cold_image_leaves_the_upstream_once_per_fleet(tmp_path: Path) -
                 assert status == 200 and hashlib.sha256(body).digest() == (
                     hashlib.sha256(data).digest()
                 )
-                assert cache_status is not None and "hit" not in cache_status
+                # RFC 9211: the sibling whose copy it took first, then this member's miss.
+                assert cache_status is not None
+                assert re.fullmatch(
+                    rf"cached-ctl-[ab]; hit, cached-{member.id}; fwd=uri-miss; stored",
+                    cache_status,
+                ), cache_status
                 out = member.proc.output()
                 assert re.search(rf"{image.id} \[0, {len(data)}\) from sibling ctl-", out), out
                 assert f"cached {image.id}: {len(data)} bytes, sha512 verified" in out
@@ -275,7 +280,11 @@ async def test_a_cold_image_leaves_the_upstream_once_per_fleet(tmp_path: Path) -
             # Each member keeps its own verified copy: a hit, from its own disk.
             for member in (a, b, c):
                 status, cache_status, body = await download(session, member.url, image.id)
-                assert (status, cache_status, body == data) == (200, "cached; hit", True)
+                assert (status, cache_status, body == data) == (
+                    200,
+                    f"cached-{member.id}; hit",
+                    True,
+                )
             assert transfers(glance, image.id) == [None]
             # cache-nodes-list: the members' urls (fleet_members), those holding a copy.
             nodes = f"{b.url}/v2/cache/nodes/{image.id}"
@@ -347,10 +356,15 @@ async def test_a_cold_miss_on_a_non_owner_is_fetched_by_the_owner(tmp_path: Path
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             status, cache_status, body = await download(session, second.url, image.id)
             assert status == 200 and body == data
+            # RFC 9211: the owner filled for it (a miss there, stored), then its own miss.
+            assert cache_status == (
+                f"cached-{owner.id}; fwd=uri-miss; stored, cached-{second.id}; fwd=uri-miss; stored"
+            )
             assert transfers(glance, image.id) == [None]
             assert f"sibling {owner.id} fetches it" in second.proc.output()
             assert f"cached {image.id}: {len(data)} bytes, sha512 verified" in (owner.proc.output())
-            assert (await download(session, owner.url, image.id))[:2] == (200, "cached; hit")
+            hit = f"cached-{owner.id}; hit"
+            assert (await download(session, owner.url, image.id))[:2] == (200, hit)
             status, _, body = await download(session, third.url, image.id)
             assert status == 200 and body == data
             assert transfers(glance, image.id) == [None]
@@ -437,7 +451,7 @@ async def test_a_sibling_killed_mid_stream_hands_over_to_the_upstream(tmp_path: 
                 f"from the upstream ({len(data) - first} bytes), client done {took:.1f}s later"
             )
             # B's copy is its own and verified: a hit.
-            assert (await download(session, b.url, image_id))[:2] == (200, "cached; hit")
+            assert (await download(session, b.url, image_id))[:2] == (200, "cached-ctl-b; hit")
 
 
 async def test_a_stalled_sibling_is_left_after_the_stall_timeout(tmp_path: Path) -> None:
@@ -542,7 +556,7 @@ async def test_peer_requests_must_be_signed_for_the_member(tmp_path: Path) -> No
                 assert r.status == 200 and (await r.json())["id"] == "ctl-a"
             # Other methods and paths under the prefix: answered here, never relayed.
             before = len(glance.requests)
-            for method, where in (("DELETE", path), ("PUT", path), ("GET", path + "/x")):
+            for method, where in (("DELETE", path + "/x"), ("PUT", path), ("GET", path + "/x")):
                 resp = await ask_at(session, a.url + where, method, {})
                 assert resp.status == 401
                 signed = as_b.sign(method, where, "ctl-a")
@@ -620,8 +634,8 @@ async def test_a_sibling_copy_is_used_only_with_a_digest_and_verified(tmp_path: 
             # B's next fill skips A: from the upstream, whole and verified.
             status, cache_status, body = await download(session, b.url, image.id)
             assert (status, body == good) == (200, True)
-            assert cache_status is not None and "hit" not in cache_status  # filled anew
-            assert (await download(session, b.url, image.id))[:2] == (200, "cached; hit")
+            assert cache_status == "cached-ctl-b; fwd=uri-miss; stored"  # from the upstream
+            assert (await download(session, b.url, image.id))[:2] == (200, "cached-ctl-b; hit")
             assert transfers(glance, image.id) == [None, None]  # A's fill, B's second fill
             got = await scrape(session, a.url)
             assert got['cached_fleet_peer_requests_total{outcome="suspect"}'] == 1

@@ -82,6 +82,19 @@ def test_one_member_is_no_fleet(tmp_path: Path) -> None:
             "fleet_members",
             "listed twice",
         ),
+        ({"fleet_listen": "nowhere"}, "fleet_listen", "HOST:PORT"),
+        ({"fleet_listen": 9293}, "fleet_listen", "HOST:PORT"),
+        ({"fleet_listen": "0.0.0.0:9292"}, "fleet_listen", "shares port 9292"),
+        (
+            {"fleet_listen": "127.0.0.1:9300", "admin_listen": "127.0.0.1:9300"},
+            "fleet_listen",
+            "shares port 9300",
+        ),
+        (
+            {"fleet_listen": "127.0.0.1:9300", "fleet_members": MEMBERS[1:2]},
+            "fleet_listen",
+            "needs a fleet",
+        ),
     ],
 )
 def test_bad_fleets_name_the_key(
@@ -108,9 +121,15 @@ def test_a_short_or_readable_key_is_refused(
 
 def test_fleet_keys_need_a_restart(tmp_path: Path) -> None:
     old = load(tmp_path, **fleet(tmp_path))
-    new = load(tmp_path, **fleet(tmp_path, fleet_self="ctl-3", fleet_lookup_timeout=1))
+    new = load(
+        tmp_path,
+        **fleet(
+            tmp_path, fleet_self="ctl-3", fleet_lookup_timeout=1, fleet_listen="127.0.0.1:9300"
+        ),
+    )
+    assert new.fleet_address == ("127.0.0.1", 9300)
     changed = changed_options(old, new)
-    assert {"fleet_self", "fleet_lookup_timeout"} <= set(changed)
+    assert {"fleet_self", "fleet_lookup_timeout", "fleet_listen"} <= set(changed)
     assert not any(k.startswith("fleet_") for k in LIVE)  # so reload lists restart_needed
 
 

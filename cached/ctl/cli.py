@@ -5,6 +5,20 @@ The verbs, options, prompts, tables and error messages are those of Glance's
 switch; on top: ``--json``, human sizes, fetch progress in ``list-queued`` and ``--all-hosts``
 (one table for every controller, queried at once), and cached's own ``safety`` command (the
 content verdicts, :mod:`cached.ctl.safety`).
+
+In a fleet (``fleet_members`` in the ``-c`` configuration, cached/fleet/): ``--all-hosts``
+asks this node and every sibling at its ``fleet_members`` url (their management API must
+answer there: with ``fleet_listen`` or a management-only ``admin_listen``, name them with
+``-H``); ``list-cached --all-hosts --by-image`` prints one row per image and the hosts
+holding it; ``queue-image --all-hosts`` queues the image on its owner only (the first of
+its rendezvous order, cached/fleet/ring.py, a pure module): the owner fetches it from the
+upstream, and every other member takes the owner's verified copy the first time it is
+asked for the image (peer fill): one upstream copy per fleet, where queueing on every
+member would start as many fetches at once (collapsed into one upstream copy only when
+they find each other in time); ``fleet-status`` asks every member for its view of the
+fleet (``GET /v2/cache/fleet``, with the operator's token; never the fleet key) and prints
+which members answer, whether their member lists agree, how each sees its siblings (up or
+down, last error) and the image bytes each exchanged with each sibling.
 """
 
 from __future__ import annotations
@@ -39,6 +53,7 @@ from cached.ctl.client import (
 )
 from cached.ctl.progress import Progress, fetch_status
 from cached.errors import ConfigError
+from cached.fleet import ring
 
 OK, FAILED, USAGE = 0, 1, 2
 DEFAULT_PORT = 9292
@@ -96,6 +111,8 @@ VERBS = {
         Verb("delete-all-queued-images", "Deletes all images from the cache queue", "DELETE",
              "queued_images", "Delete all queued images", "Delete all queued images?",
              "Deleted {num_deleted} queued images"),
+        Verb("fleet-status", "Show each fleet member's view of the fleet", "GET",
+             "cache/fleet", "show the fleet's state"),
     )
 }  # fmt: skip
 
@@ -166,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-A", "--os_auth_token", "--auth_token", dest="os_auth_token", help=argparse.SUPPRESS
     )
+    p.add_argument(
+        "--by-image",
+        action="store_true",
+        help="list-cached: one row per image, with the hosts holding it",
+    )
     p.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
     p.add_argument("-v", "--verbose", action="store_true", help="print more verbose output")
     p.add_argument("-d", "--debug", action="store_true", help="show tracebacks")
@@ -221,7 +243,7 @@ def resolve_targets(args: argparse.Namespace) -> list[Target]:
 
     - ``-H`` names hosts (``-p`` is the port of those given without one).
     - ``-c FILE``: this node is :func:`this_node` of that file; ``--all-hosts`` adds its
-      ``peers``.
+      ``peers`` and the urls of its siblings in ``fleet_members``.
     - ``-p PORT`` alone (no ``-H``, no ``-c``): ``127.0.0.1:PORT``, as glance-cache-manage
       reads it; nothing else is consulted.
     - Nothing at all: the node's configuration file :data:`DEFAULT_CONFIG` if it exists (a
@@ -242,7 +264,7 @@ def resolve_targets(args: argparse.Namespace) -> list[Target]:
         config = configuration.load(config_file)
         here = this_node(config)
         if args.all_hosts:
-            names += [here, *config.peers]
+            names += [here, *config.peers, *(m.url for m in siblings(config))]
         elif not names:
             names = [here]
     if not names:
@@ -254,6 +276,31 @@ def resolve_targets(args: argparse.Namespace) -> list[Target]:
             names = [f"unix:{DEFAULT_SOCKET}" if is_socket(DEFAULT_SOCKET) else "127.0.0.1"]
     targets = [parse_target(name, port) for name in names]
     return list(dict.fromkeys(targets))  # once each, in order
+
+
+def siblings(config: configuration.Config) -> list[configuration.FleetMember]:
+    """The other members of ``config``'s fleet (none without a fleet)."""
+    if not config.fleet:
+        return []
+    return [m for m in config.fleet_members if m.id != config.fleet_self]
+
+
+def fleet_members(args: argparse.Namespace) -> dict[Target, str]:
+    """The fleet's members by the target they are asked at (``--all-hosts`` with a fleet in
+    the configuration): this node, and each sibling at its url."""
+    config_file = args.config
+    if config_file is None and not args.host and DEFAULT_CONFIG.is_file():
+        config_file = DEFAULT_CONFIG
+    if not args.all_hosts or config_file is None:
+        return {}
+    config = configuration.load(config_file)
+    if not config.fleet:
+        return {}
+    port = args.port if args.port is not None else DEFAULT_PORT
+    members = {parse_target(this_node(config), port): config.fleet_self}
+    for member in siblings(config):
+        members.setdefault(parse_target(member.url, port), member.id)
+    return members
 
 
 def confirm(question: str, to_stderr: bool) -> bool:
@@ -278,12 +325,14 @@ class Run:
         verb: Verb,
         targets: list[Target],
         action: safety.Action | None = None,
+        members: dict[Target, str] | None = None,
     ) -> None:
         self.args = args
         self.verb = verb
         self.action = action  # cached-manage safety ACTION
         self.targets = targets
         self.multi = args.all_hosts or len(targets) > 1
+        self.members = members or {}  # target -> its fleet member id
 
     def size(self, value: Any) -> str:
         if self.args.bytes:
@@ -328,7 +377,27 @@ class Run:
             return await self.list_cached(clients)
         if self.verb.name == "list-queued":
             return await self.list_queued(clients)
+        if self.verb.name == "fleet-status":
+            return await self.fleet_status(clients)
+        if self.verb.name == "queue-image" and self.members:
+            clients = self.owner_only(clients)
         return await self.change(clients)
+
+    def owner_only(self, clients: list[Client]) -> list[Client]:
+        """``queue-image --all-hosts`` in a fleet: the image's owner (and hosts outside the
+        fleet), not its other members: they take the owner's copy when asked for it."""
+        owner = ring.order(sorted(set(self.members.values())), self.args.image_id or "")[0]
+        kept = [c for c in clients if self.members.get(c.target, owner) == owner]
+        if not any(self.members.get(c.target) == owner for c in kept):
+            print(f"fleet: the image's owner {owner} is not among the hosts", file=sys.stderr)
+        if not self.args.json:
+            print(
+                f"fleet: queued on the image's owner {owner} only; the other members take "
+                "its copy when first asked for the image (one upstream copy)",
+                file=sys.stderr,
+            )
+        self.targets = [c.target for c in kept]
+        return kept
 
     def warn_directories(self, clients: list[Client], statuses: list[list[str]]) -> None:
         """On stderr (stdout stays glance-cache-manage's): directories a daemon cannot use."""
@@ -353,6 +422,8 @@ class Run:
                 errors.append(HostError(client.target, "the answer has no cached_images list"))
                 continue
             rows += [{"host": client.target.label, **image} for image in images]
+        if self.args.by_image:
+            return self.by_image(rows, errors, len(clients))
         if self.args.json:
             self.dump("cached_images", rows, errors)
         elif rows:
@@ -372,6 +443,119 @@ class Run:
         elif len(errors) < len(clients):
             print("No cached images.")
         return self.report(errors)
+
+    def by_image(self, rows: list[dict[str, Any]], errors: list[HostError], asked: int) -> int:
+        """``list-cached --by-image``: one row per image, the hosts holding it."""
+        images: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            image = images.setdefault(
+                str(row.get("image_id")),
+                {"image_id": row.get("image_id"), "size": row.get("size"), "hits": 0, "hosts": []},
+            )
+            image["hosts"].append(row["host"])
+            image["hits"] += row.get("hits") or 0
+        found = sorted(images.values(), key=lambda i: str(i["image_id"]))
+        if self.args.json:
+            self.dump("images", found, errors)
+        elif found:
+            answered = asked - len(errors)
+            print(f"Found {len(found)} cached images on {answered} host{'s' * (answered != 1)}...")
+            header = ["ID", "Size", "Hits", "Copies", "Hosts"]
+            cells = [
+                [
+                    i["image_id"],
+                    self.size(i["size"]),
+                    i["hits"],
+                    f"{len(i['hosts'])}/{answered}",
+                    ", ".join(i["hosts"]),
+                ]
+                for i in found
+            ]
+            align: dict[str, render.Align] = {"Size": "r", "Hits": "r", "Hosts": "l"}
+            print(render.table(header, cells, align))
+        elif len(errors) < asked:
+            print("No cached images.")
+        return self.report(errors)
+
+    async def fleet_status(self, clients: list[Client]) -> int:
+        """``fleet-status``: every member's view of the fleet (``GET /v2/cache/fleet``)."""
+        views: list[dict[str, Any]] = []
+        errors: list[HostError] = []
+
+        async def ask(client: Client) -> dict[str, Any] | HostError:
+            try:
+                status, doc = await client.get_json("/v2/cache/fleet")
+            except HostError as exc:
+                return exc
+            if status == 404:
+                return HostError(client.target, "not a member of a fleet", status)
+            if status == 403:
+                return Forbidden(client.target, "Not authorized to make this request.", status)
+            if status != 200 or not isinstance(doc, dict):
+                return HostError(client.target, f"HTTP {status}", status)
+            return {"host": client.target.label, **doc}
+
+        for answer in await asyncio.gather(*(ask(c) for c in clients)):
+            if isinstance(answer, HostError):
+                errors.append(answer)
+            else:
+                views.append(answer)
+        digests = {v.get("list") for v in views}
+        agree = len(digests) <= 1
+        if self.args.json:
+            print(
+                json.dumps(
+                    {
+                        "members": views,
+                        "lists_agree": agree,
+                        "errors": [
+                            {"host": e.target.label, "status": e.status, "error": e.message}
+                            for e in errors
+                        ],
+                    },
+                    indent=2,
+                )
+            )
+            return self.report(errors)
+        for exc in errors:
+            member = self.members.get(exc.target)
+            print(f"{member or exc.target.label}: down ({exc.message})")
+        if views:
+            header = ["Member", "Host", "List", "Cache", "Images", "Bytes", "Fills", "Notices"]
+            cells = [
+                [
+                    v.get("id"),
+                    v["host"],
+                    str(v.get("list", ""))[:8] + ("" if agree else " (differs)"),
+                    v.get("cache"),
+                    v.get("counts", {}).get("complete"),
+                    self.size(v.get("counts", {}).get("bytes")),
+                    v.get("counts", {}).get("fills"),
+                    sum(
+                        sum(s.get("notices_pending", {}).values())
+                        for s in v.get("siblings", {}).values()
+                    ),
+                ]
+                for v in views
+            ]
+            print(render.table(header, cells, {"Images": "r", "Bytes": "r"}))
+            header = ["Member", "Sibling", "Seen", "Received", "Sent", "Last error"]
+            cells = [
+                [
+                    v.get("id"),
+                    sibling,
+                    "up" if seen.get("up") else f"down ({seen.get('down_for', 0):.0f}s)",
+                    self.size(seen.get("bytes_received")),
+                    self.size(seen.get("bytes_sent")),
+                    str(seen.get("last_error") or "-")[:60],
+                ]
+                for v in views
+                for sibling, seen in sorted(v.get("siblings", {}).items())
+            ]
+            print(render.table(header, cells, {"Received": "r", "Sent": "r", "Last error": "l"}))
+            print("member lists agree" if agree else "member lists DIFFER (fleet_members)")
+        code = self.report(errors)
+        return code if agree else FAILED
 
     async def list_queued(self, clients: list[Client]) -> int:
         rows: list[dict[str, Any]] = []
@@ -489,6 +673,8 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> V
             parser.error(f"Image ID '{args.image_id}' is not a valid UUID.")
     elif args.image_id is not None:
         parser.error(f"command '{verb.name}' takes no image ID (got {args.image_id!r})")
+    if args.by_image and verb.name != "list-cached":
+        parser.error("--by-image goes with list-cached")
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
     return verb
@@ -509,6 +695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return OK
     try:
         targets = resolve_targets(args)
+        members = fleet_members(args)
     except ValueError as exc:
         parser.error(str(exc))
     except ConfigError as exc:
@@ -517,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.monotonic()
     action = safety.ACTIONS[args.extra_action] if verb.name == "safety" else None
     try:
-        status = asyncio.run(_run(Run(args, verb, targets, action)))
+        status = asyncio.run(_run(Run(args, verb, targets, action, members)))
     except KeyboardInterrupt:
         return FAILED
     except Exception as exc:

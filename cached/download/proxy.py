@@ -47,14 +47,20 @@ _RELAY_PIECE = 1 << 20  # bytes per read when the rest of a download comes from 
 
 
 class Outcome(enum.Enum):
-    """How a download was answered; also its RFC 9211 Cache-Status value."""
+    """How a download was answered: the parameters of this cache's RFC 9211 Cache-Status
+    member (``cached; hit``: :meth:`status`)."""
 
-    HIT = "cached; hit"
-    STALE_HIT = "cached; hit; detail=stale-auth"  # the upstream failed: auth_stale_if_error
-    MISS = "cached; fwd=uri-miss; stored"
-    COLLAPSED = "cached; fwd=uri-miss; collapsed"
-    PARTIAL = "cached; fwd=partial; stored"
-    BYPASS = "cached; fwd=bypass"
+    HIT = "hit"
+    STALE_HIT = "hit; detail=stale-auth"  # the upstream failed: auth_stale_if_error
+    MISS = "fwd=uri-miss; stored"
+    COLLAPSED = "fwd=uri-miss; collapsed"
+    PARTIAL = "fwd=partial; stored"
+    BYPASS = "fwd=bypass"
+
+    def status(self, name: str = "cached") -> str:
+        """This cache's Cache-Status member, named ``name`` (``cached``, or ``cached-<id>``
+        in a fleet)."""
+        return f"{name}; {self.value}"
 
 
 @dataclass(frozen=True)
@@ -97,11 +103,20 @@ class Proxy:
     admission: Callable[[int], AbstractAsyncContextManager[NotAdmitted | None]] | None = None
     # Told of every image deleted through the proxy (e.g. the prefetch queue forgets it).
     on_deleted: list[Callable[[str], Awaitable[object]]] = field(default_factory=list)
+    # Told of every change the upstream accepted through this proxy, ``deleted`` or not,
+    # after it is applied here (cached/fleet/notices.py tells the siblings).
+    on_changed: list[Callable[[str, bool], None]] = field(default_factory=list)
     integrity: Integrity | None = None  # re-verifies a changed file before a hit (scrub.py)
     adopter: Adopter | None = None  # Glance's cached files, adopted (cached/cachedir/adoption.py)
     directories: Directories | None = None  # None: the cache directory is not guarded
     # The content verdicts shown on hits (image_safety_mode audit; cached/safety/audit.py).
     safety: Safety | None = None
+    # This cache's name in Cache-Status (RFC 9211 §2): "cached", "cached-<id>" in a fleet.
+    cache_name: str = "cached"
+    # The Cache-Status member of the cache a fill takes its bytes from, nearer the origin
+    # than this one (a fleet's sibling: cached/fleet/peers.py upstream_side), once the
+    # fill chose its source; None: the origin itself.
+    upstream_side: Callable[[Fill], Awaitable[str | None]] | None = None
     # Drops of deleted images still running (on a hung share); changed on the loop only.
     _dropping: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -354,7 +369,7 @@ class Proxy:
         if dl.wanted is not None:
             response.headers["Content-Range"] = dl.wanted.content_range()
         response.headers["x-openstack-request-id"] = dl.request_id
-        response.headers["Cache-Status"] = dl.outcome.value
+        response.headers["Cache-Status"] = await self._cache_status(dl.outcome, following)
         if self.safety is not None and dl.outcome in (Outcome.HIT, Outcome.STALE_HIT):
             # An entry without a current verdict is inspected again here, from its file (on
             # the store's threads); one that kept no declaration has its record looked up with
@@ -433,6 +448,15 @@ class Proxy:
             await self.store.touch(entry, hit=True)
         return response
 
+    async def _cache_status(self, outcome: Outcome, following: tuple[Fill, int] | None) -> str:
+        """RFC 9211 §2: a list, the cache nearest the origin first. A download that follows
+        a fill fed by a sibling's cache names that cache first."""
+        own = outcome.status(self.cache_name)
+        if following is None or self.upstream_side is None or outcome is Outcome.HIT:
+            return own
+        side = await self.upstream_side(following[0])
+        return own if side is None else f"{side}, {own}"
+
     async def _relay(self, dl: _Download, response: web.StreamResponse, pos: int) -> None:
         """Send bytes ``[pos, end)`` of the download straight from the upstream."""
         end = dl.end
@@ -448,7 +472,7 @@ class Proxy:
     async def _bypass(self, request: web.Request, detail: str | None = None) -> web.StreamResponse:
         """A download the cache does not take part in (store unavailable, several ranges,
         an image the admission rule keeps out)."""
-        status = Outcome.BYPASS.value + (f"; detail={detail}" if detail else "")
+        status = Outcome.BYPASS.status(self.cache_name) + (f"; detail={detail}" if detail else "")
 
         async def mark(response: web.StreamResponse) -> None:
             response.headers["Cache-Status"] = status
@@ -491,6 +515,16 @@ class Proxy:
         return await self.passthrough.versions(request)
 
     async def image_changed(self, image_id: str, *, deleted: bool) -> None:
+        """The upstream accepted a change of ``image_id`` through this proxy: tell
+        ``on_changed`` (the fleet's siblings, in the background), and apply it here
+        (:meth:`apply_change`)."""
+        for hook in self.on_changed:
+            hook(image_id, deleted)
+        await self.apply_change(image_id, deleted=deleted)
+
+    async def apply_change(self, image_id: str, *, deleted: bool) -> None:
+        """Forget the allowances remembered for ``image_id`` and, when it was ``deleted``,
+        drop its copy (also on a sibling's notice, cached/fleet/serve.py)."""
         self.authorizer.forget(image_id)
         if deleted:
             # The upstream has answered: a cache share that hangs must not hold that answer.

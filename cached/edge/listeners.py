@@ -16,6 +16,10 @@ matched). The management site's protocol factory marks each connection it accept
 (:class:`ManagementConnection`); nothing else is. ``cached/config.py`` also refuses a
 management port shared with a public listener, so the operator cannot be confused either.
 
+The fleet listener (``fleet_listen``, cached/fleet/): siblings' requests, TLS like the public
+listeners. Its connections are marked (:class:`FleetConnection`, :func:`is_fleet`); the
+composition root answers the peer routes only there, and only those.
+
 Loopback is not a credential (issue 9): a local TLS terminator or port forwarder makes every
 remote caller "loopback". :func:`check_exposure` refuses to start when a world-reachable
 listener would leave management without authentication.
@@ -66,6 +70,12 @@ class OperatorConnection(ManagementConnection):
     __slots__ = ()
 
 
+class FleetConnection:
+    """The mark of a connection accepted by the fleet listener (``fleet_listen``)."""
+
+    __slots__ = ()
+
+
 _MARKED: dict[tuple[type, type], type] = {}
 
 
@@ -87,9 +97,9 @@ class _ManagementSite(web.SockSite):
 
     __slots__ = ("_mark",)
 
-    def __init__(self, *args: Any, operator: bool, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, operator: bool, mark: type | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._mark = OperatorConnection if operator else ManagementConnection
+        self._mark = mark or (OperatorConnection if operator else ManagementConnection)
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with the runner
@@ -122,6 +132,7 @@ class Listeners:
     sites: list[web.BaseSite] = field(default_factory=list)  # all, started
     management_url: str = ""  # the first of management_urls
     management_urls: list[str] = field(default_factory=list)
+    fleet_url: str = ""  # the fleet listener (fleet_listen), if any
     _unix_paths: set[str] = field(default_factory=set)
     _management_tcp: set[tuple[str, int]] = field(default_factory=set)
 
@@ -140,6 +151,11 @@ def is_management(request: web.Request) -> bool:
     ``admin_listen``): there, a caller without a token is an operator."""
     listeners = request.config_dict.get(LISTENERS)
     return listeners is not None and listeners.is_management(request)
+
+
+def is_fleet(request: web.BaseRequest) -> bool:
+    """Whether ``request`` came in on the fleet listener (``fleet_listen``)."""
+    return isinstance(request.protocol, FleetConnection)
 
 
 def operator_connection(request: web.Request) -> bool:
@@ -263,6 +279,19 @@ async def start(runner: web.AppRunner, config: Config, server_tls: ServerTLS | N
         listeners.sites.append(site)
         listeners.management_urls.append(url)
         listeners.management_url = listeners.management_url or url
+    if config.fleet_address is not None:
+        sock = await asyncio.to_thread(bind_tcp, *config.fleet_address)
+        bound = sock.getsockname()
+        site = _ManagementSite(
+            runner,
+            sock,
+            ssl_context=server_tls.public if server_tls else None,
+            operator=False,
+            mark=FleetConnection,
+        )
+        await site.start()
+        listeners.sites.append(site)
+        listeners.fleet_url = _url(scheme, bound[0], bound[1])
     return listeners
 
 
@@ -318,10 +347,12 @@ def check_exposure(config: Config, source: str) -> None:
 __all__ = [
     "LISTENERS",
     "Listeners",
+    "FleetConnection",
     "ManagementConnection",
     "bind_tcp",
     "bind_unix",
     "check_exposure",
+    "is_fleet",
     "is_management",
     "remove_unix_socket",
     "start",

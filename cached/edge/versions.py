@@ -111,6 +111,7 @@ class LastGood:
 
     doc: dict[str, Any] | None = None
     warned_at: float = -float("inf")
+    cache_name: str = "cached"  # in Cache-Status (RFC 9211): cached-<id> in a fleet
 
     def remember(self, doc: dict[str, Any]) -> None:
         self.doc = copy.deepcopy(doc)
@@ -143,6 +144,6 @@ class LastGood:
             headers={
                 "x-openstack-request-id": f"req-{uuid.uuid4()}",
                 # RFC 9211: not from the origin now; a stored answer, the origin failing.
-                "Cache-Status": "cached; hit; detail=upstream-unavailable",
+                "Cache-Status": f"{self.cache_name}; hit; detail=upstream-unavailable",
             },
         )

@@ -63,11 +63,13 @@ PENDING = "pending"  # a fill choosing its source: "filling; source=pending"
 
 
 class PeerHealth:
-    """Which siblings are down, and until when (monotonic seconds)."""
+    """Which siblings are down, and until when (monotonic seconds); the last failure of each
+    (for the member's state, cached/fleet/serve.py ``GET state``)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self._down: dict[str, tuple[float, float]] = {}  # id -> (down until, last back-off)
+        self.last_error: dict[str, tuple[float, str]] = {}  # id -> (wall-clock time, why)
 
     def usable(self, member_id: str) -> bool:
         until, _ = self._down.get(member_id, (0.0, 0.0))
@@ -78,6 +80,7 @@ class PeerHealth:
         backoff = min(DOWN_MAX, backoff * 2 if backoff else DOWN_INITIAL)
         self._down[member_id] = (self._clock() + backoff, backoff)
         metrics.fleet_sibling_failed()
+        self.last_error[member_id] = (time.time(), str(why)[:300])
         log.warning("sibling %s is down for %.0fs: %s", member_id, backoff, why)
 
     def passed(self, member_id: str) -> None:
@@ -87,8 +90,22 @@ class PeerHealth:
     def down(self) -> list[str]:
         return sorted(m for m in self._down if not self.usable(m))
 
+    def view(self, member_id: str) -> dict[str, object]:
+        """What this member knows of ``member_id``'s health."""
+        until, backoff = self._down.get(member_id, (0.0, 0.0))
+        at, why = self.last_error.get(member_id, (None, None))
+        return {
+            "up": self.usable(member_id),
+            "down_for": round(max(0.0, until - self._clock()), 3),
+            "backoff": backoff,
+            "last_error": why,
+            "last_error_at": at,
+        }
+
 
 RATE_WINDOW = 5.0  # seconds over which a complete copy's rate is judged
+SUSPECTS_MAX = 1024  # (sibling, image) pairs remembered as suspect ...
+SUSPECT_FOR = 600.0  # ... for at most this many seconds
 
 
 @dataclass(frozen=True)
@@ -128,9 +145,13 @@ class Fleet:
         self.timeouts = timeouts
         self.health = health or PeerHealth()
         self.siblings = {m.id: m for m in trust.members if m.id != trust.self_id}
-        # (member, image): that member's bytes of that image failed the digest; the next
-        # fill of the image skips it (taken by sources_for).
-        self._suspects: set[tuple[str, str]] = set()
+        # (member, image) -> when (monotonic): that member's bytes of that image failed the
+        # digest; the next fill of the image skips it (taken by sources_for). Bounded: at most
+        # SUSPECTS_MAX, each for SUSPECT_FOR seconds (the sibling re-verifies meanwhile).
+        self._suspects: dict[tuple[str, str], float] = {}
+        # Image bytes exchanged with each sibling: received by fills, sent to it.
+        self.bytes_from: dict[str, int] = dict.fromkeys(self.siblings, 0)
+        self.bytes_to: dict[str, int] = dict.fromkeys(self.siblings, 0)
         self._tasks: set[asyncio.Task[None]] = set()  # fill watchers, suspect notices
 
     @staticmethod
@@ -151,18 +172,45 @@ class Fleet:
             self, fill.entry.image_id, fill.entry.size, fill.upstream, fill.digest is not None
         )
         sources.forward = self.forwarding
+        self._expire_suspects()
         sources.skip = {m for m, i in self._suspects if i == fill.entry.image_id}
-        self._suspects -= {(m, fill.entry.image_id) for m in sources.skip}
+        for m in sources.skip:
+            del self._suspects[(m, fill.entry.image_id)]
         sources.watch(fill)
         return sources
 
     def suspect(self, member_id: str, image_id: str) -> None:
         """``member_id``'s bytes of ``image_id`` failed the digest: the next fill of the image
         skips it, and it is told to re-verify its copy (``POST .../suspect``)."""
-        self._suspects.add((member_id, image_id))
+        self._expire_suspects()
+        self._suspects.pop((member_id, image_id), None)
+        while len(self._suspects) >= SUSPECTS_MAX:
+            del self._suspects[next(iter(self._suspects))]  # the oldest
+        self._suspects[(member_id, image_id)] = time.monotonic()
         task = asyncio.get_running_loop().create_task(self._tell_suspect(member_id, image_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _expire_suspects(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, at in self._suspects.items() if now - at > SUSPECT_FOR]:
+            del self._suspects[key]
+
+    def suspects(self) -> int:
+        self._expire_suspects()
+        return len(self._suspects)
+
+    async def signed(self, method: str, member_id: str, path: str) -> int:
+        """Send a bodiless signed request to ``member_id``; its status (within the headers
+        timeout). Raises TimeoutError or aiohttp.ClientError when it does not answer."""
+        member = self.siblings[member_id]
+        headers = self.trust.sign(method, path, member_id)
+        async with asyncio.timeout(self.timeouts.headers):
+            async with self._session.request(
+                method, member.url + path, headers=headers, allow_redirects=False
+            ) as resp:
+                await resp.read()
+                return resp.status
 
     async def _tell_suspect(self, member_id: str, image_id: str) -> None:
         member = self.siblings[member_id]
@@ -330,7 +378,11 @@ class PeerSource:
                         f"{self.name} sent {resp.headers.get('Content-Range')!r}, not {expected!r}"
                     )
                 floor = 0.0 if self.following else fleet.timeouts.min_copy_rate
-                yield _Counted(GlanceStream(resp, start), self.name, floor)
+                counted = _Counted(GlanceStream(resp, start), self.name, floor)
+                try:
+                    yield counted
+                finally:
+                    fleet.bytes_from[member.id] = fleet.bytes_from.get(member.id, 0) + counted.total
             finally:
                 resp.close()
         except _Declined:
@@ -357,6 +409,7 @@ class _Counted:
         self._floor = floor
         self._since = time.monotonic()
         self._got = 0  # bytes since _since
+        self.total = 0  # bytes read
 
     async def read(self, n: int) -> bytes:
         return b"".join(await self.read_blocks(n))
@@ -365,6 +418,7 @@ class _Counted:
         blocks = await self._stream.read_blocks(n)
         got = sum(len(memoryview(b)) for b in blocks)
         metrics.fleet_bytes("received", got)
+        self.total += got
         if self._floor:
             self._got += got
             elapsed = time.monotonic() - self._since
@@ -402,6 +456,9 @@ class FleetSources:
         # fetch it; False for a fill opened for a sibling (it never forwards).
         self.forward = True
         self.used: set[str] = set()  # siblings it took bytes from
+        # The sibling's RFC 9211 Cache-Status member for the source chosen last (None: the
+        # upstream): what a client's Cache-Status names before this member's own.
+        self.via: str | None = None
 
     def watch(self, fill: Fill) -> None:
         """When ``fill`` ends invalid (the digest did not match), the siblings it took bytes
@@ -454,6 +511,13 @@ class FleetSources:
                 metrics.fleet_transfer("fill" if sibling.following else "copy")
                 if sibling.fetch:
                     log.info("%s: %s fetches it (first of its order)", self._image_id, sibling.name)
+                if not sibling.following:
+                    how = "hit"  # its complete copy
+                elif sibling.fetch:
+                    how = "fwd=uri-miss; stored"  # it fills for this member
+                else:
+                    how = "fwd=uri-miss; collapsed"  # its fill, fed by the upstream
+                self.via = f"{cache_name(sibling.member.id)}; {how}"
                 self._decide("copy")
                 self.used.add(sibling.member.id)
                 return sibling
@@ -461,8 +525,26 @@ class FleetSources:
             self._decide("copy")  # (the fill fails: nobody is to follow it)
             return None
         metrics.fleet_transfer("upstream")
+        self.via = None
         self._decide("upstream")
         return self._upstream
+
+
+def cache_name(member_id: str) -> str:
+    """A member's name in Cache-Status (RFC 9211 §2): ``cached-<id>``."""
+    return f"cached-{member_id}"
+
+
+async def upstream_side(fill: Fill, within: float) -> str | None:
+    """The Cache-Status member of the sibling ``fill`` takes its bytes from (once it chose
+    its source, waiting at most ``within`` s), e.g. ``cached-ctl-1; hit``; None: the
+    upstream (or still choosing)."""
+    sources = fill.sources
+    if not isinstance(sources, FleetSources):
+        return None
+    if await sources.settled(within) != "copy":
+        return None
+    return sources.via
 
 
 async def settled_source(fill: Fill, within: float) -> str:

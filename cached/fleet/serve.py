@@ -17,7 +17,15 @@
   ``fleet_max_peer_streams`` streams are running (then with ``Retry-After``).
 - ``POST images/{id}/suspect``: a sibling's fill with bytes from here failed the upstream's
   digest: the copy is re-verified in the background (``202``).
+- ``DELETE images/{id}``: the image was deleted through a sibling (the upstream accepted
+  it): this member drops its copy, queue entry and remembered allowances, as it does for a
+  delete relayed through itself (``204``; cached/fleet/notices.py sends these).
+- ``POST images/{id}/forget``: the image changed through a sibling (``PATCH``,
+  deactivation, members): this member forgets the authorisation answers it remembers for
+  it, so the next download re-checks with the upstream; the copy stays (``204``).
 - ``GET health``: this member's id, list digest and cache state.
+- ``GET state``: this member's view of the fleet (cached/fleet/state.py): id, list
+  digest, cache directory, the siblings' health as it sees them, counts.
 
 Every request must be signed for this member (cached/fleet/trust.py): unsigned, badly
 signed, stale or misdirected requests get a bare ``401`` before anything is looked up, so
@@ -74,6 +82,8 @@ class PeerService:
         fill_source: Callable[[Fill], str],
         open_for_sibling: Callable[[str], Awaitable[Fill | None]] | None = None,
         settled_source: Callable[[Fill], Awaitable[str]] | None = None,
+        deleted: Callable[[str], Awaitable[None]] | None = None,
+        changed: Callable[[str], None] | None = None,
     ):
         self.trust = trust
         self._store = store
@@ -89,6 +99,13 @@ class PeerService:
         # The source of a fill still choosing it, once chosen (bounded wait); for a sibling
         # asking this member to fetch while its own fill of the image is choosing.
         self._settled_source = settled_source
+        # What a sibling's notice does here (cached/app.py: the proxy's own drop and forget,
+        # never told on to the siblings again).
+        self._deleted = deleted
+        self._changed = changed
+        # This member's view of the fleet (GET state; cached/fleet/state.py); set by app.
+        self.view: Callable[[], dict[str, object]] = lambda: {"id": trust.self_id}
+        self.bytes_to: dict[str, int] = {}  # image bytes sent to each sibling
         self._streams = 0
         self._disagreeing: set[str] = set()  # senders whose member list differs (logged once)
         self._checks: set[asyncio.Task[None]] = set()  # re-verifications siblings asked for
@@ -139,6 +156,47 @@ class PeerService:
                 "cache": self._directories.cache.state.value,
             }
         )
+
+    async def state(self, request: web.Request) -> web.StreamResponse:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        metrics.fleet_request("state")
+        return web.json_response(self.view())
+
+    @property
+    def streams(self) -> int:
+        """Peer streams running now."""
+        return self._streams
+
+    async def delete_image(self, request: web.Request) -> web.StreamResponse:
+        """The image was deleted through a sibling: drop everything held of it here."""
+        image_id = self._image_of(request)
+        if isinstance(image_id, web.Response):
+            return image_id  # 401 or 400
+        if self._deleted is None:
+            return _answer("bad", 404)
+        log.info(
+            "image %s deleted through sibling %s: dropping it here",
+            image_id,
+            request.headers.get(signing.SENDER),
+        )
+        await self._deleted(image_id)
+        return _answer("deleted", 204)
+
+    async def forget(self, request: web.Request) -> web.StreamResponse:
+        """The image changed through a sibling: forget the allowances remembered for it."""
+        image_id = self._image_of(request)
+        if isinstance(image_id, web.Response):
+            return image_id  # 401 or 400
+        if self._changed is None:
+            return _answer("bad", 404)
+        log.info(
+            "image %s changed through sibling %s: its allowances are forgotten here",
+            image_id,
+            request.headers.get(signing.SENDER),
+        )
+        self._changed(image_id)
+        return _answer("forgotten", 204)
 
     async def head_image(self, request: web.Request) -> web.StreamResponse:
         image_id = self._image_of(request)
@@ -300,6 +358,8 @@ class PeerService:
                 return response
             finally:
                 metrics.fleet_bytes("sent", progress.pos - start)
+                sender = request.headers.get(signing.SENDER, "")
+                self.bytes_to[sender] = self.bytes_to.get(sender, 0) + progress.pos - start
             await response.write_eof()
             return response
         finally:
@@ -335,12 +395,24 @@ def add_routes(app: web.Application, service: Callable[[], PeerService]) -> None
     async def other(request: web.Request) -> web.StreamResponse:
         return await service().other(request)
 
+    async def state(request: web.Request) -> web.StreamResponse:
+        return await service().state(request)
+
+    async def delete_image(request: web.Request) -> web.StreamResponse:
+        return await service().delete_image(request)
+
+    async def forget(request: web.Request) -> web.StreamResponse:
+        return await service().forget(request)
+
     images = PREFIX + "/images/{image_id}"
     app.router.add_route("HEAD", images, head_image, name=ROUTE_PREFIX + "head")
     app.router.add_get(
         images + "{fetch:(/fetch)?}", get_image, allow_head=False, name=ROUTE_PREFIX + "get"
     )
     app.router.add_post(images + "/suspect", suspect, name=ROUTE_PREFIX + "suspect")
+    app.router.add_delete(images, delete_image, name=ROUTE_PREFIX + "delete")
+    app.router.add_post(images + "/forget", forget, name=ROUTE_PREFIX + "forget")
+    app.router.add_get(PREFIX + "/state", state, allow_head=False, name=ROUTE_PREFIX + "state")
     app.router.add_get(PREFIX + "/health", health, allow_head=False, name=ROUTE_PREFIX + "health")
     # Anything else under the prefix is answered here too (never relayed to the upstream).
     app.router.add_route("*", PREFIX + "/{tail:.*}", other, name=ROUTE_PREFIX + "other")

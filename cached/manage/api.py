@@ -12,6 +12,19 @@ Glance 33's v2 Cache API (python-glanceclient ``glance cache-*``), also under ``
 ``GET /v2/cache/nodes/{id}``   200      ``["http://this-node:9292", <peers holding it>]``
 =============================  =======  ==================================================
 
+In a fleet (cached/fleet/), ``GET /v2/cache/nodes/{id}`` lists the members holding a
+verified copy (their ``fleet_members`` urls, this member's first), found by the signed
+``HEAD`` each sibling answers from memory (not their ``GET /v2/cache``), within
+``NODES_WITHIN`` seconds: members that did not answer in time are named in the
+``x-cached-unreachable`` header (comma-separated urls) and left out of the list. Deletes
+(``DELETE /v2/cache/{id}``, ``DELETE /v2/cache``, the legacy ones) stay node-local, as
+``glance-cache-manage`` is node-local: they drop this member's copy only (an image deleted
+from Glance through any member drops every copy: cached/fleet/notices.py);
+``cached-manage --all-hosts`` deletes on every member. ``GET /v2/cache/fleet`` (cached's
+extension, fleet only, else 404): this member's view of the fleet, the document of
+cached/fleet/state.py (``cached-manage fleet-status`` reads it from every member with the
+operator's token, never the fleet key).
+
 The legacy ``glance-cache-manage`` API under ``/v1/``, ``/v2/`` (and ``/v2.N/``):
 ``GET|DELETE cached_images``, ``DELETE cached_images/{id}``, ``GET|DELETE queued_images``,
 ``PUT|DELETE queued_images/{id}``; 200 with Glance's JSON bodies (``null`` for single-image
@@ -80,6 +93,7 @@ from cached.config import Config
 from cached.edge import replies
 from cached.errors import CachedError, StoreUnavailable, UpstreamError, UpstreamUnavailable
 from cached.fill.registry import Filler
+from cached.fleet.peers import COMPLETE, Fleet
 from cached.identity.keystone import ServiceAuth
 from cached.ids import is_image_id
 from cached.jobs.prefetch import Prefetcher
@@ -96,6 +110,10 @@ log = logging.getLogger("cached.manage")
 T = TypeVar("T")
 
 _PEER_TIMEOUT = aiohttp.ClientTimeout(total=5)
+# Seconds GET /v2/cache/nodes/{id} waits for the members' HEAD answers (answered from
+# memory, in milliseconds): at least 0.5, at most 0.8, else fleet_lookup_timeout.
+NODES_WITHIN = (0.5, 0.8)
+UNREACHABLE = "x-cached-unreachable"
 
 
 class ImageNotFound(CachedError):
@@ -129,6 +147,8 @@ class Manager:
     service: ServiceAuth
     directories: Directories | None = None
     safety: Safety | None = None  # image_safety_mode audit (cached/safety/audit.py)
+    fleet: Fleet | None = None  # with a fleet: its members answer nodes/{id}
+    fleet_view: Callable[[], dict[str, Any]] | None = None  # GET /v2/cache/fleet
 
     async def record(self, image_id: str, creds: Credentials) -> ImageRecord:
         """The image record, asked with the caller's credentials (404 if unknown to them).
@@ -245,6 +265,26 @@ class Manager:
 
         found = await asyncio.gather(*(ask(p) for p in self.config.peers))
         return [p for p, yes in zip(self.config.peers, found, strict=True) if yes]
+
+    async def members_holding(self, fleet: Fleet, image_id: str) -> tuple[list[str], list[str]]:
+        """The urls of the siblings holding a verified copy of the image, and of those that
+        did not answer the signed ``HEAD`` within the bound (NODES_WITHIN)."""
+        low, high = NODES_WITHIN
+        within = min(high, max(low, fleet.timeouts.lookup))
+        tasks = {m: asyncio.create_task(fleet.holding(m, image_id)) for m in fleet.siblings}
+        if tasks:
+            await asyncio.wait(tasks.values(), timeout=within)
+        holding, silent = [], []
+        for member_id, task in tasks.items():
+            url = fleet.siblings[member_id].url
+            if not task.done():
+                task.cancel()
+                silent.append(url)
+            elif (answer := task.result()) is None:
+                silent.append(url)
+            elif answer.state == COMPLETE:
+                holding.append(url)
+        return holding, silent
 
 
 MANAGER = web.AppKey("manager", Manager)
@@ -390,8 +430,20 @@ async def nodes(m: Manager, request: web.Request) -> web.StreamResponse:
     entry = m.store.get(image_id)
     here = m.config.worker_self_reference_url or f"{request.scheme}://{request.host}"
     holding = [here] if entry is not None and entry.complete else []
-    holding += await m.peers_holding(image_id, request.headers.get("X-Auth-Token"))
-    return _json(holding)
+    if m.fleet is None:
+        holding += await m.peers_holding(image_id, request.headers.get("X-Auth-Token"))
+        return _json(holding)
+    others, silent = await m.members_holding(m.fleet, image_id)
+    response = _json(holding + others)
+    if silent:
+        response.headers[UNREACHABLE] = ", ".join(silent)
+    return response
+
+
+async def fleet_state(m: Manager, request: web.Request) -> web.StreamResponse:
+    if m.fleet_view is None:
+        return _error(404, "This daemon is not a member of a fleet (fleet_members).")
+    return _json(m.fleet_view())
 
 
 async def progress(m: Manager, request: web.Request) -> web.StreamResponse:
@@ -608,6 +660,7 @@ _CACHE_API = (
         {"PUT": safety_override, "DELETE": safety_override},
         "DELETE, PUT",
     ),
+    _Resource("/cache/fleet", {"GET": fleet_state}, "GET", True),
     _Resource("/cache/{image_id}", {"PUT": queue_image, "DELETE": delete_image}, "DELETE, PUT"),
     _Resource("/cache/{tail:.*}", {}, ""),  # anything else under /cache: ours, never proxied
 )
