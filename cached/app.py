@@ -45,6 +45,8 @@ from cached.ops import health, logs
 from cached.ops.health import OPS, Ops
 from cached.ops.lifecycle import RELOADABLES, Reloadables
 from cached.safety.audit import Safety
+from cached.safety.signature import Anchors
+from cached.safety.signatures import Signatures
 from cached.safety.verdict import Policy as SafetyPolicy
 from cached.store import Store, xattrs
 from cached.upstream import Backend
@@ -215,6 +217,15 @@ def prepare_dirs(config: Config, embedded: bool, create: bool = True) -> None:
         )
 
 
+def load_anchors(config: Config) -> Anchors:
+    """The signature anchors of ``image_signature_certificate_dir`` and
+    ``image_signature_ca_file``; ConfigError naming the option. Blocks: call from a thread."""
+    try:
+        return Anchors.load(config.image_signature_certificate_dir, config.image_signature_ca_file)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def make_app(config: Config, *, backend: Backend | None = None) -> web.Application:
     """Build the daemon's application. ``backend`` lets a caller supply its own upstream."""
     app = web.Application(middlewares=[logs.observe, route_request, enforce_policy])
@@ -291,6 +302,12 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             )
             safety = Safety(checks, file_backend=config.upstream_kind == "file", run=store.run)
             filler.safety = proxy.safety = safety
+        if config.image_signature_verify:
+            anchors = await asyncio.to_thread(load_anchors, config)
+            signatures = Signatures(
+                anchors, required=config.image_signature_required, run=store.run
+            )
+            filler.signatures = proxy.signatures = signatures
         if config.upstream_kind == "glance" and not service.configured:
             log.warning(
                 "no service credentials (keystone_authtoken): queued images "

@@ -37,6 +37,8 @@ from cached.identity.authorizer import Authorizer
 from cached.ids import is_image_id
 from cached.safety.audit import HEADER as SAFETY_HEADER
 from cached.safety.audit import Safety
+from cached.safety.signatures import HEADER as SIGNATURE_HEADER
+from cached.safety.signatures import Signatures
 from cached.store import Entry, State, Store, chunk_size_for
 from cached.store.integrity import SMALL_HIT
 from cached.upstream import Backend, Credentials, Decision, ImageRecord
@@ -102,6 +104,8 @@ class Proxy:
     directories: Directories | None = None  # None: the cache directory is not guarded
     # The content verdicts shown on hits (image_safety_mode audit; cached/safety/audit.py).
     safety: Safety | None = None
+    # The signature results shown on hits (image_signature_verify; cached/safety/signatures.py).
+    signatures: Signatures | None = None
     # Drops of deleted images still running (on a hung share); changed on the loop only.
     _dropping: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -359,6 +363,12 @@ class Proxy:
             verdict = await self.safety.header_for(entry)
             if verdict is not None:
                 response.headers[SAFETY_HEADER] = verdict
+        if self.signatures is not None and dl.outcome in (Outcome.HIT, Outcome.STALE_HIT):
+            signature = await self.signatures.header_for(
+                entry, dl.record, lambda: self._current_record(dl)
+            )
+            if signature is not None:
+                response.headers[SIGNATURE_HEADER] = signature
         try:
             await response.prepare(request)
         except ConnectionError:  # the client left before the headers went out
@@ -423,6 +433,16 @@ class Proxy:
             await self.store.touch(entry, hit=True)
         return response
 
+    async def _current_record(self, dl: _Download) -> ImageRecord | None:
+        """The image's record, for a hit whose signature result must be checked again (with
+        the caller's credentials; None if the upstream does not give it now)."""
+        if dl.outcome is Outcome.STALE_HIT:
+            return None  # the upstream is failing: no more requests for this hit
+        try:
+            return await self._record(dl.entry.image_id, dl.creds)
+        except UpstreamUnavailable:
+            return None
+
     async def _relay(self, dl: _Download, response: web.StreamResponse, pos: int) -> None:
         """Send bytes ``[pos, end)`` of the download straight from the upstream."""
         end = dl.end
@@ -482,6 +502,8 @@ class Proxy:
 
     async def image_changed(self, image_id: str, *, deleted: bool) -> None:
         self.authorizer.forget(image_id)
+        if self.signatures is not None:  # signature properties may have changed (PATCH)
+            self.signatures.changed(image_id, deleted=deleted)
         if deleted:
             # The upstream has answered: a cache share that hangs must not hold that answer.
             # The drop goes on in the background (the entry is out of the index at once)
