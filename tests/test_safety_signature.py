@@ -8,6 +8,7 @@ changed by PATCH re-verified from the file.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
@@ -15,11 +16,28 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
+import yaml
+from conftest import (
+    Daemon,
+    auth,
+    start_daemon,
+    stop_daemon,
+    wait_complete,
+    wait_idle,
+    wait_until,
+)
+from daemonproc import CachedProcess, run_cached
+from fakeglance import FakeGlance
+from scrapes import Delta, scrape
 
+from cached import config as configuration
+from cached.errors import ConfigError
 from cached.safety import signature as sig
 from cached.safety.signature import Anchors, Result, SignatureCheck, Signed
 
@@ -258,3 +276,253 @@ def test_record_round_trip_and_strict_parsing(pki: PKI) -> None:
     ]:
         with pytest.raises(ValueError):
             sig.loads(tampered)
+
+
+# --- a running daemon --------------------------------------------------------------------
+MiB = 1 << 20
+HIT = "cached; hit"
+MISS = "cached; fwd=uri-miss; stored"
+
+
+def signing_options(pki: PKI, **more: object) -> dict[str, object]:
+    return {
+        "image_signature_verify": True,
+        "image_signature_certificate_dir": str(pki.certs),
+        "image_signature_ca_file": str(pki.ca_file),
+        **more,
+    }
+
+
+@pytest.fixture
+async def signing(glance: FakeGlance, tmp_path: Path, pki: PKI) -> AsyncIterator[Daemon]:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    daemon = await start_daemon(
+        cache, glance.url, **signing_options(pki, image_signature_required=True)
+    )
+    yield daemon
+    await stop_daemon(daemon)
+
+
+def stored(daemon: Daemon, image_id: str) -> sig.Check | None:
+    path = daemon.cache_dir / image_id
+    if sig.NAME not in os.listxattr(path):
+        return None
+    return sig.loads(os.getxattr(path, sig.NAME))
+
+
+async def miss_then_hit(daemon: Daemon, image_id: str, data: bytes) -> dict[str, str]:
+    status, headers, body = await daemon.get(image_id)
+    assert (status, headers["Cache-Status"], body == data) == (200, MISS, True)
+    assert "Cached-Image-Signature" not in headers  # decided at the end of the fill
+    await wait_complete(daemon, image_id)
+    return await hit(daemon, image_id, data)
+
+
+async def hit(daemon: Daemon, image_id: str, data: bytes) -> dict[str, str]:
+    status, headers, body = await daemon.get(image_id)
+    assert (status, headers["Cache-Status"], body == data) == (200, HIT, True)
+    entry = daemon.store.get(image_id)
+    assert entry is not None and not entry.suspect  # the commit record covers the xattr
+    return headers
+
+
+@pytest.mark.parametrize(
+    ("signer", "method", "change", "result"),
+    [
+        ("rsa", "SHA-512", {}, Result.VERIFIED),  # os_hash_algo's method: the digest reused
+        ("p384", "SHA-256", {}, Result.VERIFIED),  # another: one more consumer
+        ("p521", "SHA-384", {}, Result.VERIFIED),
+        ("dsa", "SHA-256", {}, Result.VERIFIED),
+        ("rsa", "SHA-512", {"bad": True}, Result.BAD_SIGNATURE),
+        ("expired", "SHA-256", {}, Result.EXPIRED_CERTIFICATE),
+        ("foreign", "SHA-256", {}, Result.UNKNOWN_CERTIFICATE),
+        ("rsa", "SHA-256", {sig.CERTIFICATE: str(uuid.uuid4())}, Result.UNKNOWN_CERTIFICATE),
+        ("p384", "SHA-256", {sig.KEY_TYPE: "ECC_SECT571R1"}, Result.UNKNOWN_KEY_TYPE),
+        (None, None, {}, Result.UNSIGNED),  # required: a failure, still served (audit)
+    ],
+)
+async def test_checked_as_cached_stored_and_sent_on_hits(
+    signing: Daemon,
+    glance: FakeGlance,
+    pki: PKI,
+    signer: str | None,
+    method: str | None,
+    change: dict[str, object],
+    result: Result,
+) -> None:
+    data = os.urandom(3 * MiB + 17)
+    props: dict[str, object] = {}
+    if signer is not None and method is not None:
+        props = {**pki.properties(signer, data, method), **change}
+        if props.pop("bad", False):
+            props[sig.SIGNATURE] = pki.sign(signer, data + b"x", method)
+    image = glance.add_image(data, properties=props)
+    before = await scrape(signing)
+    headers = await miss_then_hit(signing, image.id, data)
+    assert headers["Cached-Image-Signature"] == result.value
+    assert headers["Cached-Image-Verdict"].startswith("safe")  # beside the content verdict
+    checks = Delta(before, await scrape(signing))
+    assert checks("cached_image_signatures_total", result=result.value) == 1
+    assert sum(checks("cached_image_signatures_total", result=r.value) for r in Result) == 1
+    found = stored(signing, image.id)
+    assert found is not None and found.result is result
+    assert found.fingerprint == Signed.of(props).fingerprint()
+
+
+async def test_a_range_fill_then_the_rest_catches_the_extra_hash_up(
+    signing: Daemon, glance: FakeGlance, pki: PKI
+) -> None:
+    """SHA-256 (not os_hash_algo): the extra consumer misses the first chunk, fetched by a
+    range fill, and reads it back from the file before the commit."""
+    data = os.urandom(9 * MiB)
+    image = glance.add_image(data, properties=pki.properties("p384", data, "SHA-256"))
+    status, _, body = await signing.get(image.id, Range="bytes=0-99")
+    assert (status, body) == (206, data[:100])
+    await wait_idle(signing, image.id)
+    status, _, body = await signing.get(image.id)
+    assert (status, body == data) == (200, True)
+    await wait_complete(signing, image.id)
+    headers = await hit(signing, image.id, data)
+    assert headers["Cached-Image-Signature"] == "verified"
+
+
+@pytest.mark.parametrize("method", ["SHA-512", "SHA-256"])
+async def test_a_property_changed_by_patch_is_verified_again(
+    signing: Daemon, glance: FakeGlance, pki: PKI, method: str
+) -> None:
+    data = os.urandom(2 * MiB)
+    image = glance.add_image(data, properties=pki.properties("rsa", data, method))
+    assert (await miss_then_hit(signing, image.id, data))["Cached-Image-Signature"] == "verified"
+
+    async def patch(name: str, value: str) -> None:
+        async with signing.session.patch(
+            f"{signing.url}/v2/images/{image.id}",
+            json=[{"op": "replace", "path": f"/{name}", "value": value}],
+            headers={**auth(), "Content-Type": "application/openstack-images-v2.1-json-patch"},
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+
+    good = image.properties[sig.SIGNATURE]
+    await patch(sig.SIGNATURE, pki.sign("rsa", b"something else", method))
+    before = await scrape(signing)
+    headers = await hit(signing, image.id, data)  # the file stays; only the result changes
+    assert headers["Cached-Image-Signature"] == "bad-signature"
+    assert (
+        Delta(before, await scrape(signing))(
+            "cached_image_signatures_total", result="bad-signature"
+        )
+        == 1
+    )
+    found = stored(signing, image.id)
+    assert found is not None and found.result is Result.BAD_SIGNATURE
+    # the next hit takes the result it has (no record asked for)
+    records = len([r for r in glance.requests if r.path == f"/v2/images/{image.id}"])
+    assert (await hit(signing, image.id, data))["Cached-Image-Signature"] == "bad-signature"
+    assert records == len([r for r in glance.requests if r.path == f"/v2/images/{image.id}"])
+    await patch(sig.SIGNATURE, good)
+    assert (await hit(signing, image.id, data))["Cached-Image-Signature"] == "verified"
+
+
+async def test_results_survive_a_restart_and_a_tampered_one_is_verified_again(
+    glance: FakeGlance, tmp_path: Path, pki: PKI
+) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    data = os.urandom(MiB)
+    image = glance.add_image(data, properties=pki.properties("p384", data, "SHA-512"))
+    first = await start_daemon(cache, glance.url, **signing_options(pki))
+    try:
+        assert (await miss_then_hit(first, image.id, data))["Cached-Image-Signature"] == (
+            "verified"
+        )
+    finally:
+        await stop_daemon(first)
+    # a tamper that claims a result (and breaks the commit record: re-verified by digest)
+    os.setxattr(cache / image.id, sig.NAME, b'{"v":1,"result":"verified"}')
+    image.properties[sig.SIGNATURE] = pki.sign("p384", b"other", "SHA-512")
+    second = await start_daemon(cache, glance.url, **signing_options(pki))
+    try:
+        status, headers, body = await second.get(image.id)
+        assert (status, body == data) == (200, True)
+        assert headers["Cached-Image-Signature"] == "bad-signature"
+        found = stored(second, image.id)
+        assert found is not None and found.result is Result.BAD_SIGNATURE
+    finally:
+        await stop_daemon(second)
+
+
+async def test_verification_off_stores_and_sends_nothing(
+    daemon: Daemon, glance: FakeGlance, pki: PKI
+) -> None:
+    data = os.urandom(MiB)
+    image = glance.add_image(data, properties=pki.properties("rsa", data, "SHA-256"))
+    headers = await miss_then_hit(daemon, image.id, data)
+    assert "Cached-Image-Signature" not in headers
+    assert stored(daemon, image.id) is None
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ({"image_signature_verify": True}, "image_signature_certificate_dir"),
+        (
+            {"image_signature_verify": True, "image_signature_certificate_dir": "/nonexistent"},
+            "image_signature_ca_file",
+        ),
+        ({"image_signature_required": True}, "image_signature_required"),
+    ],
+)
+def test_verification_without_anchors_does_not_start(options: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"option '{key}'"):
+        configuration.build({"upstream": "http://127.0.0.1:1", **options})
+
+
+def test_check_config_loads_the_anchors(tmp_path: Path, pki: PKI) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    conf = tmp_path / "cached.yaml"
+    good = {**signing_options(pki), "image_cache_dir": str(cache), "upstream": "http://127.0.0.1:1"}
+    conf.write_text(yaml.safe_dump(good))
+    res = run_cached("check-config", "-q", "-c", str(conf))
+    assert res.returncode == 0, res.stderr
+    conf.write_text(yaml.safe_dump({**good, "image_signature_ca_file": str(tmp_path / "no.pem")}))
+    res = run_cached("check-config", "-q", "-c", str(conf))
+    assert res.returncode == 2
+    assert "option 'image_signature_ca_file': cannot read" in res.stderr
+    conf.write_text(yaml.safe_dump({**good, "image_signature_certificate_dir": ""}))
+    res = run_cached("check-config", "-q", "-c", str(conf))
+    assert (res.returncode, "option 'image_signature_certificate_dir'" in res.stderr) == (2, True)
+
+
+async def test_a_daemon_process_logs_and_sends_the_result(
+    glance: FakeGlance, tmp_path: Path, pki: PKI
+) -> None:
+    """``cached serve`` as a real subprocess, anchors from its configuration file."""
+    data = os.urandom(MiB)
+    props = pki.properties("rsa", data, "SHA-256")
+    props[sig.SIGNATURE] = pki.sign("rsa", b"tampered", "SHA-256")
+    image = glance.add_image(data, properties=props)
+    conf = tmp_path / "cached.yaml"
+    conf.write_text(yaml.safe_dump(signing_options(pki)))
+    cache = tmp_path / "cache"
+    proc = CachedProcess(glance.url, cache, tmp_path / "cached.log", "-c", str(conf))
+    await asyncio.to_thread(proc.start)
+    try:
+        async with aiohttp.ClientSession() as session:
+            file_url = f"{proc.url}/v2/images/{image.id}/file"
+            async with session.get(file_url, headers=auth()) as resp:
+                assert (resp.status, await resp.read() == data) == (200, True)
+            await wait_until(lambda: (cache / image.id).exists(), "the entry is committed")
+            async with session.get(file_url, headers=auth()) as resp:
+                assert (resp.status, resp.headers["Cache-Status"]) == (200, HIT)
+                assert resp.headers["Cached-Image-Signature"] == "bad-signature"
+                assert await resp.read() == data
+        found = sig.loads(os.getxattr(cache / image.id, sig.NAME))
+        assert found.result is Result.BAD_SIGNATURE
+        assert (
+            f"image {image.id} signature bad-signature (certificate "
+            f"{pki.signers['rsa'].name}): the signature does not verify" in proc.output()
+        )
+    finally:
+        await asyncio.to_thread(proc.stop)
