@@ -41,6 +41,7 @@ from cached import config as configuration
 from cached.errors import ConfigError
 from cached.safety import signature as sig
 from cached.safety.signature import Anchors, Result, SignatureCheck, Signed
+from cached.safety.signatures import Signatures
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 
@@ -556,3 +557,16 @@ async def test_a_daemon_process_logs_and_sends_the_result(
         )
     finally:
         await asyncio.to_thread(proc.stop)
+
+
+def test_the_daemon_predicate_fails_closed(pki: PKI) -> None:
+    async def run(*_: object) -> None:
+        raise AssertionError("not called")
+
+    required = Signatures(pki.anchors(), required=True, run=run)
+    optional = Signatures(pki.anchors(), required=False, run=run)
+    unsigned = sig.verify(Signed(), None, pki.anchors())
+    assert (required.allows(unsigned), optional.allows(unsigned)) == (False, True)
+    assert not optional.allows(None)
+    verified = check(pki, pki.properties("rsa", DATA))
+    assert required.allows(verified) and optional.allows(verified)

@@ -19,9 +19,14 @@ to fills and hits.
   complete entry is its ``os_hash_value``), else hashing the file on the cache's I/O threads;
   the result is re-recorded with the commit record (``integrity.write_access``).
 
-Audit only: nothing is refused here. Enforce mode asks
-:meth:`cached.safety.signature.SignatureCheck.allows` of the result of
-:meth:`Signatures.check_for`.
+Audit only: nothing is refused here. For enforce mode (a hit = complete + verdict allowed +
+signature ok): ``check = await signatures.check_for(entry, record, fetch)`` then
+``signatures.allows(check)``, which is
+:meth:`cached.safety.signature.SignatureCheck.allows` ``(check.result, required)``: a signed
+image must verify; an unsigned one passes unless ``image_signature_required``; None (no
+result can be had now: no record for an entry without one) is refused. ``check_for`` may hash
+the file (a hash method other than ``os_hash_algo``, after a change): await it before the
+response's headers, as the audit header does.
 
 Ownership and threads: a :class:`FillSignature` belongs to one fill: :meth:`~FillSignature.
 attach` runs on the loop as the fill is built, :meth:`~FillSignature.finish` on its feeder
@@ -49,6 +54,7 @@ from cached.safety.signature import (
     Anchors,
     Check,
     Result,
+    SignatureCheck,
     Signed,
     dumps,
     loads,
@@ -138,6 +144,12 @@ class Signatures:
         self._doubt_stored = False  # _changed overflowed: stored results need a record
         self._verifying: dict[str, asyncio.Future[Check | None]] = {}
         self._inserted = 0
+
+    def allows(self, check: Check | None) -> bool:
+        """Whether ``check`` (from :meth:`check_for`) lets the image be a hit under this
+        daemon's ``image_signature_required``; None (cannot be told now) does not: enforce
+        mode fails closed. Audit mode never asks."""
+        return check is not None and SignatureCheck.allows(check.result, self.required)
 
     def for_record(self, image: ImageRecord) -> FillSignature | None:
         """The check of a fill of ``image`` (Filler's hook); None when the record was rebuilt
