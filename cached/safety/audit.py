@@ -15,7 +15,8 @@ Ownership and threads:
   is done and reports it with :meth:`Safety.report`.
 
 Not here yet (issue 18): ``enforce`` (refusing unsafe images), re-inspection of entries
-filled before inspection or under another oslo.utils version or policy, signatures.
+filled before inspection or under another oslo.utils version or policy. Signatures are
+checked beside the verdict by :mod:`cached.safety.signatures`.
 """
 
 from __future__ import annotations
