@@ -248,12 +248,25 @@ def test_anchors_errors_name_the_option(tmp_path: Path, pki: PKI) -> None:
         Anchors.load(pki.certs, tmp_path / "empty.pem")
 
 
+def test_the_anchors_fingerprint_follows_the_certificate_files(tmp_path: Path, pki: PKI) -> None:
+    """A certificate added (and the daemon restarted) makes stored results stale: an image
+    found ``unknown-certificate`` is verified again on its next hit."""
+    certs = tmp_path / "certs"
+    shutil.copytree(pki.certs, certs)
+    before = Anchors.load(certs, pki.ca_file).fingerprint
+    assert Anchors.load(certs, pki.ca_file).fingerprint == before
+    shutil.copy(certs / f"{pki.signers['rsa'].name}.pem", certs / f"{uuid.uuid4()}.pem")
+    assert Anchors.load(certs, pki.ca_file).fingerprint != before
+
+
 def test_the_fingerprint_follows_each_property(pki: PKI) -> None:
     props = pki.properties("rsa", DATA)
     base = Signed.of(props).fingerprint()
     for name in sig.PROPERTIES:
         assert Signed.of({**props, name: props[name] + "x"}).fingerprint() != base
     assert Signed.of(dict(props)).fingerprint() == base
+    absent, text = Signed.of({sig.SIGNATURE: None}), Signed.of({sig.SIGNATURE: "None"})
+    assert absent.fingerprint() != text.fingerprint()
 
 
 def test_record_round_trip_and_strict_parsing(pki: PKI) -> None:

@@ -34,8 +34,10 @@ properties, an unknown hash method, an unreadable certificate file, anything une
 
 The ``user.cached.signature`` xattr (:func:`dumps`/:func:`loads`, at most 256 bytes, parsed
 strictly: anything else means "verify again") keeps a result with the fingerprint of the four
-properties it was made for, the fingerprint of the anchors, and the end of the chain's
-validity.
+properties it was made for, the fingerprint of the anchors (the CA bundle and the certificate
+files as the daemon loaded them at start: adding or replacing a certificate takes effect at
+the next start, and every entry is verified again on its next hit), and the end of the
+chain's validity.
 
 No shared state: :class:`Anchors` is immutable once loaded. Everything here may block (it
 reads certificate files): call it from a worker thread, never from the event loop.
@@ -157,7 +159,10 @@ class Signed:
     def fingerprint(self) -> str:
         """16 hex digits identifying the four values (a change means verify again)."""
         doc = dict(zip(PROPERTIES, self.values, strict=True))
-        raw = codec.dumps({k: v if isinstance(v, str) else repr(v) for k, v in doc.items()})
+        try:
+            raw = codec.dumps(doc)  # JSON values, as the record had them (None is null)
+        except (TypeError, ValueError):
+            raw = repr(sorted(doc.items())).encode()
         return hashlib.sha256(raw).hexdigest()[:16]
 
 
@@ -175,7 +180,9 @@ class Anchors:
     def __init__(self, certificate_dir: Path, authorities: list[x509.Certificate], digest: str):
         self.certificate_dir = certificate_dir
         self.authorities = authorities
-        self.fingerprint = digest  # 8 hex digits: of the bundle and the directory's path
+        # 8 hex digits: of the bundle, the directory's path and its certificate files (name,
+        # size, mtime) as loaded: results stored under other anchors are verified again.
+        self.fingerprint = digest
 
     @classmethod
     def load(cls, certificate_dir: str | Path, ca_file: str | Path) -> Anchors:
@@ -202,8 +209,17 @@ class Anchors:
             raise ValueError(
                 f"option 'image_signature_ca_file': {ca_file} holds no PEM certificates ({exc})"
             ) from None
-        digest = hashlib.sha256(pem + b"\0" + str(directory.resolve()).encode()).hexdigest()[:8]
-        return cls(directory, authorities, digest)
+        h = hashlib.sha256(pem + b"\0" + str(directory.resolve()).encode())
+        try:
+            for path in sorted(directory.glob("*.pem")):
+                st = path.stat()
+                h.update(f"\0{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        except OSError as exc:
+            raise ValueError(
+                f"option 'image_signature_certificate_dir': cannot list {directory}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        return cls(directory, authorities, h.hexdigest()[:8])
 
     def certificate(self, name: str, now: datetime.datetime) -> tuple[x509.Certificate, int]:
         """The signer's certificate ``name``, checked: chained to the bundle and valid at

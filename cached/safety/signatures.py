@@ -245,7 +245,11 @@ class Signatures:
         ):
             self._changed.discard(image_id)
             return self._remember(entry, stored)
-        check: Check = await self._run(_verify_entry, entry, signed, self.anchors)
+        try:
+            check: Check = await self._run(_verify_entry, entry, signed, self.anchors)
+        except Exception as exc:  # the file (evicted, unreadable) or the cache's threads
+            log.warning("cannot verify the signature of %s again: %s", image_id, exc)
+            return None  # a hit is still a hit; enforce counts None as not allowed
         self._changed.discard(image_id)
         self._report(image_id, check, signed, again=True)
         return self._remember(entry, check)
