@@ -240,6 +240,10 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
     async def resources(app: web.Application) -> AsyncIterator[None]:
         metrics_module.install(metrics)
         client_tls = await asyncio.to_thread(tls.client_tls, config)
+        # Before anything is opened: no anchors, no start (the error names the option).
+        anchors = None
+        if config.image_signature_verify:
+            anchors = await asyncio.to_thread(load_anchors, config)
         if config.policy:
             policy = await asyncio.to_thread(request_policy.load, config.policy)
             active_policy.replace(policy, config.policy)
@@ -302,8 +306,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             )
             safety = Safety(checks, file_backend=config.upstream_kind == "file", run=store.run)
             filler.safety = proxy.safety = safety
-        if config.image_signature_verify:
-            anchors = await asyncio.to_thread(load_anchors, config)
+        if anchors is not None:
             signatures = Signatures(
                 anchors, required=config.image_signature_required, run=store.run
             )

@@ -583,3 +583,22 @@ def test_the_daemon_predicate_fails_closed(pki: PKI) -> None:
     assert not optional.allows(None)
     verified = check(pki, pki.properties("rsa", DATA))
     assert required.allows(verified) and optional.allows(verified)
+
+
+def test_serve_without_readable_anchors_exits_naming_the_key(tmp_path: Path, pki: PKI) -> None:
+    """Checked before anything is opened: no session left unclosed on the way out."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    conf = tmp_path / "cached.yaml"
+    options = {
+        **signing_options(pki),
+        "image_signature_ca_file": str(tmp_path / "absent.pem"),
+        "image_cache_dir": str(cache),
+        "upstream": "http://127.0.0.1:9",
+        "listen": "127.0.0.1:0",
+    }
+    conf.write_text(yaml.safe_dump(options))
+    res = run_cached("serve", "-c", str(conf))
+    assert res.returncode == 2, res.stderr
+    assert "configuration error: option 'image_signature_ca_file': cannot read" in res.stderr
+    assert "Unclosed" not in res.stderr
