@@ -42,6 +42,7 @@ from cached.errors import ConfigError
 from cached.safety import signature as sig
 from cached.safety.signature import Anchors, Result, SignatureCheck, Signed
 from cached.safety.signatures import Signatures
+from cached.upstream import ImageRecord
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 
@@ -602,3 +603,33 @@ def test_serve_without_readable_anchors_exits_naming_the_key(tmp_path: Path, pki
     assert res.returncode == 2, res.stderr
     assert "configuration error: option 'image_signature_ca_file': cannot read" in res.stderr
     assert "Unclosed" not in res.stderr
+
+
+async def test_a_record_at_hand_with_other_properties_is_verified_again(
+    signing: Daemon, glance: FakeGlance, pki: PKI
+) -> None:
+    """The predicate enforce mode uses: a record whose properties differ from those the
+    stored result was made for is verified again from the file, without asking the upstream;
+    the same properties are answered from memory."""
+    data = os.urandom(MiB)
+    image = glance.add_image(data, properties=pki.properties("p521", data, "SHA-512"))
+    await miss_then_hit(signing, image.id, data)
+    signatures = signing.proxy.signatures
+    assert signatures is not None
+    entry = signing.store.get(image.id)
+    assert entry is not None
+
+    async def no_fetch() -> None:
+        raise AssertionError("the record was at hand")
+
+    same = ImageRecord.from_json(image.record())
+    found = await signatures.check_for(entry, same, no_fetch)
+    assert found is not None and signatures.allows(found)
+    image.properties[sig.SIGNATURE] = pki.sign("p521", b"else", "SHA-512")
+    other = ImageRecord.from_json(image.record())
+    found = await signatures.check_for(entry, other, no_fetch)
+    assert found is not None and found.result is Result.BAD_SIGNATURE
+    assert not signatures.allows(found)
+    again = stored(signing, image.id)
+    assert again is not None and again.result is Result.BAD_SIGNATURE
+    assert not entry.suspect  # re-recorded with the commit record
