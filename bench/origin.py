@@ -112,13 +112,14 @@ class Images:
         (www / "images").mkdir(parents=True, exist_ok=True)
         (www / "records").mkdir(parents=True, exist_ok=True)
 
-    def alias(self, data: DataFile, tag: str) -> str:
-        """A new image id serving ``data``; ids differ between runs so caches start cold."""
+    def alias(self, data: DataFile, tag: str, properties: dict[str, object] | None = None) -> str:
+        """A new image id serving ``data``; ids differ between runs so caches start cold.
+        ``properties``: more fields of its record (``img_signature``, ...)."""
         image_id = str(uuid.uuid5(_NS, f"{self.run_tag}/{tag}"))
         target = self.www / "images" / image_id
         if not target.exists():
             os.link(data.path, target)
-        record = json.dumps(image_record(image_id, data, tag))
+        record = json.dumps({**image_record(image_id, data, tag), **(properties or {})})
         (self.www / "records" / f"{image_id}.json").write_text(record)
         return image_id
 

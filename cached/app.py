@@ -47,6 +47,8 @@ from cached.ops import health, logs
 from cached.ops.health import OPS, Ops
 from cached.ops.lifecycle import RELOADABLES, Reloadables
 from cached.safety.audit import Safety
+from cached.safety.signature import Anchors
+from cached.safety.signatures import Signatures
 from cached.safety.verdict import Policy as SafetyPolicy
 from cached.store import Store, xattrs
 from cached.upstream import Backend, ImageRecord
@@ -221,6 +223,15 @@ def prepare_dirs(config: Config, embedded: bool, create: bool = True) -> None:
         )
 
 
+def load_anchors(config: Config) -> Anchors:
+    """The signature anchors of ``image_signature_certificate_dir`` and
+    ``image_signature_ca_file``; ConfigError naming the option. Blocks: call from a thread."""
+    try:
+        return Anchors.load(config.image_signature_certificate_dir, config.image_signature_ca_file)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def make_app(config: Config, *, backend: Backend | None = None) -> web.Application:
     """Build the daemon's application. ``backend`` lets a caller supply its own upstream."""
     app = web.Application(middlewares=[logs.observe, route_request, enforce_policy])
@@ -235,6 +246,10 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
     async def resources(app: web.Application) -> AsyncIterator[None]:
         metrics_module.install(metrics)
         client_tls = await asyncio.to_thread(tls.client_tls, config)
+        # Before anything is opened: no anchors, no start (the error names the option).
+        anchors = None
+        if config.image_signature_verify:
+            anchors = await asyncio.to_thread(load_anchors, config)
         if config.policy:
             policy = await asyncio.to_thread(request_policy.load, config.policy)
             active_policy.replace(policy, config.policy)
@@ -311,6 +326,11 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             )
             await safety.load_overrides()
             filler.safety = proxy.safety = safety
+        if anchors is not None:
+            signatures = Signatures(
+                anchors, required=config.image_signature_required, run=store.run
+            )
+            filler.signatures = proxy.signatures = signatures
         if config.upstream_kind == "glance" and not service.configured:
             log.warning(
                 "no service credentials (keystone_authtoken): queued images "

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from cached import __version__
 from cached import config as configuration
-from cached.app import FILLER, SCHEDULER, make_app, prepare_dirs
+from cached.app import FILLER, SCHEDULER, load_anchors, make_app, prepare_dirs
 from cached.config import Config
 from cached.edge import listeners, policy, tls
 from cached.edge.connguard import GuardedRunner, Limits
@@ -292,6 +292,8 @@ def preflight(config: Config, embedded: bool) -> None:
     prepare_dirs(config, embedded=embedded, create=False)
     tls.server_tls(config)
     tls.client_tls(config)
+    if config.image_signature_verify:
+        load_anchors(config)
     if config.admin_socket_group:
         listeners.socket_group_id(config.admin_socket_group)
     for address in config.admin_addresses:

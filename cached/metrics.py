@@ -49,6 +49,16 @@ FLEET_NOTICES = ("delete", "forget")  # what a member tells every sibling (fleet
 FLEET_NOTICE_RESULTS = ("done", "retried", "given-up", "dropped")
 FILL_RESULTS = ("verified", "invalid", "failed", "cancelled", "idle")
 VERDICTS = ("safe", "mismatch", "unsafe", "not-inspectable", "error")  # cached/safety/verdict.py
+# cached/safety/signature.py Result
+SIGNATURE_RESULTS = (
+    "verified",
+    "unsigned",
+    "bad-signature",
+    "unknown-certificate",
+    "expired-certificate",
+    "unknown-key-type",
+    "error",
+)
 # Whole multi-GiB images take minutes; a hit of a small one takes milliseconds.
 DURATION_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200,
@@ -314,6 +324,14 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self.signatures = Counter(
+            "cached_image_signatures",
+            "Image signature checks (image_signature_verify), by result",
+            ["result"],
+            registry=r,
+        )
+        for result in SIGNATURE_RESULTS:
+            self.signatures.labels(result)
         # --- the cache
         self.cache_bytes = Gauge(
             "cached_cache_bytes", "Bytes held by the cache (complete + partial)", registry=r
@@ -581,6 +599,14 @@ def safety_audited(seconds: float) -> None:
     if m is not None:
         m.safety_audits.inc()
         m.safety_audit_seconds.observe(seconds)
+
+
+def image_signature_checked(result: str) -> None:
+    """An image's signature was checked, as it was cached or again on a hit
+    (cached/safety/signatures.py)."""
+    m = _active
+    if m is not None and result in SIGNATURE_RESULTS:
+        m.signatures.labels(result).inc()
 
 
 def auth_reused() -> None:

@@ -80,6 +80,8 @@ class FakeImage:
     os_hash_value: str | None = None
     disk_format: str | None = "raw"
     container_format: str | None = "bare"
+    # Additional properties (img_signature, ...): shown in the record, changed by PATCH.
+    properties: dict[str, Any] = field(default_factory=dict)
     created_at: str = field(default_factory=_now)
     updated_at: str = ""
     # knobs
@@ -155,6 +157,7 @@ class FakeImage:
             "self": f"/v2/images/{self.id}",
             "file": f"/v2/images/{self.id}/file",
             "schema": "/v2/schemas/image",
+            **self.properties,
         }
 
     def body(self, start: int, stop: int) -> bytes:
@@ -480,9 +483,17 @@ class FakeGlance:
         image, caller = self._image(request)
         self._require_owner(image, caller)
         for change in await self._json(request, list):
+            name = str(change.get("path", "")).removeprefix("/")
+            if change.get("op") == "remove" and name in image.properties:
+                del image.properties[name]
             if change.get("op") not in ("add", "replace"):
                 continue
-            if change.get("path") == "/name":
+            if name.startswith(("img_", "hw_", "os_", "x_")) and name not in (
+                "os_hash_algo",
+                "os_hash_value",
+            ):
+                image.properties[name] = change["value"]
+            elif change.get("path") == "/name":
                 image.name = change["value"]
             elif change.get("path") == "/visibility":
                 if change["value"] not in VISIBILITIES:

@@ -222,6 +222,10 @@ BAD_VALUES: dict[str, list[object]] = {
     "image_safety_mode": ["enforce", "on", True, 1],
     "image_safety_allowed_formats": ["qcow2", ["qcow3"], [1]],
     "image_safety_nonfatal_checks": ["mbr", ["MBR"], [""], [2]],
+    "image_signature_verify": ["yes", 1],
+    "image_signature_required": ["yes", 1],
+    "image_signature_certificate_dir": [3],
+    "image_signature_ca_file": [3],
     "fleet_self": ["Ctl-1", "a b", "x" * 64, 5, ["a"]],
     "fleet_members": [
         "ctl-1",

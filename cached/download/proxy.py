@@ -37,6 +37,8 @@ from cached.identity.authorizer import Authorizer
 from cached.ids import is_image_id
 from cached.safety.audit import HEADER as SAFETY_HEADER
 from cached.safety.audit import Safety
+from cached.safety.signatures import HEADER as SIGNATURE_HEADER
+from cached.safety.signatures import Signatures
 from cached.store import Entry, State, Store, chunk_size_for
 from cached.store.integrity import SMALL_HIT
 from cached.upstream import Backend, Credentials, Decision, ImageRecord
@@ -117,6 +119,8 @@ class Proxy:
     # than this one (a fleet's sibling: cached/fleet/peers.py upstream_side), once the
     # fill chose its source; None: the origin itself.
     upstream_side: Callable[[Fill], Awaitable[str | None]] | None = None
+    # The signature results shown on hits (image_signature_verify; cached/safety/signatures.py).
+    signatures: Signatures | None = None
     # Drops of deleted images still running (on a hung share); changed on the loop only.
     _dropping: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -384,6 +388,12 @@ class Proxy:
             )
             if verdict is not None:
                 response.headers[SAFETY_HEADER] = verdict
+        if self.signatures is not None and dl.outcome in (Outcome.HIT, Outcome.STALE_HIT):
+            signature = await self.signatures.header_for(
+                entry, dl.record, lambda: self._current_record(dl)
+            )
+            if signature is not None:
+                response.headers[SIGNATURE_HEADER] = signature
         try:
             await response.prepare(request)
         except ConnectionError:  # the client left before the headers went out
@@ -457,6 +467,16 @@ class Proxy:
         side = await self.upstream_side(following[0])
         return own if side is None else f"{side}, {own}"
 
+    async def _current_record(self, dl: _Download) -> ImageRecord | None:
+        """The image's record, for a hit whose signature result must be checked again (with
+        the caller's credentials; None if the upstream does not give it now)."""
+        if dl.outcome is Outcome.STALE_HIT:
+            return None  # the upstream is failing: no more requests for this hit
+        try:
+            return await self._record(dl.entry.image_id, dl.creds)
+        except UpstreamUnavailable:
+            return None
+
     async def _relay(self, dl: _Download, response: web.StreamResponse, pos: int) -> None:
         """Send bytes ``[pos, end)`` of the download straight from the upstream."""
         end = dl.end
@@ -526,6 +546,8 @@ class Proxy:
         """Forget the allowances remembered for ``image_id`` and, when it was ``deleted``,
         drop its copy (also on a sibling's notice, cached/fleet/serve.py)."""
         self.authorizer.forget(image_id)
+        if self.signatures is not None:  # signature properties may have changed (PATCH)
+            self.signatures.changed(image_id, deleted=deleted)
         if deleted:
             # The upstream has answered: a cache share that hangs must not hold that answer.
             # The drop goes on in the background (the entry is out of the index at once)

@@ -59,6 +59,7 @@ from cached.fill.consumers import StreamConsumer
 from cached.fill.pipeline import Flush, Pipeline
 from cached.fill.sources import ByteSource, OneSource, Sources, UpstreamSource
 from cached.safety.audit import FillAudit
+from cached.safety.signatures import FillSignature
 from cached.store import Bitmap, Entry, Store
 from cached.upstream import Backend, Buffer, Credentials
 
@@ -142,6 +143,7 @@ class Fill:
         sources: Sources | None = None,
         renew_credentials: Callable[[], Awaitable[bool]] | None = None,
         safety: FillAudit | None = None,
+        signing: FillSignature | None = None,
     ):
         self.entry = entry
         self._store = store
@@ -177,6 +179,11 @@ class Fill:
         self.safety = safety
         if safety is not None:
             self.consumers.append(safety.inspector)
+        # The signature check (image_signature_verify): reuses the digest when the hash
+        # method is its algorithm, else adds a consumer hashing with the method.
+        self.signing = signing
+        if signing is not None and (extra := signing.attach(self.digest)) is not None:
+            self.consumers.append(extra)
         self._pipe: Pipeline | None = Pipeline(
             fd, entry.image_id[:8], self.consumers, settings.flush
         )
@@ -570,6 +577,8 @@ class Fill:
             ok = self.digest is None or self.digest.matched
             if ok and self.safety is not None:  # judged and stored before the commit record
                 await self._pipe.on_feeder(self.safety.finish, self.entry.size)
+            if ok and self.signing is not None:  # verified and stored before the commit too
+                await self._pipe.on_feeder(self.signing.finish, self.entry.size)
         except StoreUnavailable as exc:
             self._move(FillState.FAILED, exc)
             self._close_files()
@@ -584,6 +593,8 @@ class Fill:
                 log.error("cannot commit %s: %s", entry.image_id, exc)
             if committed and self.safety is not None:
                 self.safety.committed(entry)
+            if committed and self.signing is not None:
+                self.signing.committed(entry)
             log.info(
                 "%s %s: %d bytes, %s verified, %d transfers",
                 "cached" if committed else "verified (not kept)",

@@ -25,6 +25,7 @@ from cached.errors import FillAborted, StoreUnavailable
 from cached.fill.machine import DataCredentials, Fill, FillSettings, FillState
 from cached.fill.sources import Sources
 from cached.safety.audit import Safety
+from cached.safety.signatures import Signatures
 from cached.store import Entry, Store
 from cached.upstream import Backend, Credentials, ImageRecord
 
@@ -80,6 +81,8 @@ class Filler:
         self._opening: dict[str, asyncio.Future[Fill]] = {}
         # Audit-mode inspection (cached/safety/audit.py), when image_safety_mode is not off.
         self.safety: Safety | None = None
+        # Signature checks (cached/safety/signatures.py), when image_signature_verify is on.
+        self.signatures: Signatures | None = None
         # Chooses each new fill's byte sources (cached/fill/sources.py), given the fill; None:
         # the upstream alone. Set once by the composition root (a fleet: cached/fleet/peers.py).
         self.sources: Callable[[Fill], Sources] | None = None
@@ -185,6 +188,7 @@ class Filler:
             fd,
             self._data_credentials,
             safety=self.safety.for_record(record) if self.safety is not None else None,
+            signing=self.signatures.for_record(record) if self.signatures is not None else None,
             renew_credentials=self._renew_credentials,
         )
         fill.on_reserve = self.reserved

@@ -24,7 +24,8 @@ Ownership and threads:
   through the fill's file descriptor); the loop reads :attr:`FillAudit.verdict` after that job
   is done and reports it with :meth:`Safety.report`.
 
-Not here yet (issue 18): ``enforce`` (refusing unsafe images), signatures.
+Not here yet (issue 18): ``enforce`` (refusing unsafe images). Signatures are checked beside
+the verdict by :mod:`cached.safety.signatures`.
 """
 
 from __future__ import annotations
