@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,9 +24,10 @@ from test_real_glance import (  # noqa: F401  (fixtures)
     real_glance,
     wait_for,
 )
-from test_safety_signature import PKI, pki  # noqa: F401  (a fixture)
+from test_safety_signature import DATA, PKI, check, pki  # noqa: F401  (a fixture)
 
 from cached.safety import signature as sig
+from cached.safety.signature import Result
 
 pytestmark = [pytest.mark.glance, pytest.mark.timeout(300)]
 
@@ -103,3 +105,59 @@ def test_signature_set_by_patch_after_upload(
     assert status == 200, text
     assert hit() == "bad-signature"
     assert "signature bad-signature" in cached.output()
+
+
+# cursive itself (Nova's and Glance's verifier) runs in the Glance tier's virtualenv, where
+# Glance 33 brings it: not a dependency of cached's (it brings castellan).
+CURSIVE = """
+import json, sys
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cursive import signature_utils as u
+props = json.load(open(sys.argv[1]))
+cert = x509.load_pem_x509_certificate(open(sys.argv[2], "rb").read())
+out = {"types": sorted(u.SignatureKeyType.REGISTERED_TYPES), "verified": []}
+for name in sys.argv[3:]:
+    verifier = u.SignatureKeyType.lookup(props["img_signature_key_type"]).create_verifier(
+        u.get_signature(props["img_signature"]),
+        u.get_hash_method(props["img_signature_hash_method"]),
+        cert.public_key(),
+    )
+    data = open(name, "rb").read()
+    verifier.update(data[:1000])
+    verifier.update(data[1000:])
+    try:
+        verifier.verify()
+        out["verified"].append(True)
+    except InvalidSignature:
+        out["verified"].append(False)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("signer", ["rsa", "p384", "p521", "dsa"])
+@pytest.mark.parametrize("method", ["SHA-256", "SHA-512"])
+def test_cursive_agrees(
+    glance_venv: Path,  # noqa: F811
+    pki: PKI,  # noqa: F811
+    signer: str,
+    method: str,
+    tmp_path: Path,
+) -> None:
+    """Cross-check with cursive 0.3.1: the same signatures verify, the same tampered data
+    does not, and the key types are the same."""
+    props = pki.properties(signer, DATA, method)
+    (tmp_path / "props.json").write_text(json.dumps(props))
+    (tmp_path / "good").write_bytes(DATA)
+    (tmp_path / "bad").write_bytes(DATA + b"x")
+    cert = pki.certs / f"{props[sig.CERTIFICATE]}.pem"
+    result = subprocess.run(
+        [str(glance_venv / "bin" / "python"), "-c", CURSIVE, str(tmp_path / "props.json"),
+         str(cert), str(tmp_path / "good"), str(tmp_path / "bad")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    theirs = json.loads(result.stdout)
+    assert theirs["types"] == sorted(sig.KEY_TYPES)
+    ours = [check(pki, props, data).result is Result.VERIFIED for data in (DATA, DATA + b"x")]
+    assert theirs["verified"] == ours == [True, False]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import hashlib
 import os
 import shutil
@@ -292,35 +291,6 @@ def test_record_round_trip_and_strict_parsing(pki: PKI) -> None:
     ]:
         with pytest.raises(ValueError):
             sig.loads(tampered)
-
-
-@pytest.mark.parametrize("signer", ["rsa", "p384", "p521", "dsa"])
-@pytest.mark.parametrize("method", ["SHA-256", "SHA-512"])
-def test_cursive_agrees(pki: PKI, signer: str, method: str) -> None:
-    """Cross-check with cursive itself (Nova's and Glance's verifier), where it is installed
-    (``pip install cursive``; not a test dependency: it brings castellan): the same
-    signatures verify, the same tampered ones do not, the same key types exist."""
-    utils = pytest.importorskip("cursive.signature_utils")
-    exceptions = pytest.importorskip("cryptography.exceptions")
-    assert sorted(utils.SignatureKeyType.REGISTERED_TYPES) == sorted(sig.KEY_TYPES)
-    props = pki.properties(signer, DATA, method)
-    key_type = utils.SignatureKeyType.lookup(props[sig.KEY_TYPE])
-    cert = pki.anchors().certificate(props[sig.CERTIFICATE], datetime.datetime.now(datetime.UTC))
-    for data, verified in ((DATA, True), (DATA + b"x", False)):
-        verifier = key_type.create_verifier(
-            utils.get_signature(props[sig.SIGNATURE]),
-            utils.get_hash_method(method),
-            cert[0].public_key(),
-        )
-        verifier.update(data[:1000])
-        verifier.update(data[1000:])
-        try:
-            verifier.verify()
-            theirs = True
-        except exceptions.InvalidSignature:
-            theirs = False
-        ours = check(pki, props, data).result is Result.VERIFIED
-        assert (ours, theirs) == (verified, verified)
 
 
 # --- a running daemon --------------------------------------------------------------------
