@@ -11,7 +11,10 @@
 - ``GET images/{id}/fetch``: the same, and when this member neither holds nor fills the image
   (the caller found no copy and this member heads the image's order), a member with service
   credentials opens a fill from the upstream for it, admitted like a prefetch, never taking
-  a sibling's bytes, and serves that.
+  a sibling's bytes, and serves that. With a ``Range`` other than the whole image (a sibling's
+  range miss) it fetches only the chunks covering it: a range transfer added to its own
+  fill (opened if none runs), which takes a complete copy or the upstream, and serves the
+  range as it arrives.
 - Otherwise ``404``; ``503`` at once when the cache directory is not ok
   (``read_only`` still serves complete copies), new fills are refused, or
   ``fleet_max_peer_streams`` streams are running (then with ``Retry-After``).
@@ -72,7 +75,8 @@ class PeerService:
         integrity: Integrity,
         max_streams: int,
         fill_source: Callable[[Fill], str],
-        open_for_sibling: Callable[[str], Awaitable[Fill | None]] | None = None,
+        open_for_sibling: Callable[[str, tuple[int, int] | None], Awaitable[Fill | None]]
+        | None = None,
         settled_source: Callable[[Fill], Awaitable[str]] | None = None,
     ):
         self.trust = trust
@@ -207,20 +211,31 @@ class PeerService:
             # fill fed by a copy is never followed, so no chain of fills loops.
             fill = self._filler.get(image_id)
             fetch = request.match_info.get("fetch") == "/fetch"
-            if fill is None and self._open_for_sibling is not None and fetch:
-                try:
-                    fill = await self._open_for_sibling(image_id)
-                except CachedError as exc:
-                    log.warning("cannot fetch %s for a sibling: %s", image_id, exc)
-                    fill = None
-                if fill is not None:
-                    self._fetching.add(fill)
+            span = _span(request.headers.get("Range")) if fetch else None
+            known = fill.entry.size if fill is not None else entry.size if entry else None
+            if span is not None and (
+                (known is not None and span == (0, max(span[1], known)))
+                or self._open_for_sibling is None
+            ):
+                span = None  # the whole image (what a driver asks for), or nobody fetches
+            if span is not None and self._open_for_sibling is not None:
+                # A sibling's range miss: the covering chunks only, added to this member's
+                # fill (a range transfer: a complete copy or the upstream, never forwarded).
+                fill = await self._open_for(image_id, span)
+                if fill is None:
+                    return _answer("absent", 404)
+            elif fill is None and self._open_for_sibling is not None and fetch:
+                fill = await self._open_for(image_id, None)
             source = self._fill_source(fill) if fill is not None else "none"
+            ours = fill is not None and fill in self._fetching  # opened or widened for siblings
             if fill is not None and source == "pending" and fetch and self._settled_source:
-                source = await self._settled_source(fill)
-            if fill is None or (source != "upstream" and fill not in self._fetching):
+                if not ours:  # (one opened for siblings is theirs whatever it chooses)
+                    source = await self._settled_source(fill)
+            if fill is None or (source != "upstream" and not ours):
                 return _answer("absent", 404)
-            if fill.widening(0, fill.entry.size, whole=True) != 0:
+            if span is not None and span == (0, max(span[1], fill.entry.size)):
+                span = None  # (its size learnt from the record: opened for the whole image)
+            if span is None and fill.widening(0, fill.entry.size, whole=True) != 0:
                 return _answer("absent", 404)  # a range fill: not every byte will come
             entry = fill.entry
         try:
@@ -237,6 +252,19 @@ class PeerService:
             entry.readers -= 1
             self._filler.reader_left(entry)
             self._streams -= 1
+
+    async def _open_for(self, image_id: str, span: tuple[int, int] | None) -> Fill | None:
+        """This member's fill of ``image_id`` (opened if none runs) fetching bytes ``span``
+        (None: all) for a sibling; None when it cannot (no credentials, no room, refused)."""
+        assert self._open_for_sibling is not None
+        try:
+            fill = await self._open_for_sibling(image_id, span)
+        except CachedError as exc:
+            log.warning("cannot fetch %s for a sibling: %s", image_id, exc)
+            return None
+        if fill is not None:
+            self._fetching.add(fill)
+        return fill
 
     async def _send(
         self,
@@ -310,6 +338,21 @@ def _answer(outcome: str, status: int, headers: dict[str, str] | None = None) ->
     """A bodiless answer, counted by ``outcome`` (cached/metrics.py FLEET_OUTCOMES)."""
     metrics.fleet_request(outcome)
     return web.Response(status=status, headers=headers)
+
+
+def _span(header: str | None) -> tuple[int, int] | None:
+    """Bytes ``[start, end)`` of a sibling's ``Range: bytes=first-last`` (the only form
+    siblings send, cached/fleet/peers.py ``PeerSource``); None without one or another form
+    (then checked against the image's size as any Range is)."""
+    if header is None:
+        return None
+    try:
+        wanted = ranges.parse(header, 1 << 62)
+    except (ranges.MalformedRange, ranges.MultipleRanges, ranges.RangeNotSatisfiable):
+        return None
+    if wanted is None or wanted.end >= 1 << 62:
+        return None
+    return wanted.start, wanted.end
 
 
 def _complete(entry: Entry | None) -> bool:
