@@ -28,14 +28,18 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from conftest import auth
 from daemonproc import CachedProcess
 from fakeglance import FakeGlance
+from test_correctness import until
 from test_fleet import (
     ADMIN,
     IDS,
     Member,
     Relay,
+    as_member,
+    download,
     fake_glance,
     scrape,
     transfers,
@@ -60,6 +64,7 @@ class Rig:
     extra: dict[str, dict[str, Any]]
     caches: dict[str, Path]
     members: dict[str, Member] = field(default_factory=dict)
+    fakes: dict[str, tuple[str, int]] = field(default_factory=dict)  # id -> a fake's address
 
     def config(self, m: str) -> Path:
         path = self.tmp / f"{m}.yaml"
@@ -105,7 +110,9 @@ async def rig(
     glance: FakeGlance,
     extra: dict[str, dict[str, Any]] | None = None,
     caches: dict[str, Path] | None = None,
+    fakes: dict[str, tuple[str, int]] | None = None,
 ) -> AsyncIterator[Rig]:
+    """The members of IDS, but those in ``fakes``: their urls lead to that address."""
     key = tmp_path / "fleet.key"
     key.write_bytes(os.urandom(48).hex().encode())
     key.chmod(0o600)
@@ -119,9 +126,11 @@ async def rig(
     built = Rig(
         tmp_path, glance, key, relays, urls, {m: dict(v) for m, v in (extra or {}).items()}, dirs
     )
+    built.fakes = dict(fakes or {})
     try:
-        for m in IDS:
-            await built.start(m)
+        for m, address in built.fakes.items():
+            relays[m].target = address
+        await asyncio.gather(*(built.start(m) for m in IDS if m not in built.fakes))
         yield built
     finally:
         for member in built.members.values():
@@ -222,6 +231,294 @@ async def test_a_cold_range_on_a_non_owner_fetches_only_its_chunks(tmp_path: Pat
                 f"done {took * 1000:.0f} ms, upstream data bytes {sent} (chunk {CHUNK}); "
                 f"the third member's range from the owner's chunk: TTFB {ttfb3 * 1000:.0f} ms"
             )
+
+
+# ------------------------------------------------------------------ lists that disagree
+async def test_members_whose_lists_disagree_fetch_an_image_at_most_twice(tmp_path: Path) -> None:
+    """C's fleet_members lacks B (A and B list all three): for an image B owns, C asks A or
+    fetches itself, and refuses B's requests (B is no member of its fleet). 3 x 4 cold
+    clients at once: at most two upstream copies, every body right; the members count and
+    log the other list."""
+    extra: dict[str, dict[str, Any]] = {m: dict(SERVICE) for m in IDS}
+    async with fake_glance() as glance:
+        glance.shared_rate = 32 * MiB
+        async with rig(tmp_path, glance, extra) as fleet:
+            a, b, c = (fleet.members[m] for m in IDS)
+            await fleet.restart(
+                "ctl-c",
+                fleet_members=[{"id": m, "url": fleet.urls[m]} for m in ("ctl-a", "ctl-c")],
+            )
+            data = os.urandom(32 * MiB)
+            image = glance.add_image(data, image_id=owned_by("ctl-b"))
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+                began = time.monotonic()
+                results = await asyncio.gather(
+                    *(timed_download(session, m.url, image.id) for m in (a, b, c) for _ in range(4))
+                )
+                took = time.monotonic() - began
+                assert [(r[0], same(r[1], data)) for r in results] == [(200, True)] * 12
+                fetched = len(transfers(glance, image.id))
+                extra_bytes = upstream_bytes(glance, image.id) - len(data)
+                mismatches = {
+                    m.id: (await scrape(session, m.url)).get(
+                        "cached_fleet_list_mismatches_total", 0.0
+                    )
+                    for m in (a, b, c)
+                }
+                refused = (await peer_outcomes(session, c)).get("refused", 0.0)
+            print(
+                f"lists disagree: {fetched} upstream data GET(s), {extra_bytes} extra upstream "
+                f"bytes, 12 bodies right in {took:.1f}s; mismatches counted {mismatches}; "
+                f"C refused {refused:.0f} request(s) from B"
+            )
+            assert fetched <= 2
+            assert mismatches["ctl-a"] >= 1  # C's lookups, with C's list
+            assert "has another fleet_members list" in a.proc.output()
+
+
+# ------------------------------------------------------------------ the owner killed
+async def test_the_owner_killed_half_way_costs_little_more_than_one_copy(tmp_path: Path) -> None:
+    """B's cold client: B asks the owner A to fetch the 64 MiB image and follows its fill
+    (upstream capped at 32 MiB/s for all); A is killed (-9) once half the image left the
+    upstream. B goes on from the upstream where A's bytes stopped: upstream bytes at most
+    1.1 x the image, the client's body whole and right."""
+    service = {m: dict(SERVICE) for m in IDS}
+    async with fake_glance() as glance, rig(tmp_path, glance, service) as fleet:
+        glance.shared_rate = 32 * MiB
+        data = os.urandom(64 * MiB)
+        image = glance.add_image(data, image_id=owned_by("ctl-a"))
+        a, b = fleet.members["ctl-a"], fleet.members["ctl-b"]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            fetch = asyncio.create_task(timed_download(session, b.url, image.id))
+            await until(
+                lambda: upstream_bytes(glance, image.id) >= 32 * MiB, "half left", within=30
+            )
+            killed_at = time.monotonic()
+            at = upstream_bytes(glance, image.id)
+            await asyncio.to_thread(a.proc.kill)
+            status, body, ttfb, _ = await fetch
+            took = time.monotonic() - killed_at
+        sent = upstream_bytes(glance, image.id)
+        print(
+            f"owner killed at {at / MiB:.1f} MiB: client {status}, body right "
+            f"{same(body, data)}, TTFB {ttfb * 1000:.0f} ms, done {took:.2f}s after the kill; "
+            f"upstream {sent / len(data):.3f} x the image ({transfers(glance, image.id)})"
+        )
+        assert status == 200 and same(body, data)
+        assert "sibling ctl-a failed at byte" in b.proc.output()
+        assert sent <= 1.1 * len(data)
+
+
+# ------------------------------------------------------------------ a flipped byte
+def incomplete_file(cache: Path, image_id: str) -> Path:
+    return cache / "incomplete" / image_id
+
+
+async def test_a_byte_flipped_in_the_owners_copy_is_caught_and_skipped(tmp_path: Path) -> None:
+    """A byte of A's copy changes on A's disk after its fill wrote it (its own digest,
+    computed on the stream, matched; its client had read that byte before): B's fill from A
+    fails the upstream's digest (B's client is cut, nothing is a hit), A is told the copy
+    is suspect and drops it on re-verification, and B's next fill skips A: the right bytes,
+    from the upstream."""
+    async with fake_glance() as glance, rig(tmp_path, glance) as fleet:
+        data = os.urandom(16 * MiB)
+        image = glance.add_image(data, image_id=owned_by("ctl-a"), rate=8 * MiB)
+        a, b = fleet.members["ctl-a"], fleet.members["ctl-b"]
+        flip = 3 * MiB + 12345
+        path = incomplete_file(fleet.caches["ctl-a"], image.id)
+        got = bytearray()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+
+            async def read_through_a() -> int:
+                async with session.get(
+                    f"{a.url}/v2/images/{image.id}/file", headers=auth()
+                ) as resp:
+                    async for piece in resp.content.iter_any():
+                        got.extend(piece)
+                    return resp.status
+
+            first = asyncio.create_task(read_through_a())
+
+            def written() -> bool:
+                if len(got) <= flip + MiB or not path.exists():
+                    return False
+                with path.open("rb") as f:
+                    f.seek(flip - 2048)
+                    return f.read(4096) == data[flip - 2048 : flip + 2048]
+
+            await until(written, "A wrote the byte and its client read it", within=30)
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, bytes([data[flip] ^ 0x01]), flip)
+            finally:
+                os.close(fd)
+            assert await first == 200 and same(bytes(got), data)
+            await until(lambda: "cached " + image.id in a.proc.output(), "A committed")
+            image.rate = None
+
+            status, body, _, cut_after = await timed_download(session, b.url, image.id)
+            assert not same(body, data)  # cut: never the whole body
+            assert f"image {image.id} failed verification" in b.proc.output()
+            await until(
+                lambda: f"re-verified {image.id}: corrupt, dropped" in a.proc.output(),
+                "A dropped its copy",
+                within=30,
+            )
+            before = upstream_bytes(glance, image.id)
+            status2, body2, _, took = await timed_download(session, b.url, image.id)
+            assert status2 == 200 and same(body2, data)
+            assert transfers(glance, image.id) == [None, None]  # A's fill, B's second
+            extra_bytes = upstream_bytes(glance, image.id) - before
+        print(
+            f"flipped byte at the owner: B's client got {status} and {len(body)} of "
+            f"{len(data)} bytes, cut after {cut_after:.2f}s; the next fill skipped A: 200, "
+            f"right, in {took:.2f}s, {extra_bytes} extra upstream bytes"
+        )
+
+
+# ------------------------------------------------------------------ 5xx and short bodies
+@contextlib.asynccontextmanager
+async def fake_sibling(
+    data: dict[str, bytes], mode: str
+) -> AsyncIterator[tuple[tuple[str, int], list[str]]]:
+    """A sibling that says it holds every image of ``data`` (``complete``) and then fails
+    its GETs: ``5xx`` answers 500, ``short`` sends half the range asked and hangs up. It
+    checks no signature (it is the caller's check that matters here). Yields its address and
+    the requests it saw."""
+    seen: list[str] = []
+
+    async def head(request: web.Request) -> web.Response:
+        seen.append(f"HEAD {request.path}")
+        image = data.get(request.match_info["image_id"])
+        if image is None:
+            return web.Response(headers={"X-Cached-Peer-State": "absent"})
+        state = {"X-Cached-Peer-State": "complete", "X-Cached-Peer-Size": str(len(image))}
+        return web.Response(headers=state)
+
+    async def get(request: web.Request) -> web.StreamResponse:
+        seen.append(f"GET {request.path} {request.headers.get('Range')}")
+        image = data[request.match_info["image_id"]]
+        if mode == "5xx":
+            return web.Response(status=500, text="broken sibling")
+        first, last = request.headers["Range"].removeprefix("bytes=").split("-")
+        start, end = int(first), int(last) + 1
+        response = web.StreamResponse(status=206)
+        response.content_length = end - start
+        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(image)}"
+        await response.prepare(request)
+        await response.write(image[start : start + (end - start) // 2])
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    app = web.Application()
+    app.router.add_route("HEAD", "/cached-peer/v1/images/{image_id}", head)
+    app.router.add_get("/cached-peer/v1/images/{image_id}{fetch:(/fetch)?}", get)
+    app.router.add_route("*", "/{tail:.*}", lambda r: web.Response(status=404))
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield (host, port), seen
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("mode", ["5xx", "short"])
+async def test_a_sibling_answering_5xx_or_a_short_body_is_left(tmp_path: Path, mode: str) -> None:
+    """C (a fake) says it holds the image it owns, then answers 500, or half the body and
+    hangs up: A's fill takes the rest from the upstream (all of it after a 500, the half
+    C did not send after a short body), the client's body is right, C is down for a while."""
+    data = os.urandom(16 * MiB)
+    image_id = owned_by("ctl-c")
+    async with fake_glance() as glance, fake_sibling({image_id: data}, mode) as (address, seen):
+        glance.add_image(data, image_id=image_id)
+        async with rig(tmp_path, glance, fakes={"ctl-c": address}) as fleet:
+            a = fleet.members["ctl-a"]
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+                status, body, ttfb, took = await timed_download(session, a.url, image_id)
+            assert status == 200 and same(body, data)
+            assert any(s.startswith("GET ") for s in seen), seen
+            out = a.proc.output()
+            assert "sibling ctl-c failed at byte" in out and "sibling ctl-c is down" in out
+            sent = upstream_bytes(glance, image_id)
+            print(
+                f"sibling {mode}: client 200, right body, TTFB {ttfb * 1000:.0f} ms, done in "
+                f"{took:.2f}s; upstream bytes {sent} ({sent / len(data):.2f} x the image)"
+            )
+            if mode == "short":
+                assert sent <= len(data) // 2 + CHUNK
+
+
+# ------------------------------------------------------------------ the key change
+async def test_a_key_change_by_two_rolling_restarts_refuses_nothing(tmp_path: Path) -> None:
+    """The fleet key changes: every member is restarted accepting the new key as previous,
+    then every member again signing with it (the old one as previous). After each restart a
+    peer fill in both directions between the restarted member and the others; no peer
+    request is refused (401) at any step. Then a signed request captured on its way to A is
+    replayed: to B (401, signed for A) and to A within the ±30 s window (accepted: the
+    signature carries no nonce; the replay reads only what the captured request read, the
+    same method, path and Range)."""
+    async with fake_glance() as glance, rig(tmp_path, glance) as fleet:
+        new_key = tmp_path / "fleet-new.key"
+        new_key.write_bytes(os.urandom(48).hex().encode())
+        new_key.chmod(0o600)
+        old_key = fleet.key
+        refused: dict[str, float] = {}
+        fills = 0
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+
+            async def peer_fill(holder: Member, taker: Member) -> None:
+                nonlocal fills
+                data = os.urandom(2 * MiB)
+                image = glance.add_image(data)
+                assert (await download(session, holder.url, image.id))[2] == data
+                assert (await download(session, taker.url, image.id))[2] == data
+                assert transfers(glance, image.id) == [None]  # taken from the holder
+                fills += 1
+
+            async def count_refused() -> None:
+                for m in fleet.members.values():
+                    got = (await peer_outcomes(session, m)).get("refused", 0.0)
+                    refused[m.id] = refused.get(m.id, 0.0) + got
+
+            steps = [
+                {"fleet_previous_secret_file": str(new_key)},
+                {"fleet_secret_file": str(new_key), "fleet_previous_secret_file": str(old_key)},
+            ]
+            for changes in steps:
+                for i, m in enumerate(IDS):
+                    await count_refused()  # before its counters go with the restart
+                    member = await fleet.restart(m, **changes)
+                    others = [fleet.members[IDS[(i + k) % 3]] for k in (1, 2)]
+                    await peer_fill(member, others[0])
+                    await peer_fill(others[1], member)
+            await count_refused()
+            logs = {m: fleet.whole_log(m) for m in IDS}
+            assert all(" refused: " not in text for text in logs.values())
+            assert refused == {m: 0.0 for m in IDS}
+
+            # Replays of one signed request captured on its way to A.
+            a, b = fleet.members["ctl-a"], fleet.members["ctl-b"]
+            data = os.urandom(MiB)
+            image = glance.add_image(data)
+            assert (await download(session, a.url, image.id))[2] == data
+            path = f"/cached-peer/v1/images/{image.id}"
+            signer = as_member(tmp_path, "ctl-c")
+            signer = type(signer)("ctl-c", signer.members, new_key.read_bytes().strip())
+            captured = {"Range": "bytes=0-99", **signer.sign("GET", path, "ctl-a", "bytes=0-99")}
+            answers = []
+            for url in (a.url, b.url, a.url):
+                async with session.get(url + path, headers=captured) as resp:
+                    answers.append((resp.status, await resp.read() if resp.status == 206 else b""))
+            assert answers == [(206, data[:100]), (401, b""), (206, data[:100])]
+        print(
+            f"key change: 6 restarts, {fills} peer fills, 0 refused; a captured request "
+            f"replayed to another member: 401; to its target within 30 s: answered again "
+            f"(206, the same 100 bytes)"
+        )
 
 
 pytestmark = pytest.mark.timeout(240)
