@@ -18,9 +18,10 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from aiohttp import web
 from conftest import auth
 from daemonproc import CachedProcess
 from fakeglance import FakeGlance
+from faultfs import FaultFS
 from test_correctness import until
 from test_fleet import (
     ADMIN,
@@ -518,6 +520,113 @@ async def test_a_key_change_by_two_rolling_restarts_refuses_nothing(tmp_path: Pa
             f"key change: 6 restarts, {fills} peer fills, 0 refused; a captured request "
             f"replayed to another member: 401; to its target within 30 s: answered again "
             f"(206, the same 100 bytes)"
+        )
+
+
+# ------------------------------------------------------------------ a hung or full sibling
+@pytest.fixture
+def hanging_share(tmp_path: Path) -> Iterator[FaultFS]:
+    """A FUSE pass-through (tests/faultfs.py) that can be made to hang; root and fusepy."""
+    if os.geteuid() != 0:
+        pytest.skip("a FUSE share needs root")
+    try:
+        import fuse  # noqa: F401
+    except (ImportError, OSError) as exc:
+        pytest.skip(f"FUSE tests need fusepy and libfuse2: {exc}")
+    backing, point = tmp_path / "backing", tmp_path / "fuse"
+    backing.mkdir()
+    point.mkdir()
+    fs = FaultFS(backing, point, tmp_path / "faultfs.mode")
+    try:
+        fs.mount()
+    except RuntimeError as exc:
+        pytest.skip(f"cannot mount a FUSE share here: {exc}")
+    try:
+        yield fs
+    finally:
+        fs.unmount()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 40 MiB tmpfs (root; skipped otherwise), unmounted afterwards."""
+    point = tmp_path / "tmpfs"
+    point.mkdir()
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(point)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if res.returncode != 0:
+        pytest.skip(f"mounting a tmpfs was refused (run as root): {res.stderr.strip()}")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True, check=False)
+
+
+async def test_a_sibling_whose_cache_hangs_is_left(tmp_path: Path, hanging_share: FaultFS) -> None:
+    """B holds the image on a share that then stops answering (every call blocks): A's
+    GET from B gets no headers within fleet_headers_timeout (2 s here), A leaves B for the
+    upstream and its client gets the right body."""
+    caches = {"ctl-b": hanging_share.mountpoint}
+    extra = {"ctl-a": {"fleet_headers_timeout": 2.0}}
+    async with fake_glance() as glance, rig(tmp_path, glance, extra, caches) as fleet:
+        a, b = fleet.members["ctl-a"], fleet.members["ctl-b"]
+        data = os.urandom(16 * MiB)
+        image = glance.add_image(data, image_id=owned_by("ctl-b"))
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            assert (await download(session, b.url, image.id))[2] == data
+            await until(lambda: f"cached {image.id}" in b.proc.output(), "B committed")
+            hanging_share.set("block")
+            try:
+                status, body, ttfb, took = await timed_download(session, a.url, image.id)
+            finally:
+                hanging_share.set("ok")
+        assert status == 200 and same(body, data)
+        out = a.proc.output()
+        assert "sibling ctl-b failed at byte 0" in out or f"{image.id} [0, " not in out, out
+        print(
+            f"hung sibling: client 200, right body, TTFB {ttfb:.2f}s (headers timeout 2 s), "
+            f"done in {took:.2f}s; {upstream_bytes(glance, image.id) - len(data)} extra "
+            f"upstream bytes beyond B's first copy ({transfers(glance, image.id)})"
+        )
+
+
+async def test_a_sibling_whose_cache_fills_up_is_left(tmp_path: Path, small_tmpfs: Path) -> None:
+    """B (the owner, its cache on a 40 MiB tmpfs) fetches a 32 MiB image for A; a quarter
+    in, its disk is full (another file takes the rest): B's fill fails, A's stream from B is
+    cut, A goes on from the upstream where B's bytes stopped; A's client gets the right
+    body."""
+    cache = small_tmpfs / "cache"
+    cache.mkdir()
+    service = {m: dict(SERVICE) for m in IDS}
+    async with fake_glance() as glance, rig(tmp_path, glance, service, {"ctl-b": cache}) as fleet:
+        glance.shared_rate = 16 * MiB
+        a, b = fleet.members["ctl-a"], fleet.members["ctl-b"]
+        data = os.urandom(32 * MiB)
+        image = glance.add_image(data, image_id=owned_by("ctl-b"))
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            fetch = asyncio.create_task(timed_download(session, a.url, image.id))
+            await until(lambda: upstream_bytes(glance, image.id) >= 8 * MiB, "8 MiB left")
+            full_at = time.monotonic()
+            junk = bytes(MiB)
+            with (small_tmpfs / "junk").open("wb", buffering=0) as f:
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(junk)
+            status, body, ttfb, _ = await fetch
+            took = time.monotonic() - full_at
+        assert status == 200 and same(body, data)
+        assert "sibling ctl-b failed at byte" in a.proc.output()
+        why = [line for line in b.proc.output().splitlines() if image.id in line and "WARN" in line]
+        print(f"B: {why[:2]}")
+        sent = upstream_bytes(glance, image.id)
+        print(
+            f"full sibling: client 200, right body, TTFB {ttfb * 1000:.0f} ms, done "
+            f"{took:.2f}s after the disk filled; upstream {sent / len(data):.2f} x the "
+            f"image ({transfers(glance, image.id)})"
         )
 
 
