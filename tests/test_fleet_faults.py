@@ -279,7 +279,10 @@ async def test_members_whose_lists_disagree_fetch_an_image_at_most_twice(tmp_pat
 
 
 # ------------------------------------------------------------------ the owner killed
-async def test_the_owner_killed_half_way_costs_little_more_than_one_copy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("clients", [("ctl-b",), ("ctl-b", "ctl-c")])
+async def test_the_owner_killed_half_way_costs_little_more_than_one_copy(
+    tmp_path: Path, clients: tuple[str, ...]
+) -> None:
     """B's cold client: B asks the owner A to fetch the 64 MiB image and follows its fill
     (upstream capped at 32 MiB/s for all); A is killed (-9) once half the image left the
     upstream. B goes on from the upstream where A's bytes stopped: upstream bytes at most
@@ -291,22 +294,26 @@ async def test_the_owner_killed_half_way_costs_little_more_than_one_copy(tmp_pat
         image = glance.add_image(data, image_id=owned_by("ctl-a"))
         a, b = fleet.members["ctl-a"], fleet.members["ctl-b"]
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-            fetch = asyncio.create_task(timed_download(session, b.url, image.id))
+            fetches = [
+                asyncio.create_task(timed_download(session, fleet.members[m].url, image.id))
+                for m in clients
+            ]
             await until(
                 lambda: upstream_bytes(glance, image.id) >= 32 * MiB, "half left", within=30
             )
             killed_at = time.monotonic()
             at = upstream_bytes(glance, image.id)
             await asyncio.to_thread(a.proc.kill)
-            status, body, ttfb, _ = await fetch
+            results = await asyncio.gather(*fetches)
             took = time.monotonic() - killed_at
         sent = upstream_bytes(glance, image.id)
         print(
-            f"owner killed at {at / MiB:.1f} MiB: client {status}, body right "
-            f"{same(body, data)}, TTFB {ttfb * 1000:.0f} ms, done {took:.2f}s after the kill; "
+            f"owner killed at {at / MiB:.1f} MiB, clients on {[m for m in clients]}: "
+            f"{[(r[0], same(r[1], data)) for r in results]}, TTFB "
+            f"{[round(r[2] * 1000) for r in results]} ms, done {took:.2f}s after the kill; "
             f"upstream {sent / len(data):.3f} x the image ({transfers(glance, image.id)})"
         )
-        assert status == 200 and same(body, data)
+        assert [(r[0], same(r[1], data)) for r in results] == [(200, True)] * len(clients)
         assert "sibling ctl-a failed at byte" in b.proc.output()
         assert sent <= 1.1 * len(data)
 
