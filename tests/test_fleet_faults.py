@@ -388,16 +388,18 @@ async def test_a_byte_flipped_in_the_owners_copy_is_caught_and_skipped(tmp_path:
 # ------------------------------------------------------------------ 5xx and short bodies
 @contextlib.asynccontextmanager
 async def fake_sibling(
-    data: dict[str, bytes], mode: str
+    data: dict[str, bytes], mode: str, head_delay: float = 0.0
 ) -> AsyncIterator[tuple[tuple[str, int], list[str]]]:
     """A sibling that says it holds every image of ``data`` (``complete``) and then fails
-    its GETs: ``5xx`` answers 500, ``short`` sends half the range asked and hangs up. It
+    its GETs: ``5xx`` answers 500, ``short`` sends half the range asked and hangs up; its
+    ``HEAD`` answers take ``head_delay`` seconds. It
     checks no signature (it is the caller's check that matters here). Yields its address and
     the requests it saw."""
     seen: list[str] = []
 
     async def head(request: web.Request) -> web.Response:
         seen.append(f"HEAD {request.path}")
+        await asyncio.sleep(head_delay)
         image = data.get(request.match_info["image_id"])
         if image is None:
             return web.Response(headers={"X-Cached-Peer-State": "absent"})
@@ -459,6 +461,41 @@ async def test_a_sibling_answering_5xx_or_a_short_body_is_left(tmp_path: Path, m
             )
             if mode == "short":
                 assert sent <= len(data) // 2 + CHUNK
+
+
+async def test_a_fill_choosing_its_source_answers_a_later_member_once_it_chose(
+    tmp_path: Path,
+) -> None:
+    """A's fill is choosing its source (C, a fake, takes 1.5 s to answer A's lookup) when
+    B, after A in the image's order, looks the image up: A answers B once it chose (the
+    upstream), and B follows A's fill: one upstream copy. Before, A answered "pending" at
+    once, B never follows a fill still choosing, and took the upstream too (two copies; as
+    when both non-owners lost the owner they followed at the same moment)."""
+    data = os.urandom(16 * MiB)
+    image_id = next(
+        i
+        for i in (str(uuid.uuid4()) for _ in range(1000))
+        if ring.order(IDS, i).index("ctl-a") < ring.order(IDS, i).index("ctl-b")
+    )
+    async with (
+        fake_glance() as glance,
+        fake_sibling({}, "5xx", head_delay=1.5) as (address, seen),
+    ):
+        glance.add_image(data, image_id=image_id, rate=16 * MiB)
+        async with rig(tmp_path, glance, fakes={"ctl-c": address}) as fleet:
+            a, b = fleet.members["ctl-a"], fleet.members["ctl-b"]
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+                first = asyncio.create_task(timed_download(session, a.url, image_id))
+                await until(lambda: len(seen) >= 1, "A asked C")
+                second = asyncio.create_task(timed_download(session, b.url, image_id))
+                results = await asyncio.gather(first, second)
+            assert [(r[0], same(r[1], data)) for r in results] == [(200, True)] * 2
+            print(
+                f"B looked up while A chose: {len(transfers(glance, image_id))} upstream "
+                f"GET(s); B's TTFB {results[1][2]:.2f}s (C answers in 1.5 s)"
+            )
+            assert transfers(glance, image_id) == [None]
+            assert f"{image_id} [0, {len(data)}) from sibling ctl-a" in b.proc.output()
 
 
 # ------------------------------------------------------------------ the key change

@@ -3,7 +3,8 @@
 - ``HEAD images/{id}``: whether this member holds the image, in ``X-Cached-Peer-State``:
   ``complete`` (a verified copy; ``X-Cached-Peer-Size`` gives its size), ``filling;
   source=upstream|copy|pending`` (a fill is running, fed by the upstream or a sibling's
-  copy, or still choosing) or ``absent``.
+  copy, or still choosing: a sibling after this member in the image's order is answered
+  once it chose, within a bound) or ``absent``.
 - ``GET images/{id}``: the bytes of a complete copy (``Range`` honoured: ``206``), sent by
   the reader (cached/download/reader.py ``send_entry``) from the checked file, or of a
   running fill fed by the upstream (followed as a client's reader follows it; the last byte
@@ -50,6 +51,7 @@ from cached.edge import ranges
 from cached.errors import CachedError, FillAborted
 from cached.fill.machine import Fill
 from cached.fill.registry import Filler
+from cached.fleet import ring
 from cached.fleet import trust as signing
 from cached.ids import is_image_id
 from cached.store import Entry, State, Store
@@ -157,11 +159,23 @@ class PeerService:
             assert entry is not None
             headers = {STATE: "complete", SIZE: str(entry.size)}
         elif (fill := self._filler.get(image_id)) is not None:
-            headers = {
-                STATE: f"filling; source={self._fill_source(fill)}",
-                SIZE: str(fill.entry.size),
-            }
+            source = self._fill_source(fill)
+            if source == "pending" and self._settled_source is not None:
+                if self._ahead_of(request.headers.get(signing.SENDER, ""), image_id):
+                    source = await self._settled_source(fill)
+            headers = {STATE: f"filling; source={source}", SIZE: str(fill.entry.size)}
         return web.Response(status=200, headers=headers)
+
+    def _ahead_of(self, sender: str, image_id: str) -> bool:
+        """Whether this member comes before ``sender`` in ``image_id``'s order.
+
+        A fill still choosing its source answers a sibling after it in the order once it
+        chose (bounded), and one before it at once: two members whose fills choose at the
+        same moment (the owner they both followed was killed) then do not both take the
+        upstream; the later follows the earlier's upstream-fed fill. No wait cycle forms:
+        a member waits only on members before it, and they answer it at once."""
+        order = ring.order([m.id for m in self.trust.members], image_id)
+        return sender in order and order.index(self.trust.self_id) < order.index(sender)
 
     async def suspect(self, request: web.Request) -> web.StreamResponse:
         """A sibling's fill with this member's bytes failed the upstream's digest: re-verify
