@@ -401,7 +401,8 @@ async def test_simultaneous_cold_clients_on_every_member(tmp_path: Path) -> None
     service = {m: {"service_token": "token-admin"} for m in IDS}
     async with fake_glance() as glance, fleet(tmp_path, glance, service) as members:
         data = os.urandom(32 * MiB)
-        image = glance.add_image(data, rate=32 * MiB)
+        image = glance.add_image(data)
+        glance.shared_rate = 32 * MiB  # one backend link: a second fetch halves both
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
             results = await asyncio.gather(
                 *(download(session, m.url, image.id) for m in members.values() for _ in range(8))
