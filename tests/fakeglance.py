@@ -198,7 +198,8 @@ class RateCap:
 
 @dataclass
 class Request:
-    """One request as the fake saw it; `status` is the status it answered with."""
+    """One request as the fake saw it; `status` is the status it answered with, `at` when
+    it arrived (`time.monotonic()`)."""
 
     method: str
     path: str
@@ -206,6 +207,7 @@ class Request:
     headers: dict[str, str]
     range: str | None
     status: int = 0
+    at: float = field(default_factory=time.monotonic)
 
 
 def _byte_range(header: str, size: int) -> tuple[int, int]:

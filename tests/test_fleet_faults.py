@@ -158,6 +158,17 @@ def upstream_bytes(glance: FakeGlance, image_id: str) -> int:
     return glance.bytes_sent.get(image_id, 0)
 
 
+def fallback(glance: FakeGlance, image_id: str, since: float) -> str:
+    """How long after ``since`` (monotonic) the first upstream data GET of ``image_id`` that
+    came later arrived (the fallback), for the report."""
+    later = [
+        r.at - since
+        for r in glance.data_requests(image_id)
+        if r.range != "bytes=0-0" and r.at > since
+    ]
+    return f"{min(later) * 1000:.0f} ms" if later else "none"
+
+
 async def timed_download(
     session: aiohttp.ClientSession, url: str, image_id: str, headers: dict[str, str] | None = None
 ) -> tuple[int, bytes, float, float]:
@@ -309,6 +320,7 @@ async def test_the_owner_killed_half_way_costs_little_more_than_one_copy(tmp_pat
             f"owner killed at {at / MiB:.1f} MiB, clients on {[m for m in clients]}: "
             f"{[(r[0], same(r[1], data)) for r in results]}, TTFB "
             f"{[round(r[2] * 1000) for r in results]} ms, done {took:.2f}s after the kill; "
+            f"upstream resumed {fallback(glance, image.id, killed_at)} after the kill; "
             f"upstream {sent / len(data):.3f} x the image ({transfers(glance, image.id)})"
         )
         assert [(r[0], same(r[1], data)) for r in results] == [(200, True)] * len(clients)
@@ -451,6 +463,7 @@ async def test_a_sibling_answering_5xx_or_a_short_body_is_left(tmp_path: Path, m
         async with rig(tmp_path, glance, fakes={"ctl-c": address}) as fleet:
             a = fleet.members["ctl-a"]
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+                began = time.monotonic()
                 status, body, ttfb, took = await timed_download(session, a.url, image_id)
             assert status == 200 and same(body, data)
             assert any(s.startswith("GET ") for s in seen), seen
@@ -458,7 +471,8 @@ async def test_a_sibling_answering_5xx_or_a_short_body_is_left(tmp_path: Path, m
             assert "sibling ctl-c failed at byte" in out and "sibling ctl-c is down" in out
             sent = upstream_bytes(glance, image_id)
             print(
-                f"sibling {mode}: client 200, right body, TTFB {ttfb * 1000:.0f} ms, done in "
+                f"sibling {mode}: client 200, right body, TTFB {ttfb * 1000:.0f} ms, upstream "
+                f"asked {fallback(glance, image_id, began)} after the client's GET, done in "
                 f"{took:.2f}s; upstream bytes {sent} ({sent / len(data):.2f} x the image)"
             )
             if mode == "short":
@@ -627,6 +641,7 @@ async def test_a_sibling_whose_cache_hangs_is_left(tmp_path: Path, hanging_share
             await until(lambda: f"cached {image.id}" in b.proc.output(), "B committed")
             hanging_share.set("block")
             try:
+                began = time.monotonic()
                 status, body, ttfb, took = await timed_download(session, a.url, image.id)
             finally:
                 hanging_share.set("ok")
@@ -635,6 +650,7 @@ async def test_a_sibling_whose_cache_hangs_is_left(tmp_path: Path, hanging_share
         assert "sibling ctl-b failed at byte 0" in out or f"{image.id} [0, " not in out, out
         print(
             f"hung sibling: client 200, right body, TTFB {ttfb:.2f}s (headers timeout 2 s), "
+            f"upstream asked {fallback(glance, image.id, began)} after the client's GET, "
             f"done in {took:.2f}s; {upstream_bytes(glance, image.id) - len(data)} extra "
             f"upstream bytes beyond B's first copy ({transfers(glance, image.id)})"
         )
@@ -671,7 +687,8 @@ async def test_a_sibling_whose_cache_fills_up_is_left(tmp_path: Path, small_tmpf
         sent = upstream_bytes(glance, image.id)
         print(
             f"full sibling: client 200, right body, TTFB {ttfb * 1000:.0f} ms, done "
-            f"{took:.2f}s after the disk filled; upstream {sent / len(data):.2f} x the "
+            f"{took:.2f}s after the disk filled, upstream resumed "
+            f"{fallback(glance, image.id, full_at)} after; upstream {sent / len(data):.2f} x the "
             f"image ({transfers(glance, image.id)})"
         )
 
