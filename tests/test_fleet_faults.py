@@ -248,6 +248,38 @@ async def test_a_cold_range_on_a_non_owner_fetches_only_its_chunks(tmp_path: Pat
             )
 
 
+async def test_a_whole_image_asked_of_a_member_fetching_ranges_only_is_fetched_by_it(
+    tmp_path: Path,
+) -> None:
+    """A (the owner) is fetching a range for its own client (the upstream holds it after its
+    first piece) when B's cold client asks for the whole image: B follows A's fill (HEAD
+    says it fills from the upstream), and A fetches the rest of the image for it instead of
+    answering 404 (before: B fell back to the upstream for the whole image, a second copy)."""
+    service = {m: dict(SERVICE) for m in IDS}
+    async with fake_glance() as glance, rig(tmp_path, glance, service) as fleet:
+        data = os.urandom(32 * MiB)
+        image = glance.add_image(data, image_id=owned_by("ctl-a"))
+        a, b = fleet.members["ctl-a"], fleet.members["ctl-b"]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            image.pause()
+            span = {"Range": f"bytes=0-{MiB - 1}"}
+            ranged = asyncio.create_task(timed_download(session, a.url, image.id, span))
+            await until(lambda: len(transfers(glance, image.id)) == 1, "A's range transfer")
+            whole = asyncio.create_task(timed_download(session, b.url, image.id))
+            await until(lambda: len(transfers(glance, image.id)) == 2, "a second transfer")
+            image.resume()
+            results = await asyncio.gather(ranged, whole)
+        assert (results[0][0], results[0][1]) == (206, data[:MiB])
+        assert results[1][0] == 200 and same(results[1][1], data)
+        asked = transfers(glance, image.id)
+        print(
+            f"whole image asked of a member fetching a range: upstream transfers {asked}, "
+            f"{upstream_bytes(glance, image.id) / len(data):.2f} x the image"
+        )
+        assert asked == [f"bytes=0-{CHUNK - 1}", f"bytes={CHUNK}-{len(data) - 1}"]
+        assert "sibling ctl-a failed" not in b.proc.output()
+
+
 # ------------------------------------------------------------------ lists that disagree
 async def test_members_whose_lists_disagree_fetch_an_image_at_most_twice(tmp_path: Path) -> None:
     """C's fleet_members lacks B (A and B list all three): for an image B owns, C asks A or

@@ -238,7 +238,12 @@ class PeerService:
                 fill = await self._open_for(image_id, span)
                 if fill is None:
                     return _answer("absent", 404)
-            elif fill is None and self._open_for_sibling is not None and fetch:
+            elif self._open_for_sibling is not None and (
+                (fill is None and fetch)
+                or (fill is not None and fill.widening(0, fill.entry.size, whole=True) != 0)
+            ):
+                # Nothing fetches the whole image here (no fill, or a fill of ranges only,
+                # which HEAD shows as filling): this member fetches it for the sibling.
                 fill = await self._open_for(image_id, None)
             source = self._fill_source(fill) if fill is not None else "none"
             ours = fill is not None and fill in self._fetching  # opened or widened for siblings
