@@ -10,6 +10,11 @@ the upstream's pace); otherwise the upstream. A fill fed by a copy, or still cho
 source, says ``source=copy`` and is never followed: a chain of fills ends at the upstream
 within two hops and cannot loop (groupcache's A→B→A).
 
+With service credentials (``forwarding``), a first transfer that finds no copy asks the
+first member of the image's order to fetch instead (``GET .../fetch``): the whole image for
+a driver from the first byte, the covering chunks only for any other transfer (a range
+miss), which that member takes from a complete copy or the upstream and never forwards.
+
 A sibling is used only when the fill has the upstream's digest to check its bytes against
 (``Fill._finish`` compares it before anything becomes a hit): an image whose record has no
 digest is always taken from the upstream.

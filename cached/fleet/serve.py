@@ -8,14 +8,15 @@
 - ``GET images/{id}``: the bytes of a complete copy (``Range`` honoured: ``206``), sent by
   the reader (cached/download/reader.py ``send_entry``) from the checked file, or of a
   running fill fed by the upstream (followed as a client's reader follows it; the last byte
-  of the image only once its digest matched).
+  of the image only once its digest matched). A fill of ranges only, asked for the whole
+  image, is widened for the sibling as ``fetch`` would (with service credentials).
 - ``GET images/{id}/fetch``: the same, and when this member neither holds nor fills the image
   (the caller found no copy and this member heads the image's order), a member with service
-  credentials opens a fill from the upstream for it, admitted like a prefetch, never taking
-  a sibling's bytes, and serves that. With a ``Range`` other than the whole image (a sibling's
-  range miss) it fetches only the chunks covering it: a range transfer added to its own
-  fill (opened if none runs), which takes a complete copy or the upstream, and serves the
-  range as it arrives.
+  credentials opens a fill from the upstream for it (or a complete copy), admitted like a
+  prefetch, never asking another member to fetch, and serves that. With a ``Range`` other
+  than the whole image (a sibling's range miss) it fetches only the chunks covering it: a
+  range transfer added to its own fill (opened if none runs), which takes a complete copy
+  or the upstream, and serves the range as it arrives.
 - Otherwise ``404``; ``503`` at once when the cache directory is not ok
   (``read_only`` still serves complete copies), new fills are refused, or
   ``fleet_max_peer_streams`` streams are running (then with ``Retry-After``).
