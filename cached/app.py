@@ -393,6 +393,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
                 peers.fill_source,
                 open_for_sibling,
                 lambda fill: peers.settled_source(fill, config.fleet_lookup_timeout + 1.0),
+                config.fleet_lookup_timeout / 2,
             )
             log.info(
                 "fleet member %s of %s", config.fleet_self, ", ".join(fleet.siblings) or "none"

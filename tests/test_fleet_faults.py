@@ -516,7 +516,7 @@ async def test_a_sibling_answering_5xx_or_a_short_body_is_left(tmp_path: Path, m
 async def test_a_fill_choosing_its_source_answers_a_later_member_once_it_chose(
     tmp_path: Path,
 ) -> None:
-    """A's fill is choosing its source (C, a fake, takes 1.5 s to answer A's lookup) when
+    """A's fill is choosing its source (C, a fake, takes 0.5 s to answer A's lookup) when
     B, after A in the image's order, looks the image up: A answers B once it chose (the
     upstream), and B follows A's fill: one upstream copy. Before, A answered "pending" at
     once, B never follows a fill still choosing, and took the upstream too (two copies; as
@@ -529,7 +529,7 @@ async def test_a_fill_choosing_its_source_answers_a_later_member_once_it_chose(
     )
     async with (
         fake_glance() as glance,
-        fake_sibling({}, "5xx", head_delay=1.5) as (address, seen),
+        fake_sibling({}, "5xx", head_delay=0.5) as (address, seen),
     ):
         glance.add_image(data, image_id=image_id, rate=16 * MiB)
         async with rig(tmp_path, glance, fakes={"ctl-c": address}) as fleet:
@@ -542,7 +542,7 @@ async def test_a_fill_choosing_its_source_answers_a_later_member_once_it_chose(
             assert [(r[0], same(r[1], data)) for r in results] == [(200, True)] * 2
             print(
                 f"B looked up while A chose: {len(transfers(glance, image_id))} upstream "
-                f"GET(s); B's TTFB {results[1][2]:.2f}s (C answers in 1.5 s)"
+                f"GET(s); B's TTFB {results[1][2]:.2f}s (C answers in 0.5 s)"
             )
             assert transfers(glance, image_id) == [None]
             assert f"{image_id} [0, {len(data)}) from sibling ctl-a" in b.proc.output()

@@ -4,7 +4,7 @@
   ``complete`` (a verified copy; ``X-Cached-Peer-Size`` gives its size), ``filling;
   source=upstream|copy|pending`` (a fill is running, fed by the upstream or a sibling's
   copy, or still choosing: a sibling after this member in the image's order is answered
-  once it chose, within a bound) or ``absent``.
+  once it chose, within half the lookup timeout) or ``absent``.
 - ``GET images/{id}``: the bytes of a complete copy (``Range`` honoured: ``206``), sent by
   the reader (cached/download/reader.py ``send_entry``) from the checked file, or of a
   running fill fed by the upstream (followed as a client's reader follows it; the last byte
@@ -81,6 +81,7 @@ class PeerService:
         open_for_sibling: Callable[[str, tuple[int, int] | None], Awaitable[Fill | None]]
         | None = None,
         settled_source: Callable[[Fill], Awaitable[str]] | None = None,
+        head_wait: float = 0.0,
     ):
         self.trust = trust
         self._store = store
@@ -96,6 +97,10 @@ class PeerService:
         # The source of a fill still choosing it, once chosen (bounded wait); for a sibling
         # asking this member to fetch while its own fill of the image is choosing.
         self._settled_source = settled_source
+        # How long HEAD waits for a fill choosing its source to choose (for a sibling after
+        # this member in the image's order): well within the sibling's lookup timeout, so
+        # that a slow choice still answers "pending" in time (the sibling then asks to fetch).
+        self._head_wait = head_wait
         self._streams = 0
         self._disagreeing: set[str] = set()  # senders whose member list differs (logged once)
         self._checks: set[asyncio.Task[None]] = set()  # re-verifications siblings asked for
@@ -161,9 +166,13 @@ class PeerService:
             headers = {STATE: "complete", SIZE: str(entry.size)}
         elif (fill := self._filler.get(image_id)) is not None:
             source = self._fill_source(fill)
-            if source == "pending" and self._settled_source is not None:
+            if source == "pending" and self._settled_source is not None and self._head_wait:
                 if self._ahead_of(request.headers.get(signing.SENDER, ""), image_id):
-                    source = await self._settled_source(fill)
+                    try:
+                        async with asyncio.timeout(self._head_wait):
+                            source = await self._settled_source(fill)
+                    except TimeoutError:
+                        pass  # still choosing: "pending"
             headers = {STATE: f"filling; source={source}", SIZE: str(fill.entry.size)}
         return web.Response(status=200, headers=headers)
 
@@ -171,10 +180,11 @@ class PeerService:
         """Whether this member comes before ``sender`` in ``image_id``'s order.
 
         A fill still choosing its source answers a sibling after it in the order once it
-        chose (bounded), and one before it at once: two members whose fills choose at the
-        same moment (the owner they both followed was killed) then do not both take the
-        upstream; the later follows the earlier's upstream-fed fill. No wait cycle forms:
-        a member waits only on members before it, and they answer it at once."""
+        chose (within ``head_wait``), and one before it at once: two members whose fills
+        choose at the same moment (the owner they both followed was killed) then do not
+        both take the upstream; the later follows the earlier's upstream-fed fill. No wait
+        cycle forms: a member waits only on members before it, and they answer it at once.
+        """
         order = ring.order([m.id for m in self.trust.members], image_id)
         return sender in order and order.index(self.trust.self_id) < order.index(sender)
 
