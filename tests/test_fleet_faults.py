@@ -694,7 +694,8 @@ async def test_a_sibling_whose_cache_fills_up_is_left(tmp_path: Path, small_tmpf
     """B (the owner, its cache on a 40 MiB tmpfs) fetches a 32 MiB image for A; a quarter
     in, its disk is full (another file takes the rest): B's fill fails, A's stream from B is
     cut, A goes on from the upstream where B's bytes stopped; A's client gets the right
-    body."""
+    body. Before that, a 48 MiB image B cannot hold at all: B does not fetch it (refused
+    before any byte), A takes it from the upstream at once."""
     cache = small_tmpfs / "cache"
     cache.mkdir()
     service = {m: dict(SERVICE) for m in IDS}
@@ -704,6 +705,19 @@ async def test_a_sibling_whose_cache_fills_up_is_left(tmp_path: Path, small_tmpf
         data = os.urandom(32 * MiB)
         image = glance.add_image(data, image_id=owned_by("ctl-b"))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            big = os.urandom(48 * MiB)
+            too_big = glance.add_image(big, image_id=owned_by("ctl-b"))
+            began = time.monotonic()
+            status, body, ttfb, _ = await timed_download(session, a.url, too_big.id)
+            assert status == 200 and same(body, big)
+            assert upstream_bytes(glance, too_big.id) <= len(big) + 16  # one copy, from A
+            print(
+                f"sibling without room for the image: client 200, right body, TTFB "
+                f"{ttfb * 1000:.0f} ms, upstream asked {fallback(glance, too_big.id, began)} "
+                f"after the client's GET; {transfers(glance, too_big.id)}; B said: "
+                f"{[line[24:] for line in b.proc.output().splitlines() if 'no room' in line]}"
+            )
+
             fetch = asyncio.create_task(timed_download(session, a.url, image.id))
             await until(lambda: upstream_bytes(glance, image.id) >= 8 * MiB, "8 MiB left")
             full_at = time.monotonic()
