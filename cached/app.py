@@ -390,10 +390,14 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             fleet = peers.Fleet(signer, peer_session, timeouts, forwarding=service.configured)
             filler.sources = fleet.sources_for
 
-            async def open_for_sibling(image_id: str) -> Fill | None:
+            async def open_for_sibling(
+                image_id: str, span: tuple[int, int] | None = None
+            ) -> Fill | None:
                 """A fill of ``image_id`` from the upstream, for a sibling that found no copy
                 (cached/fleet/serve.py): the record and bytes with the service credentials,
-                admitted like a prefetch; None without credentials or room."""
+                admitted like a prefetch; None without credentials or room. ``span``: only
+                the chunks covering bytes ``[start, end)`` (a sibling's range miss), added
+                to this member's running fill if it has one."""
                 creds = await service.credentials() if service.configured else None
                 if creds is None:
                     return None
@@ -404,14 +408,21 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
                     return None
                 entry = store.get(image_id)
                 have = entry.present_bytes() if entry and entry.size == record.size else 0
-                async with maintenance.admission(record.size - have) as refused:
+                if span is not None and span == (0, max(span[1], record.size)):
+                    span = None  # the whole image, as a driver fetches it
+                start, end = span if span is not None else (0, record.size)
+                end = min(end, record.size)
+                if start >= end and record.size:
+                    return None
+                need = record.size - have if span is None else end - start
+                async with maintenance.admission(need) as refused:
                     if refused is not None:
                         log.info("no room to fetch %s for a sibling: %s", image_id, refused)
                         return None
-                    fill, created = await filler.open(record, creds)
-                    if created and isinstance(fill.sources, peers.FleetSources):
+                    fill, _ = await filler.open(record, creds)
+                    if isinstance(fill.sources, peers.FleetSources):
                         fill.sources.forward = False  # never forwards what it was asked
-                    fill.demand(0, record.size, whole=True)
+                    fill.demand(start, end, whole=span is None)
                 return fill
 
             async def deleted_by_sibling(image_id: str) -> None:
@@ -449,6 +460,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
                 lambda fill: peers.settled_source(fill, config.fleet_lookup_timeout + 1.0),
                 deleted=deleted_by_sibling,
                 changed=proxy.authorizer.forget,
+                head_wait=config.fleet_lookup_timeout / 2,
             )
             member = fleet
 

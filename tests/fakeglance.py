@@ -16,6 +16,7 @@ import json
 import re
 import socket
 import ssl
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -171,9 +172,38 @@ class FakeImage:
         return piece
 
 
+class RateCap:
+    """A token bucket shared by every data response of a :class:`FakeGlance` (its
+    ``shared_rate``): together they send at most ``rate`` bytes/s, like one backend link.
+
+    ``burst`` bytes may go at once (the most a piece may be); callers take tokens in turn
+    (FIFO, an :class:`asyncio.Lock`), so concurrent downloads share the rate fairly.
+    """
+
+    def __init__(self, rate: int, burst: int | None = None):
+        self.rate = rate
+        self.burst = burst or max(1, min(CHUNK, rate // 20))
+        self._tokens = float(self.burst)
+        self._stamp = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def take(self, n: int) -> None:
+        """Wait until ``n`` (at most ``burst``) bytes may go out, and count them as gone."""
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+                self._stamp = now
+                if self._tokens >= n:
+                    self._tokens -= n
+                    return
+                await asyncio.sleep((n - self._tokens) / self.rate)
+
+
 @dataclass
 class Request:
-    """One request as the fake saw it; `status` is the status it answered with."""
+    """One request as the fake saw it; `status` is the status it answered with, `at` when
+    it arrived (`time.monotonic()`)."""
 
     method: str
     path: str
@@ -181,6 +211,7 @@ class Request:
     headers: dict[str, str]
     range: str | None
     status: int = 0
+    at: float = field(default_factory=time.monotonic)
 
 
 def _byte_range(header: str, size: int) -> tuple[int, int]:
@@ -221,6 +252,11 @@ class FakeGlance:
         requests: every request seen, in arrival order.
         bytes_sent: image id -> total number of data-body bytes written for it.
         url: base URL, set by :meth:`start`.
+        shared_rate: bytes/s that every data response together may send (a
+            :class:`RateCap` over all connections, like one backend link), or None (no cap);
+            the per-image ``rate`` knob still paces each response on top of it. Set it
+            any time (also while downloads run: they take the new cap's tokens from their
+            next piece on).
     """
 
     def __init__(self) -> None:
@@ -245,6 +281,15 @@ class FakeGlance:
         # A status (500, 502, 503, ...) every image download (authorisation probes included)
         # is answered with, before any check, as by a failing Glance or its load balancer
         self.fail_downloads: int | None = None
+        self._cap: RateCap | None = None
+
+    @property
+    def shared_rate(self) -> int | None:
+        return None if self._cap is None else self._cap.rate
+
+    @shared_rate.setter
+    def shared_rate(self, rate: int | None) -> None:
+        self._cap = None if not rate else RateCap(rate)
 
     # -- programming ------------------------------------------------------------------------
 
@@ -615,7 +660,12 @@ class FakeGlance:
                     await image.flowing.wait()
                 rate = image.rate
                 step = CHUNK if not rate else max(1, min(CHUNK, rate // 10))
+                cap = self._cap
+                if cap is not None:
+                    step = min(step, cap.burst)
                 piece = view[sent : min(sent + step, limit)]
+                if cap is not None:
+                    await cap.take(len(piece))  # the link all downloads share
                 await response.write(piece)
                 sent += len(piece)
                 self.bytes_sent[image.id] = self.bytes_sent.get(image.id, 0) + len(piece)

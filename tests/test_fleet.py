@@ -369,10 +369,15 @@ async def test_a_cold_miss_on_a_non_owner_is_fetched_by_the_owner(tmp_path: Path
             assert status == 200 and body == data
             assert transfers(glance, image.id) == [None]
 
-            # A cold range on a non-owner asks nobody to fetch: the covering chunks come
-            # from the upstream (a sibling's driver would reach them only in its own time).
+            # A cold range on a non-owner asks the owner for the covering chunks, which it
+            # fetches alone from the upstream (tests/test_fleet_faults.py measures it).
             far = os.urandom(24 * MiB)
-            far_image = glance.add_image(far)
+            far_id = next(
+                i
+                for i in (str(uuid.UUID(int=n, version=4)) for n in range(1000, 2000))
+                if ring.order(IDS, i)[0] == owner.id
+            )
+            far_image = glance.add_image(far, image_id=far_id)
             want = {**auth(), "Range": f"bytes={20 * MiB}-{21 * MiB - 1}"}
             async with session.get(
                 f"{second.url}/v2/images/{far_image.id}/file", headers=want
@@ -381,7 +386,7 @@ async def test_a_cold_miss_on_a_non_owner_is_fetched_by_the_owner(tmp_path: Path
             ranges_asked = transfers(glance, far_image.id)
             assert len(ranges_asked) == 1 and ranges_asked[0] is not None
             assert ranges_asked[0].startswith(f"bytes={20 * MiB}-")
-            assert f"{far_image.id}: sibling" not in second.proc.output()
+            assert f"{far_image.id}: sibling {owner.id} fetches it" in second.proc.output()
 
             # The owner of the next image is stopped (kill -9): its siblings skip it (down)
             # and the next of the order fetches; clients on both get one upstream copy.
@@ -410,7 +415,8 @@ async def test_simultaneous_cold_clients_on_every_member(tmp_path: Path) -> None
     service = {m: {"service_token": "token-admin"} for m in IDS}
     async with fake_glance() as glance, fleet(tmp_path, glance, service) as members:
         data = os.urandom(32 * MiB)
-        image = glance.add_image(data, rate=32 * MiB)
+        image = glance.add_image(data)
+        glance.shared_rate = 32 * MiB  # one backend link: a second fetch halves both
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
             results = await asyncio.gather(
                 *(download(session, m.url, image.id) for m in members.values() for _ in range(8))

@@ -10,6 +10,11 @@ the upstream's pace); otherwise the upstream. A fill fed by a copy, or still cho
 source, says ``source=copy`` and is never followed: a chain of fills ends at the upstream
 within two hops and cannot loop (groupcache's A→B→A).
 
+With service credentials (``forwarding``), a first transfer that finds no copy asks the
+first member of the image's order to fetch instead (``GET .../fetch``): the whole image for
+a driver from the first byte, the covering chunks only for any other transfer (a range
+miss), which that member takes from a complete copy or the upstream and never forwards.
+
 A sibling is used only when the fill has the upstream's digest to check its bytes against
 (``Fill._finish`` compares it before anything becomes a hit): an image whose record has no
 digest is always taken from the upstream.
@@ -315,11 +320,14 @@ class Fleet:
             # Nobody holds or fills it: the first member of the order that answered is asked
             # to fetch it, unless that is this member (or it fills from a copy). One still
             # choosing (pending) is asked too: it answers once it chose (the first member
-            # of its own order, it takes the upstream).
+            # of its own order, it takes the upstream). A range (``follow`` False) is asked
+            # of it whatever its fill: it adds a range transfer for the covering chunks,
+            # which takes a complete copy or the upstream, never a sibling's fill or fetch.
             first = next(m for m in ranked if m == self.trust.self_id or answered(m))
             if first == self.trust.self_id:
                 return None
-            if not (answer(first, ABSENT) or answer(first, f"filling; source={PENDING}")):
+            wanted = (ABSENT, f"filling; source={PENDING}")
+            if follow and not any(answer(first, state) for state in wanted):
                 return None
             return self.source(first, size, following=True, fetch=True)
         finally:
@@ -502,7 +510,10 @@ class FleetSources:
             # runs to the image's end (a driver): a range far ahead of a sibling's driver
             # would wait for it; ranges take complete copies or the upstream.
             to_the_end = end == self._size
-            forward = self.forward and not failed and start == 0 and to_the_end
+            # With no copy to take, the first transfer of a whole image asks the image's
+            # first member to fetch it all; any other asks it for the chunks it covers only
+            # (fetched alone from the upstream when that member neither holds nor fills it).
+            forward = self.forward and not failed
             sibling = await self._fleet.lookup(
                 self._image_id, self._size, skip, forward, follow=to_the_end
             )

@@ -3,15 +3,20 @@
 - ``HEAD images/{id}``: whether this member holds the image, in ``X-Cached-Peer-State``:
   ``complete`` (a verified copy; ``X-Cached-Peer-Size`` gives its size), ``filling;
   source=upstream|copy|pending`` (a fill is running, fed by the upstream or a sibling's
-  copy, or still choosing) or ``absent``.
+  copy, or still choosing: a sibling after this member in the image's order is answered
+  once it chose, within half the lookup timeout) or ``absent``.
 - ``GET images/{id}``: the bytes of a complete copy (``Range`` honoured: ``206``), sent by
   the reader (cached/download/reader.py ``send_entry``) from the checked file, or of a
   running fill fed by the upstream (followed as a client's reader follows it; the last byte
-  of the image only once its digest matched).
+  of the image only once its digest matched). A fill of ranges only, asked for the whole
+  image, is widened for the sibling as ``fetch`` would (with service credentials).
 - ``GET images/{id}/fetch``: the same, and when this member neither holds nor fills the image
   (the caller found no copy and this member heads the image's order), a member with service
-  credentials opens a fill from the upstream for it, admitted like a prefetch, never taking
-  a sibling's bytes, and serves that.
+  credentials opens a fill from the upstream for it (or a complete copy), admitted like a
+  prefetch, never asking another member to fetch, and serves that. With a ``Range`` other
+  than the whole image (a sibling's range miss) it fetches only the chunks covering it: a
+  range transfer added to its own fill (opened if none runs), which takes a complete copy
+  or the upstream, and serves the range as it arrives.
 - Otherwise ``404``; ``503`` at once when the cache directory is not ok
   (``read_only`` still serves complete copies), new fills are refused, or
   ``fleet_max_peer_streams`` streams are running (then with ``Retry-After``).
@@ -55,6 +60,7 @@ from cached.edge import ranges
 from cached.errors import CachedError, FillAborted
 from cached.fill.machine import Fill
 from cached.fill.registry import Filler
+from cached.fleet import ring
 from cached.fleet import trust as signing
 from cached.ids import is_image_id
 from cached.store import Entry, State, Store
@@ -80,10 +86,12 @@ class PeerService:
         integrity: Integrity,
         max_streams: int,
         fill_source: Callable[[Fill], str],
-        open_for_sibling: Callable[[str], Awaitable[Fill | None]] | None = None,
+        open_for_sibling: Callable[[str, tuple[int, int] | None], Awaitable[Fill | None]]
+        | None = None,
         settled_source: Callable[[Fill], Awaitable[str]] | None = None,
         deleted: Callable[[str], Awaitable[None]] | None = None,
         changed: Callable[[str], None] | None = None,
+        head_wait: float = 0.0,
     ):
         self.trust = trust
         self._store = store
@@ -106,6 +114,10 @@ class PeerService:
         # This member's view of the fleet (GET state; cached/fleet/state.py); set by app.
         self.view: Callable[[], dict[str, object]] = lambda: {"id": trust.self_id}
         self.bytes_to: dict[str, int] = {}  # image bytes sent to each sibling
+        # How long HEAD waits for a fill choosing its source to choose (for a sibling after
+        # this member in the image's order): well within the sibling's lookup timeout, so
+        # that a slow choice still answers "pending" in time (the sibling then asks to fetch).
+        self._head_wait = head_wait
         self._streams = 0
         self._disagreeing: set[str] = set()  # senders whose member list differs (logged once)
         self._checks: set[asyncio.Task[None]] = set()  # re-verifications siblings asked for
@@ -211,11 +223,28 @@ class PeerService:
             assert entry is not None
             headers = {STATE: "complete", SIZE: str(entry.size)}
         elif (fill := self._filler.get(image_id)) is not None:
-            headers = {
-                STATE: f"filling; source={self._fill_source(fill)}",
-                SIZE: str(fill.entry.size),
-            }
+            source = self._fill_source(fill)
+            if source == "pending" and self._settled_source is not None and self._head_wait:
+                if self._ahead_of(request.headers.get(signing.SENDER, ""), image_id):
+                    try:
+                        async with asyncio.timeout(self._head_wait):
+                            source = await self._settled_source(fill)
+                    except TimeoutError:
+                        pass  # still choosing: "pending"
+            headers = {STATE: f"filling; source={source}", SIZE: str(fill.entry.size)}
         return web.Response(status=200, headers=headers)
+
+    def _ahead_of(self, sender: str, image_id: str) -> bool:
+        """Whether this member comes before ``sender`` in ``image_id``'s order.
+
+        A fill still choosing its source answers a sibling after it in the order once it
+        chose (within ``head_wait``), and one before it at once: two members whose fills
+        choose at the same moment (the owner they both followed was killed) then do not
+        both take the upstream; the later follows the earlier's upstream-fed fill. No wait
+        cycle forms: a member waits only on members before it, and they answer it at once.
+        """
+        order = ring.order([m.id for m in self.trust.members], image_id)
+        return sender in order and order.index(self.trust.self_id) < order.index(sender)
 
     async def suspect(self, request: web.Request) -> web.StreamResponse:
         """A sibling's fill with this member's bytes failed the upstream's digest: re-verify
@@ -265,20 +294,36 @@ class PeerService:
             # fill fed by a copy is never followed, so no chain of fills loops.
             fill = self._filler.get(image_id)
             fetch = request.match_info.get("fetch") == "/fetch"
-            if fill is None and self._open_for_sibling is not None and fetch:
-                try:
-                    fill = await self._open_for_sibling(image_id)
-                except CachedError as exc:
-                    log.warning("cannot fetch %s for a sibling: %s", image_id, exc)
-                    fill = None
-                if fill is not None:
-                    self._fetching.add(fill)
+            span = _span(request.headers.get("Range")) if fetch else None
+            known = fill.entry.size if fill is not None else entry.size if entry else None
+            if span is not None and (
+                (known is not None and span == (0, max(span[1], known)))
+                or self._open_for_sibling is None
+            ):
+                span = None  # the whole image (what a driver asks for), or nobody fetches
+            if span is not None and self._open_for_sibling is not None:
+                # A sibling's range miss: the covering chunks only, added to this member's
+                # fill (a range transfer: a complete copy or the upstream, never forwarded).
+                fill = await self._open_for(image_id, span)
+                if fill is None:
+                    return _answer("absent", 404)
+            elif self._open_for_sibling is not None and (
+                (fill is None and fetch)
+                or (fill is not None and fill.widening(0, fill.entry.size, whole=True) != 0)
+            ):
+                # Nothing fetches the whole image here (no fill, or a fill of ranges only,
+                # which HEAD shows as filling): this member fetches it for the sibling.
+                fill = await self._open_for(image_id, None)
             source = self._fill_source(fill) if fill is not None else "none"
+            ours = fill is not None and fill in self._fetching  # opened or widened for siblings
             if fill is not None and source == "pending" and fetch and self._settled_source:
-                source = await self._settled_source(fill)
-            if fill is None or (source != "upstream" and fill not in self._fetching):
+                if not ours:  # (one opened for siblings is theirs whatever it chooses)
+                    source = await self._settled_source(fill)
+            if fill is None or (source != "upstream" and not ours):
                 return _answer("absent", 404)
-            if fill.widening(0, fill.entry.size, whole=True) != 0:
+            if span is not None and span == (0, max(span[1], fill.entry.size)):
+                span = None  # (its size learnt from the record: opened for the whole image)
+            if span is None and fill.widening(0, fill.entry.size, whole=True) != 0:
                 return _answer("absent", 404)  # a range fill: not every byte will come
             entry = fill.entry
         try:
@@ -295,6 +340,19 @@ class PeerService:
             entry.readers -= 1
             self._filler.reader_left(entry)
             self._streams -= 1
+
+    async def _open_for(self, image_id: str, span: tuple[int, int] | None) -> Fill | None:
+        """This member's fill of ``image_id`` (opened if none runs) fetching bytes ``span``
+        (None: all) for a sibling; None when it cannot (no credentials, no room, refused)."""
+        assert self._open_for_sibling is not None
+        try:
+            fill = await self._open_for_sibling(image_id, span)
+        except CachedError as exc:
+            log.warning("cannot fetch %s for a sibling: %s", image_id, exc)
+            return None
+        if fill is not None:
+            self._fetching.add(fill)
+        return fill
 
     async def _send(
         self,
@@ -370,6 +428,21 @@ def _answer(outcome: str, status: int, headers: dict[str, str] | None = None) ->
     """A bodiless answer, counted by ``outcome`` (cached/metrics.py FLEET_OUTCOMES)."""
     metrics.fleet_request(outcome)
     return web.Response(status=status, headers=headers)
+
+
+def _span(header: str | None) -> tuple[int, int] | None:
+    """Bytes ``[start, end)`` of a sibling's ``Range: bytes=first-last`` (the only form
+    siblings send, cached/fleet/peers.py ``PeerSource``); None without one or another form
+    (then checked against the image's size as any Range is)."""
+    if header is None:
+        return None
+    try:
+        wanted = ranges.parse(header, 1 << 62)
+    except (ranges.MalformedRange, ranges.MultipleRanges, ranges.RangeNotSatisfiable):
+        return None
+    if wanted is None or wanted.end >= 1 << 62:
+        return None
+    return wanted.start, wanted.end
 
 
 def _complete(entry: Entry | None) -> bool:

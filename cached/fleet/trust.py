@@ -8,6 +8,12 @@ timestamp is within ``SKEW`` seconds of its own clock, the sender is another lis
 and the target is itself (a request signed for one member is refused by every other). The
 signature covers neither the body (peer requests have none) nor the query (none is used).
 
+There is no nonce: a request captured on its way to member T is refused by every other
+member (signed for T), and accepted again by T within ``SKEW`` seconds of its timestamp
+(tests/test_fleet_faults.py replays one). What a replay gets is what the captured request
+got: the same method, path and ``Range`` (a ``HEAD``, the same bytes of the same image,
+which the key reads anyway) or one more re-verification (``POST .../suspect``).
+
 Requests also carry a digest of the member list (``LIST``): a sibling with another list
 is logged (the fleet's members disagree; ownership then differs), not refused.
 
