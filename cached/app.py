@@ -284,13 +284,27 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             max_entry_size=config.max_entry_size,
             directories=directories,
         )
-        if config.image_safety_mode == "audit":
+        safety: Safety | None = None
+        if config.image_safety_mode in ("audit", "enforce"):
             checks = SafetyPolicy(
                 frozenset(config.image_safety_allowed_formats),
                 frozenset(config.image_safety_nonfatal_checks),
             )
-            safety = Safety(checks, file_backend=config.upstream_kind == "file", run=store.run)
+            safety = Safety(
+                checks,
+                file_backend=config.upstream_kind == "file",
+                run=store.run,
+                enforce=config.image_safety_mode == "enforce",
+                refuse=config.image_safety_on_violation == "refuse",
+                root=config.image_cache_dir,
+            )
             filler.safety = proxy.safety = safety
+            safety.drop = filler.remove  # a violating image's entry goes
+            proxy.on_deleted.append(safety.forget)  # a deleted image's verdict record too
+            try:
+                await safety.load()
+            except OSError as exc:  # the cache directory's state is the guard's business
+                log.warning("cannot read the verdict records: %s", exc)
         if config.upstream_kind == "glance" and not service.configured:
             log.warning(
                 "no service credentials (keystone_authtoken): queued images "
@@ -419,6 +433,8 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         await prefetcher.close()
         await maintenance.close()  # fills that end while they stop make no more room
         await filler.close()
+        if safety is not None:
+            await safety.settled()  # verdict records being written
         await session.close()
         if fleet is not None:
             await fleet.close()

@@ -168,12 +168,7 @@ class Inspector:
         Blocking: call from the feeder thread. Read errors become an ``error`` observation.
         """
         try:
-            while self.phase is Phase.HEAD and self.position < size:
-                want = min(BLOCK - len(self._pending), size - self.position)
-                data = os.pread(fd, want, self.position)
-                if not data:
-                    break
-                self.feed(self.position, data)
+            self._read_from(fd, size)
             if self.phase is Phase.TAIL and self.position < size:
                 start = max(self.position, size - self._keep)
                 self._keep_tail(memoryview(os.pread(fd, size - start, start)))
@@ -181,6 +176,23 @@ class Inspector:
         except OSError as exc:
             self._fail(exc)
         return self.finish(size)
+
+    def read_ahead(self, fd: int, upto: int) -> None:
+        """Read from ``fd`` what the stream has not fed yet, up to byte ``upto``, until
+        decided, without signalling the end (the image goes on). Blocking: call from the
+        feeder thread, once bytes ``[0, upto)`` are in the file. Read errors are a verdict."""
+        try:
+            self._read_from(fd, upto)
+        except OSError as exc:
+            self._fail(exc)
+
+    def _read_from(self, fd: int, upto: int) -> None:
+        while self.phase is Phase.HEAD and self.position < upto:
+            want = min(BLOCK - len(self._pending), upto - self.position)
+            data = os.pread(fd, want, self.position)
+            if not data:
+                break
+            self.feed(self.position, data)
 
     # -- the library, behind never-raising walls
 
