@@ -301,10 +301,11 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             filler.safety = proxy.safety = safety
             safety.drop = filler.remove  # a violating image's entry goes
             proxy.on_deleted.append(safety.forget)  # a deleted image's verdict record too
-            try:
+            # The records are read from a directory that is ok and indexed (nothing is
+            # created in a bare mount point), now and whenever it is indexed again.
+            if directories.opened:
                 await safety.load()
-            except OSError as exc:  # the cache directory's state is the guard's business
-                log.warning("cannot read the verdict records: %s", exc)
+            directories.on_indexed.append(safety.reload)
         if config.upstream_kind == "glance" and not service.configured:
             log.warning(
                 "no service credentials (keystone_authtoken): queued images "

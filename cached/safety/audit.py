@@ -40,7 +40,7 @@ import asyncio
 import logging
 import os
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +202,7 @@ class Safety:
         # Deletes an image's cache entry, safely while it is read or filled (Filler.remove;
         # set by app.py). A running fill goes on only for its readers and never commits.
         self.drop: Callable[[str], Awaitable[object]] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[object]] = set()
 
     async def load(self) -> int:
         """Read the violation records back (enforce mode, at start). Returns how many are
@@ -210,7 +210,11 @@ class Safety:
         are cached and inspected again."""
         if not self.enforce or self._root is None:
             return 0
-        found = await self._run(violations.load_all, self._root)
+        try:
+            found = await self._run(violations.load_all, self._root)
+        except OSError as exc:  # the cache directory's state is its guard's business
+            log.warning("cannot read the verdict records: %s", exc)
+            return 0
         for violation in found:
             if self._current(violation.verdict):
                 self.violations[violation.image_id] = violation
@@ -219,6 +223,16 @@ class Safety:
         if self.violations:
             log.info("%d image(s) kept out of the cache by their content", len(self.violations))
         return len(self.violations)
+
+    def reload(self) -> None:
+        """:meth:`load` in the background (the cache directory was indexed again). Loop."""
+        if self.enforce and self._root is not None:
+            self._spawn(self.load())
+
+    def _spawn(self, job: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.get_running_loop().create_task(job)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def for_record(self, image: ImageRecord) -> FillAudit:
         """The inspection of a fill of ``image`` (Filler's hook)."""
@@ -309,9 +323,7 @@ class Safety:
         self._log(image_id, verdict, f": {action}")
         if not counted:
             metrics.image_judged(verdict.outcome.value)
-        task = asyncio.get_running_loop().create_task(self._keep_out(violation))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._keep_out(violation))
         return violation
 
     async def _keep_out(self, violation: Violation) -> None:
