@@ -222,6 +222,59 @@ async def test_refuse_cuts_the_first_download_and_answers_403_after(
         await stop_daemon(daemon)
 
 
+async def test_refuse_cuts_the_first_download_at_the_header_verdict(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    """The upstream holds the image after its first 2 MiB (the qcow2 header is judged after
+    256 KiB, fed in the fill's 1 MiB pieces): the client's download is cut there, long before
+    the held-back last byte."""
+    data = make(tmp_path, "backing-big")
+    image = glance.add_image(data, disk_format="qcow2", hold_after=2 * MiB)
+    image.pause()
+    daemon = await enforcing(tmp_path, glance.url, "refuse")
+    try:
+        received = 0
+        async with daemon.session.get(daemon.file_url(image.id), headers=auth()) as resp:
+            assert (resp.status, resp.headers["Cache-Status"]) == (200, MISS)
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async for piece in resp.content.iter_any():
+                    received += len(piece)
+        assert received <= 2 * MiB < len(data)
+        assert image.flowing.is_set() is False  # cut while the upstream still held the rest
+        await settled(daemon)
+        assert record_of(daemon, image.id) is not None
+    finally:
+        image.resume()
+        await stop_daemon(daemon)
+
+
+async def test_pass_through_knows_the_verdict_while_the_first_download_runs(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    """The header verdict is recorded as soon as it is reached: a download that comes while
+    the first one is still running goes upstream; the first one completes, uncached."""
+    data = make(tmp_path, "backing-big")
+    image = glance.add_image(data, disk_format="qcow2", hold_after=2 * MiB)
+    image.pause()
+    daemon = await enforcing(tmp_path, glance.url, "pass-through")
+    try:
+        first = await daemon.session.get(daemon.file_url(image.id), headers=auth())
+        assert (first.status, first.headers["Cache-Status"]) == (200, MISS)
+        await wait_until(lambda: record_of(daemon, image.id) is not None, "the record")
+        async with daemon.session.get(daemon.file_url(image.id), headers=auth()) as second:
+            assert (second.status, second.headers["Cache-Status"]) == (200, UNSAFE_BYPASS)
+            image.resume()
+            assert await second.read() == data
+        assert await first.read() == data  # the data goes: a clean 200, as before
+        first.release()
+        await settled(daemon)
+        await wait_until(lambda: no_entry(daemon, image.id), "the entry is dropped")
+        assert not list((daemon.cache_dir / "invalid").iterdir())
+    finally:
+        image.resume()
+        await stop_daemon(daemon)
+
+
 async def test_refuse_judges_chunk_0_before_a_range_miss(
     glance: FakeGlance, tmp_path: Path
 ) -> None:
