@@ -83,6 +83,13 @@ async def settled(daemon: Daemon) -> None:
     await safety.settled()
 
 
+async def listed(daemon: Daemon) -> list[str]:
+    """The image ids ``GET /v2/cache`` lists as cached (the management API)."""
+    async with manage(daemon).get(f"{daemon.admin_base}/v2/cache") as resp:
+        assert resp.status == 200
+        return [row["image_id"] for row in (await resp.json())["cached_images"]]
+
+
 def no_entry(daemon: Daemon, image_id: str) -> bool:
     return (
         daemon.store.get(image_id) is None
@@ -157,6 +164,7 @@ async def test_pass_through_serves_the_data_and_never_caches_it(
         assert (status, headers["Cache-Status"], body) == (206, UNSAFE_BYPASS, data[10:20])
         assert data_gets(glance, image.id) == before + 3
         assert no_entry(daemon, image.id)
+        assert image.id not in await listed(daemon)
     finally:
         await stop_daemon(daemon)
 
@@ -218,6 +226,67 @@ async def test_refuse_cuts_the_first_download_and_answers_403_after(
         status, _, _ = await fetch(daemon, image.id, Range="bytes=0-99")
         assert status == 403
         assert data_gets(glance, image.id) == before  # no upstream data for a refusal
+        assert image.id not in await listed(daemon)
+    finally:
+        await stop_daemon(daemon)
+
+
+def raw_bytes(size: int) -> bytes:
+    return random.Random(size).randbytes(size)
+
+
+@pytest.mark.parametrize("on_violation", ["pass-through", "refuse"])
+@pytest.mark.parametrize(
+    ("kind", "disk", "container", "outcome", "header"),
+    [
+        ("raw", "raw", "bare", Outcome.SAFE, 'safe; detected="raw"; declared="raw"'),
+        ("raw", "ami", "ami", Outcome.NOT_INSPECTABLE,
+         'not-inspectable; detected="raw"; declared="ami"'),
+        ("raw", "raw", "ovf", Outcome.NOT_INSPECTABLE,
+         'not-inspectable; detected="raw"; declared="raw"'),
+        ("clean", "qcow2", "ovf", Outcome.SAFE, 'safe; detected="qcow2"; declared="qcow2"'),
+    ],
+)  # fmt: skip
+async def test_allowed_verdicts_are_hits_and_ranges_go(
+    glance: FakeGlance,
+    tmp_path: Path,
+    on_violation: str,
+    kind: str,
+    disk: str,
+    container: str,
+    outcome: Outcome,
+    header: str,
+) -> None:
+    """safe and not-inspectable pass enforce; a first range of a one-chunk image waits for
+    the final verdict (refuse) and is then served."""
+    data = raw_bytes(3 * MiB) if kind == "raw" else make(tmp_path, kind)
+    image = glance.add_image(data, disk_format=disk, container_format=container)
+    daemon = await enforcing(tmp_path, glance.url, on_violation)
+    try:
+        status, headers, body = await fetch(daemon, image.id, Range="bytes=100-199")
+        assert (status, body) == (206, data[100:200])
+        await wait_complete(daemon, image.id)  # one chunk: the range filled the image
+        status, headers, body = await fetch(daemon, image.id)
+        assert (status, headers["Cache-Status"], body == data) == (200, HIT, True)
+        assert headers["Cached-Image-Verdict"] == header
+        verdict = stored_verdict(daemon, image.id)
+        assert verdict is not None and verdict.outcome is outcome
+        assert record_of(daemon, image.id) is None
+        assert image.id in await listed(daemon)
+    finally:
+        await stop_daemon(daemon)
+
+
+async def test_refuse_a_first_range_of_a_small_image(glance: FakeGlance, tmp_path: Path) -> None:
+    """A range of a one-chunk image never fetched before: judged on the whole image (its last
+    bytes may decide), then 403, never a 206."""
+    data = make(tmp_path, "backing")
+    image = glance.add_image(data, disk_format="raw")
+    daemon = await enforcing(tmp_path, glance.url, "refuse")
+    try:
+        status, headers, body = await fetch(daemon, image.id, Range="bytes=0-99")
+        assert (status, headers["Cached-Image-Verdict"]) == (403, BACKING)
+        assert body is not None and data[:100] not in body
     finally:
         await stop_daemon(daemon)
 
