@@ -220,9 +220,11 @@ class Proxy:
         head_end = entry.chunk_bounds(0)[1]
         if audit.header is None and audit.violation is None:
             fill.demand(0, head_end, whole=False)
-        while audit.header is None and audit.violation is None and fill.state.active:
-            if entry.chunk_count > 1 and 0 in fill.written:
+        while audit.header is None and audit.violation is None:
+            if entry.chunk_count > 1 and 0 in fill.written:  # (also once the fill parked)
                 await fill.read_head(head_end)  # fed and judged from the file
+                break
+            if not fill.state.active:
                 break
             try:
                 await fill.wait()
