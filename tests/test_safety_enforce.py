@@ -25,6 +25,7 @@ import pytest
 from conftest import Daemon, auth, manage, start_daemon, stop_daemon, wait_complete, wait_until
 from daemonproc import CachedProcess
 from fakeglance import FakeGlance
+from scrapes import Delta, scrape
 from test_safety_audit import make, stored_verdict
 from test_safety_inspect import qemu_img
 
@@ -147,6 +148,7 @@ async def test_pass_through_serves_the_data_and_never_caches_it(
     image = glance.add_image(data, disk_format=disk, container_format=container)
     daemon = await enforcing(tmp_path, glance.url, "pass-through")
     try:
+        before_metrics = await scrape(daemon)
         status, headers, body = await fetch(daemon, image.id)
         assert (status, headers["Cache-Status"], body == data) == (200, MISS, True)
         await wait_until(lambda: record_of(daemon, image.id) is not None, "the record")
@@ -165,6 +167,9 @@ async def test_pass_through_serves_the_data_and_never_caches_it(
         assert data_gets(glance, image.id) == before + 3
         assert no_entry(daemon, image.id)
         assert image.id not in await listed(daemon)
+        counted = Delta(before_metrics, await scrape(daemon))
+        assert counted("cached_image_verdicts_total", verdict=outcome.value) == 1
+        assert counted("cached_bypass_total", reason="unsafe-format") == 3
     finally:
         await stop_daemon(daemon)
 
