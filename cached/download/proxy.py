@@ -190,8 +190,8 @@ class Proxy:
             return await self._bypass(request, exc.detail)
         if fill is not None and wanted is not None and self._refusing:
             # refuse: a range is sent only once the image's header has been judged (its
-            # first chunk is fetched first), so no byte of a refused image goes out.
-            verdict = await self._head_verdict(fill)
+            # first chunk is fetched too), so no byte of a refused image goes out.
+            verdict = await self._head_verdict(fill, wanted)
             if verdict is not None:
                 return _refused(request, image_id, verdict, request_id)
         if fill is None and (entry is None or not entry.complete):
@@ -208,11 +208,12 @@ class Proxy:
     def _refusing(self) -> bool:
         return self.safety is not None and self.safety.refuse
 
-    async def _head_verdict(self, fill: Fill) -> Verdict | None:
-        """refuse: make ``fill`` fetch the image's first chunk (>= 4 MiB) and wait until its
-        inspector has judged the header; the violating verdict, else None (safe so far,
-        undecided within the chunk, or the fill ended otherwise: the download goes on as
-        usual). An image of one chunk waits for its final verdict."""
+    async def _head_verdict(self, fill: Fill, wanted: ranges.ByteRange) -> Verdict | None:
+        """refuse: make ``fill`` fetch the image's first chunk (>= 4 MiB), beside the range
+        (nothing of which goes out before the verdict), and wait until its inspector has
+        judged the header; the violating verdict, else None (safe so far, undecided within
+        the chunk, or the fill ended otherwise: the download goes on as usual). An image of
+        one chunk waits for its final verdict."""
         audit = fill.safety
         if audit is None:
             return None
@@ -220,6 +221,7 @@ class Proxy:
         head_end = entry.chunk_bounds(0)[1]
         if audit.header is None and audit.violation is None:
             fill.demand(0, head_end, whole=False)
+            fill.demand(wanted.start, wanted.end, whole=False)  # meanwhile (a refusal stops it)
         while audit.header is None and audit.violation is None:
             if entry.chunk_count > 1 and 0 in fill.written:  # (also once the fill parked)
                 await fill.read_head(head_end)  # fed and judged from the file
