@@ -286,6 +286,9 @@ class Proxy:
         follows without an await, as for a new fill."""
         start, end = (0, fill.entry.size) if wanted is None else (wanted.start, wanted.end)
         more = fill.widening(start, end, whole=wanted is None)
+        if wanted is not None and self._refusing and wanted.start >= fill.entry.chunk_size:
+            # refuse also fetches the first chunk (_head_verdict)
+            more += fill.widening(0, fill.entry.chunk_size, whole=False)
         if not more or self.admission is None:
             return True
         async with self.admission(more) as refused:
