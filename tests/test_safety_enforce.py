@@ -416,6 +416,43 @@ async def test_unauthorised_callers_get_the_upstreams_answer(
         await stop_daemon(daemon)
 
 
+async def test_downloads_bypassed_otherwise_are_not_inspected(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    """Several ranges, and an image too large for the cache: the upstream's answer, with the
+    bypass's own reason; nothing is inspected or recorded."""
+    data = make(tmp_path, "backing-big")
+    image = glance.add_image(data, disk_format="qcow2")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    daemon = await start_daemon(
+        cache,
+        glance.url,
+        image_safety_mode="enforce",
+        image_safety_on_violation="refuse",
+        image_cache_max_size=8 * MiB,  # admits images up to 4 MiB (half): not this one
+    )
+    try:
+        status, headers, body = await fetch(daemon, image.id)
+        assert (status, headers["Cache-Status"], body == data) == (
+            200,
+            "cached; fwd=bypass; detail=too-large",
+            True,
+        )
+        await settled(daemon)
+        assert record_of(daemon, image.id) is None and no_entry(daemon, image.id)
+    finally:
+        await stop_daemon(daemon)
+    daemon = await enforcing(tmp_path, glance.url, "refuse")
+    try:  # several ranges: whatever the upstream answers (the fake, as Glance: 400)
+        status, headers, _ = await fetch(daemon, image.id, Range="bytes=0-9,20-29")
+        assert (status, headers["Cache-Status"]) == (400, "cached; fwd=bypass")
+        await settled(daemon)
+        assert record_of(daemon, image.id) is None and no_entry(daemon, image.id)
+    finally:
+        await stop_daemon(daemon)
+
+
 async def test_restart_keeps_the_record_and_clean_leaves_it(
     glance: FakeGlance, tmp_path: Path
 ) -> None:
