@@ -4,8 +4,10 @@ image's bytes as they pass, deciding the format and its safety checks from the h
 Ownership and threads: an :class:`Inspector` belongs to one fill. :meth:`Inspector.feed` and
 :meth:`Inspector.finish` are called from one thread at a time, in stream order (the fill's
 feeder lane); nothing else touches its state while a feed may run. The event loop reads
-:attr:`Inspector.observation` only once a job on that lane after the decision has completed
-(in audit mode the fill's finish job, :mod:`cached.safety.audit`). Nothing here runs on the
+:attr:`Inspector.observation`, a reference to an immutable value that is None until the
+decision and set once then (replaced only by the finish job, with the image's size): in audit
+mode after the fill's finish job, in enforce mode also after every feed job, to judge the
+header as soon as it is decided (:mod:`cached.safety.audit`). Nothing here runs on the
 loop or raises: an exception of the library becomes an
 :class:`~cached.safety.verdict.Observation` with ``error`` set (verdict ``error``).
 
