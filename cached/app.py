@@ -375,6 +375,8 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
                     return None
                 if record.size > config.max_entry_size:
                     return None
+                if safety is not None and safety.known(image_id, record.os_hash_value):
+                    return None  # never cached here (enforce): the sibling asks the upstream
                 entry = store.get(image_id)
                 have = entry.present_bytes() if entry and entry.size == record.size else 0
                 async with maintenance.admission(record.size - have) as refused:
