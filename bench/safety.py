@@ -1,8 +1,8 @@
 """The ``safety`` scenario: what audit-mode content inspection (issue 18) costs a cold miss and
-a hit, against the same build with ``image_safety_mode: off``, measured interleaved in the
-same run.
+a hit, against the same build with ``image_safety_mode: off``, and enforce mode (refuse) on
+the same (safe) images, measured interleaved in the same run.
 
-Both daemons run at once in front of the fast origin, each with its own cache dir. Cold misses
+The daemons run at once in front of the fast origin, each with its own cache dir. Cold misses
 use a fresh image id each (the bench's random data: raw content, decided after 256 KiB like
 most formats); hits re-read the newest cold id. The audit daemon's newest entry must carry
 ``user.cached.verdict``, the other's must not (else the run reports a problem). The
@@ -21,6 +21,7 @@ from bench.report import Column, Table
 from bench.scenarios import FOREIGN_LIMIT, Run, System, check, rotate, timed_fetch
 
 OFF, AUDIT = "cached (image_safety_mode: off)", "cached (audit)"
+ENFORCE = "cached (enforce, refuse)"
 NAME = "user.cached.verdict"
 GOAL = 0.05  # CPU s/GiB audit may add to a cold miss (issue 18, "Done when")
 
@@ -36,7 +37,17 @@ def safety(env: Env) -> list[Table]:
         config={"image_safety_mode": "audit"},
         exclusive=False,
     )
-    systems = [System(OFF, off.url, [off.pid]), System(AUDIT, audit.url, [audit.pid])]
+    enforce = env.cached(
+        "fast",
+        name="cached-safety-enforce",
+        config={"image_safety_mode": "enforce", "image_safety_on_violation": "refuse"},
+        exclusive=False,
+    )
+    systems = [
+        System(OFF, off.url, [off.pid]),
+        System(AUDIT, audit.url, [audit.pid]),
+        System(ENFORCE, enforce.url, [enforce.pid]),
+    ]
     cold: dict[str, list[Run]] = {}
     warm: dict[str, list[Run]] = {}
     newest: dict[str, str] = {}
@@ -59,9 +70,10 @@ def safety(env: Env) -> list[Table]:
                 env.problem(f"hit {sys.name}: cache status {run.fetch.cache_status!r}")
             warm.setdefault(sys.name, []).append(run)
     _check_verdicts(env, audit.entry(newest[AUDIT]), off.entry(newest[OFF]))
+    _check_verdicts(env, enforce.entry(newest[ENFORCE]), off.entry(newest[OFF]))
     t = Table(
         "safety",
-        f"content inspection (audit) vs off, {gib:g} GiB, one client, fast origin "
+        f"content inspection (audit, enforce) vs off, {gib:g} GiB, one client, fast origin "
         f"({s.rounds} rounds)",
         [
             Column("miss_mb_s", "miss MB/s"),

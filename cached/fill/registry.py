@@ -26,6 +26,7 @@ from cached.fill.machine import DataCredentials, Fill, FillSettings, FillState
 from cached.fill.sources import Sources
 from cached.safety.audit import Safety
 from cached.store import Entry, Store
+from cached.store.entry import FORMAT_MAX
 from cached.upstream import Backend, Credentials, ImageRecord
 
 log = logging.getLogger("cached.filler")
@@ -78,7 +79,7 @@ class Filler:
         # left): the prune makes room, also after the entries in use are released.
         self.on_reserve: Callable[[], None] | None = None
         self._opening: dict[str, asyncio.Future[Fill]] = {}
-        # Audit-mode inspection (cached/safety/audit.py), when image_safety_mode is not off.
+        # Content inspection (cached/safety/audit.py), when image_safety_mode is not off.
         self.safety: Safety | None = None
         # Chooses each new fill's byte sources (cached/fill/sources.py), given the fill; None:
         # the upstream alone. Set once by the composition root (a fleet: cached/fleet/peers.py).
@@ -165,6 +166,8 @@ class Filler:
                     checksum=record.checksum,
                     os_hash_algo=record.os_hash_algo,
                     os_hash_value=record.os_hash_value,
+                    disk_format=_format(record.raw.get("disk_format")),
+                    container_format=_format(record.raw.get("container_format")),
                 )
             fd = await self._store.run(os.open, entry.path, os.O_RDWR)
         except FileNotFoundError as exc:  # deleted (or evicted) meanwhile: not a disk failure
@@ -185,6 +188,7 @@ class Filler:
             fd,
             self._data_credentials,
             safety=self.safety.for_record(record) if self.safety is not None else None,
+            refuse=self.safety is not None and self.safety.refuse,
             renew_credentials=self._renew_credentials,
         )
         fill.on_reserve = self.reserved
@@ -264,3 +268,8 @@ class Filler:
         for fill in fills:
             fill.cancel()
         await asyncio.gather(*(f.closed.wait() for f in fills))
+
+
+def _format(value: object) -> str | None:
+    """A declared disk or container format as the entry keeps it (bounded; else none)."""
+    return value if isinstance(value, str) and 0 < len(value) <= FORMAT_MAX else None
