@@ -8,7 +8,10 @@ answers (status, ``Cache-Status``, ``Cached-Image-Verdict``, webob's 403 body pe
 the commit record of safe images (their hit is a plain hit), that a refused image never reaches
 a client as a clean 200/206 (first download and later ones, whole and range), that callers the
 upstream refuses get its answer, that a restart keeps the record, and that a violating prefetch
-is dequeued.
+is dequeued. With the admin side: an override bound to the image's ``os_hash_value`` makes a
+violating image a hit (one for other bytes does not; withdrawn, it is a violation again), and
+entries without a current verdict are inspected again before their first hit, by the audit
+job or a recheck, whose violating verdicts are enforced at once.
 """
 
 from __future__ import annotations
@@ -24,16 +27,17 @@ import aiohttp
 import pytest
 from conftest import Daemon, auth, manage, start_daemon, stop_daemon, wait_complete, wait_until
 from daemonproc import CachedProcess
-from fakeglance import FakeGlance
+from fakeglance import FakeGlance, FakeImage
 from scrapes import Delta, scrape
-from test_safety_audit import make, stored_verdict
+from test_safety_admin import admin, safety_of
+from test_safety_audit import as_older_entry, make, stored_verdict
 from test_safety_inspect import qemu_img
 
 from cached.app import MANAGER
 from cached.download.proxy import _record_of
 from cached.edge import replies
 from cached.jobs.prefetch import Outcome as PrefetchOutcome
-from cached.safety import violations
+from cached.safety import record, violations
 from cached.safety.inspect import VERSION
 from cached.safety.verdict import Outcome, Verdict
 from cached.store import entry as entries
@@ -610,6 +614,237 @@ async def test_a_daemon_process_refuses_and_remembers(glance: FakeGlance, tmp_pa
     finally:
         if proc.proc is not None and proc.proc.poll() is None:
             proc.kill()
+
+
+# -- enforce with the admin side: overrides, re-inspection (the audit job, a recheck)
+
+
+async def violating_answer(
+    daemon: Daemon, glance: FakeGlance, image_id: str, data: bytes, on_violation: str
+) -> None:
+    """A download of a violating image now: 403 (refuse) or the upstream's data
+    (pass-through), never the cache's bytes."""
+    before = data_gets(glance, image_id)
+    status, headers, body = await fetch(daemon, image_id)
+    assert headers.get("Cache-Status") != HIT
+    if on_violation == "refuse":
+        assert (status, headers["Cached-Image-Verdict"].split(";")[0]) == (403, "unsafe")
+        assert body is not None and data[:64] not in body
+        assert data_gets(glance, image_id) == before
+    else:
+        assert (status, headers["Cache-Status"], body == data) == (200, UNSAFE_BYPASS, True)
+        assert data_gets(glance, image_id) == before + 1
+
+
+async def kept_out(daemon: Daemon, image_id: str) -> violations.Violation:
+    """The image's violation is recorded and its entry is gone."""
+    await settled(daemon)
+    await wait_until(lambda: no_entry(daemon, image_id), "the entry is dropped")
+    recorded = record_of(daemon, image_id)
+    assert recorded is not None
+    return recorded
+
+
+@pytest.mark.parametrize("on_violation", ["pass-through", "refuse"])
+async def test_an_override_for_the_images_content_makes_it_a_hit(
+    glance: FakeGlance, tmp_path: Path, on_violation: str
+) -> None:
+    """An override bound to another os_hash_value changes nothing; one bound to the image's
+    forgets its record, the image is cached and hit (its verdict still in the header);
+    withdrawn, the image's next download drops the entry and records the violation again."""
+    data = make(tmp_path, "backing")
+    image = glance.add_image(data, disk_format="raw")
+    assert image.os_hash_value is not None
+    daemon = await enforcing(tmp_path, glance.url, on_violation)
+    try:
+        path = f"/v2/cache/safety/{image.id}/override"
+        status, row = await admin(daemon, "PUT", path, {"os_hash_value": "ab" * 64})
+        assert (status, row["overridden"]) == (200, False)
+        status, headers, body = await fetch(daemon, image.id)
+        if on_violation == "refuse":
+            assert body is None  # cut, never whole
+        else:
+            assert (status, headers["Cache-Status"], body == data) == (200, MISS, True)
+        recorded = await kept_out(daemon, image.id)
+        assert recorded.os_hash_value == image.os_hash_value
+        await violating_answer(daemon, glance, image.id, data, on_violation)
+
+        status, _ = await admin(daemon, "PUT", path, {"os_hash_value": image.os_hash_value})
+        assert status == 200
+        assert record_of(daemon, image.id) is None  # the record of that content is forgotten
+        status, headers, body = await fetch(daemon, image.id)
+        assert (status, headers["Cache-Status"], body == data) == (200, MISS, True)
+        await wait_complete(daemon, image.id)
+        for _ in range(2):
+            status, headers, body = await fetch(daemon, image.id)
+            assert (status, headers["Cache-Status"], body == data) == (200, HIT, True)
+            assert headers["Cached-Image-Verdict"] == BACKING
+        await settled(daemon)
+        assert record_of(daemon, image.id) is None
+        assert image.id in await listed(daemon)
+        status, row = await admin(daemon, "GET", f"/v2/cache/safety/{image.id}")
+        assert (status, row["verdict"], row["overridden"]) == (200, "unsafe", True)
+
+        status, _ = await admin(daemon, "DELETE", path)
+        assert status == 204
+        await violating_answer(daemon, glance, image.id, data, on_violation)
+        recorded = await kept_out(daemon, image.id)
+        assert (recorded.verdict.outcome, recorded.verdict.checks) == (
+            Outcome.UNSAFE,
+            ("backing_file",),
+        )
+        assert image.id not in await listed(daemon)
+    finally:
+        await stop_daemon(daemon)
+
+
+async def test_an_override_lets_a_restarted_daemon_serve_the_image(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    """The override and the entry survive a restart under enforce: still a hit, and a
+    violation is neither recorded nor read back."""
+    data = make(tmp_path, "backing")
+    image = glance.add_image(data, disk_format="raw")
+    daemon = await enforcing(tmp_path, glance.url, "refuse")
+    try:
+        assert image.os_hash_value is not None
+        await safety_of(daemon).override(image.id, image.os_hash_value, "vendor image")
+        assert (await fetch(daemon, image.id))[0] == 200
+        await wait_complete(daemon, image.id)
+    finally:
+        await stop_daemon(daemon)
+    daemon = await enforcing(tmp_path, glance.url, "refuse")
+    try:
+        status, headers, body = await fetch(daemon, image.id)
+        assert (status, headers["Cache-Status"], body == data) == (200, HIT, True)
+        await settled(daemon)
+        assert record_of(daemon, image.id) is None and not safety_of(daemon).violations
+    finally:
+        await stop_daemon(daemon)
+
+
+async def filled_without_inspection(
+    tmp_path: Path, glance: FakeGlance, images: list[tuple[FakeImage, bytes]]
+) -> None:
+    """Cache ``images`` with ``image_safety_mode: off`` (no verdict: as before inspection)."""
+    cache = tmp_path / "cache"
+    cache.mkdir(exist_ok=True)
+    first = await start_daemon(cache, glance.url, image_safety_mode="off")
+    try:
+        for image, data in images:
+            status, _, body = await fetch(first, image.id)
+            assert (status, body == data) == (200, True)
+            await wait_complete(first, image.id)
+    finally:
+        await stop_daemon(first)
+    assert all(record.NAME not in os.listxattr(cache / i.id) for i, _ in images)
+
+
+@pytest.mark.parametrize("on_violation", ["pass-through", "refuse"])
+async def test_the_first_hit_of_an_entry_without_a_verdict_waits_for_its_reinspection(
+    glance: FakeGlance, tmp_path: Path, on_violation: str
+) -> None:
+    """Entries cached before inspection: under enforce their first download inspects them
+    again before using them. A violating one is never sent from the cache: dropped, recorded,
+    and that download gets the upstream's data or 403. One whose metadata kept no declaration
+    (older still) has its record looked up with the caller's token: a clean qcow2 declared
+    raw (safe on its content alone) is a mismatch. A safe one is a plain hit."""
+    unsafe, clean = make(tmp_path, "backing"), make(tmp_path, "clean")
+    bad = glance.add_image(unsafe, disk_format="raw")
+    wrong = glance.add_image(clean, disk_format="raw")
+    good = glance.add_image(clean, disk_format="qcow2")
+    await filled_without_inspection(
+        tmp_path, glance, [(bad, unsafe), (wrong, clean), (good, clean)]
+    )
+    await as_older_entry(tmp_path / "cache" / wrong.id)
+    daemon = await enforcing(tmp_path, glance.url, on_violation)
+    try:
+        await violating_answer(daemon, glance, bad.id, unsafe, on_violation)
+        recorded = await kept_out(daemon, bad.id)
+        assert (recorded.verdict.outcome, recorded.verdict.checks) == (
+            Outcome.UNSAFE,
+            ("backing_file",),
+        )
+        before = data_gets(glance, wrong.id)
+        status, headers, body = await fetch(daemon, wrong.id)
+        assert headers.get("Cache-Status") != HIT
+        if on_violation == "refuse":
+            assert (status, headers["Cached-Image-Verdict"]) == (
+                403,
+                'mismatch; detected="qcow2"; declared="raw"',
+            )
+            assert data_gets(glance, wrong.id) == before
+        else:
+            assert (status, headers["Cache-Status"], body == clean) == (200, UNSAFE_BYPASS, True)
+        assert (await kept_out(daemon, wrong.id)).verdict.outcome is Outcome.MISMATCH
+        status, headers, body = await fetch(daemon, good.id)
+        assert (status, headers["Cache-Status"], body == clean) == (200, HIT, True)
+        assert headers["Cached-Image-Verdict"] == 'safe; detected="qcow2"; declared="qcow2"'
+        await settled(daemon)
+        assert record_of(daemon, good.id) is None and daemon.store.get(good.id) is not None
+    finally:
+        await stop_daemon(daemon)
+
+
+async def test_the_audit_job_and_a_recheck_drop_and_record_what_violates(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    """Under enforce the audit's and an admin recheck's new verdicts are acted on at once (not
+    at the next download): the violating entry is dropped and recorded; the next download is
+    refused; a safe entry stays."""
+    unsafe, clean = make(tmp_path, "backing"), make(tmp_path, "clean")
+    audited = glance.add_image(unsafe, disk_format="raw")
+    rechecked = glance.add_image(unsafe, disk_format="qcow2")
+    good = glance.add_image(clean, disk_format="qcow2")
+    await filled_without_inspection(
+        tmp_path, glance, [(audited, unsafe), (rechecked, unsafe), (good, clean)]
+    )
+    daemon = await enforcing(tmp_path, glance.url, "refuse")
+    try:
+        safety = safety_of(daemon)
+        busy = {rechecked.id}  # left to the recheck
+        result = await safety.audit(
+            daemon.store.complete_entries, lambda entry: entry.image_id in busy
+        )
+        assert (result.inspected, result.skipped) == (2, 1)
+        recorded = await kept_out(daemon, audited.id)
+        assert recorded.verdict.outcome is Outcome.UNSAFE
+        assert daemon.store.get(good.id) is not None and record_of(daemon, good.id) is None
+        status, answer = await admin(daemon, "POST", f"/v2/cache/safety/{rechecked.id}/recheck")
+        assert (status, answer["verdict"], answer["checks"]) == (200, "unsafe", ["backing_file"])
+        recorded = await kept_out(daemon, rechecked.id)
+        assert (recorded.verdict.declared, recorded.verdict.checks) == ("qcow2", ("backing_file",))
+        for image in (audited, rechecked):
+            await violating_answer(daemon, glance, image.id, unsafe, "refuse")
+        status, headers, _ = await fetch(daemon, good.id)
+        assert (status, headers["Cache-Status"]) == (200, HIT)
+    finally:
+        await stop_daemon(daemon)
+
+
+async def test_an_override_spares_an_entry_its_reinspection_finds_violating(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    """An entry cached before inspection, re-inspected under enforce with an override for its
+    content: its new verdict violates, and it is served as a hit, nothing recorded."""
+    data = make(tmp_path, "backing")
+    image = glance.add_image(data, disk_format="raw")
+    await filled_without_inspection(tmp_path, glance, [(image, data)])
+    daemon = await enforcing(tmp_path, glance.url, "refuse")
+    try:
+        assert image.os_hash_value is not None
+        await safety_of(daemon).override(image.id, image.os_hash_value)
+        status, headers, body = await fetch(daemon, image.id)
+        assert (status, headers["Cache-Status"], body == data) == (200, HIT, True)
+        assert headers["Cached-Image-Verdict"] == BACKING
+        result = await safety_of(daemon).audit(
+            daemon.store.complete_entries, lambda e: False, every=True
+        )
+        assert result.inspected == 1
+        await settled(daemon)
+        assert record_of(daemon, image.id) is None and daemon.store.get(image.id) is not None
+    finally:
+        await stop_daemon(daemon)
 
 
 # -- the parts, without a daemon
