@@ -190,6 +190,35 @@ async def test_entries_cached_without_inspection_get_a_verdict_from_the_audit(
         await stop_daemon(second)
 
 
+async def test_a_verdict_that_cannot_be_read_is_no_verdict(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    """The xattr read fails (the file gone behind the daemon's back, or an ERANGE while a
+    concurrent hit's inspection rewrites it): no verdict, not a TypeError out of
+    ``Safety.stored`` (which took the OSError the read returns for the value)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    data = make(tmp_path, "clean")
+    image = glance.add_image(data, disk_format="qcow2")
+    first = await start_daemon(cache, glance.url)
+    try:
+        await miss_then_hit(first, image.id, data)
+    finally:
+        await stop_daemon(first)
+    second = await start_daemon(cache, glance.url)
+    try:
+        entry = second.store.get(image.id)
+        assert entry is not None
+        aside = tmp_path / "aside"
+        await asyncio.to_thread(os.rename, entry.path, aside)
+        assert await safety_of(second).stored(entry) is None
+        await asyncio.to_thread(os.rename, aside, entry.path)
+        verdict = await safety_of(second).stored(entry)  # nothing was remembered meanwhile
+        assert verdict is not None and verdict.outcome is Outcome.SAFE
+    finally:
+        await stop_daemon(second)
+
+
 async def test_without_credentials_an_undeclared_entry_is_judged_but_not_stored(
     glance: FakeGlance, tmp_path: Path
 ) -> None:

@@ -501,10 +501,12 @@ class Safety:
         known = self._known.get(entry.image_id)
         if known is not None and known.entry() is entry:
             return known.verdict
-        try:
-            (raw,) = await self._run(read_verdicts, [entry.path])
-        except OSError as exc:
-            log.debug("cannot read the verdict of %s: %s", entry.image_id, exc)
+        (raw,) = await self._run(read_verdicts, [entry.path])
+        known = self._known.get(entry.image_id)
+        if known is not None and known.entry() is entry:
+            return known.verdict  # learned meanwhile (a concurrent hit's read or inspection)
+        if isinstance(raw, OSError):  # (read_verdicts returns, never raises, its errors)
+            log.debug("cannot read the verdict of %s: %s", entry.image_id, raw)
             return None
         return self._remember(entry, self._parsed(entry, raw))
 
