@@ -668,6 +668,13 @@ async def test_an_override_for_the_images_content_makes_it_a_hit(
         recorded = await kept_out(daemon, image.id)
         assert recorded.os_hash_value == image.os_hash_value
         await violating_answer(daemon, glance, image.id, data, on_violation)
+        status, row = await admin(daemon, "GET", f"/v2/cache/safety/{image.id}")
+        assert status == 200
+        assert (row["cached"], row["verdict"], row["overridden"]) == (False, "unsafe", False)
+        assert row["os_hash_value"] == image.os_hash_value
+        status, listing = await admin(daemon, "GET", "/v2/cache/safety")
+        assert [r["image_id"] for r in listing["violations"]] == [image.id]
+        assert image.id not in [r["image_id"] for r in listing["verdicts"]]
 
         status, _ = await admin(daemon, "PUT", path, {"os_hash_value": image.os_hash_value})
         assert status == 200
@@ -682,6 +689,8 @@ async def test_an_override_for_the_images_content_makes_it_a_hit(
         await settled(daemon)
         assert record_of(daemon, image.id) is None
         assert image.id in await listed(daemon)
+        status, listing = await admin(daemon, "GET", "/v2/cache/safety")
+        assert listing["violations"] == []
         status, row = await admin(daemon, "GET", f"/v2/cache/safety/{image.id}")
         assert (status, row["verdict"], row["overridden"]) == (200, "unsafe", True)
 
