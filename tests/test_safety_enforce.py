@@ -831,6 +831,66 @@ async def test_the_audit_job_and_a_recheck_drop_and_record_what_violates(
         await stop_daemon(daemon)
 
 
+async def test_a_reinspection_that_cannot_read_the_file_refuses_once_and_records_nothing(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    """An entry without a verdict whose file cannot be read when it is inspected again (a
+    directory in its place: EISDIR): enforce fails closed for that download (403, verdict
+    error) but records nothing and keeps the entry; once the file reads again, the next hit
+    inspects it again and serves it."""
+    data = make(tmp_path, "clean")
+    image = glance.add_image(data, disk_format="qcow2")
+    await filled_without_inspection(tmp_path, glance, [(image, data)])
+    daemon = await enforcing(tmp_path, glance.url, "refuse")
+    try:
+        path = tmp_path / "cache" / image.id
+        aside = tmp_path / "aside"
+        await asyncio.to_thread(os.rename, path, aside)
+        await asyncio.to_thread(os.mkdir, path)
+        status, headers, _ = await fetch(daemon, image.id)
+        assert (status, headers["Cached-Image-Verdict"].split(";")[0]) == (403, "error")
+        await settled(daemon)
+        assert record_of(daemon, image.id) is None and not safety_of(daemon).violations
+        assert daemon.store.get(image.id) is not None
+        await asyncio.to_thread(os.rmdir, path)
+        await asyncio.to_thread(os.rename, aside, path)
+        status, headers, body = await fetch(daemon, image.id)
+        assert (status, body == data) == (200, True)
+        assert headers["Cached-Image-Verdict"] == 'safe; detected="qcow2"; declared="qcow2"'
+        assert record_of(daemon, image.id) is None
+    finally:
+        await stop_daemon(daemon)
+
+
+async def test_a_range_of_an_overridden_image_is_not_held_for_its_header(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    """refuse holds a range miss until the image's header is judged (it fetches the first
+    chunk too); an image an override lets be served is not judged against enforce: its range
+    goes as in audit while the upstream holds every download after its first MiB (the first
+    chunk could not be judged), and the image is cached after."""
+    data = make(tmp_path, "backing-big")
+    image = glance.add_image(data, disk_format="raw", hold_after=MiB)
+    daemon = await enforcing(tmp_path, glance.url, "refuse")
+    try:
+        assert image.os_hash_value is not None
+        await safety_of(daemon).override(image.id, image.os_hash_value)
+        image.pause()
+        start = 4 * MiB + 1000  # in the second chunk, within its first MiB
+        status, _, body = await asyncio.wait_for(
+            fetch(daemon, image.id, Range=f"bytes={start}-{start + 99}"), 60
+        )  # (a deadline: without the override's exemption it waits for the held chunk 0)
+        assert (status, body) == (206, data[start : start + 100])
+        image.resume()
+        status, headers, body = await fetch(daemon, image.id)
+        assert (status, body == data) == (200, True)
+        await wait_complete(daemon, image.id)
+        await settled(daemon)
+        assert record_of(daemon, image.id) is None
+    finally:
+        await stop_daemon(daemon)
+
+
 async def test_an_override_spares_an_entry_its_reinspection_finds_violating(
     glance: FakeGlance, tmp_path: Path
 ) -> None:
