@@ -1,18 +1,18 @@
-"""The ``safety`` scenario: what audit-mode content inspection (issue 18) and signature
-verification cost a cold miss and a hit, against the same build with
-``image_safety_mode: off``, measured interleaved in the same run.
+"""The ``safety`` scenario: what content inspection (issue 18: audit, and enforce with
+``refuse`` on the same safe images) and signature verification cost a cold miss and a hit,
+against the same build with ``image_safety_mode: off``, measured interleaved in the same run.
 
-Four daemons run at once in front of the fast origin, each with its own cache dir: off, audit,
-audit + signatures of images signed with SHA-512 (the record's ``os_hash_algo``: the fill's
-digest is reused, one RSA-PSS verification per image), and audit + signatures with SHA-256
-(one more stream consumer hashes every byte). The signing CA, the RSA signer's certificate
-and key are made with ``openssl`` in the work dir; signatures with cryptography (prehashed,
-as cursive verifies them). Cold misses use a fresh image id each (the bench's random data:
-raw content, decided after 256 KiB like most formats); hits re-read the newest cold id. The
-audit daemons' newest entries must carry ``user.cached.verdict`` (and ``verified`` in
-``user.cached.signature`` for the signature daemons), the off daemon's none (else the run
-reports a problem). The inspector's own cost per byte is measured apart, without a daemon,
-by ``python -m bench.inspect``.
+Five daemons run at once in front of the fast origin, each with its own cache dir: off, audit,
+enforce (refuse), audit + signatures of images signed with SHA-512 (the record's
+``os_hash_algo``: the fill's digest is reused, one RSA-PSS verification per image), and
+audit + signatures with SHA-256 (one more stream consumer hashes every byte). The signing CA,
+the RSA signer's certificate and key are made with ``openssl`` in the work dir; signatures
+with cryptography (prehashed, as cursive verifies them). Cold misses use a fresh image id
+each (the bench's random data: raw content, decided after 256 KiB like most formats); hits
+re-read the newest cold id. The inspecting daemons' newest entries must carry
+``user.cached.verdict`` (and ``verified`` in ``user.cached.signature`` for the signature
+daemons), the off daemon's none (else the run reports a problem). The inspector's own cost
+per byte is measured apart, without a daemon, by ``python -m bench.inspect``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from cached.safety import signature as sig
 OFF, AUDIT = "cached (image_safety_mode: off)", "cached (audit)"
 SIG512 = "cached (audit + signature, SHA-512: digest reused)"
 SIG256 = "cached (audit + signature, SHA-256: one more hash)"
+ENFORCE = "cached (enforce, refuse)"
 NAME = "user.cached.verdict"
 GOAL = 0.05  # CPU s/GiB audit may add to a cold miss (issue 18, "Done when")
 
@@ -52,6 +53,12 @@ def safety(env: Env) -> list[Table]:
         config={"image_safety_mode": "audit"},
         exclusive=False,
     )
+    enforce = env.cached(
+        "fast",
+        name="cached-safety-enforce",
+        config={"image_safety_mode": "enforce", "image_safety_on_violation": "refuse"},
+        exclusive=False,
+    )
     anchors, props = _signing(env, data)
     signing = {"image_safety_mode": "audit", "image_signature_verify": True, **anchors}
     sig512 = env.cached("fast", name="cached-safety-sig512", config=signing, exclusive=False)
@@ -59,6 +66,7 @@ def safety(env: Env) -> list[Table]:
     systems = [
         System(OFF, off.url, [off.pid]),
         System(AUDIT, audit.url, [audit.pid]),
+        System(ENFORCE, enforce.url, [enforce.pid]),
         System(SIG512, sig512.url, [sig512.pid]),
         System(SIG256, sig256.url, [sig256.pid]),
     ]
@@ -86,11 +94,12 @@ def safety(env: Env) -> list[Table]:
                 env.problem(f"hit {sys.name}: cache status {run.fetch.cache_status!r}")
             warm.setdefault(sys.name, []).append(run)
     _check_verdicts(env, audit.entry(newest[AUDIT]), off.entry(newest[OFF]))
+    _check_verdicts(env, enforce.entry(newest[ENFORCE]), off.entry(newest[OFF]))
     for daemon, name in ((sig512, SIG512), (sig256, SIG256)):
         _check_signature(env, daemon.entry(newest[name]))
     t = Table(
         "safety",
-        f"content inspection (audit) and signatures vs off, {gib:g} GiB, one client, fast "
+        f"content inspection (audit, enforce) and signatures vs off, {gib:g} GiB, one client, fast "
         f"origin ({s.rounds} rounds)",
         [
             Column("miss_mb_s", "miss MB/s", ratio=False),

@@ -305,7 +305,8 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             max_entry_size=config.max_entry_size,
             directories=directories,
         )
-        if config.image_safety_mode == "audit":
+        safety: Safety | None = None
+        if config.image_safety_mode in ("audit", "enforce"):
             checks = SafetyPolicy(
                 frozenset(config.image_safety_allowed_formats),
                 frozenset(config.image_safety_nonfatal_checks),
@@ -321,11 +322,20 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
                 checks,
                 file_backend=config.upstream_kind == "file",
                 run=store.run,
+                enforce=config.image_safety_mode == "enforce",
+                refuse=config.image_safety_on_violation == "refuse",
                 root=store.root,
                 lookup=lookup,
             )
-            await safety.load_overrides()
             filler.safety = proxy.safety = safety
+            safety.drop = filler.remove  # a violating image's entry goes
+            proxy.on_deleted.append(safety.forget)  # a deleted image's verdict record too
+            # Overrides and violation records are read from a directory that is ok and
+            # indexed (nothing is created in a bare mount point), now and whenever it is
+            # indexed again.
+            if directories.opened:
+                await safety.load()
+            directories.on_indexed.append(safety.reload)
         if anchors is not None:
             signatures = Signatures(
                 anchors, required=config.image_signature_required, run=store.run
@@ -406,6 +416,8 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
                     return None
                 if record.size > config.max_entry_size:
                     return None
+                if safety is not None and safety.known(image_id, record.os_hash_value):
+                    return None  # never cached here (enforce): the sibling asks the upstream
                 entry = store.get(image_id)
                 have = entry.present_bytes() if entry and entry.size == record.size else 0
                 if span is not None and span == (0, max(span[1], record.size)):
@@ -506,6 +518,8 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
         await prefetcher.close()
         await maintenance.close()  # fills that end while they stop make no more room
         await filler.close()
+        if safety is not None:
+            await safety.settled()  # verdict records being written
         await session.close()
         if notices is not None:
             await notices.close()

@@ -580,9 +580,15 @@ class Config:
     # off: no inspection. audit: every image's content is inspected as it is cached (format
     # detected against the declared disk_format, qemu-img hazards such as backing files,
     # data files, VMDK extents naming host files); the verdict is stored with the entry,
-    # logged and sent in Cached-Image-Verdict on hits; nothing is refused. (enforce: not
-    # implemented yet.)
+    # logged and sent in Cached-Image-Verdict on hits; nothing is refused. enforce: the same,
+    # and an image whose verdict is unsafe, mismatch or error is never a hit (see
+    # image_safety_on_violation) unless an admin override for its os_hash_value lets it be;
+    # safe and not-inspectable images are served as in audit.
     image_safety_mode: str = "audit"
+    # enforce only: what a download of a violating image gets. pass-through: the upstream's
+    # data, never from the cache (Cache-Status: cached; fwd=bypass; detail=unsafe-format).
+    # refuse: 403 naming the verdict, after the caller's authorisation.
+    image_safety_on_violation: str = "pass-through"
     # Formats an image may be detected as (oslo.utils' names); others are "unsafe".
     image_safety_allowed_formats: tuple[str, ...] = tuple(sorted(DEFAULT_ALLOWED))
     # Failed checks not counted against a gpt image (Glance's gpt_safety_checks_nonfatal).
@@ -950,10 +956,12 @@ def _convert(name: str, value: Any) -> Any:
     if name in ("image_cache_mount", "upstream_mount"):
         return _mount_spec(name, value)
     if name == "image_safety_mode":
-        if value == "enforce":
-            raise ValueError("enforce is not implemented yet (issue 18): use off or audit")
-        if value not in ("off", "audit"):
-            raise ValueError(f"must be off or audit, got {value!r}")
+        if value not in ("off", "audit", "enforce"):
+            raise ValueError(f"must be off, audit or enforce, got {value!r}")
+        return value
+    if name == "image_safety_on_violation":
+        if value not in ("pass-through", "refuse"):
+            raise ValueError(f"must be pass-through or refuse, got {value!r}")
         return value
     if name == "image_safety_allowed_formats":
         if not isinstance(value, list | tuple) or not all(v in INSPECTED_FORMATS for v in value):

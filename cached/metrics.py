@@ -115,9 +115,12 @@ def outcome_of(cache_status: str | None) -> str | None:
 
 
 # Why a download bypassed the cache (Cache-Status "fwd=bypass; detail=..."): the admission
-# rule, the free space, the cache directory's state (cached/cachedir/directories.py); anything
-# else (several ranges, a store failure, an image that is not active) is "other".
-BYPASS_REASONS = ("too-large", "no-space", "read_only", "vanished", "hung", "failing", "other")
+# rule, the free space, the cache directory's state (cached/cachedir/directories.py), an image
+# whose content violates the enforced safety policy (cached/safety/audit.py); anything else
+# (several ranges, a store failure, an image that is not active) is "other".
+BYPASS_REASONS = (
+    "too-large", "no-space", "read_only", "vanished", "hung", "failing", "unsafe-format", "other"
+)  # fmt: skip
 
 
 def bypass_reason(cache_status: str | None) -> str | None:
@@ -285,7 +288,7 @@ class Metrics:
         self._fill_started: weakref.WeakKeyDictionary[Hashable, float] = weakref.WeakKeyDictionary()
         self.verdicts = Counter(
             "cached_image_verdicts",
-            "Content verdicts of images cached (image_safety_mode audit), by verdict",
+            "Content verdicts of images cached (image_safety_mode audit, enforce), by verdict",
             ["verdict"],
             registry=r,
         )

@@ -93,6 +93,8 @@ class FakeImage:
     no_content_length: bool = False
     ranges_supported: bool = True
     no_data_204: bool = False
+    # pause() holds downloads once they sent this many bytes (None: after the first piece)
+    hold_after: int | None = None
     # set: downloads flow; cleared by pause(): they send nothing more until resume()
     flowing: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
@@ -656,7 +658,8 @@ class FakeGlance:
                 limit = len(body) if image.cut_after is None else min(image.cut_after, len(body))
                 if sent >= limit:
                     break
-                if sent:  # the first piece always goes: authorisation probes are answered
+                if sent and (image.hold_after is None or sent >= image.hold_after):
+                    # (the first piece always goes: authorisation probes are answered)
                     await image.flowing.wait()
                 rate = image.rate
                 step = CHUNK if not rate else max(1, min(CHUNK, rate // 10))

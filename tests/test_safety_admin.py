@@ -31,7 +31,7 @@ from conftest import Daemon, manage, start_daemon, stop_daemon, wait_complete, w
 from fakeglance import FakeGlance
 from scrapes import scrape, value
 from test_ctl import ctl
-from test_safety_audit import HIT, make, miss_then_hit, stored_verdict
+from test_safety_audit import HIT, as_older_entry, make, miss_then_hit, stored_verdict
 
 from cached.app import CONFIG, SCHEDULER
 from cached.ops.lifecycle import LIVE, RELOADABLES
@@ -57,6 +57,11 @@ async def admin(daemon: Daemon, method: str, path: str, body: Any = None) -> tup
             return resp.status, json.loads(text)
         except ValueError:
             return resp.status, text
+
+
+def record_gets(glance: FakeGlance, image_id: str) -> int:
+    """``GET /v2/images/{id}`` requests the upstream saw (record look-ups)."""
+    return sum(r.method == "GET" and r.path == f"/v2/images/{image_id}" for r in glance.requests)
 
 
 def rewrite_verdict(path: Path, **changes: Any) -> None:
@@ -126,8 +131,9 @@ async def test_a_verdict_of_another_version_or_policy_is_made_again_on_the_first
 async def test_entries_cached_without_inspection_get_a_verdict_from_the_audit(
     glance: FakeGlance, tmp_path: Path
 ) -> None:
-    """Filled with ``off`` (as before inspection existed): no verdict. The audit inspects them
-    from their file, their declaration looked up with the daemon's own credentials."""
+    """Filled with ``off`` before entries kept their declared formats (as before inspection
+    existed): no verdict, no declaration. The audit inspects them from their file, their
+    declaration looked up with the daemon's own credentials."""
     cache = tmp_path / "cache"
     cache.mkdir()
     unsafe = make(tmp_path, "backing")
@@ -145,6 +151,8 @@ async def test_entries_cached_without_inspection_get_a_verdict_from_the_audit(
     finally:
         await stop_daemon(first)
     assert all(record.NAME not in os.listxattr(cache / i.id) for i in images)
+    for image in images:
+        await as_older_entry(cache / image.id)
     second = await start_daemon(cache, glance.url, service_token="token-admin")
     try:
         scheduler = second.app[SCHEDULER]
@@ -182,6 +190,35 @@ async def test_entries_cached_without_inspection_get_a_verdict_from_the_audit(
         await stop_daemon(second)
 
 
+async def test_a_verdict_that_cannot_be_read_is_no_verdict(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    """The xattr read fails (the file gone behind the daemon's back, or an ERANGE while a
+    concurrent hit's inspection rewrites it): no verdict, not a TypeError out of
+    ``Safety.stored`` (which took the OSError the read returns for the value)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    data = make(tmp_path, "clean")
+    image = glance.add_image(data, disk_format="qcow2")
+    first = await start_daemon(cache, glance.url)
+    try:
+        await miss_then_hit(first, image.id, data)
+    finally:
+        await stop_daemon(first)
+    second = await start_daemon(cache, glance.url)
+    try:
+        entry = second.store.get(image.id)
+        assert entry is not None
+        aside = tmp_path / "aside"
+        await asyncio.to_thread(os.rename, entry.path, aside)
+        assert await safety_of(second).stored(entry) is None
+        await asyncio.to_thread(os.rename, aside, entry.path)
+        verdict = await safety_of(second).stored(entry)  # nothing was remembered meanwhile
+        assert verdict is not None and verdict.outcome is Outcome.SAFE
+    finally:
+        await stop_daemon(second)
+
+
 async def test_without_credentials_an_undeclared_entry_is_judged_but_not_stored(
     glance: FakeGlance, tmp_path: Path
 ) -> None:
@@ -195,6 +232,7 @@ async def test_without_credentials_an_undeclared_entry_is_judged_but_not_stored(
         await wait_complete(first, image.id)
     finally:
         await stop_daemon(first)
+    await as_older_entry(cache / image.id)  # its metadata keeps no declaration either
     second = await start_daemon(cache, glance.url)  # no service credentials
     try:
         safety = safety_of(second)
@@ -212,6 +250,43 @@ async def test_without_credentials_an_undeclared_entry_is_judged_but_not_stored(
         assert verdict is not None and verdict.outcome is Outcome.MISMATCH
         result = await safety.audit(second.store.complete_entries, lambda e: False)
         assert (result.inspected, result.current, result.undeclared) == (0, 1, 0)
+    finally:
+        await stop_daemon(second)
+
+
+async def test_the_declaration_kept_in_the_entry_is_judged_against_without_a_lookup(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    """An entry filled with ``off`` keeps its declared formats in ``user.cached.meta``: the
+    audit judges it against them and stores the verdict without looking its record up (the
+    daemon could: it has service credentials), so a later declaration upstream does not
+    change what the fill saw."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    data = make(tmp_path, "clean")
+    image = glance.add_image(data, disk_format="raw", container_format="bare")
+    first = await start_daemon(cache, glance.url, image_safety_mode="off")
+    try:
+        assert (await first.get(image.id))[0] == 200
+        await wait_complete(first, image.id)
+    finally:
+        await stop_daemon(first)
+    meta = json.loads(os.getxattr(cache / image.id, "user.cached.meta"))
+    assert (meta["disk_format"], meta["container_format"]) == ("raw", "bare")
+    image.disk_format = "qcow2"  # (the record now says otherwise: the entry's is used)
+    second = await start_daemon(cache, glance.url, service_token="token-admin")
+    try:
+        records = record_gets(glance, image.id)
+        result = await safety_of(second).audit(second.store.complete_entries, lambda e: False)
+        assert (result.inspected, result.undeclared) == (1, 0)
+        verdict = stored_verdict(second, image.id)
+        assert verdict is not None
+        assert (verdict.outcome, verdict.declared, verdict.container) == (
+            Outcome.MISMATCH,
+            "raw",
+            "bare",
+        )
+        assert record_gets(glance, image.id) == records  # no look-up
     finally:
         await stop_daemon(second)
 

@@ -10,6 +10,7 @@ of it.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import uuid
@@ -33,6 +34,7 @@ from test_safety_inspect import qemu_img
 
 from cached.safety import record
 from cached.safety.verdict import Outcome
+from cached.store import codec, written, xattrs
 
 MiB = 1 << 20
 HIT = "cached; hit"
@@ -63,6 +65,21 @@ def stored_verdict(daemon: Daemon, image_id: str) -> record.Verdict | None:
     if record.NAME not in os.listxattr(path):
         return None
     return record.loads(os.getxattr(path, record.NAME))
+
+
+async def as_older_entry(path: Path) -> None:
+    """Make the complete entry at ``path`` one filled before its metadata kept the declared
+    formats (no ``disk_format``/``container_format`` in ``user.cached.meta``), its commit
+    record written again (a daemon that is stopped: as that older daemon left it)."""
+    await asyncio.to_thread(_strip_formats, path)
+
+
+def _strip_formats(path: Path) -> None:
+    meta = json.loads(os.getxattr(path, xattrs.META))
+    meta.pop("disk_format", None)
+    meta.pop("container_format", None)
+    os.setxattr(path, xattrs.META, codec.dumps(meta))
+    written.record(path)
 
 
 async def miss_then_hit(daemon: Daemon, image_id: str, data: bytes) -> dict[str, str]:

@@ -36,9 +36,10 @@ from cached.fill.registry import CachedMeanwhile, Filler
 from cached.identity.authorizer import Authorizer
 from cached.ids import is_image_id
 from cached.safety.audit import HEADER as SAFETY_HEADER
-from cached.safety.audit import Safety
+from cached.safety.audit import Safety, describe, header_value
 from cached.safety.signatures import HEADER as SIGNATURE_HEADER
 from cached.safety.signatures import Signatures
+from cached.safety.verdict import Verdict
 from cached.store import Entry, State, Store, chunk_size_for
 from cached.store.integrity import SMALL_HIT
 from cached.upstream import Backend, Credentials, Decision, ImageRecord
@@ -111,7 +112,8 @@ class Proxy:
     integrity: Integrity | None = None  # re-verifies a changed file before a hit (scrub.py)
     adopter: Adopter | None = None  # Glance's cached files, adopted (cached/cachedir/adoption.py)
     directories: Directories | None = None  # None: the cache directory is not guarded
-    # The content verdicts shown on hits (image_safety_mode audit; cached/safety/audit.py).
+    # The content verdicts shown on hits, and enforced (image_safety_mode audit or enforce;
+    # cached/safety/audit.py).
     safety: Safety | None = None
     # This cache's name in Cache-Status (RFC 9211 §2): "cached", "cached-<id>" in a fleet.
     cache_name: str = "cached"
@@ -159,6 +161,20 @@ class Proxy:
             if entry is None and record is not None and self.adopter is not None:
                 entry = await self.adopter.adopt(record)  # Glance's file of it, verified
         bypass = self.directories.cache_bypass(entry) if self.directories else None
+        if self.safety is not None and self.safety.enforce:
+            # Known verdicts first (after authorisation, before the guard and admission): an
+            # image whose content violates the policy is never served from the cache. A
+            # complete entry without a current verdict is inspected again now, before it is
+            # used (its record looked up with the caller's token if it kept no declaration;
+            # not on a stale hit), unless the cache directory is not to be touched.
+            lookup = None if auth.stale else self._lookup_with(creds)
+            violation = await self.safety.violation(
+                image_id, entry if bypass is None else None, record, lookup
+            )
+            if violation is not None:
+                if self.safety.refuse:
+                    return _refused(request, image_id, violation.verdict, request_id)
+                return await self._bypass(request, "unsafe-format")
         if bypass is not None:  # the cache directory is not usable (cached/cachedir/directories.py)
             return await self._bypass(request, bypass)
         if auth.stale and (entry is None or not entry.complete):  # never a fill on it
@@ -197,6 +213,12 @@ class Proxy:
             return await self._bypass(request)
         except NotAdmitted as exc:
             return await self._bypass(request, exc.detail)
+        if fill is not None and wanted is not None and self._refusing:
+            # refuse: a range is sent only once the image's header has been judged (its
+            # first chunk is fetched too), so no byte of a refused image goes out.
+            verdict = await self._head_verdict(fill, wanted)
+            if verdict is not None:
+                return _refused(request, image_id, verdict, request_id)
         if fill is None and (entry is None or not entry.complete):
             entry = self.store.get(image_id)  # committed while this request waited
             if entry is None or not entry.complete:  # and evicted at once: not this time
@@ -206,6 +228,45 @@ class Proxy:
         return await self._send(
             _Download(request, entry, wanted, outcome, request_id, creds, record), fill
         )
+
+    @property
+    def _refusing(self) -> bool:
+        return self.safety is not None and self.safety.refuse
+
+    async def _head_verdict(self, fill: Fill, wanted: ranges.ByteRange) -> Verdict | None:
+        """refuse: make ``fill`` fetch the image's first chunk (>= 4 MiB), beside the range
+        (nothing of which goes out before the verdict), and wait until its inspector has
+        judged the header; the violating verdict, else None (safe so far, undecided within
+        the chunk, or the fill ended otherwise: the download goes on as usual). An image of
+        one chunk waits for its final verdict."""
+        audit = fill.safety
+        if audit is None or not audit.enforce:  # (an override lets the image be served)
+            return None
+        entry = fill.entry
+        head_end = entry.chunk_bounds(0)[1]
+        if audit.header is None and audit.violation is None:
+            fill.demand(0, head_end, whole=False)
+            fill.demand(wanted.start, wanted.end, whole=False)  # meanwhile (a refusal stops it)
+        while audit.header is None and audit.violation is None:
+            if entry.chunk_count > 1 and 0 in fill.written:  # (also once the fill parked)
+                await fill.read_head(head_end)  # fed and judged from the file
+                break
+            if not fill.state.active:
+                break
+            try:
+                await fill.wait()
+            except FillAborted:
+                break
+        return audit.violation
+
+    def _lookup_with(self, creds: Credentials) -> Callable[[str], Awaitable[ImageRecord | None]]:
+        """An image's record with ``creds`` (re-inspection of an entry that kept no
+        declaration)."""
+
+        async def lookup(image_id: str) -> ImageRecord | None:
+            return await self._record(image_id, creds)
+
+        return lookup
 
     def _too_large(self, size: int) -> bool:
         return self.max_entry_size is not None and size > self.max_entry_size
@@ -241,7 +302,7 @@ class Proxy:
             else:
                 # A new fill: make room for what it will write, or let it pass through. Its
                 # reservation is made by _send's demand, with no await between the two.
-                needed = _bytes_to_fetch(entry, record, wanted)
+                needed = _bytes_to_fetch(entry, record, wanted, head=self._refusing)
                 async with self.admission(needed) as refused:
                     if refused is not None:
                         raise refused
@@ -259,6 +320,9 @@ class Proxy:
         follows without an await, as for a new fill."""
         start, end = (0, fill.entry.size) if wanted is None else (wanted.start, wanted.end)
         more = fill.widening(start, end, whole=wanted is None)
+        if wanted is not None and self._refusing and wanted.start >= fill.entry.chunk_size:
+            # refuse also fetches the first chunk (_head_verdict)
+            more += fill.widening(0, fill.entry.chunk_size, whole=False)
         if not more or self.admission is None:
             return True
         async with self.admission(more) as refused:
@@ -378,14 +442,8 @@ class Proxy:
             # An entry without a current verdict is inspected again here, from its file (on
             # the store's threads); one that kept no declaration has its record looked up with
             # the caller's credentials (not on a stale hit: the upstream is down).
-            creds = dl.creds
-
-            async def lookup(image_id: str) -> ImageRecord | None:
-                return await self._record(image_id, creds)
-
-            verdict = await self.safety.header_for(
-                entry, lookup if dl.outcome is Outcome.HIT else None
-            )
+            lookup = self._lookup_with(dl.creds) if dl.outcome is Outcome.HIT else None
+            verdict = await self.safety.header_for(entry, lookup)
             if verdict is not None:
                 response.headers[SAFETY_HEADER] = verdict
         if self.signatures is not None and dl.outcome in (Outcome.HIT, Outcome.STALE_HIT):
@@ -571,17 +629,23 @@ class Proxy:
 
 
 def _bytes_to_fetch(
-    entry: Entry | None, record: ImageRecord, wanted: ranges.ByteRange | None
+    entry: Entry | None,
+    record: ImageRecord,
+    wanted: ranges.ByteRange | None,
+    *,
+    head: bool = False,
 ) -> int:
     """What a new fill for this download will write: the missing part of the image, or of
-    the chunks a range covers (a range reserves its chunks, never the whole image)."""
+    the chunks a range covers (a range reserves its chunks, never the whole image), and the
+    first chunk too with ``head`` (refuse mode judges the header before a range goes)."""
     size = record.size or 0
     chunk = entry.chunk_size if entry is not None else chunk_size_for(size)
     if wanted is None:
         return size - (entry.present_bytes() if entry is not None else 0)
     first, last = wanted.start // chunk, (max(wanted.end, wanted.start + 1) - 1) // chunk
+    chunks = set(range(first, last + 1)) | ({0} if head else set())
     needed = 0
-    for c in range(first, last + 1):
+    for c in sorted(chunks):
         if entry is None or c not in entry.present:
             needed += min(size, (c + 1) * chunk) - c * chunk
     return needed
@@ -608,6 +672,17 @@ def _close(file: BinaryIO) -> None:
 
 
 def _record_of(entry: Entry) -> ImageRecord:
+    """The image record as the entry keeps it (a fill of an entry opened without asking the
+    upstream: a resume, a reader midway). Its declared formats are the entry's (entries
+    from before they were kept declare none: judged on their content alone)."""
+    raw = {
+        key: value
+        for key, value in (
+            ("disk_format", entry.disk_format),
+            ("container_format", entry.container_format),
+        )
+        if value is not None
+    }
     return ImageRecord(
         entry.image_id,
         "active",
@@ -615,7 +690,19 @@ def _record_of(entry: Entry) -> ImageRecord:
         entry.checksum,
         entry.os_hash_algo,
         entry.os_hash_value,
+        raw,
     )
+
+
+def _refused(
+    request: web.Request, image_id: str, verdict: Verdict, request_id: str
+) -> web.Response:
+    """refuse: Glance's 403 (webob's page, as ``Accept`` asks) naming the verdict and the
+    failed checks; the verdict in ``Cached-Image-Verdict`` too. No upstream data."""
+    message = f"Image {image_id} is refused by the image cache: its content is {describe(verdict)}."
+    response = replies.webob_error(403, message, request_id, request.headers.get("Accept"))
+    response.headers[SAFETY_HEADER] = header_value(verdict)
+    return response
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -14,9 +14,11 @@ fill's :class:`~cached.fill.pipeline.Pipeline` gives each consumer, in order:
   way a consumer tells the loop what it found (it may call a callback it was built with).
   It must not block.
 
-Today's consumer is the digest (:class:`cached.digest.Digest`), which the fill compares in
-its VERIFYING state. A consumer never raises from ``feed``: what it cannot read is its own
-verdict, not the fill's failure.
+The consumers are the digest (:class:`cached.digest.Digest`), which the fill compares in
+its VERIFYING state, and the format inspection (:class:`cached.safety.audit.FillAudit`),
+whose ``report`` judges the header as soon as it is decided (enforce mode stops a fill whose
+content violates the policy there). A consumer never raises from ``feed``: what it cannot
+read is its own verdict, not the fill's failure.
 """
 
 from __future__ import annotations

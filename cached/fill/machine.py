@@ -58,8 +58,9 @@ from cached.errors import (
 from cached.fill.consumers import StreamConsumer
 from cached.fill.pipeline import Flush, Pipeline
 from cached.fill.sources import ByteSource, OneSource, Sources, UpstreamSource
-from cached.safety.audit import FillAudit
+from cached.safety.audit import FillAudit, UnsafeImage
 from cached.safety.signatures import FillSignature
+from cached.safety.verdict import Verdict
 from cached.store import Bitmap, Entry, Store
 from cached.upstream import Backend, Buffer, Credentials
 
@@ -144,6 +145,7 @@ class Fill:
         renew_credentials: Callable[[], Awaitable[bool]] | None = None,
         safety: FillAudit | None = None,
         signing: FillSignature | None = None,
+        refuse: bool = False,
     ):
         self.entry = entry
         self._store = store
@@ -175,10 +177,14 @@ class Fill:
         self._progress: asyncio.Future[None] = self._loop.create_future()
         self.digest = Digest.for_record(entry.checksum, entry.os_hash_algo, entry.os_hash_value)
         self.consumers: list[StreamConsumer] = [self.digest] if self.digest else []
-        # The format inspector (image_safety_mode audit), a consumer after the digest.
+        # The format inspector (image_safety_mode audit or enforce), a consumer after the
+        # digest; in enforce mode a violating verdict stops it (refuse) or keeps it from
+        # committing (pass-through).
         self.safety = safety
+        self._refuse = refuse  # image_safety_on_violation: refuse (enforce mode)
         if safety is not None:
-            self.consumers.append(safety.inspector)
+            self.consumers.append(safety)
+            safety.stop = self._violated
         # The signature check (image_signature_verify): reuses the digest when the hash
         # method is its algorithm, else adds a consumer hashing with the method.
         self.signing = signing
@@ -584,6 +590,19 @@ class Fill:
             self._close_files()
             return
         entry = self.entry
+        if ok and self.safety is not None and self.safety.refused:
+            verdict = self.safety.verdict
+            assert verdict is not None
+            self.safety.violated(verdict)  # recorded; the entry is dropped
+            if self._refuse:
+                # The held-back last byte never goes: every reader is cut.
+                self._move(FillState.FAILED, UnsafeImage(entry.image_id, verdict))
+            else:
+                # pass-through: the readers get every byte, the cache keeps none.
+                log.info("verified (not kept: its content violates) %s", entry.image_id)
+                self._move(FillState.VERIFIED, None)
+            self._close_files()
+            return
         if ok:
             # Deleted meanwhile: still verified for the readers that follow us, never kept.
             committed = False
@@ -617,6 +636,39 @@ class Fill:
                 log.error("cannot move %s to invalid/: %s", entry.image_id, exc)
             self._move(FillState.INVALID, CachedError(reason))
         self._close_files()
+
+    def _violated(self, verdict: Verdict) -> None:
+        """The content violates the enforced policy (told on the loop by the FillAudit,
+        once): with ``refuse`` stop now, cutting every reader; with pass-through go on."""
+        if self._refuse and self.state is FillState.RUNNING:
+            self._fail(UnsafeImage(self.entry.image_id, verdict))
+
+    async def read_head(self, upto: int) -> None:
+        """Feed the inspector bytes ``[0, upto)`` from the file (written already), on the
+        feeder lane after the pieces queued there (or on the cache's threads once the fill
+        let go of its lanes), and judge what it decided. A file it cannot open (deleted
+        meanwhile) is no verdict."""
+        audit = self.safety
+        if audit is None:
+            return
+        path = self.entry.path
+
+        def job(_fd: int, upto: int) -> None:
+            try:
+                fd = os.open(path, os.O_RDONLY)  # its own: the fill's may be closed by now
+            except OSError as exc:
+                log.debug("cannot read the head of %s: %s", path, exc)
+                return
+            try:
+                audit.read_ahead(fd, upto)
+            finally:
+                os.close(fd)
+
+        if self._pipe is not None:
+            await self._pipe.on_feeder(job, upto)
+        else:
+            await self._store.run(job, -1, upto)
+        audit.report()
 
     async def _park(self) -> None:
         """No transfer is left and the image is not complete (a range fill): let go."""

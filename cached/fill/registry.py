@@ -27,6 +27,7 @@ from cached.fill.sources import Sources
 from cached.safety.audit import Safety
 from cached.safety.signatures import Signatures
 from cached.store import Entry, Store
+from cached.store.entry import FORMAT_MAX
 from cached.upstream import Backend, Credentials, ImageRecord
 
 log = logging.getLogger("cached.filler")
@@ -79,7 +80,7 @@ class Filler:
         # left): the prune makes room, also after the entries in use are released.
         self.on_reserve: Callable[[], None] | None = None
         self._opening: dict[str, asyncio.Future[Fill]] = {}
-        # Audit-mode inspection (cached/safety/audit.py), when image_safety_mode is not off.
+        # Content inspection (cached/safety/audit.py), when image_safety_mode is not off.
         self.safety: Safety | None = None
         # Signature checks (cached/safety/signatures.py), when image_signature_verify is on.
         self.signatures: Signatures | None = None
@@ -168,6 +169,8 @@ class Filler:
                     checksum=record.checksum,
                     os_hash_algo=record.os_hash_algo,
                     os_hash_value=record.os_hash_value,
+                    disk_format=_format(record.raw.get("disk_format")),
+                    container_format=_format(record.raw.get("container_format")),
                 )
             fd = await self._store.run(os.open, entry.path, os.O_RDWR)
         except FileNotFoundError as exc:  # deleted (or evicted) meanwhile: not a disk failure
@@ -189,6 +192,7 @@ class Filler:
             self._data_credentials,
             safety=self.safety.for_record(record) if self.safety is not None else None,
             signing=self.signatures.for_record(record) if self.signatures is not None else None,
+            refuse=self.safety is not None and self.safety.refuse,
             renew_credentials=self._renew_credentials,
         )
         fill.on_reserve = self.reserved
@@ -268,3 +272,8 @@ class Filler:
         for fill in fills:
             fill.cancel()
         await asyncio.gather(*(f.closed.wait() for f in fills))
+
+
+def _format(value: object) -> str | None:
+    """A declared disk or container format as the entry keeps it (bounded; else none)."""
+    return value if isinstance(value, str) and 0 < len(value) <= FORMAT_MAX else None

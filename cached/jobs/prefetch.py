@@ -10,7 +10,9 @@ survives restarts like the queue itself.
 
 Permanent answers are not retried: when the upstream answers 403 or 404 for a queued image
 (deleted, or the credentials may never download it), the image leaves the queue with one log
-line. An image deleted through the proxy leaves it too (:meth:`Prefetcher.forget`).
+line. So does an image whose content violates the enforced safety policy
+(``image_safety_mode: enforce``, cached/safety/audit.py): it would never be cached. An image
+deleted through the proxy leaves it too (:meth:`Prefetcher.forget`).
 A fetch whose cache entry is deleted while it runs (``DELETE /v2/cached_images/{id}``, a
 cache clear) is not a failure: the image stays queued, without backoff, for the next run.
 
@@ -43,6 +45,7 @@ from cached.errors import CachedError, FillAborted, NotAdmitted, UpstreamError
 from cached.fill.machine import Fill, FillState
 from cached.fill.registry import CachedMeanwhile, Filler
 from cached.identity.keystone import ServiceAuth
+from cached.safety.audit import UnsafeImage
 from cached.store import Store, codec, xattrs
 from cached.upstream import Backend, Credentials, ImageRecord
 
@@ -304,6 +307,12 @@ class Prefetcher:
                     await self._cache(image_id, fallback, record)
                 except asyncio.CancelledError:
                     raise
+                except UnsafeImage as exc:
+                    # Its content violates the enforced policy: it is never cached, so
+                    # dequeued like an image the upstream refuses (not retried).
+                    await self._store.run(self._store.dequeue, image_id)
+                    log.warning("prefetch of %s: dequeued, not retried: %s", image_id, exc)
+                    return Outcome.REFUSED
                 except EntryDeleted as exc:
                     # Not a failure, no backoff: still queued, it is due at the next run (as
                     # Glance keeps a queued image whose cached copy is deleted).
@@ -346,6 +355,10 @@ class Prefetcher:
             record = await self._backend.record(image_id, creds)
         if record.status != "active" or record.size is None:
             raise PrefetchFailed(f"image is {record.status}, not active")
+        safety = self._filler.safety
+        known = safety.known(image_id, record.os_hash_value) if safety is not None else None
+        if known is not None:
+            raise UnsafeImage(image_id, known.verdict)
         entry = self._store.get(image_id)
         admission: AbstractAsyncContextManager[NotAdmitted | None] = contextlib.nullcontext(None)
         running = self._filler.get(image_id)
@@ -369,6 +382,8 @@ class Prefetcher:
         while fill.state.active:
             with contextlib.suppress(FillAborted):  # how it ended is checked below
                 await fill.wait()
+        if fill.safety is not None and fill.safety.violation is not None:
+            raise UnsafeImage(image_id, fill.safety.violation)  # refused or never kept
         entry = self._store.get(image_id)
         if fill.state is FillState.VERIFIED and entry is not None and entry.complete:
             log.info("prefetch: cached %s", image_id)

@@ -50,9 +50,10 @@ extensions under ``/v2/cache/`` (``GET /v2/cache`` itself stays Glance's documen
 
 =============================================  ====  ========================================
 ``GET /v2/cache/safety``                       200   every complete entry's verdict, the
-                                                     overrides, the last audit
-``GET /v2/cache/safety/{id}``                  200   one image's verdict (404: not cached and
-                                                     no override)
+                                                     overrides, the violations (enforce), the
+                                                     last audit
+``GET /v2/cache/safety/{id}``                  200   one image's verdict (404: not cached, no
+                                                     override, no violation recorded)
 ``POST /v2/cache/safety/{id}/recheck``         200   inspect it again from its file now
 ``POST /v2/cache/safety/audit``                202   start an audit pass (``?every=true``:
                                                      current verdicts too)
@@ -71,7 +72,10 @@ A verdict row::
 
 ``verdict`` null: the entry has none (filled before inspection, or with ``off``);
 ``current`` false: made by another oslo.utils version or policy (inspected again on its next
-hit or audit). With ``image_safety_mode: off`` every safety endpoint answers 404.
+hit or audit). Under enforce an image kept out of the cache (``cached`` false) is shown with
+the verdict of its violation record and ``os_hash_value`` the record's; the list's
+``violations`` holds those rows. With ``image_safety_mode: off`` every safety endpoint
+answers 404.
 """
 
 from __future__ import annotations
@@ -511,7 +515,14 @@ def _verdict_row(
 ) -> dict[str, Any]:
     """One image's verdict as the safety endpoints show it (see the module docstring)."""
     override = safety.override_of(image_id)
-    hash_value = entry.os_hash_value if entry is not None else None
+    violation = safety.violations.get(image_id) if entry is None else None
+    hash_value = (
+        entry.os_hash_value
+        if entry is not None
+        else violation.os_hash_value
+        if violation is not None
+        else None
+    )
     row: dict[str, Any] = {
         "image_id": image_id,
         "cached": entry is not None,
@@ -557,10 +568,15 @@ async def safety_list(m: Manager, request: web.Request) -> web.StreamResponse:
     m.check_cache()
     entries = sorted(m.store.complete_entries(), key=lambda e: e.image_id)
     rows = [_verdict_row(safety, e.image_id, e, v) for e, v in await safety.verdicts(entries)]
+    kept_out = [
+        _verdict_row(safety, image_id, None, violation.verdict)
+        for image_id, violation in sorted(safety.violations.items())
+    ]
     return _json(
         {
             "verdicts": rows,
             "overrides": [o.to_json() for o in safety.overrides()],
+            "violations": kept_out,
             "oslo_utils": INSPECTOR_VERSION,
             "policy": safety.fingerprint,
             "audit": _audit_state(safety),
@@ -577,9 +593,11 @@ async def safety_show(m: Manager, request: web.Request) -> web.StreamResponse:
     safety, image_id = _safety(m), _image_id(request)
     entry = _cached(m, image_id)
     if entry is None:
-        if safety.override_of(image_id) is None:
+        violation = safety.violations.get(image_id)
+        if safety.override_of(image_id) is None and violation is None:
             raise ImageNotFound(f"Image {image_id} is not cached here.")
-        return _json(_verdict_row(safety, image_id, None, None))
+        verdict = violation.verdict if violation is not None else None
+        return _json(_verdict_row(safety, image_id, None, verdict))
     m.check_cache()
     return _json(_verdict_row(safety, image_id, entry, await safety.stored(entry)))
 

@@ -1,31 +1,49 @@
-"""Audit mode (``image_safety_mode: audit``, the default): every fill's content is inspected as
-it streams, its verdict is stored with the entry (``user.cached.verdict``, before the commit
-record), logged, and sent in ``Cached-Image-Verdict`` on hits. Nothing is refused: images are
-served as they would be without inspection.
+"""Inspection for the whole daemon, in audit and enforce modes (``image_safety_mode``).
+
+**audit** (the default): every fill's content is inspected as it streams, its verdict is
+stored with the entry (``user.cached.verdict``, before the commit record), logged, and sent in
+``Cached-Image-Verdict`` on hits. Nothing is refused.
+
+**enforce**: the same, and an image whose verdict is ``unsafe``, ``mismatch`` or ``error``
+(enforce fails closed; ``safe`` and ``not-inspectable`` pass) is never a hit, unless an admin
+override (:mod:`cached.safety.overrides`) bound to its id *and* its ``os_hash_value`` lets it
+be (:meth:`Safety.overridden`; then it is served as in audit). Its
+:class:`~cached.safety.violations.Violation` (id, ``os_hash_value``, verdict) is kept in
+memory and in ``<image_cache_dir>/verdicts/``, and its entry is dropped. What its downloads
+get (``image_safety_on_violation``) is decided by the proxy: ``pass-through`` (the upstream's
+data, ``Cache-Status: cached; fwd=bypass; detail=unsafe-format``) or ``refuse`` (403). A fill
+learns its *header verdict* as soon as the inspector has decided (:meth:`FillAudit.report`,
+after a feed): with ``refuse`` the fill fails at once, cutting the downloads that follow it
+(a whole image's last byte is held back until the fill is verified, so none completes);
+with ``pass-through`` it goes on for its readers and is never committed.
 
 Entries without a *current* verdict (none: filled before inspection or with ``off``; or one
 made by another oslo.utils version or under another policy, :meth:`Safety.current`) are
-inspected again from their file (:mod:`cached.safety.reinspect`): on their first hit
-(:meth:`Safety.header_for`), by the ``audit`` job (:meth:`Safety.audit`, scheduled in
-``cached/jobs/schedule.py``), and by an admin's recheck (:meth:`Safety.recheck`). Admins'
-overrides (:mod:`cached.safety.overrides`) are bound to an image id and its
-``os_hash_value``; :meth:`Safety.overridden` is what ``enforce`` asks.
+inspected again from their file (:mod:`cached.safety.reinspect`): on their first hit (before
+the answer's headers go out; under enforce before the download is let use the entry at all,
+:meth:`Safety.violation`), by the ``audit`` job (:meth:`Safety.audit`, scheduled in
+``cached/jobs/schedule.py``), and by an admin's recheck (:meth:`Safety.recheck`). Under
+enforce a new verdict that violates is handled as a fill's (recorded, the entry dropped); a
+re-inspection that fails (``error``, never stored) keeps that download from the cache but is
+not recorded: the next hit inspects again.
 
 Ownership and threads:
 
-- :class:`Safety`, one per daemon (built by ``app.py``), belongs to the event loop: its map of
-  known verdicts, its running inspections and audit, and its map of overrides are read and
+- :class:`Safety`, one per daemon (built by ``app.py``), belongs to the event loop: its maps
+  of known verdicts, violations and overrides, its running inspections and audit are read and
   changed on the loop only. Reading verdicts from xattrs, inspecting a file again, writing
-  the new verdict (with the commit record renewed) and reading or writing override files run
-  on the store's I/O threads (``Store.run``), never on the loop.
-- :class:`FillAudit`, one per fill, belongs to that fill. Its :class:`Inspector` is a stream
-  consumer fed on the fill's feeder lane; :meth:`FillAudit.finish` runs on the same lane after
-  the last feed (it catches up on bytes the stream skipped, judges, and writes the xattr
-  through the fill's file descriptor); the loop reads :attr:`FillAudit.verdict` after that job
-  is done and reports it with :meth:`Safety.report`.
+  the new verdict (with the commit record renewed), and reading or writing violation records
+  and override files run on the store's I/O threads (``Store.run``), never on the loop.
+- :class:`FillAudit`, one per fill, belongs to that fill. It is a stream consumer
+  (cached/fill/consumers.py): :meth:`FillAudit.feed`, :meth:`FillAudit.catch_up`,
+  :meth:`FillAudit.read_ahead` and :meth:`FillAudit.finish` run on the fill's feeder lane
+  (its :class:`Inspector` is touched by one thread at a time, in stream order); the loop
+  judges the inspector's observation in :meth:`FillAudit.report` (after a feed job is done:
+  the observation is set once, before it is read) and reads :attr:`FillAudit.verdict` after
+  the finish job is done.
 
-Not here yet (issue 18): ``enforce`` (refusing unsafe images). Signatures are checked beside
-the verdict by :mod:`cached.safety.signatures`.
+Signatures are checked beside the verdict by :mod:`cached.safety.signatures`; enforce
+refuses on them too (:meth:`Safety.violates` with the signature's result).
 """
 
 from __future__ import annotations
@@ -34,14 +52,15 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cached import metrics
+from cached.digest import Buffer
 from cached.errors import CachedError
-from cached.safety import overrides, record
+from cached.safety import overrides, record, violations
 from cached.safety.inspect import VERSION, Inspector
 from cached.safety.overrides import Override
 from cached.safety.reinspect import Inspected, inspect_entry, read_verdicts
@@ -54,6 +73,7 @@ from cached.safety.verdict import (
     declared_by,
     judge,
 )
+from cached.safety.violations import Violation
 from cached.store import xattrs
 from cached.store.entry import Entry
 from cached.upstream import ImageRecord
@@ -64,8 +84,21 @@ HEADER = "Cached-Image-Verdict"
 _SWEEP_EVERY = 1024  # insertions between sweeps of verdicts of entries that are gone
 
 
+class UnsafeImage(CachedError):
+    """A fill stopped because its content violates the enforced policy (``refuse``)."""
+
+    def __init__(self, image_id: str, verdict: Verdict):
+        super().__init__(f"image {image_id} refused: its content is {describe(verdict)}")
+        self.verdict = verdict
+
+
 class FillAudit:
-    """The inspection of one fill (see the module docstring for its threads)."""
+    """The inspection of one fill (see the module docstring for its threads).
+
+    Args:
+        enforce: report violations (``image_safety_mode: enforce``).
+        on_violation: told (on the loop) of the first violating verdict, header or final.
+    """
 
     def __init__(
         self,
@@ -73,13 +106,60 @@ class FillAudit:
         declared: Declared,
         policy: Policy,
         on_commit: Callable[[Entry, FillAudit], None] | None = None,
+        *,
+        os_hash_value: str | None = None,
+        enforce: bool = False,
+        on_violation: Callable[[FillAudit, Verdict], None] | None = None,
     ):
         self.image_id = image_id
+        self.os_hash_value = os_hash_value
         self.declared = declared
         self.policy = policy
         self.inspector = Inspector()
-        self.verdict: Verdict | None = None
+        self.verdict: Verdict | None = None  # the final verdict (finish)
+        self.header: Verdict | None = None  # judged on the loop once the inspector decided
+        self.violation: Verdict | None = None  # enforce: the first violating verdict
+        self.enforce = enforce
         self._on_commit = on_commit
+        self._on_violation = on_violation
+        # The fill's own reaction to a violation (Fill sets it: refuse stops the fill).
+        self.stop: Callable[[Verdict], None] | None = None
+
+    # -- the stream-consumer seam (cached/fill/consumers.py)
+
+    def feed(self, offset: int, data: Buffer) -> None:
+        self.inspector.feed(offset, data)
+
+    def catch_up(self, fd: int, size: int) -> object:
+        return self.inspector.catch_up(fd, size)
+
+    def read_ahead(self, fd: int, upto: int) -> None:
+        """Feed the inspector bytes ``[position, upto)`` from the file (feeder lane)."""
+        self.inspector.read_ahead(fd, upto)
+
+    def report(self) -> None:
+        """On the loop, after a feed job: judge the inspector's decision once it has one
+        (enforce mode: a violation is told at once)."""
+        if self.header is not None or not self.enforce:
+            return
+        seen = self.inspector.observation
+        if seen is None:
+            return
+        self.header = judge(seen, self.declared, self.policy)
+        if not self.header.allowed:
+            self.violated(self.header)
+
+    def violated(self, verdict: Verdict) -> None:
+        """Tell of a violating verdict, once. Loop only."""
+        if self.violation is not None:
+            return
+        self.violation = verdict
+        if self._on_violation is not None:
+            self._on_violation(self, verdict)
+        if self.stop is not None:
+            self.stop(verdict)
+
+    # -- the end of the fill
 
     def finish(self, fd: int, size: int) -> bool:
         """Catch up, judge, and store the verdict on the entry's file. Feeder thread only.
@@ -94,6 +174,12 @@ class FillAudit:
         except (OSError, ValueError) as exc:
             log.warning("cannot store the verdict of %s: %s", self.image_id, exc)
         return True
+
+    @property
+    def refused(self) -> bool:
+        """Enforce mode, and the final verdict violates: the fill must not commit. Loop only,
+        after the finish job."""
+        return self.enforce and self.verdict is not None and not self.verdict.allowed
 
     def committed(self, entry: Entry) -> None:
         """The fill committed ``entry`` (after :meth:`finish`): report the verdict. Loop only."""
@@ -146,6 +232,7 @@ class _Known:
     verdict: Verdict | None  # None: the entry has none (or one that does not parse)
     declared_known: bool = True  # False: judged without knowing the declaration (not stored)
     looked_up: bool = False  # (declared_known False) a hit tried to look the record up
+    failed: bool = False  # an ``error`` of a re-inspection (not stored: the next hit retries)
 
 
 Lookup = Callable[[str], Awaitable[ImageRecord | None]]
@@ -153,13 +240,17 @@ Lookup = Callable[[str], Awaitable[ImageRecord | None]]
 
 class Safety:
     """Inspection for the whole daemon: verdicts of fills, re-inspection of entries without a
-    current verdict (first hit, the ``audit`` job, an admin's recheck), and admin overrides.
+    current verdict (first hit, the ``audit`` job, an admin's recheck), admin overrides, and
+    (enforce) the violations kept out of the cache. See the module docstring.
 
     Args:
         policy: allowed formats and non-fatal checks.
         file_backend: the upstream is a ``file://`` store (its raw/bare is no declaration).
         run: runs a blocking call on the cache's I/O threads (``Store.run``).
-        root: the cache directory (where overrides are kept); None: overrides live in memory.
+        enforce: ``image_safety_mode: enforce``.
+        refuse: ``image_safety_on_violation: refuse`` (else pass-through).
+        root: the cache directory (overrides go to its ``safety-overrides/``, violation
+            records to its ``verdicts/``); None: both are kept in memory only.
         lookup: the image record of an id with the daemon's own credentials (None without
             any), for entries re-inspected without a declaration of their own.
     """
@@ -170,12 +261,16 @@ class Safety:
         *,
         file_backend: bool,
         run: Callable[..., Awaitable[Any]],
+        enforce: bool = False,
+        refuse: bool = False,
         root: Path | None = None,
         lookup: Lookup | None = None,
     ):
         self.policy = policy
         self._file_backend = file_backend
         self._run = run
+        self.enforce = enforce
+        self.refuse = enforce and refuse
         self._root = root
         self._lookup = lookup
         self.fingerprint = policy.fingerprint()
@@ -186,11 +281,58 @@ class Safety:
         self._overrides: dict[str, Override] = {}  # image id -> its override; loop only
         self._auditing: asyncio.Task[AuditResult] | None = None
         self.last_audit: AuditResult | None = None
+        # enforce: image id -> why it is kept out of the cache; loop only
+        self.violations: dict[str, Violation] = {}
+        # Deletes an image's cache entry, safely while it is read or filled (Filler.remove;
+        # set by app.py). A running fill goes on only for its readers and never commits.
+        self.drop: Callable[[str], Awaitable[object]] | None = None
+        self._tasks: set[asyncio.Task[object]] = set()
+
+    async def load(self) -> int:
+        """Read the stored overrides and (enforce mode) the violation records back (at start,
+        on the store's I/O threads). Returns how many violations are current (judged by this
+        oslo.utils and policy); the others are removed: those images are cached and inspected
+        again."""
+        await self.load_overrides()
+        if not self.enforce or self._root is None:
+            return 0
+        try:
+            found = await self._run(violations.load_all, self._root)
+        except OSError as exc:  # the cache directory's state is its guard's business
+            log.warning("cannot read the verdict records: %s", exc)
+            return 0
+        for violation in found:
+            if self.current(violation.verdict):
+                self.violations[violation.image_id] = violation
+            else:
+                await self._run(violations.remove, self._root, violation.image_id)
+        if self.violations:
+            log.info("%d image(s) kept out of the cache by their content", len(self.violations))
+        return len(self.violations)
+
+    def reload(self) -> None:
+        """:meth:`load` in the background (the cache directory was indexed again). Loop."""
+        if self._root is not None:
+            self._spawn(self.load())
+
+    def _spawn(self, job: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.get_running_loop().create_task(job)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------------ fills
     def for_record(self, image: ImageRecord) -> FillAudit:
-        """The inspection of a fill of ``image`` (Filler's hook)."""
-        return FillAudit(image.id, self._declared_by(image), self.policy, self.report)
+        """The inspection of a fill of ``image`` (Filler's hook). Under enforce, an image an
+        override lets be served (its id and ``os_hash_value``) is inspected as in audit."""
+        return FillAudit(
+            image.id,
+            self._declared_by(image),
+            self.policy,
+            self.report,
+            os_hash_value=image.os_hash_value,
+            enforce=self.enforce and not self.overridden(image.id, image.os_hash_value),
+            on_violation=self._fill_violated,
+        )
 
     def _declared_by(self, image: ImageRecord) -> Declared:
         return declared_by(
@@ -204,15 +346,15 @@ class Safety:
         verdict = audit.verdict
         if verdict is None:
             return
-        self._log(entry.image_id, verdict, "")
+        self._log(entry.image_id, verdict)
         metrics.image_judged(verdict.outcome.value)
         self._remember(entry, verdict)
 
-    def _log(self, image_id: str, verdict: Verdict, how: str) -> None:
+    def _log(self, image_id: str, verdict: Verdict, how: str = "", action: str = "") -> None:
         level = logging.INFO if verdict.allowed else logging.WARNING
         log.log(
             level,
-            "image %s content %s%s: detected %s, declared %s%s (oslo.utils %s)",
+            "image %s content %s%s: detected %s, declared %s%s (oslo.utils %s)%s",
             image_id,
             verdict.outcome.value,
             how,
@@ -220,7 +362,117 @@ class Safety:
             verdict.declared or "nothing",
             f", failed {','.join(verdict.checks)}" if verdict.checks else "",
             verdict.version,
+            action,
         )
+
+    # ------------------------------------------------------------------ enforce
+    def known(self, image_id: str, os_hash_value: str | None = None) -> Violation | None:
+        """The violation recorded for ``image_id`` (enforce mode), if it applies to the
+        content ``os_hash_value`` and no override lets that content be served. Loop only."""
+        violation = self.violations.get(image_id)
+        if violation is None or not violation.applies_to(os_hash_value):
+            return None
+        if self.overridden(image_id, os_hash_value):
+            return None
+        return violation
+
+    async def violation(
+        self,
+        image_id: str,
+        entry: Entry | None,
+        record: ImageRecord | None,
+        lookup: Lookup | None = None,
+    ) -> Violation | None:
+        """Why a download of ``image_id`` must not come from the cache (enforce mode), or
+        None. Nothing when an override lets the content be served (``record``'s
+        ``os_hash_value``, else the ``entry``'s). Else a recorded violation that applies to
+        ``record``'s content (one the record's ``os_hash_value`` contradicts is forgotten);
+        else the current verdict of the complete ``entry`` if it violates: the stored one
+        (an entry filled in audit mode), or, when it has none, the one of inspecting it
+        again now (``lookup`` gives its record if no declaration is kept)."""
+        if not self.enforce:
+            return None
+        hash_value = (
+            record.os_hash_value
+            if record is not None
+            else entry.os_hash_value
+            if entry is not None
+            else None
+        )
+        if self.overridden(image_id, hash_value):
+            return None
+        recorded = self.violations.get(image_id)
+        if recorded is not None:
+            if recorded.applies_to(record.os_hash_value if record is not None else None):
+                return recorded
+            log.info("image %s has new content: its verdict record is forgotten", image_id)
+            await self.forget(image_id)
+        if entry is None or not entry.complete:
+            return None
+        try:
+            verdict = await self.verdict_of(entry, lookup=lookup)
+        except Exception as exc:  # an inspection that broke: fail closed, for this download
+            log.warning("cannot inspect %s again: %s", image_id, exc)
+            broken = Verdict(
+                Outcome.ERROR, None, None, (), (), None, VERSION, self.fingerprint, str(exc)
+            )
+            return Violation(image_id, entry.os_hash_value, broken)
+        if verdict is None or verdict.allowed or self.overridden(image_id, entry.os_hash_value):
+            return None
+        if self._failed(entry):
+            return Violation(image_id, entry.os_hash_value, verdict)  # not recorded
+        return self.violated(image_id, entry.os_hash_value, verdict, counted=True)
+
+    def _fill_violated(self, audit: FillAudit, verdict: Verdict) -> None:
+        self.violated(audit.image_id, audit.os_hash_value, verdict)
+
+    def violated(
+        self, image_id: str, os_hash_value: str | None, verdict: Verdict, *, counted: bool = False
+    ) -> Violation:
+        """Record that ``image_id`` violates the policy and drop its entry. Loop only.
+        ``counted``: the verdict is counted already (``cached_image_verdicts_total`` at its
+        commit, ``cached_image_reinspections_total`` for a re-inspection)."""
+        violation = Violation(image_id, os_hash_value, verdict)
+        if self.violations.get(image_id) == violation:
+            return violation
+        self.violations[image_id] = violation
+        action = "refused" if self.refuse else "passed through, never cached"
+        self._log(image_id, verdict, action=f": {action}")
+        if not counted:
+            metrics.image_judged(verdict.outcome.value)
+        self._spawn(self._keep_out(violation))
+        return violation
+
+    async def _keep_out(self, violation: Violation) -> None:
+        """Write the record, then drop the entry (its fill goes on for its readers only)."""
+        if self._root is not None:
+            try:
+                await self._run(violations.write, self._root, violation)
+            except OSError as exc:
+                log.warning(
+                    "cannot record the verdict of %s (kept in memory): %s", violation.image_id, exc
+                )
+        if self.drop is not None:
+            try:
+                await self.drop(violation.image_id)
+            except CachedError as exc:
+                log.warning("cannot drop the entry of %s: %s", violation.image_id, exc)
+
+    async def forget(self, image_id: str) -> bool:
+        """Forget the violation of ``image_id`` (deleted upstream, new content, or an
+        override for its content). Loop."""
+        known = self.violations.pop(image_id, None) is not None
+        if self._root is not None and self.enforce:
+            try:
+                known = await self._run(violations.remove, self._root, image_id) or known
+            except OSError as exc:
+                log.warning("cannot remove the verdict record of %s: %s", image_id, exc)
+        return known
+
+    async def settled(self) -> None:
+        """Until every record write and entry drop started so far is done (tests, stop)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     # ------------------------------------------------------------------ verdicts
     def current(self, verdict: Verdict | None) -> bool:
@@ -250,10 +502,12 @@ class Safety:
         known = self._known.get(entry.image_id)
         if known is not None and known.entry() is entry:
             return known.verdict
-        try:
-            (raw,) = await self._run(read_verdicts, [entry.path])
-        except OSError as exc:
-            log.debug("cannot read the verdict of %s: %s", entry.image_id, exc)
+        (raw,) = await self._run(read_verdicts, [entry.path])
+        known = self._known.get(entry.image_id)
+        if known is not None and known.entry() is entry:
+            return known.verdict  # learned meanwhile (a concurrent hit's read or inspection)
+        if isinstance(raw, OSError):  # (read_verdicts returns, never raises, its errors)
+            log.debug("cannot read the verdict of %s: %s", entry.image_id, raw)
             return None
         return self._remember(entry, self._parsed(entry, raw))
 
@@ -262,11 +516,12 @@ class Safety:
     ) -> Verdict | None:
         """``entry``'s current verdict: as known, read from its xattr, or (when it has no
         current one, or with ``again``) from inspecting the file now. None if the entry is
-        not complete or was removed."""
+        not complete or was removed. A re-inspection that failed (``error``, not stored)
+        is tried again."""
         if not entry.complete or entry.removed:
             return None
         verdict = await self.stored(entry)
-        if self.current(verdict) and not again:
+        if self.current(verdict) and not again and not self._failed(entry):
             known = self._known.get(entry.image_id)
             if lookup is None or known is None or known.declared_known or known.looked_up:
                 return verdict
@@ -278,6 +533,10 @@ class Safety:
     def _declared_known(self, entry: Entry) -> bool:
         known = self._known.get(entry.image_id)
         return known is None or known.declared_known
+
+    def _failed(self, entry: Entry) -> bool:
+        known = self._known.get(entry.image_id)
+        return known is not None and known.entry() is entry and known.failed
 
     async def _inspect(
         self,
@@ -304,11 +563,14 @@ class Safety:
         self, entry: Entry, previous: Verdict | None, lookup: Lookup | None
     ) -> Declared | None:
         """What the image declares, for judging it again: the ``file`` backend declares
-        nothing; else what its last verdict recorded; else its record, looked up with
-        ``lookup`` (a hit: the caller's credentials, none on a stale hit; the audit: the
-        daemon's own). None: not known."""
+        nothing; else what the entry's metadata kept (``disk_format``/``container_format``,
+        in ``user.cached.meta`` since enforce); else what its last verdict recorded; else
+        its record, looked up with ``lookup`` (a hit: the caller's credentials, none on a
+        stale hit; the audit: the daemon's own). None: not known."""
         if self._file_backend:
             return Declared()
+        if entry.disk_format is not None or entry.container_format is not None:
+            return declared_by(entry.disk_format, entry.container_format, file_backend=False)
         if previous is not None and self._declared_known(entry):
             return Declared(previous.declared, previous.container)
         if lookup is None:
@@ -344,7 +606,16 @@ class Safety:
                 "judged on its content alone, not stored",
                 entry.image_id,
             )
-        self._remember(entry, verdict, declared_known=known)
+        failed = verdict.outcome is Outcome.ERROR and not done.stored
+        self._remember(entry, verdict, declared_known=known, failed=failed)
+        if (
+            self.enforce
+            and not verdict.allowed
+            and not failed  # (our file could not be read: not the image's verdict to keep)
+            and not entry.removed
+            and not self.overridden(entry.image_id, entry.os_hash_value)
+        ):
+            self.violated(entry.image_id, entry.os_hash_value, verdict, counted=True)
         return done
 
     def _parsed(self, entry: Entry, raw: bytes | None) -> Verdict | None:
@@ -357,13 +628,18 @@ class Safety:
             return None
 
     def _remember(
-        self, entry: Entry, verdict: Verdict | None, *, declared_known: bool = True
+        self,
+        entry: Entry,
+        verdict: Verdict | None,
+        *,
+        declared_known: bool = True,
+        failed: bool = False,
     ) -> Verdict | None:
         """Keep ``entry``'s verdict (None: it has none); returns it."""
         old = self._known.get(entry.image_id)
         looked_up = old is not None and old.entry() is entry and old.looked_up
         self._known[entry.image_id] = _Known(
-            weakref.ref(entry), verdict, declared_known, looked_up and not declared_known
+            weakref.ref(entry), verdict, declared_known, looked_up and not declared_known, failed
         )
         self._inserted += 1
         if self._inserted % _SWEEP_EVERY == 0:
@@ -467,7 +743,12 @@ class Safety:
             if entry.removed or not entry.complete or busy(entry):
                 skipped += 1
                 continue
-            if not every and self.current(verdict) and self._declared_known(entry):
+            if (
+                not every
+                and self.current(verdict)
+                and self._declared_known(entry)
+                and not self._failed(entry)
+            ):
                 current += 1
                 continue
             done = await self._inspect(entry, verdict, self._lookup, why="audit")
@@ -528,7 +809,7 @@ class Safety:
         """Whether an admin override lets ``image_id`` with these bytes (its
         ``os_hash_value``) be served whatever its verdict. An override made for another
         hash value does not apply; nor does one when the hash value is unknown. Loop only;
-        no I/O (what ``enforce`` asks before refusing)."""
+        no I/O (what ``enforce`` asks before refusing, dropping or cutting a fill)."""
         found = self._overrides.get(image_id)
         return found is not None and hash_value is not None and found.hash_value == hash_value
 
@@ -540,8 +821,10 @@ class Safety:
 
     async def override(self, image_id: str, hash_value: str, reason: str = "") -> Override:
         """Record an admin override of ``image_id``'s verdict for ``hash_value`` (stored
-        durably first, then in force; logged at WARNING). Raises OSError if it cannot be
-        stored: then it is not in force either."""
+        durably first, then in force; logged at WARNING). A violation recorded for that
+        content (enforce) is forgotten: the image is cached again at its next download
+        (withdrawing the override makes its verdict a violation again, at the next hit).
+        Raises OSError if it cannot be stored: then it is not in force either."""
         made = Override(image_id, hash_value, time.time(), overrides.clean_reason(reason))
         if self._root is not None:
             await self._run(overrides.write, self._root, made)
@@ -553,6 +836,9 @@ class Safety:
             hash_value,
             made.reason,
         )
+        recorded = self.violations.get(image_id)
+        if recorded is not None and recorded.applies_to(hash_value):
+            await self.forget(image_id)
         return made
 
     async def remove_override(self, image_id: str) -> bool:
@@ -563,6 +849,17 @@ class Safety:
         if had:
             log.warning("safety override of image %s withdrawn by an admin", image_id)
         return had
+
+
+def describe(verdict: Verdict) -> str:
+    """``unsafe (detected qcow2, declared raw; failed checks: backing_file)``: for messages."""
+    detected = _shown(verdict.detected) if verdict.detected is not None else "nothing"
+    declared = _shown(verdict.declared) if verdict.declared is not None else "nothing"
+    checks = f"; failed checks: {', '.join(_shown(c) for c in verdict.checks)}"
+    return (
+        f"{verdict.outcome.value} (detected {detected}, declared {declared}"
+        f"{checks if verdict.checks else ''})"
+    )
 
 
 def header_value(verdict: Verdict) -> str:
@@ -587,4 +884,12 @@ def _log_failure(task: asyncio.Task[AuditResult]) -> None:
         log.error("safety audit failed", exc_info=task.exception())
 
 
-__all__ = ["HEADER", "AuditResult", "FillAudit", "Safety", "header_value"]
+__all__ = [
+    "HEADER",
+    "AuditResult",
+    "FillAudit",
+    "Safety",
+    "UnsafeImage",
+    "describe",
+    "header_value",
+]

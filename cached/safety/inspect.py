@@ -4,8 +4,10 @@ image's bytes as they pass, deciding the format and its safety checks from the h
 Ownership and threads: an :class:`Inspector` belongs to one fill. :meth:`Inspector.feed` and
 :meth:`Inspector.finish` are called from one thread at a time, in stream order (the fill's
 feeder lane); nothing else touches its state while a feed may run. The event loop reads
-:attr:`Inspector.observation` only once a job on that lane after the decision has completed
-(in audit mode the fill's finish job, :mod:`cached.safety.audit`). Nothing here runs on the
+:attr:`Inspector.observation`, a reference to an immutable value that is None until the
+decision and set once then (replaced only by the finish job, with the image's size): in audit
+mode after the fill's finish job, in enforce mode also after every feed job, to judge the
+header as soon as it is decided (:mod:`cached.safety.audit`). Nothing here runs on the
 loop or raises: an exception of the library becomes an
 :class:`~cached.safety.verdict.Observation` with ``error`` set (verdict ``error``).
 
@@ -168,12 +170,7 @@ class Inspector:
         Blocking: call from the feeder thread. Read errors become an ``error`` observation.
         """
         try:
-            while self.phase is Phase.HEAD and self.position < size:
-                want = min(BLOCK - len(self._pending), size - self.position)
-                data = os.pread(fd, want, self.position)
-                if not data:
-                    break
-                self.feed(self.position, data)
+            self._read_from(fd, size)
             if self.phase is Phase.TAIL and self.position < size:
                 start = max(self.position, size - self._keep)
                 self._keep_tail(memoryview(os.pread(fd, size - start, start)))
@@ -181,6 +178,23 @@ class Inspector:
         except OSError as exc:
             self._fail(exc)
         return self.finish(size)
+
+    def read_ahead(self, fd: int, upto: int) -> None:
+        """Read from ``fd`` what the stream has not fed yet, up to byte ``upto``, until
+        decided, without signalling the end (the image goes on). Blocking: call from the
+        feeder thread, once bytes ``[0, upto)`` are in the file. Read errors are a verdict."""
+        try:
+            self._read_from(fd, upto)
+        except OSError as exc:
+            self._fail(exc)
+
+    def _read_from(self, fd: int, upto: int) -> None:
+        while self.phase is Phase.HEAD and self.position < upto:
+            want = min(BLOCK - len(self._pending), upto - self.position)
+            data = os.pread(fd, want, self.position)
+            if not data:
+                break
+            self.feed(self.position, data)
 
     # -- the library, behind never-raising walls
 

@@ -50,7 +50,7 @@ from cached.store.entry import Entry, State
 log = logging.getLogger(__name__)
 
 # What a cached cache directory holds besides entries (the probe files are transient).
-_OURS = {"incomplete", "invalid", "queue"}
+_OURS = {"incomplete", "invalid", "queue", "verdicts"}  # verdicts: cached/safety/violations.py
 _TRANSIENT_PREFIXES = (".xattr-probe-", ".cached-probe")
 GLANCE_SQLITE_DB = "cache.db"  # Glance's image_cache_sqlite_db default
 

@@ -29,6 +29,7 @@ from cached.store.written import Identity
 
 MAX_SIZE = 1 << 50  # 1 PiB: no image is larger; bounds every number derived from a size
 _HEX = re.compile(r"[0-9a-fA-F]*")
+FORMAT_MAX = 64  # characters of a declared disk or container format kept in the metadata
 _ALGO = re.compile(r"[a-z0-9_]{1,32}")
 
 
@@ -55,6 +56,10 @@ class Entry:
     checksum: str | None = None
     os_hash_algo: str | None = None
     os_hash_value: str | None = None
+    # What the image record declared (issue 18: the record is rebuilt from the entry);
+    # None in entries from before they were kept, or when the record had none.
+    disk_format: str | None = None
+    container_format: str | None = None
     hits: int = 0
     last_accessed: float = 0.0
     last_modified: float = 0.0
@@ -116,6 +121,8 @@ def create(
     checksum: str | None,
     os_hash_algo: str | None,
     os_hash_value: str | None,
+    disk_format: str | None = None,
+    container_format: str | None = None,
 ) -> Entry:
     """Create the sparse file at ``path`` (full size, no data) and its metadata."""
     chunk = chunk_size_for(size)
@@ -131,6 +138,8 @@ def create(
         checksum=checksum,
         os_hash_algo=os_hash_algo,
         os_hash_value=os_hash_value,
+        disk_format=disk_format,
+        container_format=container_format,
         last_accessed=now,
         last_modified=now,
     )
@@ -145,6 +154,9 @@ def create(
             "os_hash_algo": os_hash_algo,
             "os_hash_value": os_hash_value,
         }
+        for key, value in (("disk_format", disk_format), ("container_format", container_format)):
+            if value is not None:
+                meta[key] = value  # absent, not null: the metadata of older entries
         xattrs.write_many(
             fd,
             {
@@ -205,6 +217,8 @@ def parse(path: Path, attrs: dict[str, bytes], st: os.stat_result) -> Entry:
         if algo is not None and not _ALGO.fullmatch(algo):
             raise ValueError(f"os_hash_algo {algo!r}")
         hash_value = _hex(meta, "os_hash_value")
+        disk_format = codec.str_field(meta, "disk_format", max_len=FORMAT_MAX)
+        container_format = codec.str_field(meta, "container_format", max_len=FORMAT_MAX)
     except ValueError as exc:
         raise ValueError(f"{path}: bad cache metadata: {exc}") from None
     error = attrs.get(xattrs.ERROR)
@@ -218,6 +232,8 @@ def parse(path: Path, attrs: dict[str, bytes], st: os.stat_result) -> Entry:
         checksum=checksum,
         os_hash_algo=algo,
         os_hash_value=hash_value,
+        disk_format=disk_format,
+        container_format=container_format,
         hits=_int(attrs.get(xattrs.HITS)),
         last_accessed=_float(attrs.get(xattrs.LAST_ACCESSED)),
         last_modified=_float(attrs.get(xattrs.LAST_MODIFIED)),

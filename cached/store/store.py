@@ -274,6 +274,8 @@ class Store:
         checksum: str | None,
         os_hash_algo: str | None,
         os_hash_value: str | None,
+        disk_format: str | None = None,
+        container_format: str | None = None,
     ) -> Entry:
         """Create a new partial entry in ``incomplete/`` (a sparse file of ``size`` bytes)
         and index it, replacing any entry the image had.
@@ -286,6 +288,8 @@ class Store:
             "checksum": checksum,
             "os_hash_algo": os_hash_algo,
             "os_hash_value": os_hash_value,
+            "disk_format": disk_format,
+            "container_format": container_format,
         }
         old = self.entries.get(image_id)
         if old is not None:
