@@ -1,4 +1,5 @@
-"""Answers cached makes up itself when it cannot relay the upstream's (502, 500).
+"""Answers cached makes up itself (its own 4xx, 502, 503, 500): every error cached answers
+on the public listener is made here, in Glance's shape for the client's ``Accept``.
 
 What went wrong stays in the daemon's log, under the request id the caller receives: the
 body names no internal address, port or exception, since any unauthenticated caller can
@@ -12,6 +13,8 @@ import uuid
 
 from aiohttp import web
 
+from cached.upstream import pages
+
 log = logging.getLogger("cached.replies")
 
 
@@ -23,31 +26,27 @@ def request_id() -> str:
 RETRY_AFTER = 10
 
 
-def glance_error(status: int, message: str, request_id: str, accept: str = "") -> web.Response:
-    """An error as Glance (webob) sends it: JSON when the client's ``Accept`` names
-    ``application/json`` (``code``, ``title``, ``message``, with the line breaks of webob's
-    template), else a plain text page; ``Retry-After`` on 502 and 503."""
-    reason = web.Response(status=status).reason
-    headers = {"x-openstack-request-id": request_id}
+def glance_error(
+    status: int, message: str, request_id: str, accept: str | None = None
+) -> web.Response:
+    """An error as Glance (webob) sends it, in the shape the client's ``Accept`` asks for
+    (JSON, an HTML page, or plain text: ``cached/upstream/pages.py``); ``Retry-After`` on
+    502 and 503."""
+    page = pages.render(status, message, accept)
+    headers = {"x-openstack-request-id": request_id, "Content-Type": page.content_type}
     if status in (502, 503):
         headers["Retry-After"] = str(RETRY_AFTER)
-    if "application/json" in accept:
-        return web.json_response(
-            {
-                "message": f"{message}<br /><br />\n\n\n",
-                "code": f"{status} {reason}",
-                "title": reason,
-            },
-            status=status,
-            headers=headers,
-        )
-    return web.Response(
-        status=status,
-        text=f"{status} {reason}\n\n{message}\n\n   ",
-        content_type="text/plain",
-        charset="UTF-8",
-        headers=headers,
-    )
+    return web.Response(status=status, body=page.body, headers=headers)
+
+
+def error(request: web.Request, status: int, message: str, rid: str = "") -> web.Response:
+    """:func:`glance_error` for ``request``, in the shape its ``Accept`` asks for (``rid``:
+    the request id to give, a new one by default)."""
+    return glance_error(status, message, rid or request_id(), _accept(request))
+
+
+def _accept(request: web.Request) -> str | None:
+    return request.headers.get("Accept")
 
 
 def unreachable(request: web.Request, exc: BaseException) -> web.Response:
@@ -60,8 +59,7 @@ def unreachable(request: web.Request, exc: BaseException) -> web.Response:
         request.path[:200],
         exc,
     )
-    accept = request.headers.get("Accept", "")
-    return glance_error(502, "The image service is unreachable.", rid, accept)
+    return glance_error(502, "The image service is unreachable.", rid, _accept(request))
 
 
 def internal(request: web.Request, exc: BaseException) -> web.Response:
@@ -72,5 +70,5 @@ def internal(request: web.Request, exc: BaseException) -> web.Response:
         500,
         "The server has either erred or is incapable of performing the requested operation.",
         rid,
-        request.headers.get("Accept", ""),
+        _accept(request),
     )
