@@ -116,7 +116,9 @@ def _config(path: Path, **options: object) -> Path:
     return conf
 
 
-@pytest.mark.parametrize("case", ["no-parent", "tls-files", "socket-dir", "read-only"])
+@pytest.mark.parametrize(
+    "case", ["no-parent", "tls-files", "keystone-ca", "socket-dir", "read-only"]
+)
 def test_check_config_refuses_what_serve_refuses(tmp_path: Path, case: str) -> None:
     """Item 5: check-config runs serve's checks short of binding: same refusal, same exit."""
     options: dict[str, object] = {
@@ -133,6 +135,9 @@ def test_check_config_refuses_what_serve_refuses(tmp_path: Path, case: str) -> N
         options["tls_cert_file"] = str(tmp_path / "cert.pem")
         options["tls_key_file"] = str(tmp_path / "key.pem")
         expected = "tls_cert_file"
+    elif case == "keystone-ca":  # keystoneauth1 reads it by path: checked at start
+        options["keystone_authtoken"] = "{cafile: %s}" % (tmp_path / "keystone-ca.pem")
+        expected = f"option 'keystone_authtoken.cafile': cannot load {tmp_path / 'keystone-ca.pem'}"
     elif case == "socket-dir":
         options["admin_listen"] = f"unix:{tmp_path / 'run' / 'admin.sock'}"
         expected = f"option 'admin_listen': directory {tmp_path / 'run'} does not exist"
