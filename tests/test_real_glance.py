@@ -282,6 +282,32 @@ def test_cached_image_keeps_glance_access_rules(
     assert http("GET", cached.url + path, "token-p1")[2] == data
 
 
+def test_a_refused_download_comes_in_the_shape_glance_gives_that_client(
+    real_glance: GlanceServer, cached: CachedDaemon, cli: GlanceCLI, tmp_path: Path
+) -> None:
+    """Issue 19 item 12: a refusal through cached is the one Glance gives the same client
+    directly: status, Content-Type and body byte for byte, for each Accept (webob's plain
+    text without one, JSON, its HTML page for */*). Before, the probe's */* made every
+    refusal relayed HTML. An id that is not one is Glance's 404 too (cached answers it)."""
+    image_id, _ = upload_and_fill(cli, cached, tmp_path, "refusals")
+    cases = [(image_id, token) for token in ("token-p2", "token-reader-p1", "no-such-token")]
+    cases.append(("not-a-uuid", "token-p1"))
+    for target, token in cases:
+        path = f"/v2/images/{target}/file"
+        for accept in (None, "application/json", "text/plain", "*/*"):
+            headers = {"Accept": accept} if accept else {}
+            direct = http("GET", real_glance.url + path, token, headers)
+            proxied = http("GET", cached.url + path, token, headers)
+            what = (target, token, accept)
+            assert direct[0] in (401, 403, 404), what
+            assert proxied[0] == direct[0], what
+            assert proxied[1].get("content-type") == direct[1].get("content-type"), what
+            if accept == "application/json":
+                assert direct[1]["content-type"] == "application/json", what
+                assert json.loads(proxied[2]) == json.loads(direct[2]), what
+            assert proxied[2] == direct[2], what
+
+
 def test_other_project_cannot_list_or_delete(
     cached: CachedDaemon, cli: GlanceCLI, tmp_path: Path
 ) -> None:
