@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -405,6 +406,62 @@ def test_upstream_miss_without_content_length(
     full = [r for r in upstream.file_gets(image_id) if r.status == 200]
     assert [r.body_bytes for r in full] == [len(data)]
     assert http("GET", f"{cached.url}/v2/images/{image_id}/file", "token-p2")[0] == 404
+
+
+def test_glances_own_cache_directory_is_adopted_without_a_refetch(
+    glance_with_cache: GlanceServer, cli: GlanceCLI, tmp_path: Path, failure_logs: FailureLogs
+) -> None:
+    """Issue 19 item 4, against the real thing: a real Glance 33 (``keystone+cachemanagement``,
+    its default ``centralized_db`` cache driver) caches two images as it serves them; cached
+    is started on a copy of that cache directory (the operator's migration: Glance's
+    ``flavor`` switched away from caching, cached given the directory). A verified image is
+    a hit with no image data fetched again (Glance's request log: only the authorisation
+    probe); a file that no longer matches its digest is never served (fetched again); a
+    file cached cannot identify stays where it is, with a warning."""
+    upstream = glance_with_cache
+    glance_dir = upstream.dir / "cache"
+    images: dict[str, str] = {}
+    content: dict[str, bytes] = {}
+    for name in ("adopted", "spoiled"):
+        data = random_file(tmp_path / f"{name}.img", 1 * MiB + 77)
+        image_id = cli.create_image(upstream.url, "token-p1", tmp_path / f"{name}.img", name)
+        # Glance's cache middleware keeps the image as it serves it
+        assert http("GET", f"{upstream.url}/v2/images/{image_id}/file", "token-p1")[2] == data
+        assert wait_for((glance_dir / image_id).exists, 30), f"Glance did not cache {name}"
+        images[name], content[name] = image_id, data
+    copy = tmp_path / "cache"
+    shutil.copytree(glance_dir, copy)
+    (copy / "notes.txt").write_text("an operator's note\n")
+    spoiled = copy / images["spoiled"]
+    spoiled.write_bytes(b"\0" * spoiled.stat().st_size)
+    before = len(upstream.requests())
+
+    workdir = tmp_path / "cached"
+    daemon = CachedDaemon(workdir, upstream.url, copy)
+    failure_logs.add({"cached (adopting glance's cache)": daemon.log})
+    daemon.start()
+    try:
+        path = f"/v2/images/{images['adopted']}/file"
+        for attempt in ("first", "again"):
+            status, headers, body = http("GET", daemon.url + path, "token-p1")
+            assert (status, body) == (200, content["adopted"]), attempt
+            assert headers["cache-status"].startswith("cached; hit"), (attempt, headers)
+        status, headers, body = http(
+            "GET", f"{daemon.url}/v2/images/{images['spoiled']}/file", "token-p1"
+        )
+        assert (status, body) == (200, content["spoiled"])  # never the zeros
+        assert "hit" not in headers["cache-status"]
+        since = upstream.requests()[before:]
+        adopted = [r for r in since if r.uri == path]
+        assert adopted and all(r.range == "bytes=0-0" for r in adopted), adopted  # probes only
+        refetched = [r for r in since if r.uri.endswith(f"{images['spoiled']}/file")]
+        assert any(r.range != "bytes=0-0" for r in refetched), refetched
+        assert (copy / "notes.txt").read_text() == "an operator's note\n"
+        assert "cached does not know" in daemon.log.read_text() and "notes.txt" in (
+            daemon.log.read_text()
+        )
+    finally:
+        daemon.stop()
 
 
 # ---- Glance behaviours a cache must not change ----------------------------------------------
