@@ -485,10 +485,16 @@ def test_range_requests_match_glance(
         assert proxied[2] == direct[2], spec
         assert proxied[1]["content-range"] == direct[1]["content-range"], spec
         assert proxied[1].get("content-md5") == direct[1].get("content-md5"), spec
-    spec = f"bytes={size}-"
-    direct = http("GET", real_glance.url + path, "token-p1", {"Range": spec})
-    proxied = http("GET", cached.url + path, "token-p1", {"Range": spec})
-    assert proxied[0] == direct[0] == 416, (direct[0], proxied[0])
+    # Glance's 416 page, the same for each Accept (issue 19 item 12: cached's own errors)
+    for spec in (f"bytes={size}-", "bytes=abc", "bytes=5-2"):
+        for accept in (None, "application/json", "*/*"):
+            headers = {"Range": spec} | ({"Accept": accept} if accept else {})
+            direct = http("GET", real_glance.url + path, "token-p1", headers)
+            proxied = http("GET", cached.url + path, "token-p1", headers)
+            assert proxied[0] == direct[0] == 416, (spec, accept, direct[0], proxied[0])
+            assert proxied[1]["content-type"] == direct[1]["content-type"], (spec, accept)
+            assert proxied[2] == direct[2], (spec, accept)
+            assert proxied[1]["content-range"] == f"bytes */{size}"  # RFC 9110 §15.5.17
 
 
 def test_concurrent_first_downloads_fetch_once(

@@ -63,3 +63,27 @@ def test_the_three_shapes_are_glances() -> None:
 def test_an_html_page_escapes_what_the_caller_sent() -> None:
     page = pages.render(404, "No image found with ID <script>", "text/html")
     assert b"<script>" not in page.body and b"&lt;script&gt;" in page.body
+
+
+def test_a_416_page_has_webobs_title_and_glances_detail() -> None:
+    """As a real Glance 33 answered ``Range: bytes=1000-`` for a 1000-byte image."""
+    detail = (
+        "Invalid start position in Range header. Start position MUST be in the inclusive "
+        "range [0, 999]."
+    )
+    explanation = "The Range requested is not available."
+    plain = pages.render(416, explanation, None, detail)
+    assert plain.body == (
+        f"416 Request Range Not Satisfiable\n\n{explanation}\n\n {detail}  ".encode()
+    )
+    as_json = json.loads(pages.render(416, explanation, "application/json", detail).body)
+    assert as_json == {
+        "message": f"{explanation}<br /><br />\n{detail}\n\n",
+        "code": "416 Request Range Not Satisfiable",
+        "title": "Request Range Not Satisfiable",
+    }
+    page = pages.render(416, explanation, "*/*", "Invalid Range header.")
+    assert page.body.endswith(
+        b"  The Range requested is not available.<br /><br />\nInvalid Range header.\n\n\n"
+        b" </body>\n</html>"
+    )

@@ -169,13 +169,10 @@ class Proxy:
                 wanted = None
         except ranges.MultipleRanges:
             return await self._bypass(request)
-        except ranges.MalformedRange as exc:
-            return replies.error(request, 400, str(exc))
-        except ranges.RangeNotSatisfiable:
-            return web.Response(
-                status=416,
-                headers={"Content-Range": f"bytes */{size}", "x-openstack-request-id": request_id},
-            )
+        except ranges.MalformedRange:
+            return replies.unsatisfiable(request, size, "Invalid Range header.", request_id)
+        except ranges.RangeNotSatisfiable as exc:
+            return replies.unsatisfiable(request, size, exc.detail, request_id)
         try:
             fill, outcome = await self._attach(image_id, entry, record, creds, wanted)
             if auth.stale:

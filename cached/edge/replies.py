@@ -27,22 +27,36 @@ RETRY_AFTER = 10
 
 
 def glance_error(
-    status: int, message: str, request_id: str, accept: str | None = None
+    status: int, message: str, request_id: str, accept: str | None = None, detail: str = ""
 ) -> web.Response:
     """An error as Glance (webob) sends it, in the shape the client's ``Accept`` asks for
     (JSON, an HTML page, or plain text: ``cached/upstream/pages.py``); ``Retry-After`` on
     502 and 503."""
-    page = pages.render(status, message, accept)
+    page = pages.render(status, message, accept, detail)
     headers = {"x-openstack-request-id": request_id, "Content-Type": page.content_type}
     if status in (502, 503):
         headers["Retry-After"] = str(RETRY_AFTER)
     return web.Response(status=status, body=page.body, headers=headers)
 
 
-def error(request: web.Request, status: int, message: str, rid: str = "") -> web.Response:
+def error(
+    request: web.Request, status: int, message: str, rid: str = "", detail: str = ""
+) -> web.Response:
     """:func:`glance_error` for ``request``, in the shape its ``Accept`` asks for (``rid``:
     the request id to give, a new one by default)."""
-    return glance_error(status, message, rid or request_id(), _accept(request))
+    return glance_error(status, message, rid or request_id(), _accept(request), detail)
+
+
+# webob's explanation of a 416, the first line of Glance's page.
+RANGE_NOT_AVAILABLE = "The Range requested is not available."
+
+
+def unsatisfiable(request: web.Request, size: int, detail: str, rid: str = "") -> web.Response:
+    """Glance 33's ``416`` for a Range it does not serve (``detail``: why), with the
+    ``Content-Range: bytes */size`` RFC 9110 §15.5.17 asks for."""
+    response = error(request, 416, RANGE_NOT_AVAILABLE, rid, detail)
+    response.headers["Content-Range"] = f"bytes */{size}"
+    return response
 
 
 def _accept(request: web.Request) -> str | None:

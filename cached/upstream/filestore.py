@@ -99,14 +99,15 @@ class PageError(UpstreamError):
     """An error the file store answers itself, as Glance would: its plain text page by
     default; :meth:`shaped` gives the page for a caller's ``Accept``."""
 
-    def __init__(self, status: int, message: str):
-        page = pages.render(status, message, None)
+    def __init__(self, status: int, message: str, detail: str = ""):
+        page = pages.render(status, message, None, detail)
         super().__init__(status, page.body, {"Content-Type": page.content_type})
         self.message = message
+        self.detail = detail
 
     def shaped(self, accept: str | None) -> tuple[bytes, dict[str, str]]:
         """The body and headers for a caller whose ``Accept`` is ``accept``."""
-        page = pages.render(self.status, self.message, accept)
+        page = pages.render(self.status, self.message, accept, self.detail)
         return page.body, {**self.headers, "Content-Type": page.content_type}
 
 

@@ -22,6 +22,8 @@ from http import HTTPStatus
 
 # webob's offers, in the order it tries them (the first wins a tie).
 _OFFERS = ("text/html", "application/json", "text/plain")
+# webob's titles where they differ from Python's reason phrases.
+_TITLES = {416: "Request Range Not Satisfiable"}
 
 
 @dataclass(frozen=True)
@@ -68,21 +70,25 @@ def negotiate(accept: str | None) -> str:
     return best
 
 
-def render(status: int, message: str, accept: str | None) -> Page:
-    """Glance's error page for ``status`` with ``message``, in the shape ``accept`` asks for."""
-    try:
-        title = HTTPStatus(status).phrase
-    except ValueError:
-        title = "Error"
+def render(status: int, message: str, accept: str | None, detail: str = "") -> Page:
+    """Glance's error page for ``status`` with ``message`` (webob's explanation) and
+    ``detail`` (its second line, e.g. of a 416), in the shape ``accept`` asks for."""
+    title = _TITLES.get(status)
+    if title is None:
+        try:
+            title = HTTPStatus(status).phrase
+        except ValueError:
+            title = "Error"
     code = f"{status} {title}"
     kind = negotiate(accept)
     if kind == "application/json":
-        doc = {"message": f"{message}<br /><br />\n\n\n", "code": code, "title": title}
+        doc = {"message": f"{message}<br /><br />\n{detail}\n\n", "code": code, "title": title}
         return Page(json.dumps(doc).encode(), "application/json")
     if kind == "text/html":
+        text, more = html.escape(message, quote=False), html.escape(detail, quote=False)
         page = (
             f"<html>\n <head>\n  <title>{code}</title>\n </head>\n <body>\n  <h1>{code}</h1>\n"
-            f"  {html.escape(message, quote=False)}<br /><br />\n\n\n\n </body>\n</html>"
+            f"  {text}<br /><br />\n{more}\n\n\n </body>\n</html>"
         )
         return Page(page.encode(), "text/html; charset=UTF-8")
-    return Page(f"{code}\n\n{message}\n\n   ".encode(), "text/plain; charset=UTF-8")
+    return Page(f"{code}\n\n{message}\n\n {detail}  ".encode(), "text/plain; charset=UTF-8")
