@@ -127,11 +127,11 @@ async def route_request(
         found = routes.route(request.raw_path, accept, known.known)
     if found.kind is routes.Kind.UNREAD:
         log.info("refused a versioned media type cached does not read: %r", accept)
-        return replies.glance_error(
+        return replies.error(
+            request,
             400,
             "The Accept header names the API version in a form cached does not route: use "
             "a versioned path (/v2/...) or exactly 'Accept: application/vnd.openstack.images-v2'.",
-            replies.request_id(),
         )
     request[routes.ROUTED] = found
     return await handler(request)

@@ -143,7 +143,9 @@ class _FailingStream:
 class _BrokenSource:
     """An upstream whose image store answers EIO (an NFS image share going bad)."""
 
-    async def authorize(self, image_id: str, creds: Credentials) -> Authorization:
+    async def authorize(
+        self, image_id: str, creds: Credentials, accept: str | None = None
+    ) -> Authorization:
         return Authorization(Decision.ALLOW)
 
     @asynccontextmanager
@@ -278,7 +280,9 @@ class _SlowAuthority:
         self.release = asyncio.Event()
         self.asked = 0
 
-    async def authorize(self, image_id: str, creds: Credentials) -> Authorization:
+    async def authorize(
+        self, image_id: str, creds: Credentials, accept: str | None = None
+    ) -> Authorization:
         self.asked += 1
         await self.release.wait()
         return Authorization(Decision.ALLOW)

@@ -66,7 +66,9 @@ class MemoryUpstream:
             image_id, "active", len(data), None, "sha512", hashlib.sha512(data).hexdigest()
         )
 
-    async def authorize(self, image_id: str, creds: Credentials) -> Authorization:
+    async def authorize(
+        self, image_id: str, creds: Credentials, accept: str | None = None
+    ) -> Authorization:
         return Authorization(Decision.ALLOW)
 
     @asynccontextmanager

@@ -45,7 +45,7 @@ async def test_hostile_ranges(glance: FakeGlance, daemon: Daemon) -> None:
     assert reply.status == 206 and reply.body == image.data
     # Range digits are ASCII (RFC 9110 §14.1.1, RFC 5234 DIGIT): Arabic-Indic 1-2 is no range
     reply = await ask("bytes=\u0661-\u0662")
-    assert reply.status == 400 and b"Range" in reply.body
+    assert reply.status == 416 and b"Invalid Range header." in reply.body  # as Glance
     reply = await ask("bytes=1-2")
     assert reply.status == 206 and reply.body == image.data[1:3]
 
@@ -105,7 +105,10 @@ async def test_502_names_no_internal_address(
             ("PUT", f"/v2/cache/{image_id}", {"X-Auth-Token": "admin-secret"}),  # management
         ):
             caplog.clear()
-            async with d.session.request(method, d.url + path, headers=headers) as resp:
+            # no Accept: Glance's text page (aiohttp's */* would get webob's HTML one)
+            async with d.session.request(
+                method, d.url + path, headers=headers, skip_auto_headers=("Accept",)
+            ) as resp:
                 body = await resp.text()
                 assert resp.status == 502, (method, path, resp.status, body)
                 request_id = resp.headers["x-openstack-request-id"]

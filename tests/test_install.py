@@ -10,6 +10,11 @@ installed the way systemd does (``RuntimeDirectory=``, ``ExecStartPre=``, ``Exec
 ``User=``, ``Type=notify``). Checked: the recipe succeeds; the service is active (READY=1
 received, process running); ``cached-manage list-cached`` works on the node with no options;
 ``/metrics`` is scrapeable; and the machine is as it was.
+
+Also (item 21): ``python -m build`` makes an sdist and, from it, a wheel, offline (the build
+backend from the same wheelhouse); that wheel installs with pip in a new virtualenv, and
+its ``cached --version`` says the version. Nothing is written in the checkout (the build
+runs on a copy of it).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,3 +142,56 @@ def test_the_readme_install_recipe_ends_in_a_managed_scrapeable_service(
     assert res.stdout.rstrip().endswith("inactive"), report  # stopped cleanly at the end
     # Nothing the recipe wrote is left on the machine.
     assert {path: os.path.lexists(path) for path in TOUCHED} == before
+
+
+def offline_pip() -> dict[str, str]:
+    """The environment for pip (and ``build``'s isolated environment) with no index but
+    the wheelhouse."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON"))}
+    env.update(
+        PIP_CONFIG_FILE=os.devnull,
+        PIP_NO_INDEX="1",
+        PIP_FIND_LINKS=str(WHEELHOUSE),
+        PIP_DISABLE_PIP_VERSION_CHECK="1",
+        PIP_NO_CACHE_DIR="1",
+    )
+    return env
+
+
+def test_a_wheel_from_python_m_build_installs_in_a_clean_virtualenv(tmp_path: Path) -> None:
+    """Item 21: ``python -m build``, then ``pip install`` of its wheel in a new virtualenv;
+    ``cached --version`` names the version."""
+    try:
+        import build  # noqa: F401  (the test extra; .ci/run installs it)
+    except ImportError:
+        missing("the 'build' package is not installed (pip install -e '.[test]')")
+    if not any(WHEELHOUSE.glob("setuptools-*.whl")):
+        missing(f"no wheelhouse with setuptools at {WHEELHOUSE} (.ci/run downloads it)")
+    source = tmp_path / "src"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".ci", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".venv"
+        ),
+    )
+    env = offline_pip()
+    dist = tmp_path / "dist"
+
+    def run(*argv: str | Path) -> str:
+        res = subprocess.run(
+            [str(a) for a in argv], capture_output=True, text=True, env=env,
+            stdin=subprocess.DEVNULL, timeout=300, check=False,
+        )  # fmt: skip
+        assert res.returncode == 0, f"{argv}:\n{res.stdout}\n{res.stderr}"
+        return res.stdout
+
+    run(sys.executable, "-m", "build", "--outdir", dist, source)
+    wheels = sorted(dist.glob("cached-*.whl"))
+    assert [w.name for w in wheels] == [f"cached-{__version__}-py3-none-any.whl"]
+    assert sorted(dist.glob("cached-*.tar.gz")) != []
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", venv)
+    run(venv / "bin" / "pip", "install", wheels[0])
+    assert run(venv / "bin" / "cached", "--version") == f"cached {__version__}\n"
+    assert run(venv / "bin" / "cached-manage", "--help")

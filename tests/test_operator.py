@@ -22,7 +22,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import Daemon, start_daemon, stop_daemon
+from conftest import Daemon, start_daemon, stop_daemon, wait_complete
 from daemonproc import CachedProcess, cached_command, run_cached
 from fakeglance import FakeGlance
 from test_ops import NotifySocket
@@ -116,7 +116,9 @@ def _config(path: Path, **options: object) -> Path:
     return conf
 
 
-@pytest.mark.parametrize("case", ["no-parent", "tls-files", "socket-dir", "read-only"])
+@pytest.mark.parametrize(
+    "case", ["no-parent", "tls-files", "keystone-ca", "socket-dir", "read-only"]
+)
 def test_check_config_refuses_what_serve_refuses(tmp_path: Path, case: str) -> None:
     """Item 5: check-config runs serve's checks short of binding: same refusal, same exit."""
     options: dict[str, object] = {
@@ -133,6 +135,9 @@ def test_check_config_refuses_what_serve_refuses(tmp_path: Path, case: str) -> N
         options["tls_cert_file"] = str(tmp_path / "cert.pem")
         options["tls_key_file"] = str(tmp_path / "key.pem")
         expected = "tls_cert_file"
+    elif case == "keystone-ca":  # keystoneauth1 reads it by path: checked at start
+        options["keystone_authtoken"] = "{cafile: %s}" % (tmp_path / "keystone-ca.pem")
+        expected = f"option 'keystone_authtoken.cafile': cannot load {tmp_path / 'keystone-ca.pem'}"
     elif case == "socket-dir":
         options["admin_listen"] = f"unix:{tmp_path / 'run' / 'admin.sock'}"
         expected = f"option 'admin_listen': directory {tmp_path / 'run'} does not exist"
@@ -509,9 +514,105 @@ async def test_cacheds_own_errors_speak_json_to_json_clients(tmp_path: Path) -> 
                 "title": "Bad Gateway",
                 "message": "The image service is unreachable.<br /><br />\n\n\n",
             }
-        async with d.session.get(f"{d.url}/v2/images", headers={"X-Auth-Token": "t"}) as resp:
+        plain = {"X-Auth-Token": "t", "Accept": "text/plain"}
+        async with d.session.get(f"{d.url}/v2/images", headers=plain) as resp:
             assert resp.status == 502 and resp.headers["Retry-After"] == "10"
             assert resp.headers["Content-Type"] == "text/plain; charset=UTF-8"
+        # */* (aiohttp's default): webob's HTML page, as Glance sends it
+        async with d.session.get(f"{d.url}/v2/images", headers={"X-Auth-Token": "t"}) as resp:
+            assert resp.status == 502 and resp.headers["Retry-After"] == "10"
+            assert resp.headers["Content-Type"] == "text/html; charset=UTF-8"
+    finally:
+        await stop_daemon(d)
+
+
+async def test_a_refused_download_comes_in_the_shape_the_client_asked_for(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    """Item 12: the authorisation probe carries the client's Accept (and none when it sent
+    none: aiohttp's */* made Glance answer HTML to every client), so the refusal relayed is
+    the one Glance gives that client; cached's own 4xx/503 answers on the public listener
+    are Glance's error, in the shape asked for, with Retry-After on a 503."""
+    image = glance.add_image(b"x" * 1000)  # p1's
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    d = await start_daemon(cache, glance.url)
+    try:
+        for accept in ("application/json", "text/plain", None):
+            headers = {"X-Auth-Token": "token-p2"} | ({"Accept": accept} if accept else {})
+            async with d.session.get(
+                d.file_url(image.id), headers=headers, skip_auto_headers=("Accept",)
+            ) as resp:
+                assert resp.status == 404
+            probe = glance.data_requests(image.id)[-1]
+            assert probe.headers.get("accept") == accept, probe.headers
+        # cached's own answers (never asked upstream): Glance's 404 for an id it cannot find,
+        # the public /metrics, a versioned media type cached cannot route
+        as_json = {"X-Auth-Token": "token-p1", "Accept": "application/json"}
+        for url, status, message in [
+            (f"{d.url}/v2/images/not-a-uuid/file", 404, "No image found with ID not-a-uuid"),
+            (f"{d.url}/metrics", 404, "Metrics are served on the admin_listen address."),
+        ]:
+            async with d.session.get(url, headers=as_json) as resp:
+                assert resp.status == status
+                assert resp.headers["Content-Type"] == "application/json"
+                assert await resp.json() == {
+                    "message": f"{message}<br /><br />\n\n\n",
+                    "code": "404 Not Found",
+                    "title": "Not Found",
+                }
+            async with d.session.get(
+                url, headers={"X-Auth-Token": "token-p1"}, skip_auto_headers=("Accept",)
+            ) as resp:
+                assert resp.status == status
+                assert resp.headers["Content-Type"] == "text/plain; charset=UTF-8"
+                assert await resp.text() == f"404 Not Found\n\n{message}\n\n   "
+        # an upstream that answers 503 to the probe: relayed as it is (Glance's answer)
+        glance.fail_downloads = 503
+        async with d.session.get(d.file_url(image.id), headers=as_json) as resp:
+            assert resp.status == 503
+        glance.fail_downloads = None
+    finally:
+        await stop_daemon(d)
+
+
+def _overwrite(path: Path, data: bytes) -> None:
+    with path.open("r+b") as f:
+        f.write(data)
+
+
+async def test_a_stale_allowance_without_a_copy_is_a_json_503_with_retry_after(
+    glance: FakeGlance, tmp_path: Path
+) -> None:
+    """Item 12: cached's own 503 (allowed only on a stale authorisation, but the copy fails
+    its re-verification, and no transfer is made on a stale allowance) is Glance's JSON
+    error for a JSON client, and says when to retry."""
+    image = glance.add_image(os.urandom(3 << 20))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    d = await start_daemon(
+        cache, glance.url, auth_stale_if_error=600, auth_stale_after_failures=2, auth_cache_ttl=0
+    )
+    try:
+        headers = {"X-Auth-Token": "token-p1", "Accept": "application/json"}
+        async with d.session.get(d.file_url(image.id), headers=headers) as resp:
+            assert resp.status == 200
+            await resp.read()
+        await wait_complete(d, image.id)
+        # the copy went bad; the allowance stays
+        await asyncio.to_thread(_overwrite, cache / image.id, b"\0" * 4096)
+        glance.fail_downloads = 503
+        async with d.session.get(d.file_url(image.id), headers=headers) as resp:
+            assert resp.status == 503  # the upstream's, relayed: not known down after one
+        async with d.session.get(d.file_url(image.id), headers=headers) as resp:
+            assert resp.status == 503  # cached's: allowed (stale), nothing here to serve
+            assert resp.headers["Retry-After"] == "10"
+            assert resp.headers["Content-Type"] == "application/json"
+            body = await resp.json()
+            assert (body["code"], body["title"]) == (
+                "503 Service Unavailable",
+                "Service Unavailable",
+            )
     finally:
         await stop_daemon(d)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -282,6 +283,32 @@ def test_cached_image_keeps_glance_access_rules(
     assert http("GET", cached.url + path, "token-p1")[2] == data
 
 
+def test_a_refused_download_comes_in_the_shape_glance_gives_that_client(
+    real_glance: GlanceServer, cached: CachedDaemon, cli: GlanceCLI, tmp_path: Path
+) -> None:
+    """Issue 19 item 12: a refusal through cached is the one Glance gives the same client
+    directly: status, Content-Type and body byte for byte, for each Accept (webob's plain
+    text without one, JSON, its HTML page for */*). Before, the probe's */* made every
+    refusal relayed HTML. An id that is not one is Glance's 404 too (cached answers it)."""
+    image_id, _ = upload_and_fill(cli, cached, tmp_path, "refusals")
+    cases = [(image_id, token) for token in ("token-p2", "token-reader-p1", "no-such-token")]
+    cases.append(("not-a-uuid", "token-p1"))
+    for target, token in cases:
+        path = f"/v2/images/{target}/file"
+        for accept in (None, "application/json", "text/plain", "*/*"):
+            headers = {"Accept": accept} if accept else {}
+            direct = http("GET", real_glance.url + path, token, headers)
+            proxied = http("GET", cached.url + path, token, headers)
+            what = (target, token, accept)
+            assert direct[0] in (401, 403, 404), what
+            assert proxied[0] == direct[0], what
+            assert proxied[1].get("content-type") == direct[1].get("content-type"), what
+            if accept == "application/json":
+                assert direct[1]["content-type"] == "application/json", what
+                assert json.loads(proxied[2]) == json.loads(direct[2]), what
+            assert proxied[2] == direct[2], what
+
+
 def test_other_project_cannot_list_or_delete(
     cached: CachedDaemon, cli: GlanceCLI, tmp_path: Path
 ) -> None:
@@ -381,6 +408,62 @@ def test_upstream_miss_without_content_length(
     assert http("GET", f"{cached.url}/v2/images/{image_id}/file", "token-p2")[0] == 404
 
 
+def test_glances_own_cache_directory_is_adopted_without_a_refetch(
+    glance_with_cache: GlanceServer, cli: GlanceCLI, tmp_path: Path, failure_logs: FailureLogs
+) -> None:
+    """Issue 19 item 4, against the real thing: a real Glance 33 (``keystone+cachemanagement``,
+    its default ``centralized_db`` cache driver) caches two images as it serves them; cached
+    is started on a copy of that cache directory (the operator's migration: Glance's
+    ``flavor`` switched away from caching, cached given the directory). A verified image is
+    a hit with no image data fetched again (Glance's request log: only the authorisation
+    probe); a file that no longer matches its digest is never served (fetched again); a
+    file cached cannot identify stays where it is, with a warning."""
+    upstream = glance_with_cache
+    glance_dir = upstream.dir / "cache"
+    images: dict[str, str] = {}
+    content: dict[str, bytes] = {}
+    for name in ("adopted", "spoiled"):
+        data = random_file(tmp_path / f"{name}.img", 1 * MiB + 77)
+        image_id = cli.create_image(upstream.url, "token-p1", tmp_path / f"{name}.img", name)
+        # Glance's cache middleware keeps the image as it serves it
+        assert http("GET", f"{upstream.url}/v2/images/{image_id}/file", "token-p1")[2] == data
+        assert wait_for((glance_dir / image_id).exists, 30), f"Glance did not cache {name}"
+        images[name], content[name] = image_id, data
+    copy = tmp_path / "cache"
+    shutil.copytree(glance_dir, copy)
+    (copy / "notes.txt").write_text("an operator's note\n")
+    spoiled = copy / images["spoiled"]
+    spoiled.write_bytes(b"\0" * spoiled.stat().st_size)
+    before = len(upstream.requests())
+
+    workdir = tmp_path / "cached"
+    daemon = CachedDaemon(workdir, upstream.url, copy)
+    failure_logs.add({"cached (adopting glance's cache)": daemon.log})
+    daemon.start()
+    try:
+        path = f"/v2/images/{images['adopted']}/file"
+        for attempt in ("first", "again"):
+            status, headers, body = http("GET", daemon.url + path, "token-p1")
+            assert (status, body) == (200, content["adopted"]), attempt
+            assert headers["cache-status"].startswith("cached; hit"), (attempt, headers)
+        status, headers, body = http(
+            "GET", f"{daemon.url}/v2/images/{images['spoiled']}/file", "token-p1"
+        )
+        assert (status, body) == (200, content["spoiled"])  # never the zeros
+        assert "hit" not in headers["cache-status"]
+        since = upstream.requests()[before:]
+        adopted = [r for r in since if r.uri == path]
+        assert adopted and all(r.range == "bytes=0-0" for r in adopted), adopted  # probes only
+        refetched = [r for r in since if r.uri.endswith(f"{images['spoiled']}/file")]
+        assert any(r.range != "bytes=0-0" for r in refetched), refetched
+        assert (copy / "notes.txt").read_text() == "an operator's note\n"
+        assert "cached does not know" in daemon.log.read_text() and "notes.txt" in (
+            daemon.log.read_text()
+        )
+    finally:
+        daemon.stop()
+
+
 # ---- Glance behaviours a cache must not change ----------------------------------------------
 
 
@@ -402,10 +485,16 @@ def test_range_requests_match_glance(
         assert proxied[2] == direct[2], spec
         assert proxied[1]["content-range"] == direct[1]["content-range"], spec
         assert proxied[1].get("content-md5") == direct[1].get("content-md5"), spec
-    spec = f"bytes={size}-"
-    direct = http("GET", real_glance.url + path, "token-p1", {"Range": spec})
-    proxied = http("GET", cached.url + path, "token-p1", {"Range": spec})
-    assert proxied[0] == direct[0] == 416, (direct[0], proxied[0])
+    # Glance's 416 page, the same for each Accept (issue 19 item 12: cached's own errors)
+    for spec in (f"bytes={size}-", "bytes=abc", "bytes=5-2"):
+        for accept in (None, "application/json", "*/*"):
+            headers = {"Range": spec} | ({"Accept": accept} if accept else {})
+            direct = http("GET", real_glance.url + path, "token-p1", headers)
+            proxied = http("GET", cached.url + path, "token-p1", headers)
+            assert proxied[0] == direct[0] == 416, (spec, accept, direct[0], proxied[0])
+            assert proxied[1]["content-type"] == direct[1]["content-type"], (spec, accept)
+            assert proxied[2] == direct[2], (spec, accept)
+            assert proxied[1]["content-range"] == f"bytes */{size}"  # RFC 9110 §15.5.17
 
 
 def test_concurrent_first_downloads_fetch_once(

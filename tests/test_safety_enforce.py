@@ -994,11 +994,11 @@ def test_violation_records_round_trip_and_parse_strictly(tmp_path: Path) -> None
         ("image/png", "text/plain"),
     ],
 )
-def test_webob_error_picks_the_content_type_webob_does(accept: str | None, kind: str) -> None:
+def test_a_refusal_takes_the_content_type_webob_gives(accept: str | None, kind: str) -> None:
     """As webob 1.8.11 (Glance 33's) renders ``HTTPForbidden(explanation=...)`` (checked
     against it by hand: the table and the bodies below)."""
     message = 'Image 1 is "x" & y\'s: unsafe.'
-    response = replies.webob_error(403, message, "req-1", accept)
+    response = replies.glance_error(403, message, "req-1", accept)
     assert response.content_type == kind
     assert response.text is not None
     if kind == "text/html":

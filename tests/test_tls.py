@@ -18,6 +18,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import rawhttp
 import trustme
 from conftest import TOKENS, auth, start_daemon, stop_daemon, wait_complete
 from cryptography import x509
@@ -107,6 +108,45 @@ async def test_listener_serves_misses_and_hits_over_tls(
         assert await download(d.file_url(image.id), trusting(ca)) == data  # miss
         await wait_complete(d, image.id)
         assert await download(d.file_url(image.id), trusting(ca)) == data  # hit, no sendfile
+    finally:
+        await stop_daemon(d)
+
+
+def plain_request(url: str, request: bytes) -> rawhttp.Reply:
+    """``request`` sent in the clear to ``url``'s port; the reply (blocking)."""
+    with rawhttp.connect(url) as sock:
+        sock.sendall(request)
+        return rawhttp.read_reply(sock)
+
+
+async def test_plain_http_to_a_tls_port_is_answered_400_as_nginx_does(
+    glance: FakeGlance, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """Issue 19 item 20: plain HTTP sent to a TLS listener (public or management) gets a
+    400 naming the mistake, then the connection closes; before, it was closed without a
+    word (the TLS layer refused the first bytes). TLS on the same ports goes on working."""
+    cert, key = write_pair(ca.issue_cert("127.0.0.1"), tmp_path)
+    d = await start_daemon(
+        tmp_path,
+        glance.url,
+        tls_cert_file=cert,
+        tls_key_file=key,
+        admin_listen="127.0.0.1:0",
+    )
+    try:
+        image = glance.add_image(os.urandom(100_000))
+        host = urllib.parse.urlsplit(d.url).netloc
+        request = f"GET /v2/images/{image.id}/file HTTP/1.1\r\nHost: {host}\r\n\r\n"
+        for url in (d.url, d.admin_url):
+            assert url.startswith("https://")
+            reply = await asyncio.to_thread(plain_request, url, request.encode())
+            assert reply.status == 400
+            assert reply.headers["connection"] == "close"
+            assert b"The plain HTTP request was sent to HTTPS port" in reply.body
+        assert glance.data_requests(image.id) == []  # never got as far as a request
+        # a connection that goes before its first byte, then TLS as before
+        await asyncio.to_thread(lambda: rawhttp.connect(d.url).close())
+        assert len(await download(d.file_url(image.id), trusting(ca))) == 100_000
     finally:
         await stop_daemon(d)
 

@@ -47,6 +47,7 @@ from cached.upstream import Backend, Credentials, Decision, ImageRecord
 log = logging.getLogger("cached.proxy")
 
 _RELAY_PIECE = 1 << 20  # bytes per read when the rest of a download comes from the upstream
+_UNAVAILABLE = "The image service is unavailable; try again later."
 
 
 class Outcome(enum.Enum):
@@ -130,7 +131,8 @@ class Proxy:
         """``GET /v2/images/{id}/file``: authorise, then serve from the cache or fill it."""
         image_id = routes.image_id(request)
         if not is_image_id(image_id):
-            return _error(400, f"Image ID must be a UUID, got {image_id[:64]!r}.")
+            # Never asked upstream; Glance's answer for an id it cannot find.
+            return replies.error(request, 404, f"No image found with ID {image_id[:64]}")
         if (refused := await routes.refused_spelling(self.backend, request)) is not None:
             return refused
         creds = Credentials.from_headers(request.headers)
@@ -138,8 +140,13 @@ class Proxy:
         # Authorisation first and alone, cached or not: a refused caller takes the same path
         # (and time) whether or not this node holds the image, so it learns nothing of it.
         try:
+            # The probe carries the client's Accept: a refusal is relayed in the shape
+            # Glance gives this client (plain text, JSON or HTML).
             auth = await self.authorizer.check(
-                image_id, creds, stale_ok=entry is not None and entry.complete
+                image_id,
+                creds,
+                stale_ok=entry is not None and entry.complete,
+                accept=request.headers.get("Accept"),
             )
         except UpstreamUnavailable as exc:
             return replies.unreachable(request, exc)
@@ -178,7 +185,7 @@ class Proxy:
         if bypass is not None:  # the cache directory is not usable (cached/cachedir/directories.py)
             return await self._bypass(request, bypass)
         if auth.stale and (entry is None or not entry.complete):  # never a fill on it
-            return _error(503, "The image service is unavailable; try again later.")
+            return replies.error(request, 503, _UNAVAILABLE)
         if entry is None or not entry.complete:
             if isinstance(record, ImageRecord) and (
                 record.status != "active" or record.size is None
@@ -197,13 +204,10 @@ class Proxy:
                 wanted = None
         except ranges.MultipleRanges:
             return await self._bypass(request)
-        except ranges.MalformedRange as exc:
-            return _error(400, str(exc))
-        except ranges.RangeNotSatisfiable:
-            return web.Response(
-                status=416,
-                headers={"Content-Range": f"bytes */{size}", "x-openstack-request-id": request_id},
-            )
+        except ranges.MalformedRange:
+            return replies.unsatisfiable(request, size, "Invalid Range header.", request_id)
+        except ranges.RangeNotSatisfiable as exc:
+            return replies.unsatisfiable(request, size, exc.detail, request_id)
         try:
             fill, outcome = await self._attach(image_id, entry, record, creds, wanted)
             if auth.stale:
@@ -404,7 +408,7 @@ class Proxy:
         """A hit the cache cannot serve after all: from the upstream, unless the caller was
         authorised only by a stale allowance (never a transfer on that)."""
         if dl.outcome is Outcome.STALE_HIT:
-            return _error(503, "The image service is unavailable; try again later.")
+            return replies.error(dl.request, 503, _UNAVAILABLE)
         return await self._bypass(dl.request)
 
     async def _open(self, dl: _Download, fill: Fill | None) -> BinaryIO | bytes | None:
@@ -700,14 +704,6 @@ def _refused(
     """refuse: Glance's 403 (webob's page, as ``Accept`` asks) naming the verdict and the
     failed checks; the verdict in ``Cached-Image-Verdict`` too. No upstream data."""
     message = f"Image {image_id} is refused by the image cache: its content is {describe(verdict)}."
-    response = replies.webob_error(403, message, request_id, request.headers.get("Accept"))
+    response = replies.glance_error(403, message, request_id, request.headers.get("Accept"))
     response.headers[SAFETY_HEADER] = header_value(verdict)
     return response
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response(
-        {"error": {"code": status, "message": message}},
-        status=status,
-        headers={"x-openstack-request-id": f"req-{uuid.uuid4()}"},
-    )

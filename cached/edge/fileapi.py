@@ -18,7 +18,7 @@ from cached.edge import ranges, replies, versions
 from cached.edge.passthrough import ReplyHook
 from cached.errors import UpstreamError, UpstreamUnavailable
 from cached.upstream import Credentials
-from cached.upstream.filestore import FileBackend, glance_error
+from cached.upstream.filestore import FileBackend, PageError, glance_error, shaped
 
 # A passed-through download is read and written this much at a time (per client).
 _PIECE = 256 << 10
@@ -75,7 +75,8 @@ class FileApi:
                 return web.json_response(_schema(path.endswith("images")))
             raise glance_error(404, "Not Found", "The resource could not be found.")
         except UpstreamError as err:
-            return web.Response(status=err.status, body=err.body, headers=err.headers)
+            body, headers = shaped(err, request.headers.get("Accept"))
+            return web.Response(status=err.status, body=body, headers=headers)
         except UpstreamUnavailable as exc:
             # The cause (paths, errno) goes to the log under the request id, not to callers.
             return replies.unreachable(request, exc)
@@ -98,8 +99,9 @@ class FileApi:
                 raise glance_error(
                     400, "Bad Request", "Requests with multiple ranges are not supported."
                 ) from None
-            except (ranges.MalformedRange, ranges.RangeNotSatisfiable):
-                err = glance_error(416, "Requested Range Not Satisfiable", "")
+            except (ranges.MalformedRange, ranges.RangeNotSatisfiable) as exc:
+                detail = getattr(exc, "detail", "Invalid Range header.")
+                err = PageError(416, replies.RANGE_NOT_AVAILABLE, detail)
                 err.headers["Content-Range"] = f"bytes */{size}"
                 raise err from None
             response = web.StreamResponse(status=200 if wanted is None else 206)

@@ -6,6 +6,7 @@
 - The management listener (``admin_listen``): a Unix socket (``unix:/run/cached/admin.sock``,
   mode 0600: the file's permissions are the credential) or ``HOST:PORT`` (TLS like the public
   ones, and with ``admin_tls_client_ca`` only for clients presenting a certificate of that CA).
+  A TLS listener answers plain HTTP with ``400`` as nginx does (``cached/edge/tlsport.py``).
   Requests on it are trusted without a token (:func:`is_management`); the same application
   serves it.
 
@@ -38,6 +39,7 @@ import os
 import socket
 import ssl
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ from aiohttp import web
 from cached.config import Config
 from cached.edge.loopback import is_loopback
 from cached.edge.tls import ServerTLS
+from cached.edge.tlsport import TLSPort
 from cached.errors import ConfigError
 
 log = logging.getLogger("cached.listeners")
@@ -91,7 +94,37 @@ def _marked_class(cls: type, mark: type) -> type:
     return marked
 
 
-class _ManagementSite(web.SockSite):
+class _Site(web.SockSite):
+    """A listening socket served by the runner; with TLS, plain HTTP gets nginx's ``400``
+    (cached/edge/tlsport.py) where asyncio's TLS layer would close without a word."""
+
+    __slots__ = ("_port",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._port: TLSPort | None = None
+
+    def _protocol(self) -> asyncio.BaseProtocol:
+        server = self._runner.server
+        assert server is not None
+        return server()
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with the runner
+        factory: Callable[[], asyncio.BaseProtocol] = self._protocol
+        if self._ssl_context is not None:
+            factory = self._port = TLSPort(self._protocol, self._ssl_context)
+        self._server = await asyncio.get_running_loop().create_server(
+            factory, sock=self._sock, backlog=self._backlog
+        )
+
+    async def stop(self) -> None:
+        if self._port is not None:
+            self._port.close()
+        await super().stop()
+
+
+class _ManagementSite(_Site):
     """A site whose every accepted connection is marked as the management listener's
     (as an operator's when ``operator``: see :class:`OperatorConnection`)."""
 
@@ -101,21 +134,12 @@ class _ManagementSite(web.SockSite):
         super().__init__(*args, **kwargs)
         self._mark = mark or (OperatorConnection if operator else ManagementConnection)
 
-    async def start(self) -> None:
-        await web.BaseSite.start(self)  # registers the site with the runner
-        server = self._runner.server
-        assert server is not None
-
-        def accept() -> asyncio.BaseProtocol:
-            connection = server()
-            # The connection class the server builds (aiohttp's, or connguard's) is kept,
-            # with the mark mixed in: the same object layout, so the class can be swapped.
-            connection.__class__ = _marked_class(type(connection), self._mark)
-            return connection
-
-        self._server = await asyncio.get_running_loop().create_server(
-            accept, sock=self._sock, ssl=self._ssl_context, backlog=self._backlog
-        )
+    def _protocol(self) -> asyncio.BaseProtocol:
+        connection = super()._protocol()
+        # The connection class the server builds (aiohttp's, or connguard's) is kept,
+        # with the mark mixed in: the same object layout, so the class can be swapped.
+        connection.__class__ = _marked_class(type(connection), self._mark)
+        return connection
 
 
 @dataclass
@@ -254,7 +278,7 @@ async def start(runner: web.AppRunner, config: Config, server_tls: ServerTLS | N
     for host, port in config.listen_addresses:
         sock = await asyncio.to_thread(bind_tcp, host, port)
         bound = sock.getsockname()
-        site = web.SockSite(runner, sock, ssl_context=server_tls.public if server_tls else None)
+        site = _Site(runner, sock, ssl_context=server_tls.public if server_tls else None)
         await site.start()
         listeners.sites.append(site)
         listeners.urls.append(_url(scheme, bound[0], bound[1]))

@@ -153,8 +153,8 @@ class GlancePassThrough:
             client,
             self._per_client,
         )
-        refused = replies.glance_error(
-            503, "Too many requests of yours are at the image service; retry later.", rid
+        refused = replies.error(
+            request, 503, "Too many requests of yours are at the image service; retry later.", rid
         )
         refused.headers["Retry-After"] = "1"
         return refused
@@ -297,7 +297,7 @@ def _body_broke_off(request: web.Request, error: BaseException) -> web.Response:
         request.path[:200],
         error,
     )
-    return replies.glance_error(400, "The request body did not arrive completely.", rid)
+    return replies.error(request, 400, "The request body did not arrive completely.", rid)
 
 
 class _ClientBody:

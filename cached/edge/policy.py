@@ -33,7 +33,6 @@ read a new file that validated (cached/app.py's reload section).
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any
 from aiohttp import web
 
 from cached.config import read_yaml
+from cached.edge import replies
 from cached.edge import routes as routing
 from cached.errors import ConfigError
 
@@ -355,27 +355,8 @@ def load(path: str | Path) -> Policy:
 
 
 def forbidden(request: web.Request, rule: str) -> web.Response:
-    """Glance's 403 for a policy refusal (webob: JSON if accepted, else plain text)."""
-    message = f"You are not authorized to complete {rule} action."
-    headers = {"x-openstack-request-id": f"req-{uuid.uuid4()}"}
-    if "application/json" in request.headers.get("Accept", ""):
-        # webob's JSON error body, with the line breaks of its HTML template (as Glance 33).
-        return web.json_response(
-            {
-                "message": f"{message}<br /><br />\n\n\n",
-                "code": "403 Forbidden",
-                "title": "Forbidden",
-            },
-            status=403,
-            headers=headers,
-        )
-    return web.Response(
-        status=403,
-        text=f"403 Forbidden\n\n{message}\n\n   ",
-        content_type="text/plain",
-        charset="UTF-8",
-        headers=headers,
-    )
+    """Glance's 403 for a policy refusal, in the shape the client's ``Accept`` asks for."""
+    return replies.error(request, 403, f"You are not authorized to complete {rule} action.")
 
 
 __all__ = [

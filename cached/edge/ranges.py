@@ -19,11 +19,18 @@ _HUGE = 10**_MAX_DIGITS
 
 
 class RangeNotSatisfiable(Exception):
-    """RFC 9110 §15.5.17: answer 416 with ``Content-Range: bytes */size``."""
+    """RFC 9110 §15.5.17: answer 416 with ``Content-Range: bytes */size``.
+
+    ``detail``: Glance 33's second line for it (its 416 page)."""
+
+    def __init__(self, detail: str = "Invalid Range header.") -> None:
+        super().__init__(detail)
+        self.detail = detail
 
 
 class MalformedRange(ValueError):
-    """The Range header is not valid syntax; we answer 400 rather than guess."""
+    """The Range header is not valid syntax; answered 416 as Glance 33 does ("Invalid
+    Range header."), never guessed at."""
 
 
 class MultipleRanges(Exception):
@@ -90,7 +97,10 @@ def parse(header: str | None, size: int) -> ByteRange | None:
         return ByteRange(max(0, size - n), size, size)
     start = _position(first)
     if start >= size:
-        raise RangeNotSatisfiable()
+        raise RangeNotSatisfiable(
+            "Invalid start position in Range header. Start position MUST be in the "
+            f"inclusive range [0, {size - 1}]."
+        )
     if not last:
         return ByteRange(start, size, size)
     stop = _position(last)

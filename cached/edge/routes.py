@@ -279,7 +279,9 @@ async def refused_spelling(backend: Backend, request: web.Request) -> web.Respon
     if spelled == spelled.lower() or not is_image_id(spelled):
         return None
     try:
-        answer = await backend.authorize(spelled, Credentials.from_headers(request.headers))
+        answer = await backend.authorize(
+            spelled, Credentials.from_headers(request.headers), request.headers.get("Accept")
+        )
     except UpstreamUnavailable:
         return None  # the download's own authorisation reports it
     if answer.decision is not Decision.DENY:

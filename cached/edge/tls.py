@@ -1,9 +1,12 @@
 """TLS: the contexts cached uses, built once from the configuration.
 
 - :func:`client_tls` — what verifies the upstream (``upstream_ca_file``, or the system store;
-  ``upstream_insecure`` turns verification off, with a warning at every start) and Keystone
-  (``keystone_ca_file``, or the system store). Built once in the app's start-up, read-only
-  after that; every ``ClientSession`` that talks to those services gets one of them.
+  ``upstream_insecure`` turns verification off, with a warning at every start). Built once
+  in the app's start-up, read-only after that; every ``ClientSession`` that talks to the
+  upstream (or to peers) gets it. Keystone is reached through keystoneauth1, which takes
+  the bundle's path (``keystone_authtoken.cafile``, ``cached/identity/keystone.py``) rather
+  than a context: here that bundle is only checked, so a bad one fails the start (and
+  ``check-config``) instead of the first token request.
 - :class:`ServerTLS` — the listeners' certificate and key (``tls_cert_file``/``tls_key_file``)
   and, for the management listener, the CA its clients' certificates must chain to
   (``admin_tls_client_ca``). :meth:`ServerTLS.reload` loads the files again into the same
@@ -47,14 +50,18 @@ def _insecure_context() -> ssl.SSLContext:
 
 @dataclass(frozen=True)
 class ClientTLS:
-    """The client contexts: one for the upstream (and peers), one for Keystone."""
+    """The client context for the upstream (and peers)."""
 
     upstream: ssl.SSLContext
-    keystone: ssl.SSLContext
 
 
 def client_tls(config: Config) -> ClientTLS:
-    """Build the client contexts from ``config``; logs the ``upstream_insecure`` warning."""
+    """Build the client context from ``config``, and check Keystone's CA bundle; logs the
+    ``upstream_insecure`` warning.
+
+    Raises:
+        ConfigError: a CA bundle cannot be read or parsed (naming its option).
+    """
     if config.upstream_insecure:
         log.warning(
             "upstream_insecure: the upstream's TLS certificate is NOT verified; anyone on the "
@@ -64,7 +71,9 @@ def client_tls(config: Config) -> ClientTLS:
         upstream = _insecure_context()
     else:
         upstream = client_context(config.upstream_ca_file, "upstream_ca_file")
-    return ClientTLS(upstream, client_context(config.keystone_ca_file, "keystone_ca_file"))
+    if config.keystone_ca_file:  # loaded by keystoneauth1 from its path: checked only
+        client_context(config.keystone_ca_file, "keystone_authtoken.cafile")
+    return ClientTLS(upstream)
 
 
 class ServerTLS:

@@ -72,12 +72,19 @@ class Authorizer:
                 self._allowed[key] = (until + shift, answer)
 
     async def check(
-        self, image_id: str, creds: Credentials, *, stale_ok: bool = False
+        self,
+        image_id: str,
+        creds: Credentials,
+        *,
+        stale_ok: bool = False,
+        accept: str | None = None,
     ) -> Authorization:
         """The upstream's answer for this caller and image (or a remembered one).
 
         ``stale_ok``: a complete entry is there to serve, so a stale allowance may stand in
-        for an upstream that fails (see the module docstring).
+        for an upstream that fails (see the module docstring). ``accept``: the caller's
+        ``Accept``, carried by the probe, so a refusal (never remembered) comes in the
+        shape the upstream gives that caller; an allowance does not depend on it.
         """
         key = (creds.key(), image_id)
         remembered = self._allowed.get(key)
@@ -88,7 +95,7 @@ class Authorizer:
         self.probes += 1
         asked_after = self._changes
         try:
-            answer = await self._backend.authorize(image_id, creds)
+            answer = await self._backend.authorize(image_id, creds, accept)
         except UpstreamUnavailable as exc:
             self.failures += 1
             stale = self._stale_allowance(key, stale_ok, str(exc))

@@ -30,6 +30,7 @@ from aiohttp import web
 
 from cached.cachedir.mounts import State as MountState
 from cached.config import Config
+from cached.edge import replies
 from cached.edge.listeners import is_management
 from cached.metrics import CONTENT_TYPE, CacheGauges, Metrics
 from cached.ops.lifecycle import ReloadStatus
@@ -324,10 +325,7 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 
 async def _not_here(request: web.Request) -> web.StreamResponse:
-    return web.json_response(
-        {"error": {"code": 404, "message": "Metrics are served on the admin_listen address."}},
-        status=404,
-    )
+    return replies.error(request, 404, "Metrics are served on the admin_listen address.")
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -123,8 +123,13 @@ class DataStream(Protocol):
 class Backend(Protocol):
     """The interface the proxy, the fills and the jobs use to reach the upstream."""
 
-    async def authorize(self, image_id: str, creds: Credentials) -> Authorization:
-        """Ask the upstream, with the caller's credentials, whether they may download it."""
+    async def authorize(
+        self, image_id: str, creds: Credentials, accept: str | None = None
+    ) -> Authorization:
+        """Ask the upstream, with the caller's credentials, whether they may download it.
+
+        ``accept``: the caller's ``Accept`` header (None: it sent none), sent with the
+        question so that a refusal comes in the shape the upstream gives that caller."""
 
     async def record(self, image_id: str, creds: Credentials) -> ImageRecord:
         """The image record; raises UpstreamError with the upstream's answer otherwise."""

@@ -41,6 +41,7 @@ from cached.upstream import (
     Credentials,
     Decision,
     ImageRecord,
+    pages,
 )
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,34 @@ def _not_found(image_id: str) -> UpstreamError:
     return glance_error(404, "Not Found", f"No image found with ID {image_id}")
 
 
-def glance_error(status: int, title: str, detail: str) -> UpstreamError:
-    """Glance's plain text error page (webob's) as the file store's answer."""
-    body = f"{status} {title}\n\n{detail}\n\n   ".encode()
-    return UpstreamError(status, body, {"Content-Type": "text/plain; charset=UTF-8"})
+class PageError(UpstreamError):
+    """An error the file store answers itself, as Glance would: its plain text page by
+    default; :meth:`shaped` gives the page for a caller's ``Accept``."""
+
+    def __init__(self, status: int, message: str, detail: str = ""):
+        page = pages.render(status, message, None, detail)
+        super().__init__(status, page.body, {"Content-Type": page.content_type})
+        self.message = message
+        self.detail = detail
+
+    def shaped(self, accept: str | None) -> tuple[bytes, dict[str, str]]:
+        """The body and headers for a caller whose ``Accept`` is ``accept``."""
+        page = pages.render(self.status, self.message, accept, self.detail)
+        return page.body, {**self.headers, "Content-Type": page.content_type}
+
+
+def glance_error(status: int, title: str, detail: str) -> PageError:
+    """Glance's error page (webob's; ``title``: the status's reason phrase) as the file
+    store's answer."""
+    del title  # the reason phrase of ``status``
+    return PageError(status, detail)
+
+
+def shaped(err: UpstreamError, accept: str | None) -> tuple[bytes, dict[str, str]]:
+    """``err``'s body and headers for a caller whose ``Accept`` is ``accept``."""
+    if isinstance(err, PageError):
+        return err.shaped(accept)
+    return err.body, dict(err.headers)
 
 
 def _unreadable(image_id: str, exc: OSError) -> UpstreamUnavailable:
@@ -266,12 +291,15 @@ class FileBackend:
         os.close(fd)
         return st
 
-    async def authorize(self, image_id: str, creds: Credentials) -> Authorization:
+    async def authorize(
+        self, image_id: str, creds: Credentials, accept: str | None = None
+    ) -> Authorization:
         try:
             self.check_token(creds)
             await self._checked(self._stat, image_id)
         except UpstreamError as err:
-            return Authorization(Decision.DENY, err.status, err.body, err.headers)
+            body, headers = shaped(err, accept)
+            return Authorization(Decision.DENY, err.status, body, headers)
         return Authorization(Decision.ALLOW)
 
     async def record(self, image_id: str, creds: Credentials) -> ImageRecord:
@@ -345,4 +373,4 @@ class FileBackend:
         return images
 
 
-__all__ = ["FileBackend", "FileStream", "ImageFile", "glance_error"]
+__all__ = ["FileBackend", "FileStream", "ImageFile", "PageError", "glance_error", "shaped"]

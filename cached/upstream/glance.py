@@ -40,6 +40,8 @@ _RELAY_ERROR_HEADERS = ("content-type", "www-authenticate", "x-openstack-request
 _MAX_ERROR_BODY = 64 << 10
 _PIECE = 1 << 20
 _RELAY_BUFFER = 64 << 10
+# A probe sends the caller's Accept, or none: never aiohttp's "*/*" (Glance: an HTML page).
+_NO_ACCEPT = ("Accept",)
 # How long an image that answered 204 (no data yet) is probed without Range, and how many
 # such images are remembered (issue 19 item 19: Glance 33 crashes on a Range GET of one).
 _NO_DATA_MEMORY = 300.0
@@ -213,25 +215,37 @@ class GlanceBackend:
         headers = {h: response.headers[h] for h in _RELAY_ERROR_HEADERS if h in response.headers}
         return UpstreamError(response.status, body, headers)
 
-    async def authorize(self, image_id: str, creds: Credentials) -> Authorization:
+    async def authorize(
+        self, image_id: str, creds: Credentials, accept: str | None = None
+    ) -> Authorization:
         """Probe the download itself: Glance runs every check it runs for a real download
         (token, visibility, deactivation, the ``download_image`` policy) before the first byte.
+
+        The probe carries the caller's ``Accept`` (none if it sent none, where aiohttp
+        would add ``*/*``, for which Glance answers HTML): the refusal relayed is the one
+        Glance gives that caller directly (webob's plain text, JSON or HTML).
         """
         url = self._url(f"/v2/images/{image_id}/file")
         headers = dict(creds.headers)
+        if accept is not None:
+            headers["Accept"] = accept
         try:
             if self._without_data(image_id):
                 # Seen without data a moment ago (queued, uploading, importing): a plain GET
                 # answers 204 as Glance does, where a Range GET makes Glance 33 crash (a
                 # traceback each time). If the data arrived meanwhile, this hangs up after
                 # the headers, as the fallback below does.
-                async with self._session.get(url, headers=headers) as resp:
+                async with self._session.get(
+                    url, headers=headers, skip_auto_headers=_NO_ACCEPT
+                ) as resp:
                     decision = await self._decision(resp)
                     self._no_data_seen(image_id, decision.decision is Decision.NO_DATA)
                     return decision
             try:
                 ranged = {**headers, "Range": "bytes=0-0"}
-                async with self._probe.get(url, headers=ranged) as resp:
+                async with self._probe.get(
+                    url, headers=ranged, skip_auto_headers=_NO_ACCEPT
+                ) as resp:
                     if resp.status != 400:
                         # A 5xx is the upstream's answer to this download: relayed (or a
                         # stale allowance), never asked again without the Range, which made
@@ -241,7 +255,7 @@ class GlanceBackend:
                 pass  # Glance 33 (uWSGI) crashes on a Range GET of an image without data
             # Stores without random access refuse ranges (400): ask for the whole body and
             # hang up after the headers.
-            async with self._probe.get(url, headers=headers) as resp:
+            async with self._probe.get(url, headers=headers, skip_auto_headers=_NO_ACCEPT) as resp:
                 decision = await self._decision(resp)
                 self._no_data_seen(image_id, decision.decision is Decision.NO_DATA)
                 return decision

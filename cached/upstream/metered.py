@@ -65,9 +65,9 @@ class MeteredBackend:
     async def _timed(self, kind: str, call: Any) -> Any:
         return await _timed(self._m, kind, call)
 
-    async def authorize(self, image_id: str, creds: Any) -> Any:
+    async def authorize(self, image_id: str, creds: Any, accept: str | None = None) -> Any:
         try:
-            answer = await self._timed("probe", self.inner.authorize(image_id, creds))
+            answer = await self._timed("probe", self.inner.authorize(image_id, creds, accept))
         except Exception:
             self._m.probes["error"].inc()
             raise
