@@ -39,6 +39,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -118,10 +119,12 @@ class Origin:
         self.proc.stop()
 
 
-def scrape(base: str) -> dict[str, float]:
+def scrape(daemon: Cached) -> dict[str, float]:
     """A daemon's /metrics: sample (with labels) -> value; {} if it does not answer."""
+    cert = daemon.config.get("tls_cert_file")
+    context = ssl.create_default_context(cafile=str(cert)) if cert else None
     try:
-        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as resp:
+        with urllib.request.urlopen(f"{daemon.base}/metrics", timeout=10, context=context) as resp:
             text = resp.read().decode()
     except OSError:
         return {}
@@ -227,6 +230,7 @@ class ColdRun:
     member_metrics: list[dict[str, float]]  # deltas, keys of METRICS
     served: list[int]  # body bytes each member sent its clients
     size: int
+    machine: float  # the machine's busy share of all CPUs while the clients ran (anyone's)
 
     @property
     def last(self) -> float:
@@ -245,6 +249,7 @@ class ColdRun:
             "member_cpu": self.member_cpu,
             "member_metrics": self.member_metrics,
             "served": self.served,
+            "machine_busy": self.machine,
             "clients": [f.to_json() for f in self.fetches],
         }
 
@@ -266,20 +271,23 @@ def cold_run(
     pids = [d.pid for d in members]
     measure.settle([origin.pid])
     mark = origin.log.mark()
-    metrics0 = [scrape(d.base) for d in members]
+    metrics0 = [scrape(d) for d in members]
     cpu0 = [measure.cpu_seconds([p]) for p in pids]
+    busy0, t0 = measure.busy_seconds(), time.monotonic()
     fs = clients.fetch_many(urls, max_time=900)
+    busy, elapsed = measure.busy_seconds() - busy0, time.monotonic() - t0
     measure.wait_io_idle([origin.pid])
     wait_cpu_idle(pids)
     cpu = [measure.cpu_seconds([p]) - c for p, c in zip(pids, cpu0, strict=True)]
-    metrics = [_deltas(m0, scrape(d.base)) for m0, d in zip(metrics0, members, strict=True)]
+    metrics = [_deltas(m0, scrape(d)) for m0, d in zip(metrics0, members, strict=True)]
     served = [0] * len(members)
     for url, f in zip(urls, fs, strict=True):
         served[owner_of(url)] += f.size
     for i, f in enumerate(fs):
         if f.error or f.code != 200 or f.size != size:
             env.problem(f"fleet client #{i} {f.url}: HTTP {f.code}, {f.size} B {f.error}")
-    return ColdRun(fs, origin.log.since(mark), cpu, metrics, served, size)
+    machine = busy / (elapsed * (os.cpu_count() or 1))
+    return ColdRun(fs, origin.log.since(mark), cpu, metrics, served, size, machine)
 
 
 def verify_copies(env: Env, members: list[Cached], image_id: str, md5: str, where: str) -> None:
@@ -415,6 +423,8 @@ def _row(run: ColdRun, one_copy: float) -> dict[str, object]:
         "vs_one": run.last / one_copy,
         "cpu": sum(run.member_cpu) / (sum(run.served) / GIB or 1),
         "peer_mib": run.total("peer_sent") / MIB,
+        "mb_s": sum(f.size for f in run.fetches) / run.last / 1e6,
+        "busy": run.machine * 100,
     }
 
 
@@ -463,6 +473,8 @@ def fleet(env: Env) -> list[Table]:
             Column("vs_one", "last / one-copy time", "{:.2f}"),
             Column("cpu", "CPU s/GiB served (all members)", "{:.2f}"),
             Column("peer_mib", "sibling-to-sibling MiB", "{:.0f}", ratio=False),
+            Column("mb_s", "clients' MB/s (all)", "{:.0f}"),
+            Column("busy", "machine CPU busy %", "{:.0f}", ratio=False),
         ],
         cached_row=PEER,
     )
@@ -504,6 +516,7 @@ def fleet(env: Env) -> list[Table]:
             Column("last", "last client s", "{:.2f}", ratio=False),
             Column("vs_one", "last / one-copy time", "{:.2f}", ratio=False),
             Column("cpu", "CPU s/GiB served (all)", "{:.2f}", ratio=False),
+            Column("busy", "machine CPU busy %", "{:.0f}", ratio=False),
         ],
         cached_row="",
     )
@@ -693,6 +706,11 @@ def _goals(main: Table, wide: Table, runs: dict[str, ColdRun]) -> None:
     main.notes.append(
         "(x) after a baseline value = peer fill ÷ that value; 'origin alone' is one client "
         "straight from the origin (its one-copy time) in the same run"
+    )
+    main.notes.append(
+        "machine CPU busy %: all CPUs' busy share while the clients ran (this run's processes "
+        "and anyone else's, /proc/stat, steal included); near 100 the times measure the "
+        "machine, not the upstream"
     )
     main.notes.append(
         "upstream GETs: data GETs in the origin's access log (authorisation probes "
