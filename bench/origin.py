@@ -262,7 +262,9 @@ def make_app(root: Path, rate: int = 0, shared_rate: int = 0) -> web.Application
     return app
 
 
-async def _serve(root: Path, port: int, rate: int, shared_rate: int, log: str | None) -> None:
+async def _serve(
+    root: Path, port: int, rate: int, shared_rate: int, log: str | None, host: str = "127.0.0.1"
+) -> None:
     import logging
 
     logger = logging.getLogger("bench.origin.access")
@@ -275,10 +277,10 @@ async def _serve(root: Path, port: int, rate: int, shared_rate: int, log: str | 
         make_app(root, rate, shared_rate), access_log_class=_Log, access_log=logger
     )
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = web.TCPSite(runner, host, port)
     await site.start()
     bound = runner.addresses[0][1]
-    print(f"fake glance: listening on http://127.0.0.1:{bound}", file=sys.stderr, flush=True)
+    print(f"fake glance: listening on http://{host}:{bound}", file=sys.stderr, flush=True)
     await asyncio.Event().wait()
 
 
@@ -286,6 +288,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description="fake Glance origin for the cached bench")
     p.add_argument("--root", type=Path, required=True, help="the www dir (images/, records/)")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--rate", type=int, default=0, help="bytes/s per connection; 0 = sendfile")
     p.add_argument(
         "--shared-rate", type=int, default=0, help="bytes/s for all data responses together"
@@ -293,7 +296,7 @@ def main() -> None:
     p.add_argument("--log", help="access log file (default stdout)")
     a = p.parse_args()
     try:
-        asyncio.run(_serve(a.root, a.port, a.rate, a.shared_rate, a.log))
+        asyncio.run(_serve(a.root, a.port, a.rate, a.shared_rate, a.log, a.host))
     except KeyboardInterrupt:
         pass
 
