@@ -36,6 +36,7 @@ asserted: the issue's targets are printed as ``goal:`` lines.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -231,6 +232,7 @@ class ColdRun:
     served: list[int]  # body bytes each member sent its clients
     size: int
     machine: float  # the machine's busy share of all CPUs while the clients ran (anyone's)
+    filled: list[float | None]  # s from the launch to each member's verified fill (None: none)
 
     @property
     def last(self) -> float:
@@ -250,6 +252,7 @@ class ColdRun:
             "member_metrics": self.member_metrics,
             "served": self.served,
             "machine_busy": self.machine,
+            "fills_verified_s": self.filled,
             "clients": [f.to_json() for f in self.fetches],
         }
 
@@ -273,7 +276,7 @@ def cold_run(
     mark = origin.log.mark()
     metrics0 = [scrape(d) for d in members]
     cpu0 = [measure.cpu_seconds([p]) for p in pids]
-    busy0, t0 = measure.busy_seconds(), time.monotonic()
+    busy0, t0, launched = measure.busy_seconds(), time.monotonic(), time.time()
     fs = clients.fetch_many(urls, max_time=900)
     busy, elapsed = measure.busy_seconds() - busy0, time.monotonic() - t0
     measure.wait_io_idle([origin.pid])
@@ -287,7 +290,24 @@ def cold_run(
         if f.error or f.code != 200 or f.size != size:
             env.problem(f"fleet client #{i} {f.url}: HTTP {f.code}, {f.size} B {f.error}")
     machine = busy / (elapsed * (os.cpu_count() or 1))
-    return ColdRun(fs, origin.log.since(mark), cpu, metrics, served, size, machine)
+    image_id = urls[0].split("/v2/images/")[1].split("/")[0]
+    filled = [_verified_at(d, image_id, launched) for d in members]
+    return ColdRun(fs, origin.log.since(mark), cpu, metrics, served, size, machine, filled)
+
+
+def _verified_at(daemon: Cached, image_id: str, since: float) -> float | None:
+    """Seconds from ``since`` (time.time()) to the daemon's log line saying its fill of
+    ``image_id`` was verified (None: it had no fill of its own). Log times are local, ms."""
+    log = daemon.env.logs / f"{daemon.name}.log"
+    pattern = re.compile(
+        rf"^(\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{{3}}) \w+ cached\.fill: cached "
+        rf"{re.escape(image_id)}: \d+ bytes, \w+ verified",
+        re.MULTILINE,
+    )
+    m = pattern.search(log.read_text(errors="replace")) if log.exists() else None
+    if m is None:
+        return None
+    return time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1e3 - since
 
 
 def verify_copies(env: Env, members: list[Cached], image_id: str, md5: str, where: str) -> None:
@@ -420,6 +440,7 @@ def _row(run: ColdRun, one_copy: float) -> dict[str, object]:
         "ttfb_med": statistics.median(run.ttfbs) * 1e3,
         "ttfb_max": max(run.ttfbs) * 1e3,
         "last": run.last,
+        "filled": max((x for x in run.filled if x is not None), default=None),
         "vs_one": run.last / one_copy,
         "cpu": sum(run.member_cpu) / (sum(run.served) / GIB or 1),
         "peer_mib": run.total("peer_sent") / MIB,
@@ -470,6 +491,7 @@ def fleet(env: Env) -> list[Table]:
             Column("ttfb_med", "TTFB med ms", "{:.1f}"),
             Column("ttfb_max", "TTFB max ms", "{:.1f}"),
             Column("last", "last client s", "{:.2f}"),
+            Column("filled", "last fill verified s", "{:.2f}"),
             Column("vs_one", "last / one-copy time", "{:.2f}"),
             Column("cpu", "CPU s/GiB served (all members)", "{:.2f}"),
             Column("peer_mib", "sibling-to-sibling MiB", "{:.0f}", ratio=False),
@@ -514,6 +536,7 @@ def fleet(env: Env) -> list[Table]:
             Column("up_x", "upstream bytes / size", "{:.3f}", ratio=False),
             Column("ttfb_max", "TTFB max ms", "{:.1f}", ratio=False),
             Column("last", "last client s", "{:.2f}", ratio=False),
+            Column("filled", "last fill verified s", "{:.2f}", ratio=False),
             Column("vs_one", "last / one-copy time", "{:.2f}", ratio=False),
             Column("cpu", "CPU s/GiB served (all)", "{:.2f}", ratio=False),
             Column("busy", "machine CPU busy %", "{:.0f}", ratio=False),
@@ -706,6 +729,11 @@ def _goals(main: Table, wide: Table, runs: dict[str, ColdRun]) -> None:
     main.notes.append(
         "(x) after a baseline value = peer fill ÷ that value; 'origin alone' is one client "
         "straight from the origin (its one-copy time) in the same run"
+    )
+    main.notes.append(
+        "last fill verified: from the clients' launch to the last member's `cached ID: ... "
+        "verified` log line (its fill done, digest checked); clients reading behind the fill "
+        "end later"
     )
     main.notes.append(
         "machine CPU busy %: all CPUs' busy share while the clients ran (this run's processes "
