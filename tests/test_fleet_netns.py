@@ -27,6 +27,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -200,12 +201,21 @@ def download(ns: str, ip: str, image_id: str, out: Path) -> subprocess.Popen[byt
     return subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=subprocess.PIPE)
 
 
-def test_a_partition_during_a_peer_copy_resumes_from_the_upstream(tmp_path: Path) -> None:
-    """The image's owner holds a verified copy; a second member's client asks for it and the
-    member copies from the owner over a 64 Mbit/s link. Once 8 MiB went over it, the owner's
-    veth goes down (``ip link set down``): the copy stalls, and after the stall timeout (2 s
-    here) the fill takes the rest from the upstream, from where the copy stopped (a second
-    upstream data GET with a Range starting past 0). The client's body is the image."""
+@dataclass
+class World:
+    """The namespaces, the origin and three members serving one 32 MiB image."""
+
+    net: Net
+    origin_log: Path
+    members: dict[str, tuple[str, Proc]]  # member id -> (its namespace, its daemon)
+    image_id: str
+    data: bytes
+
+
+@contextlib.contextmanager
+def world(tmp_path: Path, origin_mbit: int) -> Iterator[World]:
+    """Root only (else skipped); the origin's veth capped at ``origin_mbit``; every
+    process killed and every namespace deleted on the way out, failure or not."""
     if os.geteuid() != 0:
         missing("the namespace tier needs root (network namespaces, veths, tc)")
     for tool in ("ip", "tc", "curl"):
@@ -214,16 +224,14 @@ def test_a_partition_during_a_peer_copy_resumes_from_the_upstream(tmp_path: Path
     data = os.urandom(32 * MiB)
     www = tmp_path / "www"
     image_id = publish(www, data)
-    owner_id, second_id, _ = ring.order(IDS, image_id)
     key = tmp_path / "fleet.key"
     key.write_bytes(os.urandom(48).hex().encode())
     key.chmod(0o600)
     procs: list[Proc] = []
-    started = time.monotonic()
     with network() as net:
         try:
             origin_ns = net.host("origin", ORIGIN_IP, "h-origin")
-            net.rate(origin_ns, 256)  # the upstream: 32 MiB/s
+            net.rate(origin_ns, origin_mbit)
             origin_log = tmp_path / "origin-access.log"
             origin = Proc(
                 origin_ns,
@@ -248,7 +256,7 @@ def test_a_partition_during_a_peer_copy_resumes_from_the_upstream(tmp_path: Path
                             "fleet_secret_file": str(key),
                             "fleet_lookup_timeout": 2.0,
                             "fleet_stall_timeout": 2.0,
-                            "fleet_min_copy_rate": 0,  # the link is slow on purpose
+                            "fleet_min_copy_rate": 0,  # the links are slow on purpose
                             "admin_tokens": [ADMIN],
                         }
                     )
@@ -264,40 +272,83 @@ def test_a_partition_during_a_peer_copy_resumes_from_the_upstream(tmp_path: Path
             origin.wait_for("listening on")
             for _, proc in members.values():
                 proc.wait_for("listening on")
-
-            # The owner fills from the upstream and keeps a verified copy.
-            owner_ns, owner = members[owner_id]
-            first = download(owner_ns, member_ip(IDS.index(owner_id)), image_id, tmp_path / "a")
-            assert first.communicate(timeout=40)[0] == f"200 {len(data)}".encode()
-            owner.wait_for(f"cached {image_id}: {len(data)} bytes, sha512 verified")
-            assert [r for _, r in data_gets(origin_log, image_id)] == [""]
-
-            # The second member copies from the owner over a slow link; cut it at 8 MiB.
-            net.rate(owner_ns, 64)  # 8 MiB/s out of the owner
-            second_ns, second = members[second_id]
-            body = tmp_path / "b"
-            fetch = download(second_ns, member_ip(IDS.index(second_id)), image_id, body)
-            until(
-                lambda: body.exists() and body.stat().st_size >= 8 * MiB,
-                "8 MiB of the sibling's copy reached the client",
-            )
-            assert f"{image_id} [0, {len(data)}) from sibling {owner_id}" in second.output()
-            net.link(owner_ns, up=False)
-            cut_at, had = time.monotonic(), body.stat().st_size
-            out = fetch.communicate(timeout=40)[0]
-            resumed_after = time.monotonic() - cut_at
-            assert out == f"200 {len(data)}".encode(), second.output()[-3000:]
-            assert hashlib.sha256(body.read_bytes()).digest() == hashlib.sha256(data).digest()
-            second.wait_for(f"cached {image_id}: {len(data)} bytes, sha512 verified")
-            gets = data_gets(origin_log, image_id)
-            assert len(gets) == 2 and gets[0][1] == "", gets
-            resumed_at = int(gets[1][1].removeprefix("bytes=").split("-")[0])
-            assert 8 * MiB <= resumed_at < len(data), gets
-            print(
-                f"partition with {had / MiB:.1f} MiB at the client: the rest from the upstream at "
-                f"{resumed_at / MiB:.1f} MiB ({gets[1][0]} B), client done {resumed_after:.1f} s "
-                f"after the cut; whole test {time.monotonic() - started:.1f} s"
-            )
+            yield World(net, origin_log, members, image_id, data)
         finally:
             for proc in procs:
                 proc.stop()
+
+
+def fetch_on(w: World, member: str, out: Path) -> subprocess.Popen[bytes]:
+    ns, _ = w.members[member]
+    return download(ns, member_ip(IDS.index(member)), w.image_id, out)
+
+
+def cut_and_check(
+    w: World, holder: str, member: str, body: Path, fetch: subprocess.Popen[bytes]
+) -> str:
+    """Once 8 MiB of ``member``'s copy from ``holder`` reached its client, set the holder's
+    veth down; the client's body must be the image and the rest must come from the
+    upstream, from where the copy stopped. Returns a line for the log."""
+    until(
+        lambda: body.exists() and body.stat().st_size >= 8 * MiB,
+        "8 MiB of the sibling's bytes reached the client",
+    )
+    _, proc = w.members[member]
+    assert f"{w.image_id} [0, {len(w.data)}) from sibling {holder}" in proc.output()
+    holder_ns, _ = w.members[holder]
+    w.net.link(holder_ns, up=False)
+    cut_at, had = time.monotonic(), body.stat().st_size
+    out = fetch.communicate(timeout=40)[0]
+    after = time.monotonic() - cut_at
+    assert out == f"200 {len(w.data)}".encode(), proc.output()[-3000:]
+    assert hashlib.sha256(body.read_bytes()).digest() == hashlib.sha256(w.data).digest()
+    proc.wait_for(f"cached {w.image_id}: {len(w.data)} bytes, sha512 verified")
+    resumed = [r for _, r in data_gets(w.origin_log, w.image_id) if r]
+    assert len(resumed) == 1, data_gets(w.origin_log, w.image_id)
+    resumed_at = int(resumed[0].removeprefix("bytes=").split("-")[0])
+    assert 8 * MiB <= resumed_at < len(w.data), resumed
+    return (
+        f"partition with {had / MiB:.1f} MiB at the client: the rest from the upstream at "
+        f"{resumed_at / MiB:.1f} MiB, client done {after:.1f} s after the cut"
+    )
+
+
+def test_a_partition_during_a_peer_copy_resumes_from_the_upstream(tmp_path: Path) -> None:
+    """The image's owner holds a verified copy; a second member's client asks for it and the
+    member copies from the owner over a 64 Mbit/s link. Once 8 MiB went over it, the owner's
+    veth goes down (``ip link set down``): the copy stalls, and after the stall timeout (2 s
+    here) the fill takes the rest from the upstream, from where the copy stopped (a second
+    upstream data GET with a Range starting past 0). The client's body is the image."""
+    started = time.monotonic()
+    with world(tmp_path, origin_mbit=256) as w:  # the upstream: 32 MiB/s
+        owner, second, _ = ring.order(IDS, w.image_id)
+        first = fetch_on(w, owner, tmp_path / "a")
+        assert first.communicate(timeout=40)[0] == f"200 {len(w.data)}".encode()
+        _, owner_proc = w.members[owner]
+        owner_proc.wait_for(f"cached {w.image_id}: {len(w.data)} bytes, sha512 verified")
+        assert [r for _, r in data_gets(w.origin_log, w.image_id)] == [""]
+
+        w.net.rate(w.members[owner][0], 64)  # 8 MiB/s out of the owner
+        body = tmp_path / "b"
+        line = cut_and_check(w, owner, second, body, fetch_on(w, second, body))
+        print(f"{line}; whole test {time.monotonic() - started:.1f} s")
+
+
+def test_a_partition_while_following_a_sibling_fill_resumes_from_the_upstream(
+    tmp_path: Path,
+) -> None:
+    """The owner's fill runs, fed by the upstream at 64 Mbit/s; a second member's client asks
+    for the image and the member follows that running fill (``filling; source=upstream``).
+    Once 8 MiB reached its client, the owner's veth goes down (its own fill stops with it):
+    after the stall timeout the follower takes the rest from the upstream, from where it was;
+    its client's body is the image."""
+    started = time.monotonic()
+    with world(tmp_path, origin_mbit=64) as w:  # the upstream: 8 MiB/s
+        owner, second, _ = ring.order(IDS, w.image_id)
+        first = fetch_on(w, owner, tmp_path / "a")
+        until(lambda: (tmp_path / "a").exists(), "the owner's client got its first bytes")
+        body = tmp_path / "b"
+        line = cut_and_check(w, owner, second, body, fetch_on(w, second, body))
+        first.kill()
+        first.wait(10)
+        print(f"{line}; whole test {time.monotonic() - started:.1f} s")
