@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import footprint, measure, procs, ranges, safety, scenarios, tls
-from bench.env import Env, Settings, cached_command, parse_size
+from bench import fleet, footprint, measure, procs, ranges, safety, scenarios, tls
+from bench.env import MIB, Env, Settings, cached_command, parse_size
 from bench.report import Table, render, update_readme, write_json
 
 SCENARIOS: dict[str, Callable[[Env], list[Table]]] = {
@@ -32,6 +32,7 @@ SCENARIOS: dict[str, Callable[[Env], list[Table]]] = {
     "startup": footprint.startup,
     "tls": tls.tls,
     "safety": safety.safety,
+    "fleet": fleet.fleet,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -55,6 +56,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--varnish",
         action=argparse.BooleanOptionalAction,
         help="include Varnish (default: in full mode, if installed)",
+    )
+    p.add_argument(
+        "--fleet-rate",
+        type=parse_size,
+        default=100 * MIB,
+        help="fleet: origin cap, all connections",
+    )
+    p.add_argument("--fleet-members", type=int, default=3, help="fleet: N of the 8-client runs")
+    p.add_argument("--fleet-clients", type=int, default=8, help="fleet: clients per member")
+    p.add_argument(
+        "--fleet-n", default="5,7", help="fleet: N of the one-client-each runs ('' for none)"
+    )
+    p.add_argument("--fleet-wide-size", type=parse_size, default=256 * MIB)
+    p.add_argument(
+        "--fleet-tls", action=argparse.BooleanOptionalAction, default=True,
+        help="fleet: also the peer-fill members over TLS",
+    )  # fmt: skip
+    p.add_argument(
+        "--fleet-lookup-timeout", type=float, help="fleet: the members' fleet_lookup_timeout"
     )
     p.add_argument("--cached-cmd", help="how to run cached (default: the `cached` script)")
     p.add_argument("--json", type=Path, help="result file (default bench/results/DATE.json)")
@@ -142,6 +162,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
         s.varnish = args.varnish
     s.origin = args.origin
     s.cached_cmd = args.cached_cmd.split() if args.cached_cmd else cached_command()
+    fleet.OPTIONS = fleet.FleetOptions(
+        rate=args.fleet_rate,
+        members=args.fleet_members,
+        clients=args.fleet_clients,
+        tls=args.fleet_tls,
+        wide=tuple(int(n) for n in args.fleet_n.split(",") if n),
+        wide_size=args.fleet_wide_size,
+        lookup_timeout=args.fleet_lookup_timeout,
+    )
     return s
 
 

@@ -156,10 +156,12 @@ class Cached:
         cache_dir: Path,
         name: str = "cached",
         config: dict[str, object] | None = None,
+        listen: str = "127.0.0.1:0",
     ):
         self.env, self.cache_dir, self.name = env, cache_dir, name
         self.upstream_port = upstream_port
         self.config = config or {}
+        self.listen = listen
         self.proc: Proc | None = None
         self.port = 0
         self.startup_s = 0.0
@@ -172,7 +174,7 @@ class Cached:
             *self.env.settings.cached_cmd,
             "serve",
             "--listen",
-            "127.0.0.1:0",
+            self.listen,
             "--upstream",
             f"http://127.0.0.1:{self.upstream_port}",
             "--cache-dir",
@@ -201,7 +203,12 @@ class Cached:
         return self.proc.pid
 
     def url(self, image_id: str) -> str:
-        return f"http://127.0.0.1:{self.port}/v2/images/{image_id}/file"
+        return f"{self.base}/v2/images/{image_id}/file"
+
+    @property
+    def base(self) -> str:
+        scheme = "https" if self.config.get("tls_cert_file") else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def entry(self, image_id: str) -> Path:
         return self.cache_dir / image_id

@@ -10,6 +10,10 @@ origin (see ``bench.nginx``) and the fake Glance below serve that tree:
 - ``GET /v2/images/{id}/file``  the data, with Range (206 + Content-Range) and sendfile
 
 Run the fake Glance alone with ``python -m bench.origin --root WWW [--port N] [--rate B/s]``.
+``--shared-rate B/s`` caps the data responses of all connections together (one token bucket
+over every data response, as a backend's link would), where ``--rate`` paces each response on
+its own. With either cap, the access log's byte count is what was really sent (a transfer
+the caller cut counts only its bytes).
 """
 
 from __future__ import annotations
@@ -131,7 +135,9 @@ class _Log(AbstractAccessLogger):
     """One line per request, in the same format as the nginx origin's access log."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        sent = (response.content_length or 0) if response.status < 300 else 0
+        sent = request.get(SENT)
+        if sent is None:
+            sent = (response.content_length or 0) if response.status < 300 else 0
         rng = request.headers.get("Range", "")
         self.logger.info(
             '%.3f "%s %s HTTP/1.1" %d %d range="%s"',
@@ -165,18 +171,41 @@ async def record(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
+class SharedRate:
+    """One token bucket for every data response of the server: together they send at most
+    ``rate`` bytes/s (after a burst of ``burst`` bytes). Takers are served in the order they
+    ask (a virtual clock: each piece books the next ``n / rate`` seconds of the link), so
+    concurrent responses share the link evenly. Only the event loop's task touches it."""
+
+    def __init__(self, rate: int, burst: int = 1 << 20) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.booked_until = 0.0  # time.monotonic() at which the link's booked time ends
+
+    async def take(self, n: int) -> None:
+        now = time.monotonic()
+        self.booked_until = max(self.booked_until, now) + n / self.rate
+        wait = self.booked_until - self.burst / self.rate - now
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+
 async def image_file(request: web.Request) -> web.StreamResponse:
     path = _file_for(request)
     rate = request.app[RATE]
-    if not rate:
+    shared = request.app[SHARED] if request.app[SHARED].rate else None
+    if not rate and shared is None:
         # sendfile, Range/206/416 handled by aiohttp
         return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
-    return await _throttled(request, path, rate)
+    return await _throttled(request, path, rate, shared)
 
 
-async def _throttled(request: web.Request, path: Path, rate: int) -> web.StreamResponse:
-    """Serve ``path`` at ``rate`` bytes/s (per connection) with ``sendfile`` in 1 MiB steps,
-    with single-range support."""
+async def _throttled(
+    request: web.Request, path: Path, rate: int, shared: SharedRate | None
+) -> web.StreamResponse:
+    """Serve ``path`` at ``rate`` bytes/s (per connection) or within the ``shared`` cap with
+    ``sendfile`` in steps (1 MiB per connection, 256 KiB under the shared cap), with
+    single-range support; what was sent is left in ``request[SENT]`` for the access log."""
     size = (await asyncio.to_thread(path.stat)).st_size
     start, end, status = 0, size, 200
     if "Range" in request.headers:
@@ -199,13 +228,17 @@ async def _throttled(request: web.Request, path: Path, rate: int) -> web.StreamR
     resp.content_length = end - start
     await resp.prepare(request)  # sends the headers
     loop, transport = asyncio.get_running_loop(), request.transport
-    t0, sent, step = time.monotonic(), 0, 1 << 20
+    t0, sent, step = time.monotonic(), 0, (256 << 10) if shared else 1 << 20
+    request[SENT] = 0
     fobj = await asyncio.to_thread(open, path, "rb")
     try:
         while start + sent < end and transport is not None:
             n = min(step, end - start - sent)
+            if shared is not None:
+                await shared.take(n)
             sent += await loop.sendfile(transport, fobj, start + sent, n)
-            ahead = t0 + sent / rate - time.monotonic()
+            request[SENT] = sent
+            ahead = t0 + sent / rate - time.monotonic() if rate else 0
             if ahead > 0:
                 await asyncio.sleep(ahead)
     finally:
@@ -216,18 +249,23 @@ async def _throttled(request: web.Request, path: Path, rate: int) -> web.StreamR
 
 ROOT = web.AppKey("root", Path)
 RATE = web.AppKey("rate", int)
+SHARED = web.AppKey("shared", SharedRate)  # rate 0: no shared cap
+SENT = "bench_sent"  # request key: body bytes a throttled response really sent
 
 
-def make_app(root: Path, rate: int = 0) -> web.Application:
+def make_app(root: Path, rate: int = 0, shared_rate: int = 0) -> web.Application:
     app = web.Application()
     app[ROOT] = root
     app[RATE] = rate
+    app[SHARED] = SharedRate(shared_rate)
     app.router.add_get("/v2/images/{id}", record)
     app.router.add_get("/v2/images/{id}/file", image_file)
     return app
 
 
-async def _serve(root: Path, port: int, rate: int, log: str | None) -> None:
+async def _serve(
+    root: Path, port: int, rate: int, shared_rate: int, log: str | None, host: str = "127.0.0.1"
+) -> None:
     import logging
 
     logger = logging.getLogger("bench.origin.access")
@@ -236,12 +274,14 @@ async def _serve(root: Path, port: int, rate: int, log: str | None) -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    runner = web.AppRunner(make_app(root, rate), access_log_class=_Log, access_log=logger)
+    runner = web.AppRunner(
+        make_app(root, rate, shared_rate), access_log_class=_Log, access_log=logger
+    )
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = web.TCPSite(runner, host, port)
     await site.start()
     bound = runner.addresses[0][1]
-    print(f"fake glance: listening on http://127.0.0.1:{bound}", file=sys.stderr, flush=True)
+    print(f"fake glance: listening on http://{host}:{bound}", file=sys.stderr, flush=True)
     await asyncio.Event().wait()
 
 
@@ -249,11 +289,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description="fake Glance origin for the cached bench")
     p.add_argument("--root", type=Path, required=True, help="the www dir (images/, records/)")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--rate", type=int, default=0, help="bytes/s per connection; 0 = sendfile")
+    p.add_argument(
+        "--shared-rate", type=int, default=0, help="bytes/s for all data responses together"
+    )
     p.add_argument("--log", help="access log file (default stdout)")
     a = p.parse_args()
     try:
-        asyncio.run(_serve(a.root, a.port, a.rate, a.log))
+        asyncio.run(_serve(a.root, a.port, a.rate, a.shared_rate, a.log, a.host))
     except KeyboardInterrupt:
         pass
 

@@ -83,7 +83,7 @@ def tls(env: Env) -> list[Table]:
     )
     systems = [
         System(PLAIN, plain.url, [plain.pid]),
-        System(TLS, lambda i: plain_to_tls(secure.url(i)), [secure.pid]),
+        System(TLS, secure.url, [secure.pid]),  # https: the daemon has a certificate
     ]
     old_bundle = os.environ.get("CURL_CA_BUNDLE")
     os.environ["CURL_CA_BUNDLE"] = str(cert)
@@ -152,10 +152,6 @@ def tls(env: Env) -> list[Table]:
     )
     t.notes.extend(ktls_status())
     return [t]
-
-
-def plain_to_tls(url: str) -> str:
-    return "https://" + url.removeprefix("http://")
 
 
 def _minus(a: float | None, b: float | None) -> float | None:

@@ -275,22 +275,37 @@ class Fetched:
     sha256: str
 
 
-async def curl(member: Member, path: str, out: Path, token: str = "token-p1") -> Fetched:
-    """GET ``path`` from ``member`` by a client in the member's namespace."""
+async def start_curl(
+    member: Member, path: str, out: Path, token: str = "token-p1"
+) -> asyncio.subprocess.Process:
+    """A client in ``member``'s namespace starts a GET of ``path`` into ``out``."""
     argv = [
         *member.ns.enter(),
         "curl", "-sS", "--max-time", "60", "-o", str(out),
         "-w", "%{http_code} %header{cache-status}",
         "-H", f"X-Auth-Token: {token}", f"{member.url}{path}",
     ]  # fmt: skip
-    proc = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
+
+
+async def finished(proc: asyncio.subprocess.Process, out: Path) -> Fetched:
+    """What a client started by :func:`start_curl` got."""
     stdout, stderr = await proc.communicate()
     assert proc.returncode == 0, stderr.decode()
     status, _, cache_status = stdout.decode().partition(" ")
     digest = await asyncio.to_thread(lambda: hashlib.sha256(out.read_bytes()).hexdigest())
     return Fetched(int(status), cache_status.strip(), digest)
+
+
+async def curl(member: Member, path: str, out: Path, token: str = "token-p1") -> Fetched:
+    """GET ``path`` from ``member`` by a client in the member's namespace."""
+    return await finished(await start_curl(member, path, out, token), out)
+
+
+def size_of(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
 
 
 def data_gets(glance: FakeGlance, image_id: str) -> list[str | None]:
@@ -362,3 +377,42 @@ async def test_peer_fill_over_shaped_links_and_a_partition(tmp_path: Path) -> No
             got = await curl(holder, path2, tmp_path / "holder2-again.bin")
             assert (got.status, got.sha256) == (200, want2), got
             assert got.cache_status.startswith("cached") and "hit" in got.cache_status, got
+
+
+async def test_a_partition_while_following_a_sibling_fill(tmp_path: Path) -> None:
+    """The owner's fill runs, fed by the upstream over a 64 Mbit/s link; a second member's
+    client asks for the image and the member follows that running fill (``filling;
+    source=upstream``). Once 4 MiB reached that client, the owner's link goes down (its own
+    fill stops with it): after the stall timeout the follower takes the rest from the
+    upstream, where it was; its client's body is the image."""
+    with network() as spaces:
+        shape(spaces["origin"], "eth0", "64mbit")  # about 8 MB/s: 16 MiB takes ~2 s
+        async with origin(spaces["origin"]) as glance, fleet(tmp_path, spaces, glance) as members:
+            data = os.urandom(16 * MiB)
+            want = hashlib.sha256(data).hexdigest()
+            image = glance.add_image(data)
+            order = ring.order(IDS, image.id)
+            owner, follower = members[order[0]], members[order[1]]
+            path = f"/v2/images/{image.id}/file"
+
+            first = await start_curl(owner, path, tmp_path / "owner.bin")
+            await until(lambda: size_of(tmp_path / "owner.bin") > 0, "the owner's fill runs")
+            body = tmp_path / "follower.bin"
+            second = await start_curl(follower, path, body)
+            await until(lambda: size_of(body) >= 4 * MiB, "4 MiB reached the follower's client")
+            spaces["hub"].run("ip", "link", "set", f"h-{owner.id}", "down")
+            loop = asyncio.get_running_loop()
+            cut_at, had = loop.time(), size_of(body)
+            got = await asyncio.wait_for(finished(second, body), 60)
+            assert (got.status, got.sha256) == (200, want), got
+            ranges = data_gets(glance, image.id)
+            print(
+                f"following: {had / MiB:.1f} MiB at the client when cut; done "
+                f"{loop.time() - cut_at:.2f} s after; upstream data GETs {ranges}"
+            )
+            # The owner's fetch, then the follower's rest from where it was.
+            assert ranges[0] is None and len(ranges) == 2, ranges
+            assert ranges[1] is not None
+            assert int(ranges[1].removeprefix("bytes=").split("-")[0]) >= 3 * MiB, ranges
+            first.kill()  # the owner's own client waits on its cut-off fill
+            await first.wait()

@@ -1,0 +1,747 @@
+"""The ``fleet`` scenario (issue 17): peer fill between the members of a fleet, against the
+same members without it, one daemon, and HAProxy's URI hashing in front of members without
+it, all measured in one run, each cold (a fresh image id), in front of one origin.
+
+The origin is the fake Glance (``bench/origin.py``) with a rate cap **shared by all its
+connections** (``--shared-rate``, default 100 MiB/s: one token bucket over every data
+response, as a backend's link would be), logging every request with the bytes it really
+sent. Its one-copy time (one client straight from it) is measured in the same run and is the
+yardstick of every "last client" time.
+
+Systems (every process on 127.0.0.1, every cache directory under the work dir, every process
+stopped by its pid when the scenario ends):
+
+- **peer fill**: N = 3 ``cached serve`` with ``fleet_self``/``fleet_members``/
+  ``fleet_secret_file`` (a random key, mode 0600) and the service token (so a member that
+  owns an image fetches it for a sibling); 8 clients per member started at once. Then the
+  owner (the member the upstream's bytes went to) is killed and one client fetches the image
+  from a sibling again.
+- **no peer fill**: the same 3 members with no fleet keys.
+- **one daemon**: 8 clients.
+- **HAProxy** (Debian's 2.6, ``balance uri``, ``hash-type consistent``, TCP health checks)
+  in front of the 3 members without peer fill, 24 clients; egress per controller from its
+  stats socket. Then the member holding the image is killed (``SIGKILL``) and one client
+  fetches it again through HAProxy.
+- **peer fill, TLS** (``--fleet-tls``): the peer-fill members listening with a self-signed
+  certificate (``bench/tls.py``), siblings calling each other over https.
+- **N = 5 and 7**, one client per member, 256 MiB (``--fleet-n``).
+
+Upstream requests are counted twice: from the origin's access log (data GETs, the
+authorisation probes ``bytes=0-0`` apart) and from each daemon's ``cached_upstream_requests``
+/ ``cached_upstream_bytes``. CPU per member is utime+stime of its process from
+``/proc/PID/stat``, read before the clients start and after it went idle. Nothing here is
+asserted: the issue's targets are printed as ``goal:`` lines.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import clients, measure
+from bench.env import GIB, MIB, Cached, Env, OriginLog, Upstream
+from bench.procs import Proc, free_port, wait_port
+from bench.report import Column, Table, at_most, ratio
+from bench.scenarios import wait_cpu_idle
+from bench.tls import self_signed
+
+PEER, NOPEER, ONE, HAPROXY, PEER_TLS = (
+    "3 members, peer fill",
+    "3 members, no peer fill",
+    "1 daemon",
+    "HAProxy uri hash, 3 members",
+    "3 members, peer fill, TLS",
+)
+ALONE = "origin alone, 1 client"
+SERVICE_TOKEN = clients.TOKEN  # the origin accepts any token
+
+
+@dataclass
+class FleetOptions:
+    """What ``python -m bench`` passes down (``--fleet-*`` options)."""
+
+    rate: int = 100 * MIB
+    members: int = 3
+    clients: int = 8
+    tls: bool = True
+    wide: tuple[int, ...] = (5, 7)
+    wide_size: int = 256 * MIB
+    lookup_timeout: float | None = None  # None: the daemon's default (0.2 s)
+
+
+OPTIONS = FleetOptions()
+
+
+class Origin:
+    """The fake Glance with the shared cap, its own access log."""
+
+    def __init__(self, env: Env, rate: int) -> None:
+        self.env = env
+        self.rate = rate
+        self.log = OriginLog(env.logs / "fleet-origin-access.log")
+        self.port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.origin",
+            "--root",
+            str(env.images.www),
+            "--port",
+            str(self.port),
+            "--shared-rate",
+            str(rate),
+            "--log",
+            str(self.log.path),
+        ]
+        self.proc = Proc("fleet-origin", argv, env.logs / "fleet-origin.out")
+        self.proc.wait_listening()
+        wait_port(self.port)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def url(self, image_id: str) -> str:
+        return f"http://127.0.0.1:{self.port}/v2/images/{image_id}/file"
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def scrape(daemon: Cached) -> dict[str, float]:
+    """A daemon's /metrics: sample (with labels) -> value; {} if it does not answer."""
+    cert = daemon.config.get("tls_cert_file")
+    context = ssl.create_default_context(cafile=str(cert)) if cert else None
+    try:
+        with urllib.request.urlopen(f"{daemon.base}/metrics", timeout=10, context=context) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def _m(samples: dict[str, float], name: str) -> float:
+    return samples.get(name, 0.0)
+
+
+METRICS = {
+    "up_data_requests": 'cached_upstream_requests_total{kind="data"}',
+    "up_range_requests": 'cached_upstream_requests_total{kind="range"}',
+    "up_data_bytes": 'cached_upstream_bytes_total{kind="data"}',
+    "up_range_bytes": 'cached_upstream_bytes_total{kind="range"}',
+    "peer_sent": 'cached_fleet_peer_bytes_total{direction="sent"}',
+    "peer_received": 'cached_fleet_peer_bytes_total{direction="received"}',
+    "from_copy": 'cached_fleet_transfers_total{source="copy"}',
+    "from_fill": 'cached_fleet_transfers_total{source="fill"}',
+    "from_upstream": 'cached_fleet_transfers_total{source="upstream"}',
+}
+
+
+@dataclass
+class Fleet:
+    """N daemons of one run; ``peer``: configured as a fleet (else plain daemons)."""
+
+    env: Env
+    origin: Origin
+    n: int
+    peer: bool
+    tls: tuple[Path, Path] | None = None
+    label: str = "fleet"
+    members: list[Cached] = field(default_factory=list)
+
+    def start(self) -> Fleet:
+        ids = [f"ctl-{i + 1}" for i in range(self.n)]
+        ports = [free_port() for _ in ids]
+        scheme = "https" if self.tls else "http"
+        conf_dir = self.env.settings.workdir / "conf"
+        conf_dir.mkdir(parents=True, exist_ok=True)
+        key = conf_dir / "fleet.key"
+        key.write_bytes(os.urandom(48).hex().encode())
+        key.chmod(0o600)
+        for member_id, port in zip(ids, ports, strict=True):
+            config: dict[str, object] = {}
+            if self.peer:
+                config |= {
+                    "fleet_self": member_id,
+                    "fleet_members": [
+                        {"id": i, "url": f"{scheme}://127.0.0.1:{p}"}
+                        for i, p in zip(ids, ports, strict=True)
+                    ],
+                    "fleet_secret_file": str(key),
+                    "service_token": SERVICE_TOKEN,
+                }
+                if OPTIONS.lookup_timeout is not None:
+                    config["fleet_lookup_timeout"] = OPTIONS.lookup_timeout
+            if self.tls:
+                cert, pem = self.tls
+                config |= {
+                    "tls_cert_file": str(cert),
+                    "tls_key_file": str(pem),
+                    "upstream_ca_file": str(cert),  # how siblings' certificates are verified
+                }
+            name = f"{self.label}-{member_id}"
+            cache_dir = self.env.settings.workdir / "cache-cached" / name
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            daemon = Cached(
+                self.env,
+                self.origin.port,
+                cache_dir,
+                name,
+                config,
+                listen=f"127.0.0.1:{port}",
+            )
+            self.members.append(daemon)
+            daemon.start()
+        return self
+
+    def stop(self) -> None:
+        for d in self.members:
+            d.stop()
+            shutil.rmtree(d.cache_dir, ignore_errors=True)
+
+    @property
+    def pids(self) -> list[int]:
+        return [d.pid for d in self.members if d.proc]
+
+
+@dataclass
+class ColdRun:
+    """One cold batch of clients: what they saw, what the origin and each member did."""
+
+    fetches: list[clients.Fetch]
+    up: Upstream
+    member_cpu: list[float]
+    member_metrics: list[dict[str, float]]  # deltas, keys of METRICS
+    served: list[int]  # body bytes each member sent its clients
+    size: int
+    machine: float  # the machine's busy share of all CPUs while the clients ran (anyone's)
+    filled: list[float | None]  # s from the launch to each member's verified fill (None: none)
+
+    @property
+    def last(self) -> float:
+        return max(f.done for f in self.fetches)
+
+    @property
+    def ttfbs(self) -> list[float]:
+        return [f.ttfb for f in self.fetches]
+
+    def total(self, key: str) -> float:
+        return sum(m[key] for m in self.member_metrics)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "upstream": self.up.__dict__,
+            "member_cpu": self.member_cpu,
+            "member_metrics": self.member_metrics,
+            "served": self.served,
+            "machine_busy": self.machine,
+            "fills_verified_s": self.filled,
+            "clients": [f.to_json() for f in self.fetches],
+        }
+
+
+def _deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: _m(after, name) - _m(before, name) for k, name in METRICS.items()}
+
+
+def cold_run(
+    env: Env,
+    origin: Origin,
+    members: list[Cached],
+    urls: list[str],
+    owner_of: Callable[[str], int],
+    size: int,
+) -> ColdRun:
+    """Start every client in ``urls`` at once; wait for all, for the origin's and the
+    members' quiet; ``owner_of(url)``: the index of the member serving that URL."""
+    pids = [d.pid for d in members]
+    measure.settle([origin.pid])
+    mark = origin.log.mark()
+    metrics0 = [scrape(d) for d in members]
+    cpu0 = [measure.cpu_seconds([p]) for p in pids]
+    busy0, t0, launched = measure.busy_seconds(), time.monotonic(), time.time()
+    fs = clients.fetch_many(urls, max_time=900)
+    busy, elapsed = measure.busy_seconds() - busy0, time.monotonic() - t0
+    measure.wait_io_idle([origin.pid])
+    wait_cpu_idle(pids)
+    cpu = [measure.cpu_seconds([p]) - c for p, c in zip(pids, cpu0, strict=True)]
+    metrics = [_deltas(m0, scrape(d)) for m0, d in zip(metrics0, members, strict=True)]
+    served = [0] * len(members)
+    for url, f in zip(urls, fs, strict=True):
+        served[owner_of(url)] += f.size
+    for i, f in enumerate(fs):
+        if f.error or f.code != 200 or f.size != size:
+            env.problem(f"fleet client #{i} {f.url}: HTTP {f.code}, {f.size} B {f.error}")
+    machine = busy / (elapsed * (os.cpu_count() or 1))
+    image_id = urls[0].split("/v2/images/")[1].split("/")[0]
+    filled = [_verified_at(d, image_id, launched) for d in members]
+    return ColdRun(fs, origin.log.since(mark), cpu, metrics, served, size, machine, filled)
+
+
+def _verified_at(daemon: Cached, image_id: str, since: float) -> float | None:
+    """Seconds from ``since`` (time.time()) to the daemon's log line saying its fill of
+    ``image_id`` was verified (None: it had no fill of its own). Log times are local, ms."""
+    log = daemon.env.logs / f"{daemon.name}.log"
+    pattern = re.compile(
+        rf"^(\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{{3}}) \w+ cached\.fill: cached "
+        rf"{re.escape(image_id)}: \d+ bytes, \w+ verified",
+        re.MULTILINE,
+    )
+    m = pattern.search(log.read_text(errors="replace")) if log.exists() else None
+    if m is None:
+        return None
+    return time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1e3 - since
+
+
+def verify_copies(env: Env, members: list[Cached], image_id: str, md5: str, where: str) -> None:
+    """Each member holds its own verified copy: a download of it is a hit with the right md5."""
+    for d in members:
+        f = clients.fetch(d.url(image_id))
+        if "hit" not in f.cache_status:
+            env.problem(f"{where}: {d.name} answered {f.cache_status!r}, not a hit")
+        got = clients.md5_of_url(d.url(image_id))
+        if got != md5:
+            env.problem(f"{where}: {d.name} body md5 {got} != {md5}")
+
+
+# --- HAProxy ------------------------------------------------------------------------------
+
+
+class HAProxy:
+    """haproxy -db (foreground) with ``balance uri`` / ``hash-type consistent``."""
+
+    def __init__(self, env: Env, members: list[Cached]) -> None:
+        self.port = free_port()
+        run_dir = env.settings.workdir / "haproxy"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        self.sock = run_dir / "stats.sock"
+        servers = "\n".join(
+            f"  server m{i} 127.0.0.1:{d.port} check inter 300ms fall 1 rise 2"
+            for i, d in enumerate(members)
+        )
+        cfg = run_dir / "haproxy.cfg"
+        cfg.write_text(
+            f"""global
+  stats socket {self.sock} mode 600 level admin
+  maxconn 2000
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 900s
+  timeout server 900s
+  retries 3
+  option redispatch
+frontend fe
+  bind 127.0.0.1:{self.port}
+  default_backend members
+backend members
+  balance uri
+  hash-type consistent
+{servers}
+"""
+        )
+        self.proc = Proc("haproxy", ["haproxy", "-db", "-f", str(cfg)], env.logs / "haproxy.log")
+        wait_port(self.port)
+
+    def url(self, image_id: str) -> str:
+        return f"http://127.0.0.1:{self.port}/v2/images/{image_id}/file"
+
+    def stats(self) -> dict[str, dict[str, str]]:
+        """``show stat``: server name -> its CSV fields."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(self.sock))
+            s.sendall(b"show stat\n")
+            chunks = []
+            while data := s.recv(65536):
+                chunks.append(data)
+        lines = b"".join(chunks).decode().splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        out = {}
+        for line in lines[1:]:
+            if line:
+                row = dict(zip(header, line.split(","), strict=False))
+                out[row["svname"]] = row
+        return out
+
+    def bytes_out(self, n: int) -> list[int]:
+        st = self.stats()
+        return [int(st.get(f"m{i}", {}).get("bout") or 0) for i in range(n)]
+
+    def wait_down(self, i: int, timeout: float = 15.0) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.stats().get(f"m{i}", {}).get("status", "").startswith("DOWN"):
+                return time.monotonic() - t0
+            time.sleep(0.05)
+        raise TimeoutError(f"haproxy never marked m{i} down")
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def haproxy_available(env: Env) -> bool:
+    if shutil.which("haproxy"):
+        return True
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print("bench: apt-get install -y haproxy", flush=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "haproxy"],
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            stdout=subprocess.DEVNULL,
+        )
+    if shutil.which("haproxy"):
+        return True
+    env.problem("fleet: no haproxy (apt-get install haproxy): its rows are left out")
+    return False
+
+
+# --- the scenario -------------------------------------------------------------------------
+
+
+def _one_copy(env: Env, origin: Origin, data_name: str, size: int, rounds: int = 2) -> float:
+    """The origin's one-copy time: one client straight from it, median of ``rounds``."""
+    data = env.data(data_name, size)
+    times = []
+    for r in range(rounds):
+        image_id = env.images.alias(data, f"fleet-alone-{size}-{r}")
+        measure.settle([origin.pid])
+        f = clients.fetch(origin.url(image_id))
+        if f.code != 200 or f.size != size:
+            env.problem(f"fleet: origin alone: HTTP {f.code}, {f.size} B")
+        times.append(f.total)
+    return statistics.median(times)
+
+
+def _row(run: ColdRun, one_copy: float) -> dict[str, object]:
+    return {
+        "clients": len(run.fetches),
+        "gets": run.up.data_gets,
+        "daemon_gets": run.total("up_data_requests") + run.total("up_range_requests"),
+        "up_x": run.up.data_bytes / run.size,
+        "ttfb_med": statistics.median(run.ttfbs) * 1e3,
+        "ttfb_max": max(run.ttfbs) * 1e3,
+        "last": run.last,
+        "filled": max((x for x in run.filled if x is not None), default=None),
+        "vs_one": run.last / one_copy,
+        "cpu": sum(run.member_cpu) / (sum(run.served) / GIB or 1),
+        "peer_mib": run.total("peer_sent") / MIB,
+        "mb_s": sum(f.size for f in run.fetches) / run.last / 1e6,
+        "busy": run.machine * 100,
+    }
+
+
+def _member_rows(t: Table, system: str, run: ColdRun, egress: list[int] | None = None) -> None:
+    for i, (cpu, m, served) in enumerate(
+        zip(run.member_cpu, run.member_metrics, run.served, strict=True)
+    ):
+        out = egress[i] if egress is not None else served + m["peer_sent"]
+        up = m["up_data_bytes"] + m["up_range_bytes"]
+        role = "upstream" if up > run.size / 2 else ("sibling" if m["peer_received"] else "")
+        t.add(
+            f"{system}: ctl-{i + 1}" + (f" ({role})" if role else ""),
+            cpu=cpu,
+            cpu_gib=cpu / (served / GIB) if served else None,
+            cpu_fill=cpu / (run.size / GIB),
+            egress=out / GIB,
+            up_mib=up / MIB,
+            peer_sent=m["peer_sent"] / MIB,
+            peer_recv=m["peer_received"] / MIB,
+        )
+
+
+def fleet(env: Env) -> list[Table]:
+    s = env.settings
+    o = OPTIONS
+    origin = Origin(env, o.rate)
+    data = env.data("img", s.size)
+    gib = data.size / GIB
+    serial = iter(range(1 << 30))
+
+    def fresh(tag: str) -> str:
+        return env.images.alias(data, f"fleet-{tag}-{next(serial)}")
+
+    main = Table(
+        "fleet",
+        f"fleet: {o.members} members x {o.clients} cold clients, one {gib:g} GiB image, origin "
+        f"capped at {o.rate / MIB:.0f} MiB/s shared by all connections",
+        [
+            Column("clients", "clients", ratio=False),
+            Column("gets", "upstream GETs (origin log)", ratio=False),
+            Column("daemon_gets", "upstream GETs (daemons)", ratio=False),
+            Column("up_x", "upstream bytes / size", "{:.3f}"),
+            Column("ttfb_med", "TTFB med ms", "{:.1f}"),
+            Column("ttfb_max", "TTFB max ms", "{:.1f}"),
+            Column("last", "last client s", "{:.2f}"),
+            Column("filled", "last fill verified s", "{:.2f}"),
+            Column("vs_one", "last / one-copy time", "{:.2f}"),
+            Column("cpu", "CPU s/GiB served (all members)", "{:.2f}"),
+            Column("peer_mib", "sibling-to-sibling MiB", "{:.0f}", ratio=False),
+            Column("mb_s", "clients' MB/s (all)", "{:.0f}"),
+            Column("busy", "machine CPU busy %", "{:.0f}", ratio=False),
+        ],
+        cached_row=PEER,
+    )
+    per = Table(
+        "fleet-members",
+        f"fleet: per member (CPU from /proc/PID/stat; egress = bytes to clients + to siblings, "
+        f"HAProxy: its per-server bytes out), {gib:g} GiB",
+        [
+            Column("cpu", "CPU s", "{:.2f}", ratio=False),
+            Column("cpu_gib", "CPU s/GiB served", "{:.2f}", ratio=False),
+            Column("cpu_fill", "CPU s per GiB of image", "{:.2f}", ratio=False),
+            Column("egress", "egress GiB", "{:.2f}", ratio=False),
+            Column("up_mib", "from upstream MiB", "{:.0f}", ratio=False),
+            Column("peer_sent", "to siblings MiB", "{:.0f}", ratio=False),
+            Column("peer_recv", "from siblings MiB", "{:.0f}", ratio=False),
+        ],
+        cached_row="",
+    )
+    again = Table(
+        "fleet-again",
+        "fleet: the holder killed, the image fetched again by one client",
+        [
+            Column("gets", "extra upstream GETs", ratio=False),
+            Column("up_x", "extra upstream bytes / size", "{:.3f}", ratio=False),
+            Column("time", "client s", "{:.2f}", ratio=False),
+            Column("down", "until HAProxy saw it down s", "{:.2f}", ratio=False),
+            Column("status", "cache status", ratio=False),
+        ],
+        cached_row="",
+    )
+    wide = Table(
+        "fleet-wide",
+        f"fleet: N members, one cold client each at once, {o.wide_size / MIB:.0f} MiB image",
+        [
+            Column("gets", "upstream GETs (origin log)", ratio=False),
+            Column("daemon_gets", "upstream GETs (daemons)", ratio=False),
+            Column("up_x", "upstream bytes / size", "{:.3f}", ratio=False),
+            Column("ttfb_max", "TTFB max ms", "{:.1f}", ratio=False),
+            Column("last", "last client s", "{:.2f}", ratio=False),
+            Column("filled", "last fill verified s", "{:.2f}", ratio=False),
+            Column("vs_one", "last / one-copy time", "{:.2f}", ratio=False),
+            Column("cpu", "CPU s/GiB served (all)", "{:.2f}", ratio=False),
+            Column("busy", "machine CPU busy %", "{:.0f}", ratio=False),
+        ],
+        cached_row="",
+    )
+    tables = [main, per, again, wide]
+    runs: dict[str, ColdRun] = {}
+    hap_cpu = 0.0
+    try:
+        one_copy = _one_copy(env, origin, "img", data.size)
+        main.add(
+            ALONE,
+            clients=1,
+            gets=1,
+            up_x=1.0,
+            last=one_copy,
+            vs_one=1.0,
+        )
+
+        def by_member(urls_of: list[str], members: list[Cached]) -> Callable[[str], int]:
+            ports = {d.port: i for i, d in enumerate(members)}
+            return lambda url: ports[int(url.split(":")[2].split("/")[0])]
+
+        # (a) peer fill, then the owner killed
+        fl = Fleet(env, origin, o.members, peer=True, label="peer").start()
+        try:
+            image_id = fresh("peer")
+            urls = [d.url(image_id) for _ in range(o.clients) for d in fl.members]
+            run = cold_run(env, origin, fl.members, urls, by_member(urls, fl.members), data.size)
+            runs[PEER] = run
+            verify_copies(env, fl.members, image_id, data.md5, PEER)
+            owner = max(range(o.members), key=lambda i: run.member_metrics[i]["up_data_bytes"])
+            fl.members[owner].proc.stop(signal.SIGKILL)  # type: ignore[union-attr]
+            fl.members[owner].proc = None
+            sibling = fl.members[(owner + 1) % o.members]
+            mark = origin.log.mark()
+            f = clients.fetch(sibling.url(image_id))
+            measure.wait_io_idle([origin.pid])
+            up = origin.log.since(mark)
+            again.add(
+                f"{PEER}: owner ctl-{owner + 1} killed, a sibling asked",
+                gets=up.data_gets,
+                up_x=up.data_bytes / data.size,
+                time=f.total,
+                status=f.cache_status,
+            )
+        finally:
+            fl.stop()
+
+        # (b) the same members without peer fill
+        fl = Fleet(env, origin, o.members, peer=False, label="nopeer").start()
+        try:
+            image_id = fresh("nopeer")
+            urls = [d.url(image_id) for _ in range(o.clients) for d in fl.members]
+            runs[NOPEER] = cold_run(
+                env, origin, fl.members, urls, by_member(urls, fl.members), data.size
+            )
+        finally:
+            fl.stop()
+
+        # (c) one daemon
+        fl = Fleet(env, origin, 1, peer=False, label="one").start()
+        try:
+            image_id = fresh("one")
+            urls = [fl.members[0].url(image_id)] * o.clients
+            runs[ONE] = cold_run(env, origin, fl.members, urls, lambda _u: 0, data.size)
+        finally:
+            fl.stop()
+
+        # (d) HAProxy in front of members without peer fill
+        if haproxy_available(env):
+            fl = Fleet(env, origin, o.members, peer=False, label="haproxy").start()
+            hap = HAProxy(env, fl.members)
+            try:
+                image_id = fresh("haproxy")
+                urls = [hap.url(image_id)] * (o.clients * o.members)
+                out0 = hap.bytes_out(o.members)
+                hap_cpu = measure.cpu_seconds([hap.proc.pid])
+                run = cold_run(env, origin, fl.members, urls, lambda _u: 0, data.size)
+                hap_cpu = measure.cpu_seconds([hap.proc.pid]) - hap_cpu
+                egress = [b - a for a, b in zip(out0, hap.bytes_out(o.members), strict=True)]
+                run.served = egress  # who served the clients: HAProxy's per-server bytes out
+                runs[HAPROXY] = run
+                holder = max(range(o.members), key=lambda i: egress[i])
+                fl.members[holder].proc.stop(signal.SIGKILL)  # type: ignore[union-attr]
+                fl.members[holder].proc = None
+                down = hap.wait_down(holder)
+                mark = origin.log.mark()
+                f = clients.fetch(hap.url(image_id))
+                measure.wait_io_idle([origin.pid])
+                up = origin.log.since(mark)
+                again.add(
+                    f"{HAPROXY}: holder ctl-{holder + 1} killed",
+                    gets=up.data_gets,
+                    up_x=up.data_bytes / data.size,
+                    time=f.total,
+                    down=down,
+                    status=f.cache_status,
+                )
+                if f.code != 200 or f.size != data.size:
+                    env.problem(f"haproxy after the kill: HTTP {f.code}, {f.size} B")
+            finally:
+                hap.stop()
+                fl.stop()
+
+        # (e) peer fill over TLS
+        if o.tls:
+            cert_key = self_signed(env.settings.workdir / "conf")
+            old_bundle = os.environ.get("CURL_CA_BUNDLE")
+            os.environ["CURL_CA_BUNDLE"] = str(cert_key[0])
+            fl = Fleet(env, origin, o.members, peer=True, tls=cert_key, label="tls").start()
+            try:
+                image_id = fresh("tls")
+                urls = [d.url(image_id) for _ in range(o.clients) for d in fl.members]
+                runs[PEER_TLS] = cold_run(
+                    env, origin, fl.members, urls, by_member(urls, fl.members), data.size
+                )
+            finally:
+                fl.stop()
+                if old_bundle is None:
+                    os.environ.pop("CURL_CA_BUNDLE", None)
+                else:
+                    os.environ["CURL_CA_BUNDLE"] = old_bundle
+
+        for name in (PEER, NOPEER, ONE, HAPROXY, PEER_TLS):
+            if name in runs:
+                main.add(name, **_row(runs[name], one_copy))  # type: ignore[arg-type]
+                _member_rows(per, name, runs[name])
+                main.raw[name] = runs[name].to_json()
+            if name == HAPROXY and name in runs:
+                served = sum(runs[name].served)
+                per.add(
+                    f"{HAPROXY}: the haproxy process",
+                    cpu=hap_cpu,
+                    cpu_gib=hap_cpu / (served / GIB) if served else None,
+                    egress=served / GIB,
+                )
+        main.raw[ALONE] = {"one_copy_s": one_copy}
+
+        # (f) N = 5, 7: one client each, a smaller image
+        if o.wide:
+            small = env.data("img-wide", o.wide_size)
+            wide_copy = _one_copy(env, origin, "img-wide", small.size)
+            wide.add(ALONE, gets=1, up_x=1.0, last=wide_copy, vs_one=1.0)
+            for n in o.wide:
+                fl = Fleet(env, origin, n, peer=True, label=f"wide{n}").start()
+                try:
+                    image_id = env.images.alias(small, f"fleet-wide-{n}-{next(serial)}")
+                    urls = [d.url(image_id) for d in fl.members]
+                    run = cold_run(
+                        env, origin, fl.members, urls, by_member(urls, fl.members), small.size
+                    )
+                    row = _row(run, wide_copy)
+                    name = f"N = {n}, peer fill"
+                    wide.add(name, **{c.key: row[c.key] for c in wide.columns})  # type: ignore[arg-type]
+                    wide.raw[name] = run.to_json()
+                finally:
+                    fl.stop()
+    finally:
+        origin.stop()
+    _goals(main, wide, runs)
+    return [t for t in tables if t.rows]
+
+
+def _goals(main: Table, wide: Table, runs: dict[str, ColdRun]) -> None:
+    for name in (PEER, PEER_TLS):
+        run = runs.get(name)
+        if run is None:
+            continue
+        gets = run.up.data_gets
+        main.goal(f"{name}: 1 upstream data GET", gets, gets == 1, "{:.0f}")
+        x = run.up.data_bytes / run.size
+        main.goal(f"{name}: upstream bytes <= 1.01 x size", x, x <= 1.01, "{:.3f}x")
+        worst = max(run.ttfbs) * 1e3
+        main.goal(f"{name}: every TTFB <= 100 ms", worst, worst <= 100, "{:.1f} ms max")
+        last, one = main.value(name, "last"), main.value(ALONE, "last")
+        main.goal(
+            f"{name}: last client <= 1.25 x the origin's one-copy time",
+            ratio(last, one),
+            at_most(last, one, 1.25),
+            "{:.2f}x",
+        )
+    for name, values in wide.rows:
+        if name == ALONE:
+            continue
+        n_gets, wx = values.get("gets"), wide.value(name, "up_x")
+        ok = n_gets == 1 and wx is not None and wx <= 1.01
+        wide.goal(f"{name}: one upstream GET, bytes <= 1.01 x", wx, ok, f"{n_gets} GET, {{:.3f}}x")
+    main.notes.append(
+        "(x) after a baseline value = peer fill ÷ that value; 'origin alone' is one client "
+        "straight from the origin (its one-copy time) in the same run"
+    )
+    main.notes.append(
+        "last fill verified: from the clients' launch to the last member's `cached ID: ... "
+        "verified` log line (its fill done, digest checked); clients reading behind the fill "
+        "end later"
+    )
+    main.notes.append(
+        "machine CPU busy %: all CPUs' busy share while the clients ran (this run's processes "
+        "and anyone else's, /proc/stat, steal included); near 100 the times measure the "
+        "machine, not the upstream"
+    )
+    main.notes.append(
+        "upstream GETs: data GETs in the origin's access log (authorisation probes "
+        "`bytes=0-0` and record GETs apart) and the daemons' cached_upstream_requests "
+        "(data + range); sibling-to-sibling: cached_fleet_peer_bytes{direction=sent}"
+    )
