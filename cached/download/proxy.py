@@ -36,7 +36,8 @@ from cached.fill.registry import CachedMeanwhile, Filler
 from cached.identity.authorizer import Authorizer
 from cached.ids import is_image_id
 from cached.safety.audit import HEADER as SAFETY_HEADER
-from cached.safety.audit import Safety, describe, header_value
+from cached.safety.audit import Safety, header_value, reason
+from cached.safety.signature import Check
 from cached.safety.signatures import HEADER as SIGNATURE_HEADER
 from cached.safety.signatures import Signatures
 from cached.safety.verdict import Verdict
@@ -173,8 +174,11 @@ class Proxy:
             )
             if violation is not None:
                 if self.safety.refuse:
-                    return _refused(request, image_id, violation.verdict, request_id)
-                return await self._bypass(request, "unsafe-format")
+                    return _refused(
+                        request, image_id, violation.verdict, request_id, violation.signature
+                    )
+                detail = "unsafe-format" if violation.signature is None else "bad-signature"
+                return await self._bypass(request, detail)
         if bypass is not None:  # the cache directory is not usable (cached/cachedir/directories.py)
             return await self._bypass(request, bypass)
         if auth.stale and (entry is None or not entry.complete):  # never a fill on it
@@ -674,7 +678,8 @@ def _close(file: BinaryIO) -> None:
 def _record_of(entry: Entry) -> ImageRecord:
     """The image record as the entry keeps it (a fill of an entry opened without asking the
     upstream: a resume, a reader midway). Its declared formats are the entry's (entries
-    from before they were kept declare none: judged on their content alone)."""
+    from before they were kept declare none: judged on their content alone); its signature
+    properties are not known (``rebuilt``: the first hit verifies the signature)."""
     raw = {
         key: value
         for key, value in (
@@ -691,17 +696,26 @@ def _record_of(entry: Entry) -> ImageRecord:
         entry.os_hash_algo,
         entry.os_hash_value,
         raw,
+        rebuilt=True,
     )
 
 
 def _refused(
-    request: web.Request, image_id: str, verdict: Verdict, request_id: str
+    request: web.Request,
+    image_id: str,
+    verdict: Verdict,
+    request_id: str,
+    signature: Check | None = None,
 ) -> web.Response:
     """refuse: Glance's 403 (webob's page, as ``Accept`` asks) naming the verdict and the
-    failed checks; the verdict in ``Cached-Image-Verdict`` too. No upstream data."""
-    message = f"Image {image_id} is refused by the image cache: its content is {describe(verdict)}."
+    failed checks, or the signature's result (``signature``: the image is kept out for its
+    signature); the verdict in ``Cached-Image-Verdict`` too, the signature's result in
+    ``Cached-Image-Signature``. No upstream data."""
+    message = f"Image {image_id} is refused by the image cache: {reason(verdict, signature)}."
     response = replies.webob_error(403, message, request_id, request.headers.get("Accept"))
     response.headers[SAFETY_HEADER] = header_value(verdict)
+    if signature is not None:
+        response.headers[SIGNATURE_HEADER] = signature.result.value
     return response
 
 

@@ -85,11 +85,16 @@ class FillSignature:
         signed: Signed,
         anchors: Anchors,
         on_commit: Callable[[Entry, FillSignature], None] | None = None,
+        *,
+        required: bool = False,
+        on_reject: Callable[[FillSignature], None] | None = None,
     ):
         self.image_id = image_id
         self.signed = signed
+        self.required = required  # image_signature_required (for allowed)
         self._anchors = anchors
         self._on_commit = on_commit
+        self._on_reject = on_reject
         self._digest: Digest | None = None  # the fill's own, or ours
         self.consumer: Digest | None = None  # ours: one more stream consumer
         self.check: Check | None = None
@@ -124,6 +129,19 @@ class FillSignature:
         if self._on_commit is not None:
             self._on_commit(entry, self)
 
+    @property
+    def allowed(self) -> bool:
+        """Whether the result lets the image be a hit under enforce
+        (:meth:`SignatureCheck.allows`); False before :meth:`finish` ran (fails closed).
+        Loop only, after the finish job."""
+        return self.check is not None and SignatureCheck.allows(self.check.result, self.required)
+
+    def rejected(self) -> None:
+        """The fill ended without a commit because of enforce (the image is kept out): report
+        the result all the same (logged, counted). Loop only, after :meth:`finish`."""
+        if self._on_reject is not None:
+            self._on_reject(self)
+
 
 class Signatures:
     """Signature checks for the whole daemon (loop-owned; see the module docstring).
@@ -153,10 +171,22 @@ class Signatures:
 
     def for_record(self, image: ImageRecord) -> FillSignature | None:
         """The check of a fill of ``image`` (Filler's hook); None when the record was rebuilt
-        from an entry (a resume: its properties are not known; the first hit checks)."""
-        if not image.raw:
+        from an entry (``ImageRecord.rebuilt``, a resume: its properties are not known; the
+        first hit checks)."""
+        if not image.raw or image.rebuilt:
             return None
-        return FillSignature(image.id, Signed.of(image.raw), self.anchors, self._committed)
+        return FillSignature(
+            image.id,
+            Signed.of(image.raw),
+            self.anchors,
+            self._committed,
+            required=self.required,
+            on_reject=self._rejected,
+        )
+
+    def _rejected(self, fill: FillSignature) -> None:
+        if fill.check is not None:
+            self._report(fill.image_id, fill.check, fill.signed)
 
     def _committed(self, entry: Entry, fill: FillSignature) -> None:
         if fill.check is not None:
