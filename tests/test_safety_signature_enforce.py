@@ -23,13 +23,15 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import Daemon, auth, start_daemon, stop_daemon, wait_complete
+from conftest import Daemon, auth, manage, start_daemon, stop_daemon, wait_complete
 from fakeglance import FakeGlance, FakeImage
 from scrapes import Delta, scrape
 from test_safety_admin import admin
 from test_safety_enforce import data_gets, fetch, kept_out, no_entry, record_of, settled
 from test_safety_signature import PKI, pki, signing_options
 
+from cached.app import MANAGER
+from cached.jobs.prefetch import Outcome as PrefetchOutcome
 from cached.safety import signature as sig
 from cached.safety import violations
 from cached.safety.inspect import VERSION
@@ -322,3 +324,38 @@ def test_signature_records_round_trip_and_parse_strictly(pki: PKI) -> None:
     assert found.properties_differ("f" * 16)
     assert not found.properties_differ(None)  # no record at hand: the record stands
     assert not violations.Violation(image_id, None, safe).properties_differ("f" * 16)
+
+
+@pytest.mark.parametrize("on_violation", MODES)
+async def test_a_prefetch_with_a_bad_signature_is_dequeued(
+    glance: FakeGlance, tmp_path: Path, pki: PKI, on_violation: str
+) -> None:
+    """Like a content violation: dequeued, not retried; once known, before any transfer."""
+    data = os.urandom(MiB)
+    image = signed_image(glance, pki, data, good=False)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    daemon = await start_daemon(
+        cache,
+        glance.url,
+        image_safety_mode="enforce",
+        image_safety_on_violation=on_violation,
+        service_token="token-admin",
+        **signing_options(pki),
+    )
+    try:
+        prefetcher = daemon.app[MANAGER].prefetcher
+        queued = f"{daemon.admin_base}/v2/queued_images"
+        for again in (False, True):
+            async with manage(daemon).put(f"{queued}/{image.id}") as resp:
+                assert resp.status == 200
+            before = data_gets(glance, image.id)
+            counts = await prefetcher.run()
+            assert (counts[PrefetchOutcome.REFUSED], counts[PrefetchOutcome.FAILED]) == (1, 0)
+            async with manage(daemon).get(queued) as resp:
+                assert (await resp.json())["queued_images"] == []
+            recorded = await kept_out(daemon, image.id)
+            assert recorded.signature is not None
+            assert (data_gets(glance, image.id) == before) is again
+    finally:
+        await stop_daemon(daemon)
