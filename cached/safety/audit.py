@@ -42,8 +42,22 @@ Ownership and threads:
   the observation is set once, before it is read) and reads :attr:`FillAudit.verdict` after
   the finish job is done.
 
-Signatures are checked beside the verdict by :mod:`cached.safety.signatures`; enforce
-refuses on them too (:meth:`Safety.violates` with the signature's result).
+**Signatures under enforce** (``image_signature_verify``; :mod:`cached.safety.signatures`
+verifies): a hit also needs an allowed signature result
+(:meth:`~cached.safety.signature.SignatureCheck.allows`). A fill's signature covers the whole
+image, so it is judged at the end, after the digest matched and the content's verdict is
+allowed, before the commit (``Fill._finish`` calls :meth:`FillAudit.signature_violated`):
+with ``refuse`` the fill fails there (the held-back last byte never goes), with
+``pass-through`` it completes for its readers uncommitted. A complete entry's signature is
+checked by :meth:`Safety.violation` after its verdict (``Signatures.check_for``: verified
+again from the file if its properties changed). Either way the
+:class:`~cached.safety.violations.Violation` carries the content verdict and the signature
+check (``signature``), recorded and handled like a content violation (the proxy's bypass
+detail is ``bad-signature``; the 403 names the result). It is forgotten when the image's
+record shows other signature properties (:meth:`Violation.properties_differ`, checked by
+:meth:`Safety.violation` and :meth:`Safety.known` with the record at hand), and at start
+(:meth:`Safety.load`) when it no longer holds (signatures off, other anchors, an unsigned
+image no longer required to be signed). An override spares it as it spares a verdict.
 """
 
 from __future__ import annotations

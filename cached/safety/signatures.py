@@ -19,14 +19,23 @@ to fills and hits.
   complete entry is its ``os_hash_value``), else hashing the file on the cache's I/O threads;
   the result is re-recorded with the commit record (``integrity.write_access``).
 
-Audit only: nothing is refused here. For enforce mode (a hit = complete + verdict allowed +
-signature ok): ``check = await signatures.check_for(entry, record, fetch)`` then
-``signatures.allows(check)``, which is
-:meth:`cached.safety.signature.SignatureCheck.allows` ``(check.result, required)``: a signed
-image must verify; an unsigned one passes unless ``image_signature_required``; None (no
-result can be had now: no record for an entry without one) is refused. ``check_for`` may hash
-the file (a hash method other than ``os_hash_algo``, after a change): await it before the
-response's headers, as the audit header does.
+Nothing is refused here; enforce mode (a hit = complete + verdict allowed + signature
+allowed) is :mod:`cached.safety.audit`'s, which asks this module:
+
+- **At the end of a fill**: :attr:`FillSignature.allowed` (after :meth:`FillSignature.finish`)
+  is :meth:`cached.safety.signature.SignatureCheck.allows` ``(check.result, required)``: a
+  signed image must verify; an unsigned one passes unless ``image_signature_required``. The
+  fill (``Fill._finish``) tells its ``FillAudit`` when it does not, before the commit: the
+  image is then kept out like a content violation, and :meth:`FillSignature.rejected`
+  reports the result (logged, counted) in place of :meth:`FillSignature.committed`.
+- **Before a hit**: ``check = await signatures.check_for(entry, record, fetch)`` then
+  :meth:`Signatures.allows`; None (no result can be had now: no record for an entry
+  without one) is refused. ``check_for`` may hash the file (a hash method other than
+  ``os_hash_algo``, after a change): it is awaited before the response's headers.
+
+A record rebuilt from an entry (``ImageRecord.rebuilt``: a resume, a reader midway) has no
+signature properties to check: its fill gets no :class:`FillSignature`, and the first hit
+verifies (looking the record up).
 
 Ownership and threads: a :class:`FillSignature` belongs to one fill: :meth:`~FillSignature.
 attach` runs on the loop as the fill is built, :meth:`~FillSignature.finish` on its feeder
