@@ -182,6 +182,8 @@ async def test_a_signature_enforce_does_not_allow_is_a_violation(
             assert counted("cached_bypass_total", reason="bad-signature") == 2
         status, listing = await admin(daemon, "GET", "/v2/cache/safety")
         assert [r["image_id"] for r in listing["violations"]] == [image.id]
+        status, row = await admin(daemon, "GET", f"/v2/cache/safety/{image.id}")
+        assert (status, row["verdict"], row["signature_violation"]) == (200, "safe", result)
     finally:
         await stop_daemon(daemon)
 
