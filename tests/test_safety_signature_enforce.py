@@ -23,7 +23,15 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import Daemon, auth, manage, start_daemon, stop_daemon, wait_complete
+from conftest import (
+    Daemon,
+    auth,
+    manage,
+    start_daemon,
+    stop_daemon,
+    wait_complete,
+    wait_idle,
+)
 from fakeglance import FakeGlance, FakeImage
 from scrapes import Delta, scrape
 from test_safety_admin import admin
@@ -31,12 +39,14 @@ from test_safety_enforce import data_gets, fetch, kept_out, no_entry, record_of,
 from test_safety_signature import PKI, pki, signing_options
 
 from cached.app import MANAGER
+from cached.download.proxy import _record_of
 from cached.jobs.prefetch import Outcome as PrefetchOutcome
 from cached.safety import signature as sig
 from cached.safety import violations
 from cached.safety.inspect import VERSION
 from cached.safety.signature import Result, Signed
 from cached.safety.verdict import Outcome, Verdict
+from cached.upstream import Credentials
 
 __all__ = ["pki"]  # the module-scoped PKI fixture, shared
 
@@ -359,5 +369,34 @@ async def test_a_prefetch_with_a_bad_signature_is_dequeued(
             recorded = await kept_out(daemon, image.id)
             assert recorded.signature is not None
             assert (data_gets(glance, image.id) == before) is again
+    finally:
+        await stop_daemon(daemon)
+
+
+async def test_a_fill_reopened_for_a_joined_download_checks_the_signature(
+    glance: FakeGlance, tmp_path: Path, pki: PKI
+) -> None:
+    """A download that joined a fill (it looked no record up) and must open a new one (that
+    fill ended meanwhile) opens it with the upstream's record when signatures are verified:
+    the record the entry keeps has no signature properties, and no longer passes for an
+    unsigned image's (its fill gets no signature check; the first hit verifies)."""
+    data = os.urandom(9 * MiB)
+    image = signed_image(glance, pki, data, good=False)
+    daemon = await enforcing(tmp_path, glance, pki, "refuse")
+    try:
+        status, _, body = await fetch(daemon, image.id, Range="bytes=0-99")
+        assert (status, body) == (206, data[:100])
+        await wait_idle(daemon, image.id)
+        entry = daemon.store.get(image.id)
+        assert entry is not None and not entry.complete
+        signatures = daemon.proxy.signatures
+        assert signatures is not None
+        kept = _record_of(entry)
+        assert kept.rebuilt and signatures.for_record(kept) is None
+        record = await daemon.proxy._fill_record(entry, Credentials.from_headers(auth()))
+        assert not record.rebuilt
+        assert record.raw[sig.SIGNATURE] == image.properties[sig.SIGNATURE]
+        fill_check = signatures.for_record(record)
+        assert fill_check is not None and not fill_check.signed.unsigned
     finally:
         await stop_daemon(daemon)

@@ -272,6 +272,25 @@ class Proxy:
 
         return lookup
 
+    async def _fill_record(self, entry: Entry, creds: Credentials) -> ImageRecord:
+        """The record to open a new fill of ``entry`` with when this download looked none up
+        (it joined a fill that ended since): the one the entry keeps, or, with signatures
+        verified, the upstream's (a rebuilt record has no signature properties, so its fill
+        could not be judged on them; enforce would let its first download complete). The
+        entry's if the upstream does not give one for the same image now."""
+        if self.signatures is not None:
+            try:
+                found = await self._record(entry.image_id, creds)
+            except UpstreamUnavailable:
+                found = None
+            if (
+                found is not None
+                and found.status == "active"
+                and (found.size, found.os_hash_value) == (entry.size, entry.os_hash_value)
+            ):
+                return found
+        return _record_of(entry)
+
     def _too_large(self, size: int) -> bool:
         return self.max_entry_size is not None and size > self.max_entry_size
 
@@ -299,7 +318,7 @@ class Proxy:
                 return fill, Outcome.COLLAPSED  # (its bytes unadmitted only in this race)
         if record is None:
             assert entry is not None
-            record = _record_of(entry)
+            record = await self._fill_record(entry, creds)
         try:
             if self.admission is None:
                 fill, created = await self.filler.open(record, creds)
@@ -368,7 +387,7 @@ class Proxy:
         """A new fill of ``entry`` for a reader midway (the last one ended), admitted like
         any other; refused, the rest of the download comes from the upstream. None: the
         entry is complete now (nothing to fill)."""
-        record = dl.record or _record_of(entry)
+        record = dl.record or await self._fill_record(entry, dl.creds)
         wanted = None if dl.whole else ranges.ByteRange(pos, stop, entry.size)
         needed = _bytes_to_fetch(entry, record, wanted)
         try:
