@@ -305,6 +305,12 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             max_entry_size=config.max_entry_size,
             directories=directories,
         )
+        signatures: Signatures | None = None
+        if anchors is not None:
+            signatures = Signatures(
+                anchors, required=config.image_signature_required, run=store.run
+            )
+            filler.signatures = proxy.signatures = signatures
         safety: Safety | None = None
         if config.image_safety_mode in ("audit", "enforce"):
             checks = SafetyPolicy(
@@ -329,6 +335,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             )
             filler.safety = proxy.safety = safety
             safety.drop = filler.remove  # a violating image's entry goes
+            safety.signatures = signatures  # enforce: a hit needs an allowed signature too
             proxy.on_deleted.append(safety.forget)  # a deleted image's verdict record too
             # Overrides and violation records are read from a directory that is ok and
             # indexed (nothing is created in a bare mount point), now and whenever it is
@@ -336,11 +343,6 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
             if directories.opened:
                 await safety.load()
             directories.on_indexed.append(safety.reload)
-        if anchors is not None:
-            signatures = Signatures(
-                anchors, required=config.image_signature_required, run=store.run
-            )
-            filler.signatures = proxy.signatures = signatures
         if config.upstream_kind == "glance" and not service.configured:
             log.warning(
                 "no service credentials (keystone_authtoken): queued images "
@@ -416,7 +418,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
                     return None
                 if record.size > config.max_entry_size:
                     return None
-                if safety is not None and safety.known(image_id, record.os_hash_value):
+                if safety is not None and safety.known(image_id, record.os_hash_value, record):
                     return None  # never cached here (enforce): the sibling asks the upstream
                 entry = store.get(image_id)
                 have = entry.present_bytes() if entry and entry.size == record.size else 0

@@ -586,8 +586,9 @@ class Config:
     # safe and not-inspectable images are served as in audit.
     image_safety_mode: str = "audit"
     # enforce only: what a download of a violating image gets. pass-through: the upstream's
-    # data, never from the cache (Cache-Status: cached; fwd=bypass; detail=unsafe-format).
-    # refuse: 403 naming the verdict, after the caller's authorisation.
+    # data, never from the cache (Cache-Status: cached; fwd=bypass; detail=unsafe-format, or
+    # detail=bad-signature for a signature). refuse: 403 naming the verdict (or the
+    # signature's result), after the caller's authorisation.
     image_safety_on_violation: str = "pass-through"
     # Formats an image may be detected as (oslo.utils' names); others are "unsafe".
     image_safety_allowed_formats: tuple[str, ...] = tuple(sorted(DEFAULT_ALLOWED))
@@ -599,8 +600,11 @@ class Config:
     image_safety_audit_interval: int = 3600
     # Glance image signatures (img_signature, ... as cursive checks them; cached/safety/
     # signature.py), verified as each image is cached: the result is stored with the entry,
-    # logged and sent in Cached-Image-Signature on hits (audit: nothing is refused). Needs
-    # both anchors below; restart to change.
+    # logged and sent in Cached-Image-Signature on hits. Audit refuses nothing; enforce keeps
+    # an image whose result is not allowed (a signed image must verify; an unsigned one
+    # passes unless image_signature_required) out of the cache like a content violation
+    # (detail=bad-signature, or 403 naming the result). Needs both anchors below; restart to
+    # change.
     image_signature_verify: bool = False
     # Unsigned images count as failures (require_signed): only enforce mode refuses them.
     image_signature_required: bool = False

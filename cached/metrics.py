@@ -116,10 +116,13 @@ def outcome_of(cache_status: str | None) -> str | None:
 
 # Why a download bypassed the cache (Cache-Status "fwd=bypass; detail=..."): the admission
 # rule, the free space, the cache directory's state (cached/cachedir/directories.py), an image
-# whose content violates the enforced safety policy (cached/safety/audit.py); anything else
-# (several ranges, a store failure, an image that is not active) is "other".
+# whose content violates the enforced safety policy (cached/safety/audit.py), or whose
+# signature enforce does not allow ("bad-signature": any result but verified, and unsigned
+# when required); anything else (several ranges, a store failure, an image that is not
+# active) is "other".
 BYPASS_REASONS = (
-    "too-large", "no-space", "read_only", "vanished", "hung", "failing", "unsafe-format", "other"
+    "too-large", "no-space", "read_only", "vanished", "hung", "failing", "unsafe-format",
+    "bad-signature", "other",
 )  # fmt: skip
 
 

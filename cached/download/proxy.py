@@ -36,7 +36,8 @@ from cached.fill.registry import CachedMeanwhile, Filler
 from cached.identity.authorizer import Authorizer
 from cached.ids import is_image_id
 from cached.safety.audit import HEADER as SAFETY_HEADER
-from cached.safety.audit import Safety, describe, header_value
+from cached.safety.audit import Safety, header_value, reason
+from cached.safety.signature import Check
 from cached.safety.signatures import HEADER as SIGNATURE_HEADER
 from cached.safety.signatures import Signatures
 from cached.safety.verdict import Verdict
@@ -180,8 +181,11 @@ class Proxy:
             )
             if violation is not None:
                 if self.safety.refuse:
-                    return _refused(request, image_id, violation.verdict, request_id)
-                return await self._bypass(request, "unsafe-format")
+                    return _refused(
+                        request, image_id, violation.verdict, request_id, violation.signature
+                    )
+                detail = "unsafe-format" if violation.signature is None else "bad-signature"
+                return await self._bypass(request, detail)
         if bypass is not None:  # the cache directory is not usable (cached/cachedir/directories.py)
             return await self._bypass(request, bypass)
         if auth.stale and (entry is None or not entry.complete):  # never a fill on it
@@ -272,6 +276,25 @@ class Proxy:
 
         return lookup
 
+    async def _fill_record(self, entry: Entry, creds: Credentials) -> ImageRecord:
+        """The record to open a new fill of ``entry`` with when this download looked none up
+        (it joined a fill that ended since): the one the entry keeps, or, with signatures
+        verified, the upstream's (a rebuilt record has no signature properties, so its fill
+        could not be judged on them; enforce would let its first download complete). The
+        entry's if the upstream does not give one for the same image now."""
+        if self.signatures is not None:
+            try:
+                found = await self._record(entry.image_id, creds)
+            except UpstreamUnavailable:
+                found = None
+            if (
+                found is not None
+                and found.status == "active"
+                and (found.size, found.os_hash_value) == (entry.size, entry.os_hash_value)
+            ):
+                return found
+        return _record_of(entry)
+
     def _too_large(self, size: int) -> bool:
         return self.max_entry_size is not None and size > self.max_entry_size
 
@@ -299,7 +322,7 @@ class Proxy:
                 return fill, Outcome.COLLAPSED  # (its bytes unadmitted only in this race)
         if record is None:
             assert entry is not None
-            record = _record_of(entry)
+            record = await self._fill_record(entry, creds)
         try:
             if self.admission is None:
                 fill, created = await self.filler.open(record, creds)
@@ -368,7 +391,7 @@ class Proxy:
         """A new fill of ``entry`` for a reader midway (the last one ended), admitted like
         any other; refused, the rest of the download comes from the upstream. None: the
         entry is complete now (nothing to fill)."""
-        record = dl.record or _record_of(entry)
+        record = dl.record or await self._fill_record(entry, dl.creds)
         wanted = None if dl.whole else ranges.ByteRange(pos, stop, entry.size)
         needed = _bytes_to_fetch(entry, record, wanted)
         try:
@@ -678,7 +701,8 @@ def _close(file: BinaryIO) -> None:
 def _record_of(entry: Entry) -> ImageRecord:
     """The image record as the entry keeps it (a fill of an entry opened without asking the
     upstream: a resume, a reader midway). Its declared formats are the entry's (entries
-    from before they were kept declare none: judged on their content alone)."""
+    from before they were kept declare none: judged on their content alone); its signature
+    properties are not known (``rebuilt``: the first hit verifies the signature)."""
     raw = {
         key: value
         for key, value in (
@@ -695,15 +719,24 @@ def _record_of(entry: Entry) -> ImageRecord:
         entry.os_hash_algo,
         entry.os_hash_value,
         raw,
+        rebuilt=True,
     )
 
 
 def _refused(
-    request: web.Request, image_id: str, verdict: Verdict, request_id: str
+    request: web.Request,
+    image_id: str,
+    verdict: Verdict,
+    request_id: str,
+    signature: Check | None = None,
 ) -> web.Response:
     """refuse: Glance's 403 (webob's page, as ``Accept`` asks) naming the verdict and the
-    failed checks; the verdict in ``Cached-Image-Verdict`` too. No upstream data."""
-    message = f"Image {image_id} is refused by the image cache: its content is {describe(verdict)}."
+    failed checks, or the signature's result (``signature``: the image is kept out for its
+    signature); the verdict in ``Cached-Image-Verdict`` too, the signature's result in
+    ``Cached-Image-Signature``. No upstream data."""
+    message = f"Image {image_id} is refused by the image cache: {reason(verdict, signature)}."
     response = replies.glance_error(403, message, request_id, request.headers.get("Accept"))
     response.headers[SAFETY_HEADER] = header_value(verdict)
+    if signature is not None:
+        response.headers[SIGNATURE_HEADER] = signature.result.value
     return response

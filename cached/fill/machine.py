@@ -59,6 +59,7 @@ from cached.fill.consumers import StreamConsumer
 from cached.fill.pipeline import Flush, Pipeline
 from cached.fill.sources import ByteSource, OneSource, Sources, UpstreamSource
 from cached.safety.audit import FillAudit, UnsafeImage
+from cached.safety.audit import reason as kept_out_because
 from cached.safety.signatures import FillSignature
 from cached.safety.verdict import Verdict
 from cached.store import Bitmap, Entry, Store
@@ -590,16 +591,27 @@ class Fill:
             self._close_files()
             return
         entry = self.entry
-        if ok and self.safety is not None and self.safety.refused:
-            verdict = self.safety.verdict
+        audit = self.safety
+        if ok and audit is not None and audit.enforce and audit.verdict is not None:
+            if not audit.verdict.allowed:
+                audit.violated(audit.verdict)  # recorded; the entry is dropped
+            elif self.signing is not None and not self.signing.allowed:
+                # The signature covers the whole image: judged only now, before the commit.
+                assert self.signing.check is not None
+                audit.signature_violated(self.signing.check)  # recorded; the entry is dropped
+        if ok and audit is not None and audit.refused:
+            verdict = audit.verdict
             assert verdict is not None
-            self.safety.violated(verdict)  # recorded; the entry is dropped
+            if self.signing is not None:
+                self.signing.rejected()  # its result logged and counted, never committed
             if self._refuse:
                 # The held-back last byte never goes: every reader is cut.
-                self._move(FillState.FAILED, UnsafeImage(entry.image_id, verdict))
+                refusal = UnsafeImage(entry.image_id, verdict, audit.signature)
+                self._move(FillState.FAILED, refusal)
             else:
                 # pass-through: the readers get every byte, the cache keeps none.
-                log.info("verified (not kept: its content violates) %s", entry.image_id)
+                why = kept_out_because(verdict, audit.signature)
+                log.info("verified (not kept: %s) %s", why, entry.image_id)
                 self._move(FillState.VERIFIED, None)
             self._close_files()
             return

@@ -356,9 +356,9 @@ class Prefetcher:
         if record.status != "active" or record.size is None:
             raise PrefetchFailed(f"image is {record.status}, not active")
         safety = self._filler.safety
-        known = safety.known(image_id, record.os_hash_value) if safety is not None else None
+        known = safety.known(image_id, record.os_hash_value, record) if safety else None
         if known is not None:
-            raise UnsafeImage(image_id, known.verdict)
+            raise UnsafeImage(image_id, known.verdict, known.signature)
         entry = self._store.get(image_id)
         admission: AbstractAsyncContextManager[NotAdmitted | None] = contextlib.nullcontext(None)
         running = self._filler.get(image_id)
@@ -382,8 +382,11 @@ class Prefetcher:
         while fill.state.active:
             with contextlib.suppress(FillAborted):  # how it ended is checked below
                 await fill.wait()
-        if fill.safety is not None and fill.safety.violation is not None:
-            raise UnsafeImage(image_id, fill.safety.violation)  # refused or never kept
+        audit = fill.safety
+        if audit is not None and audit.violation is not None:
+            raise UnsafeImage(image_id, audit.violation)  # refused or never kept
+        if audit is not None and audit.signature is not None and audit.verdict is not None:
+            raise UnsafeImage(image_id, audit.verdict, audit.signature)  # (its signature)
         entry = self._store.get(image_id)
         if fill.state is FillState.VERIFIED and entry is not None and entry.complete:
             log.info("prefetch: cached %s", image_id)

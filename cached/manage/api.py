@@ -68,7 +68,8 @@ A verdict row::
      "container": "bare", "checks": ["backing_file"], "ignored": [], "virtual_size": 1048576,
      "oslo_utils": "10.2.0", "policy": "1f0c9a2e",
      "override": {"os_hash_value": "...", "at": 1765080000.0, "reason": "..."} | null,
-     "overridden": false}          # the override applies to the cached bytes' hash value
+     "overridden": false,          # the override applies to the cached bytes' hash value
+     "signature_violation": "bad-signature" | null}  # enforce: kept out for its signature
 
 ``verdict`` null: the entry has none (filled before inspection, or with ``off``);
 ``current`` false: made by another oslo.utils version or policy (inspected again on its next
@@ -555,6 +556,9 @@ def _verdict_row(
         del found["image_id"]
     row["override"] = found
     row["overridden"] = safety.overridden(image_id, hash_value)
+    # enforce: kept out for its signature (its verdict above is then allowed): the result
+    signature = violation.signature if violation is not None else None
+    row["signature_violation"] = signature.result.value if signature is not None else None
     return row
 
 

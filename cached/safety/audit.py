@@ -42,8 +42,22 @@ Ownership and threads:
   the observation is set once, before it is read) and reads :attr:`FillAudit.verdict` after
   the finish job is done.
 
-Signatures are checked beside the verdict by :mod:`cached.safety.signatures`; enforce
-refuses on them too (:meth:`Safety.violates` with the signature's result).
+**Signatures under enforce** (``image_signature_verify``; :mod:`cached.safety.signatures`
+verifies): a hit also needs an allowed signature result
+(:meth:`~cached.safety.signature.SignatureCheck.allows`). A fill's signature covers the whole
+image, so it is judged at the end, after the digest matched and the content's verdict is
+allowed, before the commit (``Fill._finish`` calls :meth:`FillAudit.signature_violated`):
+with ``refuse`` the fill fails there (the held-back last byte never goes), with
+``pass-through`` it completes for its readers uncommitted. A complete entry's signature is
+checked by :meth:`Safety.violation` after its verdict (``Signatures.check_for``: verified
+again from the file if its properties changed). Either way the
+:class:`~cached.safety.violations.Violation` carries the content verdict and the signature
+check (``signature``), recorded and handled like a content violation (the proxy's bypass
+detail is ``bad-signature``; the 403 names the result). It is forgotten when the image's
+record shows other signature properties (:meth:`Violation.properties_differ`, checked by
+:meth:`Safety.violation` and :meth:`Safety.known` with the record at hand), and at start
+(:meth:`Safety.load`) when it no longer holds (signatures off, other anchors, an unsigned
+image no longer required to be signed). An override spares it as it spares a verdict.
 """
 
 from __future__ import annotations
@@ -64,6 +78,8 @@ from cached.safety import overrides, record, violations
 from cached.safety.inspect import VERSION, Inspector
 from cached.safety.overrides import Override
 from cached.safety.reinspect import Inspected, inspect_entry, read_verdicts
+from cached.safety.signature import MEANINGS, Check, Result, SignatureCheck, Signed
+from cached.safety.signatures import Signatures
 from cached.safety.verdict import (
     NAME,
     Declared,
@@ -85,11 +101,13 @@ _SWEEP_EVERY = 1024  # insertions between sweeps of verdicts of entries that are
 
 
 class UnsafeImage(CachedError):
-    """A fill stopped because its content violates the enforced policy (``refuse``)."""
+    """A fill stopped because its content (or, with ``signature``, its signature) violates
+    the enforced policy (``refuse``)."""
 
-    def __init__(self, image_id: str, verdict: Verdict):
-        super().__init__(f"image {image_id} refused: its content is {describe(verdict)}")
+    def __init__(self, image_id: str, verdict: Verdict, signature: Check | None = None):
+        super().__init__(f"image {image_id} refused: {reason(verdict, signature)}")
         self.verdict = verdict
+        self.signature = signature
 
 
 class FillAudit:
@@ -110,6 +128,7 @@ class FillAudit:
         os_hash_value: str | None = None,
         enforce: bool = False,
         on_violation: Callable[[FillAudit, Verdict], None] | None = None,
+        on_signature: Callable[[FillAudit, Check], None] | None = None,
     ):
         self.image_id = image_id
         self.os_hash_value = os_hash_value
@@ -119,9 +138,13 @@ class FillAudit:
         self.verdict: Verdict | None = None  # the final verdict (finish)
         self.header: Verdict | None = None  # judged on the loop once the inspector decided
         self.violation: Verdict | None = None  # enforce: the first violating verdict
+        # enforce with image_signature_verify: the signature check that keeps the image out
+        # (judged at the end of the fill, the content's verdict allowed)
+        self.signature: Check | None = None
         self.enforce = enforce
         self._on_commit = on_commit
         self._on_violation = on_violation
+        self._on_signature = on_signature
         # The fill's own reaction to a violation (Fill sets it: refuse stops the fill).
         self.stop: Callable[[Verdict], None] | None = None
 
@@ -175,11 +198,24 @@ class FillAudit:
             log.warning("cannot store the verdict of %s: %s", self.image_id, exc)
         return True
 
+    def signature_violated(self, check: Check) -> None:
+        """The fill's signature result is not allowed (enforce; told once, on the loop, at
+        the end of the fill, after :meth:`finish`, when the content's verdict is allowed)."""
+        if not self.enforce or self.violation is not None or self.signature is not None:
+            return
+        self.signature = check
+        if self._on_signature is not None:
+            self._on_signature(self, check)
+
     @property
     def refused(self) -> bool:
-        """Enforce mode, and the final verdict violates: the fill must not commit. Loop only,
-        after the finish job."""
-        return self.enforce and self.verdict is not None and not self.verdict.allowed
+        """Enforce mode, and the final verdict or the signature violates: the fill must not
+        commit. Loop only, after the finish job."""
+        if not self.enforce:
+            return False
+        return (self.verdict is not None and not self.verdict.allowed) or (
+            self.signature is not None
+        )
 
     def committed(self, entry: Entry) -> None:
         """The fill committed ``entry`` (after :meth:`finish`): report the verdict. Loop only."""
@@ -286,6 +322,9 @@ class Safety:
         # Deletes an image's cache entry, safely while it is read or filled (Filler.remove;
         # set by app.py). A running fill goes on only for its readers and never commits.
         self.drop: Callable[[str], Awaitable[object]] | None = None
+        # The signature checks (image_signature_verify; set by app.py before load): under
+        # enforce a hit needs an allowed signature too.
+        self.signatures: Signatures | None = None
         self._tasks: set[asyncio.Task[object]] = set()
 
     async def load(self) -> int:
@@ -302,13 +341,28 @@ class Safety:
             log.warning("cannot read the verdict records: %s", exc)
             return 0
         for violation in found:
-            if self.current(violation.verdict):
+            if self.current(violation.verdict) and self._signature_stands(violation):
                 self.violations[violation.image_id] = violation
             else:
                 await self._run(violations.remove, self._root, violation.image_id)
         if self.violations:
             log.info("%d image(s) kept out of the cache by their content", len(self.violations))
         return len(self.violations)
+
+    def _signature_stands(self, violation: Violation) -> bool:
+        """Whether a recorded signature violation still holds here: signatures are verified,
+        with the anchors it was judged with, and its result is still refused (not so after
+        ``image_signature_required`` was turned off for an unsigned image). A content
+        violation always does."""
+        check = violation.signature
+        if check is None:
+            return True
+        found = self.signatures
+        return (
+            found is not None
+            and check.anchors == found.anchors.fingerprint
+            and not SignatureCheck.allows(check.result, found.required)
+        )
 
     def reload(self) -> None:
         """:meth:`load` in the background (the cache directory was indexed again). Loop."""
@@ -332,6 +386,7 @@ class Safety:
             os_hash_value=image.os_hash_value,
             enforce=self.enforce and not self.overridden(image.id, image.os_hash_value),
             on_violation=self._fill_violated,
+            on_signature=self._fill_signature_violated,
         )
 
     def _declared_by(self, image: ImageRecord) -> Declared:
@@ -366,11 +421,20 @@ class Safety:
         )
 
     # ------------------------------------------------------------------ enforce
-    def known(self, image_id: str, os_hash_value: str | None = None) -> Violation | None:
+    def known(
+        self,
+        image_id: str,
+        os_hash_value: str | None = None,
+        record: ImageRecord | None = None,
+    ) -> Violation | None:
         """The violation recorded for ``image_id`` (enforce mode), if it applies to the
-        content ``os_hash_value`` and no override lets that content be served. Loop only."""
+        content ``os_hash_value`` (and, for a signature violation, to the signature
+        properties of ``record`` if given) and no override lets that content be served.
+        Loop only."""
         violation = self.violations.get(image_id)
         if violation is None or not violation.applies_to(os_hash_value):
+            return None
+        if violation.properties_differ(_signed_fingerprint(record)):
             return None
         if self.overridden(image_id, os_hash_value):
             return None
@@ -403,10 +467,18 @@ class Safety:
             return None
         recorded = self.violations.get(image_id)
         if recorded is not None:
-            if recorded.applies_to(record.os_hash_value if record is not None else None):
+            if recorded.properties_differ(_signed_fingerprint(record)):
+                # (a PATCH through the proxy, or a change at the upstream: judged again)
+                log.info(
+                    "image %s has new signature properties: its violation record is forgotten",
+                    image_id,
+                )
+                await self.forget(image_id)
+            elif recorded.applies_to(record.os_hash_value if record is not None else None):
                 return recorded
-            log.info("image %s has new content: its verdict record is forgotten", image_id)
-            await self.forget(image_id)
+            else:
+                log.info("image %s has new content: its verdict record is forgotten", image_id)
+                await self.forget(image_id)
         if entry is None or not entry.complete:
             return None
         try:
@@ -417,27 +489,86 @@ class Safety:
                 Outcome.ERROR, None, None, (), (), None, VERSION, self.fingerprint, str(exc)
             )
             return Violation(image_id, entry.os_hash_value, broken)
-        if verdict is None or verdict.allowed or self.overridden(image_id, entry.os_hash_value):
+        if verdict is None or self.overridden(image_id, entry.os_hash_value):
             return None
-        if self._failed(entry):
-            return Violation(image_id, entry.os_hash_value, verdict)  # not recorded
-        return self.violated(image_id, entry.os_hash_value, verdict, counted=True)
+        if not verdict.allowed:
+            if self._failed(entry):
+                return Violation(image_id, entry.os_hash_value, verdict)  # not recorded
+            return self.violated(image_id, entry.os_hash_value, verdict, counted=True)
+        return await self._signature_violation(entry, verdict, record, lookup)
+
+    async def _signature_violation(
+        self,
+        entry: Entry,
+        verdict: Verdict,
+        record: ImageRecord | None,
+        lookup: Lookup | None,
+    ) -> Violation | None:
+        """enforce with signatures: the complete ``entry`` (content allowed) is a hit only if
+        its signature result is allowed, verified again first if needed (its properties
+        changed, no result stored: ``Signatures.check_for``). A result that cannot be had
+        now (no record for an entry without one) keeps this download from the cache, not
+        recorded; a refused result is recorded and the entry dropped."""
+        signatures = self.signatures
+        if signatures is None:
+            return None
+        image_id = entry.image_id
+
+        async def fetch() -> ImageRecord | None:
+            if lookup is None:
+                return None  # (a stale hit: the upstream is failing)
+            try:
+                return await lookup(image_id)
+            except CachedError as exc:
+                log.debug("cannot look %s up: %s", image_id, exc)
+                return None
+
+        check = await signatures.check_for(entry, record, fetch)
+        if signatures.allows(check):
+            return None
+        if check is None:
+            unknown = Check(Result.ERROR, "no record to check it against now", "", "")
+            return Violation(image_id, entry.os_hash_value, verdict, unknown)  # not recorded
+        if entry.removed:
+            return Violation(image_id, entry.os_hash_value, verdict, check)
+        return self.violated(image_id, entry.os_hash_value, verdict, signature=check, counted=True)
 
     def _fill_violated(self, audit: FillAudit, verdict: Verdict) -> None:
         self.violated(audit.image_id, audit.os_hash_value, verdict)
 
+    def _fill_signature_violated(self, audit: FillAudit, check: Check) -> None:
+        verdict = audit.verdict
+        assert verdict is not None  # (told after the finish job)
+        self.violated(audit.image_id, audit.os_hash_value, verdict, signature=check)
+
     def violated(
-        self, image_id: str, os_hash_value: str | None, verdict: Verdict, *, counted: bool = False
+        self,
+        image_id: str,
+        os_hash_value: str | None,
+        verdict: Verdict,
+        *,
+        signature: Check | None = None,
+        counted: bool = False,
     ) -> Violation:
-        """Record that ``image_id`` violates the policy and drop its entry. Loop only.
-        ``counted``: the verdict is counted already (``cached_image_verdicts_total`` at its
-        commit, ``cached_image_reinspections_total`` for a re-inspection)."""
-        violation = Violation(image_id, os_hash_value, verdict)
+        """Record that ``image_id`` violates the policy (its content ``verdict``, or with
+        ``signature`` its signature check) and drop its entry. Loop only. ``counted``: the
+        verdict is counted already (``cached_image_verdicts_total`` at its commit,
+        ``cached_image_reinspections_total`` for a re-inspection)."""
+        violation = Violation(image_id, os_hash_value, verdict, signature)
         if self.violations.get(image_id) == violation:
             return violation
         self.violations[image_id] = violation
         action = "refused" if self.refuse else "passed through, never cached"
-        self._log(image_id, verdict, action=f": {action}")
+        if signature is None:
+            self._log(image_id, verdict, action=f": {action}")
+        else:
+            log.warning(
+                "image %s signature %s (%s): %s",
+                image_id,
+                signature.result.value,
+                MEANINGS[signature.result],
+                action,
+            )
         if not counted:
             metrics.image_judged(verdict.outcome.value)
         self._spawn(self._keep_out(violation))
@@ -851,6 +982,22 @@ class Safety:
         return had
 
 
+def reason(verdict: Verdict, signature: Check | None = None) -> str:
+    """Why an image is kept out, for messages: ``its content is unsafe (...)`` or ``its
+    signature is bad-signature (the signature does not verify)``."""
+    if signature is not None:
+        return f"its signature is {signature.result.value} ({MEANINGS[signature.result]})"
+    return f"its content is {describe(verdict)}"
+
+
+def _signed_fingerprint(record: ImageRecord | None) -> str | None:
+    """The fingerprint of ``record``'s signature properties; None when it has none to tell
+    (no record, or one rebuilt from an entry)."""
+    if record is None or not record.raw or record.rebuilt:
+        return None
+    return Signed.of(record.raw).fingerprint()
+
+
 def describe(verdict: Verdict) -> str:
     """``unsafe (detected qcow2, declared raw; failed checks: backing_file)``: for messages."""
     detected = _shown(verdict.detected) if verdict.detected is not None else "nothing"
@@ -892,4 +1039,5 @@ __all__ = [
     "UnsafeImage",
     "describe",
     "header_value",
+    "reason",
 ]

@@ -95,6 +95,19 @@ class Result(enum.Enum):
     ERROR = "error"
 
 
+# What each result means, for enforce's 403 (``Image <id> is refused by the image cache: its
+# signature is bad-signature (the signature does not verify).``) and log lines.
+MEANINGS = {
+    Result.VERIFIED: "it verifies",
+    Result.UNSIGNED: "the image is not signed and signatures are required",
+    Result.BAD_SIGNATURE: "the signature does not verify",
+    Result.UNKNOWN_CERTIFICATE: "its certificate is unknown here or does not chain to a trusted CA",
+    Result.EXPIRED_CERTIFICATE: "its certificate chain is not valid now",
+    Result.UNKNOWN_KEY_TYPE: "its key type is not supported",
+    Result.ERROR: "it cannot be checked",
+}
+
+
 class SignatureCheck:
     """The rule enforce mode applies to a result (audit mode only logs and sends it)."""
 
@@ -426,6 +439,7 @@ def loads(raw: bytes) -> Check:
 __all__ = [
     "HASH_METHODS",
     "KEY_TYPES",
+    "MEANINGS",
     "NAME",
     "PROPERTIES",
     "Anchors",

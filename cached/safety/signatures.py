@@ -19,14 +19,23 @@ to fills and hits.
   complete entry is its ``os_hash_value``), else hashing the file on the cache's I/O threads;
   the result is re-recorded with the commit record (``integrity.write_access``).
 
-Audit only: nothing is refused here. For enforce mode (a hit = complete + verdict allowed +
-signature ok): ``check = await signatures.check_for(entry, record, fetch)`` then
-``signatures.allows(check)``, which is
-:meth:`cached.safety.signature.SignatureCheck.allows` ``(check.result, required)``: a signed
-image must verify; an unsigned one passes unless ``image_signature_required``; None (no
-result can be had now: no record for an entry without one) is refused. ``check_for`` may hash
-the file (a hash method other than ``os_hash_algo``, after a change): await it before the
-response's headers, as the audit header does.
+Nothing is refused here; enforce mode (a hit = complete + verdict allowed + signature
+allowed) is :mod:`cached.safety.audit`'s, which asks this module:
+
+- **At the end of a fill**: :attr:`FillSignature.allowed` (after :meth:`FillSignature.finish`)
+  is :meth:`cached.safety.signature.SignatureCheck.allows` ``(check.result, required)``: a
+  signed image must verify; an unsigned one passes unless ``image_signature_required``. The
+  fill (``Fill._finish``) tells its ``FillAudit`` when it does not, before the commit: the
+  image is then kept out like a content violation, and :meth:`FillSignature.rejected`
+  reports the result (logged, counted) in place of :meth:`FillSignature.committed`.
+- **Before a hit**: ``check = await signatures.check_for(entry, record, fetch)`` then
+  :meth:`Signatures.allows`; None (no result can be had now: no record for an entry
+  without one) is refused. ``check_for`` may hash the file (a hash method other than
+  ``os_hash_algo``, after a change): it is awaited before the response's headers.
+
+A record rebuilt from an entry (``ImageRecord.rebuilt``: a resume, a reader midway) has no
+signature properties to check: its fill gets no :class:`FillSignature`, and the first hit
+verifies (looking the record up).
 
 Ownership and threads: a :class:`FillSignature` belongs to one fill: :meth:`~FillSignature.
 attach` runs on the loop as the fill is built, :meth:`~FillSignature.finish` on its feeder
@@ -85,11 +94,16 @@ class FillSignature:
         signed: Signed,
         anchors: Anchors,
         on_commit: Callable[[Entry, FillSignature], None] | None = None,
+        *,
+        required: bool = False,
+        on_reject: Callable[[FillSignature], None] | None = None,
     ):
         self.image_id = image_id
         self.signed = signed
+        self.required = required  # image_signature_required (for allowed)
         self._anchors = anchors
         self._on_commit = on_commit
+        self._on_reject = on_reject
         self._digest: Digest | None = None  # the fill's own, or ours
         self.consumer: Digest | None = None  # ours: one more stream consumer
         self.check: Check | None = None
@@ -124,6 +138,19 @@ class FillSignature:
         if self._on_commit is not None:
             self._on_commit(entry, self)
 
+    @property
+    def allowed(self) -> bool:
+        """Whether the result lets the image be a hit under enforce
+        (:meth:`SignatureCheck.allows`); False before :meth:`finish` ran (fails closed).
+        Loop only, after the finish job."""
+        return self.check is not None and SignatureCheck.allows(self.check.result, self.required)
+
+    def rejected(self) -> None:
+        """The fill ended without a commit because of enforce (the image is kept out): report
+        the result all the same (logged, counted). Loop only, after :meth:`finish`."""
+        if self._on_reject is not None:
+            self._on_reject(self)
+
 
 class Signatures:
     """Signature checks for the whole daemon (loop-owned; see the module docstring).
@@ -153,10 +180,22 @@ class Signatures:
 
     def for_record(self, image: ImageRecord) -> FillSignature | None:
         """The check of a fill of ``image`` (Filler's hook); None when the record was rebuilt
-        from an entry (a resume: its properties are not known; the first hit checks)."""
-        if not image.raw:
+        from an entry (``ImageRecord.rebuilt``, a resume: its properties are not known; the
+        first hit checks)."""
+        if not image.raw or image.rebuilt:
             return None
-        return FillSignature(image.id, Signed.of(image.raw), self.anchors, self._committed)
+        return FillSignature(
+            image.id,
+            Signed.of(image.raw),
+            self.anchors,
+            self._committed,
+            required=self.required,
+            on_reject=self._rejected,
+        )
+
+    def _rejected(self, fill: FillSignature) -> None:
+        if fill.check is not None:
+            self._report(fill.image_id, fill.check, fill.signed)
 
     def _committed(self, entry: Entry, fill: FillSignature) -> None:
         if fill.check is not None:

@@ -7,6 +7,13 @@ the upstream states it)::
 
     {"v":1,"id":"<uuid>","os_hash_value":"<hex>|null","verdict":{<user.cached.verdict>}}
 
+An image kept out for its signature (``image_signature_verify``: a result
+:meth:`~cached.safety.signature.SignatureCheck.allows` refuses) has the content verdict it
+got (allowed) and the signature check, with the fingerprint of the signature properties and
+of the anchors it was made for, under one more key::
+
+    {..., "signature":{<user.cached.signature>}}
+
 Parsing is strict (the verdict part by :func:`cached.safety.record.loads`); an unreadable
 record is logged and removed: the image is then cached and inspected again.
 
@@ -21,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cached.ids import is_image_id
-from cached.safety import record
+from cached.safety import record, signature
+from cached.safety.signature import Check
 from cached.safety.verdict import Verdict
 from cached.store import codec
 
@@ -31,16 +39,30 @@ DIRECTORY = "verdicts"
 VERSION = 1
 MAX_LEN = 1024
 _KEYS = frozenset(["v", "id", "os_hash_value", "verdict"])
+_OPTIONAL = frozenset(["signature"])
 _HEX = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
 class Violation:
-    """An image the enforced policy keeps out of the cache, and why."""
+    """An image the enforced policy keeps out of the cache, and why: its content ``verdict``
+    (violating), or, when ``signature`` is set, its signature check (the verdict then is the
+    content's, allowed)."""
 
     image_id: str
     os_hash_value: str | None
     verdict: Verdict
+    signature: Check | None = None
+
+    def properties_differ(self, fingerprint: str | None) -> bool:
+        """Whether this is a signature violation made for other signature properties than
+        those of ``fingerprint`` (:meth:`~cached.safety.signature.Signed.fingerprint` of the
+        image's record now; None: not known, the record stands)."""
+        return (
+            self.signature is not None
+            and fingerprint is not None
+            and self.signature.fingerprint != fingerprint
+        )
 
     def applies_to(self, os_hash_value: str | None) -> bool:
         """Whether this record speaks of an image whose content hash is ``os_hash_value``
@@ -54,14 +76,17 @@ class Violation:
 
 def dumps(violation: Violation) -> bytes:
     inner = codec.loads_object(record.dumps(violation.verdict), max_len=record.MAX_LEN, max_depth=2)
-    raw = codec.dumps(
-        {
-            "v": VERSION,
-            "id": violation.image_id,
-            "os_hash_value": violation.os_hash_value,
-            "verdict": inner,
-        }
-    )
+    doc = {
+        "v": VERSION,
+        "id": violation.image_id,
+        "os_hash_value": violation.os_hash_value,
+        "verdict": inner,
+    }
+    if violation.signature is not None:
+        doc["signature"] = codec.loads_object(
+            signature.dumps(violation.signature), max_len=signature.MAX_LEN, max_depth=1
+        )
+    raw = codec.dumps(doc)
     loads(raw)  # never write what would be refused when read back
     return raw
 
@@ -69,7 +94,7 @@ def dumps(violation: Violation) -> bytes:
 def loads(raw: bytes) -> Violation:
     """Decode a record. Raises ValueError: not exactly what :func:`dumps` writes."""
     doc = codec.loads_object(raw, max_len=MAX_LEN, max_depth=3)
-    if doc.keys() != _KEYS:
+    if not _KEYS <= doc.keys() <= _KEYS | _OPTIONAL:
         raise ValueError(f"keys {sorted(doc.keys())[:8]}")
     if codec.int_field(doc, "v", low=VERSION, high=VERSION) != VERSION:
         raise ValueError("unknown version")  # pragma: no cover - int_field bounds it
@@ -82,7 +107,12 @@ def loads(raw: bytes) -> Violation:
     if not isinstance(doc["verdict"], dict):
         raise ValueError("verdict: not an object")
     verdict = record.loads(codec.dumps(doc["verdict"]))
-    return Violation(image_id, hash_value, verdict)
+    check = None
+    if "signature" in doc:
+        if not isinstance(doc["signature"], dict):
+            raise ValueError("signature: not an object")
+        check = signature.loads(codec.dumps(doc["signature"]))
+    return Violation(image_id, hash_value, verdict, check)
 
 
 def write(root: Path, violation: Violation) -> None:

@@ -71,6 +71,9 @@ class ImageRecord:
     os_hash_algo: str | None = None
     os_hash_value: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
+    # raw holds only what a cache entry kept (its declared formats), not the upstream's
+    # record: the other properties (e.g. the signature's) are not known.
+    rebuilt: bool = field(default=False, compare=False)
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> ImageRecord:

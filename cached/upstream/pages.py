@@ -3,7 +3,8 @@
 Glance 33 answers an error in the shape the client's ``Accept`` asks for (webob's
 acceptable offers ``text/html``, ``application/json``; ``text/plain`` when neither is
 acceptable or without an ``Accept``; checked against webob itself by
-tests/test_real_glance_pages.py). Seen from a real Glance 33 for a refused ``GET /v2/images/{id}/file``:
+tests/test_real_glance_pages.py). Seen from a real Glance 33 for a refused
+``GET /v2/images/{id}/file``:
 
 * no ``Accept``, ``text/plain``: ``text/plain; charset=UTF-8``,
   ``404 Not Found\\n\\n<msg>\\n\\n   ``;
