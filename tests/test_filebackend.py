@@ -81,7 +81,7 @@ async def test_miss_then_hit(filed: Daemon, images: Path) -> None:
     assert attrs[xattrs.STATE] == b"complete" and attrs[xattrs.BITMAP] == b"\x07"
     assert attrs[xattrs.META] == (
         b'{"size":9437191,"chunk_size":4194304,"checksum":null,'
-        b'"os_hash_algo":null,"os_hash_value":null}'
+        b'"os_hash_algo":null,"os_hash_value":null,"disk_format":"raw","container_format":"bare"}'
     )
 
 

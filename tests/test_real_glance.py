@@ -50,7 +50,8 @@ MiB = 1024 * 1024
 @pytest.fixture(scope="session")
 def failure_logs(request: pytest.FixtureRequest) -> Iterator[FailureLogs]:
     plugin = FailureLogs()
-    request.config.pluginmanager.register(plugin, "realglance-failure-logs")
+    # A name of its own: modules that import this fixture get an instance each.
+    request.config.pluginmanager.register(plugin, f"realglance-failure-logs-{id(plugin)}")
     yield plugin
     request.config.pluginmanager.unregister(plugin)
 
