@@ -960,6 +960,8 @@ def _convert(name: str, value: Any) -> Any:
     if name in ("image_cache_mount", "upstream_mount"):
         return _mount_spec(name, value)
     if name == "image_safety_mode":
+        if value is False:
+            return "off"  # YAML 1.1 (PyYAML) reads the documented, unquoted `off` as false
         if value not in ("off", "audit", "enforce"):
             raise ValueError(f"must be off, audit or enforce, got {value!r}")
         return value

@@ -109,6 +109,14 @@ def test_empty_file_means_defaults(tmp_path: Path) -> None:
     assert configuration.load(write(tmp_path, "# nothing\n")) == Config()
 
 
+def test_image_safety_mode_off_needs_no_quotes(tmp_path: Path) -> None:
+    """YAML 1.1 reads an unquoted ``off`` as false: ``image_safety_mode: off``, as the README
+    writes it, is off (it was refused: "got False")."""
+    assert configuration.load(write(tmp_path, "image_safety_mode: off\n")).image_safety_mode == (
+        "off"
+    )
+
+
 def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:
     path = write(tmp_path, "listen: 127.0.0.1:1\nimage_cache_size: 10G\n")
     with pytest.raises(ConfigError) as err:
