@@ -20,6 +20,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -31,12 +32,13 @@ from conftest import (
     stop_daemon,
     wait_complete,
     wait_idle,
+    wait_until,
 )
 from fakeglance import FakeGlance, FakeImage
 from scrapes import Delta, scrape
 from test_safety_admin import admin
 from test_safety_enforce import data_gets, fetch, kept_out, no_entry, record_of, settled
-from test_safety_signature import PKI, pki, signing_options
+from test_safety_signature import PKI, pki, signing_options, stored
 
 from cached.app import MANAGER
 from cached.download.proxy import _record_of
@@ -398,5 +400,95 @@ async def test_a_fill_reopened_for_a_joined_download_checks_the_signature(
         assert record.raw[sig.SIGNATURE] == image.properties[sig.SIGNATURE]
         fill_check = signatures.for_record(record)
         assert fill_check is not None and not fill_check.signed.unsigned
+    finally:
+        await stop_daemon(daemon)
+
+
+async def audited(daemon: Daemon) -> dict[str, Any]:
+    """An audit pass started through the management API, waited for; its result's JSON."""
+    safety = daemon.proxy.safety
+    assert safety is not None
+    before = safety.last_audit
+    status, answer = await admin(daemon, "POST", "/v2/cache/safety/audit")
+    assert (status, answer["started"]) == (202, True)
+    await wait_until(lambda: safety.last_audit is not before, "the audit ran")
+    await settled(daemon)
+    status, listing = await admin(daemon, "GET", "/v2/cache/safety")
+    assert status == 200
+    last: dict[str, Any] = listing["audit"]["last"]
+    return last
+
+
+@pytest.mark.parametrize("mode", ["audit", "enforce"])
+async def test_the_audit_notices_a_signature_changed_at_the_upstream(
+    glance: FakeGlance, tmp_path: Path, pki: PKI, mode: str
+) -> None:
+    """A signature property changed at the upstream itself (not through the proxy: no
+    Proxy.image_changed) is noticed by the audit, which looks the record up with the
+    daemon's credentials and verifies again from the file: audit mode re-records the
+    result; enforce (refuse) keeps the image out as at a hit (dropped, recorded, 403)."""
+    data = os.urandom(2 * MiB)
+    image = signed_image(glance, pki, data)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    daemon = await start_daemon(
+        cache,
+        glance.url,
+        image_safety_mode=mode,
+        image_safety_on_violation="refuse",
+        service_token="token-admin",
+        **signing_options(pki),
+    )
+    try:
+        status, headers, body = await fetch(daemon, image.id)
+        assert (status, headers["Cache-Status"], body == data) == (200, MISS, True)
+        await wait_complete(daemon, image.id)
+        check = stored(daemon, image.id)
+        assert check is not None and check.result is Result.VERIFIED
+        last = await audited(daemon)  # nothing changed: checked, kept
+        assert (last["signatures_checked"], last["signatures_changed"]) == (1, 0)
+        assert last["signatures_skipped"] == 0
+        image.properties[sig.SIGNATURE] = pki.sign("rsa", b"other", "SHA-256")  # upstream only
+        last = await audited(daemon)
+        assert (last["signatures_checked"], last["signatures_changed"]) == (1, 1)
+        if mode == "audit":
+            check = stored(daemon, image.id)
+            assert check is not None and check.result is Result.BAD_SIGNATURE
+            assert check.fingerprint == Signed.of(image.properties).fingerprint()
+            assert record_of(daemon, image.id) is None
+            return
+        recorded = await kept_out(daemon, image.id)
+        assert recorded.verdict.allowed
+        assert recorded.signature is not None
+        assert recorded.signature.result is Result.BAD_SIGNATURE
+        before = data_gets(glance, image.id)
+        status, headers, _ = await fetch(daemon, image.id)
+        assert (status, headers["Cached-Image-Signature"]) == (403, "bad-signature")
+        assert data_gets(glance, image.id) == before
+        status, listing = await admin(daemon, "GET", "/v2/cache/safety")
+        assert [(r["image_id"], r["signature_violation"]) for r in listing["violations"]] == [
+            (image.id, "bad-signature")
+        ]
+    finally:
+        await stop_daemon(daemon)
+
+
+async def test_the_audit_without_credentials_counts_signatures_it_cannot_check(
+    glance: FakeGlance, tmp_path: Path, pki: PKI
+) -> None:
+    data = os.urandom(MiB)
+    image = signed_image(glance, pki, data)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    daemon = await start_daemon(cache, glance.url, **signing_options(pki))
+    try:
+        status, _, _ = await fetch(daemon, image.id)
+        assert status == 200
+        await wait_complete(daemon, image.id)
+        image.properties[sig.SIGNATURE] = pki.sign("rsa", b"other", "SHA-256")
+        last = await audited(daemon)
+        assert (last["signatures_checked"], last["signatures_skipped"]) == (0, 1)
+        check = stored(daemon, image.id)
+        assert check is not None and check.result is Result.VERIFIED  # not known here
     finally:
         await stop_daemon(daemon)

@@ -50,7 +50,10 @@ allowed, before the commit (``Fill._finish`` calls :meth:`FillAudit.signature_vi
 with ``refuse`` the fill fails there (the held-back last byte never goes), with
 ``pass-through`` it completes for its readers uncommitted. A complete entry's signature is
 checked by :meth:`Safety.violation` after its verdict (``Signatures.check_for``: verified
-again from the file if its properties changed). Either way the
+again from the file if its properties changed); the ``audit`` job and an admin's recheck
+check it too, against the record looked up with the daemon's own credentials
+(:meth:`Safety.check_signature`: a property changed at the upstream is noticed without a
+hit; skipped and counted without credentials). Either way the
 :class:`~cached.safety.violations.Violation` carries the content verdict and the signature
 check (``signature``), recorded and handled like a content violation (the proxy's bypass
 detail is ``bad-signature``; the 403 names the result). It is forgotten when the image's
@@ -237,6 +240,13 @@ class AuditResult:
     started_at: float = 0.0  # epoch seconds
     every: bool = False  # every entry was inspected, current verdicts too
     undeclared: int = 0  # inspected without a known declaration (not stored)
+    # image_signature_verify: entries whose signature result was checked against the
+    # upstream's record (looked up with the daemon's credentials), of them verified again
+    # from the file (properties changed, no result, other anchors, chain expired), and
+    # entries not checked (no credentials, no record to be had now)
+    signatures_checked: int = 0
+    signatures_changed: int = 0
+    signatures_skipped: int = 0
 
     @property
     def ms_per_entry(self) -> float | None:
@@ -255,6 +265,9 @@ class AuditResult:
             "skipped": self.skipped,
             "every": self.every,
             "undeclared": self.undeclared,
+            "signatures_checked": self.signatures_checked,
+            "signatures_changed": self.signatures_changed,
+            "signatures_skipped": self.signatures_skipped,
             "ms_per_entry": None if per is None else round(per, 3),
             "cpu_ms_per_entry": None if cpu is None else round(cpu, 3),
         }
@@ -524,8 +537,18 @@ class Safety:
                 return None
 
         check = await signatures.check_for(entry, record, fetch)
-        if signatures.allows(check):
+        return self._signature_judged(entry, verdict, check)
+
+    def _signature_judged(
+        self, entry: Entry, verdict: Verdict, check: Check | None
+    ) -> Violation | None:
+        """enforce: what ``entry``'s signature ``check`` means for it (its content
+        ``verdict`` allowed): None if allowed; a refused result is recorded and the entry
+        dropped (a hit's check, the audit's and a recheck's alike). Loop only."""
+        signatures = self.signatures
+        if signatures is None or signatures.allows(check):
             return None
+        image_id = entry.image_id
         if check is None:
             unknown = Check(Result.ERROR, "no record to check it against now", "", "")
             return Violation(image_id, entry.os_hash_value, verdict, unknown)  # not recorded
@@ -787,7 +810,48 @@ class Safety:
         previous = await self.stored(entry)
         declared = self._declared_by(image) if image is not None else None
         done = await self._inspect(entry, previous, None, declared=declared, why="rechecked")
+        if image is None and self._lookup is not None:
+            image = await self._looked_up(entry.image_id, self._lookup)
+        await self.check_signature(entry, done.verdict, image)
         return done.verdict
+
+    async def _looked_up(self, image_id: str, lookup: Lookup) -> ImageRecord | None:
+        try:
+            return await lookup(image_id)
+        except CachedError as exc:
+            log.debug("cannot look %s up: %s", image_id, exc)
+            return None
+
+    async def check_signature(
+        self, entry: Entry, verdict: Verdict | None, image: ImageRecord | None
+    ) -> bool | None:
+        """The audit's and a recheck's signature check of complete ``entry``
+        (``image_signature_verify``): against ``image``, the upstream's record now, its
+        stored result is kept or, if its properties' fingerprint differs (or it has no
+        parseable result, other anchors, an expired chain), verified again from the file
+        and re-recorded (``Signatures.verified``). Under enforce a result not allowed is
+        handled as at a hit (:meth:`_signature_judged`: recorded, the entry dropped), when
+        its content ``verdict`` is allowed and no override spares it. Returns whether it
+        was verified again; None if not checked (signatures off, no record)."""
+        signatures = self.signatures
+        if signatures is None or image is None or not image.raw or image.rebuilt:
+            return None
+        if not entry.complete or entry.removed:
+            return None
+
+        async def fetch() -> ImageRecord | None:
+            return image
+
+        check, again = await signatures.verified(entry, image, fetch)
+        if (
+            self.enforce
+            and check is not None  # (none to be had now: nothing to record)
+            and verdict is not None
+            and verdict.allowed
+            and not self.overridden(entry.image_id, entry.os_hash_value)
+        ):
+            self._signature_judged(entry, verdict, check)
+        return again
 
     async def verdicts(self, entries: list[Entry]) -> list[tuple[Entry, Verdict | None]]:
         """The stored verdicts of ``entries`` (as known, else read in one I/O job); never
@@ -869,6 +933,7 @@ class Safety:
         started, at = time.monotonic(), time.time()
         todo = sorted(entries(), key=lambda e: e.image_id)
         current = inspected = skipped = undeclared = 0
+        checked = changed = unchecked = 0
         took = cpu = 0.0
         for entry, verdict in await self.verdicts(todo):
             if entry.removed or not entry.complete or busy(entry):
@@ -881,12 +946,24 @@ class Safety:
                 and not self._failed(entry)
             ):
                 current += 1
+            else:
+                done = await self._inspect(entry, verdict, self._lookup, why="audit")
+                verdict = done.verdict
+                inspected += 1
+                undeclared += not self._declared_known(entry)
+                took += done.seconds
+                cpu += done.cpu_seconds
+            if self.signatures is None or entry.removed:
                 continue
-            done = await self._inspect(entry, verdict, self._lookup, why="audit")
-            inspected += 1
-            undeclared += not self._declared_known(entry)
-            took += done.seconds
-            cpu += done.cpu_seconds
+            image = None
+            if self._lookup is not None:
+                image = await self._looked_up(entry.image_id, self._lookup)
+            again = await self.check_signature(entry, verdict, image)
+            if again is None:
+                unchecked += 1
+            else:
+                checked += 1
+                changed += again
         result = AuditResult(
             len(todo),
             current,
@@ -898,6 +975,9 @@ class Safety:
             at,
             every,
             undeclared,
+            checked,
+            changed,
+            unchecked,
         )
         per = result.ms_per_entry
         log.info(
@@ -913,6 +993,16 @@ class Safety:
             if undeclared
             else "",
         )
+        if self.signatures is not None:
+            log.info(
+                "safety audit: %d signature results checked against the upstream's records, "
+                "%d verified again from the file%s",
+                checked,
+                changed,
+                f"; {unchecked} not checked (no service credentials or no record now)"
+                if unchecked
+                else "",
+            )
         metrics.safety_audited(result.seconds)
         self.last_audit = result
         return result

@@ -18,6 +18,10 @@ to fills and hits.
   public-key operation when the hash method is the entry's ``os_hash_algo`` (the digest of a
   complete entry is its ``os_hash_value``), else hashing the file on the cache's I/O threads;
   the result is re-recorded with the commit record (``integrity.write_access``).
+- **By the audit job and an admin's recheck** (``Safety.check_signature``): the same, against
+  the record the daemon looks up with its own credentials (:meth:`Signatures.verified` also
+  says whether the result was verified again), so a property changed at the upstream is
+  noticed without a hit.
 
 Nothing is refused here; enforce mode (a hit = complete + verdict allowed + signature
 allowed) is :mod:`cached.safety.audit`'s, which asks this module:
@@ -169,7 +173,7 @@ class Signatures:
         self._known: dict[str, tuple[weakref.ref[Entry], Check]] = {}
         self._changed: set[str] = set()  # properties may have changed since last checked
         self._doubt_stored = False  # _changed overflowed: stored results need a record
-        self._verifying: dict[str, asyncio.Future[Check | None]] = {}
+        self._verifying: dict[str, asyncio.Future[tuple[Check | None, bool]]] = {}
         self._inserted = 0
 
     def allows(self, check: Check | None) -> bool:
@@ -230,6 +234,13 @@ class Signatures:
         the module docstring); ``record``: the image's record if the caller has one,
         ``fetch``: how to get one when it is needed. None: it cannot be told now (no
         record to be had for an entry without a current result)."""
+        return (await self.verified(entry, record, fetch))[0]
+
+    async def verified(
+        self, entry: Entry, record: ImageRecord | None, fetch: FetchRecord
+    ) -> tuple[Check | None, bool]:
+        """:meth:`check_for`, and whether the result was verified again from the file now
+        (by this call or one it joined): the audit counts those."""
         image_id = entry.image_id
         known = self._known.get(image_id)
         if known is not None and known[0]() is entry and image_id not in self._changed:
@@ -240,32 +251,33 @@ class Signatures:
                 or (held.fingerprint == Signed.of(record.raw).fingerprint())
             )
             if same and (held.until is None or time.time() < held.until):
-                return held
+                return held, False
         pending = self._verifying.get(image_id)
         if pending is not None:
             return await asyncio.shield(pending)
-        future: asyncio.Future[Check | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[Check | None, bool]]
+        future = asyncio.get_running_loop().create_future()
         self._verifying[image_id] = future
         try:
-            check = await self._recheck(entry, record, fetch)
+            done = await self._recheck(entry, record, fetch)
         except BaseException:
-            future.set_result(None)
+            future.set_result((None, False))
             raise
         else:
-            future.set_result(check)
+            future.set_result(done)
         finally:
             del self._verifying[image_id]
-        return check
+        return done
 
     async def _recheck(
         self, entry: Entry, record: ImageRecord | None, fetch: FetchRecord
-    ) -> Check | None:
+    ) -> tuple[Check | None, bool]:
         image_id = entry.image_id
         try:
             stored = await self._run(_read_check, entry.path)
         except OSError as exc:
             log.debug("cannot read the signature result of %s: %s", image_id, exc)
-            return None
+            return None, False
         doubted = stored is None or self._doubt_stored or image_id in self._changed
         if doubted and (record is None or not record.raw):
             record = await fetch()
@@ -276,22 +288,22 @@ class Signatures:
                 and stored is not None
                 and (stored.current(stored.fingerprint, self.anchors.fingerprint, now))
             ):
-                return self._remember(entry, stored)
-            return None
+                return self._remember(entry, stored), False
+            return None, False
         signed = Signed.of(record.raw)
         if stored is not None and stored.current(
             signed.fingerprint(), self.anchors.fingerprint, now
         ):
             self._changed.discard(image_id)
-            return self._remember(entry, stored)
+            return self._remember(entry, stored), False
         try:
             check: Check = await self._run(_verify_entry, entry, signed, self.anchors)
         except Exception as exc:  # the file (evicted, unreadable) or the cache's threads
             log.warning("cannot verify the signature of %s again: %s", image_id, exc)
-            return None  # a hit is still a hit; enforce counts None as not allowed
+            return None, False  # a hit is still a hit; enforce counts None as not allowed
         self._changed.discard(image_id)
         self._report(image_id, check, signed, again=True)
-        return self._remember(entry, check)
+        return self._remember(entry, check), True
 
     def _report(self, image_id: str, check: Check, signed: Signed, again: bool = False) -> None:
         bad = check.result not in (Result.VERIFIED, Result.UNSIGNED)
