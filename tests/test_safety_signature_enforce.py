@@ -492,3 +492,37 @@ async def test_the_audit_without_credentials_counts_signatures_it_cannot_check(
         assert check is not None and check.result is Result.VERIFIED  # not known here
     finally:
         await stop_daemon(daemon)
+
+
+async def test_an_admin_recheck_verifies_a_changed_signature_again(
+    glance: FakeGlance, tmp_path: Path, pki: PKI
+) -> None:
+    """``POST /v2/cache/safety/{id}/recheck`` checks the signature against the upstream's
+    record too: under enforce (refuse) a result now refused keeps the image out."""
+    data = os.urandom(MiB)
+    image = signed_image(glance, pki, data)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    daemon = await start_daemon(
+        cache,
+        glance.url,
+        image_safety_mode="enforce",
+        image_safety_on_violation="refuse",
+        service_token="token-admin",  # (the record looked up with the daemon's credentials)
+        **signing_options(pki),
+    )
+    try:
+        await hits(daemon, image.id, data, "verified")
+        image.properties[sig.SIGNATURE] = pki.sign("rsa", b"other", "SHA-256")  # upstream only
+        status, row = await admin(daemon, "POST", f"/v2/cache/safety/{image.id}/recheck")
+        assert (status, row["verdict"], row["signature_violation"]) == (
+            200,
+            "safe",
+            "bad-signature",
+        )
+        recorded = await kept_out(daemon, image.id)
+        assert recorded.signature is not None
+        assert recorded.signature.result is Result.BAD_SIGNATURE
+        await violating(daemon, glance, image.id, data, "refuse", "bad-signature")
+    finally:
+        await stop_daemon(daemon)

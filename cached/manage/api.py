@@ -557,7 +557,11 @@ def _verdict_row(
     row["override"] = found
     row["overridden"] = safety.overridden(image_id, hash_value)
     # enforce: kept out for its signature (its verdict above is then allowed): the result
-    signature = violation.signature if violation is not None else None
+    # (also for an entry about to be dropped: a recheck's own answer)
+    recorded = safety.violations.get(image_id)
+    signature = (
+        recorded.signature if recorded is not None and recorded.applies_to(hash_value) else None
+    )
     row["signature_violation"] = signature.result.value if signature is not None else None
     return row
 
