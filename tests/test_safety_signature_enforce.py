@@ -36,6 +36,7 @@ from conftest import (
 )
 from fakeglance import FakeGlance, FakeImage
 from scrapes import Delta, scrape
+from test_ctl import ctl
 from test_safety_admin import admin
 from test_safety_enforce import data_gets, fetch, kept_out, no_entry, record_of, settled
 from test_safety_signature import PKI, pki, signing_options, stored
@@ -524,5 +525,46 @@ async def test_an_admin_recheck_verifies_a_changed_signature_again(
         assert recorded.signature is not None
         assert recorded.signature.result is Result.BAD_SIGNATURE
         await violating(daemon, glance, image.id, data, "refuse", "bad-signature")
+    finally:
+        await stop_daemon(daemon)
+
+
+async def test_cached_manage_safety_list_shows_the_images_kept_out(
+    glance: FakeGlance, tmp_path: Path, pki: PKI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``cached-manage safety list``: under enforce, the images kept out of the cache (here
+    for a bad signature) follow the cached ones; ``--json`` passes the API's rows through."""
+    data = os.urandom(MiB)
+    good_data = os.urandom(MiB)
+    bad = signed_image(glance, pki, data, good=False)
+    good = signed_image(glance, pki, good_data)
+    daemon = await enforcing(tmp_path, glance, pki, "refuse")
+    try:
+        await first_download(daemon, bad.id, data, "refuse")
+        await kept_out(daemon, bad.id)
+        await hits(daemon, good.id, good_data, "verified")
+        host = ("-H", daemon.admin_url)
+        assert await ctl(*host, "safety", "list") == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == "Found 1 cached images..."
+        assert [c.strip() for c in lines[4].split("|")[1:-1]][:2] == [good.id, "safe"]
+        at = lines.index("Kept out of the cache (enforce): 1 image")
+        assert [c.strip() for c in lines[at + 2].split("|")[1:-1]] == [
+            "ID",
+            "Verdict",
+            "Checks",
+            "Signature",
+            "Override",
+        ]
+        cells = [c.strip() for c in lines[at + 4].split("|")[1:-1]]
+        assert cells == [bad.id, "safe", "-", "bad-signature", "-"]
+        assert await ctl(*host, "--json", "safety", "list") == 0
+        answer = json.loads(capsys.readouterr().out)
+        assert [v["image_id"] for v in answer["verdicts"]] == [good.id]
+        assert [
+            (v["host"], v["image_id"], v["cached"], v["signature_violation"])
+            for v in answer["violations"]
+        ] == [(daemon.admin_url, bad.id, False, "bad-signature")]
+        assert answer["errors"] == []
     finally:
         await stop_daemon(daemon)

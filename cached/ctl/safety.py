@@ -2,7 +2,8 @@
 the management API's safety endpoints (``/v2/cache/safety``; cached/manage/api.py).
 
 - ``safety list``: every cached image's verdict (one table for every host with
-  ``--all-hosts``);
+  ``--all-hosts``), then, under enforce, the images kept out of the cache (their verdict, or
+  ``signature_violation``: the signature result that keeps them out);
 - ``safety show ID``: one image's verdict and override;
 - ``safety recheck ID``: inspect it again from its file now;
 - ``safety audit [--every]``: start an audit pass (``--every``: current verdicts too);
@@ -10,7 +11,8 @@ the management API's safety endpoints (``/v2/cache/safety``; cached/manage/api.p
   image with that ``os_hash_value`` be served whatever its verdict (what ``enforce`` honours),
   or withdraw that.
 
-``--json`` prints ``{"verdicts"|"audits": [...], "errors": [...]}`` like the other commands.
+``--json`` prints ``{"verdicts"|"audits": [...], "errors": [...]}`` like the other commands
+(``list`` adds ``"violations": [...]``, the API's rows with their host).
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ async def execute(
             return OK
     method, path, body = _request(action, args)
     rows: list[dict[str, Any]] = []
+    kept_out: list[dict[str, Any]] = []  # list: enforce's violations (images not cached)
     errors: list[HostError] = []
     for client, answer in await gather_json(clients, method, path, body):
         if isinstance(answer, HostError):
@@ -136,6 +139,9 @@ async def execute(
                 errors.append(HostError(client.target, "the answer has no verdicts list"))
                 continue
             rows += [{"host": host, **v} for v in verdicts if isinstance(v, dict)]
+            found = answer.get("violations")
+            if isinstance(found, list):
+                kept_out += [{"host": host, **v} for v in found if isinstance(v, dict)]
         elif isinstance(answer, dict):
             rows.append({"host": host, **answer})
         else:  # (DELETE answers nothing)
@@ -143,9 +149,13 @@ async def execute(
     key = "audits" if action.name == "audit" else "verdicts"
     if args.json:
         failed = [{"host": e.target.label, "status": e.status, "error": e.message} for e in errors]
-        print(json.dumps({key: rows, "errors": failed}, indent=2))
+        out: dict[str, Any] = {key: rows}
+        if action.name == "list":
+            out["violations"] = kept_out
+        print(json.dumps({**out, "errors": failed}, indent=2))
     elif action.name == "list":
         _print_list(rows, multi, len(clients) - len(errors), errors, len(clients))
+        _print_kept_out(kept_out, multi)
     elif action.name == "audit":
         for row in rows:
             said = "audit started" if row.get("started") else "an audit is already running"
@@ -182,6 +192,29 @@ def _print_list(
     print(f"Found {len(rows)} cached images{hosts}...")
     header = ["ID", "Verdict", "Detected", "Declared", "Checks", "Override"]
     cells = [_cells(row) for row in rows]
+    if multi:
+        header = ["Host", *header]
+        cells = [[row["host"], *c] for row, c in zip(rows, cells, strict=True)]
+    print(render.table(header, cells, {h: "l" for h in header}))
+
+
+def _print_kept_out(rows: list[dict[str, Any]], multi: bool) -> None:
+    """enforce's violations: images kept out of the cache, for their content (verdict and
+    checks) or their signature (its result)."""
+    if not rows:
+        return
+    print(f"Kept out of the cache (enforce): {len(rows)} image{'s' if len(rows) != 1 else ''}")
+    header = ["ID", "Verdict", "Checks", "Signature", "Override"]
+    cells = [
+        [
+            str(row.get("image_id")),
+            str(row.get("verdict") or "none"),
+            ",".join(row.get("checks") or []) or "-",
+            str(row.get("signature_violation") or "-"),
+            "applies" if row.get("overridden") else ("other hash" if row.get("override") else "-"),
+        ]
+        for row in rows
+    ]
     if multi:
         header = ["Host", *header]
         cells = [[row["host"], *c] for row, c in zip(rows, cells, strict=True)]
