@@ -27,6 +27,7 @@ from pathlib import Path
 
 from cached.ids import is_image_id
 from cached.store import codec
+from cached.store.store import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def write(root: Path, override: Override) -> None:
     finally:
         os.close(fd)
     os.replace(temporary, final)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def remove(root: Path, image_id: str) -> bool:
@@ -137,13 +138,5 @@ def remove(root: Path, image_id: str) -> bool:
         os.unlink(directory / image_id)
     except FileNotFoundError:
         return False
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

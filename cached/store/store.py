@@ -123,8 +123,8 @@ def _commit(entry_path: Path, root: Path, image_id: str) -> Path:
     final = root / image_id
     os.rename(entry_path, final)
     try:
-        _fsync_dir(root)
-        _fsync_dir(entry_path.parent)
+        fsync_dir(root)
+        fsync_dir(entry_path.parent)
     except OSError as exc:  # the data is flushed; only the rename may not survive a crash
         log.warning("cannot flush the directory of %s: %s", final, exc)
     return final
@@ -484,7 +484,8 @@ def _unlink_existing(path: Path) -> bool:
         return False
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the names in directory ``path`` durable (after a create, rename or unlink)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
