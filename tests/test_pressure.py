@@ -237,9 +237,27 @@ async def test_prune_restores_the_free_space_floor_evicting_an_unused_partial_en
     d = await start_daemon(cache, glance.url, min_free_space="8M")
     try:
         partial = glance.add_image(os.urandom(24 * MiB))
-        partial.cut_after = 20 * MiB  # the upstream breaks off: 16 MiB of chunks stay
-        with contextlib.suppress(aiohttp.ClientPayloadError):  # its client is cut short
-            await d.get(partial.id)
+        # The upstream holds after 20 MiB until 16 MiB of chunks are written, then breaks off
+        # (cut at once, bytes still in the client's buffer would be lost with the connection,
+        # more of them on a loaded machine): 16 MiB of chunks stay.
+        partial.hold_after = 20 * MiB
+        partial.pause()
+
+        async def cut_short() -> None:
+            with contextlib.suppress(aiohttp.ClientPayloadError):  # its client is cut short
+                await d.get(partial.id)
+
+        download = asyncio.create_task(cut_short())
+
+        def written() -> int:
+            entry = d.store.get(partial.id)
+            fill = d.filler.fill_of(entry) if entry is not None else None
+            return len(fill.written) if fill is not None else 0
+
+        await until(lambda: written() >= 4, "16 MiB (4 chunks) of the partial image written")
+        partial.cut_after = 20 * MiB
+        partial.resume()
+        await download
         await wait_idle(d, partial.id)
         entry = d.store.get(partial.id)
         assert entry is not None and not entry.complete and entry.present_bytes() >= 16 * MiB
