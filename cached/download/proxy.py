@@ -22,7 +22,7 @@ from cached.cachedir.directories import Directories
 from cached.cachedir.reverify import Integrity
 from cached.download.reader import Progress, send_entry
 from cached.edge import ranges, replies, routes
-from cached.edge.passthrough import PassThrough
+from cached.edge.passthrough import PassThrough, ReplyHook
 from cached.errors import (
     CachedError,
     FillAborted,
@@ -582,12 +582,7 @@ class Proxy:
         async def mark(response: web.StreamResponse) -> None:
             response.headers["Cache-Status"] = status
 
-        try:
-            return await self.passthrough.answer(request, mark)
-        except UpstreamUnavailable as exc:
-            if request.transport is None or request.transport.is_closing():
-                raise
-            return replies.unreachable(request, exc)
+        return await self._pass_through(request, mark)
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         """Everything else: pass through; a successful change forgets what it invalidates."""
@@ -604,6 +599,13 @@ class Proxy:
                     if 200 <= response.status < 300:
                         await self.image_changed(image_id, deleted=deleted)
 
+        return await self._pass_through(request, hook)
+
+    async def _pass_through(
+        self, request: web.Request, hook: ReplyHook | None
+    ) -> web.StreamResponse:
+        """Relay ``request`` (``hook`` sees the answer before it goes out); an upstream that
+        cannot be reached is cached's 502, unless the client already went away."""
         try:
             return await self.passthrough.answer(request, hook)
         except UpstreamUnavailable as exc:
