@@ -475,6 +475,7 @@ def make_app(config: Config, *, backend: Backend | None = None) -> web.Applicati
                 deleted=deleted_by_sibling,
                 changed=proxy.authorizer.forget,
                 head_wait=config.fleet_lookup_timeout / 2,
+                fill_feeder=peers.fill_feeder,
             )
             member = fleet
 

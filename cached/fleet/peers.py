@@ -9,6 +9,10 @@ first whose running fill is fed by the upstream (``filling; source=upstream``: f
 the upstream's pace); otherwise the upstream. A fill fed by a copy, or still choosing its
 source, says ``source=copy`` and is never followed: a chain of fills ends at the upstream
 within two hops and cannot loop (groupcache's A→B→A).
+When a transfer from a sibling fails, a member after others in the order may find one of
+them still saying ``source=copy`` from that same sibling (its own transfer has not failed
+yet): it asks that member again within the lookup timeout, so it follows the upstream-fed
+fill that member, first in the order, opens, instead of fetching the rest a second time.
 
 With service credentials (``forwarding``), a first transfer that finds no copy asks the
 first member of the image's order to fetch instead (``GET .../fetch``): the whole image for
@@ -52,7 +56,7 @@ from cached.errors import UpstreamError, UpstreamUnavailable
 from cached.fill.machine import Fill, FillState
 from cached.fill.sources import ByteSource
 from cached.fleet import ring
-from cached.fleet.serve import PREFIX, SIZE, STATE
+from cached.fleet.serve import FEEDER, PREFIX, SIZE, STATE
 from cached.fleet.trust import Trust
 from cached.upstream import Buffer, DataStream
 from cached.upstream.glance import GlanceStream
@@ -65,6 +69,8 @@ COMPLETE = "complete"  # what a sibling's HEAD says (cached/fleet/serve.py)
 FILLING_FROM_UPSTREAM = "filling; source=upstream"
 ABSENT = "absent"
 PENDING = "pending"  # a fill choosing its source: "filling; source=pending"
+COPY = "copy"  # a fill fed by a sibling's bytes: "filling; source=copy"
+AGAIN_AFTER = 0.02  # s before a sibling failing over with this fill is asked again
 
 
 class PeerHealth:
@@ -128,6 +134,7 @@ class Holding:
 
     state: str  # complete, filling; source=..., absent
     size: int | None
+    feeder: str | None = None  # with "filling; source=copy": the sibling it takes bytes from
 
 
 class Fleet:
@@ -251,6 +258,7 @@ class Fleet:
                     answer = Holding(
                         resp.headers.get(STATE, "absent"),
                         int(size) if size and size.isdigit() else None,
+                        resp.headers.get(FEEDER),
                     )
         except (TimeoutError, aiohttp.ClientError, UpstreamUnavailable) as exc:
             self.health.failed(member_id, f"HEAD {image_id}: {exc!r}")
@@ -279,6 +287,23 @@ class Fleet:
         tasks = {m: asyncio.create_task(self.holding(m, image_id)) for m in candidates}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeouts.lookup
+        ahead = set(ranked[: ranked.index(self.trust.self_id)])
+
+        def failing_over(m: str) -> bool:
+            """``m``, before this member in the order, still takes its bytes from a sibling
+            this fill just left (or finds down): its fill fails over too, and, being before
+            this member, takes the upstream, which this fill then follows. Asked again."""
+            task = tasks[m]
+            if m not in ahead or not task.done() or task.cancelled():
+                return False
+            held = task.result()
+            feeder = None if held is None else held.feeder
+            return (
+                held is not None
+                and held.state == f"filling; source={COPY}"
+                and feeder is not None
+                and (feeder in skip or not self.health.usable(feeder))
+            )
 
         def answered(m: str) -> bool:
             task = tasks.get(m)
@@ -297,6 +322,9 @@ class Fleet:
 
         try:
             while True:
+                for m in candidates:
+                    if failing_over(m) and deadline - loop.time() > AGAIN_AFTER:
+                        tasks[m] = asyncio.create_task(self._holding_again(m, image_id))
                 for m in candidates:
                     if answer(m, COMPLETE):
                         return self.source(m, size)
@@ -333,6 +361,10 @@ class Fleet:
         finally:
             for task in tasks.values():
                 task.cancel()
+
+    async def _holding_again(self, member_id: str, image_id: str) -> Holding | None:
+        await asyncio.sleep(AGAIN_AFTER)
+        return await self.holding(member_id, image_id)
 
     def source(
         self, member_id: str, size: int, following: bool = False, fetch: bool = False
@@ -464,6 +496,7 @@ class FleetSources:
         # fetch it; False for a fill opened for a sibling (it never forwards).
         self.forward = True
         self.used: set[str] = set()  # siblings it took bytes from
+        self.feeder: str | None = None  # the sibling the source chosen last is (None: upstream)
         # The sibling's RFC 9211 Cache-Status member for the source chosen last (None: the
         # upstream): what a client's Cache-Status names before this member's own.
         self.via: str | None = None
@@ -529,14 +562,16 @@ class FleetSources:
                 else:
                     how = "fwd=uri-miss; collapsed"  # its fill, fed by the upstream
                 self.via = f"{cache_name(sibling.member.id)}; {how}"
-                self._decide("copy")
+                self.feeder = sibling.member.id
+                self._decide(COPY)
                 self.used.add(sibling.member.id)
                 return sibling
         if self._upstream in failed:
-            self._decide("copy")  # (the fill fails: nobody is to follow it)
+            self.feeder = None
+            self._decide(COPY)  # (the fill fails: nobody is to follow it)
             return None
         metrics.fleet_transfer("upstream")
-        self.via = None
+        self.via = self.feeder = None
         self._decide("upstream")
         return self._upstream
 
@@ -553,7 +588,7 @@ async def upstream_side(fill: Fill, within: float) -> str | None:
     sources = fill.sources
     if not isinstance(sources, FleetSources):
         return None
-    if await sources.settled(within) != "copy":
+    if await sources.settled(within) != COPY:
         return None
     return sources.via
 
@@ -564,6 +599,14 @@ async def settled_source(fill: Fill, within: float) -> str:
     if isinstance(sources, FleetSources):
         return await sources.settled(within)
     return "upstream"
+
+
+def fill_feeder(fill: Fill) -> str | None:
+    """The sibling ``fill`` takes its bytes from now (None: the upstream, or choosing)."""
+    sources = fill.sources
+    if isinstance(sources, FleetSources) and sources.current == COPY:
+        return sources.feeder
+    return None
 
 
 def fill_source(fill: Fill) -> str:

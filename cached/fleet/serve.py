@@ -70,6 +70,9 @@ log = logging.getLogger("cached.fleet")
 PREFIX = "/cached-peer/v1"
 STATE = "X-Cached-Peer-State"
 SIZE = "X-Cached-Peer-Size"
+# With "filling; source=copy": the sibling whose bytes the fill takes. A member whose own
+# transfer from that sibling just failed asks again: the fill is failing over too.
+FEEDER = "X-Cached-Peer-From"
 RETRY_AFTER = "1"  # seconds a sibling waits after a 503 (it takes another source meanwhile)
 ROUTE_PREFIX = "peer-"  # the names of these routes (cached/app.py exempts them from policy)
 
@@ -92,6 +95,7 @@ class PeerService:
         deleted: Callable[[str], Awaitable[None]] | None = None,
         changed: Callable[[str], None] | None = None,
         head_wait: float = 0.0,
+        fill_feeder: Callable[[Fill], str | None] = lambda _fill: None,
     ):
         self.trust = trust
         self._store = store
@@ -100,6 +104,7 @@ class PeerService:
         self._integrity = integrity
         self._max_streams = max_streams
         self._fill_source = fill_source  # "upstream" or "copy": where a fill takes its bytes
+        self._fill_feeder = fill_feeder  # the sibling a fill fed by a copy takes them from
         # Opens a fill of an image this member neither holds nor fills, for a sibling that
         # asks it as the image's first healthy member (cached/app.py: the upstream's record
         # and bytes with the service credentials, admitted like a prefetch); None: never.
@@ -232,6 +237,8 @@ class PeerService:
                     except TimeoutError:
                         pass  # still choosing: "pending"
             headers = {STATE: f"filling; source={source}", SIZE: str(fill.entry.size)}
+            if source == "copy" and (feeder := self._fill_feeder(fill)) is not None:
+                headers[FEEDER] = feeder
         return web.Response(status=200, headers=headers)
 
     def _ahead_of(self, sender: str, image_id: str) -> bool:
