@@ -236,3 +236,45 @@ def digest_cost(path: str, algo: str, block: int = 4 * MIB) -> dict[str, float]:
             total += n
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
     return {"cpu_s_per_gib": cpu / (total / GIB), "mb_s": total / wall / 1e6, "bytes": total}
+
+
+def page_write_cost(directory: str, size: int, piece: int = MIB) -> dict[str, float]:
+    """CPU s/GiB (this process, ``time.process_time``) to ``pwritev`` ``size`` bytes in
+    ``piece``-sized writes into a new file in ``directory`` (every page a fresh page-cache
+    page, as a cache fill writes), then to overwrite the same, still cached, pages; the file
+    is deleted (its dirty pages dropped unwritten)."""
+    buf = os.urandom(piece)
+    path = os.path.join(directory, f"page-write-{os.getpid()}-{time.time_ns()}.tmp")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    out: dict[str, float] = {"bytes": size}
+    try:
+        for key in ("fresh", "overwrite"):
+            c0, w0 = time.process_time(), time.perf_counter()
+            for off in range(0, size, piece):
+                os.pwritev(fd, [buf[: min(piece, size - off)]], off)
+            cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+            out[f"{key}_cpu_s_per_gib"] = cpu / (size / GIB)
+            out[f"{key}_mb_s"] = size / wall / 1e6
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return out
+
+
+def hash_cost(algo: str, size: int, block: int = 64 * MIB) -> dict[str, float]:
+    """CPU s/GiB and MB/s of ``hashlib.<algo>`` over ``size`` bytes of memory (a ``block`` of
+    random bytes hashed over and over, in 1 MiB updates), in this process."""
+    buf = os.urandom(min(block, size))
+    view = memoryview(buf)
+    h = hashlib.new(algo)
+    c0, w0 = time.process_time(), time.perf_counter()
+    done = 0
+    while done < size:
+        for off in range(0, len(buf), MIB):
+            n = min(MIB, len(buf) - off, size - done)
+            if n <= 0:
+                break
+            h.update(view[off : off + n])
+            done += n
+    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+    return {"cpu_s_per_gib": cpu / (size / GIB), "mb_s": size / wall / 1e6, "bytes": size}
