@@ -566,9 +566,9 @@ def _machine_table(env: Env, size: int) -> Table:
     t.add(SHA512, cpu=sha["cpu_s_per_gib"], mb_s=sha["mb_s"])
     t.raw = {"page_writes": writes, "sha512": sha}
     t.notes += [
-        "a new file gets first the pages the machine freed just before (here: the last "
-        "fleet's cache files, deleted moments earlier), then pages free for longer; the "
-        "rows per GiB show what each costs on this machine",
+        "a new file tends to get first the pages the machine freed just before (here the "
+        "last fleet's cache files, deleted moments earlier), then pages free for longer; "
+        "the rows per GiB show what its pages cost on this machine, in order",
         "every member writes its own copy of the image into new pages of its cache file and "
         "hashes it with sha512 to verify it: the fleet-cpu table's estimates are members x "
         "GiB x the first row's (the whole new file) and the sha512 row's CPU s per GiB",
@@ -615,9 +615,10 @@ def _budget_notes(t: Table) -> None:
         "fresh-page writes and sha512 (est.): members that verified a copy x GiB x the "
         "fleet-machine table's CPU s per GiB (new file, whole; sha512); both are parts of "
         "the members' CPU",
-        "machine has: cores x 1.25 x the one-copy time of the run's origin: above 1.00 the "
-        "target 'last client <= 1.25 x one-copy' cannot be met on this machine whatever the "
-        "daemon does, unless work moves off the critical path",
+        "machine has: cores x 1.25 x the one-copy time of the run's origin; needed / has "
+        "above 1.00: the CPU this run measured does not fit on this machine's cores within "
+        "the 'last client <= 1.25 x one-copy' target (the curl clients, which would run on "
+        "other hosts in a deployment, included)",
     ]
 
 
