@@ -76,6 +76,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--fleet-lookup-timeout", type=float, help="fleet: the members' fleet_lookup_timeout"
     )
+    p.add_argument(
+        "--fleet-scaled-rate",
+        type=lambda text: parse_size(text) if text.strip() else 0,
+        default=40 * MIB,
+        help="fleet: the peer fill again with the origin at this cap ('' or 0 for none)",
+    )
+    p.add_argument(
+        "--fleet-range-tries",
+        type=int,
+        default=3,
+        help="fleet: cold 1 MB ranges asked of a non-owner, each a fresh image (0 for none)",
+    )
     p.add_argument("--cached-cmd", help="how to run cached (default: the `cached` script)")
     p.add_argument("--json", type=Path, help="result file (default bench/results/DATE.json)")
     p.add_argument("--no-install", action="store_true", help="never apt-get install")
@@ -170,6 +182,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         wide=tuple(int(n) for n in args.fleet_n.split(",") if n),
         wide_size=args.fleet_wide_size,
         lookup_timeout=args.fleet_lookup_timeout,
+        scaled_rate=args.fleet_scaled_rate,
+        range_tries=args.fleet_range_tries,
     )
     return s
 

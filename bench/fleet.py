@@ -25,6 +25,19 @@ stopped by its pid when the scenario ends):
 - **peer fill, TLS** (``--fleet-tls``): the peer-fill members listening with a self-signed
   certificate (``bench/tls.py``), siblings calling each other over https.
 - **N = 5 and 7**, one client per member, 256 MiB (``--fleet-n``).
+- **peer fill, scaled origin** (``--fleet-scaled-rate``, default 40 MiB/s): the same peer
+  fill in front of a second origin capped at a rate this machine's cores can carry, its own
+  one-copy time, the same goals.
+- **a cold range on a non-owner** (``--fleet-range-tries``, default 3): ``bytes=OFF-+1MB``
+  (``Settings.range_offset``, 500 MB on 1 GiB) of a fresh image asked of the member second in
+  its rendezvous order (``cached.fleet.ring.order``); TTFB and the upstream bytes against one
+  chunk (``cached.store.chunks.chunk_size_for``).
+
+Why the time targets are missed is measured too: after the runs the bench's own process
+writes N x 1 GiB into a new file (new page-cache pages, per GiB), overwrites its last GiB
+and hashes 1 GiB with sha512 (``fleet-machine``), and each run's CPU (members, curl
+clients, origin, HAProxy) is set against the CPU the machine has in 1.25 x the one-copy
+time (``fleet-cpu``).
 
 Upstream requests are counted twice: from the origin's access log (data GETs, the
 authorisation probes ``bytes=0-0`` apart) and from each daemon's ``cached_upstream_requests``
@@ -52,10 +65,13 @@ from pathlib import Path
 
 from bench import clients, measure
 from bench.env import GIB, MIB, Cached, Env, OriginLog, Upstream
+from bench.origin import DataFile
 from bench.procs import Proc, free_port, wait_port
 from bench.report import Column, Table, at_most, ratio
 from bench.scenarios import wait_cpu_idle
 from bench.tls import self_signed
+from cached.fleet.ring import order
+from cached.store.chunks import chunk_size_for
 
 PEER, NOPEER, ONE, HAPROXY, PEER_TLS = (
     "3 members, peer fill",
@@ -79,18 +95,21 @@ class FleetOptions:
     wide: tuple[int, ...] = (5, 7)
     wide_size: int = 256 * MIB
     lookup_timeout: float | None = None  # None: the daemon's default (0.2 s)
+    scaled_rate: int = 40 * MIB  # the peer fill again at a cap the machine can carry; 0: not
+    range_tries: int = 3  # cold 1 MB ranges on a non-owner, each a fresh image id
 
 
 OPTIONS = FleetOptions()
 
 
 class Origin:
-    """The fake Glance with the shared cap, its own access log."""
+    """The fake Glance with the shared cap, its own access log (``name``: of its log files,
+    for a second origin at another rate)."""
 
-    def __init__(self, env: Env, rate: int) -> None:
+    def __init__(self, env: Env, rate: int, name: str = "fleet-origin") -> None:
         self.env = env
         self.rate = rate
-        self.log = OriginLog(env.logs / "fleet-origin-access.log")
+        self.log = OriginLog(env.logs / f"{name}-access.log")
         self.port = free_port()
         argv = [
             sys.executable,
@@ -105,7 +124,7 @@ class Origin:
             "--log",
             str(self.log.path),
         ]
-        self.proc = Proc("fleet-origin", argv, env.logs / "fleet-origin.out")
+        self.proc = Proc(name, argv, env.logs / f"{name}.out")
         self.proc.wait_listening()
         wait_port(self.port)
 
@@ -233,6 +252,17 @@ class ColdRun:
     size: int
     machine: float  # the machine's busy share of all CPUs while the clients ran (anyone's)
     filled: list[float | None]  # s from the launch to each member's verified fill (None: none)
+    origin_cpu: float = 0.0  # the origin's CPU s over the same span as the members'
+    busy_cpu: float = 0.0  # CPU s the whole machine was busy while the clients ran (anyone's)
+
+    @property
+    def client_cpu(self) -> float:
+        return sum(f.client_cpu for f in self.fetches)
+
+    @property
+    def writers(self) -> int:
+        """Members that wrote (and verified) a copy of their own."""
+        return sum(1 for x in self.filled if x is not None)
 
     @property
     def last(self) -> float:
@@ -253,6 +283,9 @@ class ColdRun:
             "served": self.served,
             "machine_busy": self.machine,
             "fills_verified_s": self.filled,
+            "origin_cpu": self.origin_cpu,
+            "client_cpu": self.client_cpu,
+            "machine_busy_cpu_s": self.busy_cpu,
             "clients": [f.to_json() for f in self.fetches],
         }
 
@@ -276,12 +309,14 @@ def cold_run(
     mark = origin.log.mark()
     metrics0 = [scrape(d) for d in members]
     cpu0 = [measure.cpu_seconds([p]) for p in pids]
+    origin0 = measure.cpu_seconds([origin.pid])
     busy0, t0, launched = measure.busy_seconds(), time.monotonic(), time.time()
     fs = clients.fetch_many(urls, max_time=900)
     busy, elapsed = measure.busy_seconds() - busy0, time.monotonic() - t0
     measure.wait_io_idle([origin.pid])
     wait_cpu_idle(pids)
     cpu = [measure.cpu_seconds([p]) - c for p, c in zip(pids, cpu0, strict=True)]
+    origin_cpu = measure.cpu_seconds([origin.pid]) - origin0
     metrics = [_deltas(m0, scrape(d)) for m0, d in zip(metrics0, members, strict=True)]
     served = [0] * len(members)
     for url, f in zip(urls, fs, strict=True):
@@ -292,7 +327,8 @@ def cold_run(
     machine = busy / (elapsed * (os.cpu_count() or 1))
     image_id = urls[0].split("/v2/images/")[1].split("/")[0]
     filled = [_verified_at(d, image_id, launched) for d in members]
-    return ColdRun(fs, origin.log.since(mark), cpu, metrics, served, size, machine, filled)
+    up = origin.log.since(mark)
+    return ColdRun(fs, up, cpu, metrics, served, size, machine, filled, origin_cpu, busy)
 
 
 def _verified_at(daemon: Cached, image_id: str, since: float) -> float | None:
@@ -417,12 +453,14 @@ def haproxy_available(env: Env) -> bool:
 # --- the scenario -------------------------------------------------------------------------
 
 
-def _one_copy(env: Env, origin: Origin, data_name: str, size: int, rounds: int = 2) -> float:
+def _one_copy(
+    env: Env, origin: Origin, data_name: str, size: int, rounds: int = 2, tag: str = "alone"
+) -> float:
     """The origin's one-copy time: one client straight from it, median of ``rounds``."""
     data = env.data(data_name, size)
     times = []
     for r in range(rounds):
-        image_id = env.images.alias(data, f"fleet-alone-{size}-{r}")
+        image_id = env.images.alias(data, f"fleet-{tag}-{size}-{r}")
         measure.settle([origin.pid])
         f = clients.fetch(origin.url(image_id))
         if f.code != 200 or f.size != size:
@@ -468,6 +506,203 @@ def _member_rows(t: Table, system: str, run: ColdRun, egress: list[int] | None =
         )
 
 
+def _main_columns() -> list[Column]:
+    return [
+        Column("clients", "clients", ratio=False),
+        Column("gets", "upstream GETs (origin log)", ratio=False),
+        Column("daemon_gets", "upstream GETs (daemons)", ratio=False),
+        Column("up_x", "upstream bytes / size", "{:.3f}"),
+        Column("ttfb_med", "TTFB med ms", "{:.1f}"),
+        Column("ttfb_max", "TTFB max ms", "{:.1f}"),
+        Column("last", "last client s", "{:.2f}"),
+        Column("filled", "last fill verified s", "{:.2f}"),
+        Column("vs_one", "last / one-copy time", "{:.2f}"),
+        Column("cpu", "CPU s/GiB served (all members)", "{:.2f}"),
+        Column("peer_mib", "sibling-to-sibling MiB", "{:.0f}", ratio=False),
+        Column("mb_s", "clients' MB/s (all)", "{:.0f}"),
+        Column("busy", "machine CPU busy %", "{:.0f}", ratio=False),
+    ]
+
+
+# --- what the machine charges per byte, and what each run needed -------------------------
+
+FRESH, OVERWRITE, SHA512 = (
+    "pwritev 1 MiB pieces into a new file (new page-cache pages)",
+    "pwritev over its last GiB again (cached pages)",
+    "sha512 (hashlib, in memory; Glance's os_hash_algo)",
+)
+
+
+def _machine_table(env: Env, size: int) -> Table:
+    """The per-byte costs every member pays, measured in this process after the runs (so it
+    disturbs none): writing ``size`` bytes into a new file (new page-cache pages, as the
+    members' fills do; each GiB on its own row), overwriting its last GiB, and sha512 over
+    1 GiB. The test file goes in the work dir (where the members' caches were); deleted."""
+    where = env.settings.workdir / "machine"
+    where.mkdir(parents=True, exist_ok=True)
+    try:
+        measure.settle()
+        writes = measure.page_write_cost(str(where), size)
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    os.sync()
+    measure.settle()
+    sha = measure.hash_cost("sha512", GIB)
+    t = Table(
+        "fleet-machine",
+        f"fleet: this machine's cost of the per-byte work every member does (the bench's own "
+        f"process after the runs, time.process_time; a new file of {size / GIB:g} GiB, as "
+        f"{size / GIB:g} members' 1 GiB copies)",
+        [
+            Column("cpu", "CPU s per GiB", "{:.2f}", ratio=False),
+            Column("mb_s", "MB/s (wall)", "{:.0f}", ratio=False),
+        ],
+        cached_row="",
+    )
+    t.add(FRESH, cpu=writes["fresh_cpu_s_per_gib"], mb_s=writes["fresh_mb_s"])
+    for i, seg in enumerate(writes["segments"]):
+        t.add(f"... its GiB {i + 1}", cpu=seg["cpu_s_per_gib"], mb_s=seg["mb_s"])
+    t.add(OVERWRITE, cpu=writes["overwrite_cpu_s_per_gib"], mb_s=writes["overwrite_mb_s"])
+    t.add(SHA512, cpu=sha["cpu_s_per_gib"], mb_s=sha["mb_s"])
+    t.raw = {"page_writes": writes, "sha512": sha}
+    t.notes += [
+        "a new file tends to get first the pages the machine freed just before (here the "
+        "last fleet's cache files, deleted moments earlier), then pages free for longer; "
+        "the rows per GiB show what its pages cost on this machine, in order",
+        "every member writes its own copy of the image into new pages of its cache file and "
+        "hashes it with sha512 to verify it: the fleet-cpu table's estimates are members x "
+        "GiB x the first row's (the whole new file) and the sha512 row's CPU s per GiB",
+    ]
+    return t
+
+
+def _budget_row(
+    t: Table, name: str, run: ColdRun, one_copy: float, machine: Table, other: float
+) -> None:
+    """CPU the run needed (members, curl clients, origin, HAProxy) against the CPU the
+    machine has in 1.25 x the one-copy time; the members' fresh-page writes and sha512
+    estimated from the machine table (each member that verified a copy wrote and hashed it)."""
+    members = sum(run.member_cpu)
+    needed = members + run.client_cpu + run.origin_cpu + other
+    has = (os.cpu_count() or 1) * 1.25 * one_copy
+    copies = run.writers * run.size / GIB
+    fresh, sha = machine.value(FRESH, "cpu"), machine.value(SHA512, "cpu")
+    t.add(
+        name,
+        members=members,
+        clients=run.client_cpu,
+        origin=run.origin_cpu,
+        other=other or None,
+        needed=needed,
+        busy=run.busy_cpu,
+        writes=copies * fresh if fresh is not None else None,
+        sha=copies * sha if sha is not None else None,
+        has=has,
+        need_x=needed / has,
+    )
+    t.notes.append(
+        f"{name}: CPU the run needed {needed:.1f} s vs CPU the machine has in 1.25 x "
+        f"one-copy time {has:.1f} s ({os.cpu_count()} cores x 1.25 x {one_copy:.2f} s)"
+    )
+
+
+def _budget_notes(t: Table) -> None:
+    t.notes += [
+        "members: utime+stime of each member from before the clients start until it went "
+        "idle; curl clients: their rusage; origin: the fake Glance's CPU over the members' "
+        "span; machine busy: all CPUs' busy time (/proc/stat, anyone's, softirq of loopback "
+        "included) while the clients ran",
+        "fresh-page writes and sha512 (est.): members that verified a copy x GiB x the "
+        "fleet-machine table's CPU s per GiB (new file, whole; sha512); both are parts of "
+        "the members' CPU",
+        "machine has: cores x 1.25 x the one-copy time of the run's origin; needed / has "
+        "above 1.00: the CPU this run measured does not fit on this machine's cores within "
+        "the 'last client <= 1.25 x one-copy' target (the curl clients, which would run on "
+        "other hosts in a deployment, included)",
+    ]
+
+
+# --- a cold range on a member that does not own the image -------------------------------
+
+
+def _cold_range(
+    env: Env, origin: Origin, fl: Fleet, data: DataFile, image_id: str, n: int, t: Table
+) -> None:
+    """One ``bytes=OFF-(OFF+999999)`` of a cold ``image_id`` asked of the member second in
+    the image's rendezvous order (not its owner); a row of ``t``."""
+    ids = [d.name.removeprefix(f"{fl.label}-") for d in fl.members]
+    ring = order(ids, image_id)
+    owner, asked = ring[0], ring[1]
+    member = fl.members[ids.index(asked)]
+    off = env.settings.range_offset
+    out = env.settings.workdir / "fleet-range.bin"
+    pids = [d.pid for d in fl.members]
+    measure.settle([origin.pid])
+    mark, metrics0 = origin.log.mark(), [scrape(d) for d in fl.members]
+    f = clients.fetch(member.url(image_id), rng=f"{off}-{off + 999_999}", out=str(out))
+    wait_cpu_idle(pids)
+    measure.wait_io_idle([origin.pid])
+    up = origin.log.since(mark)
+    deltas = [_deltas(m0, scrape(d)) for m0, d in zip(metrics0, fl.members, strict=True)]
+    daemon_up = sum(m["up_data_bytes"] + m["up_range_bytes"] for m in deltas)
+    with open(data.path, "rb") as src:
+        want = os.pread(src.fileno(), 1_000_000, off)
+    right = out.exists() and out.read_bytes() == want
+    out.unlink(missing_ok=True)
+    if f.code != 206 or not right:
+        env.problem(f"fleet range #{n} on {asked}: HTTP {f.code}, {f.size} B, bytes right {right}")
+    chunk = chunk_size_for(data.size)
+    name = f"#{n}: asked {asked}, owner {owner}"
+    t.add(
+        name,
+        code=f.code,
+        right="yes" if right else "NO",
+        ttfb=f.ttfb * 1e3,
+        total=f.total * 1e3,
+        gets=up.data_gets,
+        up_mib=up.data_bytes / MIB,
+        daemon_mib=daemon_up / MIB,
+        chunks=up.data_bytes / chunk,
+        ranges=" ".join(r.removeprefix("bytes=") for r in up.ranges) or "–",
+    )
+    t.raw[name] = {
+        **f.to_json(),
+        "upstream": up.__dict__,
+        "member_metrics": deltas,
+        "chunk_size": chunk,
+        "owner": owner,
+        "asked": asked,
+    }
+
+
+def _range_goals(t: Table, size: int) -> None:
+    ttfbs = [v for _, row in t.rows if isinstance(v := row.get("ttfb"), float)]
+    ups = [v for _, row in t.rows if isinstance(v := row.get("chunks"), float)]
+    if not ttfbs:
+        return
+    worst, med = max(ttfbs), statistics.median(ttfbs)
+    t.goal(
+        f"cold 1 MB range on a non-owner: TTFB <= 50 ms ({len(ttfbs)} tries)",
+        worst,
+        worst <= 50,
+        f"{{:.1f}} ms max, {med:.1f} ms median",
+    )
+    chunk = chunk_size_for(size)
+    t.goal(
+        f"cold 1 MB range on a non-owner: upstream <= 1 chunk ({chunk / MIB:g} MiB)",
+        max(ups),
+        max(ups) <= 1.0,
+        "{:.2f} chunks max (origin log)",
+    )
+    t.notes.append(
+        "the member asked is second in the image's rendezvous order (cached.fleet.ring.order "
+        "over the members' ids), so it asks the owner for the covering chunk; chunk size: "
+        "cached.store.chunks.chunk_size_for(size); upstream bytes from the origin's access "
+        "log and from the daemons' cached_upstream_bytes (data + range), both after the "
+        "origin and the members went quiet; TTFB includes curl's connect"
+    )
+
+
 def fleet(env: Env) -> list[Table]:
     s = env.settings
     o = OPTIONS
@@ -483,22 +718,53 @@ def fleet(env: Env) -> list[Table]:
         "fleet",
         f"fleet: {o.members} members x {o.clients} cold clients, one {gib:g} GiB image, origin "
         f"capped at {o.rate / MIB:.0f} MiB/s shared by all connections",
-        [
-            Column("clients", "clients", ratio=False),
-            Column("gets", "upstream GETs (origin log)", ratio=False),
-            Column("daemon_gets", "upstream GETs (daemons)", ratio=False),
-            Column("up_x", "upstream bytes / size", "{:.3f}"),
-            Column("ttfb_med", "TTFB med ms", "{:.1f}"),
-            Column("ttfb_max", "TTFB max ms", "{:.1f}"),
-            Column("last", "last client s", "{:.2f}"),
-            Column("filled", "last fill verified s", "{:.2f}"),
-            Column("vs_one", "last / one-copy time", "{:.2f}"),
-            Column("cpu", "CPU s/GiB served (all members)", "{:.2f}"),
-            Column("peer_mib", "sibling-to-sibling MiB", "{:.0f}", ratio=False),
-            Column("mb_s", "clients' MB/s (all)", "{:.0f}"),
-            Column("busy", "machine CPU busy %", "{:.0f}", ratio=False),
-        ],
+        _main_columns(),
         cached_row=PEER,
+    )
+    scaled_name = f"{PEER}, origin at {o.scaled_rate / MIB:g} MiB/s"
+    scaled_alone = f"origin alone at {o.scaled_rate / MIB:g} MiB/s, 1 client"
+    scaled = Table(
+        "fleet-scaled",
+        f"fleet: the same {o.members} x {o.clients} peer fill, origin capped at "
+        f"{o.scaled_rate / MIB:g} MiB/s (a rate this machine's cores can carry), {gib:g} GiB",
+        _main_columns(),
+        cached_row=scaled_name,
+    )
+    budget = Table(
+        "fleet-cpu",
+        f"fleet: CPU each run needed against the CPU the machine has in 1.25 x its one-copy "
+        f"time ({os.cpu_count()} cores), {gib:g} GiB",
+        [
+            Column("members", "members CPU s", "{:.1f}", ratio=False),
+            Column("clients", "curl clients CPU s", "{:.1f}", ratio=False),
+            Column("origin", "origin CPU s", "{:.1f}", ratio=False),
+            Column("other", "HAProxy CPU s", "{:.1f}", ratio=False),
+            Column("needed", "needed CPU s (sum)", "{:.1f}", ratio=False),
+            Column("busy", "machine busy CPU s (clients running)", "{:.1f}", ratio=False),
+            Column("writes", "fresh-page writes CPU s (est.)", "{:.1f}", ratio=False),
+            Column("sha", "sha512 CPU s (est.)", "{:.1f}", ratio=False),
+            Column("has", "machine has CPU s", "{:.1f}", ratio=False),
+            Column("need_x", "needed / has", "{:.2f}", ratio=False),
+        ],
+        cached_row="",
+    )
+    ranged = Table(
+        "fleet-range",
+        f"fleet: a cold 1 MB range `bytes={s.range_offset}-{s.range_offset + 999_999}` asked "
+        f"of a member that is not the image's owner ({o.members} members, peer fill, origin "
+        f"at {o.rate / MIB:.0f} MiB/s), each a fresh image id",
+        [
+            Column("code", "HTTP", ratio=False),
+            Column("right", "bytes right", ratio=False),
+            Column("ttfb", "TTFB ms", "{:.1f}", ratio=False),
+            Column("total", "total ms", "{:.1f}", ratio=False),
+            Column("gets", "upstream GETs (origin log)", ratio=False),
+            Column("up_mib", "upstream MiB (origin log)", "{:.2f}", ratio=False),
+            Column("daemon_mib", "upstream MiB (daemons)", "{:.2f}", ratio=False),
+            Column("chunks", "upstream / chunk", "{:.2f}", ratio=False),
+            Column("ranges", "upstream Range headers (origin log)", ratio=False),
+        ],
+        cached_row="",
     )
     per = Table(
         "fleet-members",
@@ -543,19 +809,13 @@ def fleet(env: Env) -> list[Table]:
         ],
         cached_row="",
     )
-    tables = [main, per, again, wide]
+    tables = [main, scaled, budget, ranged, per, again, wide]
     runs: dict[str, ColdRun] = {}
+    copies: dict[str, float] = {}  # run -> the one-copy time it is measured against
     hap_cpu = 0.0
     try:
         one_copy = _one_copy(env, origin, "img", data.size)
-        main.add(
-            ALONE,
-            clients=1,
-            gets=1,
-            up_x=1.0,
-            last=one_copy,
-            vs_one=1.0,
-        )
+        main.add(ALONE, clients=1, gets=1, up_x=1.0, last=one_copy, vs_one=1.0)
 
         def by_member(urls_of: list[str], members: list[Cached]) -> Callable[[str], int]:
             ports = {d.port: i for i, d in enumerate(members)}
@@ -586,6 +846,40 @@ def fleet(env: Env) -> list[Table]:
             )
         finally:
             fl.stop()
+
+        # (a2) the same peer fill in front of an origin at a rate the machine can carry
+        if o.scaled_rate:
+            slow = Origin(env, o.scaled_rate, name="fleet-origin-scaled")
+            try:
+                scaled_copy = _one_copy(env, slow, "img", data.size, rounds=1, tag="scaled")
+                scaled.add(scaled_alone, clients=1, gets=1, up_x=1.0, last=scaled_copy, vs_one=1)
+                fl = Fleet(env, slow, o.members, peer=True, label="scaled").start()
+                try:
+                    image_id = fresh("scaled")
+                    urls = [d.url(image_id) for _ in range(o.clients) for d in fl.members]
+                    run = cold_run(
+                        env, slow, fl.members, urls, by_member(urls, fl.members), data.size
+                    )
+                    verify_copies(env, fl.members, image_id, data.md5, scaled_name)
+                    scaled.add(scaled_name, **_row(run, scaled_copy))  # type: ignore[arg-type]
+                    scaled.raw[scaled_name] = run.to_json()
+                    scaled.raw[scaled_alone] = {"one_copy_s": scaled_copy}
+                    runs[scaled_name], copies[scaled_name] = run, scaled_copy
+                    _member_rows(per, scaled_name, run)
+                finally:
+                    fl.stop()
+            finally:
+                slow.stop()
+
+        # (a3) cold 1 MB ranges asked of a non-owner
+        if o.range_tries:
+            fl = Fleet(env, origin, o.members, peer=True, label="range").start()
+            try:
+                for i in range(o.range_tries):
+                    _cold_range(env, origin, fl, data, fresh("range"), i + 1, ranged)
+            finally:
+                fl.stop()
+            _range_goals(ranged, data.size)
 
         # (b) the same members without peer fill
         fl = Fleet(env, origin, o.members, peer=False, label="nopeer").start()
@@ -664,6 +958,7 @@ def fleet(env: Env) -> list[Table]:
 
         for name in (PEER, NOPEER, ONE, HAPROXY, PEER_TLS):
             if name in runs:
+                copies[name] = one_copy
                 main.add(name, **_row(runs[name], one_copy))  # type: ignore[arg-type]
                 _member_rows(per, name, runs[name])
                 main.raw[name] = runs[name].to_json()
@@ -698,28 +993,40 @@ def fleet(env: Env) -> list[Table]:
                     fl.stop()
     finally:
         origin.stop()
+    machine = _machine_table(env, o.members * GIB)
+    tables.insert(2, machine)
     _goals(main, wide, runs)
+    if scaled_name in runs:
+        _peer_goals(scaled, scaled_name, runs[scaled_name], scaled_alone)
+    for name in (PEER, scaled_name, NOPEER, ONE, HAPROXY, PEER_TLS):
+        if name in runs:
+            other = hap_cpu if name == HAPROXY else 0.0
+            _budget_row(budget, name, runs[name], copies[name], machine, other)
+    _budget_notes(budget)
     return [t for t in tables if t.rows]
+
+
+def _peer_goals(t: Table, name: str, run: ColdRun, alone: str) -> None:
+    """Issue 17's targets for a peer-fill run, against the one-copy time of row ``alone``."""
+    gets = run.up.data_gets
+    t.goal(f"{name}: 1 upstream data GET", gets, gets == 1, "{:.0f}")
+    x = run.up.data_bytes / run.size
+    t.goal(f"{name}: upstream bytes <= 1.01 x size", x, x <= 1.01, "{:.3f}x")
+    worst = max(run.ttfbs) * 1e3
+    t.goal(f"{name}: every TTFB <= 100 ms", worst, worst <= 100, "{:.1f} ms max")
+    last, one = t.value(name, "last"), t.value(alone, "last")
+    t.goal(
+        f"{name}: last client <= 1.25 x the origin's one-copy time",
+        ratio(last, one),
+        at_most(last, one, 1.25),
+        "{:.2f}x",
+    )
 
 
 def _goals(main: Table, wide: Table, runs: dict[str, ColdRun]) -> None:
     for name in (PEER, PEER_TLS):
-        run = runs.get(name)
-        if run is None:
-            continue
-        gets = run.up.data_gets
-        main.goal(f"{name}: 1 upstream data GET", gets, gets == 1, "{:.0f}")
-        x = run.up.data_bytes / run.size
-        main.goal(f"{name}: upstream bytes <= 1.01 x size", x, x <= 1.01, "{:.3f}x")
-        worst = max(run.ttfbs) * 1e3
-        main.goal(f"{name}: every TTFB <= 100 ms", worst, worst <= 100, "{:.1f} ms max")
-        last, one = main.value(name, "last"), main.value(ALONE, "last")
-        main.goal(
-            f"{name}: last client <= 1.25 x the origin's one-copy time",
-            ratio(last, one),
-            at_most(last, one, 1.25),
-            "{:.2f}x",
-        )
+        if name in runs:
+            _peer_goals(main, name, runs[name], ALONE)
     for name, values in wide.rows:
         if name == ALONE:
             continue

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 TICK = os.sysconf("SC_CLK_TCK")
 GIB = 1 << 30
@@ -236,3 +237,62 @@ def digest_cost(path: str, algo: str, block: int = 4 * MIB) -> dict[str, float]:
             total += n
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
     return {"cpu_s_per_gib": cpu / (total / GIB), "mb_s": total / wall / 1e6, "bytes": total}
+
+
+def page_write_cost(
+    directory: str, size: int, segment: int = GIB, piece: int = MIB
+) -> dict[str, Any]:
+    """CPU s/GiB (this process, ``time.process_time``) and wall MB/s of ``pwritev`` in
+    ``piece``-sized writes into a new file of ``size`` bytes in ``directory`` (every page a new
+    page-cache page, as a cache fill writes), for the whole file and for each ``segment`` of it
+    in order; then of overwriting its last segment (pages still cached). The file is deleted
+    (its dirty pages dropped unwritten). Which pages a new file gets depends on what the
+    machine freed just before (recently freed pages come back first), hence the segments."""
+    buf = os.urandom(piece)
+    path = os.path.join(directory, f"page-write-{os.getpid()}-{time.time_ns()}.tmp")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+    def write(start: int, end: int) -> tuple[float, float]:
+        c0, w0 = time.process_time(), time.perf_counter()
+        for off in range(start, end, piece):
+            os.pwritev(fd, [buf[: min(piece, end - off)]], off)
+        cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+        return cpu / ((end - start) / GIB), (end - start) / wall / 1e6
+
+    try:
+        segments = [write(a, min(a + segment, size)) for a in range(0, size, segment)]
+        last = (len(segments) - 1) * segment
+        overwrite = write(last, size)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    lengths = [min(segment, size - a) for a in range(0, size, segment)]
+    cpu = sum(c * n for (c, _), n in zip(segments, lengths, strict=True)) / size
+    wall = sum(n / (m * 1e6) for (_, m), n in zip(segments, lengths, strict=True))
+    return {
+        "bytes": size,
+        "fresh_cpu_s_per_gib": cpu,
+        "fresh_mb_s": size / wall / 1e6,
+        "segments": [{"cpu_s_per_gib": c, "mb_s": m} for c, m in segments],
+        "overwrite_cpu_s_per_gib": overwrite[0],
+        "overwrite_mb_s": overwrite[1],
+    }
+
+
+def hash_cost(algo: str, size: int, block: int = 64 * MIB) -> dict[str, float]:
+    """CPU s/GiB and MB/s of ``hashlib.<algo>`` over ``size`` bytes of memory (a ``block`` of
+    random bytes hashed over and over, in 1 MiB updates), in this process."""
+    buf = os.urandom(min(block, size))
+    view = memoryview(buf)
+    h = hashlib.new(algo)
+    c0, w0 = time.process_time(), time.perf_counter()
+    done = 0
+    while done < size:
+        for off in range(0, len(buf), MIB):
+            n = min(MIB, len(buf) - off, size - done)
+            if n <= 0:
+                break
+            h.update(view[off : off + n])
+            done += n
+    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+    return {"cpu_s_per_gib": cpu / (size / GIB), "mb_s": size / wall / 1e6, "bytes": size}
