@@ -139,6 +139,18 @@ def ensure_venv(venv: Path, log: Path, timeout: float = 1200.0) -> Path:
     raise RuntimeError(f"{VENV_SCRIPT} {venv} failed (rc={rc}):\n{tail(log)}")
 
 
+def venv_or_skip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The glance virtualenv (:func:`ensure_venv`, its log in a new tmp dir); without a
+    network the test is skipped, except in CI (``CACHED_GLANCE_REQUIRED``): never silently."""
+    log = tmp_path_factory.mktemp("glance-venv") / "install.log"
+    try:
+        return ensure_venv(default_venv(), log)
+    except VenvUnavailable as exc:
+        if os.environ.get("CACHED_GLANCE_REQUIRED"):
+            raise
+        pytest.skip(str(exc))
+
+
 def _stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     """TERM the process; if it is still there after ``grace`` s, KILL its process group.
 

@@ -21,7 +21,7 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -430,6 +430,31 @@ async def test_a_byte_flipped_in_the_owners_copy_is_caught_and_skipped(tmp_path:
 
 
 # ------------------------------------------------------------------ 5xx and short bodies
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@contextlib.asynccontextmanager
+async def serve_sibling(head: Handler, get: Handler) -> AsyncIterator[tuple[str, int]]:
+    """A fake sibling's peer image routes (``head``, ``get``) on a loopback port, every other
+    path 404; yields its address."""
+    app = web.Application()
+    app.router.add_route("HEAD", "/cached-peer/v1/images/{image_id}", head)
+    app.router.add_get("/cached-peer/v1/images/{image_id}{fetch:(/fetch)?}", get)
+
+    async def other(request: web.Request) -> web.Response:
+        return web.Response(status=404)
+
+    app.router.add_route("*", "/{tail:.*}", other)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield host, port
+    finally:
+        await runner.cleanup()
+
+
 @contextlib.asynccontextmanager
 async def fake_sibling(
     data: dict[str, bytes], mode: str, head_delay: float = 0.0
@@ -466,23 +491,8 @@ async def fake_sibling(
         request.transport.close()
         return response
 
-    app = web.Application()
-    app.router.add_route("HEAD", "/cached-peer/v1/images/{image_id}", head)
-    app.router.add_get("/cached-peer/v1/images/{image_id}{fetch:(/fetch)?}", get)
-
-    async def other(request: web.Request) -> web.Response:
-        return web.Response(status=404)
-
-    app.router.add_route("*", "/{tail:.*}", other)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield (host, port), seen
-    finally:
-        await runner.cleanup()
+    async with serve_sibling(head, get) as address:
+        yield address, seen
 
 
 @pytest.mark.parametrize("mode", ["5xx", "short"])
@@ -580,18 +590,8 @@ async def failing_over_sibling(
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_route("HEAD", "/cached-peer/v1/images/{image_id}", head)
-    app.router.add_get("/cached-peer/v1/images/{image_id}{fetch:(/fetch)?}", get)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield (host, port), seen
-    finally:
-        await runner.cleanup()
+    async with serve_sibling(head, get) as address:
+        yield address, seen
 
 
 async def test_a_member_follows_the_earlier_member_failing_over_from_the_same_sibling(

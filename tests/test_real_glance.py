@@ -31,12 +31,10 @@ from realglance import (
     FailureLogs,
     GlanceCLI,
     GlanceServer,
-    VenvUnavailable,
     add_standard_tokens,
-    default_venv,
-    ensure_venv,
     http,
     image_json,
+    venv_or_skip,
 )
 
 pytestmark = [pytest.mark.glance, pytest.mark.timeout(300)]
@@ -58,13 +56,7 @@ def failure_logs(request: pytest.FixtureRequest) -> Iterator[FailureLogs]:
 
 @pytest.fixture(scope="session")
 def glance_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    log = tmp_path_factory.mktemp("glance-venv") / "install.log"
-    try:
-        return ensure_venv(default_venv(), log)
-    except VenvUnavailable as exc:
-        if os.environ.get("CACHED_GLANCE_REQUIRED"):  # CI: never skip silently
-            raise
-        pytest.skip(str(exc))
+    return venv_or_skip(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

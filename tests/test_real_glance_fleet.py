@@ -33,12 +33,10 @@ from realglance import (
     CachedDaemon,
     GlanceCLI,
     GlanceServer,
-    VenvUnavailable,
     add_standard_tokens,
-    default_venv,
-    ensure_venv,
     free_port,
     http,
+    venv_or_skip,
 )
 
 pytestmark = [pytest.mark.glance, pytest.mark.timeout(300)]
@@ -62,13 +60,7 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    log = tmp_path_factory.mktemp("glance-venv") / "install.log"
-    try:
-        venv = ensure_venv(default_venv(), log)
-    except VenvUnavailable as exc:
-        if os.environ.get("CACHED_GLANCE_REQUIRED"):  # CI: never skip silently
-            raise
-        pytest.skip(str(exc))
+    venv = venv_or_skip(tmp_path_factory)
     with FakeKeystone().serve_in_thread() as keystone:
         add_standard_tokens(keystone)
         glance = GlanceServer(venv, tmp_path_factory.mktemp("glance-fleet"), keystone)

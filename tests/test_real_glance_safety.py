@@ -17,7 +17,6 @@ The images are made by ``qemu-img`` (skipped without it). Run:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -29,11 +28,9 @@ from fakekeystone import FakeKeystone
 from realglance import (
     CachedDaemon,
     GlanceServer,
-    VenvUnavailable,
     add_standard_tokens,
-    default_venv,
-    ensure_venv,
     http,
+    venv_or_skip,
 )
 
 pytestmark = [pytest.mark.glance, pytest.mark.timeout(300)]
@@ -48,13 +45,7 @@ def qemu_img(*args: object) -> None:
 
 @pytest.fixture(scope="module")
 def lenient_glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GlanceServer]:
-    log = tmp_path_factory.mktemp("glance-venv") / "install.log"
-    try:
-        venv = ensure_venv(default_venv(), log)
-    except VenvUnavailable as exc:
-        if os.environ.get("CACHED_GLANCE_REQUIRED"):  # CI: never skip silently
-            raise
-        pytest.skip(str(exc))
+    venv = venv_or_skip(tmp_path_factory)
     with FakeKeystone().serve_in_thread() as keystone:
         add_standard_tokens(keystone)
         server = GlanceServer(
