@@ -254,6 +254,9 @@ class ColdRun:
     filled: list[float | None]  # s from the launch to each member's verified fill (None: none)
     origin_cpu: float = 0.0  # the origin's CPU s over the same span as the members'
     busy_cpu: float = 0.0  # CPU s the whole machine was busy while the clients ran (anyone's)
+    # The members' event-loop threads, summed: s on a CPU, s runnable waiting for one.
+    loop_ran: float = 0.0
+    loop_waited: float = 0.0
 
     @property
     def client_cpu(self) -> float:
@@ -310,9 +313,13 @@ def cold_run(
     metrics0 = [scrape(d) for d in members]
     cpu0 = [measure.cpu_seconds([p]) for p in pids]
     origin0 = measure.cpu_seconds([origin.pid])
+    loops0 = [measure.main_thread_sched(p) for p in pids]
     busy0, t0, launched = measure.busy_seconds(), time.monotonic(), time.time()
     fs = clients.fetch_many(urls, max_time=900)
     busy, elapsed = measure.busy_seconds() - busy0, time.monotonic() - t0
+    loops = [measure.main_thread_sched(p) for p in pids]
+    loop_ran = sum(b[0] - a[0] for a, b in zip(loops0, loops, strict=True))
+    loop_waited = sum(b[1] - a[1] for a, b in zip(loops0, loops, strict=True))
     measure.wait_io_idle([origin.pid])
     wait_cpu_idle(pids)
     cpu = [measure.cpu_seconds([p]) - c for p, c in zip(pids, cpu0, strict=True)]
@@ -328,7 +335,9 @@ def cold_run(
     image_id = urls[0].split("/v2/images/")[1].split("/")[0]
     filled = [_verified_at(d, image_id, launched) for d in members]
     up = origin.log.since(mark)
-    return ColdRun(fs, up, cpu, metrics, served, size, machine, filled, origin_cpu, busy)
+    return ColdRun(
+        fs, up, cpu, metrics, served, size, machine, filled, origin_cpu, busy, loop_ran, loop_waited
+    )
 
 
 def _verified_at(daemon: Cached, image_id: str, since: float) -> float | None:
@@ -595,6 +604,8 @@ def _budget_row(
         other=other or None,
         needed=needed,
         busy=run.busy_cpu,
+        loop_ran=run.loop_ran,
+        loop_waited=run.loop_waited,
         writes=copies * fresh if fresh is not None else None,
         sha=copies * sha if sha is not None else None,
         has=has,
@@ -612,6 +623,10 @@ def _budget_notes(t: Table) -> None:
         "idle; curl clients: their rusage; origin: the fake Glance's CPU over the members' "
         "span; machine busy: all CPUs' busy time (/proc/stat, anyone's, softirq of loopback "
         "included) while the clients ran",
+        "members' event loops: each member's main thread (which accepts, authorises and "
+        "sends headers) while the clients ran, summed over members, from "
+        "/proc/PID/task/PID/schedstat: time on a CPU, and time runnable but waiting for one "
+        "(when it exceeds the time on a CPU, the TTFBs measure the machine's queue)",
         "fresh-page writes and sha512 (est.): members that verified a copy x GiB x the "
         "fleet-machine table's CPU s per GiB (new file, whole; sha512); both are parts of "
         "the members' CPU",
@@ -741,6 +756,10 @@ def fleet(env: Env) -> list[Table]:
             Column("other", "HAProxy CPU s", "{:.1f}", ratio=False),
             Column("needed", "needed CPU s (sum)", "{:.1f}", ratio=False),
             Column("busy", "machine busy CPU s (clients running)", "{:.1f}", ratio=False),
+            Column("loop_ran", "members' event loops on a CPU s", "{:.1f}", ratio=False),
+            Column(
+                "loop_waited", "members' event loops waiting for a CPU s", "{:.1f}", ratio=False
+            ),
             Column("writes", "fresh-page writes CPU s (est.)", "{:.1f}", ratio=False),
             Column("sha", "sha512 CPU s (est.)", "{:.1f}", ratio=False),
             Column("has", "machine has CPU s", "{:.1f}", ratio=False),

@@ -125,6 +125,17 @@ def _busy_jiffies() -> tuple[int, int]:
 QUIET_MAX_WAIT = 3.0
 
 
+def main_thread_sched(pid: int) -> tuple[float, float]:
+    """Seconds the main thread of ``pid`` (cached's event loop) has run on a CPU, and has
+    waited runnable for one (``/proc/PID/task/PID/schedstat``; zeros if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+            ran, waited = f.read().split()[:2]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return int(ran) / 1e9, int(waited) / 1e9
+
+
 def busy_seconds() -> float:
     """CPU seconds the whole machine spent busy since boot (all CPUs)."""
     return _busy_jiffies()[0] / TICK

@@ -558,6 +558,61 @@ async def test_a_fill_choosing_its_source_answers_a_later_member_once_it_chose(
             assert f"{image_id} [0, {len(data)}) from sibling ctl-a" in b.proc.output()
 
 
+async def test_a_member_takes_the_owners_fill_without_waiting_for_a_later_sibling(
+    tmp_path: Path,
+) -> None:
+    """The image's order is A (the owner), C (a fake), B. A fills from the upstream; then
+    C's answers hang (a member busy choosing, or slow) and B, whose lookup timeout is 30 s
+    (its HEADs' too), is asked for the image: A's answer (its fill, fed by the upstream)
+    decides, and B follows it without waiting for C. Before, B waited for every sibling
+    before it: a burst of cold misses became a chain, each member waiting for the choice
+    of the one before it."""
+    data = os.urandom(16 * MiB)
+    image_id = next(
+        i
+        for i in (str(uuid.uuid4()) for _ in range(1000))
+        if ring.order(IDS, i) == ["ctl-a", "ctl-c", "ctl-b"]
+    )
+    release = asyncio.Event()  # C's HEADs hang while it is clear and ``hang`` is set
+    hang = False
+    seen: list[str] = []
+
+    async def head(request: web.Request) -> web.Response:
+        seen.append(f"HEAD {request.path}")
+        if hang:
+            await release.wait()
+        return web.Response(headers={"X-Cached-Peer-State": "absent"})
+
+    async def get(request: web.Request) -> web.Response:
+        seen.append(f"GET {request.path}")
+        return web.Response(status=500)
+
+    async with fake_glance() as glance, serve_sibling(head, get) as address:
+        glance.add_image(data, image_id=image_id, rate=4 * MiB)
+        waits = ("fleet_lookup_timeout", "fleet_headers_timeout", "fleet_stall_timeout")
+        extra = {"ctl-b": dict.fromkeys(waits, 30.0)}
+        async with rig(tmp_path, glance, extra, fakes={"ctl-c": address}) as fleet:
+            a, b = fleet.members["ctl-a"], fleet.members["ctl-b"]
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
+                first = asyncio.create_task(timed_download(session, a.url, image_id))
+                await until(lambda: upstream_bytes(glance, image_id) > 0, "A fills")
+                hang = True
+                second = asyncio.create_task(timed_download(session, b.url, image_id))
+                try:
+                    # A's fill takes 4 s (16 MiB at 4 MiB/s); waiting for C would take 30.
+                    done, _ = await asyncio.wait({second}, timeout=20)
+                    assert done, "B waited for C, after A's answer"
+                    heads = seen.count(f"HEAD /cached-peer/v1/images/{image_id}")
+                    assert not release.is_set() and heads >= 2  # A's, then B's, held
+                finally:
+                    release.set()
+                results = await asyncio.gather(first, second)
+            assert [(r[0], same(r[1], data)) for r in results] == [(200, True)] * 2
+            assert transfers(glance, image_id) == [None]
+            assert f"{image_id} [0, {len(data)}) from sibling ctl-a" in b.proc.output()
+            assert not [s for s in seen if s.startswith("GET")]
+
+
 @contextlib.asynccontextmanager
 async def failing_over_sibling(
     data: bytes, feeder: str, copy_answers: int

@@ -277,7 +277,8 @@ class Fleet:
         """The first sibling in ``image_id``'s order (the owner first) that holds a complete
         copy of ``size`` bytes, else the first whose fill is fed by the upstream, asked in
         parallel within the lookup timeout; None if none. Stops early once every sibling
-        before a complete one has answered."""
+        before a complete one has answered, or once the first usable member of the order,
+        if it comes before this one, answered what decides (see ``lead``)."""
         ranked = ring.order([*self.siblings, self.trust.self_id], image_id)
         candidates = [
             m for m in ranked if m in self.siblings and m not in skip and self.health.usable(m)
@@ -320,11 +321,23 @@ class Fleet:
                 return False
             return state == ABSENT or held.size == size
 
+        # The first usable member of the order, when it comes before this one (the owner or
+        # its stand-in): its answer decides; later siblings are not waited for (each waits
+        # for the choice of those before it, so waiting for all makes a burst of cold
+        # misses a chain, one lookup per member). What it says that decides: a copy or a
+        # fill of its own from the upstream; with ``forward``, that it has neither (it is
+        # asked to fetch). One following another sibling's copy decides nothing.
+        lead = candidates[0] if ranked.index(candidates[0]) < len(ahead) else None
+        decisive: tuple[str, ...] = (COMPLETE, FILLING_FROM_UPSTREAM)
+        if forward:
+            decisive += (ABSENT, f"filling; source={PENDING}")
         try:
             while True:
                 for m in candidates:
                     if failing_over(m) and deadline - loop.time() > AGAIN_AFTER:
                         tasks[m] = asyncio.create_task(self._holding_again(m, image_id))
+                if lead is not None and any(answer(lead, state) for state in decisive):
+                    break
                 for m in candidates:
                     if answer(m, COMPLETE):
                         return self.source(m, size)
