@@ -93,6 +93,14 @@ class Filler:
         fill = self.fills.get(image_id)
         return fill if fill is not None and fill.state is FillState.RUNNING else None
 
+    def active(self, image_id: str) -> Fill | None:
+        """The fill of ``image_id`` still at work: running, or verifying (every byte
+        written; flushing, digest, verdicts), if any. What a sibling may follow: a verifying
+        fill is no fill for :meth:`get` (nothing new joins it), but its file holds every
+        byte and its readers get the last one once it is verified."""
+        fill = self.fills.get(image_id)
+        return fill if fill is not None and fill.state.active else None
+
     def fill_of(self, entry: Entry) -> Fill | None:
         """The active fill working on ``entry`` itself (registered or orphaned), if any."""
         fill = self.fills.get(entry.image_id)

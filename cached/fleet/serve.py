@@ -227,7 +227,9 @@ class PeerService:
         if _complete(entry):
             assert entry is not None
             headers = {STATE: "complete", SIZE: str(entry.size)}
-        elif (fill := self._filler.get(image_id)) is not None:
+        elif (fill := self._filler.active(image_id)) is not None:
+            # (A verifying fill too: answered "absent", a sibling following its bytes took
+            # the upstream for a second copy in the moments the digest was compared.)
             source = self._fill_source(fill)
             if source == "pending" and self._settled_source is not None and self._head_wait:
                 if self._ahead_of(request.headers.get(signing.SENDER, ""), image_id):
@@ -299,7 +301,7 @@ class PeerService:
             # A running fill fed by the upstream, whose driver fetches every byte, is
             # followed (a sibling's fill runs at the upstream's pace); nothing else is: a
             # fill fed by a copy is never followed, so no chain of fills loops.
-            fill = self._filler.get(image_id)
+            fill = self._filler.active(image_id)  # (verifying: every byte is there)
             fetch = request.match_info.get("fetch") == "/fetch"
             span = _span(request.headers.get("Range")) if fetch else None
             known = fill.entry.size if fill is not None else entry.size if entry else None
