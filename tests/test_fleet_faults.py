@@ -595,7 +595,8 @@ async def test_a_member_takes_the_owners_fill_without_waiting_for_a_later_siblin
             a, b = fleet.members["ctl-a"], fleet.members["ctl-b"]
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
                 first = asyncio.create_task(timed_download(session, a.url, image_id))
-                await until(lambda: upstream_bytes(glance, image_id) > 0, "A fills")
+                # Past A's probe (1 byte) and its lookup (C answered): A's bytes flow.
+                await until(lambda: upstream_bytes(glance, image_id) > MiB, "A fills")
                 hang = True
                 second = asyncio.create_task(timed_download(session, b.url, image_id))
                 try:
